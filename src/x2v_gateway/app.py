@@ -1,0 +1,175 @@
+"""The app factory: `create_app(settings)` builds a complete gateway with no global state."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from .blobs import BlobStore
+from .dispatch import Dispatcher, Notifier
+from .jobs import JobService
+from .metrics import Metrics
+from .models import ApiError, ErrorBody, ErrorResponse
+from .routes.api import JobsController
+from .routes.ops import ROUTES as OPS_ROUTES
+from .settings import Settings, load_settings
+from .store import JobStore
+from .upstream.base import Upstream
+from .upstream.selfhosted import SelfHostedNode
+
+log = logging.getLogger("x2v_gateway")
+
+
+class DemoNode:
+    """The built-in demo node, served from a thread of this process."""
+
+    def __init__(self, data_dir: Path, port: int, job_seconds: float) -> None:
+        from .demo_node import build_demo_server
+
+        if port == 0:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = build_demo_server("127.0.0.1", port, data_dir, job_seconds=job_seconds)
+        self._thread = threading.Thread(target=self._server.run, name="x2v-demo-node", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+class Gateway:
+    """Everything one running gateway holds; `app.state.gateway` in handlers."""
+
+    def __init__(self, settings: Settings, upstreams: list[Upstream] | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(settings.db_path)
+        self.blobs = BlobStore(settings.blob_dir)
+        self.notifier = Notifier()
+        self.metrics = Metrics(self.store.counts_by_state)
+        self.demo_node: DemoNode | None = None
+        if upstreams is None:
+            upstreams = self._upstreams_from_settings()
+        self.dispatcher = Dispatcher(
+            self.store, self.blobs, upstreams, self.notifier, self.metrics,
+            poll_interval=settings.poll_interval, retention_hours=settings.retention_hours,
+        )
+        self.http = httpx.AsyncClient(timeout=settings.request_timeout)
+        self.jobs = JobService(settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http)
+
+    def _upstreams_from_settings(self) -> list[Upstream]:
+        s = self.settings
+        upstreams: list[Upstream] = [
+            SelfHostedNode(
+                node.name, node.url, slots=1 + s.lookahead, timeout=s.request_timeout,
+                form_threshold=s.form_threshold_mb * 1024 * 1024,
+            )
+            for node in s.nodes
+        ]
+        if s.clouds:
+            from .upstream.cloud import CloudUpstream
+
+            upstreams += [
+                CloudUpstream(c.name, c.base_url, c.token, timeout=s.request_timeout) for c in s.clouds
+            ]
+        if not upstreams:
+            self.demo_node = DemoNode(s.data_dir / "demo-node", s.demo_node_port, s.demo_job_seconds)
+            upstreams.append(SelfHostedNode(
+                "demo", self.demo_node.url, slots=1 + s.lookahead, timeout=s.request_timeout,
+                form_threshold=s.form_threshold_mb * 1024 * 1024,
+            ))
+        return upstreams
+
+    async def start(self) -> None:
+        if self.demo_node is not None:
+            self.demo_node.start()
+            log.warning(
+                "X2V_NODES is empty: started the built-in demo node at %s (renders placeholder"
+                " videos on the CPU; set X2V_NODES to use real LightX2V servers)", self.demo_node.url,
+            )
+        await self.dispatcher.start()
+        log.info("upstreams: %s", ", ".join(
+            f"{s.upstream.name} ({s.upstream.kind}, {s.upstream.base_url})"
+            for s in self.dispatcher.states.values()
+        ))
+
+    async def stop(self) -> None:
+        await self.dispatcher.stop()
+        await self.http.aclose()
+        if self.demo_node is not None:
+            self.demo_node.stop()
+        self.store.close()
+
+
+def _error(status: int, message: str, field: str | None = None) -> Response[ErrorResponse]:
+    return Response(ErrorResponse(ErrorBody(status, message, field)), status_code=status)
+
+
+def _api_error(request: Request, exc: ApiError) -> Response[ErrorResponse]:
+    return _error(exc.status, exc.message, exc.field)
+
+
+def _validation_error(request: Request, exc: ValidationException) -> Response[ErrorResponse]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    first = extra[0] if extra and isinstance(extra[0], dict) else {}
+    field = first.get("key")
+    message = f"{field}: {first.get('message')}" if field else exc.detail
+    return _error(400, message, field)
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
+    return _error(exc.status_code, exc.detail)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response[ErrorResponse]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _error(500, "internal error; the gateway logged the details")
+
+
+def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | None = None) -> Litestar:
+    """Build the gateway. `settings` default: the environment and `.env`."""
+    settings = settings or load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    gw = Gateway(settings, upstreams)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = Litestar(
+        route_handlers=[JobsController, *OPS_ROUTES],
+        lifespan=[lifespan],
+        exception_handlers={
+            ApiError: _api_error,
+            ValidationException: _validation_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        openapi_config=OpenAPIConfig(
+            title="x2v-gateway", version="0.1.0", path="/schema",
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+    )
+    app.state.gateway = gw
+    return app

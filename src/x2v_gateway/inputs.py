@@ -1,0 +1,198 @@
+"""Getting a job's input files into the blob store: multipart uploads, URLs, base64.
+
+Uploads are parsed as they arrive and written straight to disk (python-multipart's streaming
+parser on `request.stream()`), so a 1 GB audio track never sits in the gateway's memory. Every
+file is checked by its content before it is kept; when anything in a request is wrong, nothing of
+that request is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from .blobs import BlobStore, BlobTooLarge, BlobWriter
+from .media import INSPECTORS, MediaError
+from .models import INPUT_ROLES, ApiError
+from .store import JobStore
+
+MAX_FIELD_BYTES = 64 * 1024
+_DATA_URL = re.compile(r"^data:[\w.+\-]+/[\w.+\-]+(?:;[\w\-]+=[\w\-]+)*;base64,", re.I)
+
+
+@dataclass
+class IncomingFile:
+    role: str
+    writer: BlobWriter
+
+
+@dataclass(frozen=True)
+class StoredInput:
+    sha256: str
+    size: int
+    ext: str
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024 / 1024:g} MiB"
+
+
+async def read_multipart(
+    content_type: str, body: AsyncIterator[bytes], blobs: BlobStore, *, max_bytes: int
+) -> tuple[dict[str, str], list[IncomingFile]]:
+    """Parse a multipart body as it streams in: text fields into a dict, files onto disk."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "multipart body without a boundary in its Content-Type")
+
+    fields: dict[str, str] = {}
+    files: list[IncomingFile] = []
+    part: dict = {}
+    header: dict[str, bytes] = {"field": b"", "value": b""}
+    error: list[ApiError] = []
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, name=None, filename=None, writer=None, text=bytearray())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][header["field"].decode("latin-1").lower()] = header["value"]
+        header["field"], header["value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(part["headers"].get("content-disposition", b""))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        part["name"] = name
+        if b"filename" in disposition:
+            if name not in INPUT_ROLES:
+                raise ApiError(400, f"unknown file field {name!r}; files go in "
+                               + ", ".join(INPUT_ROLES), name)
+            if any(f.role == name for f in files):
+                raise ApiError(400, f"{name} was sent twice", name)
+            part["writer"] = blobs.writer()
+            files.append(IncomingFile(name, part["writer"]))
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if part["writer"] is not None:
+            part["writer"].write(data[start:end])
+        else:
+            part["text"] += data[start:end]
+            if len(part["text"]) > MAX_FIELD_BYTES:
+                raise ApiError(413, f"field {part['name']} is longer than {MAX_FIELD_BYTES} bytes",
+                               part["name"])
+
+    def on_part_end() -> None:
+        if part["writer"] is None:
+            name = part["name"]
+            if name in fields:
+                raise ApiError(400, f"{name} was sent twice", name)
+            try:
+                fields[name] = part["text"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, f"{name} is not valid UTF-8 text", name) from None
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    })
+    received = 0
+    try:
+        async for chunk in body:
+            received += len(chunk)
+            if received > max_bytes:
+                raise ApiError(413, f"request body is larger than the {_mib(max_bytes)} allowed")
+            parser.write(chunk)
+        parser.finalize()
+    except ApiError as exc:
+        error.append(exc)
+    except Exception as exc:  # the parser's own errors: a malformed body
+        error.append(ApiError(400, f"malformed multipart body: {exc}"))
+    if error:
+        discard(files)
+        raise error[0]
+    return fields, files
+
+
+def discard(files: list[IncomingFile]) -> None:
+    for incoming in files:
+        incoming.writer.discard()
+
+
+async def fetch_input(
+    role: str, value: str, blobs: BlobStore, http: httpx.AsyncClient, *, max_bytes: int
+) -> IncomingFile:
+    """An input given in JSON: an http(s) URL (downloaded now), a data URL or plain base64."""
+    writer = blobs.writer(limit=max_bytes)
+    try:
+        if value.startswith(("http://", "https://")):
+            await _download(role, value, writer, http)
+        else:
+            encoded = _DATA_URL.sub("", value, count=1) if value.startswith("data:") else value
+            if value.startswith("data:") and encoded == value:
+                raise ApiError(422, f"{role} is a data URL without ';base64,' data", role)
+            try:
+                writer.write(base64.b64decode("".join(encoded.split()), validate=True))
+            except (binascii.Error, ValueError):
+                raise ApiError(
+                    422, f"{role} must be an http(s) URL, a data URL or base64 data", role
+                ) from None
+    except BlobTooLarge:
+        writer.discard()
+        raise ApiError(413, f"{role} is larger than the {_mib(max_bytes)} allowed", role) from None
+    except BaseException:
+        writer.discard()
+        raise
+    if writer.size == 0:
+        writer.discard()
+        raise ApiError(422, f"{role} is empty", role)
+    return IncomingFile(role, writer)
+
+
+async def _download(role: str, url: str, writer: BlobWriter, http: httpx.AsyncClient) -> None:
+    try:
+        async with http.stream("GET", url, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise ApiError(422, f"{role}: {url} answered HTTP {response.status_code}", role)
+            async for chunk in response.aiter_bytes(256 * 1024):
+                writer.write(chunk)
+    except httpx.HTTPError as exc:
+        raise ApiError(422, f"{role}: could not download {url} ({type(exc).__name__})", role) from None
+
+
+async def keep_files(files: list[IncomingFile], store: JobStore) -> dict[str, StoredInput]:
+    """Check each file by its content, then keep it. All or nothing."""
+    try:
+        kinds = {}
+        for incoming in files:
+            if incoming.writer.size == 0:
+                raise ApiError(422, f"{incoming.role} is an empty file", incoming.role)
+            inspect = INSPECTORS[incoming.role]
+            try:
+                kinds[incoming.role] = await asyncio.to_thread(inspect, incoming.writer.tmp_path)
+            except MediaError as exc:
+                raise ApiError(422, f"{incoming.role} {exc}", incoming.role) from None
+    except BaseException:
+        discard(files)
+        raise
+    stored = {}
+    for incoming in files:
+        sha, size = await asyncio.to_thread(incoming.writer.commit)
+        await store.record_blob(sha, size, kinds[incoming.role])
+        stored[incoming.role] = StoredInput(sha, size, kinds[incoming.role])
+    return stored

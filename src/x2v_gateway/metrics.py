@@ -1,0 +1,54 @@
+"""Prometheus metrics, one registry per app (so tests can build several apps in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class _JobStates(Collector):
+    """Jobs by state, read from the store at scrape time (the store is the truth)."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self):
+        family = GaugeMetricFamily("x2v_jobs", "Jobs in the store by state", labels=["state"])
+        counts = self._counts()
+        for state, n in counts.items():
+            family.add_metric([state], n)
+        yield family
+        yield GaugeMetricFamily(
+            "x2v_queue_depth", "Jobs waiting in the gateway's queue", value=counts.get("queued", 0)
+        )
+
+
+class Metrics:
+    def __init__(self, job_counts: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_JobStates(job_counts))
+        self.upstream_latency = Histogram(
+            "x2v_upstream_request_seconds", "Upstream request latency",
+            ["upstream", "operation"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+        )
+        self.upstream_errors = Counter(
+            "x2v_upstream_errors", "Upstream requests that failed",
+            ["upstream", "operation", "kind"], registry=self.registry,
+        )
+        self.upstream_up = Gauge(
+            "x2v_upstream_up", "1 when the upstream answers its status endpoint",
+            ["upstream"], registry=self.registry,
+        )
+        self.submissions = Counter(
+            "x2v_submissions", "Jobs sent to an upstream", ["upstream"], registry=self.registry
+        )
+        self.jobs_finished = Counter(
+            "x2v_jobs_finished", "Jobs that reached a final state", ["state"], registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

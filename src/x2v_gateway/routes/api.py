@@ -1,0 +1,273 @@
+"""The JSON API under /api/v1. Handlers parse, call one function, shape the response."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.openapi.spec import OpenAPIMediaType
+from litestar.openapi.spec import OpenAPIType, Operation, RequestBody, Schema
+from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.response import Stream
+
+from ..models import ApiError, JobList, JobRequest, JobView, job_view
+from ..store import STATES, Job
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def view(gw: Gateway, job: Job, *, events: bool = False) -> JobView:
+    sizes = {}
+    for sha in job.inputs.values():
+        blob = gw.store.blob(sha)
+        if blob:
+            sizes[sha] = blob["size"]
+    return job_view(
+        job,
+        blob_sizes=sizes,
+        queue_position=gw.store.queue_position(job),
+        events=gw.store.events(job.id) if events else None,
+    )
+
+
+def _cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not text.startswith("seq:"):
+            raise ValueError
+        return int(text[4:])
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "cursor is not one this API gave out", "cursor") from None
+
+
+_SCHEMA_KEYS = {
+    "anyOf": "any_of", "minLength": "min_length", "maxLength": "max_length",
+    "minItems": "min_items", "maxItems": "max_items", "exclusiveMinimum": "exclusive_minimum",
+    "exclusiveMaximum": "exclusive_maximum",
+}
+
+
+def _openapi_schema(node: dict[str, Any], defs: dict[str, Any]) -> Schema:
+    """msgspec's JSON Schema for a struct, as Litestar's OpenAPI `Schema` objects."""
+    if "$ref" in node:
+        node = defs[node["$ref"].rsplit("/", 1)[-1]]
+    kwargs: dict[str, Any] = {}
+    for key, value in node.items():
+        name = _SCHEMA_KEYS.get(key, key)
+        if key == "type":
+            value = OpenAPIType(value)
+        elif key == "properties":
+            value = {k: _openapi_schema(v, defs) for k, v in value.items()}
+        elif key == "anyOf":
+            value = [_openapi_schema(v, defs) for v in value]
+        elif key == "items":
+            value = _openapi_schema(value, defs)
+        elif name not in {"required", "enum", "minimum", "maximum", "pattern", "default",
+                          "title", "description", *_SCHEMA_KEYS.values()}:
+            continue
+        kwargs[name] = value
+    return Schema(**kwargs)
+
+
+def _job_request_schema() -> Schema:
+    schema = msgspec.json.schema(JobRequest)
+    return _openapi_schema(schema, schema.get("$defs", {}))
+
+
+@dataclass
+class _SubmitOperation(Operation):
+    """OpenAPI for `POST /jobs`: the handler reads the raw stream, so say what it accepts."""
+
+    def __post_init__(self) -> None:
+        json_schema = _job_request_schema()
+        form_schema = _job_request_schema()
+        for role in ("image", "audio", "last_frame"):
+            form_schema.properties[role] = Schema(type=OpenAPIType.STRING, format="binary")  # type: ignore[index]
+        self.request_body = RequestBody(
+            required=True,
+            description=(
+                "A job as JSON (inputs as http(s) URLs, data URLs or base64) or as "
+                "multipart/form-data (the same fields as text, `image`, `audio` and `last_frame` as files)."
+            ),
+            content={
+                "application/json": OpenAPIMediaType(schema=json_schema),
+                "multipart/form-data": OpenAPIMediaType(schema=form_schema),
+            },
+        )
+
+
+def _stream_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            remaining = length
+            while remaining > 0:
+                chunk = handle.read(min(256 * 1024, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                yield chunk
+
+    return chunks()
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def ranged_file(path: Path, range_header: str | None, *, media_type: str, filename: str) -> Response:
+    """A file response that honours a single `Range: bytes=a-b`, so a browser can seek."""
+    size = path.stat().st_size
+    headers = {
+        "accept-ranges": "bytes",
+        "content-disposition": f'inline; filename="{filename}"',
+    }
+    match = _RANGE.match(range_header.strip()) if range_header else None
+    if not match or match.groups() == ("", ""):
+        headers["content-length"] = str(size)
+        return Stream(_stream_file(path, 0, size), media_type=media_type, headers=headers)
+    first, last = match.groups()
+    if first == "":  # the last N bytes
+        start, end = max(0, size - int(last)), size - 1
+    else:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+    if start >= size or start > end:
+        return Response(
+            content=b"", status_code=416, headers={"content-range": f"bytes */{size}"},
+            media_type=media_type,
+        )
+    headers["content-range"] = f"bytes {start}-{end}/{size}"
+    headers["content-length"] = str(end - start + 1)
+    return Stream(
+        _stream_file(path, start, end - start + 1), media_type=media_type, headers=headers,
+        status_code=206,
+    )
+
+
+class JobsController(Controller):
+    path = "/api/v1/jobs"
+    tags = ["jobs"]
+
+    @post(
+        "/",
+        operation_class=_SubmitOperation,
+        request_max_body_size=None,  # limits are enforced while streaming, per content type
+        summary="Submit a job",
+        status_code=201,
+    )
+    async def create_job(
+        self,
+        request: Request,
+        wait: Annotated[float | None, QueryParameter(name="wait", ge=0, description="Seconds to block until the job finishes")] = None,
+        idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", max_length=200)] = None,
+    ) -> Response[JobView]:
+        gw = gateway(request)
+        content_type = request.headers.get("content-type", "")
+        declared = request.headers.get("content-length")
+        if content_type.startswith("multipart/form-data"):
+            if declared and declared.isdigit() and int(declared) > gw.settings.max_upload_mb * 1024 * 1024:
+                raise ApiError(413, f"request body is larger than the {gw.settings.max_upload_mb} MiB allowed")
+            job, created = await gw.jobs.submit_multipart(
+                content_type, request.stream(), idempotency_key=idempotency_key
+            )
+        elif content_type.startswith("application/json") or not content_type:
+            job, created = await gw.jobs.submit_json(request.stream(), idempotency_key=idempotency_key)
+        else:
+            raise ApiError(415, "send the job as application/json or multipart/form-data", "Content-Type")
+        if wait:
+            job = await gw.jobs.wait(job, wait)
+        headers = {"location": f"/api/v1/jobs/{job.id}"}
+        if not created:
+            headers["idempotent-replayed"] = "true"
+        return Response(view(gw, job), status_code=201 if created else 200, headers=headers)
+
+    @get("/", summary="List jobs, newest first")
+    async def list_jobs(
+        self,
+        request: Request,
+        states_filter: Annotated[str | None, QueryParameter(name="state", description="Comma-separated states: " + ", ".join(STATES))] = None,
+        batch_id: Annotated[str | None, QueryParameter(name="batch_id")] = None,
+        task: Annotated[str | None, QueryParameter(name="task")] = None,
+        cursor: Annotated[str | None, QueryParameter(name="cursor")] = None,
+        limit: Annotated[int, QueryParameter(name="limit", ge=1, le=500)] = 50,
+    ) -> JobList:
+        gw = gateway(request)
+        states = [s for s in (states_filter or "").split(",") if s]
+        for s in states:
+            if s not in STATES:
+                raise ApiError(400, f"unknown state {s!r}; states are " + ", ".join(STATES), "state")
+        jobs = gw.store.list_jobs(
+            states=states, batch_id=batch_id, task=task,
+            before_seq=_parse_cursor(cursor) if cursor else None, limit=limit + 1,
+        )
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return JobList(
+            jobs=[view(gw, j) for j in jobs],
+            next_cursor=_cursor(jobs[-1].seq) if more else None,
+        )
+
+    @get("/{job_id:str}", summary="One job, with its timeline")
+    async def get_job(self, request: Request, job_id: FromPath[str]) -> JobView:
+        gw = gateway(request)
+        return view(gw, _found(gw, job_id), events=True)
+
+    @delete("/{job_id:str}", status_code=200, summary="Cancel a job")
+    async def cancel_job(self, request: Request, job_id: FromPath[str]) -> JobView:
+        gw = gateway(request)
+        _found(gw, job_id)
+        job = await gw.dispatcher.cancel(job_id)
+        return view(gw, job)
+
+    @post("/{job_id:str}/retry", status_code=200, summary="Run a failed or cancelled job again")
+    async def retry_job(self, request: Request, job_id: FromPath[str]) -> JobView:
+        gw = gateway(request)
+        job = _found(gw, job_id)
+        if job.state not in ("failed", "cancelled"):
+            raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job.state}", "state")
+        if job.files_expired:
+            raise ApiError(410, "this job's input files have expired; submit it again", "files_expired")
+        job = await gw.dispatcher.retry(job_id)
+        return view(gw, job)
+
+    @get("/{job_id:str}/video", summary="The finished video (supports Range)")
+    async def get_video(
+        self,
+        request: Request,
+        job_id: FromPath[str],
+        range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
+    ) -> Response:
+        gw = gateway(request)
+        job = _found(gw, job_id)
+        if job.files_expired:
+            raise ApiError(410, "this job's files have expired and were deleted")
+        if job.state != "succeeded" or not job.result_sha:
+            raise ApiError(404, f"this job has no video: it is {job.state}")
+        path = gw.blobs.path(job.result_sha)
+        if not path.is_file():
+            raise ApiError(410, "this job's video is no longer stored")
+        return ranged_file(path, range_header, media_type="video/mp4", filename=f"{job.id}.mp4")
+
+
+def _found(gw: Gateway, job_id: str) -> Job:
+    job = gw.store.get(job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id}")
+    return job
+

@@ -1,0 +1,86 @@
+"""Operations: liveness, readiness, Prometheus metrics, and the upstreams' state."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+from litestar import Request, Response, get
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+class Check(msgspec.Struct):
+    ok: bool
+    detail: str
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    checks: dict[str, Check]
+
+
+class NodeView(msgspec.Struct):
+    name: str
+    kind: str
+    url: str
+    state: str  # up | down | unknown
+    slots: int
+    tasks: list[str]
+    inflight: int
+    last_error: str | None
+    recent_durations: list[float]
+
+
+@get("/healthz", tags=["operations"], summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", tags=["operations"], summary="Store writable and at least one upstream reachable")
+async def readyz(request: Request) -> Response[Readiness]:
+    gw = gateway(request)
+    writable = gw.store.is_writable()
+    reachable = [name for name, s in gw.dispatcher.states.items() if s.up]
+    checks = {
+        "store": Check(writable, "writable" if writable else "cannot write to the job store"),
+        "upstreams": Check(
+            bool(reachable),
+            f"reachable: {', '.join(reachable)}" if reachable else "no upstream reachable",
+        ),
+    }
+    ready = all(c.ok for c in checks.values())
+    return Response(Readiness(ready, checks), status_code=200 if ready else 503)
+
+
+@get("/metrics", tags=["operations"], summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics(request: Request) -> Response[bytes]:
+    return Response(gateway(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@get("/api/v1/nodes", tags=["nodes"], summary="Upstreams and their state")
+async def list_nodes(request: Request) -> list[NodeView]:
+    gw = gateway(request)
+    inflight = gw.store.inflight_counts()
+    return [
+        NodeView(
+            name=name,
+            kind=s.upstream.kind,
+            url=s.upstream.base_url,
+            state={True: "up", False: "down", None: "unknown"}[s.up],
+            slots=s.upstream.slots,
+            tasks=sorted(s.upstream.tasks),
+            inflight=inflight.get(name, 0),
+            last_error=s.last_error,
+            recent_durations=[round(d, 2) for d in s.durations[-10:]],
+        )
+        for name, s in gw.dispatcher.states.items()
+    ]
+
+
+ROUTES = [healthz, readyz, metrics, list_nodes]

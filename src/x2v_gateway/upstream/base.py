@@ -1,0 +1,147 @@
+"""What every upstream adapter offers the dispatcher, in the gateway's own vocabulary.
+
+Each adapter (self-hosted node, hosted cloud) turns its server's quirks into these few types;
+nothing outside `upstream/` ever sees an upstream status string or error body.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class RemoteState(enum.StrEnum):
+    """Where an upstream says a task is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True)
+class RemoteStatus:
+    state: RemoteState
+    error: str | None = None
+    # 1-based place in the upstream's own queue, when it says.
+    queue_position: int | None = None
+    # Seconds the upstream expects the task to wait before it starts / to run once started.
+    pending_seconds: float | None = None
+    running_seconds: float | None = None
+
+
+@dataclass(slots=True)
+class SubmitRequest:
+    """One attempt to run a job upstream: everything an adapter needs, nothing it must look up."""
+
+    job_id: str
+    # The task id to ask for, where the upstream lets the client choose one (self-hosted does).
+    task_id: str
+    task: str  # s2v | i2v | t2v | flf2v
+    params: dict = field(default_factory=dict)  # prompt, negative_prompt, seed, infer_steps, ...
+    inputs: dict[str, Path] = field(default_factory=dict)  # image | audio | last_frame -> blob file
+    # A file name for each input (blobs have none), with the extension its content was detected as.
+    filenames: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class NodeHealth:
+    reachable: bool
+    # Tasks the upstream itself counts as active (queued + running), when it says.
+    active: int | None = None
+    queue_size: int | None = None
+    detail: str | None = None
+
+
+class UpstreamError(Exception):
+    """Base class: the message is already sanitised and safe to store and show."""
+
+
+class Backpressure(UpstreamError):
+    """The upstream cannot take the job right now (queue full, rate limit): try again later.
+
+    Never a failure of the job; the job goes back to the gateway's queue.
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(UpstreamError):
+    """Transport error, timeout or 5xx on a request that is safe to repeat."""
+
+
+class AmbiguousSubmit(UpstreamError):
+    """A submission whose body may have reached the upstream: never blindly resend it.
+
+    The dispatcher asks the upstream whether it knows the task before trying again.
+    """
+
+
+class Rejected(UpstreamError):
+    """The upstream refused this job for good (bad input it would refuse again)."""
+
+
+class UnknownTask(UpstreamError):
+    """The upstream does not know the task (it restarted and forgot, or evicted it)."""
+
+
+class Upstream(Protocol):
+    """A place jobs run: one self-hosted LightX2V node, or one hosted-cloud account."""
+
+    name: str
+    kind: str  # "selfhosted" | "cloud"
+    base_url: str
+    # How many jobs the gateway keeps in flight there at once (running + look-ahead).
+    slots: int
+    # Task types it can run.
+    tasks: frozenset[str]
+
+    async def submit(self, request: SubmitRequest) -> str:
+        """Start a task; return the upstream's task id. Raises Backpressure, AmbiguousSubmit,
+        Rejected or Unavailable (the latter only when nothing can have been sent)."""
+
+    async def poll(self, task_ids: list[str]) -> dict[str, RemoteStatus | None]:
+        """Statuses of the given tasks, in as few requests as the upstream allows.
+
+        None for a task the upstream does not know. Raises Unavailable when it cannot tell.
+        """
+
+    async def cancel(self, task_id: str) -> None:
+        """Ask the upstream to stop a task (best effort; raises Unavailable to be retried)."""
+
+    async def fetch_result(self, task_id: str, dest: Path) -> None:
+        """Stream the finished video into `dest`. Raises Unavailable or UnknownTask."""
+
+    async def find_task(self, request: SubmitRequest) -> str | None:
+        """After a crash or an ambiguous submit: the upstream task id of this attempt, if the
+        upstream has it, else None (so submitting again cannot create a second task)."""
+
+    async def health(self) -> NodeHealth:
+        """A cheap status call: never runs a generation."""
+
+    async def aclose(self) -> None: ...
+
+
+_PATH = re.compile(r"(?:/[\w.\-]+){2,}/([\w.\-]+)")
+_LONG_TOKEN = re.compile(r"[A-Za-z0-9+/=_\-.]{80,}")
+
+
+def clean_message(text: str, *, secrets: tuple[str, ...] = (), limit: int = 300) -> str:
+    """Make upstream error text safe to store and show.
+
+    Upstreams echo absolute server paths, whole base64 inputs and pages of ffmpeg output in their
+    errors; none of it helps a user and some of it must not leak. Secrets are masked first.
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _LONG_TOKEN.sub("…", text)
+    text = _PATH.sub(r"\1", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

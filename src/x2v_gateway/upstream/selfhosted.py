@@ -1,0 +1,306 @@
+"""Adapter for the open-source LightX2V API server (`lightx2v/server/`), one node per instance.
+
+Every quirk of that server is handled here and nowhere else (see shared/lightx2v/selfhosted.md):
+
+* submit routes need their trailing slash (`/v1/tasks/video/`); without it the server answers 405;
+* the submit answer says `task_status`, the status answer says `status`;
+* the client may choose the task id, and a reused id gets 503 "already exists": the gateway sends
+  its own job id, so a repeated submission can never create a second task;
+* 503 "Task queue is full" is back-pressure, not a failure;
+* a node forgets every task when it restarts (404 `Task not found`), but the files it finished stay
+  downloadable from `/v1/files/download/<id>.mp4`;
+* a cancelled running task keeps running and later reports `completed`;
+* an unreachable `image_path` URL comes back as a 500, and error details carry absolute paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from .base import (
+    AmbiguousSubmit,
+    Backpressure,
+    NodeHealth,
+    Rejected,
+    RemoteState,
+    RemoteStatus,
+    SubmitRequest,
+    Unavailable,
+    UnknownTask,
+    clean_message,
+)
+
+_STATES = {
+    "pending": RemoteState.QUEUED,
+    "processing": RemoteState.RUNNING,
+    "completed": RemoteState.SUCCEEDED,
+    "failed": RemoteState.FAILED,
+    "cancelled": RemoteState.CANCELLED,
+}
+
+# The gateway's input roles and the JSON fields the server reads them from.
+_JSON_INPUTS = {"image": "image_path", "audio": "audio_path", "last_frame": "last_frame_path"}
+_FORM_FILES = {"image": "image_file", "audio": "audio_file", "last_frame": "last_frame_file"}
+# What `/v1/tasks/video/form` accepts besides files; anything else needs the JSON route.
+_FORM_FIELDS = {
+    "task_id", "prompt", "negative_prompt", "use_prompt_enhancer", "num_fragments", "infer_steps",
+    "target_video_length", "seed", "video_duration", "target_fps",
+}
+_B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
+
+
+def _retrying() -> AsyncRetrying:
+    """For requests that are safe to repeat: exponential backoff with jitter."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(Unavailable),
+        wait=wait_random_exponential(multiplier=0.2, max=2.0),
+        stop=stop_after_attempt(3),
+        reraise=True,
+    )
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", "")
+    except (ValueError, AttributeError):
+        detail = response.text
+    if not isinstance(detail, str):  # FastAPI's 422 list of errors
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
+            for e in detail if isinstance(e, dict)
+        ) or json.dumps(detail)
+    return clean_message(detail)
+
+
+class SelfHostedNode:
+    kind = "selfhosted"
+    chooses_task_id = True
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        slots: int = 2,
+        tasks: frozenset[str] = frozenset({"s2v", "i2v", "t2v", "flf2v"}),
+        form_threshold: int = 16 * 1024 * 1024,
+        timeout: float = 30.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.slots = slots
+        self.tasks = tasks
+        self.form_threshold = form_threshold
+        self._client = client or httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _get(self, path: str) -> httpx.Response:
+        async for attempt in _retrying():
+            with attempt:
+                try:
+                    response = await self._client.get(path)
+                except httpx.TransportError as exc:
+                    raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
+                if response.status_code >= 500:
+                    raise Unavailable(f"{self.name} answered {response.status_code}: {_detail(response)}")
+        return response
+
+    # -- submit ---------------------------------------------------------------------------------
+
+    async def submit(self, request: SubmitRequest) -> str:
+        fields: dict[str, Any] = {"task_id": request.task_id, **request.params}
+        size = sum(p.stat().st_size for p in request.inputs.values())
+        use_form = (
+            "image" in request.inputs  # the form route requires image_file
+            and size > self.form_threshold
+            and set(fields) <= _FORM_FIELDS
+        )
+        try:
+            if use_form:
+                response = await self._submit_form(fields, request.inputs, request.filenames)
+            else:
+                content, length = _json_body(fields, request.inputs)
+                response = await self._client.post(
+                    "/v1/tasks/video/",  # the trailing slash matters: without it, 405
+                    content=content,
+                    headers={"content-type": "application/json", "content-length": str(length)},
+                )
+        except httpx.ConnectError as exc:
+            # Refused before a byte was sent: safe to try again, here or elsewhere.
+            raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
+        except httpx.TransportError as exc:
+            raise AmbiguousSubmit(f"{self.name}: submission interrupted ({type(exc).__name__})") from None
+
+        detail = "" if response.status_code == 200 else _detail(response)
+        if response.status_code == 200:
+            return response.json()["task_id"]
+        if response.status_code == 503 and "already exists" in detail:
+            # Our own id: an earlier attempt of this very submission reached the node.
+            return request.task_id
+        if response.status_code == 503:
+            raise Backpressure(f"{self.name}: {detail}", retry_after=1.0)
+        if response.status_code == 500 and "not accessible" in detail:
+            raise Rejected(f"{self.name} could not read an input: {detail}")
+        if response.status_code in (400, 404, 405, 413, 422):
+            raise Rejected(f"{self.name} refused the request ({response.status_code}): {detail}")
+        # Any other 5xx: the node read the request and broke somewhere; whether the task exists
+        # is unknown until it is asked.
+        raise AmbiguousSubmit(f"{self.name} answered {response.status_code}: {detail}")
+
+    async def _submit_form(
+        self, fields: dict[str, Any], inputs: dict[str, Path], filenames: dict[str, str]
+    ) -> httpx.Response:
+        # httpx streams sync file objects in 64 KiB chunks, so a 1 GB input never sits in memory.
+        # The form route fills every field it is not sent with its own default (seed 42,
+        # infer_steps 5...), so only the fields the user set are sent, and seed always is.
+        files = {}
+        opened = []
+        try:
+            for role, path in inputs.items():
+                handle = path.open("rb")
+                opened.append(handle)
+                # The node names its copy after this, keeping the extension.
+                files[_FORM_FILES[role]] = (filenames.get(role, role), handle)
+            data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}
+            return await self._client.post("/v1/tasks/video/form", data=data, files=files)
+        finally:
+            for handle in opened:
+                handle.close()
+
+    # -- follow ---------------------------------------------------------------------------------
+
+    async def poll(self, task_ids: list[str]) -> dict[str, RemoteStatus | None]:
+        # One request per node per tick, whatever the number of jobs: the list has every task.
+        response = await self._get("/v1/tasks/")  # `/v1/tasks` would be a 307 to this
+        listed: dict[str, dict] = response.json()
+        pending_order = [tid for tid, t in listed.items() if t.get("status") == "pending"]
+        running = any(t.get("status") == "processing" for t in listed.values())
+        result: dict[str, RemoteStatus | None] = {}
+        for task_id in task_ids:
+            task = listed.get(task_id)
+            if task is None:
+                result[task_id] = await self._status_of_unlisted(task_id)
+                continue
+            status = _to_status(task)
+            if status.state is RemoteState.QUEUED and task_id in pending_order:
+                status.queue_position = pending_order.index(task_id) + 1 + int(running)
+            result[task_id] = status
+        return result
+
+    async def _status_of_unlisted(self, task_id: str) -> RemoteStatus | None:
+        response = await self._get(f"/v1/tasks/{task_id}/status")
+        if response.status_code == 200:
+            return _to_status(response.json())
+        # Forgotten (the node restarted, or evicted it past its 1000 tasks). The files of
+        # finished tasks outlive the restart: if the video is there, the task did complete.
+        if await self._output_exists(task_id):
+            return RemoteStatus(RemoteState.SUCCEEDED)
+        return None
+
+    async def _output_exists(self, task_id: str) -> bool:
+        # HEAD gets 405 on this server, so open a GET and close it once the headers arrive.
+        try:
+            async with self._client.stream("GET", f"/v1/files/download/{task_id}.mp4") as response:
+                return response.status_code == 200
+        except httpx.TransportError as exc:
+            raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
+
+    async def find_task(self, request: SubmitRequest) -> str | None:
+        response = await self._get(f"/v1/tasks/{request.task_id}/status")
+        return request.task_id if response.status_code == 200 else None
+
+    async def cancel(self, task_id: str) -> None:
+        # Always 200: `success` for pending/running/cancelled, `do_nothing` for finished or
+        # unknown tasks. Either way there is nothing more to do. A running task is not stopped
+        # by this (the node finishes it and reports `completed`); the gateway ignores that.
+        try:
+            response = await self._client.delete(f"/v1/tasks/{task_id}")
+        except httpx.TransportError as exc:
+            raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
+        if response.status_code >= 500:
+            raise Unavailable(f"{self.name} answered {response.status_code}")
+
+    async def fetch_result(self, task_id: str, dest: Path) -> None:
+        # `/result` for a task the node still knows; after a restart only the file route has it.
+        for path in (f"/v1/tasks/{task_id}/result", f"/v1/files/download/{task_id}.mp4"):
+            try:
+                async with self._client.stream("GET", path) as response:
+                    if response.status_code == 404:
+                        continue
+                    if response.status_code != 200:
+                        raise Unavailable(f"{self.name} answered {response.status_code} for the result")
+                    with dest.open("wb") as out:
+                        async for chunk in response.aiter_bytes(256 * 1024):
+                            out.write(chunk)
+                    return
+            except httpx.TransportError as exc:
+                raise Unavailable(f"{self.name}: result download failed ({type(exc).__name__})") from None
+        raise UnknownTask(f"{self.name} has no result for task {task_id}")
+
+    async def health(self) -> NodeHealth:
+        try:
+            response = await self._client.get("/v1/service/status")
+        except httpx.TransportError as exc:
+            return NodeHealth(reachable=False, detail=type(exc).__name__)
+        if response.status_code != 200:
+            return NodeHealth(reachable=False, detail=f"HTTP {response.status_code}")
+        body = response.json()
+        active = int(body.get("pending_tasks", 0)) + (body.get("service_status") == "busy")
+        return NodeHealth(reachable=True, active=active, queue_size=body.get("queue_size"))
+
+    async def metadata(self) -> dict[str, Any]:
+        response = await self._get("/v1/service/metadata")
+        return response.json() if response.status_code == 200 else {}
+
+
+def _to_status(task: dict) -> RemoteStatus:
+    state = _STATES.get(task.get("status", ""), RemoteState.QUEUED)
+    error = None
+    if state is RemoteState.FAILED:
+        kind = task.get("error_type") or ""
+        error = clean_message(f"{kind}: {task.get('error')}" if kind else str(task.get("error")))
+    return RemoteStatus(state, error=error)
+
+
+def _json_body(fields: dict[str, Any], inputs: dict[str, Path]) -> tuple[AsyncIterator[bytes], int]:
+    """The JSON request with each input base64-encoded from disk as it is sent.
+
+    The body is streamed, so a large input costs one 192 KiB chunk of memory, not the file plus
+    its base64 copy plus the JSON string that would hold it.
+    """
+    head = json.dumps(fields).encode()[:-1]  # without the closing brace
+    parts: list[bytes | Path] = [head]
+    for role, path in inputs.items():
+        parts.append(f', "{_JSON_INPUTS[role]}": "'.encode())
+        parts.append(path)
+        parts.append(b'"')
+    parts.append(b"}")
+    length = sum(
+        4 * math.ceil(p.stat().st_size / 3) if isinstance(p, Path) else len(p) for p in parts
+    )
+
+    async def stream() -> AsyncIterator[bytes]:
+        for part in parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            with part.open("rb") as handle:
+                while chunk := handle.read(_B64_CHUNK):
+                    yield base64.b64encode(chunk)
+
+    return stream(), length
