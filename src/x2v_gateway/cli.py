@@ -54,3 +54,7 @@ def demo_node(host: str, port: int, data_dir: Path, job_seconds: float, max_queu
         host, port, data_dir, job_seconds=job_seconds, max_queue_size=max_queue_size
     )
     server.run()
+
+
+if __name__ == "__main__":
+    main()

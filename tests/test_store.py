@@ -1,0 +1,114 @@
+"""The job store on a real SQLite file: transitions that must never go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+
+from x2v_gateway.store import IdempotencyConflict, JobStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore(tmp_path / "gateway.db")
+    yield s
+    s.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def new_job(store: JobStore, **kw):
+    kw.setdefault("task", "t2v")
+    kw.setdefault("params", {"prompt": "a cat", "seed": 1})
+    kw.setdefault("inputs", {})
+    job, _ = run(store.create_job(**kw))
+    return job
+
+
+def test_store_uses_wal_and_survives_reopening(tmp_path):
+    first = JobStore(tmp_path / "g.db")
+    job = new_job(first)
+    first.close()
+    second = JobStore(tmp_path / "g.db")  # migrations already applied: nothing to redo
+    assert second.get(job.id).params == {"prompt": "a cat", "seed": 1}
+    mode = sqlite3.connect(tmp_path / "g.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    second.close()
+
+
+def test_cancelled_job_stays_cancelled_whatever_the_upstream_says_later(store):
+    job = new_job(store)
+    assert run(store.claim(job.id, "node1", job.id))
+    assert run(store.mark_running(job.id))
+    assert run(store.cancel(job.id)).state == "cancelled"
+    # The node finishes the cancelled task anyway and reports it completed / failed.
+    assert not run(store.succeed(job.id, "0" * 64, {"duration": 1.0}))
+    assert not run(store.fail(job.id, "boom"))
+    assert not run(store.mark_running(job.id))
+    assert not run(store.requeue(job.id, "node forgot"))
+    final = store.get(job.id)
+    assert final.state == "cancelled" and final.result_sha is None
+    assert final.cancel_pending  # the node still has to be told
+
+
+def test_a_job_is_claimed_once(store):
+    job = new_job(store)
+    assert run(store.claim(job.id, "node1", job.id))
+    assert not run(store.claim(job.id, "node2", job.id))
+    assert store.get(job.id).upstream == "node1"
+
+
+def test_backpressure_requeue_does_not_count_as_an_attempt(store):
+    job = new_job(store)
+    run(store.claim(job.id, "node1", job.id))
+    run(store.requeue(job.id, "queue full", sent=False))
+    again = store.get(job.id)
+    assert (again.state, again.attempts, again.upstream) == ("queued", 0, None)
+
+
+def test_idempotency_key_returns_the_same_job_and_refuses_another_request(store):
+    first, created = run(store.create_job(task="t2v", params={}, inputs={}, idempotency_key="k1", request_hash="a"))
+    again, created_again = run(store.create_job(task="t2v", params={}, inputs={}, idempotency_key="k1", request_hash="a"))
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(IdempotencyConflict):
+        run(store.create_job(task="t2v", params={}, inputs={}, idempotency_key="k1", request_hash="b"))
+
+
+def test_queue_order_is_priority_then_age(store):
+    low = new_job(store)
+    high = new_job(store, priority=5)
+    later = new_job(store)
+    assert [j.id for j in store.queued(10)] == [high.id, low.id, later.id]
+    assert store.queue_position(later) == 3
+
+
+def test_retention_keeps_a_blob_that_a_live_job_still_uses(store):
+    shared, only_old = "a" * 64, "b" * 64
+    run(store.record_blob(shared, 10, "png"))
+    run(store.record_blob(only_old, 10, "wav"))
+    old = new_job(store, task="s2v", inputs={"image": shared, "audio": only_old})
+    new_job(store, task="i2v", inputs={"image": shared})
+    run(store.claim(old.id, "n", old.id))
+    run(store.fail(old.id, "x"))
+    # Both blobs are older than the one-hour grace for requests still being accepted.
+    store._conn().execute("UPDATE blobs SET created_at = created_at - 7200")
+    doomed = run(store.expire_files(time.time() + 1))
+    assert doomed == [only_old]
+    assert store.get(old.id).files_expired
+
+
+def test_list_cursor_pages_through_every_job_once(store):
+    ids = [new_job(store).id for _ in range(7)]
+    seen, cursor = [], None
+    while True:
+        page = store.list_jobs(before_seq=cursor, limit=3)
+        if not page:
+            break
+        seen += [j.id for j in page]
+        cursor = page[-1].seq
+    assert seen == list(reversed(ids))
