@@ -19,7 +19,7 @@ from .blobs import BlobStore
 from .dispatch import Dispatcher, Notifier
 from .jobs import JobService
 from .metrics import Metrics
-from .models import ApiError, ErrorBody, ErrorResponse
+from .models import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse
 from .routes.api import JobsController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .settings import Settings, load_settings
@@ -28,6 +28,7 @@ from .upstream.base import Upstream
 from .upstream.selfhosted import SelfHostedNode
 
 log = logging.getLogger("x2v_gateway")
+ALL_TASKS = tuple(TASK_INPUTS)
 
 
 class DemoNode:
@@ -41,7 +42,9 @@ class DemoNode:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self._server = build_demo_server("127.0.0.1", port, data_dir, job_seconds=job_seconds)
+        self._server = build_demo_server(
+            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=ALL_TASKS,
+        )
         self._thread = threading.Thread(target=self._server.run, name="x2v-demo-node", daemon=True)
 
     def start(self) -> None:
@@ -147,6 +150,8 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: one line per status poll drowns what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     gw = Gateway(settings, upstreams)
 
     @asynccontextmanager

@@ -43,15 +43,20 @@ def serve(env_file: str) -> None:
 @click.option("--data-dir", default="./demo-node-data", show_default=True, type=click.Path(path_type=Path))
 @click.option("--job-seconds", default=0.0, show_default=True, type=float, help="Minimum time each task takes")
 @click.option("--max-queue-size", default=10, show_default=True, type=int)
-def demo_node(host: str, port: int, data_dir: Path, job_seconds: float, max_queue_size: int) -> None:
+@click.option("--tasks", default="s2v,i2v,t2v,flf2v", show_default=True, help="Task types it accepts")
+def demo_node(host: str, port: int, data_dir: Path, job_seconds: float, max_queue_size: int, tasks: str) -> None:
     """Serve the LightX2V self-hosted API on the CPU, rendering placeholder videos.
 
     Example: x2v-gateway demo-node --port 8001
     """
     from .demo_node import build_demo_server
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = build_demo_server(
-        host, port, data_dir, job_seconds=job_seconds, max_queue_size=max_queue_size
+        host, port, data_dir, job_seconds=job_seconds, max_queue_size=max_queue_size,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
     )
     server.run()
 

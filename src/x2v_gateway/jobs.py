@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import msgspec
@@ -97,6 +98,32 @@ class JobService:
     ) -> tuple[Job, bool]:
         max_bytes = self.settings.max_upload_mb * 1024 * 1024
         fields, files = await read_multipart(content_type, body, self.blobs, max_bytes=max_bytes)
+        return await self._submit_form(fields, files, idempotency_key, owner)
+
+    async def submit_urlencoded(
+        self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
+    ) -> tuple[Job, bool]:
+        """A plain HTML form post (no files): inputs, if any, are URLs or base64 text."""
+        raw = bytearray()
+        async for chunk in body:
+            raw += chunk
+            if len(raw) > self.settings.max_json_mb * 1024 * 1024:
+                raise ApiError(413, f"form body is larger than the {self.settings.max_json_mb} MiB allowed")
+        fields: dict[str, str] = {}
+        for name, value in parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True):
+            if name in fields:
+                raise ApiError(400, f"{name} was sent twice", name)
+            fields[name] = value
+        return await self._submit_form(fields, [], idempotency_key, owner)
+
+    async def _submit_form(
+        self,
+        fields: dict[str, str],
+        files: list[IncomingFile],
+        idempotency_key: str | None,
+        owner: str | None,
+    ) -> tuple[Job, bool]:
+        max_bytes = self.settings.max_upload_mb * 1024 * 1024
         try:
             values = {}
             for name, value in fields.items():

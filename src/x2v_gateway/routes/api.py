@@ -186,10 +186,15 @@ class JobsController(Controller):
             job, created = await gw.jobs.submit_multipart(
                 content_type, request.stream(), idempotency_key=idempotency_key
             )
+        elif content_type.startswith("application/x-www-form-urlencoded"):
+            job, created = await gw.jobs.submit_urlencoded(request.stream(), idempotency_key=idempotency_key)
         elif content_type.startswith("application/json") or not content_type:
             job, created = await gw.jobs.submit_json(request.stream(), idempotency_key=idempotency_key)
         else:
-            raise ApiError(415, "send the job as application/json or multipart/form-data", "Content-Type")
+            raise ApiError(
+                415, "send the job as application/json, multipart/form-data or a URL-encoded form",
+                "Content-Type",
+            )
         if wait:
             job = await gw.jobs.wait(job, wait)
         headers = {"location": f"/api/v1/jobs/{job.id}"}

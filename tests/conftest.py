@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway_proc import GatewayProcess
+from media import make_png, make_wav
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> dict[str, Path]:
+    """Real input files: a portrait, a second portrait, a voice-over, and things that are not."""
+    root = tmp_path_factory.mktemp("media")
+    not_image = root / "notes.png"
+    not_image.write_text("this is a text file with a .png name\n" * 20)
+    return {
+        "face": make_png(root / "face.png"),
+        "face2": make_png(root / "face2.png", color=(60, 90, 200)),
+        "voice": make_wav(root / "voice.wav", seconds=1.5),
+        "not_image": not_image,
+    }
+
+
+@pytest.fixture(scope="module")
+def demo_gateway(tmp_path_factory) -> GatewayProcess:
+    """A gateway with its embedded defaults (the built-in demo node), as the quick start runs it.
+
+    Demo jobs take at least 0.8 s, so a test can catch one running or queued.
+    """
+    root = tmp_path_factory.mktemp("gw")
+    gateway = GatewayProcess(root / "data", X2V_DEMO_JOB_SECONDS="0.8").start()
+    yield gateway
+    gateway.stop()

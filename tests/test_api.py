@@ -1,0 +1,240 @@
+"""The JSON API against a real gateway process and its built-in demo node."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway_proc import wait_for
+from x2v_gateway.render import probe_video
+
+
+@pytest.fixture(scope="module")
+def api(demo_gateway):
+    with demo_gateway.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def node_url(api) -> str:
+    (node,) = api.get("/api/v1/nodes").json()
+    return node["url"]
+
+
+@pytest.fixture(scope="module")
+def file_server(media):
+    """Serves the media files over http on 127.0.0.1, for URL inputs."""
+    directory = next(iter(media.values())).parent
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def s2v_files(media) -> dict:
+    return {"image": media["face"].open("rb"), "audio": media["voice"].open("rb")}
+
+
+def test_s2v_upload_runs_to_a_playable_seekable_video(api, media, tmp_path):
+    response = api.post("/api/v1/jobs?wait=60", data={"task": "s2v", "prompt": "talking"}, files=s2v_files(media))
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["state"] == "succeeded", job
+    assert job["attempts"] == 1 and job["upstream"] == "demo"
+    assert job["result"]["duration"] > 0
+
+    video = api.get(job["result"]["url"])
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    path = tmp_path / "out.mp4"
+    path.write_bytes(video.content)
+    info = probe_video(path)
+    assert info.duration > 0 and info.has_audio
+
+    # A browser seeks with Range requests.
+    part = api.get(job["result"]["url"], headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 100-199/{len(video.content)}"
+    assert part.content == video.content[100:200]
+    tail = api.get(job["result"]["url"], headers={"Range": "bytes=-10"})
+    assert tail.content == video.content[-10:]
+    beyond = api.get(job["result"]["url"], headers={"Range": f"bytes={len(video.content)}-"})
+    assert beyond.status_code == 416
+
+
+def test_json_inputs_as_data_url_base64_and_url(api, media, file_server):
+    data_url = "data:image/png;base64," + base64.b64encode(media["face"].read_bytes()).decode()
+    i2v = api.post("/api/v1/jobs", json={"task": "i2v", "prompt": "zoom", "image": data_url, "seed": 7})
+    assert i2v.status_code == 201, i2v.text
+    s2v = api.post("/api/v1/jobs", json={
+        "task": "s2v",
+        "image": base64.b64encode(media["face"].read_bytes()).decode(),
+        "audio": f"{file_server}/voice.wav",
+    })
+    assert s2v.status_code == 201, s2v.text
+    # The same portrait sent twice, two ways, is stored once.
+    assert i2v.json()["inputs"]["image"]["sha256"] == s2v.json()["inputs"]["image"]["sha256"]
+    for job in (i2v.json(), s2v.json()):
+        assert wait_for(api, job["id"], {"succeeded", "failed"})["state"] == "succeeded"
+    assert i2v.json()["params"]["seed"] == 7
+
+
+def test_t2v_job(api):
+    job = api.post("/api/v1/jobs?wait=60", json={"task": "t2v", "prompt": "a red car on a road"}).json()
+    assert job["state"] == "succeeded", job
+    assert job["result"]["width"] > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"prompt": "no task"}, 422, "task"),
+        ({"task": "v2v"}, 422, "task"),
+        ({"task": "t2v", "colour": "red"}, 422, "colour"),
+        ({"task": "t2v", "seed": "abc"}, 422, "seed"),
+        ({"task": "t2v", "seed": -1}, 422, "seed"),
+        ({"task": "t2v", "infer_steps": 0}, 422, "infer_steps"),
+        ({"task": "t2v", "target_shape": [480]}, 422, "target_shape"),
+        ({"task": "t2v", "prompt": "x" * 5000}, 422, "prompt"),
+        ({"task": "s2v", "image": "aGVsbG8="}, 422, "audio"),
+        ({"task": "t2v", "image": "aGVsbG8="}, 422, "image"),
+        ({"task": "i2v", "image": "!!!not base64!!!"}, 422, "image"),
+        ({"task": "i2v", "image": "aGVsbG8gd29ybGQsIG5vdCBhbiBpbWFnZQ=="}, 422, "image"),
+        ({"task": "i2v", "image": "http://127.0.0.1:9/nope.png"}, 422, "image"),
+        ({"task": "t2v", "upstream": "nowhere"}, 422, "upstream"),
+    ],
+)
+def test_client_mistakes_get_a_4xx_naming_the_field(api, body, status, field):
+    response = api.post("/api/v1/jobs", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["field"] == field, response.text
+
+
+def test_malformed_requests_get_a_4xx_not_a_500(api):
+    bad_json = api.post("/api/v1/jobs", content=b"{nope", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    wrong_type = api.post("/api/v1/jobs", content=b"task=t2v", headers={"content-type": "text/plain"})
+    assert wrong_type.status_code == 415
+    assert api.get("/api/v1/jobs?state=done").json()["error"]["field"] == "state"
+    assert api.get("/api/v1/jobs?cursor=garbage").json()["error"]["field"] == "cursor"
+    assert api.get("/api/v1/jobs?limit=0").status_code == 400
+    assert api.get("/api/v1/jobs/jnope").status_code == 404
+    assert api.get("/api/v1/jobs/jnope/video").status_code == 404
+    shape = api.post("/api/v1/jobs", data={"task": "t2v", "target_shape": "wide"})
+    assert shape.status_code == 422 and shape.json()["error"]["field"] == "target_shape"
+
+
+def test_a_text_file_named_png_is_refused_and_nothing_is_kept(api, demo_gateway, media):
+    blob_dir = demo_gateway.data_dir / "blobs"
+    before = sorted(p.name for p in blob_dir.rglob("*") if p.is_file())
+    response = api.post(
+        "/api/v1/jobs", data={"task": "s2v"},
+        files={"image": media["not_image"].open("rb"), "audio": media["voice"].open("rb")},
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "image"
+    assert "not a readable image" in response.json()["error"]["message"]
+    after = sorted(p.name for p in blob_dir.rglob("*") if p.is_file())
+    assert after == before
+
+
+def test_idempotency_key_makes_a_retried_submit_safe(api):
+    headers = {"Idempotency-Key": f"batch-7-row-{time.time()}"}
+    first = api.post("/api/v1/jobs", json={"task": "t2v", "prompt": "once"}, headers=headers)
+    again = api.post("/api/v1/jobs", json={"task": "t2v", "prompt": "once"}, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert first.json()["id"] == again.json()["id"]
+    other = api.post("/api/v1/jobs", json={"task": "t2v", "prompt": "twice"}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["field"] == "Idempotency-Key"
+
+
+def test_list_filters_by_state_and_pages_with_a_cursor(api):
+    ids = [api.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"page {i}", "batch_id": "paging"}).json()["id"] for i in range(5)]
+    seen, cursor = [], None
+    while True:
+        page = api.get("/api/v1/jobs", params={"batch_id": "paging", "limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [j["id"] for j in page["jobs"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(ids))
+    for job_id in ids:
+        wait_for(api, job_id, {"succeeded"})
+    states = {j["state"] for j in api.get("/api/v1/jobs?state=succeeded&limit=500").json()["jobs"]}
+    assert states == {"succeeded"}
+
+
+def test_cancel_queued_job_never_reaches_the_node(api, node_url):
+    jobs = [api.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"fill {i}"}).json() for i in range(4)]
+    last = jobs[-1]
+    cancelled = api.delete(f"/api/v1/jobs/{last['id']}").json()
+    assert cancelled["state"] == "cancelled"
+    for job in jobs[:-1]:
+        wait_for(api, job["id"], {"succeeded"})
+    node_tasks = httpx.get(f"{node_url}/v1/tasks/").json()
+    assert last["id"] not in node_tasks
+    assert api.get(f"/api/v1/jobs/{last['id']}").json()["state"] == "cancelled"
+
+
+def test_cancel_running_task_stays_cancelled_when_node_later_reports_completed(api, node_url):
+    job = api.post("/api/v1/jobs", json={"task": "t2v", "prompt": "cancel me while running"}).json()
+    wait_for(api, job["id"], {"running"})
+    assert api.delete(f"/api/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+    # LightX2V keeps rendering a cancelled running task and then reports it `completed`.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        node_status = httpx.get(f"{node_url}/v1/tasks/{job['id']}/status").json()
+        if node_status["status"] == "completed":
+            break
+        time.sleep(0.1)
+    assert node_status["status"] == "completed"
+    time.sleep(1.0)  # several poll ticks of the gateway after the node said completed
+    final = api.get(f"/api/v1/jobs/{job['id']}").json()
+    assert final["state"] == "cancelled" and final["result"] is None
+    assert api.get(f"/api/v1/jobs/{job['id']}/video").status_code == 404
+
+
+def test_failed_job_says_why_and_retry_runs_it_again(api):
+    job = api.post("/api/v1/jobs?wait=60", json={"task": "t2v", "prompt": "please FAIL now"}).json()
+    assert job["state"] == "failed"
+    assert "RuntimeError" in job["error"] and "FAIL" in job["error"]
+    assert api.post(f"/api/v1/jobs/{job['id']}/retry").json()["state"] == "queued"
+    again = wait_for(api, job["id"], {"failed", "succeeded"})
+    assert again["run"] == 1 and again["upstream_task_id"] == f"{job['id']}-r1"
+    assert api.post(f"/api/v1/jobs/{job['id']}/retry").status_code == 200
+    done = api.post("/api/v1/jobs?wait=60", json={"task": "t2v", "prompt": "fine"}).json()
+    assert api.post(f"/api/v1/jobs/{done['id']}/retry").status_code == 409
+
+
+def test_job_page_has_a_timeline(api):
+    job = api.post("/api/v1/jobs?wait=60", json={"task": "t2v", "prompt": "timeline"}).json()
+    events = api.get(f"/api/v1/jobs/{job['id']}").json()["events"]
+    assert [e["state"] for e in events] == ["queued", "submitted", "running", "succeeded"]
+
+
+def test_operations_endpoints(api):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"]
+    metrics = api.get("/metrics").text
+    assert 'x2v_jobs{state="succeeded"}' in metrics
+    assert 'x2v_upstream_up{upstream="demo"} 1.0' in metrics
+    assert "x2v_upstream_request_seconds_bucket" in metrics
+    assert "x2v_queue_depth" in metrics
+    schema = api.get("/schema/openapi.json").json()
+    assert "/api/v1/jobs" in schema["paths"]
+    assert "multipart/form-data" in schema["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]
