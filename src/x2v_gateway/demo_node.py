@@ -1,12 +1,12 @@
 """A stand-in for a LightX2V self-hosted node: the same HTTP API, quirks included, tiny renders.
 
-It reproduces what `docs/lightx2v/selfhosted.md` captured from the real server (ModelTC/LightX2V
-`lightx2v/server/`, commit f8aee98b): the routes and their trailing-slash rules (FastAPI's 307
-redirects and 405s), `task_status` on submit but `status` on the status route, pydantic-shaped
-422 bodies, a single FIFO processing thread, `max_queue_size` counting pending + processing
-tasks, cancel that does not stop a running inference (the task flips from `cancelled` to
-`completed`), at most 1000 tasks kept in memory and nothing else remembered across a restart,
-while the files in `<data_dir>/outputs/` stay downloadable.
+It reproduces what the self-hosted contract (selfhosted.md) captured from the real server
+(ModelTC/LightX2V `lightx2v/server/`, commit f8aee98b): the routes and their trailing-slash
+rules (FastAPI's 307 redirects and 405s), `task_status` on submit but `status` on the status
+route, pydantic-shaped 422 bodies, a single FIFO processing thread, `max_queue_size` counting
+pending + processing tasks, cancel that does not stop a running inference (the task flips from
+`cancelled` to `completed`), at most 1000 tasks kept in memory and nothing else remembered
+across a restart, while the files in `<data_dir>/outputs/` stay downloadable.
 
 "Inference" is `render.render_video`: the input image slowly zooming, with the input audio for
 s2v, or a prompt card when there is no image. A prompt containing `FAIL` makes inference fail
@@ -18,9 +18,10 @@ are declared but answer 404 `{"detail":"Not Found"}`; `/docs` is a short HTML pa
 Swagger UI, and there is no `/openapi.json`; there is no Prometheus metrics port.
 
 Two additions that are not part of the upstream API, both for tests: every accepted submission
-is appended to `<data_dir>/submissions.jsonl` (task_id, time, route), so a test can count what
-reached the node across restarts; and a write to a `save_result_path` outside `outputs/` is
-refused (the task still completes, as the real stub did).
+is appended to `<data_dir>/submissions.jsonl` (task_id, time, route, and the request fields the
+runner would get), so a test can count and inspect what reached the node across restarts; and
+a write to a `save_result_path` outside `outputs/` is refused (the task still completes, as the
+real stub did).
 
 Run one:
 
@@ -34,6 +35,7 @@ import asyncio
 import base64
 import enum
 import json
+import os
 import logging
 import math
 import random
@@ -1142,7 +1144,7 @@ class DemoNodeApp:
             self.board.create(task_id, values, save_result_path)
         except _Refused as exc:
             return _json(503, {"detail": str(exc)})
-        self._journal_submission(task_id, route)
+        self._journal_submission(task_id, route, values)
         queue = self.board.queue_status()
         log.info(
             "accepted task %s via POST %s (%d of %d active)",
@@ -1155,8 +1157,14 @@ class DemoNodeApp:
             200, {"task_id": task_id, "task_status": "pending", "save_result_path": save_result_path}
         )
 
-    def _journal_submission(self, task_id: str, route: str) -> None:
-        line = json.dumps({"task_id": task_id, "time": datetime.now().isoformat(), "route": route})
+    def _journal_submission(self, task_id: str, route: str, request: dict[str, Any]) -> None:
+        # The request as the runner would get it, long strings (base64 inputs) shortened.
+        shown = {
+            key: f"{value[:64]}...({len(value)} chars)" if isinstance(value, str) and len(value) > 256 else value
+            for key, value in request.items()
+        }
+        entry = {"task_id": task_id, "time": datetime.now().isoformat(), "route": route, "request": shown}
+        line = json.dumps(entry, ensure_ascii=False)
         with self._journal_lock, self.journal.open("a", encoding="utf-8") as journal:
             journal.write(line + "\n")
 
@@ -1197,11 +1205,17 @@ class DemoNodeApp:
                 f"stub inference failure for task {task.task_id}: prompt contains 'FAIL'",
                 "RuntimeError",
             )
+        # A real runner saves the video when inference ends: render beside it, and give it its
+        # name only then, so a node killed mid-task leaves no finished-looking file behind.
+        partial = output.with_name(f".{output.name}.part")
         try:
-            self._render(output, request, image, audio)
+            self._render(partial, request, image, audio)
         except Exception as exc:
+            partial.unlink(missing_ok=True)
             raise _RunnerError(str(exc), type(exc).__name__) from exc
         self._wait_until(started + self.job_seconds)
+        if partial.exists():
+            os.replace(partial, output)
         return output.name
 
     def _render(self, output: Path, request: dict[str, Any], image: Path | None, audio: Path | None) -> None:

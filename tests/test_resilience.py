@@ -1,0 +1,147 @@
+"""Restarts and misbehaving nodes: every job still ends, and reaches a node exactly once."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import datetime
+
+import pytest
+
+from gateway_proc import GatewayProcess, wait_for
+from media import make_big_wav
+from servers import MisbehavingNode, NodeProcess
+
+
+def submitted_ids(node: NodeProcess) -> Counter:
+    return Counter(entry["task_id"] for entry in node.submissions())
+
+
+def submit_t2v(client, n: int, prefix: str) -> list[str]:
+    ids = []
+    for i in range(n):
+        response = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"{prefix} {i}"})
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def test_job_survives_gateway_sigkill_with_exactly_one_upstream_submission_each(tmp_path):
+    node = NodeProcess(tmp_path / "node", job_seconds=0.6).start()
+    gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
+    try:
+        with gateway.client() as client:
+            ids = submit_t2v(client, 6, "crash")
+            wait_for(client, ids[0], {"running"})
+            states = {client.get(f"/api/v1/jobs/{i}").json()["state"] for i in ids}
+            assert "queued" in states  # some are still waiting in the gateway when it dies
+        gateway.kill()
+        time.sleep(1.0)  # the node keeps working while the gateway is down
+        gateway.start()
+        with gateway.client() as client:
+            for job_id in ids:
+                assert wait_for(client, job_id, {"succeeded", "failed"})["state"] == "succeeded"
+        assert submitted_ids(node) == Counter({job_id: 1 for job_id in ids})
+    finally:
+        gateway.stop()
+        node.stop()
+
+
+def test_node_restart_forgets_tasks_and_jobs_are_resubmitted_without_duplicates(tmp_path):
+    node = NodeProcess(tmp_path / "node", job_seconds=1.5).start()
+    gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
+    try:
+        with gateway.client() as client:
+            ids = submit_t2v(client, 3, "restart")
+            first = wait_for(client, ids[0], {"running"})
+            seeds = {i: client.get(f"/api/v1/jobs/{i}").json()["params"]["seed"] for i in ids}
+            restarted_at = datetime.now().isoformat()
+            # A crash mid-job: the new process knows no task, and the running one left no video.
+            node.kill()
+            node.start()
+            for job_id in ids:
+                assert wait_for(client, job_id, {"succeeded", "failed"}, timeout=90)["state"] == "succeeded"
+            after = {i: client.get(f"/api/v1/jobs/{i}").json() for i in ids}
+        # The job that was running when the node restarted went out again, same seed.
+        assert after[first["id"]]["attempts"] == 2
+        assert any("no longer knows" in e["detail"] for e in after[first["id"]]["events"])
+        for job_id in ids:
+            assert after[job_id]["params"]["seed"] == seeds[job_id]
+        # Never two submissions of a job to one incarnation of the node.
+        journal = node.submissions()
+        before = Counter(e["task_id"] for e in journal if e["time"] < restarted_at)
+        later = Counter(e["task_id"] for e in journal if e["time"] >= restarted_at)
+        assert max(before.values()) == 1 and max(later.values()) == 1
+        assert set(before) | set(later) == set(ids)
+    finally:
+        gateway.stop()
+        node.stop()
+
+
+def test_misbehaving_node_5xx_timeouts_resets_and_queue_full_never_fail_a_job(tmp_path):
+    node = MisbehavingNode(tmp_path / "node", job_seconds=0.3).start()
+    gateway = GatewayProcess(
+        tmp_path / "data", nodes=f"bad={node.url}", X2V_REQUEST_TIMEOUT="2",
+    ).start()
+    try:
+        node.fault("error", route="list", status=500, times=4)
+        node.fault("reset", route="list", times=2)
+        node.fault("hang", route="list", times=1)
+        node.fault("queue_full", route="submit", times=3)
+        # Accepted by the node, but the gateway never hears so: must not be sent twice.
+        node.fault("reset", route="submit", phase="after", times=1)
+        # Refused before the node saw it: must be sent again.
+        node.fault("error", route="submit", status=500, times=1)
+        node.fault("error", route="result", status=502, times=2)
+        with gateway.client() as client:
+            ids = submit_t2v(client, 5, "chaos")
+            for job_id in ids:
+                job = wait_for(client, job_id, {"succeeded", "failed"}, timeout=120)
+                assert job["state"] == "succeeded", job
+            metrics = client.get("/metrics").text
+        assert all(f["fired"] >= 1 for f in node.faults()), node.faults()
+        assert submitted_ids(node) == Counter({job_id: 1 for job_id in ids})
+        assert 'x2v_upstream_errors_total{kind="Unavailable"' in metrics or "x2v_upstream_errors_total" in metrics
+    finally:
+        gateway.stop()
+        node.stop()
+
+
+def test_node_that_is_down_at_submission_gets_the_job_when_it_is_back(tmp_path):
+    node = NodeProcess(tmp_path / "node")
+    gateway = GatewayProcess(tmp_path / "data", nodes=f"late={node.url}").start()
+    try:
+        with gateway.client() as client:
+            (job_id,) = submit_t2v(client, 1, "early")
+            time.sleep(1.0)
+            assert client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "queued"
+            assert client.get("/readyz").status_code == 503
+            node.start()
+            assert wait_for(client, job_id, {"succeeded", "failed"}, timeout=90)["state"] == "succeeded"
+            assert client.get("/readyz").status_code == 200
+    finally:
+        gateway.stop()
+        node.stop()
+
+
+@pytest.mark.timeout(600)
+def test_large_upload_streams_to_disk_without_raising_gateway_memory(tmp_path, media):
+    audio = make_big_wav(tmp_path / "long.wav", 300)
+    node = NodeProcess(tmp_path / "node").start()
+    gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
+    try:
+        with gateway.client(timeout=300) as client:
+            client.get("/api/v1/jobs")  # warm up: imports and first requests settle
+            baseline = gateway.peak_rss_mb()
+            with media["face"].open("rb") as image, audio.open("rb") as sound:
+                response = client.post("/api/v1/jobs", data={"task": "s2v"}, files={"image": image, "audio": sound})
+            assert response.status_code == 201, response.text
+            job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=300)
+            assert job["state"] == "succeeded", job
+        growth = gateway.peak_rss_mb() - baseline
+        # 300 MiB went in through the gateway and out to the node; its memory barely moved.
+        assert growth < 60, f"peak RSS grew by {growth:.0f} MiB"
+        assert job["inputs"]["audio"]["size"] == audio.stat().st_size
+    finally:
+        gateway.stop()
+        node.stop()
