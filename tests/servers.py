@@ -11,7 +11,7 @@ A misbehaving node is the demo node behind a fault injector, in its own process.
 at run time through `/_faults`, a route only it has (MisbehavingNode.fault wraps it):
 
     POST   /_faults {"action": ..., "route": ..., "times": 1, "phase": "before", ...}
-    GET    /_faults     the faults still armed, with how often each fired
+    GET    /_faults     every fault armed since the last DELETE, with how often each fired
     DELETE /_faults     disarm them all
 
 actions: "error" (answer `status`, default 500, with `body`), "queue_full" (the node's 503),
@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import re
 import signal
 import socket
@@ -233,6 +232,8 @@ class _Fault:
     fired: int = 0
 
     def matches(self, request_line: str) -> bool:
+        if self.times is not None and self.fired >= self.times:
+            return False  # used up; still listed, so a test can see that it fired
         pattern = _ROUTE_ALIASES.get(self.route, self.route)
         return re.search(pattern, request_line) is not None
 
@@ -243,6 +244,7 @@ class _Proxy:
     def __init__(self, host: str, port: int, upstream: tuple[str, int]) -> None:
         self.host, self.port, self.upstream = host, port, upstream
         self._server: asyncio.AbstractServer | None = None
+        self._reopening: asyncio.Task | None = None
         # Keyed by the local port of the proxy's connection to the node, which is what the
         # node's ASGI scope reports as the client: that is how a request finds its socket.
         self._links: dict[int, tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = {}
@@ -261,8 +263,12 @@ class _Proxy:
         """A closed port for a while (connection refused), like a node that is restarting."""
         self.stop_listening()
         loop = asyncio.get_running_loop()
-        # Keep a reference: the loop holds tasks only weakly.
-        loop.call_later(seconds, lambda: setattr(self, "_reopening", loop.create_task(self.listen())))
+
+        def reopen() -> None:
+            # Keep a reference: the loop holds tasks only weakly.
+            self._reopening = loop.create_task(self.listen())
+
+        loop.call_later(seconds, reopen)
 
     def abort(self, node_side_port: int, *, reset: bool = True) -> bool:
         link = self._links.pop(node_side_port, None)
@@ -373,8 +379,6 @@ class _FaultInjector:
         for fault in self._faults:
             if fault.matches(request_line):
                 fault.fired += 1
-                if fault.times is not None and fault.fired >= fault.times:
-                    self._faults.remove(fault)
                 return fault
         return None
 

@@ -35,9 +35,9 @@ import asyncio
 import base64
 import enum
 import json
-import os
 import logging
 import math
+import os
 import random
 import re
 import secrets
@@ -97,7 +97,6 @@ class _Task:
     end_time: datetime | None = None
     error: str | None = None
     error_type: str | None = None
-    stop_event: threading.Event = field(default_factory=threading.Event)
 
     def as_status(self) -> dict[str, Any]:
         # Naive local ISO timestamps, exactly as FastAPI encodes upstream's datetime.now().
@@ -199,9 +198,9 @@ class _TaskBoard:
         task = self._tasks.get(task_id)
         if task is None or task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
             return False
-        # Sets the event nobody checks during inference: a running render goes on. Cancelling
-        # an already cancelled task succeeds again and moves end_time, as upstream.
-        task.stop_event.set()
+        # Nothing stops a running render (upstream never sets the runner's stop signal): it goes
+        # on and later overwrites this status. Cancelling an already cancelled task succeeds
+        # again and moves end_time, as upstream.
         task.status = TaskStatus.CANCELLED
         task.end_time = datetime.now()
         task.error = "Task cancelled by user"
@@ -641,7 +640,8 @@ def _absolute_url(scope: Scope, path: str) -> str:
     host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
     if host is None and scope.get("server"):
         server_host, port = scope["server"]
-        host = server_host if port == {"http": 80, "https": 443}.get(scheme) else f"{server_host}:{port}"
+        default_port = {"http": 80, "https": 443}.get(scheme)
+        host = server_host if port == default_port else f"{server_host}:{port}"
     url = f"{scheme}://{host}{path}" if host else path
     if scope.get("query_string"):
         url += "?" + scope["query_string"].decode("latin-1")
@@ -651,7 +651,12 @@ def _absolute_url(scope: Scope, path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Inputs: uploads, base64 strings and URLs turned into files under <data_dir>/inputs/.
 
-_IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg", b"GIF87a": "gif", b"GIF89a": "gif"}
+_IMAGE_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "png",
+    b"\xff\xd8\xff": "jpg",
+    b"GIF87a": "gif",
+    b"GIF89a": "gif",
+}
 _AUDIO_SIGNATURES = {
     b"ID3": "mp3",
     b"\xff\xfb": "mp3",
@@ -735,7 +740,9 @@ def _download(url: str, kind: str, directory: Path, stop: threading.Event) -> Pa
             if attempt < 2 and stop.wait(delay):
                 break
             delay *= 2
-    raise ValueError(f"Failed to connect to {url}: All 3 connection attempts failed for {url}: {last_error}")
+    raise ValueError(
+        f"Failed to connect to {url}: All 3 connection attempts failed for {url}: {last_error}"
+    )
 
 
 async def _url_accessible(url: str) -> bool:
@@ -988,7 +995,10 @@ class DemoNodeApp:
         return _Response(
             200,
             body,
-            [(b"content-length", str(len(body)).encode()), (b"content-type", b"text/html; charset=utf-8")],
+            [
+                (b"content-length", str(len(body)).encode()),
+                (b"content-type", b"text/html; charset=utf-8"),
+            ],
         )
 
     async def _health(self, request: _Request) -> _Response:
@@ -1160,10 +1170,17 @@ class DemoNodeApp:
     def _journal_submission(self, task_id: str, route: str, request: dict[str, Any]) -> None:
         # The request as the runner would get it, long strings (base64 inputs) shortened.
         shown = {
-            key: f"{value[:64]}...({len(value)} chars)" if isinstance(value, str) and len(value) > 256 else value
+            key: f"{value[:64]}...({len(value)} chars)"
+            if isinstance(value, str) and len(value) > 256
+            else value
             for key, value in request.items()
         }
-        entry = {"task_id": task_id, "time": datetime.now().isoformat(), "route": route, "request": shown}
+        entry = {
+            "task_id": task_id,
+            "time": datetime.now().isoformat(),
+            "route": route,
+            "request": shown,
+        }
         line = json.dumps(entry, ensure_ascii=False)
         with self._journal_lock, self.journal.open("a", encoding="utf-8") as journal:
             journal.write(line + "\n")
@@ -1196,8 +1213,8 @@ class DemoNodeApp:
     def _process(self, task: _Task, started: float) -> str:
         """Run one task's inference; returns the basename the status reports once completed."""
         request = {**_REQUEST_DEFAULTS, **task.request}
-        image = self._resolve_input(request["image_path"], "image", task)
-        audio = self._resolve_input(request["audio_path"], "audio", task)
+        image = self._resolve_input(request["image_path"], "image")
+        audio = self._resolve_input(request["audio_path"], "audio")
         output = self._output_path(task.save_result_path)
         if "FAIL" in request["prompt"]:
             self._wait_until(started + self.job_seconds)
@@ -1205,30 +1222,34 @@ class DemoNodeApp:
                 f"stub inference failure for task {task.task_id}: prompt contains 'FAIL'",
                 "RuntimeError",
             )
+        if not output.resolve().is_relative_to(self.outputs):
+            # Upstream would write anywhere; the demo node refuses, and still completes.
+            log.warning("task %s: not writing %s, outside %s", task.task_id, output, self.outputs)
+            self._wait_until(started + self.job_seconds)
+            return output.name
         # A real runner saves the video when inference ends: render beside it, and give it its
         # name only then, so a node killed mid-task leaves no finished-looking file behind.
         partial = output.with_name(f".{output.name}.part")
         try:
-            self._render(partial, request, image, audio)
-        except Exception as exc:
-            partial.unlink(missing_ok=True)
-            raise _RunnerError(str(exc), type(exc).__name__) from exc
-        self._wait_until(started + self.job_seconds)
-        if partial.exists():
+            try:
+                self._render(partial, request, image, audio)
+            except Exception as exc:
+                raise _RunnerError(str(exc), type(exc).__name__) from exc
+            self._wait_until(started + self.job_seconds)
             os.replace(partial, output)
+        finally:
+            partial.unlink(missing_ok=True)
         return output.name
 
-    def _render(self, output: Path, request: dict[str, Any], image: Path | None, audio: Path | None) -> None:
+    def _render(
+        self, output: Path, request: dict[str, Any], image: Path | None, audio: Path | None
+    ) -> None:
         if image is not None and not self.tasks & _IMAGE_TASKS:
             image = None  # a t2v runner ignores image_path
         if image is None and "t2v" not in self.tasks:
             raise RuntimeError(f"the demo {self.task} runner needs an image_path")
         if "s2v" not in self.tasks:
             audio = None
-        if not output.resolve().is_relative_to(self.outputs):
-            # Upstream would write anywhere; the demo node refuses, and still completes.
-            log.warning("not writing %s: outside %s", output, self.outputs)
-            return
         fps = min(max(int(request["target_fps"] or 16), 1), 60)
         render_video(
             output,
@@ -1241,7 +1262,7 @@ class DemoNodeApp:
             max_side=self.max_side,
         )
 
-    def _resolve_input(self, value: str, kind: str, task: _Task) -> Path | None:
+    def _resolve_input(self, value: str, kind: str) -> Path | None:
         if not value:
             return None
         directory = self.image_inputs if kind == "image" else self.audio_inputs
@@ -1294,7 +1315,11 @@ def _validate_form(form: _Form) -> tuple[dict[str, Any], list[dict]]:
     if errors:
         return {}, errors
     request = {name: value for name, value in values.items() if not name.endswith("_file")}
-    for name, key in (("image_file", "image_path"), ("last_frame_file", "last_frame_path"), ("audio_file", "audio_path")):
+    for name, key in (
+        ("image_file", "image_path"),
+        ("last_frame_file", "last_frame_path"),
+        ("audio_file", "audio_path"),
+    ):
         upload = values.get(name)
         request[key] = str(upload.path) if upload is not None and upload.path else ""
     return request, []
@@ -1398,6 +1423,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--access-log", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every input URL check at INFO: one line per task is enough.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     server = build_demo_server(
         args.host,
         args.port,

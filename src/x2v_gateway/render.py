@@ -181,7 +181,9 @@ def _ken_burns_frames(
         yield base.resize((width, height), Image.Resampling.BILINEAR, box=box)
 
 
-def _card_frames(prompt: str, seed: int, frame_count: int, *, max_side: int) -> Iterator[Image.Image]:
+def _card_frames(
+    prompt: str, seed: int, frame_count: int, *, max_side: int
+) -> Iterator[Image.Image]:
     width, height = _fit(16, 9, max_side)
     hue = random.Random(seed).random()
     background = tuple(round(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.55, 0.55))
@@ -191,7 +193,8 @@ def _card_frames(prompt: str, seed: int, frame_count: int, *, max_side: int) -> 
     small = _font(max(8, height // 18))
     line_height = font.size + 4 if hasattr(font, "size") else 14
     chars_per_line = max(8, int(width / (line_height * 0.5)))
-    lines = textwrap.wrap(prompt or "(empty prompt)", chars_per_line)[: max(1, height // line_height - 2)]
+    max_lines = max(1, height // line_height - 2)
+    lines = textwrap.wrap(prompt or "(empty prompt)", chars_per_line)[:max_lines]
     y = (height - line_height * len(lines)) // 2 - line_height // 2
     for line in lines:
         draw.text((width // 2, y), line, font=font, fill=(255, 255, 255), anchor="ma")
@@ -202,7 +205,8 @@ def _card_frames(prompt: str, seed: int, frame_count: int, *, max_side: int) -> 
     for index in range(frame_count):
         frame = card.copy()
         progress = (index + 1) / frame_count
-        ImageDraw.Draw(frame).rectangle((0, bar_y, round(width * progress), height), fill=(255, 255, 255))
+        bar = (0, bar_y, round(width * progress), height)
+        ImageDraw.Draw(frame).rectangle(bar, fill=(255, 255, 255))
         yield frame
 
 
@@ -219,7 +223,9 @@ def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(16, round(width * scale) // 2 * 2), max(16, round(height * scale) // 2 * 2)
 
 
-def _duration_seconds(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
+def _duration_seconds(
+    container: av.container.InputContainer, stream: av.stream.Stream
+) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:

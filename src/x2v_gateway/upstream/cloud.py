@@ -341,15 +341,19 @@ class CloudUpstream:
     async def models(self) -> list[CloudModel]:
         """The (task, model_cls, stage) triples the cloud accepts; cached for a few minutes."""
         if self._models is None or time.monotonic() - self._models_at > _MODELS_TTL:
-            response = await self._get("/api/v1/model/list")
-            if response.status_code != 200:
-                raise self._unexpected(response, "model list")
-            self._models = [
-                CloudModel(str(m.get("task")), str(m.get("model_cls")), str(m.get("stage")))
-                for m in response.json().get("models", []) if isinstance(m, dict)
-            ]
-            self._models_at = time.monotonic()
+            await self._load_models()
+        assert self._models is not None
         return self._models
+
+    async def _load_models(self, attempts: int | None = None) -> None:
+        response = await self._get("/api/v1/model/list", attempts=attempts)
+        if response.status_code != 200:
+            raise self._unexpected(response, "model list")
+        self._models = [
+            CloudModel(str(m.get("task")), str(m.get("model_cls")), str(m.get("stage")))
+            for m in response.json().get("models", []) if isinstance(m, dict)
+        ]
+        self._models_at = time.monotonic()
 
     def model_for(self, task: str, params: dict[str, Any] | None = None) -> CloudModel:
         """The model a job of `task` runs on: the job's own choice, else the configured default."""
@@ -463,7 +467,7 @@ class CloudUpstream:
         if status in (404, 405):
             # The SPA catch-all or a wrong method: the base URL does not point at the API.
             raise Unavailable(f"{self.name}: no cloud API at {self.base_url} (HTTP {status}); check LIGHTX2V_BASE_URL")
-        if status == 500 and _is_app_error(response) or 400 <= status < 500:
+        if (status == 500 and _is_app_error(response)) or 400 <= status < 500:
             raise Rejected(f"{self.name}: the cloud refused the job: {self._clean(message)}")
         # A proxy's 502/504 or a crash: the task may or may not exist.
         raise AmbiguousSubmit(f"{self.name}: the cloud answered HTTP {status} to the submission")
@@ -600,11 +604,10 @@ class CloudUpstream:
     # -- health ---------------------------------------------------------------------------------
 
     async def health(self) -> NodeHealth:
-        # The model list is the cheapest authenticated call: it proves both reach and token.
+        # The model list is the cheapest authenticated call: it proves both reach and token,
+        # and keeps the list `check_model` reads fresh.
         try:
-            response = await self._get("/api/v1/model/list", attempts=1)
+            await self._load_models(attempts=1)
         except Unavailable as exc:  # CloudAuthError included
             return NodeHealth(reachable=False, detail=str(exc))
-        if response.status_code != 200:
-            return NodeHealth(reachable=False, detail=str(self._unexpected(response, "model list")))
         return NodeHealth(reachable=True)
