@@ -4,8 +4,10 @@ Every quirk of that server is handled here and nowhere else (see shared/lightx2v
 
 * submit routes need their trailing slash (`/v1/tasks/video/`); without it the server answers 405;
 * the submit answer says `task_status`, the status answer says `status`;
-* the client may choose the task id, and a reused id gets 503 "already exists": the gateway sends
-  its own job id, so a repeated submission can never create a second task;
+* the client may choose the task id on the JSON route, and a reused id gets 503 "already exists":
+  the gateway sends its own id, so a repeated submission can never create a second task. The
+  `/form` route takes no task id, but it does take `save_result_path`, which the task list shows:
+  the gateway's id goes there on both routes, and tasks are found by it;
 * 503 "Task queue is full" is back-pressure, not a failure;
 * a node forgets every task when it restarts (404 `Task not found`), but the files it finished stay
   downloadable from `/v1/files/download/<id>.mp4`;
@@ -38,6 +40,9 @@ from .base import (
     clean_message,
 )
 
+# What `health()` says when nothing listens on the node's port (the dispatcher acts on it).
+CONNECTION_REFUSED = "connection refused"
+
 _STATES = {
     "pending": RemoteState.QUEUED,
     "processing": RemoteState.RUNNING,
@@ -51,8 +56,8 @@ _JSON_INPUTS = {"image": "image_path", "audio": "audio_path", "last_frame": "las
 _FORM_FILES = {"image": "image_file", "audio": "audio_file", "last_frame": "last_frame_file"}
 # What `/v1/tasks/video/form` accepts besides files; anything else needs the JSON route.
 _FORM_FIELDS = {
-    "task_id", "prompt", "negative_prompt", "use_prompt_enhancer", "num_fragments", "infer_steps",
-    "target_video_length", "seed", "video_duration", "target_fps",
+    "save_result_path", "prompt", "negative_prompt", "use_prompt_enhancer", "num_fragments",
+    "infer_steps", "target_video_length", "seed", "video_duration", "target_fps",
 }
 _B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 
@@ -123,13 +128,17 @@ class SelfHostedNode:
     # -- submit ---------------------------------------------------------------------------------
 
     async def submit(self, request: SubmitRequest) -> str:
-        fields: dict[str, Any] = {"task_id": request.task_id, **request.params}
+        # The output is named after the gateway's id too: it identifies the task in the list
+        # (form route) and names the file that outlives a node restart.
+        fields: dict[str, Any] = {**request.params, "save_result_path": request.task_id}
         size = sum(p.stat().st_size for p in request.inputs.values())
         use_form = (
             "image" in request.inputs  # the form route requires image_file
             and size > self.form_threshold
             and set(fields) <= _FORM_FIELDS
         )
+        if not use_form:
+            fields["task_id"] = request.task_id
         try:
             if use_form:
                 response = await self._submit_form(fields, request.inputs, request.filenames)
@@ -148,7 +157,9 @@ class SelfHostedNode:
 
         detail = "" if response.status_code == 200 else _detail(response)
         if response.status_code == 200:
-            return response.json()["task_id"]
+            # On the form route the node picked its own id; the gateway keeps using its own,
+            # which the node reports as the task's save_result_path.
+            return request.task_id
         if response.status_code == 503 and "already exists" in detail:
             # Our own id: an earlier attempt of this very submission reached the node.
             return request.task_id
@@ -186,19 +197,20 @@ class SelfHostedNode:
 
     async def poll(self, task_ids: list[str]) -> dict[str, RemoteStatus | None]:
         # One request per node per tick, whatever the number of jobs: the list has every task.
-        response = await self._get("/v1/tasks/")  # `/v1/tasks` would be a 307 to this
-        listed: dict[str, dict] = response.json()
+        listed = await self._list()
+        names = _names(listed)
         pending_order = [tid for tid, t in listed.items() if t.get("status") == "pending"]
         running = any(t.get("status") == "processing" for t in listed.values())
         result: dict[str, RemoteStatus | None] = {}
         for task_id in task_ids:
-            task = listed.get(task_id)
+            real_id = names.get(task_id)
+            task = listed.get(real_id) if real_id else None
             if task is None:
                 result[task_id] = await self._status_of_unlisted(task_id)
                 continue
             status = _to_status(task)
-            if status.state is RemoteState.QUEUED and task_id in pending_order:
-                status.queue_position = pending_order.index(task_id) + 1 + int(running)
+            if status.state is RemoteState.QUEUED and real_id in pending_order:
+                status.queue_position = pending_order.index(real_id) + 1 + int(running)
             result[task_id] = status
         return result
 
@@ -220,16 +232,24 @@ class SelfHostedNode:
         except httpx.TransportError as exc:
             raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
 
+    async def _list(self) -> dict[str, dict]:
+        response = await self._get("/v1/tasks/")  # `/v1/tasks` would be a 307 to this
+        return response.json()
+
+    async def _node_id(self, task_id: str) -> str:
+        """The node's own id of a task the gateway names `task_id` (they differ on the form route)."""
+        return _names(await self._list()).get(task_id, task_id)
+
     async def find_task(self, request: SubmitRequest) -> str | None:
-        response = await self._get(f"/v1/tasks/{request.task_id}/status")
-        return request.task_id if response.status_code == 200 else None
+        return request.task_id if request.task_id in _names(await self._list()) else None
 
     async def cancel(self, task_id: str) -> None:
         # Always 200: `success` for pending/running/cancelled, `do_nothing` for finished or
         # unknown tasks. Either way there is nothing more to do. A running task is not stopped
         # by this (the node finishes it and reports `completed`); the gateway ignores that.
+        node_id = await self._node_id(task_id)
         try:
-            response = await self._client.delete(f"/v1/tasks/{task_id}")
+            response = await self._client.delete(f"/v1/tasks/{node_id}")
         except httpx.TransportError as exc:
             raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
         if response.status_code >= 500:
@@ -237,7 +257,8 @@ class SelfHostedNode:
 
     async def fetch_result(self, task_id: str, dest: Path) -> None:
         # `/result` for a task the node still knows; after a restart only the file route has it.
-        for path in (f"/v1/tasks/{task_id}/result", f"/v1/files/download/{task_id}.mp4"):
+        node_id = await self._node_id(task_id)
+        for path in (f"/v1/tasks/{node_id}/result", f"/v1/files/download/{task_id}.mp4"):
             try:
                 async with self._client.stream("GET", path) as response:
                     if response.status_code == 404:
@@ -256,7 +277,10 @@ class SelfHostedNode:
         try:
             response = await self._client.get("/v1/service/status")
         except httpx.TransportError as exc:
-            return NodeHealth(reachable=False, detail=type(exc).__name__)
+            # Refused means no process listens on the port: the server died or is restarting,
+            # and either way every task it held in memory is gone. A timeout says much less.
+            detail = CONNECTION_REFUSED if _refused(exc) else type(exc).__name__
+            return NodeHealth(reachable=False, detail=detail)
         if response.status_code != 200:
             return NodeHealth(reachable=False, detail=f"HTTP {response.status_code}")
         body = response.json()
@@ -266,6 +290,62 @@ class SelfHostedNode:
     async def metadata(self) -> dict[str, Any]:
         response = await self._get("/v1/service/metadata")
         return response.json() if response.status_code == 200 else {}
+
+    async def current_task(self) -> str | None:
+        """The task the node's worker holds right now, if any.
+
+        After cancelling a pending task this tells whether it had started in between: the status
+        says `cancelled` either way, but a started task keeps running (cancel does not stop
+        inference) and stays the worker's `current_task` until it ends.
+        """
+        response = await self._get("/v1/service/status")
+        if response.status_code != 200:
+            raise Unavailable(f"{self.name} answered {response.status_code} on its status")
+        return response.json().get("current_task")
+
+
+# `/v1/service/metadata` says only `model_cls`, not the `--task` the server was started with.
+# These model classes are talking-head models: audio + image in, nothing else.
+_AUDIO_MODELS = ("talk", "audio", "s2v")
+# These make images or 3D, not video: nothing the gateway sends fits them.
+_IMAGE_MODELS = ("image", "flux", "z_image", "hunyuan3d", "bagel", "sensenova", "worldmirror")
+
+
+def tasks_for_model(model_cls: str | None) -> frozenset[str] | None:
+    """The task types a node's model class can run, or None when its name does not say.
+
+    A video model without audio can run t2v, i2v or flf2v depending on its `--task`, which the
+    node does not report: set X2V_NODE_TASKS for such nodes when they are not interchangeable.
+    """
+    if not model_cls:
+        return None
+    name = model_cls.lower()
+    if any(word in name for word in _AUDIO_MODELS):
+        return frozenset({"s2v"})
+    if any(word in name for word in _IMAGE_MODELS):
+        return frozenset()
+    if name.startswith(("wan", "hunyuan_video", "ltx", "lingbot_video", "cosmos")):
+        return frozenset({"t2v", "i2v", "flf2v"})
+    return None
+
+
+def _refused(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _names(listed: dict[str, dict]) -> dict[str, str]:
+    """The gateway's name of each listed task -> the node's key for it."""
+    names = {}
+    for key, task in listed.items():
+        # save_result_path is the request value until completion, then the file's basename.
+        saved = task.get("save_result_path") or ""
+        names[saved.removesuffix(".mp4")] = key
+    names.update({key: key for key in listed})
+    return names
 
 
 def _to_status(task: dict) -> RemoteStatus:
