@@ -145,3 +145,25 @@ def test_large_upload_streams_to_disk_without_raising_gateway_memory(tmp_path, m
     finally:
         gateway.stop()
         node.stop()
+
+
+def test_form_route_submission_whose_answer_is_lost_is_found_not_resent(tmp_path, media):
+    # The node's /form route takes no task id; the gateway names the task through its
+    # save_result_path instead, and finds it by that after losing the node's answer.
+    node = MisbehavingNode(tmp_path / "node", job_seconds=1.0).start()
+    gateway = GatewayProcess(
+        tmp_path / "data", nodes=f"n1={node.url}", X2V_FORM_THRESHOLD_MB="0", X2V_REQUEST_TIMEOUT="3",
+    ).start()
+    try:
+        node.fault("reset", route="submit", phase="after", times=1)
+        with gateway.client() as client, media["face"].open("rb") as image, media["voice"].open("rb") as voice:
+            response = client.post("/api/v1/jobs", data={"task": "s2v"}, files={"image": image, "audio": voice})
+            job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=60)
+        assert job["state"] == "succeeded", job
+        assert job["upstream_task_id"] == job["id"]
+        (entry,) = node.submissions()
+        assert entry["route"].endswith("/form")
+        assert entry["task_id"] != job["id"]  # the node chose its own id
+    finally:
+        gateway.stop()
+        node.stop()

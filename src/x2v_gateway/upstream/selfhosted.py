@@ -247,18 +247,26 @@ class SelfHostedNode:
         # Always 200: `success` for pending/running/cancelled, `do_nothing` for finished or
         # unknown tasks. Either way there is nothing more to do. A running task is not stopped
         # by this (the node finishes it and reports `completed`); the gateway ignores that.
-        node_id = await self._node_id(task_id)
+        response = await self._delete(task_id)
+        if response.json().get("stop_status") == "do_nothing":
+            # Unknown under the gateway's id: a form-route task, known by its save_result_path.
+            node_id = await self._node_id(task_id)
+            if node_id != task_id:
+                await self._delete(node_id)
+
+    async def _delete(self, node_id: str) -> httpx.Response:
         try:
             response = await self._client.delete(f"/v1/tasks/{node_id}")
         except httpx.TransportError as exc:
             raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
-        if response.status_code >= 500:
+        if response.status_code != 200:
             raise Unavailable(f"{self.name} answered {response.status_code}")
+        return response
 
     async def fetch_result(self, task_id: str, dest: Path) -> None:
-        # `/result` for a task the node still knows; after a restart only the file route has it.
-        node_id = await self._node_id(task_id)
-        for path in (f"/v1/tasks/{node_id}/result", f"/v1/files/download/{task_id}.mp4"):
+        # `/result` for a task the node knows under the gateway's id (JSON route); the file
+        # route for a form-route task or after a restart: the file is named after that id.
+        for path in (f"/v1/tasks/{task_id}/result", f"/v1/files/download/{task_id}.mp4"):
             try:
                 async with self._client.stream("GET", path) as response:
                     if response.status_code == 404:

@@ -1,0 +1,90 @@
+"""A 1 GB speech-to-video upload: the gateway's peak memory, and its throughput next to the node's.
+
+    .venv/bin/python bench/upload.py [--mb 1024] [--runs 3]
+
+Side by side in one run, alternating: the same portrait + 1 GB WAV posted straight to a demo
+node's `/v1/tasks/video/form`, and to the gateway's `/api/v1/jobs` (which stores it, then hands
+it to the same node through the same form route). Reports medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from common import GatewayProcess, NodeProcess, make_big_wav, make_png, median, rss_peak_mb
+
+
+def post_direct(node: NodeProcess, image: Path, audio: Path) -> float:
+    started = time.perf_counter()
+    with image.open("rb") as i, audio.open("rb") as a, httpx.Client(timeout=600) as client:
+        response = client.post(
+            f"{node.url}/v1/tasks/video/form",
+            data={"prompt": "bench", "seed": "1"},
+            files={"image_file": ("face.png", i), "audio_file": ("voice.wav", a)},
+        )
+    response.raise_for_status()
+    return time.perf_counter() - started
+
+
+def post_gateway(gateway: GatewayProcess, node: NodeProcess, image: Path, audio: Path) -> tuple[float, float]:
+    """Seconds until the gateway accepted the job, and until the node had it."""
+    started = time.perf_counter()
+    with image.open("rb") as i, audio.open("rb") as a, httpx.Client(timeout=600) as client:
+        response = client.post(
+            f"{gateway.url}/api/v1/jobs", data={"task": "s2v", "prompt": "bench"},
+            files={"image": ("face.png", i), "audio": ("voice.wav", a)},
+        )
+    response.raise_for_status()
+    accepted = time.perf_counter() - started
+    job_id = response.json()["id"]
+    # The node's /form route picks its own task id; the gateway's id is the save_result_path.
+    while not any(e["request"].get("save_result_path") == job_id for e in node.submissions()):
+        time.sleep(0.02)
+    return accepted, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mb", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="x2v-bench-upload-"))
+    try:
+        image = make_png(root / "face.png", size=(512, 512))
+        audio = make_big_wav(root / "voice.wav", args.mb)
+        size_mb = audio.stat().st_size / 1024 / 1024
+        node = NodeProcess(root / "node", max_queue_size=100).start()
+        gateway = GatewayProcess(root / "gw", nodes=f"n1={node.url}").start()
+        try:
+            httpx.get(f"{gateway.url}/api/v1/jobs").raise_for_status()
+            baseline = rss_peak_mb(gateway.proc.pid)
+            direct, accepted, on_node = [], [], []
+            for _ in range(args.runs):
+                direct.append(post_direct(node, image, audio))
+                a, n = post_gateway(gateway, node, image, audio)
+                accepted.append(a)
+                on_node.append(n)
+            peak = rss_peak_mb(gateway.proc.pid)
+        finally:
+            gateway.stop()
+            node.stop()
+        d, a, n = median(direct), median(accepted), median(on_node)
+        print(f"Upload of {size_mb:.0f} MiB (portrait + WAV), median of {args.runs} runs each, alternating\n")
+        print("| path | seconds | MiB/s | relative to direct |")
+        print("|---|---|---|---|")
+        print(f"| straight to the node (`/v1/tasks/video/form`) | {d:.2f} | {size_mb / d:.0f} | 100 % |")
+        print(f"| gateway accepts it (stored, checked, queued) | {a:.2f} | {size_mb / a:.0f} | {d / a:.0%} |")
+        print(f"| gateway, until the node has it | {n:.2f} | {size_mb / n:.0f} | {d / n:.0%} |")
+        print(f"\nGateway peak RSS: {peak:.0f} MiB (baseline after start {baseline:.0f} MiB, growth {peak - baseline:.0f} MiB)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
