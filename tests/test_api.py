@@ -238,3 +238,25 @@ def test_operations_endpoints(api):
     schema = api.get("/schema/openapi.json").json()
     assert "/api/v1/jobs" in schema["paths"]
     assert "multipart/form-data" in schema["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]
+
+
+def test_retention_deletes_files_of_finished_jobs_and_the_job_says_so(tmp_path):
+    from gateway_proc import GatewayProcess
+
+    gateway = GatewayProcess(tmp_path / "data", X2V_RETENTION_HOURS="0.0005").start()  # 1.8 s
+    try:
+        with gateway.client() as client:
+            job = client.post("/api/v1/jobs?wait=60", json={"task": "t2v", "prompt": "short-lived"}).json()
+            assert job["state"] == "succeeded"
+            blob = gateway.data_dir / "blobs" / job["result"]["sha256"][:2] / job["result"]["sha256"]
+            assert blob.is_file()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not client.get(f"/api/v1/jobs/{job['id']}").json()["files_expired"]:
+                time.sleep(0.2)
+            expired = client.get(f"/api/v1/jobs/{job['id']}").json()
+            assert expired["files_expired"] and expired["result"] is None
+            assert client.get(f"/api/v1/jobs/{job['id']}/video").status_code == 410
+            assert client.post(f"/api/v1/jobs/{job['id']}/retry").status_code in (409, 410)
+        assert not blob.exists()
+    finally:
+        gateway.stop()

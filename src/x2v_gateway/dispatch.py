@@ -477,8 +477,8 @@ class Dispatcher:
             await asyncio.sleep(min(3600.0, self.retention_hours * 3600 / 4))
 
     async def expire_files(self, now: float | None = None) -> int:
-        cutoff = (now or time.time()) - self.retention_hours * 3600
-        doomed = await self.store.expire_files(cutoff)
+        keep = self.retention_hours * 3600
+        doomed = await self.store.expire_files((now or time.time()) - keep, grace=min(3600.0, keep))
         for sha in doomed:
             self.blobs.delete(sha)
         if doomed:

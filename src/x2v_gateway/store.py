@@ -507,7 +507,7 @@ class JobStore:
         await self._write(write)
         return self.get(job_id)
 
-    async def expire_files(self, finished_before: float) -> list[str]:
+    async def expire_files(self, finished_before: float, grace: float = 3600.0) -> list[str]:
         """Mark finished jobs older than the cutoff as expired; return blobs nothing else needs."""
 
         def write(conn: sqlite3.Connection) -> list[str]:
@@ -517,8 +517,8 @@ class JobStore:
                 (finished_before,),
             )
             # A blob may serve many jobs (one portrait, 100 voice-overs): it goes only when no
-            # job that still keeps its files refers to it. Blobs recorded in the last hour are
-            # kept too: they may belong to a request that is still being accepted.
+            # job that still keeps its files refers to it. Blobs recorded within the grace period
+            # are kept too: they may belong to a request that is still being accepted.
             live: set[str] = set()
             for inputs, result in conn.execute(
                 "SELECT inputs, result_sha FROM jobs WHERE files_expired = 0"
@@ -528,7 +528,7 @@ class JobStore:
                     live.add(result)
             doomed = [
                 sha for (sha,) in conn.execute(
-                    "SELECT sha256 FROM blobs WHERE created_at < ?", (_now() - 3600,)
+                    "SELECT sha256 FROM blobs WHERE created_at < ?", (_now() - grace,)
                 ) if sha not in live
             ]
             conn.executemany("DELETE FROM blobs WHERE sha256 = ?", [(s,) for s in doomed])
