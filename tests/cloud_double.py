@@ -776,10 +776,17 @@ class App:
         if self._requests is None:
             return
         query = {k: ("<redacted>" if k == "token" else v) for k, v in request.query.items()}
-        self._requests.write(json.dumps({
+        entry = {
             "t": time.time(), "method": request.method, "path": request.path, "query": query,
             "auth": request.auth_kind(), "status": answer.status,
-        }) + "\n")
+        }
+        if answer.status >= 400:
+            # Which refusal it was (the limits all answer 400); the messages never hold a token.
+            try:
+                entry["message"] = json.loads(answer.body).get("message")
+            except (ValueError, AttributeError):
+                pass
+        self._requests.write(json.dumps(entry) + "\n")
 
     async def dispatch(self, request: Request) -> Answer:
         for fault in self.faults:
@@ -1260,7 +1267,8 @@ class CloudDouble:
         return self._read("submits.jsonl")
 
     def requests(self) -> list[dict]:
-        """Every request: method, path, query (token redacted), auth kind ("bearer"/"none"/...), status."""
+        """Every request: method, path, query (token redacted), auth kind ("bearer"/"none"/...),
+        status, and for a refusal its `message`."""
         return self._read("requests.jsonl")
 
     def counts(self) -> collections.Counter:

@@ -8,6 +8,11 @@ from gateway_proc import GatewayProcess
 from media import make_png, make_wav
 
 
+def pytest_collection_modifyitems(items) -> None:
+    # tests/test_secrets.py reads the logs and bodies every other test left behind: it runs last.
+    items.sort(key=lambda item: item.path.name == "test_secrets.py")
+
+
 @pytest.fixture(scope="session")
 def media(tmp_path_factory) -> dict[str, Path]:
     """Real input files: a portrait, a second portrait, a voice-over, and things that are not."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,6 +13,18 @@ from pathlib import Path
 
 import httpx
 
+# The admin key every test gateway starts with (X2V_ADMIN_KEY), random for each test run.
+ADMIN_KEY = "x2v_test_" + secrets.token_urlsafe(24)
+# Every secret a test gateway was given or handed out (keys, upstream tokens, session cookies):
+# tests/test_secrets.py checks, after all other tests, that none of them is in any gateway log
+# or any response body the test clients read.
+SECRETS: set[str] = set()
+_DEFAULT = object()
+
+
+def remember_secret(secret: str) -> str:
+    SECRETS.add(secret)
+    return secret
 
 
 def free_port() -> int:
@@ -21,13 +34,20 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """`x2v-gateway serve` in a subprocess, with its own data dir and settings."""
+    """`x2v-gateway serve` in a subprocess, with its own data dir and settings.
+
+    It starts with `ADMIN_KEY` as X2V_ADMIN_KEY (pass `X2V_ADMIN_KEY=""` for none), and its
+    `client()` sends that key.
+    """
+
+    instances: list[GatewayProcess] = []
 
     def __init__(self, data_dir: Path, nodes: str = "", **settings: str) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"{data_dir.name}-gateway.log"
+        self.responses_path = data_dir.parent / f"{data_dir.name}-responses.log"
         self.env = {
             **os.environ,
             "X2V_DATA_DIR": str(data_dir),
@@ -35,9 +55,14 @@ class GatewayProcess:
             "X2V_NODES": nodes,
             "X2V_POLL_INTERVAL": "0.2",
             "X2V_LOG_LEVEL": "INFO",
+            "X2V_ADMIN_KEY": ADMIN_KEY,
             **settings,
         }
+        self.admin_key = self.env["X2V_ADMIN_KEY"]
+        for name in ("X2V_ADMIN_KEY", "LIGHTX2V_ACCESS_TOKEN"):
+            SECRETS.update(t.strip() for t in self.env.get(name, "").split(",") if t.strip())
         self.proc: subprocess.Popen | None = None
+        GatewayProcess.instances.append(self)
 
     def start(self, timeout: float = 20.0) -> GatewayProcess:
         log = self.log_path.open("ab")
@@ -86,8 +111,65 @@ class GatewayProcess:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmHWM")
 
-    def client(self, timeout: float = 60.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
+    def client(self, timeout: float = 60.0, *, key: str | None | object = _DEFAULT) -> httpx.Client:
+        """An HTTP client for this gateway, sending the admin key (or `key`; None: no key).
+        What it reads is kept in `responses_path` for tests/test_secrets.py."""
+        key = self.admin_key if key is _DEFAULT else key
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        return httpx.Client(
+            base_url=self.url, timeout=timeout, headers=headers,
+            transport=CapturingTransport(self.responses_path),
+        )
+
+    def sign_in(self, key: str | None = None) -> str:
+        """Sign in to the dashboard as a browser does; returns the session cookie's value (for
+        a browser context: `{"name": "x2v_session", "value": ..., "url": gateway.url}`)."""
+        with httpx.Client(base_url=self.url, timeout=30, transport=CapturingTransport(self.responses_path)) as browser:
+            form = browser.get("/ui/sign-in")
+            token = form.text.split('name="_sign_in_token" value="', 1)[1].split('"', 1)[0]
+            signed_in = browser.post("/ui/sign-in", data={
+                "_sign_in_token": token, "key": key or self.admin_key, "next": "/ui/",
+            })
+            assert signed_in.status_code == 303, signed_in.text
+            return remember_secret(browser.cookies["x2v_session"])
+
+
+class _TeeStream(httpx.SyncByteStream):
+    """A response body as the client reads it, copied into a file (text bodies, 1 MiB at most)."""
+
+    def __init__(self, inner: httpx.SyncByteStream, sink: Path, title: str) -> None:
+        self._inner, self._sink, self._title = inner, sink, title
+
+    def __iter__(self):
+        kept = 0
+        with self._sink.open("ab") as out:
+            out.write(f"\n=== {self._title}\n".encode())
+            for chunk in self._inner:
+                if kept < 1024 * 1024:
+                    out.write(chunk[: 1024 * 1024 - kept])
+                    kept += len(chunk)
+                yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class CapturingTransport(httpx.HTTPTransport):
+    """Keeps every JSON, HTML and text body a test reads, except `POST /api/v1/keys`: the one
+    answer that holds a key by design (it is shown once, when made)."""
+
+    def __init__(self, sink: Path) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.method == "POST" and request.url.path.rstrip("/") == "/api/v1/keys":
+            return response
+        if response.headers.get("content-type", "").startswith(("application/json", "text/")):
+            title = f"{request.method} {request.url.path} -> {response.status_code}"
+            response.stream = _TeeStream(response.stream, self._sink, title)
+        return response
 
 
 def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float = 60.0) -> dict:

@@ -11,16 +11,24 @@ from pathlib import Path
 
 import httpx
 from litestar import Litestar, Request, Response
+from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.template.config import TemplateConfig
 
+from .auth import Auth, AuthMiddleware, LimitError, limit_error_response
 from .blobs import BlobStore
 from .dispatch import Dispatcher, Notifier
 from .jobs import JobService
+from .nodes import NodeRegistry
 from .metrics import Metrics
 from .models import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse
-from .routes.api import JobsController
+from .routes import access, dashboard
+from .routes.api import BatchesController, JobsController, ModelsController
+from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .settings import Settings, load_settings
 from .store import JobStore
@@ -66,31 +74,41 @@ class Gateway:
         self.notifier = Notifier()
         self.metrics = Metrics(self.store.counts_by_state)
         self.demo_node: DemoNode | None = None
+        self.registry = NodeRegistry(settings, self.store)
+        nodes: list[SelfHostedNode] = []
         if upstreams is None:
-            upstreams = self._upstreams_from_settings()
+            nodes = [self.registry.build(config) for config in self.registry.load()]
+            upstreams = self._upstreams_from_settings(nodes)
         self.dispatcher = Dispatcher(
             self.store, self.blobs, upstreams, self.notifier, self.metrics,
             poll_interval=settings.poll_interval, retention_hours=settings.retention_hours,
+            start_deadline=settings.start_deadline,
         )
+        # The registry's nodes come with their capacity, task types and drained flag.
+        self.registry.attach(self.dispatcher, nodes)
+        for name in self.registry.drained_upstreams() & set(self.dispatcher.states):
+            self.dispatcher.set_drained(name, True)
         self.http = httpx.AsyncClient(timeout=settings.request_timeout)
         self.jobs = JobService(settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http)
+        self.auth = Auth(settings, self.store)
 
-    def _upstreams_from_settings(self) -> list[Upstream]:
+    def _upstreams_from_settings(self, nodes: list[SelfHostedNode]) -> list[Upstream]:
+        """The upstreams besides the registry's nodes: cloud accounts, or the demo node."""
         s = self.settings
-        upstreams: list[Upstream] = [
-            SelfHostedNode(
-                node.name, node.url, slots=1 + s.lookahead, timeout=s.request_timeout,
-                form_threshold=s.form_threshold_mb * 1024 * 1024,
-            )
-            for node in s.nodes
-        ]
+        upstreams: list[Upstream] = []
         if s.clouds:
-            from .upstream.cloud import CloudUpstream
+            from .upstream.cloud import DEFAULT_MODELS, CloudUpstream
 
+            # One upstream per token: each account has its own limits (3 active tasks, 0.05 s
+            # between submits), so each gets its own slots and its own pacing.
             upstreams += [
-                CloudUpstream(c.name, c.base_url, c.token, timeout=s.request_timeout) for c in s.clouds
+                CloudUpstream(
+                    c.name, c.base_url, c.token, models={**DEFAULT_MODELS, **s.cloud_models},
+                    timeout=s.request_timeout,
+                )
+                for c in s.clouds
             ]
-        if not upstreams:
+        if not upstreams and not nodes:
             self.demo_node = DemoNode(s.data_dir / "demo-node", s.demo_node_port, s.demo_job_seconds)
             upstreams.append(SelfHostedNode(
                 "demo", self.demo_node.url, slots=1 + s.lookahead, timeout=s.request_timeout,
@@ -105,6 +123,8 @@ class Gateway:
                 "X2V_NODES is empty: started the built-in demo node at %s (renders placeholder"
                 " videos on the CPU; set X2V_NODES to use real LightX2V servers)", self.demo_node.url,
             )
+        await self.auth.bootstrap()
+        await self.registry.save_settings()
         await self.dispatcher.start()
         log.info("upstreams: %s", ", ".join(
             f"{s.upstream.name} ({s.upstream.kind}, {s.upstream.base_url})"
@@ -163,9 +183,31 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             await gw.stop()
 
     app = Litestar(
-        route_handlers=[JobsController, *OPS_ROUTES],
+        route_handlers=[
+            JobsController, BatchesController, ModelsController, NodesController, *OPS_ROUTES,
+            # The dashboard: pages under /ui (one Router: the place for sign-in and CSRF guards),
+            # its static files, and / landing on it.
+            dashboard.router(), dashboard.static_files(), dashboard.root,
+            # Sign-in and sign-out, API keys, the audit log (auth.py decides who may call what).
+            *access.ROUTES,
+        ],
+        # Every request: who is calling, may they, CSRF for sessions, the key's rate limit.
+        middleware=[AuthMiddleware()],
+        # Off unless X2V_CORS_ORIGINS lists origins. Keys travel in a header, never in cookies,
+        # so browsers on those origins need no credentials mode.
+        cors_config=CORSConfig(
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range"],
+        ) if settings.cors_origins else None,
+        template_config=TemplateConfig(
+            directory=dashboard.templates_dir(), engine=JinjaTemplateEngine,
+            engine_callback=dashboard.setup_templates,
+        ),
         lifespan=[lifespan],
         exception_handlers={
+            LimitError: limit_error_response,
             ApiError: _api_error,
             ValidationException: _validation_error,
             HTTPException: _http_error,
@@ -174,6 +216,11 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         openapi_config=OpenAPIConfig(
             title="x2v-gateway", version="0.1.0", path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
+            components=Components(security_schemes={"BearerAuth": SecurityScheme(
+                type="http", scheme="bearer",
+                description="An API key: `x2v-gateway keys create --name NAME` makes one.",
+            )}),
+            security=[{"BearerAuth": []}],
         ),
     )
     app.state.gateway = gw

@@ -61,5 +61,150 @@ def demo_node(host: str, port: int, data_dir: Path, job_seconds: float, max_queu
     server.run()
 
 
+# -- API keys -------------------------------------------------------------------------------------
+
+
+def _open_auth(env_file: str):  # -> tuple[Auth, JobStore]
+    from .auth import Auth
+    from .store import JobStore
+
+    try:
+        settings = load_settings(env_file=env_file)
+    except SettingsError as exc:
+        click.echo(f"x2v-gateway: {exc}", err=True)
+        sys.exit(2)
+    store = JobStore(settings.db_path)
+    return Auth(settings, store), store
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli ({getpass.getuser()})"
+    except Exception:  # no user name for this uid (a container)
+        return "cli"
+
+
+def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from .auth import parse_rate
+
+    if value is None:
+        return None
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_env_file_option = click.option(
+    "--env-file", default=".env", show_default=True, help="Settings file read under the environment (for X2V_DATA_DIR)"
+)
+
+
+@main.group()
+def keys() -> None:
+    """API keys: make, list and revoke them (on the gateway's data directory)."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what the key is for")
+@click.option("--admin", is_flag=True, help="May see every job, manage nodes and keys")
+@click.option("--daily-quota", type=click.IntRange(0), help="Jobs it may submit per UTC day")
+@click.option("--max-concurrent", type=click.IntRange(1), help="Most of its jobs on nodes at once; the rest wait queued")
+@click.option("--rate", callback=_rate, help="API requests it may make, e.g. 60/min, 2/s or 600/h")
+@_env_file_option
+def create_key(name: str, admin: bool, daily_quota: int | None, max_concurrent: int | None,
+               rate: float | None, env_file: str) -> None:
+    """Make an API key and print it, once: the gateway keeps only its hash.
+
+    The key goes to stdout and everything else to stderr, so a script can keep it:
+
+    Example: x2v-gateway keys create --name alice --daily-quota 200 --max-concurrent 2 --rate 60/min
+    """
+    import asyncio
+
+    from .store import KeyNameTaken
+
+    auth, store = _open_auth(env_file)
+    try:
+        key, row = asyncio.run(auth.create_key(
+            name=name, admin=admin, daily_quota=daily_quota, max_concurrent=max_concurrent,
+            rate_per_min=rate, actor=_actor(), source="cli",
+        ))
+    except KeyNameTaken as exc:
+        click.echo(f"x2v-gateway: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        store.close()
+    click.echo(f"Made {'an admin' if admin else 'a'} key {row['id']} ({name}). It is shown this once:", err=True)
+    click.echo(key)
+    click.echo("Use it as `Authorization: Bearer <key>`, or sign in to the dashboard with it.", err=True)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per key")
+@_env_file_option
+def list_keys(as_json: bool, env_file: str) -> None:
+    """Every key with its limits and today's jobs (never the keys themselves).
+
+    Example: x2v-gateway keys list
+    """
+    import json
+    import time
+
+    auth, store = _open_auth(env_file)
+    try:
+        rows = store.keys()
+        for row in rows:
+            row["jobs_today"] = auth.jobs_today(row["id"])
+    finally:
+        store.close()
+    if as_json:
+        for row in rows:
+            row.pop("key_hash")
+            click.echo(json.dumps(row))
+        return
+
+    def when(ts: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) if ts else "-"
+
+    def limit(value: object, unit: str = "") -> str:
+        return "-" if value is None else f"{value:g}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+    header = ("id", "name", "starts", "admin", "quota/day", "concurrent", "rate", "today", "created (UTC)", "revoked (UTC)")
+    table = [header] + [
+        (r["id"], r["name"], r["prefix"] or "-", "yes" if r["admin"] else "no", limit(r["daily_quota"]),
+         limit(r["max_concurrent"]), limit(r["rate_per_min"], "/min"), str(r["jobs_today"]),
+         when(r["created_at"]), when(r["revoked_at"]))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+@keys.command("revoke")
+@click.argument("key")
+@_env_file_option
+def revoke_key(key: str, env_file: str) -> None:
+    """Revoke a key, by id or name: it stops working at once and its dashboard sessions end.
+
+    Example: x2v-gateway keys revoke alice
+    """
+    import asyncio
+
+    auth, store = _open_auth(env_file)
+    try:
+        row = auth.find_key(key)
+        if row is None or row["revoked_at"] is not None:
+            click.echo(f"x2v-gateway: no active key {key!r} (see `x2v-gateway keys list`)", err=True)
+            sys.exit(1)
+        asyncio.run(auth.revoke_key(row["id"], _actor()))
+    finally:
+        store.close()
+    click.echo(f"Revoked key {row['id']} ({row['name']}).")
+
+
 if __name__ == "__main__":
     main()

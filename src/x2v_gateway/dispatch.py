@@ -6,35 +6,51 @@ from the store. Restart needs no special path: unfinished jobs are simply follow
 upstream that no longer knows one (404 after it restarted) gets it again, same seed and same
 parameters. A submission is recorded before it is sent, and never repeated blindly: when the
 outcome is unknown, the upstream is asked about the task first.
+
+Many nodes: each gets jobs up to its slots (capacity + look-ahead), so its GPU starts the next job
+the moment one ends while the rest of the queue stays here, free to go anywhere. Which job goes
+next is fair: highest priority first, then the owner with the fewest jobs in flight, then that
+owner's batch with the fewest, then the oldest. Which node gets it: the one expected to finish it
+first, from the run times measured per node and task type. Nodes are watched through their status
+routes only. A node whose port refuses connections has lost its tasks: they are queued again at
+once. A node that only stops answering may still be running them, so its jobs move after the
+start-by deadline; the tasks left there are cancelled when it answers again, before it gets
+anything new. A job waiting too long in a live node's queue is cancelled there first, and moved
+only if it had not started, so a job never runs on two nodes at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import statistics
 import time
 import uuid
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, defaultdict, deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .blobs import BlobStore
 from .metrics import Metrics
 from .render import probe_video
-from .store import QUEUED, SUBMITTED, Job, JobStore
+from .settings import VIDEO_TASKS
+from .store import QUEUED, RUNNING, SUBMITTED, Inflight, Job, JobStore, Lane
 from .upstream.base import (
     AmbiguousSubmit,
     Backpressure,
     Rejected,
     RemoteState,
+    RemoteStatus,
     SubmitRequest,
     Unavailable,
     UnknownTask,
     Upstream,
     UpstreamError,
 )
+from .upstream.selfhosted import CONNECTION_REFUSED, tasks_for_model
 
 log = logging.getLogger("x2v_gateway.dispatch")
 T = TypeVar("T")
@@ -44,6 +60,10 @@ T = TypeVar("T")
 MAX_AMBIGUOUS_SUBMITS = 3
 MAX_RESULT_FAILURES = 5
 HEALTH_INTERVAL = 5.0
+# Run times kept per node and task type; their median is the node's typical time.
+TIMINGS_KEPT = 20
+# Jobs of one lane looked at per dispatch round for one that fits a free node (pinned jobs).
+LANE_SCAN = 32
 
 
 class Notifier:
@@ -82,32 +102,107 @@ class Notifier:
         self._subscribers.discard(queue)
 
 
+class Timings:
+    """Measured run times per node and task type: what ETAs and routing are computed from."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str, str], deque[float]] = {}
+        self._typical: dict[tuple[str, str], float | None] = {}
+
+    def record(self, node: str, task: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        self._runs.setdefault((node, task), deque(maxlen=TIMINGS_KEPT)).append(seconds)
+        self._typical.pop((node, task), None)
+        self._typical.pop(("", task), None)
+
+    def typical(self, node: str, task: str) -> float | None:
+        """The median run time of this task type on this node; else on any node; else None."""
+        for key in ((node, task), ("", task)):
+            if key not in self._typical:
+                if key[0]:
+                    runs = list(self._runs.get(key, ()))
+                else:
+                    runs = [s for (_, t), d in self._runs.items() if t == task for s in d]
+                self._typical[key] = statistics.median(runs) if runs else None
+            if self._typical[key] is not None:
+                return self._typical[key]
+        return None
+
+    def recent(self, node: str) -> dict[str, list[float]]:
+        return {task: list(runs) for (n, task), runs in self._runs.items() if n == node and runs}
+
+    def forget(self, node: str) -> None:
+        for key in [k for k in self._runs if k[0] == node]:
+            del self._runs[key]
+        self._typical.clear()
+
+
 @dataclass
 class UpstreamState:
     """What the gateway knows of one upstream's health right now."""
 
     upstream: Upstream
+    capacity: int = 1  # tasks it runs at once; slots = capacity + look-ahead
+    drained: bool = False  # finishes what it has, gets nothing new
+    # Task types known: fixed by settings, or read from the node's metadata. Until then it gets
+    # nothing (a talking-head node must not receive a text-to-video job).
+    ready: bool = True
+    learn_tasks: bool = False
+    model: str | None = None
     up: bool | None = None  # None: not asked yet
     failures: int = 0
     retry_at: float = 0.0  # circuit open: no request before this (monotonic)
     busy_until: float = 0.0  # back-pressure: no submission before this (monotonic)
     last_error: str | None = None
     last_health: float = 0.0
+    down_since: float | None = None  # monotonic
+    gone: bool = False  # its port refused connections: whatever it held in memory is lost
+    strays: bool = False  # tasks to cancel there before it may get new work
+    removed: bool = False
+    busy: bool = False
+    queue_depth: int = 0
+    # When slots were seen freed (monotonic), for the dispatch-lag metric.
+    freed: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    # The latest measured run times, any task type (per task type: `Dispatcher.timings`).
     durations: list[float] = field(default_factory=list)
 
+    @property
+    def name(self) -> str:
+        return self.upstream.name
+
     def accepting(self, now: float) -> bool:
-        return self.up is not False and now >= self.retry_at and now >= self.busy_until
+        return (
+            self.up is not False and self.ready and not self.drained and not self.removed
+            and not self.strays and now >= self.retry_at and now >= self.busy_until
+        )
 
     def record_ok(self) -> None:
         self.up, self.failures, self.retry_at, self.last_error = True, 0, 0.0, None
+        self.down_since, self.gone = None, False
 
-    def record_failure(self, error: str) -> None:
+    def record_failure(self, error: str, *, gone: bool = False) -> None:
         # Exponential cooldown (1, 2, 4 ... 60 s): a dead node costs one request per cooldown.
+        # With tasks to cancel there it is asked every few seconds: the sooner it is back, the
+        # less chance one of them starts.
         self.failures += 1
         self.last_error = error
-        if self.failures >= 2:
+        if self.failures >= 2 or gone:
             self.up = False
-        self.retry_at = time.monotonic() + min(60.0, 2.0 ** (self.failures - 1))
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+        self.gone = self.gone or gone
+        cap = 5.0 if self.strays else 60.0
+        self.retry_at = time.monotonic() + min(cap, 2.0 ** (self.failures - 1))
+
+    @property
+    def status(self) -> str:
+        """up | down | unknown | draining, as `GET /api/v1/nodes` shows it."""
+        if self.up is False:
+            return "down"
+        if self.drained:
+            return "draining"
+        return {True: "up", None: "unknown"}[self.up]
 
 
 def task_id_for(job: Job) -> str:
@@ -118,6 +213,17 @@ def task_id_for(job: Job) -> str:
     the same id, so an earlier attempt that did land is found instead of duplicated.
     """
     return job.id if job.run == 0 else f"{job.id}-r{job.run}"
+
+
+@dataclass
+class _LaneCursor:
+    """One lane's queued jobs as a dispatch round reads them, a few at a time."""
+
+    lane: Lane
+    after: int
+    jobs: deque[Job] = field(default_factory=deque)
+    exhausted: bool = False
+    looked_at: int = 0
 
 
 class Dispatcher:
@@ -131,6 +237,7 @@ class Dispatcher:
         *,
         poll_interval: float = 1.0,
         retention_hours: float = 0.0,
+        start_deadline: float = 300.0,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -138,25 +245,38 @@ class Dispatcher:
         self.metrics = metrics
         self.poll_interval = poll_interval
         self.retention_hours = retention_hours
-        self.states = {u.name: UpstreamState(u) for u in upstreams}
+        self.start_deadline = start_deadline
+        self.states: dict[str, UpstreamState] = {}
+        self.timings = Timings()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._submitting: set[str] = set()
         # Jobs handed to a submit task but not yet claimed in the store, per upstream: the store's
         # in-flight count does not see them yet.
         self._unclaimed: Counter[str] = Counter()
-        self._collecting: set[str] = set()
+        # Job id -> upstream, while its finished video is being copied: the node is done with it,
+        # so its slot is free although the store still says running.
+        self._collecting: dict[str, str] = {}
+        # Jobs whose cancel (start-by deadline) landed just after they started: cancel does not
+        # stop a running task, so they stay where they are and their `cancelled` is not final.
+        self._cancel_ignored: set[str] = set()
         self._ambiguous: Counter[str] = Counter()
         self._result_failures: Counter[str] = Counter()
         self._running = False
+        for upstream in upstreams:
+            self.add_upstream(upstream)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._running = True
-        self._spawn(self._dispatch_loop())
+        for node, task, seconds in reversed(self.store.recent_run_times()):
+            self.timings.record(node, task, seconds)
+        await self._release_orphans()
         for state in self.states.values():
+            state.strays = bool(self.store.stray_tasks(state.name))
             self._spawn(self._follow_loop(state))
+        self._spawn(self._dispatch_loop())
         self._spawn(self._retention_loop())
         self.wake()
 
@@ -182,12 +302,58 @@ class Dispatcher:
         try:
             return await call()
         except UpstreamError as exc:
-            self.metrics.upstream_errors.labels(state.upstream.name, operation, type(exc).__name__).inc()
+            self.metrics.upstream_errors.labels(state.name, operation, type(exc).__name__).inc()
             raise
         finally:
-            self.metrics.upstream_latency.labels(state.upstream.name, operation).observe(
+            self.metrics.upstream_latency.labels(state.name, operation).observe(
                 time.perf_counter() - started
             )
+
+    async def _release_orphans(self) -> None:
+        """Jobs left on an upstream that is no longer configured go back to the queue."""
+        for row in self.store.inflight():
+            if row.upstream not in self.states:
+                if await self.store.move(
+                    row.id, row.upstream, f"{row.upstream} is no longer configured; sending it"
+                    " elsewhere", stray=False,
+                ):
+                    self.notifier.changed(row.id)
+
+    # -- the registry's calls -------------------------------------------------------------------
+
+    def add_upstream(
+        self,
+        upstream: Upstream,
+        *,
+        capacity: int = 1,
+        drained: bool = False,
+        learn_tasks: bool = False,
+    ) -> UpstreamState:
+        """Start using an upstream (at start, or added at run time)."""
+        state = UpstreamState(
+            upstream, capacity=capacity, drained=drained, learn_tasks=learn_tasks,
+            ready=not learn_tasks,
+        )
+        self.states[upstream.name] = state
+        self.metrics.node_slots.labels(upstream.name).set(0 if drained else upstream.slots)
+        if self._running:
+            state.strays = bool(self.store.stray_tasks(upstream.name))
+            self._spawn(self._follow_loop(state))
+            self.wake()
+        return state
+
+    def set_drained(self, name: str, drained: bool) -> None:
+        state = self.states[name]
+        state.drained = drained
+        self.metrics.node_slots.labels(name).set(0 if drained else state.upstream.slots)
+        self.wake()
+
+    def remove_upstream(self, name: str) -> None:
+        """Stop using an upstream; its follow loop ends and closes its connections."""
+        state = self.states.pop(name)
+        state.removed = True
+        self.timings.forget(name)
+        self.metrics.forget_upstream(name)
 
     # -- user actions ---------------------------------------------------------------------------
 
@@ -201,7 +367,31 @@ class Dispatcher:
         return job
 
     async def retry(self, job_id: str) -> Job | None:
-        job = await self.store.retry(job_id)
+        """Run a failed or cancelled job again. On the hosted cloud, as the same upstream task
+        (its resume: no new submission, no second task in the account) when the cloud can."""
+        job = self.store.get(job_id)
+        state = self.states.get(job.upstream or "") if job is not None else None
+        resumed = False
+        if (
+            job is not None and state is not None and state.upstream.kind == "cloud"
+            and job.upstream_task_id and job.state in ("failed", "cancelled") and not job.files_expired
+        ):
+            upstream, task_id = state.upstream, job.upstream_task_id
+            try:
+                if job.cancel_pending:
+                    # The stop request must land first, or it would stop the resumed task.
+                    await self._call(state, "cancel", lambda: upstream.cancel(task_id))
+                    await self.store.cancel_sent(job_id)
+                resumed = await self._call(state, "resume", lambda: upstream.resume(task_id))
+            except UpstreamError as exc:
+                log.info("job %s: not resumed on %s (%s); queueing it again", job_id, upstream.name, exc)
+            if resumed and await self.store.resume(job_id, upstream.name, task_id):
+                self._ambiguous.pop(job_id, None)
+                self._result_failures.pop(job_id, None)
+                self._cancel_ignored.discard(job_id)
+                log.info("job %s resumed on %s as task %s", job_id, upstream.name, task_id)
+        # Not resumed (a self-hosted node, a task the cloud cannot resume): a new run from the queue.
+        job = self.store.get(job_id) if resumed else await self.store.retry(job_id)
         if job is not None:
             self.notifier.changed(job_id)
             self.wake()
@@ -220,34 +410,193 @@ class Dispatcher:
                 log.exception("dispatch round failed; trying again")
 
     async def _dispatch_once(self) -> None:
-        now = time.monotonic()
-        inflight = self.store.inflight_counts()
-        free = {
-            name: state.upstream.slots - inflight.get(name, 0) - self._unclaimed[name]
-            for name, state in self.states.items()
-            if state.accepting(now)
-        }
-        free = {name: n for name, n in free.items() if n > 0}
-        if not free:
-            return
-        # Read a little more than there is room for, so a few jobs that fit nowhere right now
-        # (pinned to a busy upstream, a task type no free node runs) do not block the rest.
-        for job in self.store.queued(limit=sum(free.values()) * 4 + 20):
-            candidates = [
-                name for name, n in free.items()
-                if n > 0
-                and job.task in self.states[name].upstream.tasks
-                and job.pinned in (None, name)
-            ]
-            if not candidates or job.id in self._submitting:
-                continue
-            name = max(candidates, key=lambda c: free[c])
-            free[name] -= 1
+        started = time.perf_counter()
+        plan = self.plan()
+        self.metrics.dispatch_round.observe(time.perf_counter() - started)
+        for job, state in plan:
             self._submitting.add(job.id)
-            self._unclaimed[name] += 1
-            self._spawn(self._submit(job, self.states[name]))
-            if not any(free.values()):
-                break
+            self._unclaimed[state.name] += 1
+            self._spawn(self._submit(job, state))
+
+    def plan(self) -> list[tuple[Job, UpstreamState]]:
+        """Which queued jobs go to which nodes now: every free slot, fairly, fastest node first.
+
+        Reads the store only: the in-flight jobs (a few columns each), the queue's lanes (one
+        index seek per lane), and the first jobs of the lanes it takes from.
+        """
+        now, wall = time.monotonic(), time.time()
+        inflight = self.store.inflight()
+        on_node: dict[str, list[Inflight]] = defaultdict(list)
+        owner_load: Counter[str] = Counter()
+        lane_load: Counter[tuple[str, str]] = Counter()
+        for row in inflight:
+            on_node[row.upstream].append(row)
+            owner_load[row.owner] += 1
+            lane_load[(row.owner, row.batch)] += 1
+        # API keys with a cap on jobs at once (`keys create --max-concurrent`): at the cap, the
+        # key's lanes are passed over and its jobs wait queued. Jobs handed to a submit task but
+        # not yet claimed in the store count too, so two rounds cannot both fill the cap.
+        limits = self.store.concurrency_limits()
+        if limits:
+            claimed = {row.id for row in inflight}
+            for job_id in self._submitting - claimed:
+                pending = self.store.get(job_id)
+                if pending is not None and pending.state == QUEUED:
+                    owner_load[pending.owner or ""] += 1
+        finishing = Counter(self._collecting.values())
+        free: dict[str, int] = {}
+        for name, state in self.states.items():
+            if state.accepting(now):
+                used = len(on_node.get(name, ())) + self._unclaimed[name] - finishing[name]
+                if state.upstream.slots - used > 0:
+                    free[name] = state.upstream.slots - used
+        if not free:
+            return []
+        wanted = sorted(set().union(*(self.states[n].upstream.tasks for n in free)))
+        lanes = self.store.queue_lanes(wanted)
+        if not lanes:
+            for name in free:
+                self.states[name].freed.clear()  # nothing waited: no lag to count
+            return []
+
+        # Nodes, per task type, by when a job sent now would be finished there.
+        backlog = {n: self._backlog(n, on_node.get(n, ()), wall) for n in free}
+        version: Counter[str] = Counter()
+        nodes_for: dict[str, list[tuple[float, int, str, int]]] = defaultdict(list)
+
+        def offer(name: str) -> None:
+            state = self.states[name]
+            for task in state.upstream.tasks:
+                finish = backlog[name] + self._duration(name, task) / state.capacity
+                heapq.heappush(nodes_for[task], (finish, len(on_node.get(name, ())), name, version[name]))
+
+        for name in free:
+            offer(name)
+
+        def best_node(task: str) -> str | None:
+            heap = nodes_for.get(task, [])
+            while heap:
+                _, _, name, seen = heap[0]
+                if seen == version[name] and free.get(name, 0) > 0:
+                    return name
+                heapq.heappop(heap)
+            return None
+
+        def lane_key(c: _LaneCursor) -> tuple[int, int, int, int]:
+            lane = c.lane
+            return (-lane.priority, owner_load[lane.owner], lane_load[(lane.owner, lane.batch)], lane.head_seq)
+
+        total_free = sum(free.values())
+        cursors = [_LaneCursor(lane, lane.head_seq - 1) for lane in lanes]
+        heap = [(lane_key(c), i) for i, c in enumerate(cursors)]
+        heapq.heapify(heap)
+        plan: list[tuple[Job, UpstreamState]] = []
+        while heap and total_free > 0:
+            key, i = heapq.heappop(heap)
+            cursor = cursors[i]
+            if key != lane_key(cursor):
+                heapq.heappush(heap, (lane_key(cursor), i))  # its owner got a job meanwhile
+                continue
+            cap = limits.get(cursor.lane.owner)
+            if cap is not None and owner_load[cursor.lane.owner] >= cap:
+                continue  # its owner has as many jobs running as its key allows
+            fit = self._next_fit(cursor, free, best_node, total_free)
+            if fit is None:
+                continue  # nothing of this lane fits a free node this round
+            job, name = fit
+            state = self.states[name]
+            plan.append((job, state))
+            free[name] -= 1
+            total_free -= 1
+            owner_load[cursor.lane.owner] += 1
+            lane_load[(cursor.lane.owner, cursor.lane.batch)] += 1
+            backlog[name] += self._duration(name, job.task) / state.capacity
+            version[name] += 1
+            if free[name] > 0:
+                offer(name)
+            if state.freed:
+                self.metrics.dispatch_lag.labels(name).observe(now - state.freed.popleft())
+            heapq.heappush(heap, (lane_key(cursor), i))
+        for name, n in free.items():
+            if n > 0:
+                self.states[name].freed.clear()
+        return plan
+
+    def _next_fit(
+        self,
+        cursor: _LaneCursor,
+        free: dict[str, int],
+        best_node: Callable[[str], str | None],
+        total_free: int,
+    ) -> tuple[Job, str] | None:
+        """The lane's next job that a free node can take, and that node."""
+        while cursor.looked_at < LANE_SCAN:
+            if not cursor.jobs:
+                if cursor.exhausted:
+                    return None
+                batch = self.store.lane_jobs(cursor.lane, cursor.after, min(LANE_SCAN, total_free + 4))
+                if not batch:
+                    cursor.exhausted = True
+                    return None
+                cursor.after = batch[-1].seq
+                cursor.jobs.extend(batch)
+            job = cursor.jobs.popleft()
+            cursor.looked_at += 1
+            if job.id in self._submitting:
+                continue
+            if job.pinned is not None:
+                state = self.states.get(job.pinned)
+                if free.get(job.pinned, 0) > 0 and state and job.task in state.upstream.tasks:
+                    cursor.looked_at = 0
+                    return job, job.pinned
+                continue  # its node is busy: the rest of the lane may still go elsewhere
+            name = best_node(job.task)
+            if name is None:
+                return None  # no free node runs this task type
+            cursor.looked_at = 0
+            return job, name
+        return None
+
+    def _duration(self, node: str, task: str) -> float:
+        # Unknown everywhere: every node looks the same, and the emptiest one wins.
+        return self.timings.typical(node, task) or 1.0
+
+    def _backlog(self, node: str, jobs: Iterable[Inflight], wall: float) -> float:
+        """Seconds of work a node has before it could start something new."""
+        capacity = self.states[node].capacity
+        total = 0.0
+        for row in jobs:
+            if row.id in self._collecting:
+                continue
+            duration = self._duration(node, row.task)
+            if row.state == RUNNING and row.started_at:
+                duration = max(0.0, duration - (wall - row.started_at))
+            total += duration
+        return total / capacity
+
+    def estimate(self, job: Job) -> dict[str, float] | None:
+        """For a job still in the gateway's queue: expected seconds until it starts and its run
+        time, from the measured run times (None before anything was measured)."""
+        rates = 0.0
+        starts = []
+        wall = time.time()
+        by_node: dict[str, list[Inflight]] = defaultdict(list)
+        for row in self.store.inflight():
+            by_node[row.upstream].append(row)
+        for name, state in self.states.items():
+            if job.task not in state.upstream.tasks or state.up is False or state.drained:
+                continue
+            typical = self.timings.typical(name, job.task)
+            if typical is None:
+                continue
+            rates += state.capacity / typical
+            starts.append(self._backlog(name, by_node.get(name, ()), wall))
+        position = self.store.queue_position(job)
+        if not rates or position is None:
+            return None
+        run = self.timings.typical("", job.task) or 0.0
+        return {"pending_seconds": round(min(starts) + (position - 1) / rates, 1),
+                "running_seconds": round(run, 1)}
 
     def _request(self, job: Job, task_id: str) -> SubmitRequest:
         params = dict(job.params)
@@ -305,22 +654,32 @@ class Dispatcher:
     # -- follow ---------------------------------------------------------------------------------
 
     async def _follow_loop(self, state: UpstreamState) -> None:
-        while self._running:
+        while self._running and not state.removed:
             try:
                 await self._follow_once(state)
             except Exception:
-                log.exception("following %s failed; trying again", state.upstream.name)
+                log.exception("following %s failed; trying again", state.name)
             await asyncio.sleep(self.poll_interval)
+        if state.removed:
+            await state.upstream.aclose()
 
     async def _follow_once(self, state: UpstreamState) -> None:
+        if state.up is False:
+            await self._rescue(state)
         now = time.monotonic()
         if now < state.retry_at:
             return  # circuit open
+        if state.up is not True or not state.ready or state.strays:
+            # Just started, coming back, or owing cancels: the status route first, cheaply.
+            await self._check_health(state)
+            if state.up is not True:
+                return
         upstream = state.upstream
         jobs = [j for j in self.store.active(upstream.name) if j.id not in self._submitting]
         pending_cancels = [j for j in self.store.cancel_pending() if j.upstream == upstream.name]
         if not jobs and not pending_cancels:
-            if now - state.last_health >= HEALTH_INTERVAL or state.up is None:
+            self._set_load(state, busy=False, queued=0)
+            if now - state.last_health >= HEALTH_INTERVAL:
                 await self._check_health(state)
             return
         for job in pending_cancels:
@@ -331,13 +690,90 @@ class Dispatcher:
     async def _check_health(self, state: UpstreamState) -> None:
         state.last_health = time.monotonic()
         health = await self._call(state, "health", state.upstream.health)
+        if not health.reachable:
+            self._record_down(state, health.detail or "unreachable")
+            return
+        await self._record_up(state)
+        if health.active is not None and not self.store.active(state.name):
+            # Someone else's tasks (a script talking to the node directly) keep it busy too.
+            self._set_load(state, busy=health.active > 0, queued=0)
+
+    def _record_down(self, state: UpstreamState, detail: str) -> None:
         was_up = state.up
-        if health.reachable:
-            state.record_ok()
-        else:
-            state.record_failure(health.detail or "unreachable")
-        self.metrics.upstream_up.labels(state.upstream.name).set(1 if state.up else 0)
-        if state.up and not was_up:
+        state.record_failure(detail, gone=detail == CONNECTION_REFUSED)
+        self.metrics.upstream_up.labels(state.name).set(0 if state.up is False else 1)
+        if state.up is False and was_up is not False:
+            log.warning("%s is down (%s)", state.name, detail)
+
+    async def _record_up(self, state: UpstreamState) -> None:
+        """The node answered: close the circuit, learn its task types, cancel stray tasks."""
+        was_up = state.up
+        state.record_ok()
+        self.metrics.upstream_up.labels(state.name).set(1)
+        if was_up is False:
+            log.info("%s answers again", state.name)
+        if state.learn_tasks and (not state.ready or was_up is False):
+            await self._learn_tasks(state)
+        if state.strays:
+            await self._cancel_strays(state)
+        if state.accepting(time.monotonic()):
+            self.wake()
+
+    async def _learn_tasks(self, state: UpstreamState) -> None:
+        # A restarted node may serve another model now, so this is read again after downtime.
+        metadata = getattr(state.upstream, "metadata", None)
+        if metadata is None:
+            state.ready = True
+            return
+        try:
+            info = await self._call(state, "metadata", metadata)
+        except UpstreamError as exc:
+            log.warning("%s: metadata not read (%s); it gets no job until it is", state.name, exc)
+            return
+        state.model = info.get("model_cls")
+        tasks = tasks_for_model(state.model)
+        state.upstream.tasks = VIDEO_TASKS if tasks is None else tasks
+        state.ready = True
+        log.info("%s runs %s (%s)", state.name, state.model, ", ".join(sorted(state.upstream.tasks)) or "nothing the gateway sends")
+
+    async def _cancel_strays(self, state: UpstreamState) -> None:
+        """Cancel the tasks of jobs moved away while this node could not be told."""
+        for task_id in self.store.stray_tasks(state.name):
+            try:
+                await self._call(state, "cancel", lambda: state.upstream.cancel(task_id))
+            except UpstreamError as exc:
+                log.info("%s: stray task %s not cancelled yet (%s)", state.name, task_id, exc)
+                return
+            await self.store.drop_stray(state.name, task_id)
+            log.info("%s: cancelled task %s, whose job was moved to another node", state.name, task_id)
+        state.strays = False
+
+    async def _rescue(self, state: UpstreamState) -> None:
+        """Move jobs off a node that is down: at once when its port refuses connections (the
+        process is gone, and its tasks with it), else once it has been silent for the start-by
+        deadline. A silent node may still be running them (a network fault, a stuck status
+        route), and a job must not run twice at once: the wait is the price of that."""
+        long_down = (
+            state.down_since is not None
+            and time.monotonic() - state.down_since >= self.start_deadline
+        )
+        if not (state.gone or long_down):
+            return
+        moved = 0
+        for job in self.store.active(state.name):
+            if job.id in self._submitting or job.id in self._collecting:
+                continue
+            why = (
+                "stopped accepting connections" if state.gone
+                else f"has not answered for {self.start_deadline:.0f} s"
+            )
+            if await self.store.move(job.id, state.name, f"{state.name} {why}; sending it elsewhere", stray=True):
+                moved += 1
+                state.strays = True
+                self.metrics.jobs_moved.labels(state.name, "node_down").inc()
+                self.notifier.changed(job.id)
+        if moved:
+            log.warning("%s is down: %d job(s) moved to the queue", state.name, moved)
             self.wake()
 
     async def _follow_jobs(self, state: UpstreamState, jobs: list[Job]) -> None:
@@ -361,16 +797,22 @@ class Dispatcher:
                 state, "poll", lambda: upstream.poll([j.upstream_task_id for j in jobs])
             )
         except Unavailable as exc:
-            state.record_failure(str(exc))
-            self.metrics.upstream_up.labels(upstream.name).set(0 if state.up is False else 1)
+            # Why did it fail? One status request tells a dead process (refused) from a slow one.
+            health = await self._call(state, "health", upstream.health)
+            self._record_down(state, str(exc) if health.reachable else (health.detail or str(exc)))
             log.warning("%s: %s", upstream.name, exc)
+            if state.up is False:
+                await self._rescue(state)
             return
         if state.up is not True:
-            self.wake()
-        state.record_ok()
-        self.metrics.upstream_up.labels(upstream.name).set(1)
+            await self._record_up(state)
+        else:
+            state.record_ok()
 
+        now, wall = time.monotonic(), time.time()
         queue_updates: dict[str, dict[str, Any] | None] = {}
+        running = [j for j in jobs if (s := statuses.get(j.upstream_task_id)) and s.state is RemoteState.RUNNING]
+        queued = 0
         for job in jobs:
             status = statuses.get(job.upstream_task_id)
             if job.id in self._submitting:
@@ -381,43 +823,122 @@ class Dispatcher:
                     job.id, f"{upstream.name} no longer knows the task (restarted?); sending it again"
                 ):
                     self._ambiguous.pop(job.id, None)
+                    self.metrics.jobs_moved.labels(upstream.name, "forgotten").inc()
+                    state.freed.append(now)
                     self.notifier.changed(job.id)
                     self.wake()
                 continue
+            if status.state is RemoteState.CANCELLED and job.id in self._cancel_ignored:
+                status = RemoteStatus(RemoteState.RUNNING)  # started before our cancel landed
             if status.state is RemoteState.QUEUED:
-                info = {k: v for k, v in (
-                    ("position", status.queue_position),
-                    ("pending_seconds", status.pending_seconds),
-                    ("running_seconds", status.running_seconds),
-                ) if v is not None} or None
-                if info != job.queue_info:
+                queued += 1
+                info = self._queue_info(state, job, status, running, wall)
+                if _changed_enough(job.queue_info, info):
                     queue_updates[job.id] = info
+                if await self._past_start_deadline(state, job, status, wall):
+                    continue
             elif status.state is RemoteState.RUNNING:
                 if job.state == SUBMITTED and await self.store.mark_running(job.id):
+                    job.started_at = wall
                     self.notifier.changed(job.id)
-                if status.running_seconds is not None:
-                    info = {"running_seconds": status.running_seconds}
-                    if info != job.queue_info:
-                        queue_updates[job.id] = info
+                info = self._queue_info(state, job, status, running, wall)
+                if _changed_enough(job.queue_info, info):
+                    queue_updates[job.id] = info
             elif status.state is RemoteState.SUCCEEDED:
                 if job.id not in self._collecting:
-                    self._collecting.add(job.id)
+                    if job.started_at and job.id not in self._cancel_ignored:
+                        self.timings.record(upstream.name, job.task, wall - job.started_at)
+                        state.durations = (state.durations + [wall - job.started_at])[-50:]
+                    state.freed.append(now)
+                    self._collecting[job.id] = upstream.name
                     self._spawn(self._collect(job, state))
+                    self.wake()
             elif status.state is RemoteState.FAILED:
                 if await self.store.fail(job.id, f"{upstream.name}: {status.error or 'task failed'}"):
                     self.metrics.jobs_finished.labels("failed").inc()
+                    state.freed.append(now)
                     self.notifier.changed(job.id)
                     self.wake()
             elif status.state is RemoteState.CANCELLED:
                 # Nobody here asked (the job would already be final): stopped on the upstream.
                 if await self.store.cancel(job.id, f"cancelled on {upstream.name}", tell_upstream=False):
                     self.metrics.jobs_finished.labels("cancelled").inc()
+                    state.freed.append(now)
                     self.notifier.changed(job.id)
                     self.wake()
+        self._set_load(state, busy=bool(running), queued=queued)
         if queue_updates:
             await self.store.set_queue_info(queue_updates)
             for job_id in queue_updates:
                 self.notifier.changed(job_id)
+
+    def _set_load(self, state: UpstreamState, *, busy: bool, queued: int) -> None:
+        state.busy, state.queue_depth = busy, queued
+        self.metrics.node_busy.labels(state.name).set(1 if busy else 0)
+        self.metrics.node_queue_depth.labels(state.name).set(queued)
+
+    def _queue_info(
+        self, state: UpstreamState, job: Job, status: RemoteStatus, running: list[Job], wall: float
+    ) -> dict[str, Any] | None:
+        """Where the job is in the node's queue and, from measured run times, when it should
+        start and how long it should run (the upstream's own figures win when it has any)."""
+        info: dict[str, Any] = {}
+        if status.queue_position is not None:
+            info["position"] = status.queue_position
+        typical = self.timings.typical(state.name, job.task)
+        if status.pending_seconds is not None:
+            info["pending_seconds"] = status.pending_seconds
+        elif typical is not None and status.state is RemoteState.QUEUED:
+            ahead = max(0, (status.queue_position or 1) - 1)
+            left = 0.0
+            for other in running[: state.capacity]:
+                other_typical = self.timings.typical(state.name, other.task) or typical
+                elapsed = wall - (other.started_at or wall)
+                left += max(0.0, other_typical - elapsed)
+                ahead -= 1
+            info["pending_seconds"] = round((left + max(0, ahead) * typical) / state.capacity, 1)
+        if status.running_seconds is not None:
+            info["running_seconds"] = status.running_seconds
+        elif typical is not None:
+            info["running_seconds"] = round(typical, 1)
+        return info or None
+
+    async def _past_start_deadline(
+        self, state: UpstreamState, job: Job, status: RemoteStatus, wall: float
+    ) -> bool:
+        """Move a job that has waited in the node's queue too long; True if it was moved.
+
+        The deadline is X2V_START_DEADLINE, or twice what the work ahead of it should take by
+        the node's measured times, whichever is longer (a node of ten-minute jobs is not slow).
+        """
+        current_task = getattr(state.upstream, "current_task", None)
+        if current_task is None or not job.submitted_at or job.pinned:
+            return False  # a hosted service runs its own queue; a pinned job has nowhere to go
+        ahead = max(1, (status.queue_position or 2) - 1)
+        typical = self.timings.typical(state.name, job.task) or 0.0
+        deadline = max(self.start_deadline, 2 * ahead * typical / state.capacity)
+        waited = wall - job.submitted_at
+        if waited < deadline:
+            return False
+        try:
+            await self._call(state, "cancel", lambda: state.upstream.cancel(job.upstream_task_id))
+            started = await self._call(state, "health", current_task) == job.upstream_task_id
+        except UpstreamError:
+            return False  # try again next tick
+        if started:
+            # It started between the status read and the cancel, which does not stop a running
+            # task: it finishes here, and the node's `cancelled` for it is not the last word.
+            self._cancel_ignored.add(job.id)
+            return False
+        if await self.store.move(
+            job.id, state.name, f"not started on {state.name} after {waited:.0f} s; sending it"
+            " elsewhere", stray=False,
+        ):
+            self.metrics.jobs_moved.labels(state.name, "start_deadline").inc()
+            log.warning("job %s: not started on %s after %.0f s, moved", job.id, state.name, waited)
+            self.notifier.changed(job.id)
+            self.wake()
+        return True
 
     async def _collect(self, job: Job, state: UpstreamState) -> None:
         """Copy a finished video into the blob store, check it plays, then mark the job done."""
@@ -434,25 +955,40 @@ class Dispatcher:
             # Conditional: a job cancelled while its video was downloading stays cancelled.
             if await self.store.succeed(job.id, sha, meta):
                 self.metrics.jobs_finished.labels("succeeded").inc()
-                if job.started_at:
-                    state.durations = (state.durations + [time.time() - job.started_at])[-50:]
-                log.info("job %s succeeded (%.1f s of video)", job.id, info.duration)
+                log.info("job %s succeeded on %s (%.1f s of video)", job.id, upstream.name, info.duration)
             self._result_failures.pop(job.id, None)
+            self._cancel_ignored.discard(job.id)
+        except Unavailable as exc:
+            if state.gone:
+                # The node died with the video on it: run the job again elsewhere.
+                if await self.store.move(
+                    job.id, upstream.name, f"{upstream.name} stopped accepting connections before"
+                    " its result was copied; sending it elsewhere", stray=True,
+                ):
+                    state.strays = True
+                    self.metrics.jobs_moved.labels(upstream.name, "node_down").inc()
+            elif state.up is False:
+                log.info("job %s: result waits for %s to answer again (%s)", job.id, upstream.name, exc)
+            else:
+                await self._result_failed(job, exc)
         except (UpstreamError, ValueError) as exc:
-            self._result_failures[job.id] += 1
-            log.warning("job %s: result not collected (%s)", job.id, exc)
-            if self._result_failures[job.id] >= MAX_RESULT_FAILURES or isinstance(exc, UnknownTask):
-                reason = (
-                    "the upstream returned a file that is not a playable video"
-                    if isinstance(exc, ValueError) else f"result could not be fetched: {exc}"
-                )
-                if await self.store.fail(job.id, reason):
-                    self.metrics.jobs_finished.labels("failed").inc()
+            await self._result_failed(job, exc)
         finally:
             dest.unlink(missing_ok=True)
-            self._collecting.discard(job.id)
+            self._collecting.pop(job.id, None)
             self.notifier.changed(job.id)
             self.wake()
+
+    async def _result_failed(self, job: Job, exc: Exception) -> None:
+        self._result_failures[job.id] += 1
+        log.warning("job %s: result not collected (%s)", job.id, exc)
+        if self._result_failures[job.id] >= MAX_RESULT_FAILURES or isinstance(exc, UnknownTask):
+            reason = (
+                "the upstream returned a file that is not a playable video"
+                if isinstance(exc, ValueError) else f"result could not be fetched: {exc}"
+            )
+            if await self.store.fail(job.id, reason):
+                self.metrics.jobs_finished.labels("failed").inc()
 
     async def _send_cancel(self, job: Job) -> None:
         state = self.states.get(job.upstream or "")
@@ -484,3 +1020,21 @@ class Dispatcher:
         if doomed:
             log.info("retention: removed %d files of jobs finished before the cutoff", len(doomed))
         return len(doomed)
+
+
+def _changed_enough(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
+    """Whether queue info is worth a write: position or run time changed, or the wait estimate
+    drifted by more than 10 % (or 2 s). A countdown rewritten every poll would cost a write per
+    job per node per second."""
+    if (old is None) != (new is None):
+        return True
+    if old is None or new is None:
+        return False
+    for key in set(old) | set(new):
+        a, b = old.get(key), new.get(key)
+        if key == "pending_seconds" and a is not None and b is not None:
+            if abs(a - b) > max(2.0, 0.1 * max(a, b)):
+                return True
+        elif a != b:
+            return True
+    return False

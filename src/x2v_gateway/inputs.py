@@ -44,10 +44,26 @@ def _mib(n: int) -> str:
     return f"{n / 1024 / 1024:g} MiB"
 
 
+# While an upload streams in, free disk space is checked again after this many bytes.
+FREE_SPACE_CHECK_BYTES = 64 * 1024 * 1024
+
+
+def check_free_space(blobs: BlobStore, min_free_bytes: int, incoming: int = 0) -> None:
+    """507 when the blob store's disk has (or, after `incoming` more bytes, would have) less free
+    space than `min_free_bytes`: a full disk would stop the job store and every running job."""
+    if min_free_bytes and blobs.free_bytes() - incoming < min_free_bytes:
+        raise ApiError(507, "the gateway is short of disk space and takes no new jobs for now;"
+                       " try again later")
+
+
 async def read_multipart(
-    content_type: str, body: AsyncIterator[bytes], blobs: BlobStore, *, max_bytes: int
+    content_type: str, body: AsyncIterator[bytes], blobs: BlobStore, *, max_bytes: int,
+    max_file_bytes: int | None = None, min_free_bytes: int = 0,
 ) -> tuple[dict[str, str], list[IncomingFile]]:
-    """Parse a multipart body as it streams in: text fields into a dict, files onto disk."""
+    """Parse a multipart body as it streams in: text fields into a dict, files onto disk.
+
+    Over `max_bytes` in all, over `max_file_bytes` in one file: 413, and nothing is kept.
+    """
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
@@ -83,12 +99,16 @@ async def read_multipart(
                                + ", ".join(INPUT_ROLES), name)
             if any(f.role == name for f in files):
                 raise ApiError(400, f"{name} was sent twice", name)
-            part["writer"] = blobs.writer()
+            part["writer"] = blobs.writer(limit=max_file_bytes)
             files.append(IncomingFile(name, part["writer"]))
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if part["writer"] is not None:
-            part["writer"].write(data[start:end])
+            try:
+                part["writer"].write(data[start:end])
+            except BlobTooLarge:
+                raise ApiError(413, f"{part['name']} is larger than the {_mib(max_file_bytes or 0)}"
+                               " a file may be", part["name"]) from None
         else:
             part["text"] += data[start:end]
             if len(part["text"]) > MAX_FIELD_BYTES:
@@ -111,12 +131,15 @@ async def read_multipart(
         "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
         "on_part_end": on_part_end,
     })
-    received = 0
+    received, checked = 0, 0
     try:
         async for chunk in body:
             received += len(chunk)
             if received > max_bytes:
                 raise ApiError(413, f"request body is larger than the {_mib(max_bytes)} allowed")
+            if received - checked > FREE_SPACE_CHECK_BYTES:
+                check_free_space(blobs, min_free_bytes)
+                checked = received
             parser.write(chunk)
         parser.finalize()
     except ApiError as exc:

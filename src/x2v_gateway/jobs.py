@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -16,10 +19,12 @@ import msgspec
 
 from .blobs import BlobStore
 from .dispatch import Dispatcher, Notifier
-from .inputs import IncomingFile, discard, fetch_input, keep_files, read_multipart
+from .inputs import IncomingFile, check_free_space, discard, fetch_input, keep_files, read_multipart
+from .media import INSPECTORS, MediaError
 from .models import INPUT_ROLES, TASK_INPUTS, ApiError, JobRequest, generation_params
 from .settings import Settings
-from .store import IdempotencyConflict, Job, JobStore
+from .store import BatchJobSpec, IdempotencyConflict, Job, JobStore
+from .upstream.base import Rejected, Unavailable
 
 _MSGSPEC_PATH = re.compile(r"at `\$\.(\w+)")
 _MSGSPEC_FIELD = re.compile(r"field `(\w+)`")
@@ -76,8 +81,9 @@ class JobService:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise validation_error(exc) from None
         self._check_inputs(request, given=set())
+        await self._check_cloud_model(request)
         files: list[IncomingFile] = []
-        max_bytes = self.settings.max_upload_mb * 1024 * 1024
+        max_bytes = self.settings.max_file_mb * 1024 * 1024
         try:
             for role in INPUT_ROLES:
                 value = getattr(request, role)
@@ -96,8 +102,7 @@ class JobService:
         idempotency_key: str | None,
         owner: str | None = None,
     ) -> tuple[Job, bool]:
-        max_bytes = self.settings.max_upload_mb * 1024 * 1024
-        fields, files = await read_multipart(content_type, body, self.blobs, max_bytes=max_bytes)
+        fields, files = await read_multipart(content_type, body, self.blobs, **self._upload_limits())
         return await self._submit_form(fields, files, idempotency_key, owner)
 
     async def submit_urlencoded(
@@ -123,7 +128,7 @@ class JobService:
         idempotency_key: str | None,
         owner: str | None,
     ) -> tuple[Job, bool]:
-        max_bytes = self.settings.max_upload_mb * 1024 * 1024
+        max_bytes = self.settings.max_file_mb * 1024 * 1024
         try:
             values = {}
             for name, value in fields.items():
@@ -142,6 +147,7 @@ class JobService:
                 if getattr(request, role):
                     raise ApiError(400, f"{role} was sent both as a file and as text", role)
             self._check_inputs(request, given=uploaded)
+            await self._check_cloud_model(request)
             for role in INPUT_ROLES:
                 value = getattr(request, role)
                 if value and role not in uploaded:
@@ -164,6 +170,38 @@ class JobService:
                            + ", ".join(self.dispatcher.states), "upstream")
         if not any(request.task in s.upstream.tasks for s in self.dispatcher.states.values()):
             raise ApiError(422, f"no configured upstream runs {request.task} jobs", "task")
+        clouds, others = self._candidates(request)
+        if clouds and not others and not request.prompt.strip():
+            raise ApiError(422, f"prompt is required: the hosted cloud refuses {request.task} jobs without one", "prompt")
+        if request.model is not None and others:
+            raise ApiError(
+                422, "model chooses a hosted-cloud model, and this job may go to "
+                + ", ".join(others) + "; pin it to a cloud upstream with `upstream`", "model",
+            )
+
+    def _candidates(self, request: JobRequest) -> tuple[list[Any], list[str]]:
+        """The cloud upstreams this job may go to, and the names of the other ones."""
+        clouds, others = [], []
+        for state in self.dispatcher.states.values():
+            upstream = state.upstream
+            if request.task in upstream.tasks and request.upstream in (None, upstream.name):
+                if upstream.kind == "cloud":
+                    clouds.append(upstream)
+                else:
+                    others.append(upstream.name)
+        return clouds, others
+
+    async def _check_cloud_model(self, request: JobRequest) -> None:
+        """Refuse a model the cloud does not offer (named, or the default) before anything is uploaded."""
+        clouds, _ = self._candidates(request)
+        params = {"model_cls": request.model} if request.model else None
+        for cloud in clouds:
+            try:
+                await cloud.check_model(cloud.model_for(request.task, params))
+            except Rejected as exc:
+                raise ApiError(422, str(exc), "model") from None
+            except Unavailable:
+                pass  # cannot tell now (cloud down, token refused): the job waits for it
 
     async def _accept(
         self, request: JobRequest, files: list[IncomingFile], idempotency_key: str | None,
@@ -171,6 +209,8 @@ class JobService:
     ) -> tuple[Job, bool]:
         stored = await keep_files(files, self.store)
         params = generation_params(request)
+        if request.model is not None:
+            params["model_cls"] = request.model
         inputs = {role: s.sha256 for role, s in stored.items()}
         fingerprint = hashlib.sha256(json.dumps(
             [request.task, params, inputs, request.priority, request.batch_id, request.upstream],
@@ -181,7 +221,9 @@ class JobService:
         try:
             job, created = await self.store.create_job(
                 task=request.task, params=params, inputs=inputs, priority=request.priority,
-                batch_id=request.batch_id, owner=owner, idempotency_key=idempotency_key,
+                batch_id=request.batch_id, owner=owner,
+                # Each key has its own Idempotency-Keys: another key's "row-7" is not this one's.
+                idempotency_key=f"{owner}:{idempotency_key}" if owner and idempotency_key else idempotency_key,
                 request_hash=fingerprint, pinned=request.upstream,
             )
         except IdempotencyConflict:
@@ -194,6 +236,32 @@ class JobService:
             self.dispatcher.wake()
         return job, created
 
+    def _upload_limits(self) -> dict[str, int]:
+        mib = 1024 * 1024
+        return {
+            "max_bytes": self.settings.max_upload_mb * mib,
+            "max_file_bytes": self.settings.max_file_mb * mib,
+            "min_free_bytes": self.settings.min_free_disk_mb * mib,
+        }
+
+    def check_free_space(self, incoming: int = 0) -> None:
+        """507 while the disk is short of space (`X2V_MIN_FREE_DISK_MB`), before a body is read."""
+        check_free_space(self.blobs, self.settings.min_free_disk_mb * 1024 * 1024, incoming)
+
+    async def purge(self, job_ids: list[str], actor: str, target: str) -> int:
+        """Delete these jobs' inputs and videos now (a file another kept job uses stays); the jobs
+        stay, marked `files_expired`. Unfinished ones are cancelled first. Returns files removed."""
+        for job_id in job_ids:
+            job = self.store.get(job_id)
+            if job is not None and not job.finished:
+                await self.dispatcher.cancel(job_id)
+        doomed = await self.store.purge_files(job_ids, actor, target)
+        for sha in doomed:
+            self.blobs.delete(sha)
+        for job_id in job_ids:
+            self.notifier.changed(job_id)
+        return len(doomed)
+
     async def wait(self, job: Job, seconds: float) -> Job:
         """Block until the job finishes or `seconds` pass (the old S2V service's wait_for_completion)."""
         deadline = time.monotonic() + min(seconds, self.settings.max_wait)
@@ -204,4 +272,92 @@ class JobService:
             await self.notifier.wait(job.id, remaining)
             job = self.store.get(job.id) or job
         return job
+
+    # -- batches (the dashboard) ----------------------------------------------------------------
+
+    async def keep_upload(self, content_type: str, body: AsyncIterator[bytes]) -> UploadedFile:
+        """One file dropped on the batch form, checked by its content and kept in the blob store.
+
+        The browser names the part `image` or `audio` from its guess (MIME type, extension); the
+        content decides, so a voice-over with an odd extension is still taken as audio.
+        """
+        self.check_free_space()
+        fields, files = await read_multipart(content_type, body, self.blobs, **self._upload_limits())
+        name = fields.get("name") or "the file"
+        if len(files) != 1:
+            discard(files)
+            raise ApiError(400, "send one file per upload", "file")
+        incoming = files[0]
+        try:
+            if incoming.writer.size == 0:
+                raise ApiError(422, f"{name} is an empty file", incoming.role)
+            role, ext = await asyncio.to_thread(_identify, incoming.writer.tmp_path, incoming.role, name)
+        except BaseException:
+            discard(files)
+            raise
+        sha, size = await asyncio.to_thread(incoming.writer.commit)
+        await self.store.record_blob(sha, size, ext)
+        return UploadedFile(name=name, sha256=sha, size=size, role=role)
+
+    async def submit_batch(
+        self, batch_id: str, specs: list[BatchJobSpec], *, batch: dict[str, Any] | None = None,
+        owner: str | None = None,
+    ) -> list[Job] | None:
+        """Queue a batch of jobs whose inputs are already in the blob store: all of them or none.
+
+        Returns None when a batch with this id was created already (the form sent twice).
+        """
+        for spec in specs:
+            for role, sha in spec.inputs.items():
+                if not self.blobs.exists(sha):
+                    name = spec.files.get(role, role)
+                    raise ApiError(422, f"{name} is no longer stored on the gateway; add it again", role)
+            # Fixed now, as for single jobs: a resubmission after a node restart renders the same video.
+            spec.params.setdefault("seed", secrets.randbelow(2**32))
+        jobs = await self.store.create_batch(batch_id, specs, batch=batch, owner=owner)
+        if jobs:
+            for job in jobs:
+                self.notifier.changed(job.id)
+            self.dispatcher.wake()
+        return jobs
+
+    async def run_again(self, job: Job, params: dict[str, Any], files: dict[str, str]) -> Job:
+        """A new job with the inputs of `job` and edited parameters, in the same batch."""
+        if job.files_expired or not all(self.blobs.exists(sha) for sha in job.inputs.values()):
+            raise ApiError(410, "this job's input files have expired; submit it again with its files")
+        params.setdefault("seed", secrets.randbelow(2**32))
+        if job.batch_id is None:
+            new, _ = await self.store.create_job(
+                task=job.task, params=params, inputs=dict(job.inputs), priority=job.priority,
+                owner=job.owner, pinned=job.pinned,
+            )
+        else:
+            spec = BatchJobSpec(
+                task=job.task, params=params, inputs=dict(job.inputs), files=files,
+                priority=job.priority, retry_of=job.id,
+            )
+            (new,) = await self.store.create_batch(job.batch_id, [spec], owner=job.owner) or []
+        self.notifier.changed(new.id)
+        self.dispatcher.wake()
+        return new
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    name: str
+    sha256: str
+    size: int
+    role: str  # image | audio
+
+
+def _identify(path: Path, guess: str, name: str) -> tuple[str, str]:
+    """(role, extension) of an uploaded file, trying the browser's guess first."""
+    other = "image" if guess == "audio" else "audio"
+    try:
+        return guess, INSPECTORS[guess](path)
+    except MediaError as first:
+        try:
+            return other, INSPECTORS[other](path)
+        except MediaError:
+            raise ApiError(422, f"{name} {first}", guess) from None
 

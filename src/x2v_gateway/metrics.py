@@ -49,6 +49,40 @@ class Metrics:
         self.jobs_finished = Counter(
             "x2v_jobs_finished", "Jobs that reached a final state", ["state"], registry=self.registry
         )
+        self.node_busy = Gauge(
+            "x2v_node_busy", "1 while the node runs a task", ["upstream"], registry=self.registry
+        )
+        self.node_queue_depth = Gauge(
+            "x2v_node_queue_depth", "Jobs waiting in the node's own queue (sent, not started)",
+            ["upstream"], registry=self.registry,
+        )
+        self.node_slots = Gauge(
+            "x2v_node_slots", "Jobs the gateway keeps in flight on the node (capacity + look-ahead;"
+            " 0 while drained)", ["upstream"], registry=self.registry,
+        )
+        self.jobs_moved = Counter(
+            "x2v_jobs_moved", "Jobs taken back from a node and queued again",
+            ["upstream", "reason"], registry=self.registry,
+        )
+        self.dispatch_lag = Histogram(
+            "x2v_dispatch_lag_seconds",
+            "From a node slot seen free (its job finished or left) to the next job sent there,"
+            " when a job was waiting", ["upstream"], registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+        self.dispatch_round = Histogram(
+            "x2v_dispatch_round_seconds", "Time to choose which queued jobs go to which nodes",
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
+
+    def forget_upstream(self, name: str) -> None:
+        """A removed node's series go away with it."""
+        for gauge in (self.upstream_up, self.node_busy, self.node_queue_depth, self.node_slots):
+            try:
+                gauge.remove(name)
+            except KeyError:
+                pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

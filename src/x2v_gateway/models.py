@@ -55,6 +55,8 @@ class JobRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
     priority: Annotated[int, Meta(ge=-100, le=100)] = 0
     batch_id: Annotated[str, Meta(max_length=100, pattern=r"^[\w.\-]+$")] | None = None
     upstream: Annotated[str, Meta(max_length=100)] | None = None
+    # A hosted-cloud model (`GET /api/v1/models`); kept in the job's params as `model_cls`.
+    model: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
 
 
 PARAM_FIELDS = tuple(GenerationParams.__struct_fields__)

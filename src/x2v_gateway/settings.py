@@ -47,10 +47,23 @@ class Settings:
     max_json_mb: int = 64
     form_threshold_mb: int = 16
     max_wait: float = 600.0
+    max_file_mb: int = 1024
+    min_free_disk_mb: int = 1024
+    # Access control (auth.py): the bootstrap admin key, never in a repr, a log line or an error.
+    admin_key: str = field(default="", repr=False)
+    metrics_open: bool = False
+    cors_origins: tuple[str, ...] = ()
+    session_hours: float = 12.0
     demo_node_port: int = 0
     demo_job_seconds: float = 0.0
     log_level: str = "INFO"
     clouds: tuple[CloudSpec, ...] = ()
+    # Task type -> the cloud model its jobs run on when they name none (over the adapter's defaults).
+    cloud_models: dict[str, str] = field(default_factory=dict)
+    # Per node name; a node not listed learns its task types from its metadata, capacity 1.
+    node_tasks: dict[str, frozenset[str]] = field(default_factory=dict)
+    node_capacity: dict[str, int] = field(default_factory=dict)
+    start_deadline: float = 300.0
 
     @property
     def db_path(self) -> Path:
@@ -97,6 +110,37 @@ def _path(name: str, raw: str) -> Path:
     return Path(raw).expanduser()
 
 
+def _bool(name: str, raw: str) -> bool:
+    value = raw.lower()
+    if value not in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    return value in {"true", "1", "yes", "on"}
+
+
+def _admin_key(name: str, raw: str) -> str:
+    # The key is compared by its sha256 only; a short one could be guessed by trying.
+    if len(raw) < 24 or any(c.isspace() for c in raw):
+        raise SettingsError(
+            f"{name} must be at least 24 characters without spaces; make one with"
+            " `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return raw
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    """`https://app.example.com,http://localhost:5173` -> origins allowed to call the API from a browser."""
+    origins = []
+    for item in (p.strip() for p in raw.split(",")):
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if item != "*" and (parts.scheme not in {"http", "https"} or not parts.hostname
+                            or parts.path not in {"", "/"} or parts.query):
+            raise SettingsError(f"{name}: {item!r} is not an origin like https://app.example.com")
+        origins.append(item.rstrip("/"))
+    return tuple(origins)
+
+
 def _log_level(name: str, raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -130,6 +174,43 @@ def parse_nodes(name: str, raw: str) -> tuple[NodeSpec, ...]:
     return tuple(nodes)
 
 
+VIDEO_TASKS = frozenset({"s2v", "i2v", "t2v", "flf2v"})
+
+
+def _node_pairs(name: str, raw: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in (p.strip() for p in raw.split(",")):
+        if not item:
+            continue
+        node, sep, value = item.partition("=")
+        if not sep or not node.strip() or not value.strip():
+            raise SettingsError(f"{name}: expected name=value pairs separated by commas, got {item!r}")
+        pairs.append((node.strip(), value.strip()))
+    return pairs
+
+
+def parse_node_tasks(name: str, raw: str) -> dict[str, frozenset[str]]:
+    """`gpu0=t2v+i2v,gpu1=s2v` -> the task types each named node runs."""
+    result = {}
+    for node, value in _node_pairs(name, raw):
+        tasks = frozenset(t.strip() for t in value.split("+") if t.strip())
+        unknown = tasks - VIDEO_TASKS
+        if unknown or not tasks:
+            raise SettingsError(
+                f"{name}: {node} lists {', '.join(sorted(unknown)) or 'no task'}; task types are"
+                f" {', '.join(sorted(VIDEO_TASKS))}"
+            )
+        result[node] = tasks
+    return result
+
+
+def parse_node_capacity(name: str, raw: str) -> dict[str, int]:
+    """`gpu0=2,gpu1=1` -> tasks each named node runs at once; a bare number applies to all (`*`)."""
+    if "=" not in raw:
+        return {"*": _int(1, 64)(name, raw)}
+    return {node: _int(1, 64)(f"{name} ({node})", value) for node, value in _node_pairs(name, raw)}
+
+
 # name -> (Settings field, parser, description for the README). Order is the README's order.
 SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_DATA_DIR": ("data_dir", _path, "Where the SQLite file and the blob store live"),
@@ -138,6 +219,9 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_NODES": ("nodes", parse_nodes, "Self-hosted LightX2V nodes: comma-separated base URLs, each optionally `name=url`. Empty: a built-in demo node is started"),
     "X2V_POLL_INTERVAL": ("poll_interval", _float(0.05, 60), "Seconds between two status requests to a node that has work"),
     "X2V_LOOKAHEAD": ("lookahead", _int(0, 9), "Jobs waiting in a node's own queue beyond the one it runs, so the GPU starts the next at once"),
+    "X2V_NODE_TASKS": ("node_tasks", parse_node_tasks, "Task types per node, `name=t2v+i2v` pairs separated by commas, for nodes started with one `--task`. A node not listed runs what its model class (`/v1/service/metadata`) allows"),
+    "X2V_NODE_CAPACITY": ("node_capacity", parse_node_capacity, "Tasks a node runs at once (a LightX2V server runs 1): one number for every node, or `name=N` pairs"),
+    "X2V_START_DEADLINE": ("start_deadline", _float(1, 7 * 86400), "Seconds a job may wait in a node's own queue (or on a node that stopped answering) before it is moved to another node; longer when the node's measured job times say the work ahead needs longer"),
     "X2V_REQUEST_TIMEOUT": ("request_timeout", _float(1, 3600), "Seconds before an upstream request gives up"),
     "X2V_RETENTION_HOURS": ("retention_hours", _float(0, 24 * 3650), "Inputs and results of finished jobs are deleted after this many hours (0 keeps them forever)"),
     "X2V_MAX_UPLOAD_MB": ("max_upload_mb", _int(1, 1024 * 1024), "Largest multipart upload accepted, in MiB"),
@@ -147,11 +231,18 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_DEMO_NODE_PORT": ("demo_node_port", _int(0, 65535), "Port of the built-in demo node (0: any free port)"),
     "X2V_DEMO_JOB_SECONDS": ("demo_job_seconds", _float(0, 3600), "Minimum seconds each demo-node job takes"),
     "X2V_LOG_LEVEL": ("log_level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+    "X2V_ADMIN_KEY": ("admin_key", _admin_key, "An admin API key for a new deployment (at least 24 characters); it works while this variable holds it. Unset and no key made yet: the first start makes one and shows it once"),
+    "X2V_METRICS_OPEN": ("metrics_open", _bool, "`true`: `/metrics` answers without a key (for a scraper on a private network). Default: it needs an admin key"),
+    "X2V_CORS_ORIGINS": ("cors_origins", _origins, "Browser origins allowed to call the API (CORS), comma-separated, e.g. `https://app.example.com`. Empty: CORS off"),
+    "X2V_SESSION_HOURS": ("session_hours", _float(0.1, 24 * 90), "Hours a dashboard sign-in lasts"),
+    "X2V_MAX_FILE_MB": ("max_file_mb", _int(1, 1024 * 1024), "Largest single input file accepted (upload, URL or base64), in MiB"),
+    "X2V_MIN_FREE_DISK_MB": ("min_free_disk_mb", _int(0, 1024 * 1024 * 1024), "New jobs get 507 while the data directory's disk has less free space than this, in MiB (0: no check)"),
 }
 
 CLOUD_SETTINGS = {
     "LIGHTX2V_ACCESS_TOKEN": "Access token for the hosted LightX2V cloud; adds it as an upstream. Several tokens: comma-separated",
     "LIGHTX2V_BASE_URL": "Base URL of the hosted LightX2V cloud",
+    "LIGHTX2V_MODELS": "Cloud model per task type for jobs that name none, `task=model_cls` pairs separated by commas; a task type not listed keeps its default",
 }
 DEFAULT_CLOUD_URL = "https://x2v.light-ai.top"
 
@@ -163,6 +254,16 @@ def _parse_clouds(env: Mapping[str, str]) -> tuple[CloudSpec, ...]:
         CloudSpec(name="cloud" if len(tokens) == 1 else f"cloud{i}", base_url=base_url, token=token)
         for i, token in enumerate(tokens, start=1)
     )
+
+
+def parse_cloud_models(name: str, raw: str) -> dict[str, str]:
+    """`s2v=SekoTalk,t2v=self-forcing-dmd` -> the cloud model each task type runs on by default."""
+    models = {}
+    for task, model in _node_pairs(name, raw):
+        if task not in VIDEO_TASKS:
+            raise SettingsError(f"{name}: {task!r} is not a task type; task types are {', '.join(sorted(VIDEO_TASKS))}")
+        models[task] = model
+    return models
 
 
 def load_settings(
@@ -180,4 +281,9 @@ def load_settings(
         if raw is not None and raw.strip() != "":
             values[attr] = parse(name, raw.strip())
     values["clouds"] = _parse_clouds(env)
+    values["cloud_models"] = parse_cloud_models("LIGHTX2V_MODELS", env.get("LIGHTX2V_MODELS", ""))
+    names = {node.name for node in values.get("nodes", ())}
+    for variable, attr in (("X2V_NODE_TASKS", "node_tasks"), ("X2V_NODE_CAPACITY", "node_capacity")):
+        for node in set(values.get(attr, {})) - names - {"*"}:
+            raise SettingsError(f"{variable}: no node named {node!r} in X2V_NODES")
     return Settings(**values)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from sqlite_utils import Database
@@ -115,6 +115,109 @@ def m001_jobs(db: Database) -> None:
         {"id": int, "job_id": str, "at": float, "state": str, "detail": str}, pk="id"
     )
     db["job_events"].create_index(["job_id", "id"])
+
+
+@migrations()
+def m002_dashboard_batches(db: Database) -> None:
+    # A batch made in the dashboard: its name and the form it came from, and for each of its
+    # jobs the file names the user dropped (the jobs themselves only know blob hashes).
+    db["batches"].create(
+        {"id": str, "name": str, "task": str, "mode": str, "owner": str, "created_at": float,
+         "form": str},
+        pk="id", not_null={"created_at"},
+    )
+    db["batches"].create_index(["created_at"])
+    db["batch_jobs"].create(
+        {"job_id": str, "batch_id": str, "position": int, "files": str, "retry_of": str},
+        pk="job_id", not_null={"batch_id", "position", "files"},
+    )
+    db["batch_jobs"].create_index(["batch_id", "position"])
+    # Partial: almost every row has no retry_of, and a full index on it looks useless to the
+    # query planner (after ANALYZE it scans the table instead, for each row of a batch page).
+    db.execute("CREATE INDEX idx_batch_jobs_retry_of ON batch_jobs (retry_of) WHERE retry_of IS NOT NULL")
+    # The dashboard's reads: counts of one batch by state (covered by this index, so a batch
+    # of 10,000 jobs is counted without touching its rows), and the jobs list filtered by state
+    # or task, newest first, which otherwise walks every row to find a rare state.
+    db.execute("CREATE INDEX idx_jobs_batch_state ON jobs (batch_id, state)")
+    db.execute("CREATE INDEX idx_jobs_state_seq ON jobs (state, seq)")
+    db.execute("CREATE INDEX idx_jobs_task_seq ON jobs (task, seq)")
+
+
+@migrations()
+def m003_nodes(db: Database) -> None:
+    # The node registry: nodes from X2V_NODES are copied here at start; nodes added, drained or
+    # removed through the admin API live only here. `removed` keeps a settings node removed
+    # across restarts; `source` says who decides its URL ("settings" or "api").
+    db["nodes"].create(
+        {"name": str, "url": str, "capacity": int, "tasks": str, "drained": int, "removed": int,
+         "source": str, "created_at": float, "updated_at": float},
+        pk="name", not_null={"created_at", "updated_at"},
+        defaults={"capacity": 1, "drained": 0, "removed": 0},
+    )
+    # Tasks a job was moved away from while its node could not be told: each is cancelled on
+    # that node when it answers again, so a moved job never runs there as well.
+    db["stray_tasks"].create(
+        {"node": str, "task_id": str, "job_id": str, "created_at": float},
+        pk=("node", "task_id"),
+    )
+    # Fair dispatch walks the queue lane by lane (task, priority, owner, batch), skipping from
+    # one lane to the next through this index instead of reading every queued row.
+    db.execute(
+        "CREATE INDEX idx_jobs_lanes ON jobs"
+        " (state, task, priority, coalesce(owner, ''), coalesce(batch_id, ''), seq)"
+    )
+    # Every node's follow loop asks for unsent cancels; without this, each ask reads every job.
+    db.execute("CREATE INDEX idx_jobs_cancel_pending ON jobs (cancel_pending) WHERE cancel_pending = 1")
+
+
+@migrations()
+def m010_keys(db: Database) -> None:
+    # API keys. Only the sha256 of a key is kept: a generated key holds 256 random bits, so a
+    # plain hash cannot be reversed or guessed and needs no salt or slow hash. `prefix` (the
+    # first characters of a generated key) lets a person tell keys apart in `keys list`.
+    db["api_keys"].create(
+        {"id": str, "name": str, "key_hash": str, "prefix": str, "admin": int,
+         "daily_quota": int, "max_concurrent": int, "rate_per_min": float, "source": str,
+         "created_at": float, "created_by": str, "revoked_at": float, "revoked_by": str},
+        pk="id", not_null={"name", "key_hash", "created_at"}, defaults={"admin": 0},
+    )
+    db["api_keys"].create_index(["key_hash"], unique=True)
+    # Dashboard sign-ins: the cookie's sha256, the key it acts for, its CSRF token.
+    db["sessions"].create(
+        {"id_hash": str, "key_id": str, "csrf": str, "created_at": float, "expires_at": float},
+        pk="id_hash", not_null={"key_id", "csrf", "expires_at"},
+    )
+    db["sessions"].create_index(["key_id"])
+    # Jobs accepted per key and UTC day, for daily quotas (retries of a job count too).
+    db["key_usage"].create({"key_id": str, "day": str, "jobs": int}, pk=("key_id", "day"))
+    db["audit"].create(
+        {"id": int, "at": float, "actor": str, "action": str, "target": str, "detail": str},
+        pk="id", not_null={"at", "actor", "action"},
+    )
+    # A key's own jobs, newest first, without reading everyone else's.
+    db.execute("CREATE INDEX idx_jobs_owner_seq ON jobs (owner, seq)")
+
+
+class BatchJobSpec(msgspec.Struct, kw_only=True):
+    """One job to create in a batch, from inputs already in the blob store."""
+
+    task: str
+    params: dict[str, Any]
+    inputs: dict[str, str]  # role -> blob sha256
+    files: dict[str, str]  # role -> the file name the user gave it
+    priority: int = 0
+    retry_of: str | None = None
+
+
+class BatchItem(msgspec.Struct):
+    """A job of a batch, with its place in the batch and its files' names (empty for jobs
+    that came through the API with a `batch_id`)."""
+
+    job: Job
+    position: int | None
+    files: dict[str, str]
+    retry_of: str | None
+    retried_as: str | None = None
 
 
 def _now() -> float:
@@ -507,6 +610,30 @@ class JobStore:
         await self._write(write)
         return self.get(job_id)
 
+    async def resume(self, job_id: str, upstream: str, task_id: str) -> bool:
+        """A failed or cancelled job whose upstream took its task back (the cloud's resume):
+        `submitted` again on the same upstream task, as a new run, without a new submission.
+
+        Only if the job is still finished on that upstream task (a second retry sent meanwhile
+        did nothing to it).
+        """
+
+        def write(conn: sqlite3.Connection) -> bool:
+            now = _now()
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'submitted', run = run + 1, error = NULL,"
+                " result_sha = NULL, result_meta = NULL, queue_info = NULL, submitted_at = ?,"
+                " started_at = NULL, finished_at = NULL, updated_at = ?, cancel_pending = 0"
+                " WHERE id = ? AND upstream = ? AND upstream_task_id = ?"
+                " AND state IN ('failed', 'cancelled') AND files_expired = 0",
+                (now, now, job_id, upstream, task_id),
+            )
+            if cur.rowcount:
+                _event(conn, job_id, SUBMITTED, f"retry requested: resumed on {upstream} as the same task")
+            return cur.rowcount == 1
+
+        return await self._write(write)
+
     async def expire_files(self, finished_before: float, grace: float = 3600.0) -> list[str]:
         """Mark finished jobs older than the cutoff as expired; return blobs nothing else needs."""
 
@@ -535,6 +662,608 @@ class JobStore:
             return doomed
 
         return await self._write(write)
+
+    # -- batches (the dashboard) ----------------------------------------------------------------
+
+    def batch(self, batch_id: str) -> dict[str, Any] | None:
+        """A batch made in the dashboard (API batches have no row here, only a `batch_id`)."""
+        row = self._conn().execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        data = dict(row)
+        data["form"] = json.loads(data["form"]) if data["form"] else {}
+        return data
+
+    def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
+        """Batches (made in the dashboard or through the API) with a job among the last
+        `window` jobs (of `owner`, if given), the most recently active first. Bounded: it never
+        reads more rows than the window, however many jobs the store holds."""
+        if owner is None:
+            sql, args = "SELECT batch_id, seq FROM jobs ORDER BY seq DESC LIMIT ?", (window,)
+        else:
+            sql, args = "SELECT batch_id, seq FROM jobs WHERE owner = ? ORDER BY seq DESC LIMIT ?", (owner, window)
+        rows = self._conn().execute(
+            f"SELECT batch_id, max(seq) AS last FROM ({sql}) WHERE batch_id IS NOT NULL"
+            " GROUP BY batch_id ORDER BY last DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [r[0] for r in rows]
+
+    def owner_counts(self, owner: str | None) -> dict[str, int]:
+        """Jobs by state: all of them, or one owner's."""
+        if owner is None:
+            return self.counts_by_state()
+        counts = dict.fromkeys(STATES, 0)
+        for state, n in self._conn().execute(
+            "SELECT state, count(*) FROM jobs WHERE owner = ? GROUP BY state", (owner,)
+        ):
+            counts[state] = n
+        return counts
+
+    def batch_counts(self, batch_id: str, owner: str | None = None) -> dict[str, int]:
+        """A batch's jobs by state (only `owner`'s, if given: a batch id is not unique across keys)."""
+        sql, args = "SELECT state, count(*) FROM jobs WHERE batch_id = ?", [batch_id]
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        counts = dict.fromkeys(STATES, 0)
+        for state, n in self._conn().execute(sql + " GROUP BY state", args):
+            counts[state] = n
+        return counts
+
+    def batch_created_at(self, batch_id: str, owner: str | None = None) -> float | None:
+        """When the batch's first job was accepted."""
+        sql, args = "SELECT created_at FROM jobs WHERE batch_id = ?", [batch_id]
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        row = self._conn().execute(sql + " ORDER BY seq LIMIT 1", args).fetchone()
+        return row[0] if row else None
+
+    _ITEM_SQL = (
+        "SELECT jobs.*, bj.position AS bj_position, bj.files AS bj_files,"
+        " bj.retry_of AS bj_retry_of,"
+        " (SELECT r.job_id FROM batch_jobs r WHERE r.retry_of = jobs.id"
+        "  ORDER BY r.position DESC LIMIT 1) AS bj_retried_as"
+        " FROM jobs LEFT JOIN batch_jobs bj ON bj.job_id = jobs.id"
+    )
+
+    def batch_items(
+        self, batch_id: str, *, after_seq: int = 0, limit: int = 200, owner: str | None = None,
+    ) -> list[BatchItem]:
+        """A batch's jobs (`owner`'s, if given) in the order they were made; `after_seq` is the cursor."""
+        sql, args = self._ITEM_SQL + " WHERE jobs.batch_id = ? AND jobs.seq > ?", [batch_id, after_seq]
+        if owner is not None:
+            sql += " AND jobs.owner = ?"
+            args.append(owner)
+        rows = self._conn().execute(sql + " ORDER BY jobs.seq LIMIT ?", (*args, limit)).fetchall()
+        return [_row_to_item(r) for r in rows]
+
+    def batch_item(self, job_id: str) -> BatchItem | None:
+        row = self._conn().execute(self._ITEM_SQL + " WHERE jobs.id = ?", (job_id,)).fetchone()
+        return _row_to_item(row) if row else None
+
+    def queue_positions(self, jobs: Iterable[Job]) -> dict[str, int]:
+        """1-based places in the gateway's queue of the queued jobs among `jobs`, in one query."""
+        seqs = {job.seq: job.id for job in jobs if job.state == QUEUED}
+        if not seqs:
+            return {}
+        # One pass over the queue index, however many rows the page shows (a count per row
+        # would walk the queue once per row).
+        rows = self._conn().execute(
+            "SELECT seq, pos FROM (SELECT seq, row_number() OVER (ORDER BY priority DESC, seq)"
+            " AS pos FROM jobs WHERE state = 'queued')"
+            f" WHERE seq IN ({','.join('?' * len(seqs))})",
+            tuple(seqs),
+        )
+        return {seqs[seq]: pos for seq, pos in rows}
+
+    async def create_batch(
+        self,
+        batch_id: str,
+        specs: list[BatchJobSpec],
+        *,
+        batch: dict[str, Any] | None = None,
+        owner: str | None = None,
+    ) -> list[Job] | None:
+        """Queue jobs in a batch, all in one transaction: every job or none.
+
+        With `batch` (name, task, mode, form) a new dashboard batch is recorded too; when a batch
+        with that id exists already (a second click on "Create"), nothing is added: None.
+        """
+        ids = [new_job_id() for _ in specs]
+
+        def write(conn: sqlite3.Connection) -> bool:
+            now = _now()
+            if batch is not None:
+                if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone():
+                    return False
+                conn.execute(
+                    "INSERT INTO batches (id, name, task, mode, owner, created_at, form)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (batch_id, batch.get("name"), batch.get("task"), batch.get("mode"), owner,
+                     now, json.dumps(batch.get("form") or {})),
+                )
+            (last,) = conn.execute(
+                "SELECT coalesce(max(position), 0) FROM batch_jobs WHERE batch_id = ?", (batch_id,)
+            ).fetchone()
+            conn.executemany(
+                "INSERT INTO jobs (id, task, state, params, inputs, priority, batch_id, owner,"
+                " created_at, updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                [(job_id, s.task, json.dumps(s.params), json.dumps(s.inputs), s.priority,
+                  batch_id, owner, now, now) for job_id, s in zip(ids, specs)],
+            )
+            conn.executemany(
+                "INSERT INTO batch_jobs (job_id, batch_id, position, files, retry_of)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(job_id, batch_id, last + n, json.dumps(s.files), s.retry_of)
+                 for n, (job_id, s) in enumerate(zip(ids, specs), start=1)],
+            )
+            conn.executemany(
+                "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, 'queued', ?)",
+                [(job_id, now, f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted")
+                 for job_id, s in zip(ids, specs)],
+            )
+            return True
+
+        if not await self._write(write):
+            return None
+        jobs: list[Job] = []
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            chunk = ids[start:start + 500]
+            rows = self._conn().execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY seq", chunk
+            )
+            jobs += [_row_to_job(r) for r in rows]
+        return jobs
+
+    # -- the node registry ----------------------------------------------------------------------
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every row of the node registry, removed ones included."""
+        rows = self._conn().execute("SELECT * FROM nodes ORDER BY created_at, name").fetchall()
+        nodes = []
+        for row in rows:
+            node = dict(row)
+            node["tasks"] = json.loads(node["tasks"]) if node["tasks"] else None
+            node["drained"], node["removed"] = bool(node["drained"]), bool(node["removed"])
+            nodes.append(node)
+        return nodes
+
+    async def save_node(
+        self, name: str, *, url: str, capacity: int, tasks: Iterable[str] | None, source: str
+    ) -> None:
+        """Add a node, or replace its URL, capacity and task types (a removed node comes back).
+
+        Whether it is drained is left as it was: a drained node stays drained until undrained.
+        """
+        tasks_json = json.dumps(sorted(tasks)) if tasks is not None else None
+
+        def write(conn: sqlite3.Connection) -> None:
+            now = _now()
+            conn.execute(
+                "INSERT INTO nodes (name, url, capacity, tasks, drained, removed, source,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET url = excluded.url,"
+                " capacity = excluded.capacity, tasks = excluded.tasks, removed = 0,"
+                " source = excluded.source, updated_at = excluded.updated_at",
+                (name, url, capacity, tasks_json, source, now, now),
+            )
+
+        await self._write(write)
+
+    async def set_node_flags(
+        self, name: str, *, drained: bool | None = None, removed: bool | None = None
+    ) -> None:
+        """Drain/undrain or remove a node. A row is made for an upstream not in the registry
+        yet (a cloud account), so that its drained flag outlives a restart too."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            now = _now()
+            conn.execute(
+                "INSERT OR IGNORE INTO nodes (name, source, created_at, updated_at)"
+                " VALUES (?, 'api', ?, ?)",
+                (name, now, now),
+            )
+            for column, value in (("drained", drained), ("removed", removed)):
+                if value is not None:
+                    conn.execute(
+                        f"UPDATE nodes SET {column} = ?, updated_at = ? WHERE name = ?",
+                        (int(value), now, name),
+                    )
+
+        await self._write(write)
+
+    def count_pinned(self, upstream: str) -> int:
+        """Queued jobs that only this upstream may run."""
+        (n,) = self._conn().execute(
+            "SELECT count(*) FROM jobs WHERE state = 'queued' AND pinned = ?", (upstream,)
+        ).fetchone()
+        return n
+
+    async def delete_node(self, name: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
+
+        await self._write(write)
+
+    # -- fair dispatch --------------------------------------------------------------------------
+
+    def queue_lanes(self, tasks: Iterable[str], *, batches_per_owner: int = 64) -> list[Lane]:
+        """The queue's lanes for these task types: one per (task, priority, owner, batch), each
+        with the `seq` of its oldest job.
+
+        The lane index is walked with one seek per lane (skip-scan), so 50,000 queued jobs in a
+        few lanes cost a few dozen index lookups, not a read of every row. An owner with more
+        batches than `batches_per_owner` at one priority is counted in a single grouped pass
+        instead, which costs at most one read of that owner's queued jobs.
+        """
+        conn = self._conn()
+        lanes: list[Lane] = []
+        for task in tasks:
+            for priority in _distinct(conn, "priority", "task = ?", (task,)):
+                where, args = "task = ? AND priority = ?", (task, priority)
+                for owner in _distinct(conn, _OWNER_KEY, where, args):
+                    found = _skip_batches(
+                        conn, (*args, owner), batches_per_owner + 1
+                    )
+                    if len(found) > batches_per_owner:
+                        found = conn.execute(
+                            f"SELECT {_BATCH_KEY}, min(seq) FROM jobs WHERE state = 'queued'"
+                            f" AND {where} AND {_OWNER_KEY} = ? GROUP BY {_BATCH_KEY}",
+                            (*args, owner),
+                        ).fetchall()
+                    lanes += [Lane(task, priority, owner, batch, seq) for batch, seq in found]
+        return lanes
+
+    def lane_jobs(self, lane: Lane, after_seq: int, limit: int) -> list[Job]:
+        """Queued jobs of one lane, oldest first, after `after_seq`."""
+        rows = self._conn().execute(
+            f"SELECT * FROM jobs WHERE state = 'queued' AND task = ? AND priority = ?"
+            f" AND {_OWNER_KEY} = ? AND {_BATCH_KEY} = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (lane.task, lane.priority, lane.owner, lane.batch, after_seq, limit),
+        ).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def inflight(self) -> list[Inflight]:
+        """Every job handed to an upstream and not finished, in a few columns (no JSON)."""
+        rows = self._conn().execute(
+            f"SELECT id, upstream, task, state, {_OWNER_KEY}, {_BATCH_KEY}, submitted_at,"
+            " started_at FROM jobs WHERE state IN ('submitted', 'running') ORDER BY seq"
+        )
+        return [Inflight(*row) for row in rows]
+
+    def recent_run_times(self, limit: int = 5000) -> list[tuple[str, str, float]]:
+        """(upstream, task, seconds from started to finished) of the latest successes."""
+        rows = self._conn().execute(
+            "SELECT upstream, task, finished_at - started_at FROM jobs WHERE finished_at IS NOT NULL"
+            " AND state = 'succeeded' AND started_at IS NOT NULL AND upstream IS NOT NULL"
+            " ORDER BY finished_at DESC LIMIT ?",
+            (limit,),
+        )
+        return rows.fetchall()
+
+    async def move(self, job_id: str, upstream: str, reason: str, *, stray: bool) -> bool:
+        """Take a job back from `upstream` into the gateway's queue (node dead, or too slow to
+        start it). With `stray`, its task there is remembered, to be cancelled when the node
+        answers again. Only if the job is still on that upstream and not finished."""
+
+        def write(conn: sqlite3.Connection) -> bool:
+            now = _now()
+            row = conn.execute(
+                "SELECT upstream_task_id FROM jobs WHERE id = ? AND upstream = ?"
+                " AND state IN ('submitted', 'running')",
+                (job_id, upstream),
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', upstream = NULL, started_at = NULL,"
+                " queue_info = NULL, updated_at = ? WHERE id = ?",
+                (now, job_id),
+            )
+            if stray and row["upstream_task_id"]:
+                conn.execute(
+                    "INSERT OR REPLACE INTO stray_tasks (node, task_id, job_id, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (upstream, row["upstream_task_id"], job_id, now),
+                )
+            _event(conn, job_id, QUEUED, reason)
+            return True
+
+        return await self._write(write)
+
+    def stray_tasks(self, node: str) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT task_id FROM stray_tasks WHERE node = ? ORDER BY created_at", (node,)
+        )
+        return [task_id for (task_id,) in rows]
+
+    async def drop_stray(self, node: str, task_id: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM stray_tasks WHERE node = ? AND task_id = ?", (node, task_id))
+
+        await self._write(write)
+
+
+    # -- API keys, sessions, quotas, audit (auth.py) ----------------------------------------------
+
+    def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
+        """The key with this hash, revoked or not."""
+        row = self._conn().execute("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
+        return _key_row(row) if row else None
+
+    def keys(self) -> list[dict[str, Any]]:
+        rows = self._conn().execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
+        return [_key_row(r) for r in rows]
+
+    async def create_key(self, key: dict[str, Any], actor: str) -> dict[str, Any]:
+        """Insert a key row (`key` holds every column but the timestamps). Names are unique among
+        keys that are not revoked, so `keys revoke NAME` means one key."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            taken = conn.execute(
+                "SELECT id FROM api_keys WHERE name = ? AND revoked_at IS NULL", (key["name"],)
+            ).fetchone()
+            if taken:
+                raise KeyNameTaken(f"a key named {key['name']!r} exists ({taken['id']}); revoke it"
+                                   " first or choose another name")
+            conn.execute(
+                "INSERT INTO api_keys (id, name, key_hash, prefix, admin, daily_quota,"
+                " max_concurrent, rate_per_min, source, created_at, created_by)"
+                " VALUES (:id, :name, :key_hash, :prefix, :admin, :daily_quota, :max_concurrent,"
+                " :rate_per_min, :source, :created_at, :created_by)",
+                {**key, "admin": int(key["admin"]), "created_at": _now(), "created_by": actor},
+            )
+            _audit(conn, actor, "key.create", key["id"], _key_summary(key))
+
+        await self._write(write)
+        row = self._conn().execute("SELECT * FROM api_keys WHERE id = ?", (key["id"],)).fetchone()
+        return _key_row(row)
+
+    async def revoke_key(self, key_id: str, actor: str) -> dict[str, Any] | None:
+        """Revoke a key and end its dashboard sessions. None when no such key is active."""
+
+        def write(conn: sqlite3.Connection) -> bool:
+            now = _now()
+            cur = conn.execute(
+                "UPDATE api_keys SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL",
+                (now, actor, key_id),
+            )
+            if not cur.rowcount:
+                return False
+            conn.execute("DELETE FROM sessions WHERE key_id = ?", (key_id,))
+            name = conn.execute("SELECT name FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0]
+            _audit(conn, actor, "key.revoke", key_id, f"name={name}")
+            return True
+
+        if not await self._write(write):
+            return None
+        row = self._conn().execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return _key_row(row)
+
+    async def create_session(self, id_hash: str, key_id: str, csrf: str, expires_at: float) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            now = _now()
+            conn.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
+            conn.execute(
+                "INSERT INTO sessions (id_hash, key_id, csrf, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (id_hash, key_id, csrf, now, expires_at),
+            )
+
+        await self._write(write)
+
+    def session(self, id_hash: str) -> tuple[dict[str, Any], str] | None:
+        """(the key, the CSRF token) of a session that has not expired, of a key not revoked."""
+        row = self._conn().execute(
+            "SELECT k.*, s.csrf AS session_csrf FROM sessions s JOIN api_keys k ON k.id = s.key_id"
+            " WHERE s.id_hash = ? AND s.expires_at > ? AND k.revoked_at IS NULL",
+            (id_hash, _now()),
+        ).fetchone()
+        if row is None:
+            return None
+        data = dict(row)
+        csrf = data.pop("session_csrf")
+        return _key_row(data), csrf
+
+    async def delete_session(self, id_hash: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash,))
+
+        await self._write(write)
+
+    async def reserve_jobs(self, key_id: str, day: str, n: int, quota: int | None) -> int | None:
+        """Count `n` more jobs for a key today, unless that goes over `quota`: the new total, or
+        None (nothing counted). Check and count are one transaction, so two requests at once
+        cannot both take the last job of a quota."""
+
+        def write(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT jobs FROM key_usage WHERE key_id = ? AND day = ?", (key_id, day)
+            ).fetchone()
+            used = row[0] if row else 0
+            if quota is not None and used + n > quota:
+                return None
+            conn.execute(
+                "INSERT INTO key_usage (key_id, day, jobs) VALUES (?, ?, ?) ON CONFLICT"
+                " (key_id, day) DO UPDATE SET jobs = jobs + excluded.jobs",
+                (key_id, day, n),
+            )
+            return used + n
+
+        return await self._write(write)
+
+    async def release_jobs(self, key_id: str, day: str, n: int) -> None:
+        """Give back jobs counted by `reserve_jobs` for a request that was then refused."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE key_usage SET jobs = max(0, jobs - ?) WHERE key_id = ? AND day = ?",
+                (n, key_id, day),
+            )
+
+        await self._write(write)
+
+    def jobs_used(self, key_id: str, day: str) -> int:
+        row = self._conn().execute(
+            "SELECT jobs FROM key_usage WHERE key_id = ? AND day = ?", (key_id, day)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def concurrency_limits(self) -> dict[str, int]:
+        """Owner (key id) -> most of its jobs on upstreams at once, for keys that have a limit."""
+        rows = self._conn().execute(
+            "SELECT id, max_concurrent FROM api_keys WHERE max_concurrent IS NOT NULL"
+            " AND revoked_at IS NULL"
+        )
+        return dict(rows.fetchall())
+
+    async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            _audit(conn, actor, action, target, detail)
+
+        await self._write(write)
+
+    def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
+        """Audit entries, newest first; `before_id` is the cursor."""
+        sql, args = "SELECT * FROM audit", []
+        if before_id is not None:
+            sql += " WHERE id < ?"
+            args.append(before_id)
+        rows = self._conn().execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [dict(r) for r in rows]
+
+    async def purge_files(self, job_ids: list[str], actor: str, target: str) -> list[str]:
+        """Mark these finished jobs' files deleted; return the blobs no kept job needs any more.
+
+        A portrait shared with a job whose files are kept stays. Unlike the retention sweep, a
+        blob recorded a moment ago is not spared: a purge is someone asking for their files to be
+        gone now.
+        """
+
+        def write(conn: sqlite3.Connection) -> list[str]:
+            mine: set[str] = set()
+            for start in range(0, len(job_ids), 500):  # SQLite's limit on bound parameters
+                chunk = job_ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for inputs, result in conn.execute(
+                    f"SELECT inputs, result_sha FROM jobs WHERE id IN ({marks})"
+                    f" AND state IN {_TERMINAL_SQL}", chunk,
+                ):
+                    mine.update(json.loads(inputs).values())
+                    if result:
+                        mine.add(result)
+                conn.execute(
+                    f"UPDATE jobs SET files_expired = 1 WHERE id IN ({marks})"
+                    f" AND state IN {_TERMINAL_SQL}", chunk,
+                )
+            live: set[str] = set()
+            if mine:
+                for inputs, result in conn.execute(
+                    "SELECT inputs, result_sha FROM jobs WHERE files_expired = 0"
+                ):
+                    live.update(json.loads(inputs).values())
+                    if result:
+                        live.add(result)
+            doomed = sorted(mine - live)
+            conn.executemany("DELETE FROM blobs WHERE sha256 = ?", [(s,) for s in doomed])
+            _audit(conn, actor, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
+            return doomed
+
+        return await self._write(write)
+
+
+class KeyNameTaken(ValueError):
+    """An active key already has this name."""
+
+
+def _key_row(row: Any) -> dict[str, Any]:
+    data = dict(row)
+    data["admin"] = bool(data["admin"])
+    return data
+
+
+def _key_summary(key: dict[str, Any]) -> str:
+    """A key's settings for the audit log: never its hash, never the key."""
+    parts = [f"name={key['name']}", f"admin={bool(key['admin'])}"]
+    for column in ("daily_quota", "max_concurrent", "rate_per_min"):
+        if key.get(column) is not None:
+            parts.append(f"{column}={key[column]:g}" if isinstance(key[column], float) else f"{column}={key[column]}")
+    return " ".join(parts)
+
+
+def _audit(conn: sqlite3.Connection, actor: str, action: str, target: str, detail: str) -> None:
+    conn.execute(
+        "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+        (_now(), actor, action, target, detail),
+    )
+
+
+class Lane(NamedTuple):
+    """Queued jobs that share a task type, a priority, an owner and a batch."""
+
+    task: str
+    priority: int
+    owner: str  # '' for none
+    batch: str  # '' for none
+    head_seq: int
+
+
+class Inflight(NamedTuple):
+    id: str
+    upstream: str
+    task: str
+    state: str
+    owner: str
+    batch: str
+    submitted_at: float | None
+    started_at: float | None
+
+
+_OWNER_KEY = "coalesce(owner, '')"
+_BATCH_KEY = "coalesce(batch_id, '')"
+
+
+def _distinct(conn: sqlite3.Connection, column: str, where: str, args: tuple) -> list[Any]:
+    """Distinct values of an indexed column among queued jobs, one index seek each."""
+    values: list[Any] = []
+    base = f"SELECT {column} FROM jobs WHERE state = 'queued' AND {where}"
+    row = conn.execute(f"{base} ORDER BY {column} LIMIT 1", args).fetchone()
+    while row is not None:
+        values.append(row[0])
+        row = conn.execute(
+            f"{base} AND {column} > ? ORDER BY {column} LIMIT 1", (*args, row[0])
+        ).fetchone()
+    return values
+
+
+def _skip_batches(conn: sqlite3.Connection, args: tuple, limit: int) -> list[tuple[str, int]]:
+    """(batch key, oldest seq) of each batch of one (task, priority, owner), up to `limit`."""
+    base = (
+        f"SELECT {_BATCH_KEY}, seq FROM jobs WHERE state = 'queued' AND task = ?"
+        f" AND priority = ? AND {_OWNER_KEY} = ?"
+    )
+    order = f" ORDER BY {_BATCH_KEY}, seq LIMIT 1"
+    found: list[tuple[str, int]] = []
+    row = conn.execute(base + order, args).fetchone()
+    while row is not None and len(found) < limit:
+        found.append((row[0], row[1]))
+        row = conn.execute(f"{base} AND {_BATCH_KEY} > ?{order}", (*args, row[0])).fetchone()
+    return found
+
+
+def _row_to_item(row: sqlite3.Row) -> BatchItem:
+    data = dict(row)
+    extra = {k: data.pop(k) for k in [k for k in data if k.startswith("bj_")]}
+    job = _row_to_job(data)
+    return BatchItem(
+        job=job,
+        position=extra["bj_position"],
+        files=json.loads(extra["bj_files"]) if extra["bj_files"] else {},
+        retry_of=extra["bj_retry_of"],
+        retried_as=extra["bj_retried_as"],
+    )
 
 
 def _event(conn: sqlite3.Connection, job_id: str, state: str, detail: str) -> None:

@@ -17,8 +17,10 @@ from litestar.openapi.spec import OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
-from ..models import ApiError, JobList, JobRequest, JobView, job_view
+from ..auth import Caller, caller
+from ..models import TASK_INPUTS, ApiError, JobList, JobRequest, JobView, job_view
 from ..store import STATES, Job
+from ..upstream.base import UpstreamError
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -178,23 +180,33 @@ class JobsController(Controller):
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", max_length=200)] = None,
     ) -> Response[JobView]:
         gw = gateway(request)
+        who = caller(request)
         content_type = request.headers.get("content-type", "")
         declared = request.headers.get("content-length")
-        if content_type.startswith("multipart/form-data"):
-            if declared and declared.isdigit() and int(declared) > gw.settings.max_upload_mb * 1024 * 1024:
-                raise ApiError(413, f"request body is larger than the {gw.settings.max_upload_mb} MiB allowed")
-            job, created = await gw.jobs.submit_multipart(
-                content_type, request.stream(), idempotency_key=idempotency_key
-            )
-        elif content_type.startswith("application/x-www-form-urlencoded"):
-            job, created = await gw.jobs.submit_urlencoded(request.stream(), idempotency_key=idempotency_key)
-        elif content_type.startswith("application/json") or not content_type:
-            job, created = await gw.jobs.submit_json(request.stream(), idempotency_key=idempotency_key)
-        else:
-            raise ApiError(
-                415, "send the job as application/json, multipart/form-data or a URL-encoded form",
-                "Content-Type",
-            )
+        # Everything that can be refused on the headers is refused before the body is read.
+        gw.jobs.check_free_space(int(declared) if declared and declared.isdigit() else 0)
+        async with gw.auth.counting_jobs(who) as count:
+            if content_type.startswith("multipart/form-data"):
+                if declared and declared.isdigit() and int(declared) > gw.settings.max_upload_mb * 1024 * 1024:
+                    raise ApiError(413, f"request body is larger than the {gw.settings.max_upload_mb} MiB allowed")
+                job, created = await gw.jobs.submit_multipart(
+                    content_type, request.stream(), idempotency_key=idempotency_key, owner=who.owner,
+                )
+            elif content_type.startswith("application/x-www-form-urlencoded"):
+                job, created = await gw.jobs.submit_urlencoded(
+                    request.stream(), idempotency_key=idempotency_key, owner=who.owner,
+                )
+            elif content_type.startswith("application/json") or not content_type:
+                job, created = await gw.jobs.submit_json(
+                    request.stream(), idempotency_key=idempotency_key, owner=who.owner,
+                )
+            else:
+                raise ApiError(
+                    415, "send the job as application/json, multipart/form-data or a URL-encoded form",
+                    "Content-Type",
+                )
+            if not created:
+                count.refund()  # a replay: no new job
         if wait:
             job = await gw.jobs.wait(job, wait)
         headers = {"location": f"/api/v1/jobs/{job.id}"}
@@ -218,7 +230,7 @@ class JobsController(Controller):
             if s not in STATES:
                 raise ApiError(400, f"unknown state {s!r}; states are " + ", ".join(STATES), "state")
         jobs = gw.store.list_jobs(
-            states=states, batch_id=batch_id, task=task,
+            states=states, batch_id=batch_id, task=task, owner=caller(request).sees,
             before_seq=_parse_cursor(cursor) if cursor else None, limit=limit + 1,
         )
         more = len(jobs) > limit
@@ -231,24 +243,36 @@ class JobsController(Controller):
     @get("/{job_id:str}", summary="One job, with its timeline")
     async def get_job(self, request: Request, job_id: FromPath[str]) -> JobView:
         gw = gateway(request)
-        return view(gw, _found(gw, job_id), events=True)
+        return view(gw, _found(gw, job_id, caller(request)), events=True)
 
-    @delete("/{job_id:str}", status_code=200, summary="Cancel a job")
-    async def cancel_job(self, request: Request, job_id: FromPath[str]) -> JobView:
+    @delete("/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files")
+    async def cancel_job(
+        self,
+        request: Request,
+        job_id: FromPath[str],
+        purge: Annotated[bool, QueryParameter(description="Delete the job's inputs and video now")] = False,
+    ) -> JobView:
         gw = gateway(request)
-        _found(gw, job_id)
+        who = caller(request)
+        _found(gw, job_id, who)
         job = await gw.dispatcher.cancel(job_id)
+        if purge:
+            removed = await gw.jobs.purge([job_id], who.label, job_id)
+            gw.auth.note(who.label, "purge", job_id, f"jobs=1 files={removed}")
+            job = gw.store.get(job_id)
         return view(gw, job)
 
     @post("/{job_id:str}/retry", status_code=200, summary="Run a failed or cancelled job again")
     async def retry_job(self, request: Request, job_id: FromPath[str]) -> JobView:
         gw = gateway(request)
-        job = _found(gw, job_id)
+        who = caller(request)
+        job = _found(gw, job_id, who)
         if job.state not in ("failed", "cancelled"):
             raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job.state}", "state")
         if job.files_expired:
             raise ApiError(410, "this job's input files have expired; submit it again", "files_expired")
-        job = await gw.dispatcher.retry(job_id)
+        async with gw.auth.counting_jobs(who):  # a run again costs a GPU as much as a new job
+            job = await gw.dispatcher.retry(job_id)
         return view(gw, job)
 
     @get("/{job_id:str}/video", summary="The finished video (supports Range)")
@@ -259,7 +283,7 @@ class JobsController(Controller):
         range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
     ) -> Response:
         gw = gateway(request)
-        job = _found(gw, job_id)
+        job = _found(gw, job_id, caller(request))
         if job.files_expired:
             raise ApiError(410, "this job's files have expired and were deleted")
         if job.state != "succeeded" or not job.result_sha:
@@ -270,9 +294,105 @@ class JobsController(Controller):
         return ranged_file(path, range_header, media_type="video/mp4", filename=f"{job.id}.mp4")
 
 
-def _found(gw: Gateway, job_id: str) -> Job:
+class ModelChoice(msgspec.Struct):
+    task: str
+    model: str | None  # None: whatever model the node was started with, not yet known
+    stage: str | None = None
+    default: bool = False  # what a job of this task type runs on when it names no `model`
+
+
+class UpstreamModels(msgspec.Struct):
+    upstream: str
+    kind: str
+    models: list[ModelChoice]
+    error: str | None = None  # why the list could not be read (sanitised)
+
+
+class ModelList(msgspec.Struct):
+    upstreams: list[UpstreamModels]
+
+
+async def upstream_models(gw: Gateway) -> ModelList:
+    """What each upstream can run: a node its one model, a cloud account what its list offers."""
+    found = []
+    for state in gw.dispatcher.states.values():
+        upstream = state.upstream
+        tasks = sorted(upstream.tasks & set(TASK_INPUTS))
+        if not hasattr(upstream, "models"):
+            choices = [ModelChoice(task, state.model, default=True) for task in tasks]
+            found.append(UpstreamModels(upstream.name, upstream.kind, choices))
+            continue
+        try:
+            offered = await upstream.models()
+        except UpstreamError as exc:
+            found.append(UpstreamModels(upstream.name, upstream.kind, [], str(exc)))
+            continue
+        choices = []
+        for task in tasks:
+            default = upstream.model_for(task)
+            # Only what a job can ask for: the gateway's task types, on the stage it submits to.
+            choices += [
+                ModelChoice(m.task, m.model_cls, m.stage, m == default)
+                for m in offered if m.task == task and m.stage == default.stage
+            ]
+        found.append(UpstreamModels(upstream.name, upstream.kind, choices))
+    return ModelList(found)
+
+
+class ModelsController(Controller):
+    path = "/api/v1/models"
+    tags = ["jobs"]
+
+    @get("/", summary="Models each upstream runs; a job may name one with `model` (hosted cloud)")
+    async def list_models(self, request: Request) -> ModelList:
+        return await upstream_models(gateway(request))
+
+
+def _found(gw: Gateway, job_id: str, who: Caller) -> Job:
+    """The job, if this caller may see it. Another key's job is "not found", exactly like a job
+    that does not exist, so ids cannot be probed."""
     job = gw.store.get(job_id)
-    if job is None:
+    if job is None or not who.may_touch(job.owner):
         raise ApiError(404, f"no job {job_id}")
     return job
+
+
+class BatchCancelled(msgspec.Struct):
+    batch_id: str
+    jobs: int  # the batch's jobs this key may touch
+    cancelled: int  # of them, those that had not finished
+    purged: bool
+    files_removed: int
+
+
+class BatchesController(Controller):
+    path = "/api/v1/batches"
+    tags = ["jobs"]
+
+    @delete("/{batch_id:str}", status_code=200, summary="Cancel a batch's unfinished jobs; with purge=true, also delete their files")
+    async def cancel_batch(
+        self,
+        request: Request,
+        batch_id: FromPath[str],
+        purge: Annotated[bool, QueryParameter(description="Delete the jobs' inputs and videos now")] = False,
+    ) -> BatchCancelled:
+        gw = gateway(request)
+        who = caller(request)
+        jobs: list[Job] = []
+        before: int | None = None
+        while page := gw.store.list_jobs(batch_id=batch_id, owner=who.sees, before_seq=before, limit=500):
+            jobs += page
+            before = page[-1].seq
+        if not jobs:
+            raise ApiError(404, f"no batch {batch_id}")
+        cancelled = 0
+        for job in jobs:
+            if not job.finished:
+                cancelled += 1
+                await gw.dispatcher.cancel(job.id)
+        removed = 0
+        if purge:
+            removed = await gw.jobs.purge([j.id for j in jobs], who.label, f"batch {batch_id}")
+            gw.auth.note(who.label, "purge", f"batch {batch_id}", f"jobs={len(jobs)} files={removed}")
+        return BatchCancelled(batch_id, len(jobs), cancelled, purge, removed)
 

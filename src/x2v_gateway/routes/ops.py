@@ -1,4 +1,4 @@
-"""Operations: liveness, readiness, Prometheus metrics, and the upstreams' state."""
+"""Operations: liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -23,18 +23,6 @@ class Check(msgspec.Struct):
 class Readiness(msgspec.Struct):
     ready: bool
     checks: dict[str, Check]
-
-
-class NodeView(msgspec.Struct):
-    name: str
-    kind: str
-    url: str
-    state: str  # up | down | unknown
-    slots: int
-    tasks: list[str]
-    inflight: int
-    last_error: str | None
-    recent_durations: list[float]
 
 
 @get("/healthz", tags=["operations"], summary="The process is alive")
@@ -63,24 +51,4 @@ async def metrics(request: Request) -> Response[bytes]:
     return Response(gateway(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-@get("/api/v1/nodes", tags=["nodes"], summary="Upstreams and their state")
-async def list_nodes(request: Request) -> list[NodeView]:
-    gw = gateway(request)
-    inflight = gw.store.inflight_counts()
-    return [
-        NodeView(
-            name=name,
-            kind=s.upstream.kind,
-            url=s.upstream.base_url,
-            state={True: "up", False: "down", None: "unknown"}[s.up],
-            slots=s.upstream.slots,
-            tasks=sorted(s.upstream.tasks),
-            inflight=inflight.get(name, 0),
-            last_error=s.last_error,
-            recent_durations=[round(d, 2) for d in s.durations[-10:]],
-        )
-        for name, s in gw.dispatcher.states.items()
-    ]
-
-
-ROUTES = [healthz, readyz, metrics, list_nodes]
+ROUTES = [healthz, readyz, metrics]  # the nodes' routes: routes/nodes.py

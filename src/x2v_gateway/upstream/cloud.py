@@ -94,6 +94,9 @@ _RESUME_UNKNOWN = "'NoneType' object is not subscriptable"
 SUBMIT_GAP = 0.1
 # How long to wait before offering the cloud a job again after each kind of refusal.
 RETRY_AFTER = {"visit": 0.2, "active": 3.0, "queue": 10.0, "daily": 600.0}
+# Sends of one submit refused as "visit too frequently" before it becomes back-pressure; another
+# client on the same token (a script, the web UI) can make every send too close.
+_VISIT_RETRIES = 2
 _QUERY_BATCH = 50  # ids per `task_ids=` query, to keep URLs short
 _FIND_PAGES, _FIND_PAGE_SIZE = 4, 50  # find_task looks at the newest 200 tasks of the account
 _MODELS_TTL = 300.0
@@ -163,6 +166,10 @@ def _message(response: httpx.Response) -> str:
         if isinstance(text, str):
             return text
     return json.dumps(body)[:300]
+
+
+def _too_frequent(response: httpx.Response) -> bool:
+    return response.status_code == 400 and "visit too frequently" in _message(response)
 
 
 def _is_app_error(response: httpx.Response) -> bool:
@@ -341,7 +348,16 @@ class CloudUpstream:
     async def models(self) -> list[CloudModel]:
         """The (task, model_cls, stage) triples the cloud accepts; cached for a few minutes."""
         if self._models is None or time.monotonic() - self._models_at > _MODELS_TTL:
-            await self._load_models()
+            # One try: this runs while a client waits for `POST /jobs` or `GET /models`, and
+            # each health check reloads the list anyway.
+            try:
+                await self._load_models(attempts=1)
+            except CloudAuthError:
+                raise
+            except Unavailable:
+                if self._models is None:
+                    raise
+                # A list a few minutes old beats none: the cloud's models change rarely.
         assert self._models is not None
         return self._models
 
@@ -415,25 +431,35 @@ class CloudUpstream:
             if role not in _INPUT_FIELDS:
                 raise Rejected(f"{self.name}: the cloud takes no {role} input")
             inputs[_INPUT_FIELDS[role]] = path
-        try:
-            content, length = _json_body(self._fields(request, model), inputs)
-        except OSError as exc:
-            raise Rejected(f"{self.name}: an input file is missing ({type(exc).__name__})") from None
-
-        await self._pace()
-        try:
-            response = await self._client.post(
-                f"{self.base_url}/api/v1/task/submit",
-                content=content,
-                headers={**self._auth(), "content-type": "application/json", "content-length": str(length)},
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            # No connection, so not a byte sent: safe to try again, here or elsewhere.
-            raise Unavailable(f"{self.name}: cloud unreachable ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
-            # The body may have arrived whole and the task been created before the answer was
-            # lost: the dispatcher looks for the marker before sending it again.
-            raise AmbiguousSubmit(f"{self.name}: submission interrupted ({type(exc).__name__})") from None
+        fields = self._fields(request, model)
+        for attempt in range(1 + _VISIT_RETRIES):
+            try:
+                # Built afresh for each send: a streamed body can be read only once.
+                content, length = _json_body(fields, inputs)
+            except OSError as exc:
+                raise Rejected(f"{self.name}: an input file is missing ({type(exc).__name__})") from None
+            await self._pace()
+            try:
+                response = await self._client.post(
+                    f"{self.base_url}/api/v1/task/submit",
+                    content=content,
+                    headers={**self._auth(), "content-type": "application/json", "content-length": str(length)},
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                # No connection, so not a byte sent: safe to try again, here or elsewhere.
+                raise Unavailable(f"{self.name}: cloud unreachable ({type(exc).__name__})") from None
+            except httpx.TransportError as exc:
+                # The body may have arrived whole and the task been created before the answer was
+                # lost: the dispatcher looks for the marker before sending it again.
+                raise AmbiguousSubmit(f"{self.name}: submission interrupted ({type(exc).__name__})") from None
+            if attempt < _VISIT_RETRIES and _too_frequent(response):
+                # Submits that left SUBMIT_GAP apart can still arrive closer together (a busy
+                # event loop writes both at once). The cloud checks this before reading the
+                # body, so nothing was created: send again after its gap, rather than put the
+                # job back in the queue with a limit in its timeline.
+                self._next_submit = max(self._next_submit, asyncio.get_running_loop().time() + RETRY_AFTER["visit"])
+                continue
+            break
         return self._submitted(response)
 
     async def _pace(self) -> None:

@@ -1,0 +1,593 @@
+"""Who may call what: API keys, dashboard sign-in, CSRF, rate limits, daily quotas, the audit log.
+
+One middleware (`AuthMiddleware`) sees every request after routing and before any body is read,
+so an unauthenticated 2 GB upload is refused on its headers. `access()` is the whole policy:
+
+* open: `/healthz`, `/readyz` (probes), `/` (a redirect), static files, the OpenAPI docs, the
+  sign-in page; `/metrics` when `X2V_METRICS_OPEN` says so;
+* admin keys only: `/api/v1/keys`, `/api/v1/audit`, `/metrics`, and changes to nodes;
+* everything else: any valid key (`Authorization: Bearer <key>`) or a dashboard session cookie.
+
+A request that comes with a session cookie and changes something must also carry the session's
+CSRF token (an `X-CSRFToken` header, which the dashboard sends on every htmx request and upload,
+or a `_csrf_token` field of a small HTML form). A request with a Bearer key needs none: a browser
+never adds an `Authorization` header to a request another site makes it send.
+
+Why sign in with a key and not a username and password: the key already is the identity that
+owns jobs, carries quotas and is admin or not; a second kind of account would need a user table,
+password hashing, resets and guessing protection, and two things to revoke. A key holds 256
+random bits, so it cannot be guessed, and revoking it ends its dashboard sessions too.
+
+Keys are stored as their sha256 (see `store.m010_keys`); the key itself is shown once, when it is
+made, and never logged. A key's jobs are its own: another key's job is a 404, as if it did not
+exist; admin keys see every job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+from litestar import Request, Response
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.response import Template
+from litestar.utils.scope.state import ScopeState
+from markupsafe import escape
+
+from .models import ApiError, ErrorBody, ErrorResponse
+
+if TYPE_CHECKING:
+    from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+    from .settings import Settings
+    from .store import JobStore
+
+log = logging.getLogger("x2v_gateway.auth")
+audit_log = logging.getLogger("x2v_gateway.audit")
+
+KEY_PREFIX = "x2v_"
+SESSION_COOKIE = "x2v_session"
+SIGN_IN_COOKIE = "x2v_sign_in"
+SIGN_IN_FIELD = "_sign_in_token"
+CSRF_HEADERS = ("x-csrftoken", "x-csrf-token")
+CSRF_FIELD = "_csrf_token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# A form whose CSRF token is read by the middleware itself is read whole: only small ones.
+MAX_CSRF_FORM_BYTES = 64 * 1024
+FIRST_KEY_FILE = "first-admin-key"
+
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/schema", "/ui/sign-in"})
+OPEN_PREFIXES = ("/static/", "/schema/")
+ADMIN_ONLY = ("/api/v1/keys", "/api/v1/audit")
+# Everyone may look at the nodes; only admins may add, drain or remove one.
+ADMIN_CHANGES = ("/api/v1/nodes", "/ui/nodes")
+
+
+def access(path: str, method: str, *, metrics_open: bool) -> str:
+    """Who may make this request: "open", "admin" or "key" (any valid key or session)."""
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return "open"
+    if path == "/metrics":
+        return "open" if metrics_open else "admin"
+    if _under(path, ADMIN_ONLY):
+        return "admin"
+    if method not in SAFE_METHODS and _under(path, ADMIN_CHANGES):
+        return "admin"
+    return "key"
+
+
+def _is_ui(path: str) -> bool:
+    return path == "/ui" or path.startswith("/ui/")
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def new_key() -> str:
+    """A new API key: `x2v_` and 256 random bits."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_rate(text: str) -> float:
+    """`60/min`, `2/s`, `600/h` or a bare `60` (per minute) -> requests per minute."""
+    number, _, unit = text.strip().partition("/")
+    per = {"": 1.0, "m": 1.0, "min": 1.0, "minute": 1.0, "s": 1 / 60, "sec": 1 / 60,
+           "second": 1 / 60, "h": 60.0, "hour": 60.0}.get(unit.strip().lower())
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if per is None or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"rate must look like 60/min, 2/s or 600/h, got {text!r}")
+    return value / per
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request: the key it came with, directly or through a dashboard session."""
+
+    key_id: str
+    name: str
+    admin: bool
+    daily_quota: int | None = None
+    max_concurrent: int | None = None
+    rate_per_min: float | None = None
+    via: str = "key"  # "key" | "session"
+    csrf: str | None = None  # the session's CSRF token
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], via: str = "key") -> Caller:
+        return cls(
+            key_id=row["id"], name=row["name"], admin=row["admin"],
+            daily_quota=row["daily_quota"], max_concurrent=row["max_concurrent"],
+            rate_per_min=row["rate_per_min"], via=via,
+        )
+
+    @property
+    def owner(self) -> str:
+        """What a job this caller makes records as its owner."""
+        return self.key_id
+
+    @property
+    def sees(self) -> str | None:
+        """The owner whose jobs this caller may see and touch; None: every job (admins)."""
+        return None if self.admin else self.key_id
+
+    @property
+    def label(self) -> str:
+        """Who, for the audit log and log lines: the key's name and id, never the key."""
+        return f"{self.name} ({self.key_id})"
+
+    def may_touch(self, owner: str | None) -> bool:
+        return self.admin or owner == self.key_id
+
+
+def caller(request: Request) -> Caller:
+    """The caller `AuthMiddleware` identified for this request."""
+    found = request.scope.get("state", {}).get("caller")
+    if found is None:  # an open route: nobody
+        raise ApiError(401, "this needs an API key: Authorization: Bearer <key>")
+    return found
+
+
+class LimitError(ApiError):
+    """A refusal the client can wait out: 429 with `Retry-After`."""
+
+    def __init__(self, message: str, field: str, retry_after: float) -> None:
+        super().__init__(429, message, field)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+def limit_error_response(request: Request, exc: LimitError) -> Response[ErrorResponse]:
+    return Response(
+        ErrorResponse(ErrorBody(exc.status, exc.message, exc.field)), status_code=exc.status,
+        headers={"retry-after": str(exc.retry_after)},
+    )
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` requests a minute, in bursts of up to a minute's worth.
+
+    In memory: one gateway process serves the API, and a restart forgetting the buckets only
+    gives every key one fresh minute.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, monotonic time)
+
+    def take(self, key_id: str, per_minute: float) -> float:
+        """0 when one more request may go now; else the seconds until one may."""
+        now = time.monotonic()
+        capacity = max(1.0, per_minute)
+        tokens, at = self._buckets.get(key_id, (capacity, now))
+        tokens = min(capacity, tokens + (now - at) * per_minute / 60)
+        if tokens >= 1:
+            self._buckets[key_id] = (tokens - 1, now)
+            return 0.0
+        self._buckets[key_id] = (tokens, now)
+        return (1 - tokens) * 60 / per_minute
+
+
+def _utc_day(now: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def _seconds_to_utc_midnight(now: float | None = None) -> float:
+    now = time.time() if now is None else now
+    return 86400 - now % 86400
+
+
+class JobCount:
+    """Jobs counted against a daily quota by `Auth.counting_jobs`; `refund()` gives them back."""
+
+    def __init__(self) -> None:
+        self.refunded = False
+
+    def refund(self) -> None:
+        self.refunded = True
+
+
+class Auth:
+    """Keys, sessions, limits and the audit log of one gateway (`gw.auth`)."""
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.limiter = RateLimiter()
+
+    # -- start ----------------------------------------------------------------------------------
+
+    async def bootstrap(self) -> None:
+        """Make `X2V_ADMIN_KEY` a working admin key, retiring a previous one; on a first start
+        without it, make an admin key and show it once."""
+        env_hash = hash_secret(self.settings.admin_key) if self.settings.admin_key else None
+        keys = self.store.keys()
+        # The variable *is* the key: one that was replaced or removed from the settings stops
+        # working, so rotating it is editing `.env` and restarting.
+        for row in keys:
+            if row["source"] == "env" and row["revoked_at"] is None and row["key_hash"] != env_hash:
+                await self.store.revoke_key(row["id"], "X2V_ADMIN_KEY (changed or removed)")
+                self.note("X2V_ADMIN_KEY (changed or removed)", "key.revoke", row["id"])
+        if env_hash is not None:
+            known = self.store.key_by_hash(env_hash)
+            if known is None:
+                await self._insert_key(
+                    env_hash, name="admin (X2V_ADMIN_KEY)", prefix="", admin=True, source="env",
+                    actor="X2V_ADMIN_KEY",
+                )
+            elif known["revoked_at"] is not None:
+                # A revoked key stays revoked, wherever it is configured.
+                log.warning("X2V_ADMIN_KEY holds a key that was revoked (%s); it does not work:"
+                            " set a new one", known["id"])
+        elif not keys:
+            key = new_key()
+            row = await self._insert_key(
+                hash_secret(key), name="admin (first start)", prefix=key[:12], admin=True,
+                source="first-start", actor="first start",
+            )
+            self._show_first_key(key, row["id"])
+
+    def _show_first_key(self, key: str, key_id: str) -> None:
+        # On a terminal the key is shown there, once; it never goes through logging. When the
+        # output goes to a log (a service, a container), the key goes to a file only the
+        # gateway's user can read, and the log says where.
+        if sys.stdout.isatty():
+            print(
+                f"\n  No API key existed, so an admin key was made ({key_id}). It is shown once:\n\n"
+                f"      {key}\n\n"
+                "  Use it as `Authorization: Bearer <key>`, or sign in to the dashboard with it.\n"
+                "  Make more with `x2v-gateway keys create --name NAME`.\n",
+                flush=True,
+            )
+            return
+        path = self.settings.data_dir / FIRST_KEY_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+        log.warning(
+            "no API key existed: made an admin key (%s) and wrote it to %s, readable by this user"
+            " only. Copy it somewhere safe and delete the file.", key_id, path,
+        )
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    async def _insert_key(
+        self, key_hash: str, *, name: str, prefix: str, admin: bool, source: str, actor: str,
+        daily_quota: int | None = None, max_concurrent: int | None = None,
+        rate_per_min: float | None = None,
+    ) -> dict[str, Any]:
+        row = await self.store.create_key({
+            "id": "k" + secrets.token_hex(4), "name": name, "key_hash": key_hash,
+            "prefix": prefix, "admin": admin, "daily_quota": daily_quota,
+            "max_concurrent": max_concurrent, "rate_per_min": rate_per_min, "source": source,
+        }, actor)
+        self.note(actor, "key.create", row["id"], f"name={name} admin={admin}")
+        return row
+
+    async def create_key(
+        self, *, name: str, actor: str, source: str, admin: bool = False,
+        daily_quota: int | None = None, max_concurrent: int | None = None,
+        rate_per_min: float | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """A new key: (the key, to show once; its row). Raises store.KeyNameTaken."""
+        key = new_key()
+        row = await self._insert_key(
+            hash_secret(key), name=name, prefix=key[:12], admin=admin, source=source, actor=actor,
+            daily_quota=daily_quota, max_concurrent=max_concurrent, rate_per_min=rate_per_min,
+        )
+        return key, row
+
+    def find_key(self, id_or_name: str) -> dict[str, Any] | None:
+        """A key by its id, or an active key by its name."""
+        keys = self.store.keys()
+        for row in keys:
+            if row["id"] == id_or_name:
+                return row
+        for row in keys:
+            if row["name"] == id_or_name and row["revoked_at"] is None:
+                return row
+        return None
+
+    async def revoke_key(self, key_id: str, actor: str) -> dict[str, Any] | None:
+        row = await self.store.revoke_key(key_id, actor)
+        if row is not None:
+            self.note(actor, "key.revoke", key_id, f"name={row['name']}")
+        return row
+
+    def from_key(self, key: str) -> Caller | None:
+        row = self.store.key_by_hash(hash_secret(key))
+        if row is None or row["revoked_at"] is not None:
+            return None
+        return Caller.from_row(row)
+
+    # -- dashboard sessions ---------------------------------------------------------------------
+
+    async def sign_in(self, key: str) -> tuple[str, Caller] | None:
+        """A new session for a valid key: (the cookie's value, the caller). None: not a key."""
+        found = self.from_key(key)
+        if found is None:
+            return None
+        cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        expires = time.time() + self.settings.session_hours * 3600
+        await self.store.create_session(hash_secret(cookie), found.key_id, csrf, expires)
+        await self.audit(found.label, "sign-in", found.key_id)
+        return cookie, replace(found, via="session", csrf=csrf)
+
+    def from_session(self, cookie: str) -> Caller | None:
+        found = self.store.session(hash_secret(cookie))
+        if found is None:
+            return None
+        row, csrf = found
+        return replace(Caller.from_row(row), via="session", csrf=csrf)
+
+    async def sign_out(self, cookie: str, who: Caller) -> None:
+        await self.store.delete_session(hash_secret(cookie))
+        await self.audit(who.label, "sign-out", who.key_id)
+
+    # -- limits ---------------------------------------------------------------------------------
+
+    def rate_limited(self, who: Caller) -> float:
+        """0, or the seconds this caller must wait before its next request."""
+        if who.rate_per_min is None:
+            return 0.0
+        return self.limiter.take(who.key_id, who.rate_per_min)
+
+    @asynccontextmanager
+    async def counting_jobs(self, who: Caller, n: int = 1) -> AsyncIterator[JobCount]:
+        """Count `n` jobs against the caller's daily quota, or refuse with 429 when that would
+        go over it. The count is given back if the block fails or calls `refund()` (a replayed
+        idempotent request makes no new job)."""
+        day = _utc_day()
+        if await self.store.reserve_jobs(who.key_id, day, n, who.daily_quota) is None:
+            used = self.store.jobs_used(who.key_id, day)
+            raise LimitError(
+                f"daily quota reached: this key may submit {who.daily_quota} jobs a day and has"
+                f" submitted {used} today{'' if n == 1 else f'; this asks for {n} more'}. The"
+                " quota resets at 00:00 UTC.",
+                "quota", _seconds_to_utc_midnight(),
+            )
+        count = JobCount()
+        try:
+            yield count
+        except BaseException:
+            await self.store.release_jobs(who.key_id, day, n)
+            raise
+        if count.refunded:
+            await self.store.release_jobs(who.key_id, day, n)
+
+    def jobs_today(self, key_id: str) -> int:
+        return self.store.jobs_used(key_id, _utc_day())
+
+    # -- audit ----------------------------------------------------------------------------------
+
+    async def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        """Record who did what in the audit table and the log."""
+        await self.store.record_audit(actor, action, target, detail)
+        self.note(actor, action, target, detail)
+
+    def note(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        """The log line of an audit entry the store already recorded."""
+        audit_log.info("%s: %s %s%s", actor, action, target, f" ({detail})" if detail else "")
+
+
+# -- the sign-in page ----------------------------------------------------------------------------
+
+
+def is_https(request: Request) -> bool:
+    # uvicorn sets the scheme from X-Forwarded-Proto when the proxy is trusted
+    # (FORWARDED_ALLOW_IPS, 127.0.0.1 by default), so this is true behind an https proxy.
+    return request.url.scheme == "https"
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after signing in: a path on this gateway, never another site."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/ui/"
+    if urlsplit(target).path == "/ui/sign-in":
+        return "/ui/"
+    return target
+
+
+def sign_in_page(
+    request: Request, *, status: int = 200, error: str | None = None, next_path: str | None = None
+) -> Response:
+    """The sign-in form, with a fresh token in a cookie and in the form (double submit), so no
+    other site can sign a browser in with the other site's key."""
+    token = secrets.token_urlsafe(32)
+    if next_path is None:
+        next_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    response = Template(
+        "sign_in.html",
+        context={"sign_in_token": token, "next": safe_next(next_path), "error": error},
+        status_code=status, headers={"cache-control": "no-store"},
+    )
+    response.set_cookie(
+        SIGN_IN_COOKIE, token, path="/ui/sign-in", max_age=3600, httponly=True,
+        samesite="strict", secure=is_https(request),
+    )
+    return response
+
+
+def session_cookie_kwargs(request: Request, settings: Settings) -> dict[str, Any]:
+    # Lax, not Strict: a link to a job page in an email or a chat must open signed in; Lax still
+    # keeps the cookie off every cross-site POST, and the CSRF token guards the rest.
+    return {
+        "path": "/", "httponly": True, "samesite": "lax", "secure": is_https(request),
+        "max_age": int(settings.session_hours * 3600),
+    }
+
+
+# -- the middleware ------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(ErrorResponse(ErrorBody(status, message, None)), status_code=status, headers=headers)
+
+
+def _ui_message(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        f"<p class=\"error\">{escape(message)}</p>", status_code=status, media_type="text/html",
+        headers=headers,
+    )
+
+
+class AuthMiddleware(ASGIMiddleware):
+    """Identifies the caller of every request and applies `access()`, CSRF and the rate limit."""
+
+    scopes = (ScopeType.HTTP,)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        auth: Auth = scope["litestar_app"].state.gateway.auth
+        path, method = scope["path"], scope["method"]
+        need = access(path, method, metrics_open=auth.settings.metrics_open)
+        # OPTIONS: CORS preflights carry no credentials by design.
+        if need == "open" or method == "OPTIONS":
+            await next_app(scope, receive, send)
+            return
+        request: Request = Request(scope, receive)
+        who, refusal = await self._identify(request, auth)
+        if refusal is None and who is not None:
+            if need == "admin" and not who.admin:
+                refusal = self._refuse(request, 403, "this needs an admin key")
+            elif who.via == "key" and (wait := auth.rate_limited(who)):
+                refusal = limit_error_response(request, LimitError(
+                    f"rate limit: this key may make {who.rate_per_min:g} requests a minute;"
+                    f" try again in {math.ceil(wait)} s", "rate", wait,
+                ))
+        if refusal is not None:
+            await refusal.to_asgi_response(None, request)(scope, receive, send)
+            return
+        assert who is not None
+        scope.setdefault("state", {})["caller"] = who
+        if who.csrf is not None:
+            # What the templates' `csrf_token()` puts in the page for htmx to send back.
+            ScopeState.from_scope(scope).csrf_token = who.csrf
+        if method not in SAFE_METHODS and _under(path, ADMIN_CHANGES):
+            await self._audited(scope, receive, send, next_app, auth, who)
+        else:
+            await next_app(scope, receive, send)
+
+    async def _identify(self, request: Request, auth: Auth) -> tuple[Caller | None, Response | None]:
+        header = request.headers.get("authorization")
+        if header is not None:
+            scheme, _, key = header.strip().partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                return None, self._refuse(request, 401, "send the key as Authorization: Bearer <key>")
+            who = auth.from_key(key.strip())
+            if who is None:
+                return None, self._refuse(request, 401, "this API key is not valid (unknown or revoked)")
+            return who, None
+        cookie = request.cookies.get(SESSION_COOKIE)
+        who = auth.from_session(cookie) if cookie else None
+        if who is None:
+            return None, self._unauthenticated(request, expired=bool(cookie))
+        if request.method not in SAFE_METHODS and not await self._csrf_ok(request, who):
+            return None, self._refuse(
+                request, 403, "missing or wrong CSRF token: reload the page and try again"
+            )
+        return who, None
+
+    async def _csrf_ok(self, request: Request, who: Caller) -> bool:
+        sent = next((v for h in CSRF_HEADERS if (v := request.headers.get(h))), None)
+        content_type = request.headers.get("content-type", "")
+        length = request.headers.get("content-length", "")
+        if (sent is None and content_type.startswith("application/x-www-form-urlencoded")
+                and length.isdigit() and int(length) <= MAX_CSRF_FORM_BYTES):
+            # A plain HTML form (sign-out). The parsed form is kept for the handler.
+            value = (await request.form()).get(CSRF_FIELD)
+            sent = value if isinstance(value, str) else None
+        return bool(sent) and who.csrf is not None and hmac.compare_digest(sent, who.csrf)
+
+    def _refuse(self, request: Request, status: int, message: str) -> Response:
+        if _is_ui(request.url.path):
+            return _ui_message(status, message)
+        headers = {"www-authenticate": 'Bearer realm="x2v-gateway"'} if status == 401 else None
+        return _error(status, message, headers)
+
+    def _unauthenticated(self, request: Request, *, expired: bool) -> Response:
+        message = "your session has ended: sign in again" if expired else "sign in first"
+        if not _is_ui(request.url.path):
+            return _error(401, "this needs an API key: Authorization: Bearer <key>",
+                          {"www-authenticate": 'Bearer realm="x2v-gateway"'})
+        if request.headers.get("hx-request"):
+            # htmx follows HX-Redirect whatever the status: the whole page goes to sign-in.
+            page = urlsplit(request.headers.get("hx-current-url", "/ui/"))
+            back = page.path + (f"?{page.query}" if page.query else "")
+            return _ui_message(401, message, {"hx-redirect": "/ui/sign-in?next=" + quote(safe_next(back))})
+        if request.method in SAFE_METHODS:
+            return sign_in_page(request, status=401, error=message if expired else None)
+        return _ui_message(401, message)
+
+    async def _audited(
+        self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp, auth: Auth, who: Caller
+    ) -> None:
+        """Run a node change and, when it worked, record it in the audit log with who did it."""
+        status = 500
+        body = bytearray()
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and len(body) < 16384:
+                body.extend(message.get("body", b""))
+            await send(message)
+
+        await next_app(scope, receive, capture)
+        if status >= 400:
+            return
+        path, method = scope["path"], scope["method"]
+        parts = path.split("/")[4:] if path.startswith("/api/v1/nodes") else path.split("/")[3:]
+        parts = [p for p in parts if p]
+        name = parts[0] if parts else ""
+        if not name:
+            try:
+                name = str(json.loads(bytes(body)).get("name", ""))
+            except (ValueError, AttributeError):
+                name = ""
+        if len(parts) > 1:
+            action = f"node.{parts[1]}"
+        else:
+            action = {"POST": "node.add", "DELETE": "node.remove"}.get(method, f"node.{method.lower()}")
+        await auth.audit(who.label, action, name or path, f"{method} {path}")

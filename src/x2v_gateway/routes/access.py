@@ -1,0 +1,203 @@
+"""Access over HTTP: dashboard sign-in and sign-out, API keys and the audit log (admins), and
+`GET /api/v1/me`. Who may call each route is decided in one place, `auth.access()`."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.response import Redirect
+from msgspec import Meta
+
+from ..auth import (
+    SESSION_COOKIE,
+    SIGN_IN_COOKIE,
+    SIGN_IN_FIELD,
+    caller,
+    safe_next,
+    session_cookie_kwargs,
+    sign_in_page,
+)
+from ..models import ApiError, iso
+from ..store import KeyNameTaken
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+log = logging.getLogger("x2v_gateway.auth")
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+# -- the dashboard's sign-in ---------------------------------------------------------------------
+
+
+@get("/ui/sign-in", include_in_schema=False)
+async def sign_in_form(
+    request: Request, next_path: Annotated[str | None, QueryParameter(name="next", max_length=2000)] = None,
+) -> Response:
+    return sign_in_page(request, next_path=next_path or "/ui/")
+
+
+@post("/ui/sign-in", include_in_schema=False, request_max_body_size=16 * 1024, status_code=303)
+async def sign_in(request: Request) -> Response:
+    """Sign in with an API key: a session cookie, then back to the page that asked."""
+    gw = gateway(request)
+    form = await request.form()
+    next_path = safe_next(str(form.get("next") or ""))
+    sent, expected = str(form.get(SIGN_IN_FIELD) or ""), request.cookies.get(SIGN_IN_COOKIE, "")
+    if not sent or not expected or not hmac.compare_digest(sent, expected):
+        return sign_in_page(request, status=403, next_path=next_path,
+                            error="This sign-in form had expired. Paste your key again.")
+    key = str(form.get("key") or "").strip()
+    signed_in = await gw.auth.sign_in(key) if key else None
+    if signed_in is None:
+        log.warning("dashboard sign-in refused from %s: not a valid key",
+                    request.client.host if request.client else "?")
+        return sign_in_page(request, status=401, next_path=next_path,
+                            error="That key is not valid: it is unknown or was revoked.")
+    cookie, _ = signed_in
+    response = Redirect(next_path, status_code=303)
+    response.set_cookie(SESSION_COOKIE, cookie, **session_cookie_kwargs(request, gw.settings))
+    response.delete_cookie(SIGN_IN_COOKIE, path="/ui/sign-in")
+    return response
+
+
+@post("/ui/sign-out", include_in_schema=False, request_max_body_size=16 * 1024, status_code=303)
+async def sign_out(request: Request) -> Response:
+    gw = gateway(request)
+    await gw.auth.sign_out(request.cookies.get(SESSION_COOKIE, ""), caller(request))
+    response = Redirect("/ui/sign-in", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    if request.headers.get("hx-request"):
+        response.headers["hx-redirect"] = "/ui/sign-in"
+    return response
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+class KeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /api/v1/keys`: a new key."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[\w.@+-][\w .@+-]*$")]
+    admin: bool = False
+    # Jobs it may submit per UTC day (retries count); none: no limit.
+    daily_quota: Annotated[int, Meta(ge=0, le=10_000_000)] | None = None
+    # Most of its jobs on nodes at once; the rest wait in the queue.
+    max_concurrent: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    # API requests per minute; more get 429 with Retry-After.
+    rate_per_min: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
+
+
+class KeyView(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    prefix: str  # the first characters of a generated key, to tell keys apart
+    admin: bool
+    daily_quota: int | None
+    max_concurrent: int | None
+    rate_per_min: float | None
+    jobs_today: int
+    source: str | None
+    created_at: str | None
+    created_by: str | None
+    revoked_at: str | None
+    revoked_by: str | None
+
+
+class NewKeyView(msgspec.Struct, kw_only=True):
+    key: str  # shown here once; the gateway keeps only its sha256
+    info: KeyView
+
+
+def key_view(gw: Gateway, row: dict) -> KeyView:
+    return KeyView(
+        id=row["id"], name=row["name"], prefix=row["prefix"] or "", admin=row["admin"],
+        daily_quota=row["daily_quota"], max_concurrent=row["max_concurrent"],
+        rate_per_min=row["rate_per_min"], jobs_today=gw.auth.jobs_today(row["id"]),
+        source=row["source"], created_at=iso(row["created_at"]), created_by=row["created_by"],
+        revoked_at=iso(row["revoked_at"]), revoked_by=row["revoked_by"],
+    )
+
+
+class KeysController(Controller):
+    path = "/api/v1/keys"
+    tags = ["keys"]
+
+    @get("/", summary="Every API key (never the keys themselves); admins only")
+    async def list_keys(self, request: Request) -> list[KeyView]:
+        gw = gateway(request)
+        return [key_view(gw, row) for row in gw.store.keys()]
+
+    @post("/", status_code=201, summary="Make an API key; the key is in this answer only")
+    async def create_key(self, request: Request, data: JSONBody[KeyRequest]) -> NewKeyView:
+        gw = gateway(request)
+        try:
+            key, row = await gw.auth.create_key(
+                name=data.name, admin=data.admin, daily_quota=data.daily_quota,
+                max_concurrent=data.max_concurrent, rate_per_min=data.rate_per_min,
+                actor=caller(request).label, source="api",
+            )
+        except KeyNameTaken as exc:
+            raise ApiError(409, str(exc), "name") from None
+        return NewKeyView(key=key, info=key_view(gw, row))
+
+    @delete("/{key_id:str}", status_code=200, summary="Revoke a key; its dashboard sessions end")
+    async def revoke_key(self, request: Request, key_id: FromPath[str]) -> KeyView:
+        gw = gateway(request)
+        row = await gw.auth.revoke_key(key_id, caller(request).label)
+        if row is None:
+            raise ApiError(404, f"no active key {key_id}")
+        return key_view(gw, row)
+
+
+@get("/api/v1/me", tags=["keys"], summary="The key this request came with: its limits and use today")
+async def me(request: Request) -> KeyView:
+    gw = gateway(request)
+    row = gw.auth.find_key(caller(request).key_id)
+    if row is None:
+        raise ApiError(404, "this key no longer exists")
+    return key_view(gw, row)
+
+
+# -- audit ---------------------------------------------------------------------------------------
+
+
+class AuditEntry(msgspec.Struct):
+    id: int
+    at: str | None
+    actor: str
+    action: str
+    target: str | None
+    detail: str | None
+
+
+class AuditPage(msgspec.Struct):
+    entries: list[AuditEntry]
+    next_before: int | None
+
+
+@get("/api/v1/audit", tags=["keys"], summary="Key, node and purge changes, newest first; admins only")
+async def audit(
+    request: Request,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, QueryParameter(ge=1, description="`next_before` of the previous page")] = None,
+) -> AuditPage:
+    rows = gateway(request).store.audit_log(limit=limit + 1, before_id=before)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return AuditPage(
+        entries=[AuditEntry(r["id"], iso(r["at"]), r["actor"], r["action"], r["target"], r["detail"])
+                 for r in rows],
+        next_before=rows[-1]["id"] if more else None,
+    )
+
+
+ROUTES = [sign_in_form, sign_in, sign_out, KeysController, me, audit]

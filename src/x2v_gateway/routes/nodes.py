@@ -1,0 +1,111 @@
+"""The node registry over HTTP: list nodes; add, drain, undrain and remove them at run time.
+
+Handlers are thin (parse, call the registry, shape the answer) so that the admin guard of the
+API keys can be put on the controller without touching them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+from litestar import Controller, Request, delete, get, post
+from litestar.params import FromPath, JSONBody
+from msgspec import Meta
+
+from ..models import TaskType
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+    from ..dispatch import UpstreamState
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+class NodeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /api/v1/nodes`: a LightX2V server to use from now on."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    url: Annotated[str, Meta(min_length=1, max_length=2000)]
+    # Tasks it runs at once; a LightX2V server runs one.
+    capacity: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Omitted: learnt from the node's `/v1/service/metadata`.
+    tasks: list[TaskType] | None = None
+
+
+class NodeView(msgspec.Struct, kw_only=True):
+    name: str
+    kind: str  # selfhosted | cloud
+    url: str
+    state: str  # up | down | unknown | draining
+    drained: bool
+    busy: bool
+    capacity: int
+    slots: int  # jobs kept in flight there: capacity + look-ahead
+    tasks: list[str]
+    model: str | None
+    running: list[str]  # job ids
+    queued: list[str]  # job ids waiting in the node's own queue
+    typical_seconds: dict[str, float]  # median measured run time per task type
+    recent_durations: dict[str, list[float]]
+    last_error: str | None
+
+
+def node_view(gw: Gateway, state: UpstreamState) -> NodeView:
+    jobs = gw.store.active(state.name)
+    recent = gw.dispatcher.timings.recent(state.name)
+    return NodeView(
+        name=state.name,
+        kind=state.upstream.kind,
+        url=state.upstream.base_url,
+        state=state.status,
+        drained=state.drained,
+        busy=state.busy,
+        capacity=state.capacity,
+        slots=state.upstream.slots,
+        tasks=sorted(state.upstream.tasks),
+        model=state.model,
+        running=[j.id for j in jobs if j.state == "running"],
+        queued=[j.id for j in jobs if j.state == "submitted"],
+        typical_seconds={t: round(statistics.median(d), 2) for t, d in recent.items()},
+        recent_durations={t: [round(s, 2) for s in d[-10:]] for t, d in recent.items()},
+        last_error=state.last_error,
+    )
+
+
+class NodesController(Controller):
+    path = "/api/v1/nodes"
+    tags = ["nodes"]
+
+    @get("/", summary="Nodes and hosted accounts: state, capacity, jobs, measured run times")
+    async def list_nodes(self, request: Request) -> list[NodeView]:
+        gw = gateway(request)
+        return [node_view(gw, s) for s in gw.dispatcher.states.values()]
+
+    @get("/{name:str}", summary="One node")
+    async def get_node(self, request: Request, name: FromPath[str]) -> NodeView:
+        gw = gateway(request)
+        return node_view(gw, gw.registry.get(name))
+
+    @post("/", status_code=201, summary="Add a node (kept across restarts)")
+    async def add_node(self, request: Request, data: JSONBody[NodeRequest]) -> NodeView:
+        gw = gateway(request)
+        state = await gw.registry.add(data.name, data.url, capacity=data.capacity, tasks=data.tasks)
+        return node_view(gw, state)
+
+    @post("/{name:str}/drain", status_code=200, summary="Finish what it has, take nothing new")
+    async def drain_node(self, request: Request, name: FromPath[str]) -> NodeView:
+        gw = gateway(request)
+        return node_view(gw, await gw.registry.set_drained(name, True))
+
+    @post("/{name:str}/undrain", status_code=200, summary="Take new jobs again")
+    async def undrain_node(self, request: Request, name: FromPath[str]) -> NodeView:
+        gw = gateway(request)
+        return node_view(gw, await gw.registry.set_drained(name, False))
+
+    @delete("/{name:str}", status_code=204, summary="Remove a node with no job in flight")
+    async def remove_node(self, request: Request, name: FromPath[str]) -> None:
+        await gateway(request).registry.remove(name)

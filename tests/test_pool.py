@@ -1,0 +1,402 @@
+"""Many nodes: every GPU kept busy, routing by task type and speed, fairness, failover, draining.
+
+Real demo nodes on 127.0.0.1 (killed and restarted for real), the gateway as a real process; the
+nodes' own task lists and submission journals are the evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway_proc import GatewayProcess
+from servers import MisbehavingNode, NodeProcess
+
+FINAL = {"succeeded", "failed", "cancelled"}
+ADMIN_KEY = "pool-test-admin-key-0123456789"
+
+
+def start(*nodes: NodeProcess) -> list[NodeProcess]:
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(lambda n: n.start(), nodes))
+    return list(nodes)
+
+
+@pytest.fixture
+def cleanup():
+    """Everything started in a test is stopped at its end, whatever happened."""
+    things: list = []
+    yield things.append
+    for thing in reversed(things):
+        thing.stop()
+
+
+def gateway_for(tmp_path: Path, nodes: dict[str, NodeProcess], **settings: str) -> GatewayProcess:
+    spec = ",".join(f"{name}={node.url}" for name, node in nodes.items())
+    return GatewayProcess(tmp_path / "gw", spec, X2V_ADMIN_KEY=ADMIN_KEY, **settings).start()
+
+
+def api(gateway: GatewayProcess, key: str = ADMIN_KEY) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+
+
+def submit(client: httpx.Client, task: str = "t2v", media: dict | None = None, **fields) -> str:
+    body = {"task": task, "prompt": fields.pop("prompt", "a cat"), **fields}
+    if task == "s2v":
+        assert media is not None
+        body["image"] = base64.b64encode(media["face"].read_bytes()).decode()
+        body["audio"] = base64.b64encode(media["voice"].read_bytes()).decode()
+    response = client.post("/api/v1/jobs", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def wait_all(client: httpx.Client, ids: list[str], timeout: float = 60) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = {i: client.get(f"/api/v1/jobs/{i}").json() for i in ids}
+        if all(j["state"] in FINAL for j in jobs.values()):
+            return jobs
+        if time.monotonic() > deadline:
+            raise AssertionError({i: j["state"] for i, j in jobs.items()})
+        time.sleep(0.2)
+
+
+def until(check, timeout: float = 30, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(every)
+    return value
+
+
+def tasks_on(node: NodeProcess) -> dict[str, dict]:
+    return httpx.get(f"{node.url}/v1/tasks/", timeout=10).json()
+
+
+def submitted_ids(node: NodeProcess) -> list[str]:
+    return [entry["task_id"] for entry in node.submissions()]
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+# -- keeping GPUs busy ------------------------------------------------------------------------
+
+
+def test_every_node_stays_busy_with_mixed_job_lengths(tmp_path, cleanup):
+    nodes = {
+        "quick": NodeProcess(tmp_path / "quick", job_seconds=0.3),
+        "mid": NodeProcess(tmp_path / "mid", job_seconds=0.6),
+        "slow": NodeProcess(tmp_path / "slow", job_seconds=0.9),
+    }
+    for node in start(*nodes.values()):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, nodes)
+    cleanup(gateway)
+    with api(gateway) as client:
+        # Longer videos take longer to render, on top of each node's own pace.
+        ids = [submit(client, target_video_length=(16, 160, 320)[i % 3]) for i in range(36)]
+        jobs = wait_all(client, ids)
+    assert all(j["state"] == "succeeded" for j in jobs.values())
+
+    done = {}
+    for name, node in nodes.items():
+        spans = sorted((_ts(t["start_time"]), _ts(t["end_time"])) for i, t in tasks_on(node).items() if i in jobs)
+        done[name] = len(spans)
+        # Look-ahead: the next job already waits in the node's own queue when one ends, so the
+        # node never idles between jobs while the gateway still holds work.
+        gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+        assert max(gaps) < 0.15, (name, gaps)
+        busy = sum(end - begin for begin, end in spans)
+        assert busy / (spans[-1][1] - spans[0][0]) > 0.95, name
+    # Jobs went where there was room: the quick node ran the most.
+    assert done["quick"] > done["mid"] > done["slow"], done
+
+
+def test_routing_prefers_the_node_likely_to_finish_first(tmp_path, cleanup):
+    nodes = {
+        "fast": NodeProcess(tmp_path / "fast", job_seconds=0.5),
+        "slow": NodeProcess(tmp_path / "slow", job_seconds=2.0),
+    }
+    for node in start(*nodes.values()):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, nodes)
+    cleanup(gateway)
+    with api(gateway) as client:
+        # Both nodes get work at first (nothing measured yet), so both get measured.
+        wait_all(client, [submit(client) for _ in range(4)])
+        typical = {n["name"]: n["typical_seconds"].get("t2v") for n in client.get("/api/v1/nodes").json()}
+        assert typical["fast"] < 1.0 < typical["slow"], typical
+
+        # Now both are idle: a lone job goes to the node that will have it done first.
+        for _ in range(3):
+            job = client.get(f"/api/v1/jobs/{submit(client)}").json()
+            job = until(lambda: (j := client.get(f"/api/v1/jobs/{job['id']}").json())["state"] in FINAL and j)
+            assert job["upstream"] == "fast", job
+
+        # The ETA of a job waiting in a node's queue comes from the measured times.
+        first, second, third = (submit(client) for _ in range(3))
+        waiting = until(lambda: next(
+            (j for j in (client.get(f"/api/v1/jobs/{i}").json() for i in (first, second, third))
+             if j["state"] == "submitted" and j["queue"] and "pending_seconds" in j["queue"]), None))
+        assert 0 <= waiting["queue"]["pending_seconds"] <= 2 * typical[waiting["upstream"]] + 0.5
+        assert waiting["queue"]["running_seconds"] == pytest.approx(typical[waiting["upstream"]], abs=0.3)
+        wait_all(client, [first, second, third])
+
+
+# -- routing by what a node runs --------------------------------------------------------------
+
+
+def test_a_node_that_only_serves_t2v_never_gets_an_s2v_job(tmp_path, cleanup, media):
+    t2v_only = NodeProcess(tmp_path / "t2v")
+    talker = NodeProcess(tmp_path / "talker")
+    # A talking-head model: its metadata says so, and the gateway learns it from there.
+    talker.options += ["--model-cls", "seko_talk"]
+    for node in start(t2v_only, talker):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, {"t2v": t2v_only, "talker": talker}, X2V_NODE_TASKS="t2v=t2v")
+    cleanup(gateway)
+    with api(gateway) as client:
+        nodes = {n["name"]: n for n in client.get("/api/v1/nodes").json()}
+        assert nodes["t2v"]["tasks"] == ["t2v"]
+        until(lambda: client.get("/api/v1/nodes/talker").json()["tasks"] == ["s2v"])
+        assert client.get("/api/v1/nodes/talker").json()["model"] == "seko_talk"
+        s2v = [submit(client, "s2v", media) for _ in range(4)]
+        t2v = [submit(client, "t2v") for _ in range(4)]
+        jobs = wait_all(client, s2v + t2v)
+    assert all(j["state"] == "succeeded" for j in jobs.values())
+    assert set(submitted_ids(t2v_only)) == set(t2v)
+    assert set(submitted_ids(talker)) == set(s2v)
+
+
+# -- fairness ---------------------------------------------------------------------------------
+
+
+def test_one_batch_of_many_starves_neither_another_batch_nor_a_colleagues_job(tmp_path, cleanup):
+    nodes = {"a": NodeProcess(tmp_path / "a", job_seconds=0.4),
+             "b": NodeProcess(tmp_path / "b", job_seconds=0.4)}
+    for node in start(*nodes.values()):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, nodes)
+    cleanup(gateway)
+    with api(gateway) as client:
+        made = client.post("/api/v1/keys", json={"name": "colleague"})
+        assert made.status_code == 201, made.text
+        big = [submit(client, batch_id="big") for _ in range(30)]
+        asked = time.time()
+        small = submit(client, batch_id="small")
+        with api(gateway, made.json()["key"]) as colleague:
+            theirs = submit(colleague)
+        for job_id in (small, theirs):
+            job = wait_all(client, [job_id])[job_id]
+            # First in first out, each would wait for the 30 others (about 6 s on two nodes).
+            finished = datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
+            assert finished - asked < 2.5, finished - asked
+        jobs = wait_all(client, big)
+    assert all(j["state"] == "succeeded" for j in jobs.values())
+
+
+def test_dispatch_is_fair_between_api_keys_and_honours_priority(tmp_path):
+    """The dispatcher's choice on a real store: the owner with fewer jobs in flight goes next."""
+    from x2v_gateway.blobs import BlobStore
+    from x2v_gateway.dispatch import Dispatcher, Notifier
+    from x2v_gateway.metrics import Metrics
+    from x2v_gateway.store import JobStore
+    from x2v_gateway.upstream.selfhosted import SelfHostedNode
+
+    async def scenario() -> None:
+        store = JobStore(tmp_path / "gateway.db")
+        nodes = [SelfHostedNode(n, f"http://127.0.0.1:9/{n}", slots=2) for n in ("a", "b")]
+        dispatcher = Dispatcher(store, BlobStore(tmp_path / "blobs"), nodes, Notifier(),
+                                Metrics(store.counts_by_state))
+
+        async def job(owner: str, **kw):
+            created, _ = await store.create_job(task="t2v", params={"prompt": owner}, inputs={},
+                                                owner=owner, **kw)
+            return created
+
+        alice = [await job("alice", batch_id="big") for _ in range(20)]
+        bob = await job("bob")
+        # Four free slots: Bob's one job gets one, right after Alice's oldest.
+        assert [j.id for j, _ in dispatcher.plan()] == [alice[0].id, bob.id, alice[1].id, alice[2].id]
+        # Alice's jobs hold three slots; the last free one goes to Bob, although twenty of
+        # Alice's jobs are older.
+        for j, node in zip(alice, ("a", "a", "b")):
+            assert await store.claim(j.id, node, j.id)
+        assert [j.id for j, _ in dispatcher.plan()] == [bob.id]
+        # A higher priority goes before any fairness.
+        urgent = await job("alice", priority=5)
+        assert [j.id for j, _ in dispatcher.plan()] == [urgent.id]
+        store.close()
+        for node in nodes:
+            await node.aclose()
+
+    asyncio.run(scenario())
+
+
+# -- failover ---------------------------------------------------------------------------------
+
+
+def test_jobs_of_a_node_killed_mid_job_finish_elsewhere(tmp_path, cleanup):
+    nodes = {name: NodeProcess(tmp_path / name, job_seconds=1.0) for name in ("a", "b", "c")}
+    for node in start(*nodes.values()):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, nodes)
+    cleanup(gateway)
+    victim = nodes["c"]
+    with api(gateway) as client:
+        ids = [submit(client) for _ in range(9)]
+        # c runs one of them and holds the next in its own queue.
+        until(lambda: sum(1 for i, t in tasks_on(victim).items() if i in ids and t["status"] in ("processing", "pending")) == 2)
+        victim.kill()
+        jobs = wait_all(client, ids, timeout=60)
+        assert all(j["state"] == "succeeded" for j in jobs.values()), jobs
+        lost = [i for i in submitted_ids(victim) if jobs[i]["upstream"] != "c"]
+        assert len(lost) >= 2
+        for job_id in lost:
+            detail = " ".join(e["detail"] for e in client.get(f"/api/v1/jobs/{job_id}").json()["events"])
+            assert "c stopped accepting connections" in detail
+        assert client.get("/api/v1/nodes/c").json()["state"] == "down"
+        assert 'x2v_upstream_up{upstream="c"} 0.0' in client.get("/metrics").text
+    for name in ("a", "b"):
+        # Each job reached a surviving node once.
+        sent = submitted_ids(nodes[name])
+        assert len(sent) == len(set(sent))
+
+
+def test_restarted_node_has_its_lost_jobs_resubmitted_without_duplicates(tmp_path, cleanup):
+    flaky = MisbehavingNode(tmp_path / "flaky", job_seconds=1.0)
+    steady = NodeProcess(tmp_path / "steady", job_seconds=1.0)
+    for node in start(flaky, steady):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, {"flaky": flaky, "steady": steady})
+    cleanup(gateway)
+    with api(gateway) as client:
+        ids = [submit(client) for _ in range(8)]
+        until(lambda: sum(1 for i, t in tasks_on(flaky).items() if i in ids and t["status"] == "completed") >= 1
+              and sum(1 for t in tasks_on(flaky).values() if t["status"] == "pending") == 1)
+        before = set(submitted_ids(flaky))
+        flaky.forget_tasks()  # a restart: every task forgotten, the finished videos kept
+        jobs = wait_all(client, ids)
+    assert all(j["state"] == "succeeded" for j in jobs.values())
+    sent = submitted_ids(flaky) + submitted_ids(steady)
+    resent = {i for i in ids if sent.count(i) > 1}
+    # Only the running job and the one waiting behind it were lost; each went out once more.
+    # The jobs the node had finished were collected from its files, not run again.
+    assert 1 <= len(resent) <= 2 and resent <= before
+    assert all(sent.count(i) <= 2 for i in ids)
+    for job_id in resent:
+        events = client_events(gateway, job_id)
+        assert "no longer knows the task" in events
+
+
+def client_events(gateway: GatewayProcess, job_id: str) -> str:
+    with api(gateway) as client:
+        return " ".join(e["detail"] for e in client.get(f"/api/v1/jobs/{job_id}").json()["events"])
+
+
+def test_job_not_started_by_its_deadline_moves_and_never_runs_twice(tmp_path, cleanup):
+    stuck = NodeProcess(tmp_path / "stuck", job_seconds=4.0)  # one very long job
+    spare = NodeProcess(tmp_path / "spare", job_seconds=0.3)
+    for node in start(stuck, spare):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, {"stuck": stuck, "spare": spare}, X2V_START_DEADLINE="1")
+    cleanup(gateway)
+    with api(gateway) as client:
+        client.post("/api/v1/nodes/spare/drain").raise_for_status()
+        long_job, waiting = submit(client), submit(client)
+        until(lambda: tasks_on(stuck).get(waiting, {}).get("status") == "pending")
+        client.post("/api/v1/nodes/spare/undrain").raise_for_status()
+        job = wait_all(client, [waiting])[waiting]
+        assert job["upstream"] == "spare" and job["state"] == "succeeded"
+        assert "not started on stuck" in client_events(gateway, waiting)
+        wait_all(client, [long_job])
+    # Cancelled while it waited, it never ran there: still `cancelled`, never `completed`.
+    assert tasks_on(stuck)[waiting]["status"] == "cancelled"
+
+
+def test_job_on_a_node_that_stops_answering_moves_and_is_cancelled_there(tmp_path, cleanup):
+    sick = MisbehavingNode(tmp_path / "sick", job_seconds=7.0)
+    spare = NodeProcess(tmp_path / "spare", job_seconds=0.3)
+    for node in start(sick, spare):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, {"sick": sick, "spare": spare}, X2V_START_DEADLINE="2")
+    cleanup(gateway)
+    with api(gateway) as client:
+        client.post("/api/v1/nodes/spare/drain").raise_for_status()
+        # Someone else's long task runs on the node; ours waits behind it.
+        httpx.post(f"{sick.url}/v1/tasks/video/", json={"task_id": "theirs", "prompt": "x"}).raise_for_status()
+        ours = submit(client)
+        until(lambda: tasks_on(sick).get(ours, {}).get("status") == "pending")
+        # Its status routes break while its worker goes on: the gateway cannot see it any more.
+        sick.fault("error", route=r"^GET /v1/(tasks/|service/)", times=None, status=500)
+        client.post("/api/v1/nodes/spare/undrain").raise_for_status()
+        until(lambda: client.get("/api/v1/nodes/sick").json()["state"] == "down", timeout=10)
+        # Silent for the start-by deadline: the job goes where it can run.
+        job = wait_all(client, [ours], timeout=30)[ours]
+        assert job["upstream"] == "spare" and job["state"] == "succeeded"
+        assert "sick has not answered for 2 s" in client_events(gateway, ours)
+        sick.clear_faults()
+        # Back: the task it still holds for the moved job is cancelled before it could start.
+        until(lambda: tasks_on(sick)[ours]["status"] == "cancelled", timeout=15)
+        until(lambda: tasks_on(sick)["theirs"]["status"] == "completed", timeout=15)
+    assert tasks_on(sick)[ours]["status"] == "cancelled"  # it never ran there
+
+
+# -- the registry -----------------------------------------------------------------------------
+
+
+def test_drain_add_and_remove_nodes_at_run_time_and_across_restarts(tmp_path, cleanup):
+    a, b, c = (NodeProcess(tmp_path / n, job_seconds=0.5) for n in "abc")
+    for node in start(a, b, c):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, {"a": a, "b": b})
+    cleanup(gateway)
+    with api(gateway) as client:
+        first = [submit(client) for _ in range(4)]
+        until(lambda: len(submitted_ids(a)) == 2)
+        drained = client.post("/api/v1/nodes/a/drain").json()
+        assert drained["state"] == "draining" and drained["drained"]
+        later = [submit(client) for _ in range(4)]
+        jobs = wait_all(client, first + later)
+        # What a had, it finished; nothing new went there.
+        assert {jobs[i]["upstream"] for i in submitted_ids(a)} == {"a"}
+        assert {jobs[i]["upstream"] for i in later} == {"b"}
+
+        added = client.post("/api/v1/nodes", json={"name": "c", "url": c.url, "tasks": ["t2v"]})
+        assert added.status_code == 201, added.text
+        assert client.post("/api/v1/nodes", json={"name": "c", "url": c.url}).status_code == 409
+        assert client.post("/api/v1/nodes", json={"name": "d", "url": "ftp://x"}).status_code == 422
+        wait_all(client, [submit(client) for _ in range(4)])
+        assert submitted_ids(c)
+
+    gateway.restart()  # the registry is in the store: c is still there, a still drained
+    with api(gateway) as client:
+        nodes = {n["name"]: n for n in client.get("/api/v1/nodes").json()}
+        assert set(nodes) == {"a", "b", "c"} and nodes["a"]["state"] == "draining"
+        busy = [submit(client) for _ in range(3)]
+        until(lambda: client.get("/api/v1/nodes/c").json()["running"])
+        assert client.delete("/api/v1/nodes/c").status_code == 409  # it has work
+        wait_all(client, busy)
+        assert client.delete("/api/v1/nodes/c").status_code == 204
+        assert client.delete("/api/v1/nodes/a").status_code == 204  # from X2V_NODES too
+        client.post("/api/v1/nodes/b/drain").raise_for_status()
+        client.post("/api/v1/nodes/b/undrain").raise_for_status()
+
+    gateway.restart()
+    with api(gateway) as client:
+        nodes = client.get("/api/v1/nodes").json()
+        # a stays removed although X2V_NODES names it, until it is added again.
+        assert [n["name"] for n in nodes] == ["b"] and nodes[0]["state"] == "up"
+        assert client.post("/api/v1/nodes", json={"name": "a", "url": a.url}).status_code == 201
+        assert client.get("/api/v1/nodes/a").json()["state"] in ("up", "unknown")
