@@ -260,3 +260,14 @@ def test_retention_deletes_files_of_finished_jobs_and_the_job_says_so(tmp_path):
         assert not blob.exists()
     finally:
         gateway.stop()
+
+
+def test_job_waiting_in_the_gateway_shows_its_place_and_an_eta(api):
+    api.post("/api/v1/jobs?wait=60", json={"task": "t2v", "prompt": "measure a run"})
+    ids = [api.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"line {i}"}).json()["id"] for i in range(5)]
+    last = api.get(f"/api/v1/jobs/{ids[-1]}").json()
+    assert last["state"] == "queued"
+    assert last["queue"]["where"] == "gateway" and last["queue"]["position"] >= 1
+    assert last["queue"]["pending_seconds"] > 0 and last["queue"]["running_seconds"] > 0
+    for job_id in ids:
+        wait_for(api, job_id, {"succeeded"})

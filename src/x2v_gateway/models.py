@@ -158,6 +158,7 @@ def job_view(
     *,
     blob_sizes: dict[str, int] | None = None,
     queue_position: int | None = None,
+    queue_estimate: dict[str, float] | None = None,
     events: list[dict[str, Any]] | None = None,
 ) -> JobView:
     sizes = blob_sizes or {}
@@ -170,7 +171,7 @@ def job_view(
         )
     queue = None
     if queue_position is not None:
-        queue = QueueInfo(position=queue_position, where="gateway")
+        queue = QueueInfo(position=queue_position, where="gateway", **(queue_estimate or {}))
     elif job.queue_info:
         queue = QueueInfo(where="upstream", **job.queue_info)
     return JobView(

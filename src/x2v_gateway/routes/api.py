@@ -40,6 +40,8 @@ def view(gw: Gateway, job: Job, *, events: bool = False) -> JobView:
         job,
         blob_sizes=sizes,
         queue_position=gw.store.queue_position(job),
+        # The estimate reads every job in flight: worth it on one job's page, not in a list.
+        queue_estimate=gw.dispatcher.estimate(job) if events and job.state == "queued" else None,
         events=gw.store.events(job.id) if events else None,
     )
 
