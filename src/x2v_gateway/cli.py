@@ -34,7 +34,11 @@ def serve(env_file: str) -> None:
         sys.exit(2)
     app = create_app(settings)
     click.echo(f"x2v-gateway listening on http://{settings.host}:{settings.port} (data in {settings.data_dir})")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        # An open dashboard keeps a live-update stream open: do not wait for it forever on stop.
+        timeout_graceful_shutdown=5,
+    )
 
 
 @main.command("demo-node")
