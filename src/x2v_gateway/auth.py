@@ -562,7 +562,11 @@ class AuthMiddleware(ASGIMiddleware):
     async def _audited(
         self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp, auth: Auth, who: Caller
     ) -> None:
-        """Run a node change and, when it worked, record it in the audit log with who did it."""
+        """Run a node change and, when it worked, record it in the audit log with who did it.
+
+        The record is written before the last part of the answer goes out, so a client that has
+        its answer finds the change in `GET /api/v1/audit`.
+        """
         status = 500
         body = bytearray()
 
@@ -570,20 +574,23 @@ class AuthMiddleware(ASGIMiddleware):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and len(body) < 16384:
-                body.extend(message.get("body", b""))
+            elif message["type"] == "http.response.body":
+                if len(body) < 16384:
+                    body.extend(message.get("body", b""))
+                if not message.get("more_body", False) and status < 400:
+                    await self._record_node_change(scope, auth, who, bytes(body))
             await send(message)
 
         await next_app(scope, receive, capture)
-        if status >= 400:
-            return
+
+    async def _record_node_change(self, scope: Scope, auth: Auth, who: Caller, body: bytes) -> None:
         path, method = scope["path"], scope["method"]
         parts = path.split("/")[4:] if path.startswith("/api/v1/nodes") else path.split("/")[3:]
         parts = [p for p in parts if p]
         name = parts[0] if parts else ""
         if not name:
             try:
-                name = str(json.loads(bytes(body)).get("name", ""))
+                name = str(json.loads(body).get("name", ""))
             except (ValueError, AttributeError):
                 name = ""
         if len(parts) > 1:
