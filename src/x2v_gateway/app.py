@@ -183,6 +183,8 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             await gw.stop()
 
     app = Litestar(
+        # Logging is set up above from X2V_LOG_LEVEL; Litestar's own default would reset it.
+        logging_config=None,
         route_handlers=[
             JobsController, BatchesController, ModelsController, NodesController, *OPS_ROUTES,
             # The dashboard: pages under /ui (one Router: the place for sign-in and CSRF guards),

@@ -443,7 +443,10 @@ class Dispatcher:
                 pending = self.store.get(job_id)
                 if pending is not None and pending.state == QUEUED:
                     owner_load[pending.owner or ""] += 1
-        finishing = Counter(self._collecting.values())
+        # A job whose video is being copied has left its node: its slot is free. Only while the
+        # store still counts it in flight, though; once it is marked done it is in neither.
+        in_flight = {row.id for row in inflight}
+        finishing = Counter(n for job_id, n in self._collecting.items() if job_id in in_flight)
         free: dict[str, int] = {}
         for name, state in self.states.items():
             if state.accepting(now):
@@ -753,6 +756,10 @@ class Dispatcher:
         process is gone, and its tasks with it), else once it has been silent for the start-by
         deadline. A silent node may still be running them (a network fault, a stuck status
         route), and a job must not run twice at once: the wait is the price of that."""
+        if state.upstream.kind == "cloud":
+            # The hosted cloud keeps its tasks through an outage of ours or its own: moving them
+            # would lose their place in its queue, and could make a second task of one job.
+            return
         long_down = (
             state.down_since is not None
             and time.monotonic() - state.down_since >= self.start_deadline
