@@ -6,7 +6,6 @@ import base64
 import http.server
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest

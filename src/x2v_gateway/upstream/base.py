@@ -6,11 +6,15 @@ nothing outside `upstream/` ever sees an upstream status string or error body.
 
 from __future__ import annotations
 
+import base64
 import enum
+import json
+import math
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class RemoteState(enum.StrEnum):
@@ -145,3 +149,37 @@ def clean_message(text: str, *, secrets: tuple[str, ...] = (), limit: int = 300)
     text = _PATH.sub(r"\1", text)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
+
+
+def base64_json_body(
+    fields: dict[str, Any], files: dict[str, Path], *, wrap: str = '"{}"'
+) -> tuple[AsyncIterator[bytes], int]:
+    """A JSON object of `fields` plus each file base64-encoded from disk as it is sent.
+
+    `wrap` is the JSON value around the base64 text, `{}` standing for it (a bare string for a
+    node, `{"type": "base64", "data": "{}"}` for the cloud). The body is streamed, so a large
+    input costs one 192 KiB chunk of memory, not the file plus its base64 copy plus the JSON
+    string that would hold it. Its length is known up front, so it goes with a Content-Length.
+    A streamed body can be read once: build a new one for each send.
+    """
+    before, after = (part.encode() for part in wrap.split("{}"))
+    head = json.dumps(fields).encode()[:-1]  # ASCII (ensure_ascii), without the closing brace
+    parts: list[bytes | Path] = [head]
+    for name, path in files.items():
+        parts += [f', "{name}": '.encode() + before, path, after]
+    parts.append(b"}")
+    length = sum(4 * math.ceil(p.stat().st_size / 3) if isinstance(p, Path) else len(p) for p in parts)
+
+    async def stream() -> AsyncIterator[bytes]:
+        for part in parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            with part.open("rb") as handle:
+                while chunk := handle.read(_B64_CHUNK):
+                    yield base64.b64encode(chunk)
+
+    return stream(), length

@@ -21,14 +21,11 @@ Every quirk of that API is handled here and nowhere else (see shared/lightx2v/cl
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
@@ -46,6 +43,7 @@ from .base import (
     SubmitRequest,
     Unavailable,
     UnknownTask,
+    base64_json_body,
     clean_message,
 )
 
@@ -100,7 +98,6 @@ _VISIT_RETRIES = 2
 _QUERY_BATCH = 50  # ids per `task_ids=` query, to keep URLs short
 _FIND_PAGES, _FIND_PAGE_SIZE = 4, 50  # find_task looks at the newest 200 tasks of the account
 _MODELS_TTL = 300.0
-_B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 
 
 class CloudModel(NamedTuple):
@@ -212,33 +209,6 @@ def _to_status(task: dict, secrets: tuple[str, ...]) -> RemoteStatus:
             if status.running_seconds is None and running is not None:
                 status.running_seconds = running
     return status
-
-
-def _json_body(fields: dict[str, Any], inputs: dict[str, Path]) -> tuple[AsyncIterator[bytes], int]:
-    """The submit body, each input base64-encoded from disk as it is sent.
-
-    `{"task": ..., "input_image": {"type": "base64", "data": "<base64>"}}`: streamed, so a large
-    input costs one 192 KiB chunk of memory, not the file plus its base64 copy plus the JSON
-    string that would hold it. The length is computed up front so the body goes with a
-    Content-Length rather than chunked.
-    """
-    head = json.dumps(fields).encode()[:-1]  # ASCII (ensure_ascii), without the closing brace
-    parts: list[bytes | Path] = [head]
-    for name, path in inputs.items():
-        parts += [f', "{name}": {{"type": "base64", "data": "'.encode(), path, b'"}']
-    parts.append(b"}")
-    length = sum(4 * math.ceil(p.stat().st_size / 3) if isinstance(p, Path) else len(p) for p in parts)
-
-    async def stream() -> AsyncIterator[bytes]:
-        for part in parts:
-            if isinstance(part, bytes):
-                yield part
-                continue
-            with part.open("rb") as handle:
-                while chunk := handle.read(_B64_CHUNK):
-                    yield base64.b64encode(chunk)
-
-    return stream(), length
 
 
 def _should_retry(exc: BaseException) -> bool:
@@ -435,7 +405,7 @@ class CloudUpstream:
         for attempt in range(1 + _VISIT_RETRIES):
             try:
                 # Built afresh for each send: a streamed body can be read only once.
-                content, length = _json_body(fields, inputs)
+                content, length = base64_json_body(fields, inputs, wrap='{"type": "base64", "data": "{}"}')
             except OSError as exc:
                 raise Rejected(f"{self.name}: an input file is missing ({type(exc).__name__})") from None
             await self._pace()

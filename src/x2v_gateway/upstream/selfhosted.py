@@ -17,10 +17,7 @@ Every quirk of that server is handled here and nowhere else (see shared/lightx2v
 
 from __future__ import annotations
 
-import base64
 import json
-import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from .base import (
     SubmitRequest,
     Unavailable,
     UnknownTask,
+    base64_json_body,
     clean_message,
 )
 
@@ -59,7 +57,6 @@ _FORM_FIELDS = {
     "save_result_path", "prompt", "negative_prompt", "use_prompt_enhancer", "num_fragments",
     "infer_steps", "target_video_length", "seed", "video_duration", "target_fps",
 }
-_B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 
 
 def _retrying() -> AsyncRetrying:
@@ -143,7 +140,9 @@ class SelfHostedNode:
             if use_form:
                 response = await self._submit_form(fields, request.inputs, request.filenames)
             else:
-                content, length = _json_body(fields, request.inputs)
+                content, length = base64_json_body(
+                    fields, {_JSON_INPUTS[role]: path for role, path in request.inputs.items()}
+                )
                 response = await self._client.post(
                     "/v1/tasks/video/",  # the trailing slash matters: without it, 405
                     content=content,
@@ -363,32 +362,3 @@ def _to_status(task: dict) -> RemoteStatus:
         kind = task.get("error_type") or ""
         error = clean_message(f"{kind}: {task.get('error')}" if kind else str(task.get("error")))
     return RemoteStatus(state, error=error)
-
-
-def _json_body(fields: dict[str, Any], inputs: dict[str, Path]) -> tuple[AsyncIterator[bytes], int]:
-    """The JSON request with each input base64-encoded from disk as it is sent.
-
-    The body is streamed, so a large input costs one 192 KiB chunk of memory, not the file plus
-    its base64 copy plus the JSON string that would hold it.
-    """
-    head = json.dumps(fields).encode()[:-1]  # without the closing brace
-    parts: list[bytes | Path] = [head]
-    for role, path in inputs.items():
-        parts.append(f', "{_JSON_INPUTS[role]}": "'.encode())
-        parts.append(path)
-        parts.append(b'"')
-    parts.append(b"}")
-    length = sum(
-        4 * math.ceil(p.stat().st_size / 3) if isinstance(p, Path) else len(p) for p in parts
-    )
-
-    async def stream() -> AsyncIterator[bytes]:
-        for part in parts:
-            if isinstance(part, bytes):
-                yield part
-                continue
-            with part.open("rb") as handle:
-                while chunk := handle.read(_B64_CHUNK):
-                    yield base64.b64encode(chunk)
-
-    return stream(), length
