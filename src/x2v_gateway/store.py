@@ -497,7 +497,7 @@ class JobStore:
         def write(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE jobs SET state = 'queued', upstream = NULL, started_at = NULL,"
-                f" attempts = attempts - ?, updated_at = ? WHERE id = ? AND state IN ('submitted', 'running')",
+                " attempts = attempts - ?, updated_at = ? WHERE id = ? AND state IN ('submitted', 'running')",
                 (0 if sent else 1, _now(), job_id),
             )
             if cur.rowcount:
