@@ -270,3 +270,13 @@ def test_job_waiting_in_the_gateway_shows_its_place_and_an_eta(api):
     assert last["queue"]["pending_seconds"] > 0 and last["queue"]["running_seconds"] > 0
     for job_id in ids:
         wait_for(api, job_id, {"succeeded"})
+
+
+def test_flf2v_job_with_first_and_last_frame(api, media):
+    first = base64.b64encode(media["face"].read_bytes()).decode()
+    last = base64.b64encode(media["face2"].read_bytes()).decode()
+    job = api.post("/api/v1/jobs?wait=60", json={"task": "flf2v", "prompt": "morph", "image": first, "last_frame": last}).json()
+    assert job["state"] == "succeeded", job
+    assert set(job["inputs"]) == {"image", "last_frame"}
+    missing = api.post("/api/v1/jobs", json={"task": "flf2v", "image": first})
+    assert missing.status_code == 422 and missing.json()["error"]["field"] == "last_frame"
