@@ -81,6 +81,10 @@ def page(browser, gateway):
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     yield page
+    # What the browser ended up showing goes to the bodies tests/test_secrets.py scans.
+    with gateway.responses_path.open("a", encoding="utf-8") as seen:
+        for shown in context.pages:
+            seen.write(shown.content())
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
 
