@@ -443,3 +443,36 @@ def test_refused_token_keeps_jobs_waiting_and_readyz_down_until_a_valid_one(tmp_
     finally:
         gateway.stop()
         double.stop()
+
+
+def test_dashboard_batch_for_the_cloud_only_needs_a_prompt(tmp_path):
+    # A batch from the dashboard gets the same up-front rule as the API: the cloud refuses a job
+    # without a prompt, so the whole batch is refused, naming the field, before anything is queued.
+    import asyncio
+
+    from x2v_gateway.app import Gateway
+    from x2v_gateway.models import ApiError
+    from x2v_gateway.settings import load_settings
+    from x2v_gateway.store import BatchJobSpec
+
+    settings = load_settings(
+        {"X2V_DATA_DIR": str(tmp_path), "LIGHTX2V_ACCESS_TOKEN": "tok-" + "x" * 28,
+         "LIGHTX2V_BASE_URL": "http://127.0.0.1:9"},
+        env_file=None,
+    )
+    gateway = Gateway(settings)
+    specs = [
+        BatchJobSpec(task="t2v", params={"prompt": "a red car"}, inputs={}, files={}),
+        BatchJobSpec(task="t2v", params={"prompt": "  "}, inputs={}, files={}),
+    ]
+    from x2v_gateway.batches import plan_batch
+
+    preview = plan_batch(gateway, {"task": "t2v", "mode": "grid", "prompt": "", "seeds": "1,2"}, [])
+    assert preview.jobs and all(
+        any("Prompt: required" in e for e in job.errors) for job in preview.jobs
+    ), [job.errors for job in preview.jobs]
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(gateway.jobs.submit_batch("b-cloud", specs))
+    assert refused.value.status == 422 and refused.value.field == "prompt"
+    assert gateway.store.counts_by_state()["queued"] == 0
+    gateway.store.close()

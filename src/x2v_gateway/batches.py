@@ -156,6 +156,11 @@ def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan
         errors.append(f"This makes {len(rows)} jobs; a batch holds at most {MAX_BATCH_JOBS}: split it")
         rows = rows[:MAX_BATCH_JOBS]
     jobs = [_checked_job(number, row, base) for number, row in enumerate(rows, start=1)]
+    clouds, others = gw.jobs.candidates(task, None)
+    if clouds and not others:
+        for job in jobs:
+            if not str(job.params.get("prompt", "")).strip():
+                job.errors.append("Prompt: required, the hosted cloud refuses jobs without one")
     return BatchPlan(task=task, mode=mode, jobs=jobs, errors=errors, summary=_plan_summary(mode, uploads, jobs))
 
 

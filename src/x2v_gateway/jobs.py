@@ -170,7 +170,7 @@ class JobService:
                            + ", ".join(self.dispatcher.states), "upstream")
         if not any(request.task in s.upstream.tasks for s in self.dispatcher.states.values()):
             raise ApiError(422, f"no configured upstream runs {request.task} jobs", "task")
-        clouds, others = self._candidates(request)
+        clouds, others = self.candidates(request.task, request.upstream)
         if clouds and not others and not request.prompt.strip():
             raise ApiError(422, f"prompt is required: the hosted cloud refuses {request.task} jobs without one", "prompt")
         if request.model is not None and others:
@@ -179,12 +179,12 @@ class JobService:
                 + ", ".join(others) + "; pin it to a cloud upstream with `upstream`", "model",
             )
 
-    def _candidates(self, request: JobRequest) -> tuple[list[Any], list[str]]:
-        """The cloud upstreams this job may go to, and the names of the other ones."""
+    def candidates(self, task: str, pinned: str | None) -> tuple[list[Any], list[str]]:
+        """The cloud upstreams a job may go to, and the names of the other ones."""
         clouds, others = [], []
         for state in self.dispatcher.states.values():
             upstream = state.upstream
-            if request.task in upstream.tasks and request.upstream in (None, upstream.name):
+            if task in upstream.tasks and pinned in (None, upstream.name):
                 if upstream.kind == "cloud":
                     clouds.append(upstream)
                 else:
@@ -193,7 +193,7 @@ class JobService:
 
     async def _check_cloud_model(self, request: JobRequest) -> None:
         """Refuse a model the cloud does not offer (named, or the default) before anything is uploaded."""
-        clouds, _ = self._candidates(request)
+        clouds, _ = self.candidates(request.task, request.upstream)
         params = {"model_cls": request.model} if request.model else None
         for cloud in clouds:
             try:
@@ -312,6 +312,12 @@ class JobService:
                 if not self.blobs.exists(sha):
                     name = spec.files.get(role, role)
                     raise ApiError(422, f"{name} is no longer stored on the gateway; add it again", role)
+            clouds, others = self.candidates(spec.task, None)
+            if clouds and not others and not str(spec.params.get("prompt", "")).strip():
+                raise ApiError(
+                    422, f"{', '.join(spec.files.values()) or spec.task}: a prompt is required,"
+                    f" the hosted cloud refuses {spec.task} jobs without one", "prompt",
+                )
             # Fixed now, as for single jobs: a resubmission after a node restart renders the same video.
             spec.params.setdefault("seed", secrets.randbelow(2**32))
         jobs = await self.store.create_batch(batch_id, specs, batch=batch, owner=owner)
