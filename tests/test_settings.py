@@ -77,3 +77,23 @@ def test_every_setting_is_documented_in_readme_and_env_example():
     for name in [*SETTINGS, *CLOUD_SETTINGS]:
         assert f"`{name}`" in readme, f"{name} missing from the README's settings table"
         assert name in example, f"{name} missing from .env.example"
+
+
+def test_every_route_is_in_the_readme(tmp_path):
+    from x2v_gateway.app import create_app
+
+    readme = (ROOT / "README.md").read_text()
+    settings = load_settings(
+        {"X2V_DATA_DIR": str(tmp_path), "X2V_NODES": "n=http://127.0.0.1:9", "X2V_ADMIN_KEY": "k" * 32},
+        env_file=None,
+    )
+    app = create_app(settings)
+    missing = []
+    for route in app.routes:
+        if route.path.startswith(("/schema/", "/static/")):
+            continue  # the API docs' own files, and static files
+        # `{job_id:str}` in the app is `{id}` or `{job_id}` in the README: any name will do.
+        pattern = r"\{[^}]+\}".join(map(re.escape, re.split(r"\{[^}]*\}", route.path)))
+        if not re.search(pattern + r"[`?]", readme):
+            missing.append(route.path)
+    assert not missing, f"routes missing from the README: {missing}"
