@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import http.server
+import struct
 import threading
 import time
+import zlib
 
 import httpx
 import pytest
@@ -97,6 +99,18 @@ def test_t2v_job(api):
     assert job["result"]["width"] > 0
 
 
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+# A few bytes that claim 20000x20000 pixels: Pillow refuses to decode it (decompression bomb).
+_HUGE_PNG = base64.b64encode(_png_header(20000, 20000)).decode()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
@@ -113,6 +127,7 @@ def test_t2v_job(api):
         ({"task": "i2v", "image": "!!!not base64!!!"}, 422, "image"),
         ({"task": "i2v", "image": "aGVsbG8gd29ybGQsIG5vdCBhbiBpbWFnZQ=="}, 422, "image"),
         ({"task": "i2v", "image": "http://127.0.0.1:9/nope.png"}, 422, "image"),
+        ({"task": "i2v", "image": _HUGE_PNG}, 422, "image"),
         ({"task": "t2v", "upstream": "nowhere"}, 422, "upstream"),
     ],
 )

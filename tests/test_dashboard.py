@@ -415,3 +415,9 @@ def test_preview_pairs_files_by_name_and_crosses_prompts_with_seeds(gateway, tmp
         })
         assert bad_seed.status_code == 422
         assert "Seed: must be a whole number" in bad_seed.text
+
+        # A `file` field that is not one the form made is ignored, as the preview ignores it.
+        made = client.post("/ui/batches", data={
+            "task": "t2v", "mode": "each", "prompt": "a garbled form", "file": ["not json", "[1]"],
+        })
+        assert made.status_code == 200 and made.headers["hx-redirect"].startswith("/ui/batches/b"), made.text

@@ -325,6 +325,23 @@ def test_job_not_started_by_its_deadline_moves_and_never_runs_twice(tmp_path, cl
     assert tasks_on(stuck)[waiting]["status"] == "cancelled"
 
 
+def test_job_moved_off_its_only_node_runs_there_later_instead_of_ending_cancelled(tmp_path, cleanup):
+    only = NodeProcess(tmp_path / "only", job_seconds=3.0)
+    for node in start(only):
+        cleanup(node)
+    gateway = gateway_for(tmp_path, {"only": only}, X2V_START_DEADLINE="1")
+    cleanup(gateway)
+    with api(gateway) as client:
+        long_job, waiting = submit(client), submit(client)
+        jobs = wait_all(client, [long_job, waiting], timeout=40)
+        # Cancelled there after its deadline, it came back to the same node: the node still
+        # holds the cancelled task under the job's id, so the new attempt needs another one.
+        assert jobs[waiting]["state"] == "succeeded", jobs[waiting]["error"]
+        assert "not started on only" in client_events(gateway, waiting)
+        assert jobs[waiting]["upstream_task_id"] != waiting
+    assert tasks_on(only)[waiting]["status"] == "cancelled"
+
+
 def test_job_on_a_node_that_stops_answering_moves_and_is_cancelled_there(tmp_path, cleanup):
     sick = MisbehavingNode(tmp_path / "sick", job_seconds=7.0)
     spare = NodeProcess(tmp_path / "spare", job_seconds=0.3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
 from collections import Counter
 from datetime import datetime
@@ -167,3 +169,29 @@ def test_form_route_submission_whose_answer_is_lost_is_found_not_resent(tmp_path
     finally:
         gateway.stop()
         node.stop()
+
+
+def test_readyz_while_the_store_is_locked_does_not_stall_other_requests(tmp_path):
+    gateway = GatewayProcess(tmp_path / "data").start()
+    try:
+        with gateway.client() as client:
+            assert client.get("/readyz").status_code == 200
+            # Another process (a backup, sqlite3 in a shell) holds the write lock.
+            lock = sqlite3.connect(tmp_path / "data" / "gateway.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            try:
+                ready: list[int] = []
+                probe = threading.Thread(target=lambda: ready.append(client.get("/readyz").status_code))
+                probe.start()
+                time.sleep(0.3)  # the probe now waits for the lock
+                started = time.monotonic()
+                assert client.get("/healthz").status_code == 200
+                assert time.monotonic() - started < 1.0  # not behind the probe's wait
+                probe.join(timeout=30)
+                assert ready == [503]
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            assert client.get("/readyz").status_code == 200
+    finally:
+        gateway.stop()

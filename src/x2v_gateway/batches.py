@@ -167,12 +167,8 @@ def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan
 def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
     """The files listed in the form, checked against the blob store (the form is not trusted)."""
     uploads: dict[str, Upload] = {}
-    for raw in values:
-        try:
-            data = json.loads(raw)
-            name, role = str(data["name"]), str(data.get("role", "image"))
-        except (ValueError, KeyError, TypeError):
-            continue
+    for data in filter(None, map(_file_field, values)):
+        name, role = str(data["name"]), str(data.get("role", "image"))
         if data.get("error"):
             uploads[name] = Upload(name, role, error=str(data["error"]))
             continue
@@ -185,6 +181,15 @@ def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
         role = "image" if blob["kind"] in _IMAGE_KINDS else "audio"
         uploads[name] = Upload(name, role, sha, blob["size"])
     return list(uploads.values())
+
+
+def _file_field(raw: str) -> dict[str, Any] | None:
+    """One `file` field of the form (`Upload.as_json`), or None when it is not one."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "name" in data else None
 
 
 def _input_sets(task: str, uploads: list[Upload], errors: list[str]) -> list[dict[str, Upload]]:
@@ -448,7 +453,7 @@ async def create_batch(
         for job in plan.jobs
     ]
     kept_form = {k: v for k, v in form.items() if k not in ("batch_id",)}
-    kept_form["files"] = [json.loads(f).get("name") for f in files]
+    kept_form["files"] = [str(data["name"]) for data in filter(None, map(_file_field, files))]
     name = form.get("name", "").strip()[:200] or None
     existing = gw.store.batch(batch_id)
     if existing is not None:

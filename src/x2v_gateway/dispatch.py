@@ -164,8 +164,6 @@ class UpstreamState:
     queue_depth: int = 0
     # When slots were seen freed (monotonic), for the dispatch-lag metric.
     freed: deque[float] = field(default_factory=lambda: deque(maxlen=64))
-    # The latest measured run times, any task type (per task type: `Dispatcher.timings`).
-    durations: list[float] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -855,7 +853,6 @@ class Dispatcher:
                 if job.id not in self._collecting:
                     if job.started_at and job.id not in self._cancel_ignored:
                         self.timings.record(upstream.name, job.task, wall - job.started_at)
-                        state.durations = (state.durations + [wall - job.started_at])[-50:]
                     state.freed.append(now)
                     self._collecting[job.id] = upstream.name
                     self._spawn(self._collect(job, state))

@@ -24,6 +24,10 @@ def inspect_image(path: Path) -> str:
         with Image.open(path) as image:
             image.verify()
             fmt, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        # Pillow refuses a header claiming more pixels than it would decode (a zip bomb, or a
+        # real image far larger than any model takes).
+        raise MediaError("has too many pixels to be decoded safely; scale it down") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"is not a readable image ({type(exc).__name__})") from None
     if min(width, height) < MIN_IMAGE_SIDE:

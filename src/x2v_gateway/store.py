@@ -294,12 +294,14 @@ class JobStore:
             conn.close()
             self._local.conn = None
 
-    def is_writable(self) -> bool:
-        """A cheap check for /readyz: can this process write to the store right now."""
+    async def is_writable(self) -> bool:
+        """A cheap check for /readyz: can this process write to the store right now.
+
+        Asked on the writer thread: taking the write lock waits up to the busy timeout (5 s)
+        while another writer holds it, which must not stall the event loop.
+        """
         try:
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
+            await self._write(lambda conn: None)
             return True
         except sqlite3.Error:
             return False

@@ -33,7 +33,7 @@ async def healthz() -> dict[str, str]:
 @get("/readyz", tags=["operations"], summary="Store writable and at least one upstream reachable")
 async def readyz(request: Request) -> Response[Readiness]:
     gw = gateway(request)
-    writable = gw.store.is_writable()
+    writable = await gw.store.is_writable()
     reachable = [name for name, s in gw.dispatcher.states.items() if s.up]
     checks = {
         "store": Check(writable, "writable" if writable else "cannot write to the job store"),

@@ -5,7 +5,8 @@ Every quirk of that server is handled here and nowhere else (see shared/lightx2v
 * submit routes need their trailing slash (`/v1/tasks/video/`); without it the server answers 405;
 * the submit answer says `task_status`, the status answer says `status`;
 * the client may choose the task id on the JSON route, and a reused id gets 503 "already exists":
-  the gateway sends its own id, so a repeated submission can never create a second task. The
+  the gateway sends its own id, so a repeated submission can never create a second task (a job
+  that comes back to a node that cancelled its task there goes out under a fresh id). The
   `/form` route takes no task id, but it does take `save_result_path`, which the task list shows:
   the gateway's id goes there on both routes, and tasks are found by it;
 * 503 "Task queue is full" is back-pressure, not a failure;
@@ -125,9 +126,18 @@ class SelfHostedNode:
     # -- submit ---------------------------------------------------------------------------------
 
     async def submit(self, request: SubmitRequest) -> str:
+        response = await self._send(request, request.task_id)
+        if _already_exists(response) and await self._is_dead(request.task_id):
+            # The job was moved off this node (its task here cancelled) and has come back: a
+            # cancelled task never runs again, so this attempt goes out under a fresh id.
+            task_id = await self._fresh_id(request.task_id)
+            return self._submitted(await self._send(request, task_id), task_id)
+        return self._submitted(response, request.task_id)
+
+    async def _send(self, request: SubmitRequest, task_id: str) -> httpx.Response:
         # The output is named after the gateway's id too: it identifies the task in the list
         # (form route) and names the file that outlives a node restart.
-        fields: dict[str, Any] = {**request.params, "save_result_path": request.task_id}
+        fields: dict[str, Any] = {**request.params, "save_result_path": task_id}
         size = sum(p.stat().st_size for p in request.inputs.values())
         use_form = (
             "image" in request.inputs  # the form route requires image_file
@@ -135,33 +145,31 @@ class SelfHostedNode:
             and set(fields) <= _FORM_FIELDS
         )
         if not use_form:
-            fields["task_id"] = request.task_id
+            fields["task_id"] = task_id
         try:
             if use_form:
-                response = await self._submit_form(fields, request.inputs, request.filenames)
-            else:
-                content, length = base64_json_body(
-                    fields, {_JSON_INPUTS[role]: path for role, path in request.inputs.items()}
-                )
-                response = await self._client.post(
-                    "/v1/tasks/video/",  # the trailing slash matters: without it, 405
-                    content=content,
-                    headers={"content-type": "application/json", "content-length": str(length)},
-                )
+                return await self._submit_form(fields, request.inputs, request.filenames)
+            content, length = base64_json_body(
+                fields, {_JSON_INPUTS[role]: path for role, path in request.inputs.items()}
+            )
+            return await self._client.post(
+                "/v1/tasks/video/",  # the trailing slash matters: without it, 405
+                content=content,
+                headers={"content-type": "application/json", "content-length": str(length)},
+            )
         except httpx.ConnectError as exc:
             # Refused before a byte was sent: safe to try again, here or elsewhere.
             raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
         except httpx.TransportError as exc:
             raise AmbiguousSubmit(f"{self.name}: submission interrupted ({type(exc).__name__})") from None
 
-        detail = "" if response.status_code == 200 else _detail(response)
-        if response.status_code == 200:
-            # On the form route the node picked its own id; the gateway keeps using its own,
-            # which the node reports as the task's save_result_path.
-            return request.task_id
-        if response.status_code == 503 and "already exists" in detail:
-            # Our own id: an earlier attempt of this very submission reached the node.
-            return request.task_id
+    def _submitted(self, response: httpx.Response, task_id: str) -> str:
+        if response.status_code == 200 or _already_exists(response):
+            # 200: on the form route the node picked its own id; the gateway keeps using its
+            # own, which the node reports as the task's save_result_path. "Already exists": our
+            # own id, so an earlier attempt of this very submission reached the node.
+            return task_id
+        detail = _detail(response)
         if response.status_code == 503:
             raise Backpressure(f"{self.name}: {detail}", retry_after=1.0)
         if response.status_code == 500 and "not accessible" in detail:
@@ -171,6 +179,18 @@ class SelfHostedNode:
         # Any other 5xx: the node read the request and broke somewhere; whether the task exists
         # is unknown until it is asked.
         raise AmbiguousSubmit(f"{self.name} answered {response.status_code}: {detail}")
+
+    async def _is_dead(self, task_id: str) -> bool:
+        """Whether the node's task of this id was cancelled (or failed): it will never run."""
+        response = await self._get(f"/v1/tasks/{task_id}/status")
+        return response.status_code == 200 and response.json().get("status") in ("cancelled", "failed")
+
+    async def _fresh_id(self, task_id: str) -> str:
+        names = _names(await self._list())
+        n = 1
+        while f"{task_id}-m{n}" in names:
+            n += 1
+        return f"{task_id}-m{n}"
 
     async def _submit_form(
         self, fields: dict[str, Any], inputs: dict[str, Path], filenames: dict[str, str]
@@ -342,6 +362,10 @@ def _refused(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _already_exists(response: httpx.Response) -> bool:
+    return response.status_code == 503 and "already exists" in _detail(response)
 
 
 def _names(listed: dict[str, dict]) -> dict[str, str]:
