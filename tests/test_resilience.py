@@ -195,3 +195,19 @@ def test_readyz_while_the_store_is_locked_does_not_stall_other_requests(tmp_path
             assert client.get("/readyz").status_code == 200
     finally:
         gateway.stop()
+
+
+def test_node_that_breaks_every_submission_fails_the_job_instead_of_looping(tmp_path):
+    node = MisbehavingNode(tmp_path / "node").start()
+    gateway = GatewayProcess(tmp_path / "data", nodes=f"broken={node.url}").start()
+    try:
+        node.fault("error", route="submit", status=500, times=None)
+        with gateway.client() as client:
+            (job_id,) = submit_t2v(client, 1, "doomed")
+            job = wait_for(client, job_id, {"failed", "succeeded"}, timeout=60)
+        assert job["state"] == "failed" and "submission kept failing" in job["error"]
+        assert job["attempts"] == 3
+        assert submitted_ids(node) == Counter()  # the node never took it
+    finally:
+        gateway.stop()
+        node.stop()

@@ -79,11 +79,6 @@ class BlobStore:
     def writer(self, limit: int | None = None) -> BlobWriter:
         return BlobWriter(self, limit)
 
-    def put_bytes(self, data: bytes) -> tuple[str, int]:
-        writer = self.writer()
-        writer.write(data)
-        return writer.commit()
-
     def adopt(self, path: Path) -> tuple[str, int]:
         """Move a finished file (a downloaded result) into the store; return its sha256 and size."""
         digest = hashlib.sha256()

@@ -643,6 +643,7 @@ class Dispatcher:
                 if self._ambiguous[job.id] >= MAX_AMBIGUOUS_SUBMITS:
                     await self.store.fail(job.id, f"submission kept failing: {exc}")
             else:
+                self._ambiguous.pop(job.id, None)
                 self.metrics.submissions.labels(upstream.name).inc()
                 if remote_id != claimed_id:
                     await self.store.set_upstream_task_id(job.id, remote_id)
@@ -827,7 +828,8 @@ class Dispatcher:
                 if await self.store.requeue(
                     job.id, f"{upstream.name} no longer knows the task (restarted?); sending it again"
                 ):
-                    self._ambiguous.pop(job.id, None)
+                    # The count of unclear submissions stays: a node that answers every submit
+                    # with a 500 (and so never has the task) must not get the job forever.
                     self.metrics.jobs_moved.labels(upstream.name, "forgotten").inc()
                     state.freed.append(now)
                     self.notifier.changed(job.id)

@@ -342,18 +342,6 @@ class JobStore:
         rows = self._conn().execute(sql, (*args, limit)).fetchall()
         return [_row_to_job(r) for r in rows]
 
-    def queued(self, limit: int, tasks: Iterable[str] | None = None) -> list[Job]:
-        """The next jobs to dispatch: highest priority first, then oldest."""
-        sql = "SELECT * FROM jobs WHERE state = 'queued'"
-        args: list[Any] = []
-        if tasks is not None:
-            tasks = list(tasks)
-            sql += f" AND task IN ({','.join('?' * len(tasks))})"
-            args += tasks
-        sql += " ORDER BY priority DESC, seq LIMIT ?"
-        rows = self._conn().execute(sql, (*args, limit)).fetchall()
-        return [_row_to_job(r) for r in rows]
-
     def active(self, upstream: str | None = None) -> list[Job]:
         """Jobs handed to an upstream and not finished (optionally: to this one)."""
         sql = "SELECT * FROM jobs WHERE state IN ('submitted', 'running')"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -122,7 +123,8 @@ def _stream_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
             handle.seek(start)
             remaining = length
             while remaining > 0:
-                chunk = handle.read(min(256 * 1024, remaining))
+                # Off the event loop: a cold disk must not stall every other request.
+                chunk = await asyncio.to_thread(handle.read, min(256 * 1024, remaining))
                 if not chunk:
                     break
                 remaining -= len(chunk)

@@ -57,7 +57,6 @@ class NodeHealth:
     reachable: bool
     # Tasks the upstream itself counts as active (queued + running), when it says.
     active: int | None = None
-    queue_size: int | None = None
     detail: str | None = None
 
 

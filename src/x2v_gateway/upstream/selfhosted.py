@@ -218,8 +218,10 @@ class SelfHostedNode:
         # One request per node per tick, whatever the number of jobs: the list has every task.
         listed = await self._list()
         names = _names(listed)
-        pending_order = [tid for tid, t in listed.items() if t.get("status") == "pending"]
+        # 1-based places in the node's FIFO, behind the task it runs.
         running = any(t.get("status") == "processing" for t in listed.values())
+        pending = (tid for tid, t in listed.items() if t.get("status") == "pending")
+        places = {tid: place + int(running) for place, tid in enumerate(pending, start=1)}
         result: dict[str, RemoteStatus | None] = {}
         for task_id in task_ids:
             real_id = names.get(task_id)
@@ -228,8 +230,8 @@ class SelfHostedNode:
                 result[task_id] = await self._status_of_unlisted(task_id)
                 continue
             status = _to_status(task)
-            if status.state is RemoteState.QUEUED and real_id in pending_order:
-                status.queue_position = pending_order.index(real_id) + 1 + int(running)
+            if status.state is RemoteState.QUEUED and real_id in places:
+                status.queue_position = places[real_id]
             result[task_id] = status
         return result
 
@@ -312,7 +314,7 @@ class SelfHostedNode:
             return NodeHealth(reachable=False, detail=f"HTTP {response.status_code}")
         body = response.json()
         active = int(body.get("pending_tasks", 0)) + (body.get("service_status") == "busy")
-        return NodeHealth(reachable=True, active=active, queue_size=body.get("queue_size"))
+        return NodeHealth(reachable=True, active=active)
 
     async def metadata(self) -> dict[str, Any]:
         response = await self._get("/v1/service/metadata")
