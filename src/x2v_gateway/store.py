@@ -456,15 +456,13 @@ class JobStore:
 
         def write(conn: sqlite3.Connection) -> bool:
             now = _now()
-            cur = conn.execute(
+            return _transition(
+                conn, (job_id, SUBMITTED, f"sent to {upstream}"),
                 "UPDATE jobs SET state = 'submitted', upstream = ?, upstream_task_id = ?,"
                 " attempts = attempts + 1, submitted_at = ?, updated_at = ?, queue_info = NULL"
                 " WHERE id = ? AND state = 'queued'",
                 (upstream, task_id, now, now, job_id),
             )
-            if cur.rowcount:
-                _event(conn, job_id, SUBMITTED, f"sent to {upstream}")
-            return cur.rowcount == 1
 
         return await self._write(write)
 
@@ -485,28 +483,24 @@ class JobStore:
         """
 
         def write(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
+            return _transition(
+                conn, (job_id, QUEUED, reason),
                 "UPDATE jobs SET state = 'queued', upstream = NULL, started_at = NULL,"
                 " attempts = attempts - ?, updated_at = ? WHERE id = ? AND state IN ('submitted', 'running')",
                 (0 if sent else 1, _now(), job_id),
             )
-            if cur.rowcount:
-                _event(conn, job_id, QUEUED, reason)
-            return cur.rowcount == 1
 
         return await self._write(write)
 
     async def mark_running(self, job_id: str) -> bool:
         def write(conn: sqlite3.Connection) -> bool:
             now = _now()
-            cur = conn.execute(
+            return _transition(
+                conn, (job_id, RUNNING, "started"),
                 "UPDATE jobs SET state = 'running', started_at = ?, updated_at = ?, queue_info = NULL"
                 " WHERE id = ? AND state = 'submitted'",
                 (now, now, job_id),
             )
-            if cur.rowcount:
-                _event(conn, job_id, RUNNING, "started")
-            return cur.rowcount == 1
 
         return await self._write(write)
 
@@ -538,16 +532,14 @@ class JobStore:
     ) -> bool:
         def write(conn: sqlite3.Connection) -> bool:
             now = _now()
-            cur = conn.execute(
+            return _transition(
+                conn, (job_id, state, error or ""),
                 "UPDATE jobs SET state = ?, error = ?, result_sha = ?, result_meta = ?,"
                 " finished_at = ?, updated_at = ?, queue_info = NULL"
                 f" WHERE id = ? AND state NOT IN {_TERMINAL_SQL}",
                 (state, error, result_sha, json.dumps(result_meta) if result_meta else None,
                  now, now, job_id),
             )
-            if cur.rowcount:
-                _event(conn, job_id, state, error or "")
-            return cur.rowcount == 1
 
         return await self._write(write)
 
@@ -610,7 +602,8 @@ class JobStore:
 
         def write(conn: sqlite3.Connection) -> bool:
             now = _now()
-            cur = conn.execute(
+            return _transition(
+                conn, (job_id, SUBMITTED, f"retry requested: resumed on {upstream} as the same task"),
                 "UPDATE jobs SET state = 'submitted', run = run + 1, error = NULL,"
                 " result_sha = NULL, result_meta = NULL, queue_info = NULL, submitted_at = ?,"
                 " started_at = NULL, finished_at = NULL, updated_at = ?, cancel_pending = 0"
@@ -618,9 +611,6 @@ class JobStore:
                 " AND state IN ('failed', 'cancelled') AND files_expired = 0",
                 (now, now, job_id, upstream, task_id),
             )
-            if cur.rowcount:
-                _event(conn, job_id, SUBMITTED, f"retry requested: resumed on {upstream} as the same task")
-            return cur.rowcount == 1
 
         return await self._write(write)
 
@@ -1254,6 +1244,20 @@ def _row_to_item(row: sqlite3.Row) -> BatchItem:
         retry_of=extra["bj_retry_of"],
         retried_as=extra["bj_retried_as"],
     )
+
+
+def _transition(
+    conn: sqlite3.Connection, event: tuple[str, str, str], sql: str, args: tuple
+) -> bool:
+    """Run one conditional UPDATE of one job; when it moved the job, add its timeline event.
+
+    `event` is (job_id, state, detail). False when the job was not in a state the UPDATE allows
+    (finished already, cancelled meanwhile): nothing changed and nothing is recorded.
+    """
+    changed = conn.execute(sql, args).rowcount == 1
+    if changed:
+        _event(conn, *event)
+    return changed
 
 
 def _event(conn: sqlite3.Connection, job_id: str, state: str, detail: str) -> None:
