@@ -83,6 +83,8 @@ class Gateway:
             self.store, self.blobs, upstreams, self.notifier, self.metrics,
             poll_interval=settings.poll_interval, retention_hours=settings.retention_hours,
             start_deadline=settings.start_deadline,
+            # Before concluding that an unanswered submission never arrived.
+            reconcile_grace=2 * settings.request_timeout,
         )
         # The registry's nodes come with their capacity, task types and drained flag.
         self.registry.attach(self.dispatcher, nodes)

@@ -236,6 +236,7 @@ class Dispatcher:
         poll_interval: float = 1.0,
         retention_hours: float = 0.0,
         start_deadline: float = 300.0,
+        reconcile_grace: float = 60.0,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -244,6 +245,7 @@ class Dispatcher:
         self.poll_interval = poll_interval
         self.retention_hours = retention_hours
         self.start_deadline = start_deadline
+        self.reconcile_grace = reconcile_grace
         self.states: dict[str, UpstreamState] = {}
         self.timings = Timings()
         self._wake = asyncio.Event()
@@ -792,9 +794,11 @@ class Dispatcher:
             if found:
                 await self.store.set_upstream_task_id(job.id, found)
                 job.upstream_task_id = found
-            else:
+            elif time.time() - (job.submitted_at or 0) >= self.reconcile_grace:
                 await self.store.requeue(job.id, f"{upstream.name} has no record of it; sending it again")
                 self.notifier.changed(job.id)
+            # Otherwise not yet: the upstream may still be reading a large body it will accept
+            # (a timed-out answer says nothing about that). Look again next tick.
         jobs = [j for j in jobs if j.upstream_task_id]
         if not jobs:
             return
