@@ -34,6 +34,7 @@ def demo_gateway(tmp_path_factory) -> GatewayProcess:
     Demo jobs take at least 0.8 s, so a test can catch one running or queued.
     """
     root = tmp_path_factory.mktemp("gw")
-    gateway = GatewayProcess(root / "data", X2V_DEMO_JOB_SECONDS="0.8").start()
+    # Private URLs allowed: the URL-input tests serve their files from 127.0.0.1.
+    gateway = GatewayProcess(root / "data", X2V_DEMO_JOB_SECONDS="0.8", X2V_PRIVATE_URLS="true").start()
     yield gateway
     gateway.stop()

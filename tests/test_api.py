@@ -295,3 +295,19 @@ def test_flf2v_job_with_first_and_last_frame(api, media):
     assert set(job["inputs"]) == {"image", "last_frame"}
     missing = api.post("/api/v1/jobs", json={"task": "flf2v", "image": first})
     assert missing.status_code == 422 and missing.json()["error"]["field"] == "last_frame"
+
+
+def test_input_urls_may_not_reach_private_addresses_by_default(tmp_path, file_server):
+    from gateway_proc import GatewayProcess
+
+    gateway = GatewayProcess(tmp_path / "data").start()  # defaults: public URLs only
+    try:
+        with gateway.client() as client:
+            direct = client.post("/api/v1/jobs", json={"task": "i2v", "image": f"{file_server}/face.png"})
+            assert direct.status_code == 422 and direct.json()["error"]["field"] == "image"
+            assert "private or local address" in direct.json()["error"]["message"]
+            # The cloud metadata address, the usual target of such a request.
+            metadata = client.post("/api/v1/jobs", json={"task": "i2v", "image": "http://169.254.169.254/latest"})
+            assert metadata.status_code == 422 and "private or local" in metadata.json()["error"]["message"]
+    finally:
+        gateway.stop()

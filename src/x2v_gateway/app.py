@@ -22,6 +22,7 @@ from litestar.template.config import TemplateConfig
 from .auth import Auth, AuthMiddleware, LimitError, limit_error_response
 from .blobs import BlobStore
 from .dispatch import Dispatcher, Notifier
+from .inputs import PublicOnlyTransport
 from .jobs import JobService
 from .nodes import NodeRegistry
 from .metrics import Metrics
@@ -90,7 +91,11 @@ class Gateway:
         self.registry.attach(self.dispatcher, nodes)
         for name in self.registry.drained_upstreams() & set(self.dispatcher.states):
             self.dispatcher.set_drained(name, True)
-        self.http = httpx.AsyncClient(timeout=settings.request_timeout)
+        # Fetches the inputs users give as URLs.
+        self.http = httpx.AsyncClient(
+            timeout=settings.request_timeout,
+            transport=None if settings.private_urls else PublicOnlyTransport(),
+        )
         self.jobs = JobService(settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http)
         self.auth = Auth(settings, self.store)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -194,8 +195,35 @@ async def _download(role: str, url: str, writer: BlobWriter, http: httpx.AsyncCl
                 raise ApiError(422, f"{role}: {url} answered HTTP {response.status_code}", role)
             async for chunk in response.aiter_bytes(256 * 1024):
                 writer.write(chunk)
+    except NotPublic as exc:
+        raise ApiError(422, f"{role}: {exc}", role) from None
     except httpx.HTTPError as exc:
         raise ApiError(422, f"{role}: could not download {url} ({type(exc).__name__})", role) from None
+
+
+class NotPublic(httpx.ConnectError):
+    """An input URL (or a redirect it led to) names a private, loopback or link-local address."""
+
+
+class PublicOnlyTransport(httpx.AsyncHTTPTransport):
+    """Input URLs are fetched by the gateway, inside its network: without this, any key could
+    make it read internal services (cloud metadata, a node's API, an admin page). Every request,
+    redirects included, must resolve to public addresses only. X2V_PRIVATE_URLS=true turns it off.
+    """
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, request.url.port or 443)
+        except OSError:
+            raise NotPublic(f"{host} does not resolve", request=request) from None
+        for *_, address in infos:
+            if not ipaddress.ip_address(address[0].split("%")[0]).is_global:
+                raise NotPublic(
+                    f"{host} is a private or local address; the gateway fetches inputs from public"
+                    " URLs only (send the file itself instead)", request=request,
+                )
+        return await super().handle_async_request(request)
 
 
 async def keep_files(files: list[IncomingFile], store: JobStore) -> dict[str, StoredInput]:

@@ -52,6 +52,7 @@ class Settings:
     # Access control (auth.py): the bootstrap admin key, never in a repr, a log line or an error.
     admin_key: str = field(default="", repr=False)
     metrics_open: bool = False
+    private_urls: bool = False
     cors_origins: tuple[str, ...] = ()
     session_hours: float = 12.0
     demo_node_port: int = 0
@@ -232,6 +233,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_DEMO_JOB_SECONDS": ("demo_job_seconds", _float(0, 3600), "Minimum seconds each demo-node job takes"),
     "X2V_LOG_LEVEL": ("log_level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     "X2V_ADMIN_KEY": ("admin_key", _admin_key, "An admin API key for a new deployment (at least 24 characters); it works while this variable holds it. Unset and no key made yet: the first start makes one and shows it once"),
+    "X2V_PRIVATE_URLS": ("private_urls", _bool, "`true`: input URLs may point at private, loopback and link-local addresses. Default: public addresses only, so a key cannot make the gateway read internal services"),
     "X2V_METRICS_OPEN": ("metrics_open", _bool, "`true`: `/metrics` answers without a key (for a scraper on a private network). Default: it needs an admin key"),
     "X2V_CORS_ORIGINS": ("cors_origins", _origins, "Browser origins allowed to call the API (CORS), comma-separated, e.g. `https://app.example.com`. Empty: CORS off"),
     "X2V_SESSION_HOURS": ("session_hours", _float(0.1, 24 * 90), "Hours a dashboard sign-in lasts"),
