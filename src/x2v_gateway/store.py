@@ -723,6 +723,15 @@ class JobStore:
         row = self._conn().execute(self._ITEM_SQL + " WHERE jobs.id = ?", (job_id,)).fetchone()
         return _row_to_item(row) if row else None
 
+    def blob_sizes(self, shas: Iterable[str]) -> dict[str, int]:
+        shas = list(shas)
+        if not shas:
+            return {}
+        rows = self._conn().execute(
+            f"SELECT sha256, size FROM blobs WHERE sha256 IN ({','.join('?' * len(shas))})", shas
+        )
+        return dict(rows.fetchall())
+
     def queue_positions(self, jobs: Iterable[Job]) -> dict[str, int]:
         """1-based places in the gateway's queue of the queued jobs among `jobs`, in one query."""
         seqs = {job.seq: job.id for job in jobs if job.state == QUEUED}
