@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from common import GatewayProcess, NodeProcess
 
 _REQUEST = re.compile(r'"(GET|POST|DELETE) (\S+) HTTP')
@@ -49,7 +47,7 @@ def main() -> None:
     try:
         before = [len(n.requests()) for n in nodes]
         started = time.time()
-        with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        with gateway.client() as client:
             ids = [client.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"job {i}"}).json()["id"]
                    for i in range(args.jobs)]
             while True:

@@ -16,16 +16,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import httpx
-
 from common import GatewayProcess, NodeProcess, median, wait_for
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(url: str, *, connections: int, seconds: int) -> dict[str, float]:
+def wrk(url: str, *, connections: int, seconds: int, headers: tuple[str, ...] = ()) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+         *(arg for h in headers for arg in ("-H", h)), url],
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -50,18 +49,21 @@ def main() -> None:
     node = NodeProcess(root / "node").start()
     gateway = GatewayProcess(root / "gw", nodes=f"n1={node.url}", X2V_LOG_LEVEL="WARNING").start()
     try:
-        with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        with gateway.client() as client:
             job = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "latency"}).json()
             job = wait_for(client, job["id"], {"succeeded"})
+        # The gateway's request carries an API key (checked on every request); the node has none.
         targets = {
-            "gateway `GET /api/v1/jobs/{id}`": f"{gateway.url}/api/v1/jobs/{job['id']}",
-            "node `GET /v1/tasks/{id}/status`": f"{node.url}/v1/tasks/{job['upstream_task_id']}/status",
+            "gateway `GET /api/v1/jobs/{id}`": (
+                f"{gateway.url}/api/v1/jobs/{job['id']}", (f"Authorization: Bearer {gateway.admin_key}",),
+            ),
+            "node `GET /v1/tasks/{id}/status`": (f"{node.url}/v1/tasks/{job['upstream_task_id']}/status", ()),
         }
         results: dict[str, dict[str, list[float]]] = {k: {"rps": [], "p50": [], "p99": [], "rps1": []} for k in targets}
         for _ in range(args.rounds):
-            for name, url in targets.items():
-                loaded = wrk(url, connections=32, seconds=args.seconds)
-                single = wrk(url, connections=1, seconds=max(3, args.seconds // 2))
+            for name, (url, headers) in targets.items():
+                loaded = wrk(url, connections=32, seconds=args.seconds, headers=headers)
+                single = wrk(url, connections=1, seconds=max(3, args.seconds // 2), headers=headers)
                 results[name]["rps"].append(loaded["rps"])
                 results[name]["p50"].append(single["p50"])
                 results[name]["p99"].append(single["p99"])

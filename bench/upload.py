@@ -35,9 +35,9 @@ def post_direct(node: NodeProcess, image: Path, audio: Path) -> float:
 def post_gateway(gateway: GatewayProcess, node: NodeProcess, image: Path, audio: Path) -> tuple[float, float]:
     """Seconds until the gateway accepted the job, and until the node had it."""
     started = time.perf_counter()
-    with image.open("rb") as i, audio.open("rb") as a, httpx.Client(timeout=600) as client:
+    with image.open("rb") as i, audio.open("rb") as a, gateway.client(timeout=600) as client:
         response = client.post(
-            f"{gateway.url}/api/v1/jobs", data={"task": "s2v", "prompt": "bench"},
+            "/api/v1/jobs", data={"task": "s2v", "prompt": "bench"},
             files={"image": ("face.png", i), "audio": ("voice.wav", a)},
         )
     response.raise_for_status()
@@ -62,7 +62,8 @@ def main() -> None:
         node = NodeProcess(root / "node", max_queue_size=100).start()
         gateway = GatewayProcess(root / "gw", nodes=f"n1={node.url}").start()
         try:
-            httpx.get(f"{gateway.url}/api/v1/jobs").raise_for_status()
+            with gateway.client() as client:
+                client.get("/api/v1/jobs").raise_for_status()
             baseline = rss_peak_mb(gateway.proc.pid)
             direct, accepted, on_node = [], [], []
             for _ in range(args.runs):

@@ -47,7 +47,7 @@ class Settings:
     max_json_mb: int = 64
     form_threshold_mb: int = 16
     max_wait: float = 600.0
-    max_file_mb: int = 1024
+    max_file_mb: int = 2048
     min_free_disk_mb: int = 1024
     # Access control (auth.py): the bootstrap admin key, never in a repr, a log line or an error.
     admin_key: str = field(default="", repr=False)
