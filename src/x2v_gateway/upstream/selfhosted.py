@@ -19,6 +19,8 @@ Every quirk of that server is handled here and nowhere else (see shared/lightx2v
 from __future__ import annotations
 
 import json
+import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -195,22 +197,17 @@ class SelfHostedNode:
     async def _submit_form(
         self, fields: dict[str, Any], inputs: dict[str, Path], filenames: dict[str, str]
     ) -> httpx.Response:
-        # httpx streams sync file objects in 64 KiB chunks, so a 1 GB input never sits in memory.
         # The form route fills every field it is not sent with its own default (seed 42,
         # infer_steps 5...), so only the fields the user set are sent, and seed always is.
-        files = {}
-        opened = []
-        try:
-            for role, path in inputs.items():
-                handle = path.open("rb")
-                opened.append(handle)
-                # The node names its copy after this, keeping the extension.
-                files[_FORM_FILES[role]] = (filenames.get(role, role), handle)
-            data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}
-            return await self._client.post("/v1/tasks/video/form", data=data, files=files)
-        finally:
-            for handle in opened:
-                handle.close()
+        content, length, content_type = _form_body(
+            {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()},
+            # The node names its copy after the file name, keeping the extension.
+            {_FORM_FILES[role]: (filenames.get(role, role), path) for role, path in inputs.items()},
+        )
+        return await self._client.post(
+            "/v1/tasks/video/form", content=content,
+            headers={"content-type": content_type, "content-length": str(length)},
+        )
 
     # -- follow ---------------------------------------------------------------------------------
 
@@ -388,3 +385,43 @@ def _to_status(task: dict) -> RemoteStatus:
         kind = task.get("error_type") or ""
         error = clean_message(f"{kind}: {task.get('error')}" if kind else str(task.get("error")))
     return RemoteStatus(state, error=error)
+
+
+_FORM_CHUNK = 1024 * 1024
+
+
+def _form_body(
+    fields: dict[str, str], files: dict[str, tuple[str, Path]]
+) -> tuple[AsyncIterator[bytes], int, str]:
+    """A multipart/form-data body streamed from disk: (chunks, length, content type).
+
+    httpx's own multipart reads files in 64 KiB pieces; 1 MiB pieces move a 1 GB voice-over to
+    the node with a sixteenth of the Python work, and memory still holds one piece at a time.
+    """
+    boundary = secrets.token_hex(16)
+    parts: list[bytes | Path] = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + value.encode() + b"\r\n"
+        )
+    for name, (filename, path) in files.items():
+        parts += [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode(),
+            path,
+            b"\r\n",
+        ]
+    parts.append(f"--{boundary}--\r\n".encode())
+    length = sum(p.stat().st_size if isinstance(p, Path) else len(p) for p in parts)
+
+    async def stream() -> AsyncIterator[bytes]:
+        for part in parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            with part.open("rb") as handle:
+                while chunk := handle.read(_FORM_CHUNK):
+                    yield chunk
+
+    return stream(), length, f"multipart/form-data; boundary={boundary}"
