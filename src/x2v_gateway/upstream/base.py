@@ -11,7 +11,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -171,14 +171,17 @@ def base64_json_body(
         parts += [f', "{name}": '.encode() + before, path, after]
     parts.append(b"}")
     length = sum(4 * math.ceil(p.stat().st_size / 3) if isinstance(p, Path) else len(p) for p in parts)
+    return stream_parts(parts, _B64_CHUNK, base64.b64encode), length
 
-    async def stream() -> AsyncIterator[bytes]:
-        for part in parts:
-            if isinstance(part, bytes):
-                yield part
-                continue
-            with part.open("rb") as handle:
-                while chunk := handle.read(_B64_CHUNK):
-                    yield base64.b64encode(chunk)
 
-    return stream(), length
+async def stream_parts(
+    parts: list[bytes | Path], chunk_size: int, encode: Callable[[bytes], bytes] | None = None
+) -> AsyncIterator[bytes]:
+    """A request body made of literal bytes and files read from disk, one chunk at a time."""
+    for part in parts:
+        if isinstance(part, bytes):
+            yield part
+            continue
+        with part.open("rb") as handle:
+            while chunk := handle.read(chunk_size):
+                yield encode(chunk) if encode else chunk

@@ -39,6 +39,7 @@ from .base import (
     UnknownTask,
     base64_json_body,
     clean_message,
+    stream_parts,
 )
 
 # What `health()` says when nothing listens on the node's port (the dispatcher acts on it).
@@ -414,14 +415,4 @@ def _form_body(
         ]
     parts.append(f"--{boundary}--\r\n".encode())
     length = sum(p.stat().st_size if isinstance(p, Path) else len(p) for p in parts)
-
-    async def stream() -> AsyncIterator[bytes]:
-        for part in parts:
-            if isinstance(part, bytes):
-                yield part
-                continue
-            with part.open("rb") as handle:
-                while chunk := handle.read(_FORM_CHUNK):
-                    yield chunk
-
-    return stream(), length, f"multipart/form-data; boundary={boundary}"
+    return stream_parts(parts, _FORM_CHUNK), length, f"multipart/form-data; boundary={boundary}"
