@@ -1346,33 +1346,14 @@ _DOCS_HTML = """<!doctype html>
 """
 
 
-def create_demo_app(
-    data_dir: Path,
-    *,
-    job_seconds: float = 0.0,
-    max_queue_size: int = 10,
-    model_cls: str = "demo",
-    model_path: str = "/models/demo",
-    task: str = "s2v",
-    tasks: Iterable[str] | None = None,
-    max_side: int = 320,
-) -> DemoNodeApp:
-    """The ASGI app of a demo node keeping its files under `data_dir`.
+def create_demo_app(data_dir: Path, **options: Any) -> DemoNodeApp:
+    """The ASGI app of a demo node keeping its files under `data_dir` (options: `DemoNodeApp`'s).
 
     `task` is what the node's runner is configured for (LightX2V's `--task`); `tasks` the task
     types it accepts, default just `task`. Without "t2v" in them, a request without an image
     fails like a real image-to-video runner would; with it, such a request renders a prompt card.
     """
-    return DemoNodeApp(
-        data_dir,
-        job_seconds=job_seconds,
-        max_queue_size=max_queue_size,
-        model_cls=model_cls,
-        model_path=model_path,
-        task=task,
-        tasks=tasks,
-        max_side=max_side,
-    )
+    return DemoNodeApp(data_dir, **options)
 
 
 def build_demo_server(
