@@ -10,6 +10,7 @@ it to the same node through the same form route). Reports medians.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -20,7 +21,29 @@ import httpx
 from common import GatewayProcess, NodeProcess, make_big_wav, make_png, median, rss_peak_mb
 
 
+def quiet(node: NodeProcess) -> None:
+    """Start every upload on an equally quiet machine.
+
+    * The demo node renders each task it gets: wait until it is idle, or one path would be
+      measured while the node renders the other's video.
+    * The node keeps every upload it saved (as LightX2V does). On this VM, page cache in guest
+      memory never touched before costs several times more to write than recycled memory, so
+      gigabytes of kept inputs would make every later upload slower than the first, whichever
+      path it took. The finished tasks' inputs are deleted, and the disk synced, before each run.
+    """
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{node.url}/v1/service/status").json()["service_status"] != "idle":
+        if time.monotonic() > deadline:
+            raise RuntimeError("the node is still busy after 300 s")
+        time.sleep(0.1)
+    for path in (node.data_dir / "inputs").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    os.sync()
+
+
 def post_direct(node: NodeProcess, image: Path, audio: Path) -> float:
+    quiet(node)
     started = time.perf_counter()
     with image.open("rb") as i, audio.open("rb") as a, httpx.Client(timeout=600) as client:
         response = client.post(
@@ -34,6 +57,7 @@ def post_direct(node: NodeProcess, image: Path, audio: Path) -> float:
 
 def post_gateway(gateway: GatewayProcess, node: NodeProcess, image: Path, audio: Path) -> tuple[float, float]:
     """Seconds until the gateway accepted the job, and until the node had it."""
+    quiet(node)
     started = time.perf_counter()
     with image.open("rb") as i, audio.open("rb") as a, gateway.client(timeout=600) as client:
         response = client.post(

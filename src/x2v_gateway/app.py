@@ -21,6 +21,7 @@ from litestar.template.config import TemplateConfig
 
 from .auth import Auth, AuthMiddleware, LimitError, limit_error_response
 from .blobs import BlobStore
+from .checker import CHECKER
 from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
 from .jobs import JobService
@@ -130,6 +131,7 @@ class Gateway:
                 "X2V_NODES is empty: started the built-in demo node at %s (renders placeholder"
                 " videos on the CPU; set X2V_NODES to use real LightX2V servers)", self.demo_node.url,
             )
+        CHECKER.warm()
         await self.auth.bootstrap()
         await self.registry.save_settings()
         await self.dispatcher.start()

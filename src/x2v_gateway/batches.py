@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import functools
 import io
 import itertools
 import json
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from PIL import Image
 
 from .auth import Caller, LimitError
 from .models import TASK_INPUTS, ApiError, GenerationParams, generation_params, iso
@@ -115,10 +115,15 @@ class BatchPlan:
         return bool(self.jobs) and not self.errors and not self.bad_rows
 
 
-Image.init()
-# Pillow's format names, as `media.inspect_image` records them: how a stored blob is known to be
-# an image. Anything else that passed the upload checks is audio.
-_IMAGE_KINDS = {fmt.lower().replace("jpeg", "jpg") for fmt in Image.registered_extensions().values()}
+@functools.cache
+def _image_kinds() -> frozenset[str]:
+    """Pillow's format names, as `media.inspect_image` records them: how a stored blob is known
+    to be an image. Anything else that passed the upload checks is audio. (Pillow is imported
+    here only: the gateway leaves decoding to the media checker.)"""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(fmt.lower().replace("jpeg", "jpg") for fmt in Image.registered_extensions().values())
 
 # (where, chosen inputs, value overrides, problems): one job of a plan before it is checked.
 _Row = tuple[str, dict[str, Upload], dict[str, Any], list[str]]
@@ -178,7 +183,7 @@ def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
             uploads[name] = Upload(name, role, error=f"{name} is no longer stored on the gateway"
                                    " (uploaded more than an hour ago?); add it again")
             continue
-        role = "image" if blob["kind"] in _IMAGE_KINDS else "audio"
+        role = "image" if blob["kind"] in _image_kinds() else "audio"
         uploads[name] = Upload(name, role, sha, blob["size"])
     return list(uploads.values())
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from .blobs import BlobStore
 from .metrics import Metrics
-from .render import probe_video
+from .checker import CHECKER
 from .settings import VIDEO_TASKS
 from .store import QUEUED, RUNNING, SUBMITTED, Inflight, Job, JobStore, Lane
 from .upstream.base import (
@@ -275,9 +275,9 @@ class Dispatcher:
         await self._release_orphans()
         for state in self.states.values():
             state.strays = bool(self.store.stray_tasks(state.name))
-            self._spawn(self._follow_loop(state))
-        self._spawn(self._dispatch_loop())
-        self._spawn(self._retention_loop())
+            self.spawn(self._follow_loop(state))
+        self.spawn(self._dispatch_loop())
+        self.spawn(self._retention_loop())
         self.wake()
 
     async def stop(self) -> None:
@@ -291,7 +291,8 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Run `coro` in the background until it ends or the dispatcher stops."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -338,7 +339,7 @@ class Dispatcher:
         self.metrics.node_slots.labels(upstream.name).set(0 if drained else upstream.slots)
         if self._running:
             state.strays = bool(self.store.stray_tasks(upstream.name))
-            self._spawn(self._follow_loop(state))
+            self.spawn(self._follow_loop(state))
             self.wake()
         return state
 
@@ -362,7 +363,7 @@ class Dispatcher:
         if job is not None:
             self.notifier.changed(job_id)
             if job.cancel_pending:
-                self._spawn(self._send_cancel(job))
+                self.spawn(self._send_cancel(job))
             self.wake()  # a slot may be free now
         return job
 
@@ -416,7 +417,44 @@ class Dispatcher:
         for job, state in plan:
             self._submitting.add(job.id)
             self._unclaimed[state.name] += 1
-            self._spawn(self._submit(job, state))
+            self.spawn(self._submit(job, state))
+
+    def reserve_for_upload(self, task: str, pinned: str | None, owner: str | None) -> UpstreamState | None:
+        """A free slot on a node for a job whose upload is still arriving, or None.
+
+        Only a self-hosted node that is up, runs `task`, has a slot free and no queued job that
+        could take it: a job forwarded while it arrives never jumps the queue. Keys with a cap on
+        jobs at once go through the queue, which enforces it. The slot stays taken until the job
+        is handed over with `submit_reserved` or the slot is given back with `unreserve`.
+        """
+        if owner is not None and owner in self.store.concurrency_limits():
+            return None
+        now = time.monotonic()
+        inflight = Counter(row.upstream for row in self.store.inflight())
+        for state in sorted(self.states.values(), key=lambda s: inflight[s.name] + self._unclaimed[s.name]):
+            upstream = state.upstream
+            if (
+                not hasattr(upstream, "open_form") or state.up is not True or not state.accepting(now)
+                or task not in upstream.tasks or pinned not in (None, upstream.name)
+                or inflight[state.name] + self._unclaimed[state.name] >= upstream.slots
+                or self.store.queue_lanes(sorted(upstream.tasks))
+            ):
+                continue
+            self._unclaimed[state.name] += 1
+            return state
+        return None
+
+    def unreserve(self, state: UpstreamState) -> None:
+        self._unclaimed[state.name] -= 1
+        self.wake()
+
+    async def submit_reserved(
+        self, job: Job, state: UpstreamState, send: Callable[[SubmitRequest], Awaitable[str]]
+    ) -> None:
+        """Hand a new job to the node whose slot `reserve_for_upload` kept for it; `send` makes
+        the attempt (recorded first, as for every submission)."""
+        self._submitting.add(job.id)
+        await self._submit(job, state, send)
 
     def plan(self) -> list[tuple[Job, UpstreamState]]:
         """Which queued jobs go to which nodes now: every free slot, fairly, fastest node first.
@@ -613,8 +651,12 @@ class Dispatcher:
             filenames=filenames,
         )
 
-    async def _submit(self, job: Job, state: UpstreamState) -> None:
+    async def _submit(
+        self, job: Job, state: UpstreamState,
+        send: Callable[[SubmitRequest], Awaitable[str]] | None = None,
+    ) -> None:
         upstream = state.upstream
+        send = send or upstream.submit
         task_id = task_id_for(job)
         try:
             claimed_id = task_id if getattr(upstream, "chooses_task_id", False) else None
@@ -627,7 +669,7 @@ class Dispatcher:
             self.notifier.changed(job.id)
             request = self._request(job, task_id)
             try:
-                remote_id = await self._call(state, "submit", lambda: upstream.submit(request))
+                remote_id = await self._call(state, "submit", lambda: send(request))
             except Backpressure as exc:
                 state.busy_until = time.monotonic() + exc.retry_after
                 await self.store.requeue(job.id, str(exc), sent=False)
@@ -687,7 +729,7 @@ class Dispatcher:
                 await self._check_health(state)
             return
         for job in pending_cancels:
-            self._spawn(self._send_cancel(job))
+            self.spawn(self._send_cancel(job))
         if jobs:
             await self._follow_jobs(state, jobs)
 
@@ -861,7 +903,7 @@ class Dispatcher:
                         self.timings.record(upstream.name, job.task, wall - job.started_at)
                     state.freed.append(now)
                     self._collecting[job.id] = upstream.name
-                    self._spawn(self._collect(job, state))
+                    self.spawn(self._collect(job, state))
                     self.wake()
             elif status.state is RemoteState.FAILED:
                 if await self.store.fail(job.id, f"{upstream.name}: {status.error or 'task failed'}"):
@@ -958,7 +1000,7 @@ class Dispatcher:
             await self._call(
                 state, "result", lambda: upstream.fetch_result(job.upstream_task_id, dest)
             )
-            info = await asyncio.to_thread(probe_video, dest)
+            info = await CHECKER.probe_video(dest)
             sha, size = await asyncio.to_thread(self.blobs.adopt, dest)
             await self.store.record_blob(sha, size, "mp4")
             meta = {"size": size, "duration": info.duration, "width": info.width, "height": info.height}

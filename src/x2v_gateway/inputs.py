@@ -15,14 +15,18 @@ import ipaddress
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .blobs import BlobStore, BlobTooLarge, BlobWriter
-from .media import INSPECTORS, MediaError
+from .checker import CHECKER, MediaError
 from .models import INPUT_ROLES, ApiError
 from .store import JobStore
+
+if TYPE_CHECKING:
+    from .forward import UploadForward
 
 MAX_FIELD_BYTES = 64 * 1024
 _DATA_URL = re.compile(r"^data:[\w.+\-]+/[\w.+\-]+(?:;[\w\-]+=[\w\-]+)*;base64,", re.I)
@@ -59,11 +63,12 @@ def check_free_space(blobs: BlobStore, min_free_bytes: int, incoming: int = 0) -
 
 async def read_multipart(
     content_type: str, body: AsyncIterator[bytes], blobs: BlobStore, *, max_bytes: int,
-    max_file_bytes: int | None = None, min_free_bytes: int = 0,
+    max_file_bytes: int | None = None, min_free_bytes: int = 0, forward: UploadForward | None = None,
 ) -> tuple[dict[str, str], list[IncomingFile]]:
     """Parse a multipart body as it streams in: text fields into a dict, files onto disk.
 
     Over `max_bytes` in all, over `max_file_bytes` in one file: 413, and nothing is kept.
+    With `forward`, the files are also copied on to a node as they arrive.
     """
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
@@ -102,14 +107,19 @@ async def read_multipart(
                 raise ApiError(400, f"{name} was sent twice", name)
             part["writer"] = blobs.writer(limit=max_file_bytes)
             files.append(IncomingFile(name, part["writer"]))
+            if forward is not None:
+                forward.file_begins(name, fields)
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if part["writer"] is not None:
+            piece = data[start:end]
             try:
-                part["writer"].write(data[start:end])
+                part["writer"].write(piece)
             except BlobTooLarge:
                 raise ApiError(413, f"{part['name']} is larger than the {_mib(max_file_bytes or 0)}"
                                " a file may be", part["name"]) from None
+            if forward is not None:
+                forward.file_data(piece)
         else:
             part["text"] += data[start:end]
             if len(part["text"]) > MAX_FIELD_BYTES:
@@ -117,6 +127,8 @@ async def read_multipart(
                                part["name"])
 
     def on_part_end() -> None:
+        if part["writer"] is not None and forward is not None:
+            forward.file_ends()
         if part["writer"] is None:
             name = part["name"]
             if name in fields:
@@ -142,6 +154,8 @@ async def read_multipart(
                 check_free_space(blobs, min_free_bytes)
                 checked = received
             parser.write(chunk)
+            if forward is not None:
+                await forward.drain()
         parser.finalize()
     except ApiError as exc:
         error.append(exc)
@@ -233,9 +247,8 @@ async def keep_files(files: list[IncomingFile], store: JobStore) -> dict[str, St
         for incoming in files:
             if incoming.writer.size == 0:
                 raise ApiError(422, f"{incoming.role} is an empty file", incoming.role)
-            inspect = INSPECTORS[incoming.role]
             try:
-                kinds[incoming.role] = await asyncio.to_thread(inspect, incoming.writer.tmp_path)
+                kinds[incoming.role] = await CHECKER.inspect(incoming.role, incoming.writer.tmp_path)
             except MediaError as exc:
                 raise ApiError(422, f"{incoming.role} {exc}", incoming.role) from None
     except BaseException:

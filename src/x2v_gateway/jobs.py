@@ -19,8 +19,9 @@ import msgspec
 
 from .blobs import BlobStore
 from .dispatch import Dispatcher, Notifier
+from .forward import UploadForward
 from .inputs import IncomingFile, check_free_space, discard, fetch_input, keep_files, read_multipart
-from .media import INSPECTORS, MediaError
+from .checker import CHECKER, MediaError
 from .models import INPUT_ROLES, TASK_INPUTS, ApiError, JobRequest, generation_params
 from .settings import Settings
 from .store import BatchJobSpec, IdempotencyConflict, Job, JobStore
@@ -101,9 +102,22 @@ class JobService:
         *,
         idempotency_key: str | None,
         owner: str | None = None,
+        size: int | None = None,
     ) -> tuple[Job, bool]:
-        fields, files = await read_multipart(content_type, body, self.blobs, **self._upload_limits())
-        return await self._submit_form(fields, files, idempotency_key, owner)
+        """A job as a multipart upload of `size` bytes (when the client said). A large one is
+        sent on to a free node as it arrives (`forward`), and still kept and checked first."""
+        forward = None
+        threshold = self.settings.form_threshold_mb * 1024 * 1024
+        if self.settings.forward_uploads and size is not None and size > threshold:
+            forward = UploadForward(self.dispatcher, owner)
+        try:
+            fields, files = await read_multipart(
+                content_type, body, self.blobs, forward=forward, **self._upload_limits()
+            )
+            return await self._submit_form(fields, files, idempotency_key, owner, forward)
+        finally:
+            if forward is not None:
+                await forward.close()
 
     async def submit_urlencoded(
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
@@ -127,6 +141,7 @@ class JobService:
         files: list[IncomingFile],
         idempotency_key: str | None,
         owner: str | None,
+        forward: UploadForward | None = None,
     ) -> tuple[Job, bool]:
         max_bytes = self.settings.max_file_mb * 1024 * 1024
         try:
@@ -155,7 +170,7 @@ class JobService:
         except BaseException:
             discard(files)
             raise
-        return await self._accept(request, files, idempotency_key, owner)
+        return await self._accept(request, files, idempotency_key, owner, forward)
 
     def _check_inputs(self, request: JobRequest, given: set[str]) -> None:
         present = given | {role for role in INPUT_ROLES if getattr(request, role)}
@@ -205,7 +220,7 @@ class JobService:
 
     async def _accept(
         self, request: JobRequest, files: list[IncomingFile], idempotency_key: str | None,
-        owner: str | None,
+        owner: str | None, forward: UploadForward | None = None,
     ) -> tuple[Job, bool]:
         stored = await keep_files(files, self.store)
         params = generation_params(request)
@@ -233,7 +248,8 @@ class JobService:
             ) from None
         if created:
             self.notifier.changed(job.id)
-            self.dispatcher.wake()
+            if forward is None or not forward.hand_over(job):
+                self.dispatcher.wake()
         return job, created
 
     def _upload_limits(self) -> dict[str, int]:
@@ -291,7 +307,7 @@ class JobService:
         try:
             if incoming.writer.size == 0:
                 raise ApiError(422, f"{name} is an empty file", incoming.role)
-            role, ext = await asyncio.to_thread(_identify, incoming.writer.tmp_path, incoming.role, name)
+            role, ext = await _identify(incoming.writer.tmp_path, incoming.role, name)
         except BaseException:
             discard(files)
             raise
@@ -356,14 +372,14 @@ class UploadedFile:
     role: str  # image | audio
 
 
-def _identify(path: Path, guess: str, name: str) -> tuple[str, str]:
+async def _identify(path: Path, guess: str, name: str) -> tuple[str, str]:
     """(role, extension) of an uploaded file, trying the browser's guess first."""
     other = "image" if guess == "audio" else "audio"
     try:
-        return guess, INSPECTORS[guess](path)
+        return guess, await CHECKER.inspect(guess, path)
     except MediaError as first:
         try:
-            return other, INSPECTORS[other](path)
+            return other, await CHECKER.inspect(other, path)
         except MediaError:
             raise ApiError(422, f"{name} {first}", guess) from None
 

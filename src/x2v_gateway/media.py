@@ -1,4 +1,7 @@
-"""What an input file really is, judged by its content (never by its name)."""
+"""What an input file really is, judged by its content (never by its name).
+
+These run in the media checker's helper process (checker.py), never in the gateway itself.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,13 @@ from pathlib import Path
 import av
 from PIL import Image, UnidentifiedImageError
 
+from .checker import MediaError
+
 MIN_IMAGE_SIDE = 16
 
 # PyAV container names -> the extension a node's loaders expect.
 _AUDIO_EXT = {"wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "ogg", "aac": "aac",
               "mov,mp4,m4a,3gp,3g2,mj2": "m4a", "matroska,webm": "webm"}
-
-
-class MediaError(ValueError):
-    """The file is not what its field needs; the message says what is wrong."""
 
 
 def inspect_image(path: Path) -> str:

@@ -14,12 +14,13 @@ import random
 import textwrap
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from .checker import VideoInfo
 
 # A demo clip never runs longer than this, however long the audio: renders stay fast and
 # an enormous audio upload is only read up to here.
@@ -29,14 +30,6 @@ MIN_SECONDS = 1.0
 _ZOOM = 1.15
 # Sample rates the AAC encoder takes as they are; anything else is resampled to 48 kHz.
 _AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
-
-
-@dataclass(frozen=True, slots=True)
-class VideoInfo:
-    duration: float
-    width: int
-    height: int
-    has_audio: bool
 
 
 def probe_video(path: Path) -> VideoInfo:

@@ -46,6 +46,7 @@ class Settings:
     max_upload_mb: int = 2048
     max_json_mb: int = 64
     form_threshold_mb: int = 16
+    forward_uploads: bool = True
     max_wait: float = 600.0
     max_file_mb: int = 2048
     min_free_disk_mb: int = 1024
@@ -228,6 +229,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_MAX_UPLOAD_MB": ("max_upload_mb", _int(1, 1024 * 1024), "Largest multipart upload accepted, in MiB"),
     "X2V_MAX_JSON_MB": ("max_json_mb", _int(1, 4096), "Largest JSON request body accepted (base64 inputs included), in MiB"),
     "X2V_FORM_THRESHOLD_MB": ("form_threshold_mb", _int(0, 1024 * 1024), "Inputs larger than this go to a node through its multipart `/form` route instead of base64 JSON"),
+    "X2V_FORWARD_UPLOADS": ("forward_uploads", _bool, "`true`: a multipart upload over `X2V_FORM_THRESHOLD_MB` whose `task` comes before its files is sent on to a node with a free slot while it arrives (still kept and checked first). `false`: every upload is received whole, then sent"),
     "X2V_MAX_WAIT": ("max_wait", _float(0, 86400), "Longest `wait` a client may ask `POST /api/v1/jobs` to block for, in seconds"),
     "X2V_DEMO_NODE_PORT": ("demo_node_port", _int(0, 65535), "Port of the built-in demo node (0: any free port)"),
     "X2V_DEMO_JOB_SECONDS": ("demo_job_seconds", _float(0, 3600), "Minimum seconds each demo-node job takes"),

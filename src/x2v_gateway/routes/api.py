@@ -206,6 +206,7 @@ class JobsController(Controller):
                     raise ApiError(413, f"request body is larger than the {gw.settings.max_upload_mb} MiB allowed")
                 job, created = await gw.jobs.submit_multipart(
                     content_type, request.stream(), idempotency_key=idempotency_key, owner=who.owner,
+                    size=int(declared) if declared and declared.isdigit() else None,
                 )
             elif content_type.startswith("application/x-www-form-urlencoded"):
                 job, created = await gw.jobs.submit_urlencoded(

@@ -18,6 +18,8 @@ Every quirk of that server is handled here and nowhere else (see shared/lightx2v
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -201,7 +203,7 @@ class SelfHostedNode:
         # The form route fills every field it is not sent with its own default (seed 42,
         # infer_steps 5...), so only the fields the user set are sent, and seed always is.
         content, length, content_type = _form_body(
-            {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()},
+            _form_values(fields),
             # The node names its copy after the file name, keeping the extension.
             {_FORM_FILES[role]: (filenames.get(role, role), path) for role, path in inputs.items()},
         )
@@ -209,6 +211,10 @@ class SelfHostedNode:
             "/v1/tasks/video/form", content=content,
             headers={"content-type": content_type, "content-length": str(length)},
         )
+
+    def open_form(self) -> FormUpload:
+        """Start a `/form` submission whose files are sent while they still arrive (see FormUpload)."""
+        return FormUpload(self)
 
     # -- follow ---------------------------------------------------------------------------------
 
@@ -391,6 +397,19 @@ def _to_status(task: dict) -> RemoteStatus:
 _FORM_CHUNK = 1024 * 1024
 
 
+def _form_values(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}
+
+
+def _part_head(boundary: str, name: str, filename: str | None = None) -> bytes:
+    if filename is None:
+        return f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+
+
 def _form_body(
     fields: dict[str, str], files: dict[str, tuple[str, Path]]
 ) -> tuple[AsyncIterator[bytes], int, str]:
@@ -402,17 +421,112 @@ def _form_body(
     boundary = secrets.token_hex(16)
     parts: list[bytes | Path] = []
     for name, value in fields.items():
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-            + value.encode() + b"\r\n"
-        )
+        parts.append(_part_head(boundary, name) + value.encode() + b"\r\n")
     for name, (filename, path) in files.items():
-        parts += [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n".encode(),
-            path,
-            b"\r\n",
-        ]
+        parts += [_part_head(boundary, name, filename), path, b"\r\n"]
     parts.append(f"--{boundary}--\r\n".encode())
     length = sum(p.stat().st_size if isinstance(p, Path) else len(p) for p in parts)
     return stream_parts(parts, _FORM_CHUNK), length, f"multipart/form-data; boundary={boundary}"
+
+
+class FormUpload:
+    """A `/form` submission sent while the client's upload is still arriving at the gateway.
+
+    A large input then crosses loopback once, at the pace of the slower side, instead of being
+    received whole and then sent again. The files go out as they come (chunked transfer
+    encoding); the text fields and the closing boundary go only with `finish()`, once the gateway
+    has kept and checked every input and recorded the attempt. Until then the node holds an
+    unfinished request, and the server parses the whole form before it creates a task: so
+    `abort()`, a failed check or a gateway crash only drops a connection, and no task exists.
+    """
+
+    # Bytes handed to the sending side at a time; at most _DEPTH such batches wait in memory.
+    _BATCH = 1024 * 1024
+    _DEPTH = 2
+
+    def __init__(self, node: SelfHostedNode) -> None:
+        self._node = node
+        self._boundary = secrets.token_hex(16)
+        self._queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(self._DEPTH)
+        # The client's pieces as they came (not joined: each copy of a 1 GB upload costs CPU
+        # that the node, maybe on the same machine, could have used).
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._ending = False
+        self.files: dict[str, str] = {}  # gateway role -> the file name the node was sent
+        self._response = asyncio.ensure_future(node._client.post(
+            "/v1/tasks/video/form", content=self._body(),
+            headers={"content-type": f"multipart/form-data; boundary={self._boundary}"},
+        ))
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        while (batch := await self._queue.get()) is not None:
+            for piece in batch:
+                yield piece
+
+    @property
+    def broken(self) -> bool:
+        """The node stopped taking the body before its end (it closed the connection)."""
+        return self._response.done() and not self._ending
+
+    def begin_file(self, role: str, filename: str) -> None:
+        self.files[role] = filename
+        self.write(_part_head(self._boundary, _FORM_FILES[role], filename))
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_size += len(data)
+
+    def end_file(self) -> None:
+        self.write(b"\r\n")
+
+    async def drain(self, *, everything: bool = False) -> None:
+        """Send what has piled up; waits while the node is slower than the client."""
+        if self._pending_size >= self._BATCH or (everything and self._pending):
+            batch, self._pending, self._pending_size = self._pending, [], 0
+            await self._put(batch)
+
+    async def _put(self, item: list[bytes] | None) -> bool:
+        """Queue `item` for the body; False when the request ended and nobody reads the queue."""
+        put = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait({put, self._response}, return_when=asyncio.FIRST_COMPLETED)
+        if put.done():
+            return True
+        put.cancel()
+        return False
+
+    async def finish(self, request: SubmitRequest) -> str:
+        """Send the end of the body and read the node's answer: the outcomes of `submit`.
+
+        When the node dropped the upload before its end, or the job as kept is not what was
+        streamed (or needs fields the form route lacks), the node has no task: the job is sent
+        the ordinary way instead.
+        """
+        fields: dict[str, Any] = {**request.params, "save_result_path": request.task_id}
+        as_streamed = self.files == request.filenames and "image" in self.files
+        if self.broken or not as_streamed or not set(fields) <= _FORM_FIELDS:
+            await self.abort()
+            return await self._node.submit(request)
+        for name, value in _form_values(fields).items():
+            self.write(_part_head(self._boundary, name) + value.encode() + b"\r\n")
+        self.write(f"--{self._boundary}--\r\n".encode())
+        await self.drain(everything=True)
+        if not await self._put(None):  # dropped before the end of the body: no task there
+            await self.abort()
+            return await self._node.submit(request)
+        self._ending = True
+        try:
+            response = await self._response
+        except httpx.TransportError as exc:
+            raise AmbiguousSubmit(
+                f"{self._node.name}: submission interrupted ({type(exc).__name__})"
+            ) from None
+        return self._node._submitted(response, request.task_id)
+
+    async def abort(self) -> None:
+        """Drop the unfinished request; nothing once `finish` has sent the end of the body."""
+        if self._ending:
+            return
+        self._response.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._response
