@@ -3,8 +3,9 @@
     .venv/bin/python bench/upload.py [--mb 1024] [--runs 3]
 
 Side by side in one run, alternating: the same portrait + 1 GB WAV posted straight to a demo
-node's `/v1/tasks/video/form`, and to the gateway's `/api/v1/jobs` (which stores it, then hands
-it to the same node through the same form route). Reports medians.
+node's `/v1/tasks/video/form`; to the gateway's `/api/v1/jobs`, which sends it on to the same
+node's form route while it arrives (and stores and checks it); and to a second gateway with
+`X2V_FORWARD_UPLOADS=false`, which receives it whole before sending it. Reports medians.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def post_gateway(gateway: GatewayProcess, node: NodeProcess, image: Path, audio:
     return accepted, time.perf_counter() - started
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=1024)
@@ -84,29 +89,37 @@ def main() -> None:
         audio = make_big_wav(root / "voice.wav", args.mb)
         size_mb = audio.stat().st_size / 1024 / 1024
         node = NodeProcess(root / "node", max_queue_size=100).start()
+        # The gateway as it ships, and one that receives each upload whole before sending it.
         gateway = GatewayProcess(root / "gw", nodes=f"n1={node.url}").start()
+        whole = GatewayProcess(root / "gw-whole", nodes=f"n1={node.url}", X2V_FORWARD_UPLOADS="false").start()
         try:
-            with gateway.client() as client:
-                client.get("/api/v1/jobs").raise_for_status()
+            for g in (gateway, whole):
+                with g.client() as client:
+                    client.get("/api/v1/jobs").raise_for_status()
             baseline = rss_peak_mb(gateway.proc.pid)
-            direct, accepted, on_node = [], [], []
+            direct, accepted, on_node, whole_on_node = [], [], [], []
             for _ in range(args.runs):
                 direct.append(post_direct(node, image, audio))
                 a, n = post_gateway(gateway, node, image, audio)
                 accepted.append(a)
                 on_node.append(n)
+                whole_on_node.append(post_gateway(whole, node, image, audio)[1])
             peak = rss_peak_mb(gateway.proc.pid)
+            checker = max(rss_peak_mb(pid) for pid in children(gateway.proc.pid))
         finally:
             gateway.stop()
+            whole.stop()
             node.stop()
-        d, a, n = median(direct), median(accepted), median(on_node)
+        d, a, n, w = median(direct), median(accepted), median(on_node), median(whole_on_node)
         print(f"Upload of {size_mb:.0f} MiB (portrait + WAV), median of {args.runs} runs each, alternating\n")
         print("| path | seconds | MiB/s | relative to direct |")
         print("|---|---|---|---|")
         print(f"| straight to the node (`/v1/tasks/video/form`) | {d:.2f} | {size_mb / d:.0f} | 100 % |")
-        print(f"| gateway accepts it (stored, checked, queued) | {a:.2f} | {size_mb / a:.0f} | {d / a:.0%} |")
+        print(f"| gateway accepts it (stored, checked, recorded) | {a:.2f} | {size_mb / a:.0f} | {d / a:.0%} |")
         print(f"| gateway, until the node has it | {n:.2f} | {size_mb / n:.0f} | {d / n:.0%} |")
-        print(f"\nGateway peak RSS: {peak:.0f} MiB (baseline after start {baseline:.0f} MiB, growth {peak - baseline:.0f} MiB)")
+        print(f"| gateway with `X2V_FORWARD_UPLOADS=false`, until the node has it | {w:.2f} | {size_mb / w:.0f} | {d / w:.0%} |")
+        print(f"\nGateway peak RSS: {peak:.0f} MiB, {peak * 1.048576:.1f} MB (baseline after start {baseline:.0f} MiB,"
+              f" growth {peak - baseline:.0f} MiB); its media checker process: {checker:.0f} MiB")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -81,6 +81,12 @@ class MediaChecker:
         """What a video holds; ValueError when it is not a playable video (see render.probe_video)."""
         return await asyncio.to_thread(self._check, "video", path)
 
+    @property
+    def pid(self) -> int | None:
+        """The helper's process id while one runs."""
+        process = self._process
+        return process.pid if process is not None and process.is_alive() else None
+
     def warm(self) -> None:
         """Start the helper in the background, so that the first upload does not wait for it."""
         threading.Thread(target=self._ensure_started, name="media-checker-start", daemon=True).start()
@@ -104,18 +110,23 @@ class MediaChecker:
 
     def _check(self, name: str, path: Path) -> Any:
         with self._lock:
-            conn = self._started()
-            try:
-                conn.send((name, str(path)))
-                if not conn.poll(self.timeout):
-                    log.warning("media checker: no answer on %s after %.0f s; restarting it", path.name, self.timeout)
+            # A helper that died since the last check (killed, out of memory) costs no file a
+            # refusal: the check runs again in a new one. Twice in a row, the file is the cause.
+            for attempt in (1, 2):
+                conn = self._started()
+                try:
+                    conn.send((name, str(path)))
+                    if not conn.poll(self.timeout):
+                        log.warning("media checker: no answer on %s after %g s; restarting it", path.name, self.timeout)
+                        self._stop()
+                        raise CheckFailed(f"could not be checked within {self.timeout:g} s")
+                    kind, value = conn.recv()
+                    break
+                except (EOFError, OSError):
+                    log.warning("media checker died while checking %s; restarting it", path.name)
                     self._stop()
-                    raise CheckFailed(f"could not be checked within {self.timeout:.0f} s")
-                kind, value = conn.recv()
-            except (EOFError, OSError, BrokenPipeError):
-                log.warning("media checker died on %s; restarting it", path.name)
-                self._stop()
-                raise CheckFailed("could not be checked (it made the media checker crash)") from None
+                    if attempt == 2:
+                        raise CheckFailed("could not be checked (it made the media checker crash)") from None
         if kind == "ok":
             return value
         if kind == "missing":
