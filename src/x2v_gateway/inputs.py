@@ -154,6 +154,8 @@ async def read_multipart(
                 check_free_space(blobs, min_free_bytes)
                 checked = received
             parser.write(chunk)
+            for incoming in files:
+                await incoming.writer.drain()
             if forward is not None:
                 await forward.drain()
         parser.finalize()
@@ -209,6 +211,7 @@ async def _download(role: str, url: str, writer: BlobWriter, http: httpx.AsyncCl
                 raise ApiError(422, f"{role}: {url} answered HTTP {response.status_code}", role)
             async for chunk in response.aiter_bytes(256 * 1024):
                 writer.write(chunk)
+                await writer.drain()
     except NotPublic as exc:
         raise ApiError(422, f"{role}: {exc}", role) from None
     except httpx.HTTPError as exc:
