@@ -1,6 +1,6 @@
 """A 1 GB speech-to-video upload: the gateway's peak memory, and its throughput next to the node's.
 
-    .venv/bin/python bench/upload.py [--mb 1024] [--runs 3]
+    .venv/bin/python bench/upload.py [--mb 1024] [--runs 5]
 
 Side by side in one run, alternating: the same portrait + 1 GB WAV posted straight to a demo
 node's `/v1/tasks/video/form`; to the gateway's `/api/v1/jobs`, which sends it on to the same
@@ -81,7 +81,7 @@ def children(pid: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="x2v-bench-upload-"))
     try:
