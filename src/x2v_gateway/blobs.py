@@ -109,6 +109,9 @@ class BlobWriter:
         for fd in (self._fd, self._direct):
             if fd is not None:
                 os.close(fd)
+        if self._block is not None:
+            self._spare.append(self._block)
+            self._block, self._filled = None, 0
         for block in self._spare:
             block.close()
         self._spare.clear()

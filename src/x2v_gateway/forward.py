@@ -117,7 +117,7 @@ class UploadForward:
             self._stopped = True
             return
         self._upload.begin_file(self._role, f"{self._role}.{kind}")
-        self._upload.write(self._head)
+        self._upload.write(bytes(self._head))
         self._head = None
 
     async def drain(self) -> None:

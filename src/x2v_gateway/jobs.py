@@ -18,10 +18,10 @@ import httpx
 import msgspec
 
 from .blobs import BlobStore
+from .checker import CHECKER, MediaError
 from .dispatch import Dispatcher, Notifier
 from .forward import UploadForward
 from .inputs import IncomingFile, check_free_space, discard, fetch_input, keep_files, read_multipart
-from .checker import CHECKER, MediaError
 from .models import INPUT_ROLES, TASK_INPUTS, ApiError, JobRequest, generation_params
 from .settings import Settings
 from .store import BatchJobSpec, IdempotencyConflict, Job, JobStore
