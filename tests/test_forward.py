@@ -275,3 +275,26 @@ def test_upload_does_not_jump_the_queue(tmp_path, media, voice8):
     finally:
         gateway.stop()
         node.stop()
+
+
+def test_slow_upload_gives_its_slot_to_a_job_queued_meanwhile(tmp_path, media, voice8):
+    # One slot only: a forwarded upload that takes its time must not keep the GPU idle.
+    node = NodeProcess(tmp_path / "node").start()
+    gateway = forwarding_gateway(tmp_path, node, X2V_LOOKAHEAD="0")
+    try:
+        upload = RawUpload(gateway, [("task", "s2v")], [("image", media["face"]), ("audio", voice8)])
+        upload.send(upto=upload.length // 2)
+        wait_until(lambda: any(p.stat().st_size > 1024 * 1024 for p in node_files(node)))
+        with gateway.client() as client:
+            quick = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "meanwhile"}).json()["id"]
+            # It runs while half the upload is still with the client.
+            assert wait_for(client, quick, {"succeeded", "failed"}, timeout=30)["state"] == "succeeded"
+            status, job = upload.response()
+            assert status == 201, job
+            assert wait_for(client, job["id"], {"succeeded", "failed"}, timeout=120)["state"] == "succeeded"
+        assert [e["request"]["save_result_path"] for e in node.submissions()] == [quick, job["id"]]
+        assert "gave its slot on n1 to a queued job" in gateway.log()
+        assert FORWARDED not in gateway.log()  # the upload went through the queue instead
+    finally:
+        gateway.stop()
+        node.stop()

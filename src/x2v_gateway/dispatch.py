@@ -444,6 +444,13 @@ class Dispatcher:
             return state
         return None
 
+    def reservation_blocks(self, state: UpstreamState) -> bool:
+        """Whether a queued job waits for a slot on `state` that an arriving upload holds."""
+        used = sum(1 for row in self.store.inflight() if row.upstream == state.name)
+        if used + self._unclaimed[state.name] < state.upstream.slots:
+            return False  # it has another free slot
+        return bool(self.store.queue_lanes(sorted(state.upstream.tasks)))
+
     def unreserve(self, state: UpstreamState) -> None:
         self._unclaimed[state.name] -= 1
         self.wake()

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # How much of a file `sniff` looks at.
 SNIFF_BYTES = 16
+# Seconds between checks that no queued job waits for the slot a forwarded upload holds.
+YIELD_CHECK_SECONDS = 1.0
 
 
 def sniff(role: str, head: bytes) -> str | None:
@@ -68,7 +70,8 @@ class UploadForward:
 
     It starts at the first file, and only when the fields before it name the task (`task`
     first, as the API documents) and a node has room. It stops quietly whenever forwarding is not
-    worth keeping up; the upload itself is never refused because of it.
+    worth keeping up; the upload itself is never refused because of it. A slow upload must not
+    keep a GPU idle: when a job queued meanwhile needs the slot it holds, it gives the slot up.
     """
 
     def __init__(self, dispatcher: Dispatcher, owner: str | None) -> None:
@@ -80,6 +83,7 @@ class UploadForward:
         self._stopped = False
         self._role: str | None = None
         self._head: bytearray | None = None  # the start of a file, until it is named
+        self._watch: asyncio.Task[None] | None = None
 
     def file_begins(self, role: str, fields: dict[str, str]) -> None:
         if not self._tried:
@@ -90,6 +94,7 @@ class UploadForward:
                 self._state = self._dispatcher.reserve_for_upload(task, pinned, self._owner)
             if self._state is not None:
                 self._upload = self._state.upstream.open_form()
+                self._watch = asyncio.ensure_future(self._give_way_when_needed())
         self._role, self._head = role, bytearray()
 
     def file_data(self, data: bytes) -> None:
@@ -129,6 +134,15 @@ class UploadForward:
             return
         await self._upload.drain()
 
+    async def _give_way_when_needed(self) -> None:
+        """Every second, while the upload arrives (or stalls): is a queued job waiting for the
+        slot it holds? Then forwarding ends, and the job goes through the queue like any other."""
+        while self._state is not None:
+            await asyncio.sleep(YIELD_CHECK_SECONDS)
+            if self._state is not None and self._dispatcher.reservation_blocks(self._state):
+                log.info("an upload still arriving gave its slot on %s to a queued job", self._state.name)
+                await self.close()
+
     def hand_over(self, job: Job) -> bool:
         """Let the dispatcher finish the submission of this just-created job; False (the job
         then waits in the queue) when the forwarded upload cannot be used for it."""
@@ -140,6 +154,7 @@ class UploadForward:
         ):
             return False
         self._state = self._upload = None
+        self._stop_watching()
 
         async def submit() -> None:
             try:
@@ -151,9 +166,15 @@ class UploadForward:
         log.info("job %s: upload sent on to %s while it arrived", job.id, state.name)
         return True
 
+    def _stop_watching(self) -> None:
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
+        self._watch = None
+
     async def close(self) -> None:
         """Give the slot back and drop the node's unfinished request, unless handed over."""
         self._stopped = True
+        self._stop_watching()
         if self._upload is not None:
             upload, self._upload = self._upload, None
             await asyncio.shield(upload.abort())
