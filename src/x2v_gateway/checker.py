@@ -44,12 +44,7 @@ class VideoInfo:
 def _serve(conn: Connection) -> None:  # the helper process
     from . import media, render
 
-    checks = {
-        "image": media.inspect_image,
-        "last_frame": media.inspect_image,
-        "audio": media.inspect_audio,
-        "video": render.probe_video,
-    }
+    checks = {**media.INSPECTORS, "video": render.probe_video}
     while True:
         try:
             name, path = conn.recv()
