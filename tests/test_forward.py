@@ -84,6 +84,19 @@ def node_tasks(node: NodeProcess) -> dict:
     return httpx.get(f"{node.url}/v1/tasks/", timeout=5).json()
 
 
+def sent(node: NodeProcess) -> list[str]:
+    """The gateway job ids the node got tasks for, in order (the form route names a task by
+    its save_result_path; the gateway sets that on the JSON route too)."""
+    return [entry["request"]["save_result_path"] for entry in node.submissions()]
+
+
+def post_s2v(client: httpx.Client, image: Path, audio: Path, **kwargs) -> httpx.Response:
+    """An s2v job as a multipart upload, `task` first (as forwarding needs), files from disk."""
+    data = {"task": "s2v", **kwargs.pop("data", {})}
+    with image.open("rb") as i, audio.open("rb") as a:
+        return client.post("/api/v1/jobs", data=data, files={"image": i, "audio": a}, **kwargs)
+
+
 def wait_until(condition, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -137,20 +150,17 @@ def test_refused_uploads_never_become_tasks_and_give_their_slot_back(tmp_path, m
     noise = tmp_path / "noise.wav"
     noise.write_bytes(b"RIFF" + secrets.token_bytes(3 * 1024 * 1024))  # looks like a WAV, is not one
     try:
-        with gateway.client() as client, media["face"].open("rb") as image:
+        with gateway.client() as client:
             # A file that is not what it claims: streamed to the node, then refused.
-            with noise.open("rb") as sound:
-                bad = client.post("/api/v1/jobs", data={"task": "s2v"}, files={"image": image, "audio": sound})
+            bad = post_s2v(client, media["face"], noise)
             assert bad.status_code == 422 and bad.json()["error"]["field"] == "audio", bad.text
             # A bad field after the files: the files were streamed already.
-            image.seek(0)
-            with voice8.open("rb") as sound:
-                late = client.post(
-                    "/api/v1/jobs",
-                    content=_form([("task", "s2v")], [("image", image.read()), ("audio", sound.read())],
-                                  after=[("seed", "forty-two")]),
-                    headers={"content-type": "multipart/form-data; boundary=b0undary"},
-                )
+            late = client.post(
+                "/api/v1/jobs",
+                content=_form([("task", "s2v")], [("image", media["face"].read_bytes()), ("audio", voice8.read_bytes())],
+                              after=[("seed", "forty-two")]),
+                headers={"content-type": "multipart/form-data; boundary=b0undary"},
+            )
             assert late.status_code == 422 and late.json()["error"]["field"] == "seed", late.text
         assert FORWARDED not in gateway.log()
         time.sleep(0.5)
@@ -159,14 +169,12 @@ def test_refused_uploads_never_become_tasks_and_give_their_slot_back(tmp_path, m
         with gateway.client() as client:
             ids = []
             for n in range(2):
-                with media["face"].open("rb") as image, voice8.open("rb") as sound:
-                    response = client.post("/api/v1/jobs", data={"task": "s2v", "prompt": f"ok {n}"},
-                                           files={"image": image, "audio": sound})
+                response = post_s2v(client, media["face"], voice8, data={"prompt": f"ok {n}"})
                 assert response.status_code == 201, response.text
                 ids.append(response.json()["id"])
             for job_id in ids:
                 assert wait_for(client, job_id, {"succeeded", "failed"}, timeout=120)["state"] == "succeeded"
-        assert sorted(e["request"]["save_result_path"] for e in node.submissions()) == sorted(ids)
+        assert sorted(sent(node)) == sorted(ids)
         assert gateway.log().count(FORWARDED) == 2
     finally:
         gateway.stop()
@@ -205,11 +213,10 @@ def test_client_that_gives_up_or_gateway_killed_mid_upload_leaves_no_task(tmp_pa
         gateway.start()
         with gateway.client() as client:
             assert client.get("/api/v1/jobs").json()["jobs"] == []
-            with media["face"].open("rb") as image, voice8.open("rb") as sound:
-                response = client.post("/api/v1/jobs", data={"task": "s2v"}, files={"image": image, "audio": sound})
+            response = post_s2v(client, media["face"], voice8)
             job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=120)
             assert job["state"] == "succeeded", job
-        assert [e["request"]["save_result_path"] for e in node.submissions()] == [job["id"]]
+        assert sent(node) == [job["id"]]
     finally:
         gateway.stop()
         node.stop()
@@ -220,13 +227,9 @@ def test_idempotent_replay_of_a_forwarded_upload_sends_nothing_more(tmp_path, me
     gateway = forwarding_gateway(tmp_path, node)
     try:
         with gateway.client() as client:
-            answers = []
-            for _ in range(2):
-                with media["face"].open("rb") as image, voice8.open("rb") as sound:
-                    answers.append(client.post(
-                        "/api/v1/jobs", data={"task": "s2v"}, files={"image": image, "audio": sound},
-                        headers={"Idempotency-Key": "row-7"},
-                    ))
+            answers = [
+                post_s2v(client, media["face"], voice8, headers={"Idempotency-Key": "row-7"}) for _ in range(2)
+            ]
             assert [a.status_code for a in answers] == [201, 200]
             assert answers[0].json()["id"] == answers[1].json()["id"]
             wait_for(client, answers[0].json()["id"], {"succeeded"}, timeout=120)
@@ -241,13 +244,13 @@ def test_node_that_drops_the_forwarded_upload_still_gets_the_job_once(tmp_path, 
     gateway = forwarding_gateway(tmp_path, node)
     try:
         node.fault("reset", route="submit", phase="before", times=1)
-        with gateway.client() as client, media["face"].open("rb") as image, voice8.open("rb") as sound:
-            response = client.post("/api/v1/jobs", data={"task": "s2v"}, files={"image": image, "audio": sound})
+        with gateway.client() as client:
+            response = post_s2v(client, media["face"], voice8)
             assert response.status_code == 201, response.text
             job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=120)
         assert job["state"] == "succeeded", job
         assert [f["fired"] for f in node.faults()] == [1]  # the reset hit the forwarded request
-        assert [e["request"]["save_result_path"] for e in node.submissions()] == [job["id"]]
+        assert sent(node) == [job["id"]]
         assert FORWARDED not in gateway.log()
     finally:
         gateway.stop()
@@ -264,13 +267,12 @@ def test_upload_does_not_jump_the_queue(tmp_path, media, voice8):
                 client.post("/api/v1/jobs", json={"task": "t2v", "prompt": p}).json()["id"] for p in ("a", "b")
             )
             wait_for(client, first, {"running"})
-            with media["face"].open("rb") as image, voice8.open("rb") as sound:
-                upload = client.post("/api/v1/jobs", data={"task": "s2v"}, files={"image": image, "audio": sound})
+            upload = post_s2v(client, media["face"], voice8)
             assert upload.status_code == 201, upload.text
             late = upload.json()["id"]
             for job_id in (first, waiting, late):
                 assert wait_for(client, job_id, {"succeeded", "failed"}, timeout=120)["state"] == "succeeded"
-        assert [e["request"]["save_result_path"] for e in node.submissions()] == [first, waiting, late]
+        assert sent(node) == [first, waiting, late]
         assert FORWARDED not in gateway.log()
     finally:
         gateway.stop()
@@ -292,7 +294,7 @@ def test_slow_upload_gives_its_slot_to_a_job_queued_meanwhile(tmp_path, media, v
             status, job = upload.response()
             assert status == 201, job
             assert wait_for(client, job["id"], {"succeeded", "failed"}, timeout=120)["state"] == "succeeded"
-        assert [e["request"]["save_result_path"] for e in node.submissions()] == [quick, job["id"]]
+        assert sent(node) == [quick, job["id"]]
         assert "gave its slot on n1 to a queued job" in gateway.log()
         assert FORWARDED not in gateway.log()  # the upload went through the queue instead
     finally:

@@ -430,14 +430,13 @@ class Dispatcher:
         if owner is not None and owner in self.store.concurrency_limits():
             return None
         now = time.monotonic()
-        inflight = Counter(row.upstream for row in self.store.inflight())
-        for state in sorted(self.states.values(), key=lambda s: inflight[s.name] + self._unclaimed[s.name]):
+        taken = self._slots_taken()
+        for state in sorted(self.states.values(), key=lambda s: taken[s.name]):
             upstream = state.upstream
             if (
                 not hasattr(upstream, "open_form") or state.up is not True or not state.accepting(now)
                 or task not in upstream.tasks or pinned not in (None, upstream.name)
-                or inflight[state.name] + self._unclaimed[state.name] >= upstream.slots
-                or self.store.queue_lanes(sorted(upstream.tasks))
+                or taken[state.name] >= upstream.slots or self._queued_for(state)
             ):
                 continue
             self._unclaimed[state.name] += 1
@@ -446,9 +445,17 @@ class Dispatcher:
 
     def reservation_blocks(self, state: UpstreamState) -> bool:
         """Whether a queued job waits for a slot on `state` that an arriving upload holds."""
-        used = sum(1 for row in self.store.inflight() if row.upstream == state.name)
-        if used + self._unclaimed[state.name] < state.upstream.slots:
+        if self._slots_taken()[state.name] < state.upstream.slots:
             return False  # it has another free slot
+        return self._queued_for(state)
+
+    def _slots_taken(self) -> Counter[str]:
+        """Per upstream: its jobs in flight, and those handed to a submit task or kept for an
+        arriving upload that the store does not count yet."""
+        return Counter(row.upstream for row in self.store.inflight()) + self._unclaimed
+
+    def _queued_for(self, state: UpstreamState) -> bool:
+        """Whether a queued job could run on `state`."""
         return bool(self.store.queue_lanes(sorted(state.upstream.tasks)))
 
     def unreserve(self, state: UpstreamState) -> None:

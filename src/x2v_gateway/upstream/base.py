@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
+from tenacity.retry import retry_base
+
 
 class RemoteState(enum.StrEnum):
     """Where an upstream says a task is."""
@@ -129,6 +132,15 @@ class Upstream(Protocol):
         """A cheap status call: never runs a generation."""
 
     async def aclose(self) -> None: ...
+
+
+def backoff(retry: retry_base, *, attempts: int) -> AsyncRetrying:
+    """For requests that are safe to repeat: up to `attempts` tries, exponential backoff with
+    jitter in between (0.2 s, 0.4 s ... at most 2 s). `retry` says which failures are worth it."""
+    return AsyncRetrying(
+        retry=retry, wait=wait_random_exponential(multiplier=0.2, max=2.0),
+        stop=stop_after_attempt(attempts), reraise=True,
+    )
 
 
 _PATH = re.compile(r"(?:/[\w.\-]+){2,}/([\w.\-]+)")

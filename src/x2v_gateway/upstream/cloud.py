@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception
 
 from .base import (
     AmbiguousSubmit,
@@ -43,6 +43,7 @@ from .base import (
     SubmitRequest,
     Unavailable,
     UnknownTask,
+    backoff,
     base64_json_body,
     clean_message,
 )
@@ -272,12 +273,7 @@ class CloudUpstream:
 
     def _retrying(self, attempts: int | None = None) -> AsyncRetrying:
         """For requests that are safe to repeat: exponential backoff with jitter."""
-        return AsyncRetrying(
-            retry=retry_if_exception(_should_retry),
-            wait=wait_random_exponential(multiplier=0.2, max=2.0),
-            stop=stop_after_attempt(attempts or self._retries),
-            reraise=True,
-        )
+        return backoff(retry_if_exception(_should_retry), attempts=attempts or self._retries)
 
     def _check_auth(self, response: httpx.Response) -> None:
         if response.status_code in (401, 403):

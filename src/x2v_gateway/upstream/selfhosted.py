@@ -22,12 +22,12 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import retry_if_exception_type
 
 from .base import (
     AmbiguousSubmit,
@@ -39,6 +39,7 @@ from .base import (
     SubmitRequest,
     Unavailable,
     UnknownTask,
+    backoff,
     base64_json_body,
     clean_message,
     stream_parts,
@@ -63,16 +64,6 @@ _FORM_FIELDS = {
     "save_result_path", "prompt", "negative_prompt", "use_prompt_enhancer", "num_fragments",
     "infer_steps", "target_video_length", "seed", "video_duration", "target_fps",
 }
-
-
-def _retrying() -> AsyncRetrying:
-    """For requests that are safe to repeat: exponential backoff with jitter."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type(Unavailable),
-        wait=wait_random_exponential(multiplier=0.2, max=2.0),
-        stop=stop_after_attempt(3),
-        reraise=True,
-    )
 
 
 def _detail(response: httpx.Response) -> str:
@@ -118,7 +109,7 @@ class SelfHostedNode:
         await self._client.aclose()
 
     async def _get(self, path: str) -> httpx.Response:
-        async for attempt in _retrying():
+        async for attempt in backoff(retry_if_exception_type(Unavailable), attempts=3):
             with attempt:
                 try:
                     response = await self._client.get(path)
@@ -144,11 +135,7 @@ class SelfHostedNode:
         # (form route) and names the file that outlives a node restart.
         fields: dict[str, Any] = {**request.params, "save_result_path": task_id}
         size = sum(p.stat().st_size for p in request.inputs.values())
-        use_form = (
-            "image" in request.inputs  # the form route requires image_file
-            and size > self.form_threshold
-            and set(fields) <= _FORM_FIELDS
-        )
+        use_form = size > self.form_threshold and _form_carries(fields, request.inputs)
         if not use_form:
             fields["task_id"] = task_id
         try:
@@ -397,6 +384,12 @@ def _to_status(task: dict) -> RemoteStatus:
 _FORM_CHUNK = 1024 * 1024
 
 
+def _form_carries(fields: dict[str, Any], roles: Iterable[str]) -> bool:
+    """Whether `/v1/tasks/video/form` can take this request: it requires image_file, and has no
+    field for anything outside _FORM_FIELDS (those need the JSON route)."""
+    return "image" in roles and set(fields) <= _FORM_FIELDS
+
+
 def _form_values(fields: dict[str, Any]) -> dict[str, str]:
     return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}
 
@@ -503,8 +496,7 @@ class FormUpload:
         the ordinary way instead.
         """
         fields: dict[str, Any] = {**request.params, "save_result_path": request.task_id}
-        as_streamed = self.files == request.filenames and "image" in self.files
-        if self.broken or not as_streamed or not set(fields) <= _FORM_FIELDS:
+        if self.broken or self.files != request.filenames or not _form_carries(fields, self.files):
             await self.abort()
             return await self._node.submit(request)
         for name, value in _form_values(fields).items():
