@@ -300,3 +300,25 @@ def test_slow_upload_gives_its_slot_to_a_job_queued_meanwhile(tmp_path, media, v
     finally:
         gateway.stop()
         node.stop()
+
+
+def test_node_full_after_reading_the_whole_forwarded_form_is_back_pressure(tmp_path, media, voice8):
+    # LightX2V reads the whole form before it checks its queue. Someone else's task fills this
+    # node (the gateway counted a free slot), so the forwarded upload gets 503 "queue full"
+    # only at its end: the job waits, and runs once when the node has room.
+    node = NodeProcess(tmp_path / "node", job_seconds=3.0, max_queue_size=1).start()
+    gateway = forwarding_gateway(tmp_path, node)
+    try:
+        other = httpx.post(f"{node.url}/v1/tasks/video/", json={"prompt": "someone else", "save_result_path": "someone-else"}, timeout=10)
+        assert other.status_code == 200, other.text
+        with gateway.client() as client:
+            response = post_s2v(client, media["face"], voice8)
+            assert response.status_code == 201, response.text
+            job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=120)
+            assert job["state"] == "succeeded", job
+            assert any("queue is full" in e["detail"] for e in job["events"]), job["events"]
+        assert sent(node) == ["someone-else", job["id"]]
+        assert f"job {job['id']}: upload sent on to n1 {FORWARDED}" in gateway.log()
+    finally:
+        gateway.stop()
+        node.stop()
