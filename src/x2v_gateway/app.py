@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -57,8 +59,15 @@ class DemoNode:
         )
         self._thread = threading.Thread(target=self._server.run, name="x2v-demo-node", daemon=True)
 
-    def start(self) -> None:
+    async def start(self, timeout: float = 15.0) -> None:
+        """Serve, and return once it listens: the dispatcher's first health check must not find
+        a refused port and report its own node down."""
         self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the built-in demo node did not start listening on {self.url}")
+            await asyncio.sleep(0.02)
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -126,7 +135,7 @@ class Gateway:
 
     async def start(self) -> None:
         if self.demo_node is not None:
-            self.demo_node.start()
+            await self.demo_node.start()
             log.warning(
                 "X2V_NODES is empty: started the built-in demo node at %s (renders placeholder"
                 " videos on the CPU; set X2V_NODES to use real LightX2V servers)", self.demo_node.url,
