@@ -26,6 +26,7 @@ def serve(env_file: str) -> None:
     import uvicorn
 
     from .app import create_app
+    from .http_protocol import BodyPiecesProtocol
 
     try:
         settings = load_settings(env_file=env_file)
@@ -36,6 +37,7 @@ def serve(env_file: str) -> None:
     click.echo(f"x2v-gateway listening on http://{settings.host}:{settings.port} (data in {settings.data_dir})")
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        http=BodyPiecesProtocol,
         # An open dashboard keeps a live-update stream open: do not wait for it forever on stop.
         timeout_graceful_shutdown=5,
     )
