@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 SNIFF_BYTES = 16
 # Seconds between checks that no queued job waits for the slot a forwarded upload holds.
 YIELD_CHECK_SECONDS = 1.0
+# How much longer than the client's upload the form sent on may be: its part heads and the
+# fields the gateway adds (seed, save_result_path) take a few hundred bytes more than the
+# client's own; what is not needed is sent as an epilogue after the form (FormUpload).
+FORM_SLACK_BYTES = 16 * 1024
 
 
 def sniff(role: str, head: bytes) -> str | None:
@@ -74,9 +78,11 @@ class UploadForward:
     keep a GPU idle: when a job queued meanwhile needs the slot it holds, it gives the slot up.
     """
 
-    def __init__(self, dispatcher: Dispatcher, owner: str | None) -> None:
+    def __init__(self, dispatcher: Dispatcher, owner: str | None, size: int) -> None:
+        """`size`: the client's Content-Length."""
         self._dispatcher = dispatcher
         self._owner = owner
+        self._size = size
         self._state: UpstreamState | None = None
         self._upload: FormUpload | None = None
         self._tried = False
@@ -93,7 +99,7 @@ class UploadForward:
                 pinned = fields.get("upstream", "").strip() or None
                 self._state = self._dispatcher.reserve_for_upload(task, pinned, self._owner)
             if self._state is not None:
-                self._upload = self._state.upstream.open_form()
+                self._upload = self._state.upstream.open_form(self._size + FORM_SLACK_BYTES)
                 self._watch = asyncio.ensure_future(self._give_way_when_needed())
         self._role, self._head = role, bytearray()
 

@@ -109,7 +109,7 @@ class JobService:
         forward = None
         threshold = self.settings.form_threshold_mb * 1024 * 1024
         if self.settings.forward_uploads and size is not None and size > threshold:
-            forward = UploadForward(self.dispatcher, owner)
+            forward = UploadForward(self.dispatcher, owner, size)
         try:
             fields, files = await read_multipart(
                 content_type, body, self.blobs, forward=forward, **self._upload_limits()

@@ -199,9 +199,10 @@ class SelfHostedNode:
             headers={"content-type": content_type, "content-length": str(length)},
         )
 
-    def open_form(self) -> FormUpload:
-        """Start a `/form` submission whose files are sent while they still arrive (see FormUpload)."""
-        return FormUpload(self)
+    def open_form(self, length: int) -> FormUpload:
+        """Start a `/form` submission of at most `length` bytes whose files are sent while they
+        still arrive (see FormUpload)."""
+        return FormUpload(self, length)
 
     # -- follow ---------------------------------------------------------------------------------
 
@@ -426,19 +427,27 @@ class FormUpload:
     """A `/form` submission sent while the client's upload is still arriving at the gateway.
 
     A large input then crosses loopback once, at the pace of the slower side, instead of being
-    received whole and then sent again. The files go out as they come (chunked transfer
-    encoding); the text fields and the closing boundary go only with `finish()`, once the gateway
-    has kept and checked every input and recorded the attempt. Until then the node holds an
-    unfinished request, and the server parses the whole form before it creates a task: so
-    `abort()`, a failed check or a gateway crash only drops a connection, and no task exists.
+    received whole and then sent again. The files go out as they come; the text fields and the
+    closing boundary go only with `finish()`, once the gateway has kept and checked every input
+    and recorded the attempt. Until then the node holds an unfinished request, and the server
+    parses the whole form before it creates a task: so `abort()`, a failed check or a gateway
+    crash only drops a connection, and no task exists.
+
+    The request declares a Content-Length, `length`, before the files' sizes are known: an upper
+    bound from the client's own Content-Length. `finish()` fills what the form leaves of it with
+    an epilogue of line breaks after the closing boundary, which multipart parsers skip (RFC 2046
+    section 5.1.1). Chunked encoding would need no bound, but it costs a copy of every byte on
+    the gateway (h11 joins each chunk with its framing) and a parse of that framing on the node.
     """
 
     # Bytes handed to the sending side at a time; at most _DEPTH such batches wait in memory.
     _BATCH = 1024 * 1024
     _DEPTH = 2
 
-    def __init__(self, node: SelfHostedNode) -> None:
+    def __init__(self, node: SelfHostedNode, length: int) -> None:
         self._node = node
+        self._length = length
+        self._written = 0  # bytes of the body so far, sent or pending
         self._boundary = secrets.token_hex(16)
         self._queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(self._DEPTH)
         # The client's pieces as they came (not joined: each copy of a 1 GB upload costs CPU
@@ -449,7 +458,10 @@ class FormUpload:
         self.files: dict[str, str] = {}  # gateway role -> the file name the node was sent
         self._response = asyncio.ensure_future(node._client.post(
             "/v1/tasks/video/form", content=self._body(),
-            headers={"content-type": f"multipart/form-data; boundary={self._boundary}"},
+            headers={
+                "content-type": f"multipart/form-data; boundary={self._boundary}",
+                "content-length": str(length),
+            },
         ))
 
     async def _body(self) -> AsyncIterator[bytes]:
@@ -459,14 +471,16 @@ class FormUpload:
 
     @property
     def broken(self) -> bool:
-        """The node stopped taking the body before its end (it closed the connection)."""
-        return self._response.done() and not self._ending
+        """The node stopped taking the body before its end (it closed the connection), or the
+        body outgrew the length it declared (which the client's Content-Length should prevent)."""
+        return (self._response.done() and not self._ending) or self._written > self._length
 
     def begin_file(self, role: str, filename: str) -> None:
         self.files[role] = filename
         self.write(_part_head(self._boundary, _FORM_FILES[role], filename))
 
     def write(self, data: bytes) -> None:
+        self._written += len(data)
         self._pending.append(data)
         self._pending_size += len(data)
 
@@ -496,12 +510,19 @@ class FormUpload:
         the ordinary way instead.
         """
         fields: dict[str, Any] = {**request.params, "save_result_path": request.task_id}
-        if self.broken or self.files != request.filenames or not _form_carries(fields, self.files):
+        end = b"".join(
+            _part_head(self._boundary, name) + value.encode() + b"\r\n"
+            for name, value in _form_values(fields).items()
+        ) + f"--{self._boundary}--\r\n".encode()
+        if (
+            self.broken or self.files != request.filenames or not _form_carries(fields, self.files)
+            or self._written + len(end) > self._length
+        ):
             await self.abort()
             return await self._node.submit(request)
-        for name, value in _form_values(fields).items():
-            self.write(_part_head(self._boundary, name) + value.encode() + b"\r\n")
-        self.write(f"--{self._boundary}--\r\n".encode())
+        self.write(end + b"\r\n" * ((self._length - self._written - len(end)) // 2))
+        if self._written < self._length:  # an odd number of bytes left
+            self.write(b"\n")
         await self.drain(everything=True)
         if not await self._put(None):  # dropped before the end of the body: no task there
             await self.abort()
