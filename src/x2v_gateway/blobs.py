@@ -22,14 +22,17 @@ class BlobTooLarge(Exception):
     """More bytes arrived than the caller allowed."""
 
 
-_BLOCK = 1024 * 1024  # bytes per direct write: a multiple of every disk's block size
-_AHEAD = 2  # direct writes the writer thread may have queued before `drain` waits
+# Bytes per direct write: a multiple of every disk's block size, and one request on a virtio
+# disk (max_sectors_kb 4096). Each write costs a thread hand-off and a disk request whatever its
+# size: 4 MiB blocks took 0.17 CPU-s less per GiB than 1 MiB ones, for 8 MiB more peak RSS.
+_BLOCK = 4 * 1024 * 1024
+_AHEAD = 1  # direct writes the writer thread may have queued before `drain` waits
 
 
 class BlobWriter:
     """Write a blob in chunks; `commit()` gives its sha256 and size, `discard()` drops it.
 
-    Chunks are hashed as they come and gathered into 1 MiB blocks, which the store's writer
+    Chunks are hashed as they come and gathered into 4 MiB blocks, which the store's writer
     thread writes bypassing the page cache (O_DIRECT), as object stores do for large objects.
     Copying a gigabyte into page cache costs the event loop the time it needs to take in (and
     forward) the next bytes, and the cache would only hold a file nobody reads soon. The last
