@@ -118,6 +118,9 @@ def main() -> None:
         print(f"| gateway accepts it (stored, checked, recorded) | {a:.2f} | {size_mb / a:.0f} | {d / a:.0%} |")
         print(f"| gateway, until the node has it | {n:.2f} | {size_mb / n:.0f} | {d / n:.0%} |")
         print(f"| gateway with `X2V_FORWARD_UPLOADS=false`, until the node has it | {w:.2f} | {size_mb / w:.0f} | {d / w:.0%} |")
+        paired = sorted(dd / nn for dd, nn in zip(direct, on_node))
+        print("\nEach run, until the node has it, relative to the direct upload just before it: "
+              + ", ".join(f"{r:.0%}" for r in paired))
         print(f"\nGateway peak RSS: {peak:.0f} MiB, {peak * 1.048576:.1f} MB (baseline after start {baseline:.0f} MiB,"
               f" growth {peak - baseline:.0f} MiB); its media checker process: {checker:.0f} MiB")
     finally:
