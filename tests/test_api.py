@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import struct
@@ -311,3 +312,60 @@ def test_input_urls_may_not_reach_private_addresses_by_default(tmp_path, file_se
             assert metadata.status_code == 422 and "private or local" in metadata.json()["error"]["message"]
     finally:
         gateway.stop()
+
+
+def test_input_url_is_fetched_from_the_address_that_was_checked(media):
+    # DNS rebinding: a name that resolves to a public address when checked, then to an internal
+    # one when connected. The transport connects to the address it checked and never resolves
+    # the name again. Here the name resolves only through the transport's own resolver, and
+    # 127.0.0.1 stands in for the public address it allows.
+    import ipaddress
+
+    from x2v_gateway.inputs import NotPublic, PublicOnlyTransport
+
+    face = media["face"].read_bytes()
+    hosts: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hosts.append(self.headers["Host"])
+            if self.path == "/old":
+                self.send_response(302)
+                self.send_header("Location", "/face.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(face)))
+            self.end_headers()
+            self.wfile.write(face)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    name = f"files.rebind.test:{server.server_address[1]}"
+    lookups: list[str] = []
+
+    async def fetch(answer: list[str]) -> httpx.Response:
+        async def resolve(host: str, port: int) -> list[str]:
+            lookups.append(host)
+            return answer
+
+        transport = PublicOnlyTransport(allowed=lambda ip: ip == ipaddress.ip_address("127.0.0.1"), resolve=resolve)
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await client.get(f"http://{name}/old", follow_redirects=True)
+
+    try:
+        response = asyncio.run(fetch(["127.0.0.1"]))
+        assert response.status_code == 200 and response.content == face
+        # Each hop, the redirect included, was checked, and asked for by its name.
+        assert lookups == ["files.rebind.test"] * 2 and hosts == [name] * 2
+        assert str(response.url) == f"http://{name}/face.png"
+        # One address that is not allowed among the answers refuses the URL.
+        with pytest.raises(NotPublic):
+            asyncio.run(fetch(["127.0.0.1", "10.0.0.1"]))
+        assert len(hosts) == 2
+    finally:
+        server.shutdown()

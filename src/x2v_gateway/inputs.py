@@ -13,7 +13,8 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -226,21 +227,51 @@ class PublicOnlyTransport(httpx.AsyncHTTPTransport):
     """Input URLs are fetched by the gateway, inside its network: without this, any key could
     make it read internal services (cloud metadata, a node's API, an admin page). Every request,
     redirects included, must resolve to public addresses only. X2V_PRIVATE_URLS=true turns it off.
+
+    The connection goes to the very address that was checked. Resolving the name again to
+    connect would let a DNS answer that changes in between (rebinding) point the fetch at an
+    internal address after all. The request keeps the name in its Host header and, over TLS, as
+    the server name the certificate is checked against; connections are not kept for reuse,
+    since two names on one address would otherwise share a connection made for one of them.
     """
 
+    def __init__(
+        self,
+        *,
+        allowed: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool] = lambda ip: ip.is_global,
+        resolve: Callable[[str, int], Awaitable[list[str]]] | None = None,
+    ) -> None:
+        super().__init__(limits=httpx.Limits(max_keepalive_connections=0))
+        self._allowed = allowed
+        self._resolve = resolve or _resolve
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
+        url = request.url
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, request.url.port or 443)
+            addresses = await self._resolve(url.host, url.port or (443 if url.scheme == "https" else 80))
         except OSError:
-            raise NotPublic(f"{host} does not resolve", request=request) from None
-        for *_, address in infos:
-            if not ipaddress.ip_address(address[0].split("%")[0]).is_global:
+            addresses = []
+        if not addresses:
+            raise NotPublic(f"{url.host} does not resolve", request=request)
+        for address in addresses:
+            if not self._allowed(ipaddress.ip_address(address.split("%")[0])):
                 raise NotPublic(
-                    f"{host} is a private or local address; the gateway fetches inputs from public"
-                    " URLs only (send the file itself instead)", request=request,
+                    f"{url.host} is a private or local address; the gateway fetches inputs from"
+                    " public URLs only (send the file itself instead)", request=request,
                 )
-        return await super().handle_async_request(request)
+        extensions = dict(request.extensions)
+        if url.scheme == "https":
+            extensions["sni_hostname"] = url.host
+        pinned = httpx.Request(
+            request.method, url.copy_with(host=addresses[0]), headers=request.headers,
+            stream=request.stream, extensions=extensions,
+        )
+        return await super().handle_async_request(pinned)
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [address[0] for *_, address in infos]
 
 
 async def keep_files(files: list[IncomingFile], store: JobStore) -> dict[str, StoredInput]:
