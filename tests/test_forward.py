@@ -365,5 +365,9 @@ def test_forwarded_form_fills_its_declared_length_or_is_sent_the_ordinary_way(tm
         assert entry["request"]["save_result_path"] == "job-1"
         assert (entry["request"]["prompt"], entry["request"]["seed"]) == ("declared", 7)
         assert task_id == "job-1" and len(node_tasks(node)) == 1  # one task, known by its save_result_path
+        # The node kept each file exactly as sent: the epilogue is not part of the last one.
+        for kind, role in (("imgs", "image"), ("audios", "audio")):
+            (kept,) = node_files(node, kind)
+            assert kept.read_bytes() == files[role][0].read_bytes()
     finally:
         node.stop()
