@@ -28,13 +28,14 @@ FORWARDED = "while it arrived"  # the gateway's log line for a forwarded upload
 class RawUpload:
     """A multipart POST sent by hand, a piece at a time, so a test can stop half-way."""
 
-    def __init__(self, gateway: GatewayProcess, fields: list[tuple[str, str]], files: list[tuple[str, Path]]):
+    def __init__(self, gateway: GatewayProcess, fields: list[tuple[str, str]], files: list[tuple[str, Path]],
+                 after: list[tuple[str, str]] = ()):
         boundary = secrets.token_hex(12)
-        self.parts: list[bytes | Path] = []
-        for name, value in fields:
-            self.parts.append(
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-            )
+
+        def field(name: str, value: str) -> bytes:
+            return f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+
+        self.parts: list[bytes | Path] = [field(name, value) for name, value in fields]
         for name, path in files:
             self.parts += [
                 f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path.name}"\r\n'
@@ -42,6 +43,7 @@ class RawUpload:
                 path,
                 b"\r\n",
             ]
+        self.parts += [field(name, value) for name, value in after]
         self.parts.append(f"--{boundary}--\r\n".encode())
         self.length = sum(p.stat().st_size if isinstance(p, Path) else len(p) for p in self.parts)
         self.conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
@@ -156,13 +158,9 @@ def test_refused_uploads_never_become_tasks_and_give_their_slot_back(tmp_path, m
             bad = post_s2v(client, media["face"], noise)
             assert bad.status_code == 422 and bad.json()["error"]["field"] == "audio", bad.text
             # A bad field after the files: the files were streamed already.
-            late = client.post(
-                "/api/v1/jobs",
-                content=_form([("task", "s2v")], [("image", media["face"].read_bytes()), ("audio", voice8.read_bytes())],
-                              after=[("seed", "forty-two")]),
-                headers={"content-type": "multipart/form-data; boundary=b0undary"},
-            )
-            assert late.status_code == 422 and late.json()["error"]["field"] == "seed", late.text
+            status, late = RawUpload(gateway, [("task", "s2v")], [("image", media["face"]), ("audio", voice8)],
+                                     after=[("seed", "forty-two")]).response()
+            assert status == 422 and late["error"]["field"] == "seed", late
         assert FORWARDED not in gateway.log()
         time.sleep(0.5)
         assert node.submissions() == [] and node_tasks(node) == {}
@@ -182,15 +180,13 @@ def test_refused_uploads_never_become_tasks_and_give_their_slot_back(tmp_path, m
         node.stop()
 
 
-def _form(before: list[tuple[str, str]], files: list[tuple[str, bytes]], after: list[tuple[str, str]]) -> bytes:
-    def field(name: str, value: str) -> bytes:
-        return f'--b0undary\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-
-    body = b"".join(field(n, v) for n, v in before)
-    for name, data in files:
-        body += (f'--b0undary\r\nContent-Disposition: form-data; name="{name}"; filename="{name}"\r\n\r\n'
-                 .encode() + data + b"\r\n")
-    return body + b"".join(field(n, v) for n, v in after) + b"--b0undary--\r\n"
+def send_half(gateway: GatewayProcess, node: NodeProcess, media: dict[str, Path], voice8: Path) -> RawUpload:
+    """An s2v upload sent half-way, once the node is writing a new file of it."""
+    before = set(node_files(node))
+    upload = RawUpload(gateway, [("task", "s2v")], [("image", media["face"]), ("audio", voice8)])
+    upload.send(upto=upload.length // 2)
+    wait_until(lambda: any(p.stat().st_size > 1024 * 1024 for p in set(node_files(node)) - before))
+    return upload
 
 
 def test_client_that_gives_up_or_gateway_killed_mid_upload_leaves_no_task(tmp_path, media, voice8):
@@ -198,15 +194,9 @@ def test_client_that_gives_up_or_gateway_killed_mid_upload_leaves_no_task(tmp_pa
     gateway = forwarding_gateway(tmp_path, node)
     try:
         # The client gives up half-way.
-        upload = RawUpload(gateway, [("task", "s2v")], [("image", media["face"]), ("audio", voice8)])
-        upload.send(upto=upload.length // 2)
-        wait_until(lambda: any(p.stat().st_size > 1024 * 1024 for p in node_files(node)))
-        first = set(node_files(node))
-        upload.conn.close()
+        send_half(gateway, node, media, voice8).conn.close()
         # The gateway is killed half-way through another one.
-        upload = RawUpload(gateway, [("task", "s2v")], [("image", media["face"]), ("audio", voice8)])
-        upload.send(upto=upload.length // 2)
-        wait_until(lambda: any(p.stat().st_size > 1024 * 1024 for p in set(node_files(node)) - first))
+        upload = send_half(gateway, node, media, voice8)
         gateway.kill()
         upload.conn.close()
         time.sleep(1.0)

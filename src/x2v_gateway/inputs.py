@@ -128,16 +128,17 @@ async def read_multipart(
                                part["name"])
 
     def on_part_end() -> None:
-        if part["writer"] is not None and forward is not None:
-            forward.file_ends()
-        if part["writer"] is None:
-            name = part["name"]
-            if name in fields:
-                raise ApiError(400, f"{name} was sent twice", name)
-            try:
-                fields[name] = part["text"].decode("utf-8")
-            except UnicodeDecodeError:
-                raise ApiError(400, f"{name} is not valid UTF-8 text", name) from None
+        if part["writer"] is not None:
+            if forward is not None:
+                forward.file_ends()
+            return
+        name = part["name"]
+        if name in fields:
+            raise ApiError(400, f"{name} was sent twice", name)
+        try:
+            fields[name] = part["text"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, f"{name} is not valid UTF-8 text", name) from None
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,

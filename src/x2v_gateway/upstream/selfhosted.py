@@ -404,6 +404,13 @@ def _part_head(boundary: str, name: str, filename: str | None = None) -> bytes:
     ).encode()
 
 
+def _form_end(boundary: str, fields: dict[str, str]) -> bytes:
+    """The text fields and the closing boundary: what follows the files of a form."""
+    return b"".join(
+        _part_head(boundary, name) + value.encode() + b"\r\n" for name, value in fields.items()
+    ) + f"--{boundary}--\r\n".encode()
+
+
 def _form_body(
     fields: dict[str, str], files: dict[str, tuple[str, Path]]
 ) -> tuple[AsyncIterator[bytes], int, str]:
@@ -414,11 +421,9 @@ def _form_body(
     """
     boundary = secrets.token_hex(16)
     parts: list[bytes | Path] = []
-    for name, value in fields.items():
-        parts.append(_part_head(boundary, name) + value.encode() + b"\r\n")
     for name, (filename, path) in files.items():
         parts += [_part_head(boundary, name, filename), path, b"\r\n"]
-    parts.append(f"--{boundary}--\r\n".encode())
+    parts.append(_form_end(boundary, fields))
     length = sum(p.stat().st_size if isinstance(p, Path) else len(p) for p in parts)
     return stream_parts(parts, _FORM_CHUNK), length, f"multipart/form-data; boundary={boundary}"
 
@@ -453,7 +458,7 @@ class FormUpload:
         # The client's pieces as they came (not joined: each copy of a 1 GB upload costs CPU
         # that the node, maybe on the same machine, could have used).
         self._pending: list[bytes] = []
-        self._pending_size = 0
+        self._queued = 0  # bytes of the body handed to the sending side
         self._ending = False
         self.files: dict[str, str] = {}  # gateway role -> the file name the node was sent
         self._response = asyncio.ensure_future(node._client.post(
@@ -482,15 +487,14 @@ class FormUpload:
     def write(self, data: bytes) -> None:
         self._written += len(data)
         self._pending.append(data)
-        self._pending_size += len(data)
 
     def end_file(self) -> None:
         self.write(b"\r\n")
 
     async def drain(self, *, everything: bool = False) -> None:
         """Send what has piled up; waits while the node is slower than the client."""
-        if self._pending_size >= self._BATCH or (everything and self._pending):
-            batch, self._pending, self._pending_size = self._pending, [], 0
+        if self._written - self._queued >= self._BATCH or (everything and self._pending):
+            batch, self._pending, self._queued = self._pending, [], self._written
             await self._put(batch)
 
     async def _put(self, item: list[bytes] | None) -> bool:
@@ -510,10 +514,7 @@ class FormUpload:
         the ordinary way instead.
         """
         fields: dict[str, Any] = {**request.params, "save_result_path": request.task_id}
-        end = b"".join(
-            _part_head(self._boundary, name) + value.encode() + b"\r\n"
-            for name, value in _form_values(fields).items()
-        ) + f"--{self._boundary}--\r\n".encode()
+        end = _form_end(self._boundary, _form_values(fields))
         if (
             self.broken or self.files != request.filenames or not _form_carries(fields, self.files)
             or self._written + len(end) > self._length
