@@ -13,9 +13,11 @@ b099ff96, 2025-08-12), used by `post_multi_servers_t2v.py` / `post_multi_servers
 * then sleeps **0.5 s** ("let thread start") before looking for the next idle server;
 * at the end it joins every thread.
 
-Differences, none of which changes the timing: `httpx` instead of `requests` (not installed
-here; both open a connection per call like this), `logging` instead of loguru, no tqdm bar, and
-each thread records what it did (url, task id, times) so the benchmark can report it.
+It calls `requests.get`/`requests.post` at module level, as upstream does (a new session and a
+new connection per call, about 2 CPU-ms each). Module-level `httpx.get` would cost ~20x that (a new
+client and SSL context per call) and make the baseline look slower than the real script.
+Differences, none of which changes the timing: `logging` instead of loguru, no tqdm bar, and each
+thread records what it did (url, task id, times) so the benchmark can report it.
 
     python bench/multiserver_baseline.py http://127.0.0.1:8000 http://127.0.0.1:8001 --jobs 16
 """
@@ -28,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-import httpx
+import requests
 
 log = logging.getLogger("multiserver_baseline")
 
@@ -46,7 +48,7 @@ class TaskRecord:
 def send_and_monitor_task(url: str, message: dict, record: TaskRecord) -> bool:
     """Send task to server and monitor until completion (upstream's function, same loop)."""
     try:
-        response = httpx.post(f"{url}/v1/tasks/", json=message, timeout=None)
+        response = requests.post(f"{url}/v1/tasks/", json=message, timeout=None)
         record.submitted = time.time()
         task_id = response.json().get("task_id")
         record.task_id = task_id
@@ -55,7 +57,7 @@ def send_and_monitor_task(url: str, message: dict, record: TaskRecord) -> bool:
             return False
         while True:
             try:
-                status_data = httpx.get(f"{url}/v1/tasks/{task_id}/status", timeout=None).json()
+                status_data = requests.get(f"{url}/v1/tasks/{task_id}/status", timeout=None).json()
                 task_status = status_data.get("status")
                 if task_status == "completed":
                     record.finished, record.success = time.time(), True
@@ -79,7 +81,7 @@ def get_available_urls(urls: list[str]) -> list[str] | None:
     available_urls = []
     for url in urls:
         try:
-            _ = httpx.get(f"{url}/v1/service/status", timeout=None).json()
+            _ = requests.get(f"{url}/v1/service/status", timeout=None).json()
             available_urls.append(url)
         except Exception:
             continue
@@ -94,7 +96,7 @@ def find_idle_server(available_urls: list[str]) -> str:
     while True:
         for url in available_urls:
             try:
-                response = httpx.get(f"{url}/v1/service/status", timeout=None).json()
+                response = requests.get(f"{url}/v1/service/status", timeout=None).json()
                 if response["service_status"] == "idle":
                     return url
             except Exception:
