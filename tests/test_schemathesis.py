@@ -116,7 +116,9 @@ def test_chosen_requests_get_documented_answers(fuzzed):
     with fuzzed.client() as admin:
         once = {"Idempotency-Key": "schema-1"}
         body = {"task": "t2v", "prompt": "a lighthouse at dusk", "batch_id": "schema-batch"}
-        made = _conforms(admin.post(jobs, json=body, headers=once), 201).json()
+        created = _conforms(admin.post(jobs, json=body, headers=once), 201)
+        made = created.json()
+        assert created.headers["location"] == f"{jobs}/{made['id']}"  # the documented header
         replay = _conforms(admin.post(jobs, json=body, headers=once), 200)
         assert replay.headers["idempotent-replayed"] == "true"
         _conforms(admin.post(jobs, json={**body, "prompt": "another"}, headers=once), 409)
