@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Annotated, Any, Literal
 
 import msgspec
+from litestar.openapi.datastructures import ResponseSpec
 from msgspec import Meta
 
 from .store import Job
@@ -82,13 +83,43 @@ class ApiError(Exception):
 
 
 class ErrorBody(msgspec.Struct):
+    """Why a request was refused; `field` names the parameter, field or header at fault."""
+
     status: int
     message: str
     field: str | None = None
 
 
 class ErrorResponse(msgspec.Struct):
+    """Every refusal of the API, whoever makes it: a handler, the auth middleware, Litestar's
+    own validation and routing (app.py shapes them all)."""
+
     error: ErrorBody
+
+
+# What each error status means on this API, said once; `errors()` puts them on the routes.
+ERROR_MEANINGS: dict[int, str] = {
+    400: "The request cannot be read: a parameter, header or body is malformed (`field` names it)",
+    401: "No API key, or one that is unknown or revoked (`WWW-Authenticate: Bearer`)",
+    403: "An admin key is needed, or a dashboard session sent no valid CSRF token",
+    404: "Not found: there is no such thing, or this key may not see it",
+    409: "Refused in the current state of things (`message` says why)",
+    410: "The job's files have expired and were deleted",
+    413: "The body, a file or a field is larger than the gateway allows",
+    415: "The body's Content-Type is not one this route reads",
+    422: "Read, but a value is refused (`field` names it, `message` says what is allowed)",
+    429: "A rate limit or the daily quota: wait the seconds `Retry-After` gives",
+    507: "The gateway is short of disk space and takes no new jobs for now",
+}
+
+
+def errors(*statuses: int) -> dict[int, ResponseSpec]:
+    """`responses=` of a route behind a key: the statuses it can refuse with besides the 401 and
+    429 every such route can give (auth.AuthMiddleware), each with the `{"error": {...}}` body."""
+    return {
+        status: ResponseSpec(ErrorResponse, description=ERROR_MEANINGS[status], generate_examples=False)
+        for status in sorted({401, 429, *statuses})
+    }
 
 
 class InputRef(msgspec.Struct):

@@ -22,7 +22,7 @@ from ..auth import (
     session_cookie_kwargs,
     sign_in_page,
 )
-from ..models import ApiError, iso
+from ..models import ApiError, errors, iso
 from ..store import KeyNameTaken
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ def gateway(request: Request) -> Gateway:
 
 
 # -- the dashboard's sign-in ---------------------------------------------------------------------
+# Out of the OpenAPI document: an HTML form and its redirects, for browsers; API clients send
+# their key with every request instead.
 
 
 @get("/ui/sign-in", include_in_schema=False)
@@ -131,12 +133,15 @@ class KeysController(Controller):
     path = "/api/v1/keys"
     tags = ["keys"]
 
-    @get("/", summary="Every API key (never the keys themselves); admins only")
+    @get("/", summary="Every API key (never the keys themselves); admins only", responses=errors(403))
     async def list_keys(self, request: Request) -> list[KeyView]:
         gw = gateway(request)
         return [key_view(gw, row) for row in gw.store.keys()]
 
-    @post("/", status_code=201, summary="Make an API key; the key is in this answer only")
+    @post(
+        "/", status_code=201, summary="Make an API key; the key is in this answer only",
+        responses=errors(400, 403, 409, 413),
+    )
     async def create_key(self, request: Request, data: JSONBody[KeyRequest]) -> NewKeyView:
         gw = gateway(request)
         try:
@@ -149,7 +154,11 @@ class KeysController(Controller):
             raise ApiError(409, str(exc), "name") from None
         return NewKeyView(key=key, info=key_view(gw, row))
 
-    @delete("/{key_id:str}", status_code=200, summary="Revoke a key; its dashboard sessions end")
+    @delete(
+        "/{key_id:str}", status_code=200, summary="Revoke a key; its dashboard sessions end",
+        # 409: the last working admin key, and the one in X2V_ADMIN_KEY, stay.
+        responses=errors(400, 403, 404, 409),
+    )
     async def revoke_key(self, request: Request, key_id: FromPath[str]) -> KeyView:
         gw = gateway(request)
         row = await gw.auth.revoke_key(key_id, caller(request).label)
@@ -158,7 +167,10 @@ class KeysController(Controller):
         return key_view(gw, row)
 
 
-@get("/api/v1/me", tags=["keys"], summary="The key this request came with: its limits and use today")
+@get(
+    "/api/v1/me", tags=["keys"], summary="The key this request came with: its limits and use today",
+    responses=errors(404),
+)
 async def me(request: Request) -> KeyView:
     gw = gateway(request)
     row = gw.auth.find_key(caller(request).key_id)
@@ -184,7 +196,10 @@ class AuditPage(msgspec.Struct):
     next_before: int | None
 
 
-@get("/api/v1/audit", tags=["keys"], summary="Key, node and purge changes, newest first; admins only")
+@get(
+    "/api/v1/audit", tags=["keys"], summary="Key, node and purge changes, newest first; admins only",
+    responses=errors(400, 403),
+)
 async def audit(
     request: Request,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,

@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.datastructures import ResponseHeader
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType
 from litestar.openapi.spec import OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
 from ..auth import Caller, caller
-from ..models import TASK_INPUTS, ApiError, JobList, JobRequest, JobView, job_view
+from ..models import TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
 from ..store import STATES, Job
 from ..upstream.base import UpstreamError
 
@@ -187,6 +189,16 @@ class JobsController(Controller):
         request_max_body_size=None,  # limits are enforced while streaming, per content type
         summary="Submit a job",
         status_code=201,
+        response_description="The job was made; `Location` is its URL",
+        response_headers=[ResponseHeader(
+            name="Location", value="/api/v1/jobs/{id}", documentation_only=True, description="The job's URL",
+        )],
+        responses={
+            200: ResponseSpec(JobView, generate_examples=False, description=(
+                "An earlier request with this Idempotency-Key made the job; `Idempotent-Replayed: true`"
+            )),
+            **errors(400, 403, 409, 413, 415, 422, 507),
+        },
     )
     async def create_job(
         self,
@@ -230,7 +242,7 @@ class JobsController(Controller):
             headers["idempotent-replayed"] = "true"
         return Response(view(gw, job), status_code=201 if created else 200, headers=headers)
 
-    @get("/", summary="List jobs, newest first")
+    @get("/", summary="List jobs, newest first", responses=errors(400))
     async def list_jobs(
         self,
         request: Request,
@@ -256,12 +268,15 @@ class JobsController(Controller):
             next_cursor=_cursor(jobs[-1].seq) if more else None,
         )
 
-    @get("/{job_id:str}", summary="One job, with its timeline")
+    @get("/{job_id:str}", summary="One job, with its timeline", responses=errors(400, 404))
     async def get_job(self, request: Request, job_id: FromPath[str]) -> JobView:
         gw = gateway(request)
         return view(gw, _found(gw, job_id, caller(request)), events=True)
 
-    @delete("/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files")
+    @delete(
+        "/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files",
+        responses=errors(400, 403, 404),
+    )
     async def cancel_job(
         self,
         request: Request,
@@ -278,7 +293,10 @@ class JobsController(Controller):
             job = gw.store.get(job_id)
         return view(gw, job)
 
-    @post("/{job_id:str}/retry", status_code=200, summary="Run a failed or cancelled job again")
+    @post(
+        "/{job_id:str}/retry", status_code=200, summary="Run a failed or cancelled job again",
+        responses=errors(400, 403, 404, 409, 410),
+    )
     async def retry_job(self, request: Request, job_id: FromPath[str]) -> JobView:
         gw = gateway(request)
         who = caller(request)
@@ -291,7 +309,19 @@ class JobsController(Controller):
             job = await gw.dispatcher.retry(job_id)
         return view(gw, job)
 
-    @get("/{job_id:str}/video", summary="The finished video (supports Range)")
+    @get(
+        "/{job_id:str}/video", summary="The finished video (supports Range)", media_type="video/mp4",
+        responses={
+            200: ResponseSpec(bytes, media_type="video/mp4", generate_examples=False, description="The whole video"),
+            206: ResponseSpec(bytes, media_type="video/mp4", generate_examples=False, description=(
+                "The part the `Range` header asked for; `Content-Range` says which"
+            )),
+            416: ResponseSpec(None, description=(
+                "The `Range` starts past the end of the video; `Content-Range: bytes */<size>` gives its size"
+            )),
+            **errors(400, 404, 410),
+        },
+    )
     async def get_video(
         self,
         request: Request,
@@ -359,7 +389,7 @@ class ModelsController(Controller):
     path = "/api/v1/models"
     tags = ["jobs"]
 
-    @get("/", summary="Models each upstream runs; a job may name one with `model` (hosted cloud)")
+    @get("/", summary="Models each upstream runs; a job may name one with `model` (hosted cloud)", responses=errors())
     async def list_models(self, request: Request) -> ModelList:
         return await upstream_models(gateway(request))
 
@@ -385,7 +415,11 @@ class BatchesController(Controller):
     path = "/api/v1/batches"
     tags = ["jobs"]
 
-    @delete("/{batch_id:str}", status_code=200, summary="Cancel a batch's unfinished jobs; with purge=true, also delete their files")
+    @delete(
+        "/{batch_id:str}", status_code=200,
+        summary="Cancel a batch's unfinished jobs; with purge=true, also delete their files",
+        responses=errors(400, 403, 404),
+    )
     async def cancel_batch(
         self,
         request: Request,

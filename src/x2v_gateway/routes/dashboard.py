@@ -98,6 +98,7 @@ def setup_templates(engine: JinjaTemplateEngine) -> None:
 def static_files() -> ControllerRouterHandler:
     """htmx, its SSE extension, the dashboard's CSS and JS: open to everyone, like /healthz."""
     return create_static_files_router(
+        # The dashboard's own files, not part of the API.
         path="/static", directories=[STATIC_DIR], include_in_schema=False,
     )
 
@@ -694,7 +695,7 @@ def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_page(request, 500, "Something went wrong on the gateway; its log has the details. Try again.")
 
 
-@get("/", include_in_schema=False)
+@get("/", include_in_schema=False)  # a browser's way in, not part of the API
 async def root() -> Redirect:
     """The gateway's front door is the dashboard."""
     return Redirect("/ui/")
@@ -721,5 +722,7 @@ def router(guards: Sequence[Guard] = ()) -> Router:
             ApiError: _api_error, LimitError: _api_error, ValidationException: _validation_error,
             HTTPException: _http_error, Exception: _internal_error,
         },
+        # Pages, htmx fragments, an SSE stream and zips for a signed-in browser, each shaped for
+        # the page that asks: not the API that /schema documents (the JSON API does all of it).
         include_in_schema=False,
     )

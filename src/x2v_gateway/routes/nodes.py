@@ -14,7 +14,7 @@ from litestar import Controller, Request, delete, get, post
 from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 
-from ..models import TaskType
+from ..models import TaskType, errors
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -80,32 +80,38 @@ class NodesController(Controller):
     path = "/api/v1/nodes"
     tags = ["nodes"]
 
-    @get("/", summary="Nodes and hosted accounts: state, capacity, jobs, measured run times")
+    @get("/", summary="Nodes and hosted accounts: state, capacity, jobs, measured run times", responses=errors())
     async def list_nodes(self, request: Request) -> list[NodeView]:
         gw = gateway(request)
         return [node_view(gw, s) for s in gw.dispatcher.states.values()]
 
-    @get("/{name:str}", summary="One node")
+    @get("/{name:str}", summary="One node", responses=errors(400, 404))
     async def get_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
         return node_view(gw, gw.registry.get(name))
 
-    @post("/", status_code=201, summary="Add a node (kept across restarts)")
+    @post("/", status_code=201, summary="Add a node (kept across restarts)", responses=errors(400, 403, 409, 413, 422))
     async def add_node(self, request: Request, data: JSONBody[NodeRequest]) -> NodeView:
         gw = gateway(request)
         state = await gw.registry.add(data.name, data.url, capacity=data.capacity, tasks=data.tasks)
         return node_view(gw, state)
 
-    @post("/{name:str}/drain", status_code=200, summary="Finish what it has, take nothing new")
+    @post(
+        "/{name:str}/drain", status_code=200, summary="Finish what it has, take nothing new",
+        responses=errors(400, 403, 404),
+    )
     async def drain_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
         return node_view(gw, await gw.registry.set_drained(name, True))
 
-    @post("/{name:str}/undrain", status_code=200, summary="Take new jobs again")
+    @post("/{name:str}/undrain", status_code=200, summary="Take new jobs again", responses=errors(400, 403, 404))
     async def undrain_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
         return node_view(gw, await gw.registry.set_drained(name, False))
 
-    @delete("/{name:str}", status_code=204, summary="Remove a node with no job in flight")
+    @delete(
+        "/{name:str}", status_code=204, summary="Remove a node with no job in flight",
+        responses=errors(400, 403, 404, 409),
+    )
     async def remove_node(self, request: Request, name: FromPath[str]) -> None:
         await gateway(request).registry.remove(name)

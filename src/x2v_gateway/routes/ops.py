@@ -6,6 +6,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 from litestar import Request, Response, get
+from litestar.openapi.datastructures import ResponseSpec
+
+from ..models import errors
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -25,12 +28,17 @@ class Readiness(msgspec.Struct):
     checks: dict[str, Check]
 
 
-@get("/healthz", tags=["operations"], summary="The process is alive")
+# `security=[{}]`: open to callers without a key (auth.OPEN_PATHS), as probes are.
+@get("/healthz", tags=["operations"], summary="The process is alive", security=[{}])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", tags=["operations"], summary="Store writable and at least one upstream reachable")
+@get(
+    "/readyz", tags=["operations"], summary="Store writable and at least one upstream reachable",
+    response_description="Ready", security=[{}],
+    responses={503: ResponseSpec(Readiness, generate_examples=False, description="Not ready: `checks` says what failed")},
+)
 async def readyz(request: Request) -> Response[Readiness]:
     gw = gateway(request)
     writable = await gw.store.is_writable()
@@ -46,7 +54,10 @@ async def readyz(request: Request) -> Response[Readiness]:
     return Response(Readiness(ready, checks), status_code=200 if ready else 503)
 
 
-@get("/metrics", tags=["operations"], summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+@get(
+    "/metrics", tags=["operations"], summary="Prometheus metrics (admin keys, or anyone with X2V_METRICS_OPEN)",
+    media_type="text/plain; version=0.0.4", responses=errors(403),
+)
 async def metrics(request: Request) -> Response[bytes]:
     return Response(gateway(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
