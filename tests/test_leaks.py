@@ -6,11 +6,42 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 
 import httpx
 import pytest
 
+from gateway_proc import GatewayProcess, free_port, remember_secret, wait_for
 from x2v_gateway.inputs import NotPublic, PublicOnlyTransport, is_public_address
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory) -> GatewayProcess:
+    # Demo jobs of 3 s: long enough to catch one on its node.
+    gateway = GatewayProcess(tmp_path_factory.mktemp("leaks") / "data", X2V_DEMO_JOB_SECONDS="3").start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(gw):
+    with gw.client() as client:
+        yield client
+
+
+def make_key(admin: httpx.Client, name: str, **options) -> str:
+    response = admin.post("/api/v1/keys", json={"name": f"{name}-{time.monotonic_ns()}", **options})
+    assert response.status_code == 201, response.text
+    return remember_secret(response.json()["key"])
+
+
+def until(check, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.05)
+    raise AssertionError("timed out")
 
 # -- input URLs: IPv4 addresses hidden in IPv6 ones ----------------------------------------------
 
@@ -59,3 +90,46 @@ def test_input_url_naming_loopback_through_ipv6_is_refused_before_any_connection
 
     with pytest.raises(NotPublic, match="private or local address"):
         asyncio.run(fetch())
+
+
+# -- nodes: an ordinary key sees capacity and state, not others' work or the network layout -----
+
+
+def test_ordinary_key_sees_no_node_urls_errors_or_other_tenants_jobs(gw, admin):
+    alice, bob = make_key(admin, "alice"), make_key(admin, "bob")
+    # A second node nobody listens on: it fails, with an error only admins may read.
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert admin.post("/api/v1/nodes", json={"name": "dead", "url": dead}).status_code == 201
+    with gw.client(key=alice) as as_alice, gw.client(key=bob) as as_bob:
+        job = as_bob.post("/api/v1/jobs", json={"task": "t2v", "prompt": "bob's secret plan"}).json()
+        until(lambda: job["id"] in str(admin.get("/api/v1/nodes").json()))
+        until(lambda: admin.get("/api/v1/nodes/dead").json()["last_error"])
+        everything = admin.get("/api/v1/nodes").json()
+        demo = next(n for n in everything if n["name"] == "demo")
+        assert demo["url"].startswith("http://127.0.0.1:")
+
+        seen_by_alice = as_alice.get("/api/v1/nodes")
+        assert seen_by_alice.status_code == 200
+        for node in seen_by_alice.json():
+            assert node["url"] is None and node["last_error"] is None
+            assert node["running"] == [] and node["queued"] == []
+            assert node["capacity"] >= 1 and node["state"] in {"up", "down", "unknown", "draining"}
+        one = as_alice.get("/api/v1/nodes/dead").json()
+        assert one["url"] is None and one["last_error"] is None
+        for text in (seen_by_alice.text, one and str(one)):
+            assert job["id"] not in text and demo["url"] not in text and dead not in text
+            assert "127.0.0.1" not in text
+
+        # Bob sees his own job where it runs, and still no URL.
+        bobs = {n["name"]: n for n in as_bob.get("/api/v1/nodes").json()}
+        assert job["id"] in bobs["demo"]["running"] + bobs["demo"]["queued"]
+        assert bobs["demo"]["url"] is None
+
+        # The dashboard's nodes page and its live table show Alice the same.
+        for path in ("/ui/nodes", "/ui/nodes/table", "/ui/"):
+            page = as_alice.get(path)
+            assert page.status_code == 200, (path, page.text)
+            assert job["id"] not in page.text and "127.0.0.1" not in page.text, path
+        assert "127.0.0.1" in admin.get("/ui/nodes/table").text
+        wait_for(as_bob, job["id"], {"succeeded"})
+    assert admin.delete("/api/v1/nodes/dead").status_code == 204
