@@ -133,3 +133,26 @@ def test_ordinary_key_sees_no_node_urls_errors_or_other_tenants_jobs(gw, admin):
         assert "127.0.0.1" in admin.get("/ui/nodes/table").text
         wait_for(as_bob, job["id"], {"succeeded"})
     assert admin.delete("/api/v1/nodes/dead").status_code == 204
+
+
+# -- lora_name: a file name on the node, never a path -------------------------------------------
+
+BAD_LORA_NAMES = ["../../../etc/passwd", "/etc/passwd", "loras/../../secret", "a\\b", "..",
+                  "x\x00y", "style\n", "tab\tname", ".hidden", "-rf", "x" * 129, "naïve.safetensors"]
+
+
+@pytest.mark.parametrize("name", BAD_LORA_NAMES)
+def test_lora_name_that_is_not_a_plain_file_name_is_refused_naming_the_field(admin, name):
+    as_json = admin.post("/api/v1/jobs", json={"task": "t2v", "prompt": "a cat", "lora_name": name})
+    assert as_json.status_code == 422, as_json.text
+    assert as_json.json()["error"]["field"] == "lora_name"
+    as_form = admin.post("/api/v1/jobs", files={"task": (None, "t2v"), "prompt": (None, "a cat"),
+                                                "lora_name": (None, name)})
+    assert as_form.status_code == 422 and as_form.json()["error"]["field"] == "lora_name", as_form.text
+
+
+def test_plain_lora_file_name_is_accepted_and_kept(admin):
+    job = admin.post("/api/v1/jobs", json={"task": "t2v", "prompt": "a cat",
+                                           "lora_name": "anime_style-v1.2.safetensors"})
+    assert job.status_code == 201, job.text
+    assert job.json()["params"]["lora_name"] == "anime_style-v1.2.safetensors"
