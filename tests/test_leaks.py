@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import subprocess
+import sys
 import time
 
 import httpx
@@ -29,8 +31,8 @@ def admin(gw):
         yield client
 
 
-def make_key(admin: httpx.Client, name: str, **options) -> str:
-    response = admin.post("/api/v1/keys", json={"name": f"{name}-{time.monotonic_ns()}", **options})
+def make_key(by: httpx.Client, name: str, **options) -> str:
+    response = by.post("/api/v1/keys", json={"name": f"{name}-{time.monotonic_ns()}", **options})
     assert response.status_code == 201, response.text
     return remember_secret(response.json()["key"])
 
@@ -156,3 +158,71 @@ def test_plain_lora_file_name_is_accepted_and_kept(admin):
                                            "lora_name": "anime_style-v1.2.safetensors"})
     assert job.status_code == 201, job.text
     assert job.json()["params"]["lora_name"] == "anime_style-v1.2.safetensors"
+
+
+# -- admin keys: the API cannot lock every admin out ---------------------------------------------
+
+
+def test_key_in_x2v_admin_key_cannot_be_revoked_through_the_api(gw, admin):
+    env_id = admin.get("/api/v1/me").json()["id"]
+    refused = admin.delete(f"/api/v1/keys/{env_id}")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["field"] == "key_id"
+    assert "X2V_ADMIN_KEY" in refused.json()["error"]["message"]
+    # Not from another admin key either, and it still works.
+    other = make_key(admin, "second-admin", admin=True)
+    with gw.client(key=other) as second:
+        assert second.delete(f"/api/v1/keys/{env_id}").status_code == 409
+        second_id = second.get("/api/v1/me").json()["id"]
+    assert admin.get("/api/v1/me").status_code == 200
+    # Any other admin key may go: the env key is still there.
+    assert admin.delete(f"/api/v1/keys/{second_id}").status_code == 200
+
+
+def test_last_admin_key_cannot_be_revoked_even_by_two_revokes_at_once(tmp_path):
+    gateway = GatewayProcess(tmp_path / "data", X2V_ADMIN_KEY="").start()
+    try:
+        first = remember_secret((gateway.data_dir / "first-admin-key").read_text().strip())
+        with gateway.client(key=first) as one:
+            first_id = one.get("/api/v1/me").json()["id"]
+            second = make_key(one, "second-admin", admin=True)
+            ordinary = make_key(one, "ordinary")
+        with gateway.client(key=second) as two:
+            second_id = two.get("/api/v1/me").json()["id"]
+
+        # Each of the two admins revokes itself, at the same moment: each sees the other still
+        # there, and without the check in the revoking transaction both would go.
+        async def both() -> list[httpx.Response]:
+            async def revoke(key: str, target: str) -> httpx.Response:
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=30,
+                                             headers={"Authorization": f"Bearer {key}"}) as client:
+                    return await client.delete(f"/api/v1/keys/{target}")
+
+            return await asyncio.gather(revoke(first, first_id), revoke(second, second_id))
+
+        answers = asyncio.run(both())
+        assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+        survivor = second if answers[0].status_code == 200 else first
+        with gateway.client(key=survivor) as last:
+            me = last.get("/api/v1/me").json()
+            assert me["admin"] is True
+            alone = last.delete(f"/api/v1/keys/{me['id']}")
+            assert alone.status_code == 409 and "last working admin key" in alone.json()["error"]["message"]
+            assert alone.json()["error"]["field"] == "key_id"
+            # An ordinary key is no admin: it may still be revoked, and the admin stays.
+            ordinary_id = next(k["id"] for k in last.get("/api/v1/keys").json() if not k["admin"])
+            assert last.delete(f"/api/v1/keys/{ordinary_id}").status_code == 200
+            assert last.get("/api/v1/me").status_code == 200
+        assert ordinary
+
+        # The operator on the server may still do it, and is told what that means.
+        cli = subprocess.run(
+            [sys.executable, "-m", "x2v_gateway.cli", "keys", "revoke", me["id"], "--env-file", "/nonexistent"],
+            env=gateway.env, capture_output=True, text=True, timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "No admin key works now" in cli.stderr and "keys create --admin" in cli.stderr
+        with gateway.client(key=survivor) as gone:
+            assert gone.get("/api/v1/me").status_code == 401
+    finally:
+        gateway.stop()
