@@ -8,6 +8,7 @@ import asyncio
 import csv
 import io
 import ipaddress
+import re
 import subprocess
 import sys
 import time
@@ -252,3 +253,24 @@ def test_batch_manifest_keeps_formula_like_prompts_as_text(admin):
         assert row["negative_prompt"] == "'=1+1"
         # No cell of any row starts as a formula would.
         assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row.values()), row
+
+
+# -- CSRF: the token field a signed-in form carries is no job field ------------------------------
+
+
+def test_signed_in_form_post_of_a_job_with_its_csrf_token_field_is_accepted(gw):
+    cookie = gw.sign_in()
+    with gw.client(key=None) as browser:
+        browser.cookies.set("x2v_session", cookie)
+        home = browser.get("/ui/")
+        token = re.search(r'name="csrf-token" content="([^"]+)"', home.text).group(1)
+        job = browser.post("/api/v1/jobs", data={"task": "t2v", "prompt": "a form's cat", "_csrf_token": token})
+        assert job.status_code == 201, job.text
+        assert job.json()["params"]["prompt"] == "a form's cat" and "_csrf_token" not in job.json()["params"]
+        # The token is still checked: a wrong one is refused before anything else.
+        forged = browser.post("/api/v1/jobs", data={"task": "t2v", "prompt": "x", "_csrf_token": "forged"})
+        assert forged.status_code == 403
+        # A multipart form that sends it in the header and as a field is accepted too.
+        upload = browser.post("/api/v1/jobs", headers={"X-CSRFToken": token},
+                              files={"task": (None, "t2v"), "prompt": (None, "y"), "_csrf_token": (None, token)})
+        assert upload.status_code == 201, upload.text
