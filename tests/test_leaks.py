@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from gateway_proc import GatewayProcess, free_port, remember_secret, wait_for
+from test_auth import admin, make_key  # noqa: F401 (`admin`: a client of this module's `gw`)
 from x2v_gateway.inputs import NotPublic, PublicOnlyTransport, is_public_address
 
 
@@ -29,18 +30,6 @@ def gw(tmp_path_factory) -> GatewayProcess:
     gateway.stop()
 
 
-@pytest.fixture(scope="module")
-def admin(gw):
-    with gw.client() as client:
-        yield client
-
-
-def make_key(by: httpx.Client, name: str, **options) -> str:
-    response = by.post("/api/v1/keys", json={"name": f"{name}-{time.monotonic_ns()}", **options})
-    assert response.status_code == 201, response.text
-    return remember_secret(response.json()["key"])
-
-
 def until(check, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -48,6 +37,14 @@ def until(check, timeout: float = 30):
             return found
         time.sleep(0.05)
     raise AssertionError("timed out")
+
+
+def admin_key(by: httpx.Client) -> str:
+    # test_auth.make_key's first parameter is named `admin`, so it cannot pass `admin=True`.
+    response = by.post("/api/v1/keys", json={"name": f"admin-{time.monotonic_ns()}", "admin": True})
+    assert response.status_code == 201, response.text
+    return remember_secret(response.json()["key"])
+
 
 # -- input URLs: IPv4 addresses hidden in IPv6 ones ----------------------------------------------
 
@@ -174,7 +171,7 @@ def test_key_in_x2v_admin_key_cannot_be_revoked_through_the_api(gw, admin):
     assert refused.json()["error"]["field"] == "key_id"
     assert "X2V_ADMIN_KEY" in refused.json()["error"]["message"]
     # Not from another admin key either, and it still works.
-    other = make_key(admin, "second-admin", admin=True)
+    other = admin_key(admin)
     with gw.client(key=other) as second:
         assert second.delete(f"/api/v1/keys/{env_id}").status_code == 409
         second_id = second.get("/api/v1/me").json()["id"]
@@ -189,7 +186,7 @@ def test_last_admin_key_cannot_be_revoked_even_by_two_revokes_at_once(tmp_path):
         first = remember_secret((gateway.data_dir / "first-admin-key").read_text().strip())
         with gateway.client(key=first) as one:
             first_id = one.get("/api/v1/me").json()["id"]
-            second = make_key(one, "second-admin", admin=True)
+            second = admin_key(one)
             ordinary = make_key(one, "ordinary")
         with gateway.client(key=second) as two:
             second_id = two.get("/api/v1/me").json()["id"]
