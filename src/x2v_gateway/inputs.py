@@ -220,6 +220,54 @@ async def _download(role: str, url: str, writer: BlobWriter, http: httpx.AsyncCl
         raise ApiError(422, f"{role}: could not download {url} ({type(exc).__name__})", role) from None
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# IPv6 forms that carry an IPv4 address a packet to them ends up at (through a translator, a
+# tunnel relay or the host's own dual stack). Their prefixes look global to `is_global`, so the
+# IPv4 address inside is what decides.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052, the well-known prefix
+# RFC 8215: a network's own NAT64 prefix, translated inside that network. The IPv4 address sits
+# at a place that depends on the prefix length, so the whole range is refused.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible, ::a.b.c.d
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT's IPv4-translated, ::ffff:0:a.b.c.d
+_ISATAP_IDS = (0x00005EFE, 0x02005EFE)  # an interface id of 0[2]00:5efe:a.b.c.d
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a packet to this IPv6 address ends up at: mapped, compatible,
+    translated, NAT64, 6to4 and Teredo forms (none for any other address)."""
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64 or ip in _COMPATIBLE or ip in _TRANSLATED:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)  # (server, client), the client's address already un-XOR-ed
+    return []
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """True for an address on the public internet; False for private, loopback, link-local,
+    multicast and reserved ones, and for IPv6 addresses that carry such an IPv4 address."""
+    if ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip.is_global
+    if ip in _NAT64_LOCAL:
+        return False
+    embedded = embedded_ipv4(ip)
+    if embedded:
+        # These prefixes only say how to reach the IPv4 address (Python 3.11 calls some of them
+        # global and some not, whatever they carry): the IPv4 address decides.
+        return all(is_public_address(v4) for v4 in embedded)
+    if (int(ip) >> 32) & 0xFFFFFFFF in _ISATAP_IDS:
+        # ISATAP: an ordinary prefix, so it must be public, and the tunnel's IPv4 end too.
+        return ip.is_global and is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return ip.is_global
+
+
 class NotPublic(httpx.ConnectError):
     """An input URL (or a redirect it led to) names a private, loopback or link-local address."""
 
@@ -239,7 +287,7 @@ class PublicOnlyTransport(httpx.AsyncHTTPTransport):
     def __init__(
         self,
         *,
-        allowed: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool] = lambda ip: ip.is_global,
+        allowed: Callable[[IPAddress], bool] = is_public_address,
         resolve: Callable[[str, int], Awaitable[list[str]]] | None = None,
     ) -> None:
         super().__init__(limits=httpx.Limits(max_keepalive_connections=0))

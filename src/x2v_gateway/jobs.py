@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 import httpx
 import msgspec
 
+from .auth import CSRF_FIELD
 from .blobs import BlobStore
 from .checker import CHECKER, MediaError
 from .dispatch import Dispatcher, Notifier
@@ -147,7 +148,9 @@ class JobService:
         try:
             values = {}
             for name, value in fields.items():
-                if value.strip() == "":
+                # A signed-in dashboard form carries its CSRF token as a field, which the auth
+                # middleware has checked: it is not a job parameter.
+                if value.strip() == "" or name == CSRF_FIELD:
                     continue
                 try:
                     values[name] = _form_value(name, value)

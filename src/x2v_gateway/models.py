@@ -23,6 +23,16 @@ TASK_INPUTS: dict[str, tuple[str, ...]] = {
 INPUT_ROLES = ("image", "audio", "last_frame")
 
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+# The node opens the LoRA by this name under its own LoRA folder and has no list of them to
+# check it against: a path (`../../etc/passwd`) would reach any file it can read. So a plain
+# file name only: no separators, no `..`, no control characters, a conservative set, bounded.
+LoraName = Annotated[str, Meta(
+    max_length=128,
+    # Empty: not set, as for the other text fields. `(?!.*\n)`: `$` also matches before a final
+    # newline, and `\Z` is not in the JSON Schema dialect the OpenAPI document speaks.
+    pattern=r"^(?!.*\.\.)(?!.*\n)(?:[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+    description="a LoRA file name on the node: letters, digits, `.`, `_` and `-`, no `..`",
+)]
 Side = Annotated[int, Meta(ge=16, le=8192)]
 
 
@@ -42,7 +52,7 @@ class GenerationParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
     resize_mode: Literal["adaptive", "keep_ratio_fixed_area", "fixed_min_area", "fixed_max_area", "fixed_shape", "fixed_min_side"] | None = None
     sr_ratio: Annotated[float, Meta(gt=0, le=8)] | None = None
     use_prompt_enhancer: bool | None = None
-    lora_name: Annotated[str, Meta(max_length=200)] | None = None
+    lora_name: LoraName | None = None
     lora_strength: Annotated[float, Meta(ge=0, le=10)] | None = None
 
 

@@ -1010,11 +1010,40 @@ class JobStore:
         row = self._conn().execute("SELECT * FROM api_keys WHERE id = ?", (key["id"],)).fetchone()
         return _key_row(row)
 
-    async def revoke_key(self, key_id: str, actor: str) -> dict[str, Any] | None:
-        """Revoke a key and end its dashboard sessions. None when no such key is active."""
+    async def revoke_key(
+        self, key_id: str, actor: str, *, keep_admin: bool = False
+    ) -> dict[str, Any] | None:
+        """Revoke a key and end its dashboard sessions. None when no such key is active.
+
+        With `keep_admin`, refuse (AdminKeyNeeded) to revoke the key in X2V_ADMIN_KEY or the
+        last active admin key. The check is made in the revoking transaction, so two revokes at
+        once cannot each leave the other's key as the last one and both pass.
+        """
 
         def write(conn: sqlite3.Connection) -> bool:
             now = _now()
+            if keep_admin:
+                row = conn.execute(
+                    "SELECT admin, source FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+                ).fetchone()
+                if row is not None and row["admin"]:
+                    if row["source"] == "env":
+                        raise AdminKeyNeeded(
+                            f"{key_id} is the key in X2V_ADMIN_KEY, which the gateway's operator"
+                            " signs in with: to retire it, set a new X2V_ADMIN_KEY and restart (the"
+                            " old one then stops working), or run `x2v-gateway keys revoke` on the"
+                            " server"
+                        )
+                    others = conn.execute(
+                        "SELECT COUNT(*) FROM api_keys WHERE admin AND revoked_at IS NULL AND id != ?",
+                        (key_id,),
+                    ).fetchone()[0]
+                    if not others:
+                        raise AdminKeyNeeded(
+                            f"{key_id} is the last working admin key: revoking it would leave nobody"
+                            " able to manage keys and nodes. Make another admin key first"
+                            ' (POST /api/v1/keys with "admin": true)'
+                        )
             cur = conn.execute(
                 "UPDATE api_keys SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL",
                 (now, actor, key_id),
@@ -1165,6 +1194,10 @@ class JobStore:
 
 class KeyNameTaken(ValueError):
     """An active key already has this name."""
+
+
+class AdminKeyNeeded(ValueError):
+    """Revoking this key would lock every admin out (see `JobStore.revoke_key`)."""
 
 
 def _key_row(row: Any) -> dict[str, Any]:

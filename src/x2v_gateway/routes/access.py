@@ -23,7 +23,7 @@ from ..auth import (
     sign_in_page,
 )
 from ..models import ApiError, errors, iso
-from ..store import KeyNameTaken
+from ..store import AdminKeyNeeded, KeyNameTaken
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -155,13 +155,16 @@ class KeysController(Controller):
         return NewKeyView(key=key, info=key_view(gw, row))
 
     @delete(
-        "/{key_id:str}", status_code=200, summary="Revoke a key; its dashboard sessions end",
-        # 409: the last working admin key, and the one in X2V_ADMIN_KEY, stay.
+        "/{key_id:str}", status_code=200,
+        summary="Revoke a key; its dashboard sessions end. Not X2V_ADMIN_KEY's nor the last admin key (409)",
         responses=errors(400, 403, 404, 409),
     )
     async def revoke_key(self, request: Request, key_id: FromPath[str]) -> KeyView:
         gw = gateway(request)
-        row = await gw.auth.revoke_key(key_id, caller(request).label)
+        try:
+            row = await gw.auth.revoke_key(key_id, caller(request).label)
+        except AdminKeyNeeded as exc:
+            raise ApiError(409, str(exc), "key_id") from None
         if row is None:
             raise ApiError(404, f"no active key {key_id}")
         return key_view(gw, row)

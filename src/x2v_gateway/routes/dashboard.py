@@ -243,9 +243,9 @@ def _batch_page(
     return summary, _rows(gw, items[:BATCH_PAGE_ROWS]), next_after
 
 
-def node_rows(gw: Gateway) -> list[NodeView]:
-    """The nodes as `GET /api/v1/nodes` shows them."""
-    return [node_view(gw, state) for state in gw.dispatcher.states.values()]
+def node_rows(gw: Gateway, who: Caller) -> list[NodeView]:
+    """The nodes as `GET /api/v1/nodes` shows them to `who`."""
+    return [node_view(gw, state, who) for state in gw.dispatcher.states.values()]
 
 
 # -- live updates ------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ async def home(request: HTMXRequest) -> Template:
     gw, who = gateway(request), caller(request)
     return Template("home.html", context={
         "counts": gw.store.owner_counts(who.sees), "batches": _recent(gw, who),
-        "nodes": node_rows(gw), "since": time.time(),
+        "nodes": node_rows(gw, who), "since": time.time(),
     })
 
 
@@ -634,12 +634,12 @@ async def retry_job(
 
 @get("/nodes", include_in_schema=False)
 async def nodes_page(request: HTMXRequest) -> Template:
-    return Template("nodes.html", context={"nodes": node_rows(gateway(request))})
+    return Template("nodes.html", context={"nodes": node_rows(gateway(request), caller(request))})
 
 
 @get("/nodes/table", include_in_schema=False)
 async def nodes_table(request: HTMXRequest) -> Template:
-    return Template("partials/nodes_table.html", context={"nodes": node_rows(gateway(request))})
+    return Template("partials/nodes_table.html", context={"nodes": node_rows(gateway(request), caller(request))})
 
 
 @post("/nodes/{name:str}/drain", include_in_schema=False, status_code=200, request_max_body_size=4096)
@@ -648,7 +648,7 @@ async def drain_node(request: HTMXRequest, name: FromPath[str]) -> Template:
     gw = gateway(request)
     drained = (await request.form()).get("drained") == "on"
     await gw.registry.set_drained(name, drained)
-    return Template("partials/nodes_table.html", context={"nodes": node_rows(gw)})
+    return Template("partials/nodes_table.html", context={"nodes": node_rows(gw, caller(request))})
 
 
 @get("/events", include_in_schema=False)

@@ -2,6 +2,9 @@
 
 Handlers are thin (parse, call the registry, shape the answer) so that the admin guard of the
 API keys can be put on the controller without touching them.
+
+Any key may look at the nodes, but only an admin sees the network layout (URLs, error details
+naming hosts) and every job; an ordinary key sees capacity and state, and its own jobs.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from litestar import Controller, Request, delete, get, post
 from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 
+from ..auth import Caller, caller
 from ..models import TaskType, errors
 
 if TYPE_CHECKING:
@@ -39,7 +43,7 @@ class NodeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class NodeView(msgspec.Struct, kw_only=True):
     name: str
     kind: str  # selfhosted | cloud
-    url: str
+    url: str | None  # admins only
     state: str  # up | down | unknown | draining
     drained: bool
     busy: bool
@@ -47,20 +51,21 @@ class NodeView(msgspec.Struct, kw_only=True):
     slots: int  # jobs kept in flight there: capacity + look-ahead
     tasks: list[str]
     model: str | None
-    running: list[str]  # job ids
-    queued: list[str]  # job ids waiting in the node's own queue
+    running: list[str]  # job ids (an ordinary key's own only)
+    queued: list[str]  # job ids waiting in the node's own queue (an ordinary key's own only)
     typical_seconds: dict[str, float]  # median measured run time per task type
     recent_durations: dict[str, list[float]]
-    last_error: str | None
+    last_error: str | None  # admins only: it may name hosts and addresses
 
 
-def node_view(gw: Gateway, state: UpstreamState) -> NodeView:
-    jobs = gw.store.active(state.name)
+def node_view(gw: Gateway, state: UpstreamState, who: Caller) -> NodeView:
+    """A node as `who` may see it."""
+    jobs = [j for j in gw.store.active(state.name) if who.may_touch(j.owner)]
     recent = gw.dispatcher.timings.recent(state.name)
     return NodeView(
         name=state.name,
         kind=state.upstream.kind,
-        url=state.upstream.base_url,
+        url=state.upstream.base_url if who.admin else None,
         state=state.status,
         drained=state.drained,
         busy=state.busy,
@@ -72,7 +77,7 @@ def node_view(gw: Gateway, state: UpstreamState) -> NodeView:
         queued=[j.id for j in jobs if j.state == "submitted"],
         typical_seconds={t: round(statistics.median(d), 2) for t, d in recent.items()},
         recent_durations={t: [round(s, 2) for s in d[-10:]] for t, d in recent.items()},
-        last_error=state.last_error,
+        last_error=state.last_error if who.admin else None,
     )
 
 
@@ -83,18 +88,19 @@ class NodesController(Controller):
     @get("/", summary="Nodes and hosted accounts: state, capacity, jobs, measured run times", responses=errors())
     async def list_nodes(self, request: Request) -> list[NodeView]:
         gw = gateway(request)
-        return [node_view(gw, s) for s in gw.dispatcher.states.values()]
+        who = caller(request)
+        return [node_view(gw, s, who) for s in gw.dispatcher.states.values()]
 
     @get("/{name:str}", summary="One node", responses=errors(400, 404))
     async def get_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, gw.registry.get(name))
+        return node_view(gw, gw.registry.get(name), caller(request))
 
     @post("/", status_code=201, summary="Add a node (kept across restarts)", responses=errors(400, 403, 409, 413, 422))
     async def add_node(self, request: Request, data: JSONBody[NodeRequest]) -> NodeView:
         gw = gateway(request)
         state = await gw.registry.add(data.name, data.url, capacity=data.capacity, tasks=data.tasks)
-        return node_view(gw, state)
+        return node_view(gw, state, caller(request))
 
     @post(
         "/{name:str}/drain", status_code=200, summary="Finish what it has, take nothing new",
@@ -102,12 +108,12 @@ class NodesController(Controller):
     )
     async def drain_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, await gw.registry.set_drained(name, True))
+        return node_view(gw, await gw.registry.set_drained(name, True), caller(request))
 
     @post("/{name:str}/undrain", status_code=200, summary="Take new jobs again", responses=errors(400, 403, 404))
     async def undrain_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, await gw.registry.set_drained(name, False))
+        return node_view(gw, await gw.registry.set_drained(name, False), caller(request))
 
     @delete(
         "/{name:str}", status_code=204, summary="Remove a node with no job in flight",
