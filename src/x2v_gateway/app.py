@@ -182,6 +182,21 @@ def _internal_error(request: Request, exc: Exception) -> Response[ErrorResponse]
     return _error(500, "internal error; the gateway logged the details")
 
 
+# Swagger UI, served from the gateway's own /static (static/VENDORED.md): Litestar's default loads
+# it from a CDN, which leaves /schema blank on a machine without internet.
+SWAGGER_UI = "/static/vendor/swagger-ui-dist-5.35.0"
+
+
+def _swagger_ui() -> SwaggerRenderPlugin:
+    return SwaggerRenderPlugin(
+        js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
+        css_url=f"{SWAGGER_UI}/swagger-ui.css",
+        standalone_preset_js_url=f"{SWAGGER_UI}/swagger-ui-standalone-preset.js",
+        # Litestar's default favicon is an image on a CDN too; "data:," asks for nothing.
+        favicon="<link rel='icon' href='data:,'>",
+    )
+
+
 def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | None = None) -> Litestar:
     """Build the gateway. `settings` default: the environment and `.env`."""
     settings = settings or load_settings()
@@ -235,7 +250,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         },
         openapi_config=OpenAPIConfig(
             title="x2v-gateway", version="0.1.0", path="/schema",
-            render_plugins=[SwaggerRenderPlugin()],
+            render_plugins=[_swagger_ui()],
             components=Components(security_schemes={"BearerAuth": SecurityScheme(
                 type="http", scheme="bearer",
                 description="An API key: `x2v-gateway keys create --name NAME` makes one.",
