@@ -47,7 +47,7 @@ class DemoNode:
     """The built-in demo node, served from a thread of this process."""
 
     def __init__(self, data_dir: Path, port: int, job_seconds: float) -> None:
-        from .demo_node import build_demo_server
+        from .demo_node import IN_PROCESS_THREAD, build_demo_server, quiet_in_process_server
 
         if port == 0:
             with socket.socket() as probe:
@@ -57,7 +57,9 @@ class DemoNode:
         self._server = build_demo_server(
             "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=ALL_TASKS,
         )
-        self._thread = threading.Thread(target=self._server.run, name="x2v-demo-node", daemon=True)
+        # Its polls would flood the gateway's terminal; the start-up block says where it is.
+        quiet_in_process_server()
+        self._thread = threading.Thread(target=self._server.run, name=IN_PROCESS_THREAD, daemon=True)
 
     async def start(self, timeout: float = 15.0) -> None:
         """Serve, and return once it listens: the dispatcher's first health check must not find
@@ -135,11 +137,8 @@ class Gateway:
 
     async def start(self) -> None:
         if self.demo_node is not None:
+            # `x2v-gateway serve` says where it is, once it listens (cli.py).
             await self.demo_node.start()
-            log.warning(
-                "X2V_NODES is empty: started the built-in demo node at %s (renders placeholder"
-                " videos on the CPU; set X2V_NODES to use real LightX2V servers)", self.demo_node.url,
-            )
         CHECKER.warm()
         await self.auth.bootstrap()
         await self.registry.save_settings()
