@@ -109,6 +109,11 @@ def test_every_cli_command_in_the_readme_works_as_written_from_the_repo_director
     assert _run(checkout, hinted[0], env).returncode == 0
 
 
+def _block(log: str) -> dict[str, str]:
+    assert log.count(READY) == 1, f"the start-up block is not there once:\n{log}"
+    return dict(re.findall(r"^  (\S+(?: \S+)?) {2,}(.+)$", log.split(READY, 1)[1], re.M))
+
+
 def _read_until(fd: int, done: re.Pattern[str], timeout: float = 60.0) -> str:
     seen = b""
     deadline = time.monotonic() + timeout
@@ -142,8 +147,7 @@ def test_first_start_in_a_terminal_shows_commands_that_work_and_says_once_where_
         os.close(terminal)
 
     assert "It is shown once" in shown
-    assert shown.count(READY) == 1, shown
-    block = dict(re.findall(r"^  (\S+(?: \S+)?) {2,}(.+)$", shown.split(READY, 1)[1], re.M))
+    block = _block(shown)
     url = f"http://127.0.0.1:{port}"
     assert block["gateway"] == url
     assert block["dashboard"] == f"{url}/ui/"
@@ -156,11 +160,6 @@ def test_first_start_in_a_terminal_shows_commands_that_work_and_says_once_where_
     for command in commands:
         result = _run(checkout, command, env)
         assert result.returncode == 0, f"`{command}` failed:\n{result.stdout}{result.stderr}"
-
-
-def _block(log: str) -> dict[str, str]:
-    assert log.count(READY) == 1, f"the start-up block is not there once:\n{log}"
-    return dict(re.findall(r"^  (\S+(?: \S+)?) {2,}(.+)$", log.split(READY, 1)[1], re.M))
 
 
 def test_demo_node_polls_stay_out_of_the_gateway_output_and_its_errors_do_not(tmp_path):

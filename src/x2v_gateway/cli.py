@@ -54,9 +54,8 @@ def serve(env_file: str) -> None:
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if self.started:  # listening: now say where, once
-                click.echo(_where(settings, app.state.gateway), nl=False)
+            await super().startup(sockets)  # returns once it listens (or exits)
+            click.echo(_where(settings, app.state.gateway), nl=False)
 
     server = Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
@@ -91,7 +90,7 @@ def _where(settings: Settings, gateway: Gateway) -> str:
             counts.append(f"{clouds} cloud account{'s' if clouds != 1 else ''}")
         upstreams = ", ".join(counts)
     rows = [
-        ("gateway", url + (f" (listening on every address, {host})" if anywhere else "")),
+        ("gateway", url + (f" (and every other address: {host})" if anywhere else "")),
         ("dashboard", f"{url}/ui/"),
         ("API docs", f"{url}/schema"),
         ("upstreams", upstreams),
