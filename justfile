@@ -14,4 +14,4 @@ bench:
 
 # Run a standalone demo node on a port
 demo-node port="8001":
-    .venv/bin/x2v-gateway demo-node --port {{port}}
+    ./dev demo-node --port {{port}}

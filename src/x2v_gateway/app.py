@@ -47,7 +47,7 @@ class DemoNode:
     """The built-in demo node, served from a thread of this process."""
 
     def __init__(self, data_dir: Path, port: int, job_seconds: float) -> None:
-        from .demo_node import build_demo_server
+        from .demo_node import IN_PROCESS_THREAD, build_demo_server, quiet_in_process_server
 
         if port == 0:
             with socket.socket() as probe:
@@ -57,7 +57,9 @@ class DemoNode:
         self._server = build_demo_server(
             "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=ALL_TASKS,
         )
-        self._thread = threading.Thread(target=self._server.run, name="x2v-demo-node", daemon=True)
+        # Its polls would flood the gateway's terminal; the start-up block says where it is.
+        quiet_in_process_server()
+        self._thread = threading.Thread(target=self._server.run, name=IN_PROCESS_THREAD, daemon=True)
 
     async def start(self, timeout: float = 15.0) -> None:
         """Serve, and return once it listens: the dispatcher's first health check must not find
@@ -135,11 +137,8 @@ class Gateway:
 
     async def start(self) -> None:
         if self.demo_node is not None:
+            # `x2v-gateway serve` says where it is, once it listens (cli.py).
             await self.demo_node.start()
-            log.warning(
-                "X2V_NODES is empty: started the built-in demo node at %s (renders placeholder"
-                " videos on the CPU; set X2V_NODES to use real LightX2V servers)", self.demo_node.url,
-            )
         CHECKER.warm()
         await self.auth.bootstrap()
         await self.registry.save_settings()
@@ -180,6 +179,21 @@ def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]
 def _internal_error(request: Request, exc: Exception) -> Response[ErrorResponse]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _error(500, "internal error; the gateway logged the details")
+
+
+# Swagger UI, served from the gateway's own /static (static/VENDORED.md): Litestar's default loads
+# it from a CDN, which leaves /schema blank on a machine without internet.
+SWAGGER_UI = "/static/vendor/swagger-ui-dist-5.35.0"
+
+
+def _swagger_ui() -> SwaggerRenderPlugin:
+    return SwaggerRenderPlugin(
+        js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
+        css_url=f"{SWAGGER_UI}/swagger-ui.css",
+        standalone_preset_js_url=f"{SWAGGER_UI}/swagger-ui-standalone-preset.js",
+        # Litestar's default favicon is an image on a CDN too; "data:," asks for nothing.
+        favicon="<link rel='icon' href='data:,'>",
+    )
 
 
 def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | None = None) -> Litestar:
@@ -235,7 +249,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         },
         openapi_config=OpenAPIConfig(
             title="x2v-gateway", version="0.1.0", path="/schema",
-            render_plugins=[SwaggerRenderPlugin()],
+            render_plugins=[_swagger_ui()],
             components=Components(security_schemes={"BearerAuth": SecurityScheme(
                 type="http", scheme="bearer",
                 description="An API key: `x2v-gateway keys create --name NAME` makes one.",

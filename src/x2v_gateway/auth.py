@@ -273,11 +273,13 @@ class Auth:
         # output goes to a log (a service, a container), the key goes to a file only the
         # gateway's user can read, and the log says where.
         if sys.stdout.isatty():
+            from .cli import cli_command  # `./dev` in a checkout, where `x2v-gateway` is not on PATH
+
             print(
                 f"\n  No API key existed, so an admin key was made ({key_id}). It is shown once:\n\n"
                 f"      {key}\n\n"
                 "  Use it as `Authorization: Bearer <key>`, or sign in to the dashboard with it.\n"
-                "  Make more with `x2v-gateway keys create --name NAME`.\n",
+                f"  Make more with `{cli_command()} keys create --name NAME`.\n",
                 flush=True,
             )
             return

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .settings import SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    import socket
+
+    from .app import Gateway
+
+
+def cli_command() -> str:
+    """This command as the person who started it types it: what the gateway and the CLI print.
+
+    `./dev` sets X2V_CLI to `./dev`: in a checkout the `x2v-gateway` script is in `.venv/bin/`,
+    not on PATH, and `./dev keys create ...` is what works there. Installed with pip or in the
+    Docker image, it is `x2v-gateway`.
+    """
+    return os.environ.get("X2V_CLI") or "x2v-gateway"
 
 
 @click.group()
@@ -34,13 +51,52 @@ def serve(env_file: str) -> None:
         click.echo(f"x2v-gateway: {exc}", err=True)
         sys.exit(2)
     app = create_app(settings)
-    click.echo(f"x2v-gateway listening on http://{settings.host}:{settings.port} (data in {settings.data_dir})")
-    uvicorn.run(
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)  # returns once it listens (or exits)
+            click.echo(_where(settings, app.state.gateway), nl=False)
+
+    server = Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         http=BodyPiecesProtocol,
         # An open dashboard keeps a live-update stream open: do not wait for it forever on stop.
         timeout_graceful_shutdown=5,
-    )
+    ))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:  # it could not listen (uvicorn logged why), as uvicorn.run exits
+        sys.exit(3)
+
+
+def _where(settings: Settings, gateway: Gateway) -> str:
+    """The start-up block: what listens where, and where the data is."""
+    host = settings.host
+    anywhere = host in ("0.0.0.0", "::", "")
+    shown = "127.0.0.1" if anywhere else f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{settings.port}"
+    if gateway.demo_node is not None:
+        upstreams = (f"the built-in demo node, {gateway.demo_node.url} (placeholder videos on the CPU;"
+                     " X2V_NODES lists real LightX2V servers)")
+    else:
+        kinds = [state.upstream.kind for state in gateway.dispatcher.states.values()]
+        nodes, clouds = kinds.count("selfhosted"), kinds.count("cloud")
+        counts = []
+        if nodes or not clouds:
+            counts.append(f"{nodes} self-hosted node{'s' if nodes != 1 else ''}")
+        if clouds:
+            counts.append(f"{clouds} cloud account{'s' if clouds != 1 else ''}")
+        upstreams = ", ".join(counts)
+    rows = [
+        ("gateway", url + (f" (and every other address: {host})" if anywhere else "")),
+        ("dashboard", f"{url}/ui/"),
+        ("API docs", f"{url}/schema"),
+        ("upstreams", upstreams),
+        ("data", str(settings.data_dir.resolve())),
+    ]
+    return "\nx2v-gateway is ready.\n" + "".join(f"  {name:<10} {value}\n" for name, value in rows) + "\n"
 
 
 @main.command("demo-node")
@@ -204,7 +260,7 @@ def revoke_key(key: str, env_file: str) -> None:
     try:
         row = auth.find_key(key)
         if row is None or row["revoked_at"] is not None:
-            click.echo(f"x2v-gateway: no active key {key!r} (see `x2v-gateway keys list`)", err=True)
+            click.echo(f"x2v-gateway: no active key {key!r} (see `{cli_command()} keys list`)", err=True)
             sys.exit(1)
         # The API refuses these two (they would lock every admin out); on the server the
         # operator may, and is told what it means.

@@ -1356,6 +1356,27 @@ def create_demo_app(data_dir: Path, **options: Any) -> DemoNodeApp:
     return DemoNodeApp(data_dir, **options)
 
 
+# The thread an in-process demo node (`app.DemoNode`) serves from.
+IN_PROCESS_THREAD = "x2v-demo-node"
+
+
+def _not_in_process_chatter(record: logging.LogRecord) -> bool:
+    return record.threadName != IN_PROCESS_THREAD or record.levelno >= logging.WARNING
+
+
+def quiet_in_process_server() -> None:
+    """Drop the access lines and start/stop notices of the demo node serving from
+    `IN_PROCESS_THREAD`, and keep its warnings and errors.
+
+    uvicorn's loggers (`uvicorn.access`, `uvicorn.error`) belong to the process, not to a
+    server, and the gateway's own server configures them with its access log on, so the demo
+    node's `access_log=False` cannot hold: every status poll of the dispatcher printed a line,
+    and its "Uvicorn running on" read like a second gateway. Only the thread tells them apart.
+    """
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(_not_in_process_chatter)  # once: the same function
+
+
 def build_demo_server(
     host: str,
     port: int,
