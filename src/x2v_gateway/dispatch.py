@@ -738,8 +738,15 @@ class Dispatcher:
             return
         if now.run != job.run:
             if reached and landed:
+                # Recorded first, so that neither a failed request nor a crash leaves it running.
                 await self.store.add_stray(state.name, landed, job.id)
-                state.strays = True
+                try:
+                    await self._call(state, "cancel", lambda: state.upstream.cancel(landed))
+                except UpstreamError:
+                    state.strays = True  # cancelled before the upstream gets anything new
+                else:
+                    await self.store.drop_stray(state.name, landed)
+                    log.info("job %s: task %s of its run before the retry cancelled on %s", job.id, landed, state.name)
             return
         if now.cancel_pending:
             if reached:
@@ -842,7 +849,8 @@ class Dispatcher:
                 return
             await self.store.drop_stray(state.name, task_id)
             log.info("%s: cancelled task %s, whose job was moved to another node", state.name, task_id)
-        state.strays = False
+        # One may have been added meanwhile (a retried job's attempt that landed late).
+        state.strays = bool(self.store.stray_tasks(state.name))
 
     async def _rescue(self, state: UpstreamState) -> None:
         """Move jobs off a node that is down: at once when its port refuses connections (the
