@@ -189,10 +189,9 @@ def test_readyz_while_the_store_is_locked_does_not_stall_other_requests(tmp_path
                 ready: list[int] = []
                 probe = threading.Thread(target=lambda: ready.append(client.get("/readyz").status_code))
                 probe.start()
-                time.sleep(0.3)  # the probe now waits for the lock
-                started = time.monotonic()
+                time.sleep(0.3)  # the probe now waits for the lock (up to the 5 s busy timeout)
                 assert client.get("/healthz").status_code == 200
-                assert time.monotonic() - started < 1.0  # not behind the probe's wait
+                assert probe.is_alive()  # answered while the probe still waits, not behind it
                 probe.join(timeout=30)
                 assert ready == [503]
             finally:
@@ -251,11 +250,13 @@ def test_cancel_while_the_node_is_still_reading_the_submission_stops_the_task_th
             assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
             node.clear_faults()  # the node reads it now, and its task starts at once
 
-            # The stop request reaches the task once it exists. A running render is not stopped
-            # by it (the node finishes, then reports the task `completed`): the job stays cancelled.
+            # The stop request reaches the task once it exists. If it had started, its render
+            # is not stopped (the node finishes it, then reports the task `completed`): the job
+            # stays cancelled all the same.
             until(lambda: (node_task(node, job_id) or {}).get("error") == "Task cancelled by user",
                   what="the node's task cancelled")
-            until(lambda: node_task(node, job_id)["status"] == "completed", what="the render ended")
+            until(lambda: httpx.get(f"{node.url}/v1/service/status").json()["service_status"] == "idle",
+                  what="the node done with it")
             (later,) = submit_t2v(client, 1, "after the cancelled one")
             assert wait_for(client, later, {"succeeded", "failed"})["state"] == "succeeded"
             job = client.get(f"/api/v1/jobs/{job_id}").json()
