@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from cloud_double import CloudDouble, make_token
-from gateway_proc import GatewayProcess, free_port, wait_for
+from gateway_proc import GatewayProcess, free_port, until, wait_for
 from x2v_gateway.render import probe_video
 
 # The gateway's own admin key (its access control), not to be confused with the cloud's token.
@@ -325,14 +325,6 @@ def test_cancel_and_retry_resume_the_same_cloud_task(shared):
     assert len(double.journal()) == submits + 1
     assert Counter(r["status"] for r in double.requests() if r["path"] == "/api/v1/task/resume") == {200: 2}
     assert_token_never_leaked([double.token], client, root)
-
-
-def until(check, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} not met in {timeout} s"
-        time.sleep(0.05)
-    return value
 
 
 def cancels_of(double: CloudDouble, task_id: str) -> list[int]:

@@ -11,7 +11,7 @@ from datetime import datetime
 import httpx
 import pytest
 
-from gateway_proc import GatewayProcess, wait_for
+from gateway_proc import GatewayProcess, until, wait_for
 from media import make_big_wav
 from servers import MisbehavingNode, NodeProcess
 
@@ -222,14 +222,6 @@ def node_task(node: NodeProcess, task_id: str) -> dict | None:
     """The node's own status of a task, or None while it does not know it."""
     response = httpx.get(f"{node.url}/v1/tasks/{task_id}/status", timeout=10)
     return response.json() if response.status_code == 200 else None
-
-
-def until(check, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} not met in {timeout} s"
-        time.sleep(0.05)
-    return value
 
 
 def hold_next_submission(node: MisbehavingNode) -> None:
