@@ -373,6 +373,11 @@ class Dispatcher:
         """Run a failed or cancelled job again. On the hosted cloud, as the same upstream task
         (its resume: no new submission, no second task in the account) when the cloud can."""
         job = self.store.get(job_id)
+        if job is not None and job.cancel_pending and job_id not in self._submitting:
+            # What the cancelled run left upstream is stopped first (found, if its id was never
+            # learned): a new run must not leave it running, and a resume needs its id.
+            await self._send_cancel(job)
+            job = self.store.get(job_id)
         state = self.states.get(job.upstream or "") if job is not None else None
         resumed = False
         if (
