@@ -358,7 +358,7 @@ def test_cancel_while_the_submission_is_in_flight_cancels_the_cloud_task_and_fre
             ids = [submit(client, task="t2v", prompt=f"after the cancel {i}")["id"] for i in range(3)]
             until(lambda: all(client.get(f"/api/v1/jobs/{i}").json()["upstream_task_id"] for i in ids),
                   30, "three new cloud tasks")
-            assert submit_answers(double) == Counter({200: 4}), submit_answers(double)
+            assert_within_the_limits(double, 4)  # never "too many active tasks"
             assert client.get(f"/api/v1/jobs/{job['id']}").json()["state"] == "cancelled"
             assert_token_never_leaked([double.token], client, tmp_path)
     finally:

@@ -260,7 +260,7 @@ def test_cancel_while_the_node_is_still_reading_the_submission_stops_the_task_th
 
 
 def test_retry_while_the_cancelled_submission_is_in_flight_leaves_no_orphan_task(tmp_path):
-    node = MisbehavingNode(tmp_path / "node", job_seconds=1.0).start()
+    node = MisbehavingNode(tmp_path / "node", job_seconds=2.0).start()
     gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
     try:
         hold_next_submission(node)
