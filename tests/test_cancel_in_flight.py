@@ -26,11 +26,12 @@ def test_retry_of_a_job_cancelled_in_flight_resumes_its_cloud_task_instead_of_ma
             dispatcher = Dispatcher(store, BlobStore(tmp_path / "blobs"), [cloud], Notifier(),
                                     Metrics(store.counts_by_state))
             try:
-                job, _ = await store.create_job(task="t2v", params={"prompt": "cancelled in flight"}, inputs={})
+                params = {"prompt": "cancelled in flight"}
+                job, _ = await store.create_job(task="t2v", params=params, inputs={})
                 # The attempt was recorded and the cloud created the task, but its answer never
                 # came back (the gateway died waiting); then the user cancelled the job.
                 assert await store.claim(job.id, "cloud", None)
-                task_id = await cloud.submit(SubmitRequest(job.id, job.id, "t2v", {"prompt": "cancelled in flight"}))
+                task_id = await cloud.submit(SubmitRequest(job.id, job.id, "t2v", params))
                 cancelled = await store.cancel(job.id)
                 assert cancelled.state == "cancelled" and cancelled.upstream_task_id is None
 

@@ -118,7 +118,9 @@ def test_every_node_stays_busy_with_mixed_job_lengths(tmp_path, cleanup):
     done = {}
     for name, node in nodes.items():
         received = {entry["task_id"]: _ts(entry["time"]) for entry in node.submissions()}
-        runs = sorted((_ts(t["start_time"]), _ts(t["end_time"]), i) for i, t in tasks_on(node).items() if i in jobs)
+        runs = sorted(
+            (_ts(t["start_time"]), _ts(t["end_time"]), i) for i, t in tasks_on(node).items() if i in jobs
+        )
         done[name] = len(runs)
         # Look-ahead: a job the gateway held when the node started a task was already in the
         # node's own queue when that task ended, so the GPU never waited on the gateway. An

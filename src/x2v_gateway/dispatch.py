@@ -5,7 +5,9 @@ acts on and writes every change before the next step, so a gateway killed at any
 from the store. Restart needs no special path: unfinished jobs are simply followed again, and an
 upstream that no longer knows one (404 after it restarted) gets it again, same seed and same
 parameters. A submission is recorded before it is sent, and never repeated blindly: when the
-outcome is unknown, the upstream is asked about the task first.
+outcome is unknown, the upstream is asked about the task first. A cancel stays owed in the store
+until the upstream has been told; one that races the submission goes out once the answer names
+the task, so a job cancelled meanwhile never leaves its task running there.
 
 Many nodes: each gets jobs up to its slots (capacity + look-ahead), so its GPU starts the next job
 the moment one ends while the rest of the queue stays here, free to go anywhere. Which job goes
@@ -751,7 +753,8 @@ class Dispatcher:
                     state.strays = True  # cancelled before the upstream gets anything new
                 else:
                     await self.store.drop_stray(state.name, landed)
-                    log.info("job %s: task %s of its run before the retry cancelled on %s", job.id, landed, state.name)
+                    log.info("job %s: task %s, of its run before the retry, cancelled on %s",
+                             job.id, landed, state.name)
             return
         if now.cancel_pending:
             if reached:
