@@ -156,6 +156,7 @@ class Config:
     presign_expires: float = 86400.0
     # Seconds submit waits after creating the task before it answers (a slow server, for tests
     # of the window between a submit reaching the cloud and its answer reaching the client).
+    # Lowering it releases the answers already waiting.
     submit_delay: float = 0.0
 
 
@@ -883,8 +884,10 @@ class App:
             task = cloud.create_task(keys, pipeline, params, user)
             cloud.prepare_subtasks(task)
             self._record(task, received)
-            if self.config.submit_delay:
-                await asyncio.sleep(self.config.submit_delay)
+            # Read again while waiting, so a test can hold an answer and then let it go
+            # (`configure(submit_delay=0)`) at the moment it chooses.
+            while time.time() < task.create_t + self.config.submit_delay:
+                await asyncio.sleep(0.02)
             return json_answer({"task_id": task.task_id, "workers": pipeline["workers"], "params": params,
                                 "wait_time": wait_time})
         except Exception as e:

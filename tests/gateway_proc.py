@@ -182,3 +182,12 @@ def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {job.get('state')} after {timeout}s: {job}")
+
+
+def until(check, timeout: float = 30.0, what: str = "condition"):
+    """Call `check` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} not met in {timeout} s"
+        time.sleep(0.05)
+    return value

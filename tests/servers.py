@@ -15,7 +15,8 @@ at run time through `/_faults`, a route only it has (MisbehavingNode.fault wraps
     DELETE /_faults     disarm them all
 
 actions: "error" (answer `status`, default 500, with `body`), "queue_full" (the node's 503),
-"hang" (no answer until the client gives up; with `seconds`, answer normally after that long),
+"hang" (no answer until the client gives up; with `seconds`, handle it normally after that
+long, or as soon as the fault is disarmed),
 "reset" (abort the TCP connection with SO_LINGER 0: the client sees a connection reset),
 "close" (close the connection without an answer), and "restart" (immediate: forget every task
 as a restarted node would, drop open connections, refuse connections for `downtime` seconds).
@@ -363,8 +364,11 @@ class _FaultInjector:
             if fault.seconds is None:
                 await _wait_for_disconnect(receive)
                 return
-            # A slow node rather than a dead one: the real answer, late.
-            await asyncio.sleep(fault.seconds)
+            # A slow node rather than a dead one: the real answer, late. Disarming the fault
+            # (DELETE /_faults) lets a held request go on at once, when the test chooses.
+            until = time.monotonic() + fault.seconds
+            while time.monotonic() < until and fault in self._faults:
+                await asyncio.sleep(0.02)
             if answer is None:
                 await self.node(scope, receive, send)
             else:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from cloud_double import CloudDouble, make_token
-from gateway_proc import GatewayProcess, free_port, wait_for
+from gateway_proc import GatewayProcess, free_port, until, wait_for
 from x2v_gateway.render import probe_video
 
 # The gateway's own admin key (its access control), not to be confused with the cloud's token.
@@ -325,6 +325,70 @@ def test_cancel_and_retry_resume_the_same_cloud_task(shared):
     assert len(double.journal()) == submits + 1
     assert Counter(r["status"] for r in double.requests() if r["path"] == "/api/v1/task/resume") == {200: 2}
     assert_token_never_leaked([double.token], client, root)
+
+
+def cancels_of(double: CloudDouble, task_id: str) -> list[int]:
+    """The statuses the cloud answered to cancel requests for `task_id`."""
+    return [r["status"] for r in double.requests()
+            if r["path"] == "/api/v1/task/cancel" and r["query"].get("task_id") == task_id]
+
+
+def test_cancel_while_the_submission_is_in_flight_cancels_the_cloud_task_and_frees_its_slot(tmp_path):
+    # No worker: a task stays PENDING, holding one of the account's 3 active slots, until it is
+    # cancelled. The cloud creates each task at once but holds its answer until released.
+    double = CloudDouble(tmp_path / "double", workers=0, max_active=3, submit_delay=20.0).start()
+    gateway = cloud_gateway(tmp_path, double).start()
+    try:
+        with Client(gateway.url) as client:
+            job = submit(client, task="t2v", prompt="cancelled while its submit is in flight")
+            (created,) = until(double.journal, what="the cloud created the task")
+            cancelled = client.delete(f"/api/v1/jobs/{job['id']}")
+            assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+            assert cancelled.json()["upstream_task_id"] is None  # the gateway cannot know it yet
+            double.configure(submit_delay=0.0)  # the answer, with the task id, arrives now
+
+            until(lambda: cloud_task(double, created["task_id"])["status"] == "CANCEL", 15,
+                  "the cloud task cancelled")
+            assert cancels_of(double, created["task_id"]) == [200]
+            after = client.get(f"/api/v1/jobs/{job['id']}").json()
+            assert after["state"] == "cancelled" and after["upstream_task_id"] == created["task_id"]
+            assert after["result"] is None
+
+            # Its slot is free again: three new jobs are three active cloud tasks, none refused.
+            ids = [submit(client, task="t2v", prompt=f"after the cancel {i}")["id"] for i in range(3)]
+            until(lambda: all(client.get(f"/api/v1/jobs/{i}").json()["upstream_task_id"] for i in ids),
+                  30, "three new cloud tasks")
+            assert_within_the_limits(double, 4)  # never "too many active tasks"
+            assert client.get(f"/api/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+            assert_token_never_leaked([double.token], client, tmp_path)
+    finally:
+        gateway.stop()
+        double.stop()
+
+
+def test_cancel_in_flight_reaches_the_cloud_task_after_a_gateway_crash(tmp_path):
+    # The user cancels while the submit is in flight, then the gateway dies before the answer:
+    # nothing in memory survives, yet the task it never learned the id of is found and stopped.
+    double = CloudDouble(tmp_path / "double", workers=0, submit_delay=20.0).start()
+    gateway = cloud_gateway(tmp_path, double).start()
+    try:
+        with Client(gateway.url) as client:
+            job = submit(client, task="t2v", prompt="cancelled, then the gateway dies")
+            (created,) = until(double.journal, what="the cloud created the task")
+            assert client.delete(f"/api/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+        gateway.kill()
+        double.configure(submit_delay=0.0)
+        gateway.start()
+        with Client(gateway.url) as client:
+            until(lambda: cloud_task(double, created["task_id"])["status"] == "CANCEL", 30,
+                  "the cloud task cancelled after the restart")
+            after = client.get(f"/api/v1/jobs/{job['id']}").json()
+            assert after["state"] == "cancelled" and after["upstream_task_id"] == created["task_id"]
+            assert_token_never_leaked([double.token], client, tmp_path)
+        assert len(double.journal()) == 1  # found, not sent again
+    finally:
+        gateway.stop()
+        double.stop()
 
 
 def test_twenty_jobs_at_once_through_one_token_all_succeed_without_a_limit_error(tmp_path):

@@ -87,7 +87,13 @@ def submitted_ids(node: NodeProcess) -> list[str]:
 
 
 def _ts(value: str) -> float:
-    return datetime.fromisoformat(value).timestamp()
+    """A time stamp as the node writes it (naive local) or as the API does (UTC, `Z`)."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _sent_at(job: dict) -> float:
+    """When the gateway first sent the job to a node (its first `sent to` event)."""
+    return min(_ts(e["at"]) for e in job["events"] if e["detail"].startswith("sent to"))
 
 
 # -- keeping GPUs busy ------------------------------------------------------------------------
@@ -95,9 +101,9 @@ def _ts(value: str) -> float:
 
 def test_every_node_stays_busy_with_mixed_job_lengths(tmp_path, cleanup):
     nodes = {
-        "quick": NodeProcess(tmp_path / "quick", job_seconds=0.3),
-        "mid": NodeProcess(tmp_path / "mid", job_seconds=0.6),
-        "slow": NodeProcess(tmp_path / "slow", job_seconds=0.9),
+        "quick": NodeProcess(tmp_path / "quick", job_seconds=1.0),
+        "mid": NodeProcess(tmp_path / "mid", job_seconds=2.0),
+        "slow": NodeProcess(tmp_path / "slow", job_seconds=3.0),
     }
     for node in start(*nodes.values()):
         cleanup(node)
@@ -105,22 +111,26 @@ def test_every_node_stays_busy_with_mixed_job_lengths(tmp_path, cleanup):
     cleanup(gateway)
     with api(gateway) as client:
         # Longer videos take longer to render, on top of each node's own pace.
-        ids = [submit(client, target_video_length=(16, 160, 320)[i % 3]) for i in range(36)]
+        ids = [submit(client, target_video_length=(16, 160, 320)[i % 3]) for i in range(14)]
         jobs = wait_all(client, ids)
     assert all(j["state"] == "succeeded" for j in jobs.values())
 
     done = {}
     for name, node in nodes.items():
-        spans = sorted((_ts(t["start_time"]), _ts(t["end_time"])) for i, t in tasks_on(node).items() if i in jobs)
-        done[name] = len(spans)
-        # Look-ahead: the next job already waits in the node's own queue when one ends, so the
-        # node never idles between jobs while the gateway still holds work.
-        gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
-        assert max(gaps) < 0.15, (name, gaps)
-        busy = sum(end - begin for begin, end in spans)
-        assert busy / (spans[-1][1] - spans[0][0]) > 0.95, name
-    # Jobs went where there was room: the quick node ran the most.
-    assert done["quick"] > done["mid"] > done["slow"], done
+        received = {entry["task_id"]: _ts(entry["time"]) for entry in node.submissions()}
+        runs = sorted(
+            (_ts(t["start_time"]), _ts(t["end_time"]), i) for i, t in tasks_on(node).items() if i in jobs
+        )
+        done[name] = len(runs)
+        # Look-ahead: a job the gateway held when the node started a task was already in the
+        # node's own queue when that task ended, so the GPU never waited on the gateway. An
+        # order of events, not a gap in seconds: how fast the node itself moves from one task
+        # to the next is the machine's speed, not the gateway's doing.
+        for (began, ended, _), (_, _, following) in zip(runs, runs[1:]):
+            if _ts(jobs[following]["created_at"]) < began:
+                assert received[following] < ended, (name, following)
+    # Jobs went where there was room: the quick node ran the most, the slow one the fewest.
+    assert done["quick"] > max(done["mid"], done["slow"]) and done["mid"] >= done["slow"], done
 
 
 def test_routing_prefers_the_node_likely_to_finish_first(tmp_path, cleanup):
@@ -136,7 +146,7 @@ def test_routing_prefers_the_node_likely_to_finish_first(tmp_path, cleanup):
         # Both nodes get work at first (nothing measured yet), so both get measured.
         wait_all(client, [submit(client) for _ in range(4)])
         typical = {n["name"]: n["typical_seconds"].get("t2v") for n in client.get("/api/v1/nodes").json()}
-        assert typical["fast"] < 1.0 < typical["slow"], typical
+        assert typical["fast"] < typical["slow"], typical
 
         # Now both are idle: a lone job goes to the node that will have it done first.
         for _ in range(3):
@@ -149,8 +159,12 @@ def test_routing_prefers_the_node_likely_to_finish_first(tmp_path, cleanup):
         waiting = until(lambda: next(
             (j for j in (client.get(f"/api/v1/jobs/{i}").json() for i in (first, second, third))
              if j["state"] == "submitted" and j["queue"] and "pending_seconds" in j["queue"]), None))
-        assert 0 <= waiting["queue"]["pending_seconds"] <= 2 * typical[waiting["upstream"]] + 0.5
-        assert waiting["queue"]["running_seconds"] == pytest.approx(typical[waiting["upstream"]], abs=0.3)
+        # Estimated from run times measured there (the median of some of them, to 0.1 s), at
+        # most one run away from starting: a node holds one job beyond the one it runs.
+        node = client.get(f"/api/v1/nodes/{waiting['upstream']}").json()
+        measured = node["recent_durations"]["t2v"]
+        assert min(measured) - 0.05 <= waiting["queue"]["running_seconds"] <= max(measured) + 0.05
+        assert 0 <= waiting["queue"]["pending_seconds"] <= max(measured) + 0.05
         wait_all(client, [first, second, third])
 
 
@@ -193,17 +207,19 @@ def test_one_batch_of_many_starves_neither_another_batch_nor_a_colleagues_job(tm
         made = client.post("/api/v1/keys", json={"name": "colleague"})
         assert made.status_code == 201, made.text
         big = [submit(client, batch_id="big") for _ in range(30)]
-        asked = time.time()
         small = submit(client, batch_id="small")
         with api(gateway, made.json()["key"]) as colleague:
             theirs = submit(colleague)
-        for job_id in (small, theirs):
-            job = wait_all(client, [job_id])[job_id]
-            # First in first out, each would wait for the 30 others (about 6 s on two nodes).
-            finished = datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
-            assert finished - asked < 2.5, finished - asked
-        jobs = wait_all(client, big)
+        jobs = wait_all(client, [*big, small, theirs])
     assert all(j["state"] == "succeeded" for j in jobs.values())
+    sent = {job_id: _sent_at(job) for job_id, job in jobs.items()}
+    for job_id in (small, theirs):
+        # First in first out, each would go after every big job still queued when it came. It
+        # goes at the next free slot instead: only big jobs already on their way (one per slot
+        # free then, 4 at most) or sharing its dispatch round (3 at most) go between.
+        created = _ts(jobs[job_id]["created_at"])
+        overtaken = [b for b in big if created < sent[b] < sent[job_id]]
+        assert len(overtaken) <= 7, (job_id, len(overtaken))
 
 
 def test_dispatch_is_fair_between_api_keys_and_honours_priority(tmp_path):

@@ -5,7 +5,9 @@ acts on and writes every change before the next step, so a gateway killed at any
 from the store. Restart needs no special path: unfinished jobs are simply followed again, and an
 upstream that no longer knows one (404 after it restarted) gets it again, same seed and same
 parameters. A submission is recorded before it is sent, and never repeated blindly: when the
-outcome is unknown, the upstream is asked about the task first.
+outcome is unknown, the upstream is asked about the task first. A cancel stays owed in the store
+until the upstream has been told; one that races the submission goes out once the answer names
+the task, so a job cancelled meanwhile never leaves its task running there.
 
 Many nodes: each gets jobs up to its slots (capacity + look-ahead), so its GPU starts the next job
 the moment one ends while the rest of the queue stays here, free to go anywhere. Which job goes
@@ -251,6 +253,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._submitting: set[str] = set()
+        # Jobs whose stop request is on its way upstream (one at a time per job).
+        self._cancelling: set[str] = set()
         # Jobs handed to a submit task but not yet claimed in the store, per upstream: the store's
         # in-flight count does not see them yet.
         self._unclaimed: Counter[str] = Counter()
@@ -371,6 +375,11 @@ class Dispatcher:
         """Run a failed or cancelled job again. On the hosted cloud, as the same upstream task
         (its resume: no new submission, no second task in the account) when the cloud can."""
         job = self.store.get(job_id)
+        if job is not None and job.cancel_pending and job_id not in self._submitting:
+            # What the cancelled run left upstream is stopped first (found, if its id was never
+            # learned): a new run must not leave it running, and a resume needs its id.
+            await self._send_cancel(job)
+            job = self.store.get(job_id)
         state = self.states.get(job.upstream or "") if job is not None else None
         resumed = False
         if (
@@ -392,7 +401,12 @@ class Dispatcher:
                 self._cancel_ignored.discard(job_id)
                 log.info("job %s resumed on %s as task %s", job_id, upstream.name, task_id)
         # Not resumed (a self-hosted node, a task the cloud cannot resume): a new run from the queue.
+        owed = self.states.get(job.upstream or "") if job is not None and job.cancel_pending else None
         job = self.store.get(job_id) if resumed else await self.store.retry(job_id)
+        if owed is not None and not resumed:
+            # The old run's stop request, not delivered yet, became a stray task there (see
+            # store.retry): cancelled before that upstream gets anything new.
+            owed.strays = True
         if job is not None:
             self.notifier.changed(job_id)
             self.wake()
@@ -672,6 +686,9 @@ class Dispatcher:
         upstream = state.upstream
         send = send or upstream.submit
         task_id = task_id_for(job)
+        # The upstream's id of the task this attempt may have created; None while unknown.
+        landed: str | None = None
+        reached = False  # whether the upstream may have the task
         try:
             claimed_id = task_id if getattr(upstream, "chooses_task_id", False) else None
             try:
@@ -696,20 +713,54 @@ class Dispatcher:
             except AmbiguousSubmit as exc:
                 # Left as `submitted`: the follow loop asks the upstream whether the task exists
                 # and sends it again only if it does not.
+                reached, landed = True, claimed_id
                 self._ambiguous[job.id] += 1
                 log.warning("job %s: %s; will check before sending again", job.id, exc)
                 if self._ambiguous[job.id] >= MAX_AMBIGUOUS_SUBMITS:
                     await self.store.fail(job.id, f"submission kept failing: {exc}")
             else:
+                reached, landed = True, remote_id
                 self._ambiguous.pop(job.id, None)
                 self.metrics.submissions.labels(upstream.name).inc()
                 if remote_id != claimed_id:
-                    await self.store.set_upstream_task_id(job.id, remote_id)
+                    await self.store.set_upstream_task_id(job.id, remote_id, run=job.run)
                 log.info("job %s sent to %s as %s", job.id, upstream.name, remote_id)
         finally:
             self._submitting.discard(job.id)
             self.notifier.changed(job.id)
             self.wake()
+        await self._after_submit(job, state, reached, landed)
+
+    async def _after_submit(
+        self, job: Job, state: UpstreamState, reached: bool, landed: str | None
+    ) -> None:
+        """Settle what the user did while the submission was in flight, now its answer is in.
+
+        A cancel could not be sent meanwhile (the task id, or whether the upstream has the
+        task at all, was not known): it is sent now, or dropped if nothing reached the
+        upstream. A retry started a new run: this attempt's task belongs to no job any more.
+        """
+        now = self.store.get(job.id)
+        if now is None:
+            return
+        if now.run != job.run:
+            if reached and landed:
+                # Recorded first, so that neither a failed request nor a crash leaves it running.
+                await self.store.add_stray(state.name, landed, job.id)
+                try:
+                    await self._call(state, "cancel", lambda: state.upstream.cancel(landed))
+                except UpstreamError:
+                    state.strays = True  # cancelled before the upstream gets anything new
+                else:
+                    await self.store.drop_stray(state.name, landed)
+                    log.info("job %s: task %s, of its run before the retry, cancelled on %s",
+                             job.id, landed, state.name)
+            return
+        if now.cancel_pending:
+            if reached:
+                await self._send_cancel(now)
+            else:
+                await self.store.cancel_sent(job.id)  # the upstream has nothing to stop
 
     # -- follow ---------------------------------------------------------------------------------
 
@@ -806,7 +857,8 @@ class Dispatcher:
                 return
             await self.store.drop_stray(state.name, task_id)
             log.info("%s: cancelled task %s, whose job was moved to another node", state.name, task_id)
-        state.strays = False
+        # One may have been added meanwhile (a retried job's attempt that landed late).
+        state.strays = bool(self.store.stray_tasks(state.name))
 
     async def _rescue(self, state: UpstreamState) -> None:
         """Move jobs off a node that is down: at once when its port refuses connections (the
@@ -1057,16 +1109,43 @@ class Dispatcher:
                 self.metrics.jobs_finished.labels("failed").inc()
 
     async def _send_cancel(self, job: Job) -> None:
-        state = self.states.get(job.upstream or "")
-        if state is None or not job.upstream_task_id:
-            await self.store.cancel_sent(job.id)  # nothing upstream can be told
+        """Ask the upstream to stop the task of a job cancelled while it may be there.
+
+        The job's `cancel_pending` stays set in the store until the upstream has been told (or
+        certainly has nothing to stop), so neither a submission still in flight nor a gateway
+        killed in between leaves a task running: the follow loop calls this again each tick.
+        """
+        if job.id in self._submitting or job.id in self._cancelling:
+            # Its submission is in flight: the task id, or whether the node has the task yet,
+            # is known only once it ends, and `_submit` calls this then. (A DELETE sent now
+            # to a node still reading the POST answers "do nothing", and the task then runs.)
             return
+        state = self.states.get(job.upstream or "")
+        if state is None:
+            await self.store.cancel_sent(job.id)  # its upstream is no longer configured
+            return
+        upstream = state.upstream
+        self._cancelling.add(job.id)
         try:
-            await self._call(state, "cancel", lambda: state.upstream.cancel(job.upstream_task_id))
+            task_id = job.upstream_task_id
+            if not task_id:
+                # Sent, but the answer never came (lost, or the gateway died waiting for it):
+                # the upstream may have the task under an id the gateway never learned.
+                request = self._request(job, task_id_for(job))
+                task_id = await self._call(state, "find", lambda: upstream.find_task(request))
+                if task_id is None:
+                    if time.time() - (job.submitted_at or 0) >= self.reconcile_grace:
+                        await self.store.cancel_sent(job.id)  # it never arrived
+                    return  # else it may still be reading the body: look again next tick
+                await self.store.set_upstream_task_id(job.id, task_id)
+            await self._call(state, "cancel", lambda: upstream.cancel(task_id))
         except UpstreamError as exc:
             log.info("job %s: cancel not delivered yet (%s); will retry", job.id, exc)
             return
+        finally:
+            self._cancelling.discard(job.id)
         await self.store.cancel_sent(job.id)
+        log.info("job %s: task %s cancelled on %s", job.id, task_id, upstream.name)
 
     # -- retention ------------------------------------------------------------------------------
 

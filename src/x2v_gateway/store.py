@@ -466,14 +466,18 @@ class JobStore:
 
         return await self._write(write)
 
-    async def set_upstream_task_id(self, job_id: str, task_id: str) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE jobs SET upstream_task_id = ?, updated_at = ? WHERE id = ?",
-                (task_id, _now(), job_id),
-            )
+    async def set_upstream_task_id(self, job_id: str, task_id: str, *, run: int | None = None) -> bool:
+        """Record the upstream's id of the job's task (also for a job cancelled meanwhile: its
+        pending cancel needs it). With `run`, only if the job is still on that run: a retry
+        sent while the attempt was in flight must not get the old attempt's task."""
 
-        await self._write(write)
+        def write(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
+                "UPDATE jobs SET upstream_task_id = ?, updated_at = ? WHERE id = ? AND run = coalesce(?, run)",
+                (task_id, _now(), job_id, run),
+            ).rowcount == 1
+
+        return await self._write(write)
 
     async def requeue(self, job_id: str, reason: str, *, sent: bool = True) -> bool:
         """Back to the gateway's queue (node full, node forgot the task, node gone).
@@ -578,6 +582,15 @@ class JobStore:
 
         def write(conn: sqlite3.Connection) -> None:
             now = _now()
+            # A stop request not yet delivered is not dropped with the old run: its task
+            # becomes a stray, cancelled before that upstream gets anything new.
+            conn.execute(
+                "INSERT OR REPLACE INTO stray_tasks (node, task_id, job_id, created_at)"
+                " SELECT upstream, upstream_task_id, id, ? FROM jobs WHERE id = ?"
+                " AND state IN ('failed', 'cancelled') AND files_expired = 0 AND cancel_pending = 1"
+                " AND upstream IS NOT NULL AND upstream_task_id IS NOT NULL",
+                (now, job_id),
+            )
             cur = conn.execute(
                 "UPDATE jobs SET state = 'queued', run = run + 1, upstream = NULL,"
                 " upstream_task_id = NULL, error = NULL, result_sha = NULL, result_meta = NULL,"
@@ -967,6 +980,18 @@ class JobStore:
             "SELECT task_id FROM stray_tasks WHERE node = ? ORDER BY created_at", (node,)
         )
         return [task_id for (task_id,) in rows]
+
+    async def add_stray(self, node: str, task_id: str, job_id: str) -> None:
+        """A task on `node` that no job owns any more (its job was retried while the attempt
+        was in flight): cancelled there before the node gets anything new."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO stray_tasks (node, task_id, job_id, created_at) VALUES (?, ?, ?, ?)",
+                (node, task_id, job_id, _now()),
+            )
+
+        await self._write(write)
 
     async def drop_stray(self, node: str, task_id: str) -> None:
         def write(conn: sqlite3.Connection) -> None:

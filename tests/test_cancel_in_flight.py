@@ -1,0 +1,54 @@
+"""A cancel that races a submission, on the dispatcher itself: a real SQLite store and the cloud
+double over real HTTP, the store left as a gateway killed mid-submit leaves it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from cloud_double import CloudDouble
+from x2v_gateway.blobs import BlobStore
+from x2v_gateway.dispatch import Dispatcher, Notifier
+from x2v_gateway.metrics import Metrics
+from x2v_gateway.store import JobStore
+from x2v_gateway.upstream.base import SubmitRequest
+from x2v_gateway.upstream.cloud import CloudUpstream
+
+
+def test_retry_of_a_job_cancelled_in_flight_resumes_its_cloud_task_instead_of_making_another(tmp_path):
+    # No worker: the task stays PENDING, one of the account's 3 active tasks, until stopped.
+    with CloudDouble(tmp_path / "cloud", workers=0) as double:
+
+        async def scenario() -> None:
+            store = JobStore(tmp_path / "gateway.db")
+            cloud = CloudUpstream("cloud", double.url, double.token)
+            dispatcher = Dispatcher(store, BlobStore(tmp_path / "blobs"), [cloud], Notifier(),
+                                    Metrics(store.counts_by_state))
+            try:
+                params = {"prompt": "cancelled in flight"}
+                job, _ = await store.create_job(task="t2v", params=params, inputs={})
+                # The attempt was recorded and the cloud created the task, but its answer never
+                # came back (the gateway died waiting); then the user cancelled the job.
+                assert await store.claim(job.id, "cloud", None)
+                task_id = await cloud.submit(SubmitRequest(job.id, job.id, "t2v", params))
+                cancelled = await store.cancel(job.id)
+                assert cancelled.state == "cancelled" and cancelled.upstream_task_id is None
+
+                # Retried before any poll found the task: the cancel goes out first, then the
+                # same task is resumed. No second task holds another of the account's slots.
+                retried = await dispatcher.retry(job.id)
+                assert (retried.state, retried.upstream_task_id, retried.run) == ("submitted", task_id, 1)
+                assert not retried.cancel_pending
+            finally:
+                store.close()
+                await cloud.aclose()
+            return task_id
+
+        task_id = asyncio.run(scenario())
+        assert [e["task_id"] for e in double.journal()] == [task_id]
+        calls = [r["path"] for r in double.requests() if r["query"].get("task_id") == task_id]
+        assert calls.index("/api/v1/task/cancel") < calls.index("/api/v1/task/resume")
+        status = httpx.get(f"{double.url}/api/v1/task/query", params={"task_id": task_id},
+                           headers={"Authorization": f"Bearer {double.token}"}).json()["status"]
+        assert status == "PENDING"  # running again, as the same task
