@@ -197,7 +197,8 @@ class JobService:
     def candidates(self, task: str, pinned: str | None) -> tuple[list[Any], list[str]]:
         """The cloud upstreams a job may go to, and the names of the other ones."""
         clouds, others = [], []
-        for state in self.dispatcher.states.values():
+        # A copy: batch planning asks from a worker thread while the loop may add a node.
+        for state in list(self.dispatcher.states.values()):
             upstream = state.upstream
             if task in upstream.tasks and pinned in (None, upstream.name):
                 if upstream.kind == "cloud":
