@@ -140,6 +140,7 @@ class Gateway:
                 "X2V_NODES is empty: started the built-in demo node at %s (renders placeholder"
                 " videos on the CPU; set X2V_NODES to use real LightX2V servers)", self.demo_node.url,
             )
+        CHECKER.configure(workers=self.settings.media_checkers, max_megapixels=self.settings.max_image_megapixels)
         CHECKER.warm()
         await self.auth.bootstrap()
         await self.registry.save_settings()

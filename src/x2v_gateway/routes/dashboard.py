@@ -426,7 +426,7 @@ async def upload(request: HTMXRequest) -> Template:
         raise ApiError(413, f"This file is larger than the {gw.settings.max_file_mb} MiB a file may be")
     gw.jobs.check_free_space(size)
     try:
-        kept = await gw.jobs.keep_upload(content_type, request.stream())
+        kept = await gw.jobs.keep_upload(content_type, request.stream(), owner=caller(request).owner)
     except ApiError as exc:
         if exc.status != 422:
             raise
