@@ -177,11 +177,6 @@ class MediaChecker:
         """The process id of a helper that runs (the first one), if any."""
         return next((helper.pid for helper in self._helpers if helper.pid is not None), None)
 
-    @property
-    def pids(self) -> list[int]:
-        """The process ids of the helpers that run."""
-        return [pid for helper in list(self._helpers) if (pid := helper.pid) is not None]
-
     def warm(self) -> None:
         """Start one helper in the background, so that the first upload does not wait for it."""
         def start() -> None:
@@ -238,18 +233,17 @@ class MediaChecker:
                 self._busy[owner] -= 1
                 if self._busy[owner] <= 0:
                     del self._busy[owner]
-            if len(self._helpers) > self._workers or helper not in self._helpers:
-                if helper in self._helpers:
-                    self._helpers.remove(helper)
+            if len(self._helpers) > self._workers:  # `configure` made the pool smaller meanwhile
+                self._helpers.remove(helper)
                 helper.stop()
             else:
                 self._idle.append(helper)
             self._admit()
 
     def close(self) -> None:
-        """Stop every helper (a check that runs loses its helper and is refused)."""
+        """Stop the idle helpers (a busy one finishes its check); the next check starts one again."""
         with self._lock:
-            for helper in self._helpers:
+            for helper in self._idle:
                 helper.stop()
 
 
