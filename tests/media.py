@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import struct
 import wave
+import zlib
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -41,4 +42,22 @@ def make_big_wav(path: Path, megabytes: int) -> Path:
         out.setframerate(rate)
         for _ in range(megabytes * 1024 * 1024 // len(second) + 1):
             out.writeframes(second)
+    return path
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk with its length and a correct CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def make_raw_png(path: Path, width: int, height: int, idat: bytes | None = None, extra: bytes = b"") -> Path:
+    """A 1-bit greyscale PNG written chunk by chunk: `idat` instead of its real pixel data,
+    `extra` chunks before it. Its checksums are right, whatever its content."""
+    if idat is None:
+        row = b"\x00" + b"\x00" * ((width + 7) // 8)  # filter byte, then the row's bits
+        compressor = zlib.compressobj(9)
+        idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + extra
+                     + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))
     return path

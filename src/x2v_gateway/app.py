@@ -139,6 +139,7 @@ class Gateway:
         if self.demo_node is not None:
             # `x2v-gateway serve` says where it is, once it listens (cli.py).
             await self.demo_node.start()
+        CHECKER.configure(workers=self.settings.media_checkers, max_megapixels=self.settings.max_image_megapixels)
         CHECKER.warm()
         await self.auth.bootstrap()
         await self.registry.save_settings()

@@ -44,6 +44,8 @@ MODES = {
 }
 # A batch is one transaction and one preview page; bigger runs are split by the user.
 MAX_BATCH_JOBS = 2000
+# Two files a job at most (an image and an audio), so a form listing more cannot be a batch.
+MAX_BATCH_FILES = 2 * MAX_BATCH_JOBS
 # The form's parameters besides prompt and seed (the "usual" ones); a manifest may set any
 # generation parameter.
 FORM_PARAMS = ("infer_steps", "target_shape", "video_duration", "target_fps", "resize_mode")
@@ -129,6 +131,13 @@ def _image_kinds() -> frozenset[str]:
 _Row = tuple[str, dict[str, Upload], dict[str, Any], list[str]]
 
 
+async def plan_batch_off_loop(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan:
+    """`plan_batch` on a worker thread: up to 2,000 rows checked and the store read for each
+    file, which the event loop, serving every other request, should not wait for. (The store
+    gives each thread its own SQLite connection.)"""
+    return await asyncio.to_thread(plan_batch, gw, form, files)
+
+
 def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan:
     """The jobs a filled-in batch form would create, each with what stops it from running."""
     task = form.get("task", "s2v")
@@ -140,26 +149,29 @@ def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan
     if mode not in MODES:
         errors.append("Choose how to form the jobs")
         mode = "each"
-    if not any(task in s.upstream.tasks for s in gw.dispatcher.states.values()):
+    if not any(task in s.upstream.tasks for s in list(gw.dispatcher.states.values())):
         errors.append(f"No node of this gateway runs {task} jobs; choose another task type")
-    uploads = _uploads(gw, files)
     base = {name: form.get(name, "") for name in ("prompt", "negative_prompt", "seed", "priority", *FORM_PARAMS)}
 
-    rows: list[_Row]
-    if mode == "each":
-        rows = [(_source(s), s, {}, []) for s in _input_sets(task, uploads, errors)]
-    elif mode == "pair":
-        if task != "s2v":
-            errors.append("Pairing by file name is for s2v jobs (an image and an audio each)")
-        rows = [(_source(s), s, {}, p) for s, p in _paired(uploads, errors)]
-    elif mode == "grid":
-        rows = _grid_rows(task, form, base["prompt"], uploads, errors)
-    else:
-        rows = _manifest_jobs(task, form.get("manifest", ""), uploads, errors)
-
-    if len(rows) > MAX_BATCH_JOBS:
-        errors.append(f"This makes {len(rows)} jobs; a batch holds at most {MAX_BATCH_JOBS}: split it")
-        rows = rows[:MAX_BATCH_JOBS]
+    # Every count the form controls (files, prompts, seeds, manifest rows, and their products)
+    # is measured before anything proportional to it is built: a 7 KB grid of 1,000 prompts ×
+    # seeds 1-1999 once made 2 million rows, and stalled every request, before this cap said no.
+    rows: list[_Row] = []
+    try:
+        uploads = _uploads(gw, files)
+        if mode == "each":
+            rows = [(_source(s), s, {}, []) for s in _input_sets(task, uploads, errors)]
+        elif mode == "pair":
+            if task != "s2v":
+                errors.append("Pairing by file name is for s2v jobs (an image and an audio each)")
+            rows = [(_source(s), s, {}, p) for s, p in _paired(uploads, errors)]
+        elif mode == "grid":
+            rows = _grid_rows(task, form, base["prompt"], uploads, errors)
+        else:
+            rows = _manifest_jobs(task, form.get("manifest", ""), uploads, errors)
+    except TooMany as exc:
+        errors.append(str(exc))
+        return BatchPlan(task=task, mode=mode, jobs=[], errors=errors, summary=exc.summary)
     jobs = [_checked_job(number, row, base) for number, row in enumerate(rows, start=1)]
     clouds, others = gw.jobs.candidates(task, None)
     if clouds and not others:
@@ -169,8 +181,36 @@ def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan
     return BatchPlan(task=task, mode=mode, jobs=jobs, errors=errors, summary=_plan_summary(mode, uploads, jobs))
 
 
+class TooMany(Exception):
+    """A count in the form is over what a batch holds; said before anything that big is built."""
+
+    def __init__(self, field: str, what: str, jobs: int | None = None, limit: int = MAX_BATCH_JOBS) -> None:
+        unit = "jobs" if limit == MAX_BATCH_JOBS else "files"
+        super().__init__(f"{field}: {what}; a batch holds at most {limit} {unit}: split it into several batches")
+        self.summary = f"{jobs:,} jobs, more than one batch holds" if jobs else "more than one batch holds"
+
+
+def _count(what: str, n: int) -> str:
+    """`1,999 seeds`, `1 image`."""
+    return f"{n:,} {what}" + ("" if n == 1 else "s")
+
+
+def _jobs_of(field: str, factors: list[tuple[str, int]]) -> int:
+    """The product of the form's counts, refused over the cap before a row of it is made."""
+    jobs = 1
+    for _, n in factors:
+        jobs *= n
+    if jobs > MAX_BATCH_JOBS:
+        what = " × ".join(_count(name, n) for name, n in factors)
+        raise TooMany(field, f"{what} make {jobs:,} jobs", jobs)
+    return jobs
+
+
 def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
     """The files listed in the form, checked against the blob store (the form is not trusted)."""
+    # Each listed file costs a look-up in the store: count them first.
+    if len(values) > MAX_BATCH_FILES:
+        raise TooMany("Files", f"{_count('file', len(values))} are listed", limit=MAX_BATCH_FILES)
     uploads: dict[str, Upload] = {}
     for data in filter(None, map(_file_field, values)):
         name, role = str(data["name"]), str(data.get("role", "image"))
@@ -210,9 +250,11 @@ def _input_sets(task: str, uploads: list[Upload], errors: list[str]) -> list[dic
     if task == "i2v":
         if audios:
             errors.append("i2v jobs take no audio: remove the audio files, or choose s2v")
+        _jobs_of("Files", [("image", len(images))])
         return [{"image": i} for i in images]
     if not audios:
         errors.append("Add at least one audio file: s2v jobs need an image and an audio")
+    _jobs_of("Files", [("image", len(images)), ("audio file", len(audios))])
     return [{"image": i, "audio": a} for i, a in itertools.product(images, audios)]
 
 
@@ -223,6 +265,7 @@ def _paired(uploads: list[Upload], errors: list[str]) -> list[tuple[dict[str, Up
         groups.setdefault(Path(upload.name).stem.lower(), {}).setdefault(upload.role, []).append(upload)
     if not groups:
         errors.append("Add images and audio files whose names match, like face01.png and face01.wav")
+    _jobs_of("Files", [("file name", len(groups))])
     sets = []
     for stem, roles in groups.items():
         images, audios = roles.get("image", []), roles.get("audio", [])
@@ -245,33 +288,53 @@ def _grid_rows(
     task: str, form: dict[str, str], prompt: str, uploads: list[Upload], errors: list[str],
 ) -> list[_Row]:
     """Every input set × every prompt (one a line; the form's prompt if none) × every seed."""
-    prompts = [line.strip() for line in form.get("prompts", "").splitlines() if line.strip()]
+    prompts = list(itertools.islice(_lines(form.get("prompts", "")), MAX_BATCH_JOBS + 1))
+    if len(prompts) > MAX_BATCH_JOBS:
+        raise TooMany("Prompts", f"more than {MAX_BATCH_JOBS} lines, a job each")
     try:
         seeds = _seeds(form.get("seeds", ""))
     except ValueError as exc:
         errors.append(f"Seeds: {exc} is not a seed; write numbers separated by commas, or a range like 1-8")
         seeds = []
-    rows: list[_Row] = []
     sets = _input_sets(task, uploads, errors)
-    for inputs, line, seed in itertools.product(sets, prompts or [prompt], seeds):
-        overrides = {"prompt": line, "seed": seed if seed is not None else ""}
-        rows.append((_source(inputs), inputs, overrides, []))
-    return rows
+    _jobs_of("Prompts × seeds", [("file set", len(sets)), ("prompt", len(prompts or [prompt])),
+                                  ("seed", len(seeds))])
+    return [
+        (_source(inputs), inputs, {"prompt": line, "seed": seed if seed is not None else ""}, [])
+        for inputs, line, seed in itertools.product(sets, prompts or [prompt], seeds)
+    ]
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The text's non-blank lines, stripped, one at a time (as `str.splitlines` cuts them)."""
+    for match in re.finditer(r"[^\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+", text):
+        if line := match.group().strip():
+            yield line
 
 
 def _seeds(text: str) -> list[int | None]:
     """`1, 2, 10-12` -> [1, 2, 10, 11, 12]; empty -> one random seed."""
-    seeds: list[int | None] = []
-    for part in filter(None, (p.strip() for p in re.split(r"[,\s]+", text.strip()))):
-        if m := re.fullmatch(r"(\d+)-(\d+)", part):
+    # Ranges are counted before they are expanded: `1-99999999` is one short part.
+    count = 0
+    parts: list[range | int] = []
+    for match in re.finditer(r"[^,\s]+", text):
+        part = match.group()
+        if m := re.fullmatch(r"(\d{1,10})-(\d{1,10})", part):
             first, last = int(m.group(1)), int(m.group(2))
-            if last < first or last - first >= MAX_BATCH_JOBS:
+            if last < first:
                 raise ValueError(part)
-            seeds += range(first, last + 1)
-        elif part.isdigit():
-            seeds.append(int(part))
+            parts.append(range(first, last + 1))
+            count += last - first + 1
+        elif part.isdigit() and len(part) <= 10:
+            parts.append(int(part))
+            count += 1
         else:
-            raise ValueError(part)
+            raise ValueError(part[:40] + ("…" if len(part) > 40 else ""))
+        if count > MAX_BATCH_JOBS:
+            raise TooMany("Seeds", f"more than {MAX_BATCH_JOBS} seeds (counted up to {part}), a job each")
+    seeds: list[int | None] = []
+    for item in parts:
+        seeds += item if isinstance(item, range) else [item]
     return seeds or [None]
 
 
@@ -313,6 +376,7 @@ def _manifest_rows(text: str, errors: list[str]) -> list[tuple[str, dict[str, An
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
+            _check_room(rows)
             where = f"line {number}"
             try:
                 values = json.loads(line)
@@ -337,6 +401,7 @@ def _manifest_rows(text: str, errors: list[str]) -> list[tuple[str, dict[str, An
         return []
     reader.fieldnames = header
     for row in reader:
+        _check_room(rows)
         where = f"line {reader.line_num}"
         problems = []
         if None in row:  # more cells than the header has
@@ -346,6 +411,12 @@ def _manifest_rows(text: str, errors: list[str]) -> list[tuple[str, dict[str, An
     if not rows:
         errors.append("The manifest has a header but no rows")
     return rows
+
+
+def _check_room(rows: list[Any]) -> None:
+    """Refuse a manifest at its first row past the cap, before reading the rest of it."""
+    if len(rows) >= MAX_BATCH_JOBS:
+        raise TooMany("Manifest", f"more than {MAX_BATCH_JOBS} rows, a job each")
 
 
 def _checked_job(number: int, row: _Row, base: dict[str, str]) -> PlannedJob:
@@ -446,7 +517,7 @@ async def create_batch(
     gw: Gateway, who: Caller, form: dict[str, str], files: list[str],
 ) -> tuple[BatchPlan, str | None]:
     """Plan the form again (never trust a preview) and, when every row can run, queue its jobs."""
-    plan = plan_batch(gw, form, files)
+    plan = await plan_batch_off_loop(gw, form, files)
     if not plan.ok:
         return plan, None
     batch_id = form.get("batch_id", "")

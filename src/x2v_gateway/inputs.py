@@ -323,15 +323,15 @@ async def _resolve(host: str, port: int) -> list[str]:
     return [address[0] for *_, address in infos]
 
 
-async def keep_files(files: list[IncomingFile], store: JobStore) -> dict[str, StoredInput]:
-    """Check each file by its content, then keep it. All or nothing."""
+async def keep_files(files: list[IncomingFile], store: JobStore, owner: str | None = None) -> dict[str, StoredInput]:
+    """Check each file by its content (as `owner`'s checks), then keep it. All or nothing."""
     try:
         kinds = {}
         for incoming in files:
             if incoming.writer.size == 0:
                 raise ApiError(422, f"{incoming.role} is an empty file", incoming.role)
             try:
-                kinds[incoming.role] = await CHECKER.inspect(incoming.role, incoming.writer.tmp_path)
+                kinds[incoming.role] = await CHECKER.inspect(incoming.role, incoming.writer.tmp_path, owner)
             except MediaError as exc:
                 raise ApiError(422, f"{incoming.role} {exc}", incoming.role) from None
     except BaseException:

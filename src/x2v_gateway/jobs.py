@@ -200,7 +200,8 @@ class JobService:
     def candidates(self, task: str, pinned: str | None) -> tuple[list[Any], list[str]]:
         """The cloud upstreams a job may go to, and the names of the other ones."""
         clouds, others = [], []
-        for state in self.dispatcher.states.values():
+        # A copy: batch planning asks from a worker thread while the loop may add a node.
+        for state in list(self.dispatcher.states.values()):
             upstream = state.upstream
             if task in upstream.tasks and pinned in (None, upstream.name):
                 if upstream.kind == "cloud":
@@ -225,7 +226,7 @@ class JobService:
         self, request: JobRequest, files: list[IncomingFile], idempotency_key: str | None,
         owner: str | None, forward: UploadForward | None = None,
     ) -> tuple[Job, bool]:
-        stored = await keep_files(files, self.store)
+        stored = await keep_files(files, self.store, owner)
         params = generation_params(request)
         if request.model is not None:
             params["model_cls"] = request.model
@@ -294,7 +295,9 @@ class JobService:
 
     # -- batches (the dashboard) ----------------------------------------------------------------
 
-    async def keep_upload(self, content_type: str, body: AsyncIterator[bytes]) -> UploadedFile:
+    async def keep_upload(
+        self, content_type: str, body: AsyncIterator[bytes], owner: str | None = None,
+    ) -> UploadedFile:
         """One file dropped on the batch form, checked by its content and kept in the blob store.
 
         The browser names the part `image` or `audio` from its guess (MIME type, extension); the
@@ -310,7 +313,7 @@ class JobService:
         try:
             if incoming.writer.size == 0:
                 raise ApiError(422, f"{name} is an empty file", incoming.role)
-            role, ext = await _identify(incoming.writer.tmp_path, incoming.role, name)
+            role, ext = await _identify(incoming.writer.tmp_path, incoming.role, name, owner)
         except BaseException:
             discard(files)
             raise
@@ -375,14 +378,14 @@ class UploadedFile:
     role: str  # image | audio
 
 
-async def _identify(path: Path, guess: str, name: str) -> tuple[str, str]:
+async def _identify(path: Path, guess: str, name: str, owner: str | None) -> tuple[str, str]:
     """(role, extension) of an uploaded file, trying the browser's guess first."""
     other = "image" if guess == "audio" else "audio"
     try:
-        return guess, await CHECKER.inspect(guess, path)
+        return guess, await CHECKER.inspect(guess, path, owner)
     except MediaError as first:
         try:
-            return other, await CHECKER.inspect(other, path)
+            return other, await CHECKER.inspect(other, path, owner)
         except MediaError:
             raise ApiError(422, f"{name} {first}", guess) from None
 

@@ -5,7 +5,11 @@ These run in the media checker's helper process (checker.py), never in the gatew
 
 from __future__ import annotations
 
+import io
+import re
+import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 from PIL import Image, UnidentifiedImageError
@@ -13,29 +17,120 @@ from PIL import Image, UnidentifiedImageError
 from .checker import MediaError
 
 MIN_IMAGE_SIDE = 16
+# Pillow reads a PNG's chunks one by one in Python: 8 million empty ones (a 96 MB file) kept a
+# checker busy for 60 s. A real PNG has a few dozen; Pillow writes its pixels in 64 KiB chunks
+# and libpng in 8 KiB ones, so even the largest image accepted stays far below this.
+MAX_PNG_CHUNKS = 100_000
+# A JPEG's segments before its pixels (Pillow reads them one by one in Python), and the scans
+# of a progressive JPEG (libjpeg decodes every pixel again for each): real files have tens.
+MAX_JPEG_SEGMENTS = 1_000
+MAX_JPEG_SCANS = 200
 
 # PyAV container names -> the extension a node's loaders expect.
 _AUDIO_EXT = {"wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "ogg", "aac": "aac",
               "mov,mp4,m4a,3gp,3g2,mj2": "m4a", "matroska,webm": "webm"}
 
 
-def inspect_image(path: Path) -> str:
-    """Check that `path` decodes as an image of a usable size; return its extension."""
+def inspect_image(path: Path, max_pixels: int = 40_000_000) -> str:
+    """Check that `path` decodes, every pixel, as an image of a usable size; return its extension."""
+    # The bomb guard of Pillow itself, at our limit: it refuses at open a header claiming more
+    # than twice this many pixels, before any plugin allocates for them.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    # Between one and two times the limit, Pillow only warns; the check below refuses those.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
+        with path.open("rb") as handle:
+            _check_structure(handle)
         with Image.open(path) as image:
-            image.verify()
+            image.verify()  # the container: chunk checksums, truncation
+        with Image.open(path) as image:
             fmt, (width, height) = image.format, image.size
+            if width * height > max_pixels:
+                raise MediaError(
+                    f"is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); images may"
+                    f" have at most {max_pixels / 1e6:g} megapixels: scale it down"
+                )
+            if min(width, height) < MIN_IMAGE_SIDE:
+                raise MediaError(
+                    f"is {width}x{height} pixels; images need at least {MIN_IMAGE_SIDE} pixels on each side"
+                )
+            # verify() reads no pixel: a PNG whose compressed data is broken passes it, and then
+            # fails on the node. Decoding the first frame proves the image is one.
+            image.load()
+    except MediaError:
+        raise
     except Image.DecompressionBombError:
-        # Pillow refuses a header claiming more pixels than it would decode (a zip bomb, or a
-        # real image far larger than any model takes).
-        raise MediaError("has too many pixels to be decoded safely; scale it down") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MediaError(f"is not a readable image ({type(exc).__name__})") from None
-    if min(width, height) < MIN_IMAGE_SIDE:
         raise MediaError(
-            f"is {width}x{height} pixels; images need at least {MIN_IMAGE_SIDE} pixels on each side"
-        )
+            f"has more pixels than the {max_pixels / 1e6:g} megapixels an image may have: scale it down"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise MediaError(f"is not a readable image ({type(exc).__name__})") from None
     return (fmt or "png").lower().replace("jpeg", "jpg")
+
+
+def _check_structure(handle: BinaryIO) -> None:
+    """Refuse a PNG or JPEG whose structure is absurd, before a decoder walks it."""
+    head = handle.read(8)
+    if head == b"\x89PNG\r\n\x1a\n":
+        _check_png(handle)
+    elif head[:2] == b"\xff\xd8":
+        handle.seek(2)
+        _check_jpeg(handle)
+
+
+def _check_png(handle: BinaryIO) -> None:
+    for _ in range(MAX_PNG_CHUNKS):
+        header = handle.read(8)
+        if len(header) < 8 or header[4:] == b"IEND":
+            return  # the end (or a truncated file: verify() says so)
+        length = int.from_bytes(header[:4], "big")
+        handle.seek(length + 4, io.SEEK_CUR)  # the data and its CRC
+    raise MediaError(f"is a PNG of more than {MAX_PNG_CHUNKS:,} chunks; save it again")
+
+
+def _check_jpeg(handle: BinaryIO) -> None:
+    segments = scans = 0
+    while True:
+        marker = handle.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF or marker[1] == 0xD9:
+            return  # the end, or not a marker where one belongs: Pillow says what is wrong
+        # Every marker counts, fill bytes included, so that this walk stays short too.
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise MediaError(f"is a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments; save it again")
+        kind = marker[1]
+        if kind == 0xFF:  # a fill byte before the marker
+            handle.seek(-1, io.SEEK_CUR)
+            continue
+        if kind == 0x01 or 0xD0 <= kind <= 0xD7:  # markers without a length
+            continue
+        size = handle.read(2)
+        if len(size) < 2:
+            return
+        handle.seek(int.from_bytes(size, "big") - 2, io.SEEK_CUR)
+        if kind == 0xDA:  # a scan: its compressed data runs to the next marker
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise MediaError(f"is a JPEG of more than {MAX_JPEG_SCANS} scans; save it again")
+            if not _skip_scan_data(handle):
+                return
+
+
+# In a scan's data, 0xFF is followed by 0x00 (a stuffed byte), a restart marker or a fill byte;
+# anything else after it is the next marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def _skip_scan_data(handle: BinaryIO) -> bool:
+    """Move to the marker after a scan's compressed data; False at the end of the file."""
+    carry = b""
+    while block := handle.read(1024 * 1024):
+        data = carry + block
+        if found := _NEXT_MARKER.search(data):
+            handle.seek(found.start() - len(data), io.SEEK_CUR)
+            return True
+        carry = data[-1:]  # a 0xFF at the end pairs with the next block's first byte
+    return False
 
 
 def inspect_audio(path: Path) -> str:

@@ -50,6 +50,8 @@ class Settings:
     max_wait: float = 600.0
     max_file_mb: int = 2048
     min_free_disk_mb: int = 1024
+    media_checkers: int = 2
+    max_image_megapixels: float = 40.0
     # Access control (auth.py): the bootstrap admin key, never in a repr, a log line or an error.
     admin_key: str = field(default="", repr=False)
     metrics_open: bool = False
@@ -241,6 +243,8 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_SESSION_HOURS": ("session_hours", _float(0.1, 24 * 90), "Hours a dashboard sign-in lasts"),
     "X2V_MAX_FILE_MB": ("max_file_mb", _int(1, 1024 * 1024), "Largest single input file accepted (upload, URL or base64), in MiB"),
     "X2V_MIN_FREE_DISK_MB": ("min_free_disk_mb", _int(0, 1024 * 1024 * 1024), "New jobs get 507 while the data directory's disk has less free space than this, in MiB (0: no check)"),
+    "X2V_MEDIA_CHECKERS": ("media_checkers", _int(1, 32), "Helper processes that check uploaded files and results (Pillow, PyAV), one file each at a time; one API key uses at most all but one of them"),
+    "X2V_MAX_IMAGE_MEGAPIXELS": ("max_image_megapixels", _float(0.1, 1000), "Largest image accepted, in megapixels (width × height / 1,000,000); larger ones get 422 before they are decoded"),
 }
 
 CLOUD_SETTINGS = {

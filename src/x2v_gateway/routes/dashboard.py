@@ -37,7 +37,7 @@ from markupsafe import Markup
 from ..auth import Caller, LimitError, caller
 from ..batches import (
     LABELS, MANIFEST_COLUMNS, MAX_BATCH_JOBS, MODES, RESIZE_MODES, TASKS, BatchSummary, Upload,
-    all_items, batch_summary, batch_zip, cancel_batch, create_batch, new_batch_id, plan_batch,
+    all_items, batch_summary, batch_zip, cancel_batch, create_batch, new_batch_id, plan_batch_off_loop,
     retry_failed, run_again,
 )
 from ..models import TASK_INPUTS, ApiError, iso
@@ -427,7 +427,7 @@ async def upload(request: HTMXRequest) -> Template:
         raise ApiError(413, f"This file is larger than the {gw.settings.max_file_mb} MiB a file may be")
     gw.jobs.check_free_space(size)
     try:
-        kept = await gw.jobs.keep_upload(content_type, request.stream())
+        kept = await gw.jobs.keep_upload(content_type, request.stream(), owner=caller(request).owner)
     except ApiError as exc:
         if exc.status != 422:
             raise
@@ -442,7 +442,7 @@ async def upload(request: HTMXRequest) -> Template:
 @post("/batches/preview", include_in_schema=False, request_max_body_size=8 * 1024 * 1024, status_code=200)
 async def preview_batch(request: HTMXRequest) -> Template:
     values, files = _form_values(await request.form())
-    plan = plan_batch(gateway(request), values, files)
+    plan = await plan_batch_off_loop(gateway(request), values, files)
     return Template("partials/preview.html", context={"plan": plan},
                     status_code=200 if plan.ok else 422)
 
