@@ -29,7 +29,7 @@ from .inputs import PublicOnlyTransport
 from .jobs import JobService
 from .nodes import NodeRegistry
 from .metrics import Metrics
-from .models import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse
+from .models import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
 from .routes import access, dashboard
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
@@ -169,7 +169,7 @@ def _validation_error(request: Request, exc: ValidationException) -> Response[Er
     extra = exc.extra if isinstance(exc.extra, list) else []
     first = extra[0] if extra and isinstance(extra[0], dict) else {}
     field = first.get("key")
-    message = f"{field}: {first.get('message')}" if field else exc.detail
+    message = f"{field} {plain(str(first.get('message')))}" if field else exc.detail
     return _error(400, message, field)
 
 

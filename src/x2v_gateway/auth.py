@@ -47,6 +47,7 @@ from litestar.response import Template
 from litestar.utils.scope.state import ScopeState
 from markupsafe import escape
 
+from .inputs import declared_size
 from .models import ApiError, ErrorBody, ErrorResponse
 
 if TYPE_CHECKING:
@@ -107,6 +108,22 @@ def new_key() -> str:
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def same_secret(sent: str, expected: str) -> bool:
+    """A token a client sent equals ours, in constant time. As bytes: `compare_digest` raises
+    on a str with non-ASCII characters, and a header or form field may hold any."""
+    return hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
+
+
+def _page_path(url: str) -> str:
+    """The path and query of the page htmx says it is on (`HX-Current-URL`, the client's to
+    write: a malformed one, like `http://[::1`, means the dashboard's home)."""
+    try:
+        page = urlsplit(url)
+    except ValueError:
+        return "/ui/"
+    return page.path + (f"?{page.query}" if page.query else "")
 
 
 def parse_rate(text: str) -> float:
@@ -536,13 +553,13 @@ class AuthMiddleware(ASGIMiddleware):
     async def _csrf_ok(self, request: Request, who: Caller) -> bool:
         sent = next((v for h in CSRF_HEADERS if (v := request.headers.get(h))), None)
         content_type = request.headers.get("content-type", "")
-        length = request.headers.get("content-length", "")
+        length = declared_size(request)
         if (sent is None and content_type.startswith("application/x-www-form-urlencoded")
-                and length.isdigit() and int(length) <= MAX_CSRF_FORM_BYTES):
+                and length is not None and length <= MAX_CSRF_FORM_BYTES):
             # A plain HTML form (sign-out). The parsed form is kept for the handler.
             value = (await request.form()).get(CSRF_FIELD)
             sent = value if isinstance(value, str) else None
-        return bool(sent) and who.csrf is not None and hmac.compare_digest(sent, who.csrf)
+        return bool(sent) and who.csrf is not None and same_secret(sent, who.csrf)
 
     def _refuse(self, request: Request, status: int, message: str) -> Response:
         if _is_ui(request.url.path):
@@ -557,8 +574,7 @@ class AuthMiddleware(ASGIMiddleware):
                           {"www-authenticate": 'Bearer realm="x2v-gateway"'})
         if request.headers.get("hx-request"):
             # htmx follows HX-Redirect whatever the status: the whole page goes to sign-in.
-            page = urlsplit(request.headers.get("hx-current-url", "/ui/"))
-            back = page.path + (f"?{page.query}" if page.query else "")
+            back = _page_path(request.headers.get("hx-current-url", "/ui/"))
             return _ui_message(401, message, {"hx-redirect": "/ui/sign-in?next=" + quote(safe_next(back))})
         if request.method in SAFE_METHODS:
             return sign_in_page(request, status=401, error=message if expired else None)

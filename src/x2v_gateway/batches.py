@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .auth import Caller, LimitError
-from .models import TASK_INPUTS, ApiError, GenerationParams, generation_params, iso
+from .models import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params, iso
 from .store import TERMINAL, BatchItem, BatchJobSpec, Job
 
 if TYPE_CHECKING:
@@ -173,11 +173,9 @@ def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan
         errors.append(str(exc))
         return BatchPlan(task=task, mode=mode, jobs=[], errors=errors, summary=exc.summary)
     jobs = [_checked_job(number, row, base) for number, row in enumerate(rows, start=1)]
-    clouds, others = gw.jobs.candidates(task, None)
-    if clouds and not others:
-        for job in jobs:
-            if not str(job.params.get("prompt", "")).strip():
-                job.errors.append("Prompt: required, the hosted cloud refuses jobs without one")
+    for job in jobs:
+        if why := gw.jobs.prompt_missing(task, job.params.get("prompt")):
+            job.errors.append(f"Prompt: required, {why}")
     return BatchPlan(task=task, mode=mode, jobs=jobs, errors=errors, summary=_plan_summary(mode, uploads, jobs))
 
 
@@ -472,18 +470,10 @@ def _target_shape(value: Any) -> Any:
 
 def _field_error(exc: msgspec.ValidationError) -> str:
     """msgspec's message for one parameter, in the form's words: `Seed: must be a whole number ≥ 0`."""
-    message = str(exc)
-    match = re.search(r" - at `\$\.(\w+)(?:\[\d+\])?`", message)
-    text = message[:match.start()] if match else message
-    if match and match.group(1) == "resize_mode":
-        text = "must be one of " + ", ".join(RESIZE_MODES)
-    words = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",
-             "array": "a list"}
-    text = re.sub(r"Expected `(\w+)(?: \| null)?`", lambda m: f"must be {words.get(m.group(1), m.group(1))}", text)
-    text = re.sub(r", got `\w+`", "", text).replace(">=", "≥").replace("<=", "≤")
-    if match:
-        return f"{LABELS.get(match.group(1), match.group(1))}: {text}"
-    return text
+    field, text = field_problem(exc, GenerationParams)
+    if field is None:
+        return text
+    return f"{LABELS.get(field, field)}: {text.removeprefix(field + ' ')}"
 
 
 def _source(inputs: dict[str, Upload]) -> str:

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import ipaddress
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 import httpx
-from python_multipart.multipart import MultipartParser, parse_options_header
+from litestar import Request
+from litestar.datastructures import FormMultiDict
+from python_multipart.multipart import Field, MultipartParser, parse_form, parse_options_header
 
 from .blobs import BlobStore, BlobTooLarge, BlobWriter
 from .checker import CHECKER, MediaError
@@ -102,7 +106,8 @@ async def read_multipart(
         part["name"] = name
         if b"filename" in disposition:
             if name not in INPUT_ROLES:
-                raise ApiError(400, f"unknown file field {name!r}; files go in "
+                # 422, as an unknown text field gets: both are a field this API does not know.
+                raise ApiError(422, f"{name} is not a file field this API knows; files go in "
                                + ", ".join(INPUT_ROLES), name)
             if any(f.role == name for f in files):
                 raise ApiError(400, f"{name} was sent twice", name)
@@ -138,7 +143,7 @@ async def read_multipart(
         try:
             fields[name] = part["text"].decode("utf-8")
         except UnicodeDecodeError:
-            raise ApiError(400, f"{name} is not valid UTF-8 text", name) from None
+            raise not_utf8(name) from None
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
@@ -169,6 +174,68 @@ async def read_multipart(
         discard(files)
         raise error[0]
     return fields, files
+
+
+def not_utf8(field: str) -> ApiError:
+    """The one answer to a text field that is not UTF-8, whichever encoding carried the form."""
+    return ApiError(400, f"{field} is not valid UTF-8 text", field)
+
+
+def declared_size(request: Request) -> int | None:
+    """The body size a request's `Content-Length` declares; None when absent or not a number.
+    The header is the client's to write: `²` passes `isdigit()` and 5000 digits pass too, and
+    `int()` raises on both."""
+    value = request.headers.get("content-length", "").strip()
+    if not (value.isascii() and value.isdigit()):
+        return None
+    # Past 18 digits (an exabyte) the exact number no longer matters: it is over every limit.
+    return int(value) if len(value) <= 18 else 10**18
+
+
+def urlencoded_fields(raw: bytes) -> list[tuple[str, str]]:
+    """A URL-encoded form's fields, each decoded on its own as UTF-8: `prompt=%ff` is refused
+    naming `prompt` (not turned into U+FFFD), as a multipart form refuses it."""
+    fields = []
+    # Latin-1 maps each byte to one character and back, so the bytes come out as they were sent.
+    for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True, encoding="latin-1"):
+        text_name = name.encode("latin-1").decode("utf-8", "replace")
+        try:
+            name.encode("latin-1").decode("utf-8")
+            fields.append((text_name, value.encode("latin-1").decode("utf-8")))
+        except UnicodeDecodeError:
+            raise not_utf8(text_name) from None
+    return fields
+
+
+def _multipart_non_utf8(content_type: str, body: bytes) -> str | None:
+    """The first text field of a (small, in-memory) multipart body that is not UTF-8."""
+    bad: list[str] = []
+
+    def on_field(field: Field) -> None:
+        try:
+            field.field_name.decode("utf-8")
+            (field.value or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append((field.field_name or b"").decode("utf-8", "replace"))
+
+    try:
+        parse_form({"Content-Type": content_type.encode("latin-1")}, io.BytesIO(body), on_field, lambda _: None)
+    except Exception:  # a malformed body: the form parser that follows says so
+        return None
+    return bad[0] if bad else None
+
+
+async def read_form(request: Request) -> FormMultiDict:
+    """A dashboard form (Litestar's parser), with the API's rule for text that is not UTF-8:
+    a 400 naming the field, where Litestar would replace it (URL-encoded) or fail (multipart)."""
+    content_type = request.headers.get("content-type", "")
+    body = await request.body()  # route limits (`request_max_body_size`) bound it
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        urlencoded_fields(body)
+    elif content_type.startswith("multipart/form-data"):
+        if field := _multipart_non_utf8(content_type, body):
+            raise not_utf8(field)
+    return await request.form()
 
 
 def discard(files: list[IncomingFile]) -> None:

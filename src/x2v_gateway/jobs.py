@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
 import msgspec
@@ -22,23 +21,49 @@ from .blobs import BlobStore
 from .checker import CHECKER, MediaError
 from .dispatch import Dispatcher, Notifier
 from .forward import UploadForward
-from .inputs import IncomingFile, check_free_space, discard, fetch_input, keep_files, read_multipart
-from .models import INPUT_ROLES, TASK_INPUTS, ApiError, JobRequest, generation_params
+from .inputs import (
+    IncomingFile, check_free_space, discard, fetch_input, keep_files, not_utf8, read_multipart,
+    urlencoded_fields,
+)
+from .models import (
+    INPUT_ROLES, PROMPT_REQUIRED, TASK_INPUTS, ApiError, JobRequest, field_problem, generation_params,
+)
 from .settings import Settings
 from .store import BatchJobSpec, IdempotencyConflict, Job, JobStore
 from .upstream.base import Rejected, Unavailable
 
-_MSGSPEC_PATH = re.compile(r"at `\$\.(\w+)")
-_MSGSPEC_FIELD = re.compile(r"field `(\w+)`")
+
+def validation_error(exc: msgspec.DecodeError, raw: bytes = b"") -> ApiError:
+    """A job that msgspec refused, as the API's error naming the field (`raw`: the JSON body)."""
+    if isinstance(exc, msgspec.ValidationError):
+        field, message = field_problem(exc, JobRequest)
+        if field is None:  # the body as a whole: `[1]`, `"t2v"`
+            return ApiError(400, f"request body {message} (one job, as JSON)")
+        return ApiError(422, message, field)
+    if "UTF-8" in str(exc) and (field := _non_utf8_field(raw)):
+        return not_utf8(field)
+    return ApiError(400, f"request body is not valid JSON: {exc}")
 
 
-def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
-    """msgspec's message, with the field it is about pulled out for the `field` key."""
-    message = str(exc)
-    match = _MSGSPEC_PATH.search(message) or _MSGSPEC_FIELD.search(message)
-    if isinstance(exc, msgspec.DecodeError) and not match:
-        return ApiError(400, f"request body is not valid JSON: {message}")
-    return ApiError(422, message, match.group(1) if match else None)
+def _non_utf8_field(raw: bytes) -> str | None:
+    """The field of a JSON object whose name or text is not valid UTF-8 (msgspec does not say)."""
+    try:
+        # Each byte that is not UTF-8 becomes a lone surrogate, which no valid text holds.
+        doc = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return None
+    for name, value in doc.items() if isinstance(doc, dict) else ():
+        if not _is_utf8(name) or not _is_utf8(json.dumps(value, ensure_ascii=False)):
+            return name
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _form_value(name: str, value: str) -> Any:
@@ -80,8 +105,8 @@ class JobService:
                                " allowed; send large files as multipart uploads")
         try:
             request = msgspec.json.decode(bytes(raw), type=JobRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise validation_error(exc) from None
+        except msgspec.DecodeError as exc:  # ValidationError included
+            raise validation_error(exc, bytes(raw)) from None
         self._check_inputs(request, given=set())
         await self._check_cloud_model(request)
         files: list[IncomingFile] = []
@@ -130,7 +155,7 @@ class JobService:
             if len(raw) > self.settings.max_json_mb * 1024 * 1024:
                 raise ApiError(413, f"form body is larger than the {self.settings.max_json_mb} MiB allowed")
         fields: dict[str, str] = {}
-        for name, value in parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True):
+        for name, value in urlencoded_fields(bytes(raw)):
             if name in fields:
                 raise ApiError(400, f"{name} was sent twice", name)
             fields[name] = value
@@ -188,14 +213,26 @@ class JobService:
                            + ", ".join(self.dispatcher.states), "upstream")
         if not any(request.task in s.upstream.tasks for s in self.dispatcher.states.values()):
             raise ApiError(422, f"no configured upstream runs {request.task} jobs", "task")
+        if why := self.prompt_missing(request.task, request.prompt, request.upstream):
+            raise ApiError(422, f"prompt is required: {why}", "prompt")
         clouds, others = self.candidates(request.task, request.upstream)
-        if clouds and not others and not request.prompt.strip():
-            raise ApiError(422, f"prompt is required: the hosted cloud refuses {request.task} jobs without one", "prompt")
         if request.model is not None and others:
             raise ApiError(
                 422, "model chooses a hosted-cloud model, and this job may go to "
                 + ", ".join(others) + "; pin it to a cloud upstream with `upstream`", "model",
             )
+
+    def prompt_missing(self, task: str, prompt: Any, pinned: str | None = None) -> str | None:
+        """Why this job needs the prompt it lacks (None: it has one, or may go without). The one
+        rule for the API, batches and retries; a blank prompt is no prompt."""
+        if str(prompt or "").strip():
+            return None
+        if task in PROMPT_REQUIRED:
+            return f"a {task} job renders its prompt"
+        clouds, others = self.candidates(task, pinned)
+        if clouds and not others:
+            return f"the hosted cloud refuses {task} jobs without one"
+        return None
 
     def candidates(self, task: str, pinned: str | None) -> tuple[list[Any], list[str]]:
         """The cloud upstreams a job may go to, and the names of the other ones."""
@@ -334,11 +371,9 @@ class JobService:
                 if not self.blobs.exists(sha):
                     name = spec.files.get(role, role)
                     raise ApiError(422, f"{name} is no longer stored on the gateway; add it again", role)
-            clouds, others = self.candidates(spec.task, None)
-            if clouds and not others and not str(spec.params.get("prompt", "")).strip():
+            if why := self.prompt_missing(spec.task, spec.params.get("prompt")):
                 raise ApiError(
-                    422, f"{', '.join(spec.files.values()) or spec.task}: a prompt is required,"
-                    f" the hosted cloud refuses {spec.task} jobs without one", "prompt",
+                    422, f"{', '.join(spec.files.values()) or spec.task}: a prompt is required, {why}", "prompt",
                 )
             # Fixed now, as for single jobs: a resubmission after a node restart renders the same video.
             spec.params.setdefault("seed", secrets.randbelow(2**32))
@@ -353,6 +388,8 @@ class JobService:
         """A new job with the inputs of `job` and edited parameters, in the same batch."""
         if job.files_expired or not all(self.blobs.exists(sha) for sha in job.inputs.values()):
             raise ApiError(410, "this job's input files have expired; submit it again with its files")
+        if why := self.prompt_missing(job.task, params.get("prompt"), job.pinned):
+            raise ApiError(422, f"prompt is required: {why}", "prompt")
         params.setdefault("seed", secrets.randbelow(2**32))
         if job.batch_id is None:
             new, _ = await self.store.create_job(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
 from msgspec import Meta
+from msgspec import inspect as mi
 
 from .store import Job
 
@@ -21,6 +23,14 @@ TASK_INPUTS: dict[str, tuple[str, ...]] = {
     "t2v": (),
 }
 INPUT_ROLES = ("image", "audio", "last_frame")
+# Task types that mean nothing without a prompt, whatever runs them: a text-to-video job with no
+# text. (A self-hosted node renders one anyway, from an empty string; the cloud refuses every
+# task type without a prompt, which `JobService.prompt_missing` adds for jobs bound to it.)
+PROMPT_REQUIRED = frozenset({"t2v"})
+
+# SQLite keeps integers in 64 bits and its driver raises on a larger one: every integer a client
+# sends that reaches the store (cursors, paging) is checked against this first.
+MAX_SQLITE_INT = 2**63 - 1
 
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 # The node opens the LoRA by this name under its own LoRA folder and has no list of them to
@@ -71,6 +81,73 @@ class JobRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
 
 
 PARAM_FIELDS = tuple(GenerationParams.__struct_fields__)
+
+
+_AT = re.compile(r" - at `\$\.(\w+)(?:\[\d+\])?`")
+_NAMED = re.compile(r"(missing required|unknown) field `(\w+)`")
+_WORDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",
+          "array": "a list", "object": "an object"}
+
+
+def field_problem(exc: msgspec.ValidationError, struct: type[msgspec.Struct] | None = None) -> tuple[str | None, str]:
+    """msgspec's complaint as (field, what it must be), in the words of the hand-written errors.
+
+    With `struct`, the whole rule comes from the field's own type: `infer_steps must be a whole
+    number from 1 to 200`, `task must be one of s2v, i2v, t2v, flf2v`, rather than msgspec's
+    `Expected int <= 200 - at $.infer_steps`, which says one bound and neither name nor choices.
+    """
+    message = str(exc)
+    fields = {f.name: f.type for f in mi.type_info(struct).fields} if struct else {}
+    if named := _NAMED.search(message):
+        field = named.group(2)
+        if named.group(1) == "unknown":
+            known = f"; the fields are {', '.join(fields)}" if fields else ""
+            return field, f"{field} is not a field this API knows{known}"
+        rule = f": {_describe(fields[field])}" if field in fields else ""
+        return field, f"{field} is required{rule}"
+    at = _AT.search(message)
+    if at is None:
+        return None, plain(message)
+    field = at.group(1)
+    rule = f"must be {_describe(fields[field])}" if field in fields else plain(message[:at.start()])
+    return field, f"{field} {rule}"
+
+
+def plain(text: str) -> str:
+    """msgspec's own words made plain where the field's type is not at hand (query parameters):
+    `Expected int <= 500` -> `must be a whole number ≤ 500`."""
+    text = re.sub(r"Expected `(\w+)(?: \| null)?`", lambda m: "must be " + _WORDS.get(m.group(1), m.group(1)), text)
+    text = re.sub(r", got `\w+`", "", text).replace(">=", "≥").replace("<=", "≤")
+    return text if text.startswith("must be") else f"is not valid: {text[:1].lower()}{text[1:]}"
+
+
+def _describe(t: mi.Type) -> str:
+    """What a value of this msgspec type must be, in words."""
+    if isinstance(t, mi.UnionType):  # `X | None`: null means "not set", not worth a mention
+        return " or ".join(_describe(x) for x in t.types if not isinstance(x, mi.NoneType))
+    if isinstance(t, mi.LiteralType):
+        return "one of " + ", ".join(map(str, t.values))
+    if isinstance(t, (mi.IntType, mi.FloatType)):
+        noun = "a whole number" if isinstance(t, mi.IntType) else "a number"
+        if t.ge is not None and t.le is not None:
+            return f"{noun} from {t.ge} to {t.le}"
+        bounds = [f"{word} {value}" for word, value in (
+            ("≥", t.ge), ("above", t.gt), ("≤", t.le), ("below", t.lt)) if value is not None]
+        return " ".join([noun, " and ".join(bounds)]) if bounds else noun
+    if isinstance(t, mi.StrType):
+        rule = "text"
+        if t.min_length and t.max_length is not None:
+            rule += f" of {t.min_length} to {t.max_length} characters"
+        elif t.max_length is not None:
+            rule += f" of at most {t.max_length} characters"
+        if t.pattern:
+            rule += " made of letters, digits, '.', '-' and '_'" if t.pattern == r"^[\w.\-]+$" else f" matching {t.pattern}"
+        return rule
+    if isinstance(t, mi.ListType):
+        if t.min_length is not None and t.min_length == t.max_length:
+            return f"a list of {t.min_length} items, each {_describe(t.item_type)}"
+        return f"a list, each item {_describe(t.item_type)}"
+    return _WORDS.get(type(t).__name__.removesuffix("Type").lower(), "valid")
 
 
 def generation_params(request: GenerationParams) -> dict[str, Any]:

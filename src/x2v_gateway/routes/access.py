@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,10 +18,12 @@ from ..auth import (
     SIGN_IN_FIELD,
     caller,
     safe_next,
+    same_secret,
     session_cookie_kwargs,
     sign_in_page,
 )
-from ..models import ApiError, errors, iso
+from ..inputs import read_form
+from ..models import MAX_SQLITE_INT, ApiError, errors, iso
 from ..store import AdminKeyNeeded, KeyNameTaken
 
 if TYPE_CHECKING:
@@ -51,10 +52,10 @@ async def sign_in_form(
 async def sign_in(request: Request) -> Response:
     """Sign in with an API key: a session cookie, then back to the page that asked."""
     gw = gateway(request)
-    form = await request.form()
+    form = await read_form(request)
     next_path = safe_next(str(form.get("next") or ""))
     sent, expected = str(form.get(SIGN_IN_FIELD) or ""), request.cookies.get(SIGN_IN_COOKIE, "")
-    if not sent or not expected or not hmac.compare_digest(sent, expected):
+    if not sent or not expected or not same_secret(sent, expected):
         return sign_in_page(request, status=403, next_path=next_path,
                             error="This sign-in form had expired. Paste your key again.")
     key = str(form.get("key") or "").strip()
@@ -206,7 +207,7 @@ class AuditPage(msgspec.Struct):
 async def audit(
     request: Request,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-    before: Annotated[int | None, QueryParameter(ge=1, description="`next_before` of the previous page")] = None,
+    before: Annotated[int | None, QueryParameter(ge=1, le=MAX_SQLITE_INT, description="`next_before` of the previous page")] = None,
 ) -> AuditPage:
     rows = gateway(request).store.audit_log(limit=limit + 1, before_id=before)
     more = len(rows) > limit

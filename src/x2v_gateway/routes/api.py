@@ -21,7 +21,8 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
 from ..auth import Caller, caller
-from ..models import TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
+from ..inputs import declared_size
+from ..models import MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
 from ..store import STATES, Job
 from ..upstream.base import UpstreamError
 
@@ -69,7 +70,11 @@ def _parse_cursor(cursor: str) -> int:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if not text.startswith("seq:"):
             raise ValueError
-        return int(text[4:])
+        seq = int(text[4:])
+        # A job's seq is a positive SQLite integer: anything else was not given out here.
+        if not 1 <= seq <= MAX_SQLITE_INT:
+            raise ValueError
+        return seq
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "cursor is not one this API gave out", "cursor") from None
 
@@ -146,7 +151,9 @@ def _stream_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
     return chunks()
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# At most 18 digits a side: a longer number is past any file, and `int()` refuses 4300+ digits.
+# A Range that does not match is ignored (the whole file), as RFC 9110 allows.
+_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$", re.ASCII)
 
 
 def ranged_file(path: Path, range_header: str | None, *, media_type: str, filename: str) -> Response:
@@ -209,16 +216,20 @@ class JobsController(Controller):
         gw = gateway(request)
         who = caller(request)
         content_type = request.headers.get("content-type", "")
-        declared = request.headers.get("content-length")
-        # Everything that can be refused on the headers is refused before the body is read.
-        gw.jobs.check_free_space(int(declared) if declared and declared.isdigit() else 0)
+        size = declared_size(request)
+        # Everything that can be refused on the headers is refused before the body is read; a
+        # body larger than allowed is "too large" (413), whatever the free disk space.
+        multipart = content_type.startswith("multipart/form-data")
+        allowed_mb = gw.settings.max_upload_mb if multipart else gw.settings.max_json_mb
+        if size is not None and size > allowed_mb * 1024 * 1024:
+            raise ApiError(413, f"request body is larger than the {allowed_mb} MiB allowed"
+                           + ("" if multipart else "; send large files as multipart uploads"))
+        gw.jobs.check_free_space(size or 0)
         async with gw.auth.counting_jobs(who) as count:
-            if content_type.startswith("multipart/form-data"):
-                if declared and declared.isdigit() and int(declared) > gw.settings.max_upload_mb * 1024 * 1024:
-                    raise ApiError(413, f"request body is larger than the {gw.settings.max_upload_mb} MiB allowed")
+            if multipart:
                 job, created = await gw.jobs.submit_multipart(
                     content_type, request.stream(), idempotency_key=idempotency_key, owner=who.owner,
-                    size=int(declared) if declared and declared.isdigit() else None,
+                    size=size,
                 )
             elif content_type.startswith("application/x-www-form-urlencoded"):
                 job, created = await gw.jobs.submit_urlencoded(

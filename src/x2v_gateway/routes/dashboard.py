@@ -40,7 +40,8 @@ from ..batches import (
     all_items, batch_summary, batch_zip, cancel_batch, create_batch, new_batch_id, plan_batch_off_loop,
     retry_failed, run_again,
 )
-from ..models import TASK_INPUTS, ApiError, iso
+from ..inputs import declared_size, read_form
+from ..models import MAX_SQLITE_INT, TASK_INPUTS, ApiError, iso, plain
 from ..store import STATES, TERMINAL, BatchItem, Job
 from .api import ranged_file
 from .nodes import NodeView, node_view
@@ -420,8 +421,7 @@ async def upload(request: HTMXRequest) -> Template:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(415, "upload files as multipart/form-data")
-    declared = request.headers.get("content-length", "")
-    size = int(declared) if declared.isdigit() else 0
+    size = declared_size(request) or 0
     # Refused on the headers, before a byte of the body is read.
     if size > gw.settings.max_file_mb * 1024 * 1024 + 64 * 1024:
         raise ApiError(413, f"This file is larger than the {gw.settings.max_file_mb} MiB a file may be")
@@ -441,7 +441,7 @@ async def upload(request: HTMXRequest) -> Template:
 
 @post("/batches/preview", include_in_schema=False, request_max_body_size=8 * 1024 * 1024, status_code=200)
 async def preview_batch(request: HTMXRequest) -> Template:
-    values, files = _form_values(await request.form())
+    values, files = _form_values(await read_form(request))
     plan = await plan_batch_off_loop(gateway(request), values, files)
     return Template("partials/preview.html", context={"plan": plan},
                     status_code=200 if plan.ok else 422)
@@ -449,7 +449,7 @@ async def preview_batch(request: HTMXRequest) -> Template:
 
 @post("/batches", include_in_schema=False, request_max_body_size=8 * 1024 * 1024, status_code=200)
 async def create_batch_route(request: HTMXRequest) -> Response:
-    values, files = _form_values(await request.form())
+    values, files = _form_values(await read_form(request))
     plan, batch_id = await create_batch(gateway(request), caller(request), values, files)
     if batch_id is None:
         return Template("partials/preview.html", context={"plan": plan}, status_code=422)
@@ -459,7 +459,7 @@ async def create_batch_route(request: HTMXRequest) -> Response:
 @get("/batches/{batch_id:str}", include_in_schema=False)
 async def batch_page(
     request: HTMXRequest, batch_id: FromPath[str],
-    after: Annotated[int, QueryParameter(ge=0)] = 0,
+    after: Annotated[int, QueryParameter(ge=0, le=MAX_SQLITE_INT)] = 0,
 ) -> Template:
     summary, rows, next_after = _batch_page(gateway(request), caller(request), batch_id, after)
     return Template("batch.html", context={
@@ -471,7 +471,7 @@ async def batch_page(
 @get("/batches/{batch_id:str}/rows", include_in_schema=False)
 async def batch_rows(
     request: HTMXRequest, batch_id: FromPath[str],
-    after: Annotated[int, QueryParameter(ge=0)] = 0,
+    after: Annotated[int, QueryParameter(ge=0, le=MAX_SQLITE_INT)] = 0,
 ) -> Template:
     _, rows, _ = _batch_page(gateway(request), caller(request), batch_id, after)
     return Template("partials/batch_rows.html", context={"rows": rows})
@@ -520,7 +520,7 @@ async def jobs_page(
     state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
     task: Annotated[str | None, QueryParameter()] = None,
     batch: Annotated[str | None, QueryParameter()] = None,
-    before: Annotated[int | None, QueryParameter(ge=1)] = None,
+    before: Annotated[int | None, QueryParameter(ge=1, le=MAX_SQLITE_INT)] = None,
 ) -> Template:
     gw, who = gateway(request), caller(request)
     filters = _list_filters(state_filter, task, batch)
@@ -622,7 +622,7 @@ async def retry_job(
 ) -> Response:
     gw, who = gateway(request), caller(request)
     old = _item(gw, job_id, who).job
-    form = await request.form()
+    form = await read_form(request)
     prompt = str(form.get("prompt", old.params.get("prompt", "")))
     seed = str(form.get("seed", ""))
     job, is_new = await run_again(gw, who, old, prompt, seed)
@@ -646,7 +646,7 @@ async def nodes_table(request: HTMXRequest) -> Template:
 async def drain_node(request: HTMXRequest, name: FromPath[str]) -> Template:
     """The drain switch. Admin keys only (auth.ADMIN_CHANGES), and audited there."""
     gw = gateway(request)
-    drained = (await request.form()).get("drained") == "on"
+    drained = (await read_form(request)).get("drained") == "on"
     await gw.registry.set_drained(name, drained)
     return Template("partials/nodes_table.html", context={"nodes": node_rows(gw, caller(request))})
 
@@ -682,8 +682,9 @@ def _api_error(request: Request, exc: ApiError) -> Response:
 def _validation_error(request: Request, exc: ValidationException) -> Response:
     extra = exc.extra if isinstance(exc.extra, list) else []
     first = extra[0] if extra and isinstance(extra[0], dict) else {}
-    where = f"{first.get('key')}: " if first.get("key") else ""
-    return _error_page(request, 400, f"{where}{first.get('message') or exc.detail}. Check the address.")
+    key = first.get("key")
+    problem = f"{key} {plain(str(first.get('message')))}" if key else exc.detail
+    return _error_page(request, 400, f"{problem}. Check the address.")
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
