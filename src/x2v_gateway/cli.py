@@ -156,14 +156,19 @@ def list_keys(as_json: bool, env_file: str) -> None:
 
     Example: x2v-gateway keys list
     """
+    import asyncio
     import json
     import time
 
     auth, store = _open_auth(env_file)
     try:
-        rows = store.keys()
-        for row in rows:
-            row["jobs_today"] = auth.jobs_today(row["id"])
+        async def read() -> list[dict]:
+            rows = await store.keys()
+            for row in rows:
+                row["jobs_today"] = await auth.jobs_today(row["id"])
+            return rows
+
+        rows = asyncio.run(read())
     finally:
         store.close()
     if as_json:
@@ -202,7 +207,7 @@ def revoke_key(key: str, env_file: str) -> None:
 
     auth, store = _open_auth(env_file)
     try:
-        row = auth.find_key(key)
+        row = asyncio.run(auth.find_key(key))
         if row is None or row["revoked_at"] is not None:
             click.echo(f"x2v-gateway: no active key {key!r} (see `x2v-gateway keys list`)", err=True)
             sys.exit(1)

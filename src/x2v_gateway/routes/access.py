@@ -117,11 +117,11 @@ class NewKeyView(msgspec.Struct, kw_only=True):
     info: KeyView
 
 
-def key_view(gw: Gateway, row: dict) -> KeyView:
+async def key_view(gw: Gateway, row: dict) -> KeyView:
     return KeyView(
         id=row["id"], name=row["name"], prefix=row["prefix"] or "", admin=row["admin"],
         daily_quota=row["daily_quota"], max_concurrent=row["max_concurrent"],
-        rate_per_min=row["rate_per_min"], jobs_today=gw.auth.jobs_today(row["id"]),
+        rate_per_min=row["rate_per_min"], jobs_today=await gw.auth.jobs_today(row["id"]),
         source=row["source"], created_at=iso(row["created_at"]), created_by=row["created_by"],
         revoked_at=iso(row["revoked_at"]), revoked_by=row["revoked_by"],
     )
@@ -134,7 +134,7 @@ class KeysController(Controller):
     @get("/", summary="Every API key (never the keys themselves); admins only")
     async def list_keys(self, request: Request) -> list[KeyView]:
         gw = gateway(request)
-        return [key_view(gw, row) for row in gw.store.keys()]
+        return [await key_view(gw, row) for row in await gw.store.keys()]
 
     @post("/", status_code=201, summary="Make an API key; the key is in this answer only")
     async def create_key(self, request: Request, data: JSONBody[KeyRequest]) -> NewKeyView:
@@ -147,7 +147,7 @@ class KeysController(Controller):
             )
         except KeyNameTaken as exc:
             raise ApiError(409, str(exc), "name") from None
-        return NewKeyView(key=key, info=key_view(gw, row))
+        return NewKeyView(key=key, info=await key_view(gw, row))
 
     @delete("/{key_id:str}", status_code=200, summary="Revoke a key; its dashboard sessions end")
     async def revoke_key(self, request: Request, key_id: FromPath[str]) -> KeyView:
@@ -155,16 +155,16 @@ class KeysController(Controller):
         row = await gw.auth.revoke_key(key_id, caller(request).label)
         if row is None:
             raise ApiError(404, f"no active key {key_id}")
-        return key_view(gw, row)
+        return await key_view(gw, row)
 
 
 @get("/api/v1/me", tags=["keys"], summary="The key this request came with: its limits and use today")
 async def me(request: Request) -> KeyView:
     gw = gateway(request)
-    row = gw.auth.find_key(caller(request).key_id)
+    row = await gw.auth.find_key(caller(request).key_id)
     if row is None:
         raise ApiError(404, "this key no longer exists")
-    return key_view(gw, row)
+    return await key_view(gw, row)
 
 
 # -- audit ---------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ async def audit(
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     before: Annotated[int | None, QueryParameter(ge=1, description="`next_before` of the previous page")] = None,
 ) -> AuditPage:
-    rows = gateway(request).store.audit_log(limit=limit + 1, before_id=before)
+    rows = await gateway(request).store.audit_log(limit=limit + 1, before_id=before)
     more = len(rows) > limit
     rows = rows[:limit]
     return AuditPage(

@@ -54,8 +54,8 @@ class NodeView(msgspec.Struct, kw_only=True):
     last_error: str | None
 
 
-def node_view(gw: Gateway, state: UpstreamState) -> NodeView:
-    jobs = gw.store.active(state.name)
+async def node_view(gw: Gateway, state: UpstreamState) -> NodeView:
+    jobs = await gw.store.active(state.name)
     recent = gw.dispatcher.timings.recent(state.name)
     return NodeView(
         name=state.name,
@@ -83,28 +83,28 @@ class NodesController(Controller):
     @get("/", summary="Nodes and hosted accounts: state, capacity, jobs, measured run times")
     async def list_nodes(self, request: Request) -> list[NodeView]:
         gw = gateway(request)
-        return [node_view(gw, s) for s in gw.dispatcher.states.values()]
+        return [await node_view(gw, s) for s in gw.dispatcher.states.values()]
 
     @get("/{name:str}", summary="One node")
     async def get_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, gw.registry.get(name))
+        return await node_view(gw, gw.registry.get(name))
 
     @post("/", status_code=201, summary="Add a node (kept across restarts)")
     async def add_node(self, request: Request, data: JSONBody[NodeRequest]) -> NodeView:
         gw = gateway(request)
         state = await gw.registry.add(data.name, data.url, capacity=data.capacity, tasks=data.tasks)
-        return node_view(gw, state)
+        return await node_view(gw, state)
 
     @post("/{name:str}/drain", status_code=200, summary="Finish what it has, take nothing new")
     async def drain_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, await gw.registry.set_drained(name, True))
+        return await node_view(gw, await gw.registry.set_drained(name, True))
 
     @post("/{name:str}/undrain", status_code=200, summary="Take new jobs again")
     async def undrain_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, await gw.registry.set_drained(name, False))
+        return await node_view(gw, await gw.registry.set_drained(name, False))
 
     @delete("/{name:str}", status_code=204, summary="Remove a node with no job in flight")
     async def remove_node(self, request: Request, name: FromPath[str]) -> None:
