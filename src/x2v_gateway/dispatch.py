@@ -527,6 +527,7 @@ class Dispatcher:
             return []
         wanted = sorted(set().union(*(self.states[n].upstream.tasks for n in free)))
         lanes = await self.store.queue_lanes(wanted)
+        free = {name: n for name, n in free.items() if name in self.states}  # none removed meanwhile
         if not lanes:
             for name in free:
                 self.states[name].freed.clear()  # nothing waited: no lag to count
