@@ -33,15 +33,25 @@ def gateway(request: Request) -> Gateway:
 
 async def view(gw: Gateway, job: Job, *, events: bool = False) -> JobView:
     """One job as the API shows it; with `events`, its timeline and (queued) the wait estimate."""
-    if not (events and job.state == "queued"):
-        return (await views(gw, [job], events=events))[0]
+    if not events:
+        return (await views(gw, [job]))[0]
+    return _full_view(gw, job, await gw.store.read(lambda r: _full_view_reads(r, job)))
 
-    def read(r: Reads) -> tuple[dict[str, int], int | None, list[Inflight], list[dict[str, Any]]]:
-        return r.blob_sizes(job.inputs.values()), r.queue_position(job), r.inflight(), r.events(job.id)
 
-    sizes, position, inflight, timeline = await gw.store.read(read)
+_FullViewReads = tuple[dict[str, int], "int | None", "list[Inflight] | None", list[dict[str, Any]]]
+
+
+def _full_view_reads(r: Reads, job: Job) -> _FullViewReads:
+    """What a job's own page shows besides the job: its files' sizes, its place in the queue,
+    its timeline, and (queued) the jobs in flight that its wait estimate starts from."""
+    inflight = r.inflight() if job.state == "queued" else None
+    return r.blob_sizes(job.inputs.values()), r.queue_position(job), inflight, r.events(job.id)
+
+
+def _full_view(gw: Gateway, job: Job, reads: _FullViewReads) -> JobView:
+    sizes, position, inflight, timeline = reads
     # The queue position is read once, and the estimate starts from it.
-    estimate = gw.dispatcher.estimate(job, position, inflight)
+    estimate = gw.dispatcher.estimate(job, position, inflight) if inflight is not None else None
     return job_view(job, blob_sizes=sizes, queue_position=position, queue_estimate=estimate, events=timeline)
 
 
@@ -266,8 +276,14 @@ class JobsController(Controller):
 
     @get("/{job_id:str}", summary="One job, with its timeline")
     async def get_job(self, request: Request, job_id: FromPath[str]) -> JobView:
-        gw = gateway(request)
-        return await view(gw, await _found(gw, job_id, caller(request)), events=True)
+        gw, who = gateway(request), caller(request)
+
+        def read(r: Reads) -> tuple[Job, _FullViewReads]:  # one hop, not two
+            job = _visible(r.get(job_id), job_id, who)
+            return job, _full_view_reads(r, job)
+
+        job, reads = await gw.store.read(read)
+        return _full_view(gw, job, reads)
 
     @delete("/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files")
     async def cancel_job(
@@ -373,9 +389,12 @@ class ModelsController(Controller):
 
 
 async def _found(gw: Gateway, job_id: str, who: Caller) -> Job:
+    return _visible(await gw.store.get(job_id), job_id, who)
+
+
+def _visible(job: Job | None, job_id: str, who: Caller) -> Job:
     """The job, if this caller may see it. Another key's job is "not found", exactly like a job
     that does not exist, so ids cannot be probed."""
-    job = await gw.store.get(job_id)
     if job is None or not who.may_touch(job.owner):
         raise ApiError(404, f"no job {job_id}")
     return job
