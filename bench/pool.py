@@ -255,12 +255,17 @@ def time_plan(path: Path, node_count: int, *, busy: bool, repeat: int) -> float:
     upstreams = [SelfHostedNode(f"n{i}", f"http://127.0.0.1:9/{i}", slots=2, client=client)
                  for i in range(node_count)]
     dispatcher = Dispatcher(store, BlobStore(path.parent / "blobs"), upstreams, Notifier(),
-                            Metrics(store.counts_by_state))
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        plan = dispatcher.plan()
-        times.append(time.perf_counter() - started)
+                            Metrics())
+
+    async def plans() -> tuple[list, list[float]]:
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            plan = await dispatcher.plan()
+            times.append(time.perf_counter() - started)
+        return plan, times
+
+    plan, times = asyncio.run(plans())
     assert len(plan) == (1 if busy else 2 * node_count), len(plan)
     store.close()
     asyncio.run(client.aclose())

@@ -369,3 +369,72 @@ def test_input_url_is_fetched_from_the_address_that_was_checked(media):
         assert len(hosts) == 2
     finally:
         server.shutdown()
+
+
+
+def _in_process_app(tmp_path):
+    """The gateway app in this process, with one node that is not there (jobs stay queued)."""
+    from gateway_proc import ADMIN_KEY, free_port
+    from x2v_gateway.app import create_app
+    from x2v_gateway.settings import load_settings
+    from x2v_gateway.upstream.selfhosted import SelfHostedNode
+
+    settings = load_settings({"X2V_DATA_DIR": str(tmp_path / "data"), "X2V_ADMIN_KEY": ADMIN_KEY}, env_file=None)
+    app = create_app(settings, upstreams=[SelfHostedNode("n1", f"http://127.0.0.1:{free_port()}", slots=2)])
+    return app, {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def test_requests_never_run_a_store_query_on_the_event_loop(tmp_path):
+    """What a request reads (its key, a job, a page of 500, the dashboard's pages) is read on the
+    store's reader threads: a slow read then holds up that request only, never the event loop
+    that answers everyone else (/healthz took 1.1 s under a burst of list requests)."""
+    from litestar.testing import TestClient
+
+    from gateway_proc import ADMIN_KEY
+
+    app, headers = _in_process_app(tmp_path)
+    store = app.state.gateway.store
+    with TestClient(app) as client:
+        loop_thread = client.blocking_portal.call(threading.current_thread).name
+        created = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "a cat"}, headers=headers)
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        client.post("/ui/sign-in", data={"key": ADMIN_KEY})
+        for path in ("/api/v1/jobs?limit=500", f"/api/v1/jobs/{job_id}", "/api/v1/nodes", "/api/v1/me",
+                     "/api/v1/keys", "/api/v1/audit", "/metrics", "/ui/", "/ui/jobs", f"/ui/jobs/{job_id}"):
+            assert client.get(path, headers=headers).status_code == 200, path
+        owners = {name for name, _ in store._conns}  # the threads that opened a connection
+    assert loop_thread not in owners, owners
+    assert any(name.startswith("x2v-store-reader") for name in owners), owners
+
+
+def test_a_queued_job_counts_its_queue_position_once(tmp_path):
+    """GET of a queued job shows its place and a wait estimate from it: one count of the queue
+    ahead, not one for the place and another inside the estimate."""
+    from litestar.testing import TestClient
+
+    from x2v_gateway.store import READER_THREADS
+
+    app, headers = _in_process_app(tmp_path)
+    store = app.state.gateway.store
+    with TestClient(app) as client:
+        ids = [client.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"cat {i}"}, headers=headers).json()["id"]
+               for i in range(3)]
+        # Every reader thread opens its connection now (each waits for the others), so that all
+        # of them can be traced.
+        barrier = threading.Barrier(READER_THREADS)
+
+        async def open_all() -> None:
+            await asyncio.gather(*(store.read(lambda r: barrier.wait(10)) for _ in range(READER_THREADS)))
+
+        client.blocking_portal.call(open_all)
+        statements: list[str] = []
+        for _, conn in store._conns.items():
+            conn.set_trace_callback(statements.append)
+        job = client.get(f"/api/v1/jobs/{ids[2]}", headers=headers).json()
+        for conn in store._conns.values():
+            conn.set_trace_callback(None)
+    assert job["queue"]["position"] == 3
+    assert any(ids[2] in sql for sql in statements), statements  # the job's read was traced
+    counts = [sql for sql in statements if "count(*) FROM jobs WHERE state = 'queued'" in sql]
+    assert len(counts) == 1, counts

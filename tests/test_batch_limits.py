@@ -37,8 +37,12 @@ def gateway(tmp_path):
     gw.store.close()
 
 
+def _plan(gw: Gateway, form: dict[str, str], files: list[str]):
+    return asyncio.run(plan_batch(gw, form, files))
+
+
 def _peak(fn, *args):
-    """fn(*args) and the most memory it held at once."""
+    """fn(*args) and the most memory it held at once (every thread's)."""
     tracemalloc.start()
     try:
         result = fn(*args)
@@ -69,7 +73,7 @@ def _kept(gw: Gateway, path: Path, role: str) -> str:
      "Manifest: more than 2000 rows, a job each"),
 ])
 def test_a_form_over_the_cap_is_refused_naming_the_field_before_its_rows_are_built(gateway, form, says):
-    plan, peak = _peak(plan_batch, gateway, form, [])
+    plan, peak = _peak(_plan, gateway, form, [])
     assert any(e.startswith(says) for e in plan.errors), plan.errors
     assert "a batch holds at most 2000 jobs: split it" in " ".join(plan.errors)
     assert plan.jobs == [] and not plan.ok
@@ -79,7 +83,7 @@ def test_a_form_over_the_cap_is_refused_naming_the_field_before_its_rows_are_bui
 def test_files_over_the_cap_are_refused_before_the_store_is_read(gateway, tmp_path):
     # 5,000 listed files: each would be a look-up in the store.
     listed = [Upload(f"f{i}.png", "image", "0" * 64, 1).as_json() for i in range(5000)]
-    plan = plan_batch(gateway, {"mode": "each", "task": "i2v"}, listed)
+    plan = _plan(gateway, {"mode": "each", "task": "i2v"}, listed)
     assert plan.errors[-1] == ("Files: 5,000 files are listed; a batch holds at most 4000 files:"
                                " split it into several batches")
     # Every image with every audio: 50 × 50 files make 2,500 jobs, counted, not made.
@@ -87,11 +91,11 @@ def test_files_over_the_cap_are_refused_before_the_store_is_read(gateway, tmp_pa
     audio = _kept(gateway, make_wav(tmp_path / "voice.wav", seconds=0.1), "audio")
     images = [image.replace("face.png", f"face{i}.png") for i in range(50)]
     audios = [audio.replace("voice.wav", f"voice{i}.wav") for i in range(50)]
-    plan, peak = _peak(plan_batch, gateway, {"mode": "each", "task": "s2v"}, images + audios)
+    plan, peak = _peak(_plan, gateway, {"mode": "each", "task": "s2v"}, images + audios)
     assert plan.errors[-1].startswith("Files: 50 images × 50 audio files make 2,500 jobs"), plan.errors
     assert plan.jobs == [] and plan.summary == "2,500 jobs, more than one batch holds"
     # Up to the cap, the batch is planned row by row as before.
-    plan = plan_batch(gateway, {"mode": "grid", "task": "s2v", "prompts": "a\nb", "seeds": "1-20"},
+    plan = _plan(gateway, {"mode": "grid", "task": "s2v", "prompts": "a\nb", "seeds": "1-20"},
                       images[:25] + audios[:2])
     assert len(plan.jobs) == 25 * 2 * 2 * 20 == MAX_BATCH_JOBS
     assert not any("split it" in e for e in plan.errors) and not plan.bad_rows, plan.errors

@@ -531,12 +531,12 @@ def test_dashboard_batch_for_the_cloud_only_needs_a_prompt(tmp_path):
     ]
     from x2v_gateway.batches import plan_batch
 
-    preview = plan_batch(gateway, {"task": "t2v", "mode": "grid", "prompt": "", "seeds": "1,2"}, [])
+    preview = asyncio.run(plan_batch(gateway, {"task": "t2v", "mode": "grid", "prompt": "", "seeds": "1,2"}, []))
     assert preview.jobs and all(
         any("Prompt: required" in e for e in job.errors) for job in preview.jobs
     ), [job.errors for job in preview.jobs]
     with pytest.raises(ApiError) as refused:
         asyncio.run(gateway.jobs.submit_batch("b-cloud", specs))
     assert refused.value.status == 422 and refused.value.field == "prompt"
-    assert gateway.store.counts_by_state()["queued"] == 0
+    assert asyncio.run(gateway.store.counts_by_state())["queued"] == 0
     gateway.store.close()

@@ -234,7 +234,7 @@ def test_dispatch_is_fair_between_api_keys_and_honours_priority(tmp_path):
         store = JobStore(tmp_path / "gateway.db")
         nodes = [SelfHostedNode(n, f"http://127.0.0.1:9/{n}", slots=2) for n in ("a", "b")]
         dispatcher = Dispatcher(store, BlobStore(tmp_path / "blobs"), nodes, Notifier(),
-                                Metrics(store.counts_by_state))
+                                Metrics())
 
         async def job(owner: str, **kw):
             created, _ = await store.create_job(task="t2v", params={"prompt": owner}, inputs={},
@@ -244,15 +244,15 @@ def test_dispatch_is_fair_between_api_keys_and_honours_priority(tmp_path):
         alice = [await job("alice", batch_id="big") for _ in range(20)]
         bob = await job("bob")
         # Four free slots: Bob's one job gets one, right after Alice's oldest.
-        assert [j.id for j, _ in dispatcher.plan()] == [alice[0].id, bob.id, alice[1].id, alice[2].id]
+        assert [j.id for j, _ in await dispatcher.plan()] == [alice[0].id, bob.id, alice[1].id, alice[2].id]
         # Alice's jobs hold three slots; the last free one goes to Bob, although twenty of
         # Alice's jobs are older.
         for j, node in zip(alice, ("a", "a", "b")):
             assert await store.claim(j.id, node, j.id)
-        assert [j.id for j, _ in dispatcher.plan()] == [bob.id]
+        assert [j.id for j, _ in await dispatcher.plan()] == [bob.id]
         # A higher priority goes before any fairness.
         urgent = await job("alice", priority=5)
-        assert [j.id for j, _ in dispatcher.plan()] == [urgent.id]
+        assert [j.id for j, _ in await dispatcher.plan()] == [urgent.id]
         store.close()
         for node in nodes:
             await node.aclose()

@@ -85,7 +85,7 @@ class Gateway:
         self.store = JobStore(settings.db_path)
         self.blobs = BlobStore(settings.blob_dir)
         self.notifier = Notifier()
-        self.metrics = Metrics(self.store.counts_by_state)
+        self.metrics = Metrics()
         self.demo_node: DemoNode | None = None
         self.registry = NodeRegistry(settings, self.store)
         nodes: list[SelfHostedNode] = []

@@ -259,7 +259,7 @@ class Auth:
         """Make `X2V_ADMIN_KEY` a working admin key, retiring a previous one; on a first start
         without it, make an admin key and show it once."""
         env_hash = hash_secret(self.settings.admin_key) if self.settings.admin_key else None
-        keys = self.store.keys()
+        keys = await self.store.keys()
         # The variable *is* the key: one that was replaced or removed from the settings stops
         # working, so rotating it is editing `.env` and restarting.
         for row in keys:
@@ -267,7 +267,7 @@ class Auth:
                 await self.store.revoke_key(row["id"], "X2V_ADMIN_KEY (changed or removed)")
                 self.note("X2V_ADMIN_KEY (changed or removed)", "key.revoke", row["id"])
         if env_hash is not None:
-            known = self.store.key_by_hash(env_hash)
+            known = await self.store.key_by_hash(env_hash)
             if known is None:
                 await self._insert_key(
                     env_hash, name="admin (X2V_ADMIN_KEY)", prefix="", admin=True, source="env",
@@ -337,9 +337,9 @@ class Auth:
         )
         return key, row
 
-    def find_key(self, id_or_name: str) -> dict[str, Any] | None:
+    async def find_key(self, id_or_name: str) -> dict[str, Any] | None:
         """A key by its id, or an active key by its name."""
-        keys = self.store.keys()
+        keys = await self.store.keys()
         for row in keys:
             if row["id"] == id_or_name:
                 return row
@@ -357,8 +357,8 @@ class Auth:
             self.note(actor, "key.revoke", key_id, f"name={row['name']}")
         return row
 
-    def from_key(self, key: str) -> Caller | None:
-        row = self.store.key_by_hash(hash_secret(key))
+    async def from_key(self, key: str) -> Caller | None:
+        row = await self.store.key_by_hash(hash_secret(key))
         if row is None or row["revoked_at"] is not None:
             return None
         return Caller.from_row(row)
@@ -367,7 +367,7 @@ class Auth:
 
     async def sign_in(self, key: str) -> tuple[str, Caller] | None:
         """A new session for a valid key: (the cookie's value, the caller). None: not a key."""
-        found = self.from_key(key)
+        found = await self.from_key(key)
         if found is None:
             return None
         cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
@@ -376,8 +376,8 @@ class Auth:
         await self.audit(found.label, "sign-in", found.key_id)
         return cookie, replace(found, via="session", csrf=csrf)
 
-    def from_session(self, cookie: str) -> Caller | None:
-        found = self.store.session(hash_secret(cookie))
+    async def from_session(self, cookie: str) -> Caller | None:
+        found = await self.store.session(hash_secret(cookie))
         if found is None:
             return None
         row, csrf = found
@@ -402,7 +402,7 @@ class Auth:
         idempotent request makes no new job)."""
         day = _utc_day()
         if await self.store.reserve_jobs(who.key_id, day, n, who.daily_quota) is None:
-            used = self.store.jobs_used(who.key_id, day)
+            used = await self.store.jobs_used(who.key_id, day)
             raise LimitError(
                 f"daily quota reached: this key may submit {who.daily_quota} jobs a day and has"
                 f" submitted {used} today{'' if n == 1 else f'; this asks for {n} more'}. The"
@@ -418,8 +418,8 @@ class Auth:
         if count.refunded:
             await self.store.release_jobs(who.key_id, day, n)
 
-    def jobs_today(self, key_id: str) -> int:
-        return self.store.jobs_used(key_id, _utc_day())
+    async def jobs_today(self, key_id: str) -> int:
+        return await self.store.jobs_used(key_id, _utc_day())
 
     # -- audit ----------------------------------------------------------------------------------
 
@@ -536,12 +536,12 @@ class AuthMiddleware(ASGIMiddleware):
             scheme, _, key = header.strip().partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
                 return None, self._refuse(request, 401, "send the key as Authorization: Bearer <key>")
-            who = auth.from_key(key.strip())
+            who = await auth.from_key(key.strip())
             if who is None:
                 return None, self._refuse(request, 401, "this API key is not valid (unknown or revoked)")
             return who, None
         cookie = request.cookies.get(SESSION_COOKIE)
-        who = auth.from_session(cookie) if cookie else None
+        who = await auth.from_session(cookie) if cookie else None
         if who is None:
             return None, self._unauthenticated(request, expired=bool(cookie))
         if request.method not in SAFE_METHODS and not await self._csrf_ok(request, who):

@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ import msgspec
 
 from .auth import Caller, LimitError
 from .models import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params, iso
-from .store import TERMINAL, BatchItem, BatchJobSpec, Job
+from .store import TERMINAL, BatchItem, BatchJobSpec, Job, Reads
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -131,15 +131,21 @@ def _image_kinds() -> frozenset[str]:
 _Row = tuple[str, dict[str, Upload], dict[str, Any], list[str]]
 
 
-async def plan_batch_off_loop(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan:
-    """`plan_batch` on a worker thread: up to 2,000 rows checked and the store read for each
-    file, which the event loop, serving every other request, should not wait for. (The store
-    gives each thread its own SQLite connection.)"""
-    return await asyncio.to_thread(plan_batch, gw, form, files)
+async def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan:
+    """The jobs a filled-in batch form would create, each with what stops it from running.
+
+    The listed files are looked up on a reader thread, and the rows (up to 2,000, each checked)
+    are planned on a worker thread: the event loop, serving every other request, waits for neither.
+    """
+    uploads: list[Upload] | TooMany
+    try:
+        uploads = await _uploads(gw, files)
+    except TooMany as exc:
+        uploads = exc
+    return await asyncio.to_thread(_plan, gw, form, uploads)
 
 
-def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan:
-    """The jobs a filled-in batch form would create, each with what stops it from running."""
+def _plan(gw: Gateway, form: dict[str, str], uploads: list[Upload] | TooMany) -> BatchPlan:
     task = form.get("task", "s2v")
     mode = form.get("mode", "each")
     errors: list[str] = []
@@ -158,7 +164,8 @@ def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan
     # seeds 1-1999 once made 2 million rows, and stalled every request, before this cap said no.
     rows: list[_Row] = []
     try:
-        uploads = _uploads(gw, files)
+        if isinstance(uploads, TooMany):
+            raise uploads
         if mode == "each":
             rows = [(_source(s), s, {}, []) for s in _input_sets(task, uploads, errors)]
         elif mode == "pair":
@@ -204,19 +211,22 @@ def _jobs_of(field: str, factors: list[tuple[str, int]]) -> int:
     return jobs
 
 
-def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
+async def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
     """The files listed in the form, checked against the blob store (the form is not trusted)."""
     # Each listed file costs a look-up in the store: count them first.
     if len(values) > MAX_BATCH_FILES:
         raise TooMany("Files", f"{_count('file', len(values))} are listed", limit=MAX_BATCH_FILES)
+    fields = list(filter(None, map(_file_field, values)))
+    shas = {sha for data in fields if re.fullmatch(r"[0-9a-f]{64}", sha := str(data.get("sha256", "")))}
+    blobs = await gw.store.read(lambda r: {sha: r.blob(sha) for sha in shas})
     uploads: dict[str, Upload] = {}
-    for data in filter(None, map(_file_field, values)):
+    for data in fields:
         name, role = str(data["name"]), str(data.get("role", "image"))
         if data.get("error"):
             uploads[name] = Upload(name, role, error=str(data["error"]))
             continue
         sha = str(data.get("sha256", ""))
-        blob = gw.store.blob(sha) if re.fullmatch(r"[0-9a-f]{64}", sha) else None
+        blob = blobs.get(sha)
         if blob is None or not gw.blobs.exists(sha):
             uploads[name] = Upload(name, role, error=f"{name} is no longer stored on the gateway"
                                    " (uploaded more than an hour ago?); add it again")
@@ -507,7 +517,7 @@ async def create_batch(
     gw: Gateway, who: Caller, form: dict[str, str], files: list[str],
 ) -> tuple[BatchPlan, str | None]:
     """Plan the form again (never trust a preview) and, when every row can run, queue its jobs."""
-    plan = await plan_batch_off_loop(gw, form, files)
+    plan = await plan_batch(gw, form, files)
     if not plan.ok:
         return plan, None
     batch_id = form.get("batch_id", "")
@@ -521,7 +531,7 @@ async def create_batch(
     kept_form = {k: v for k, v in form.items() if k not in ("batch_id",)}
     kept_form["files"] = [str(data["name"]) for data in filter(None, map(_file_field, files))]
     name = form.get("name", "").strip()[:200] or None
-    existing = gw.store.batch(batch_id)
+    existing = await gw.store.batch(batch_id)
     if existing is not None:
         if not who.may_touch(existing["owner"]):
             batch_id = new_batch_id()  # a guessed id of someone else's batch: a new one
@@ -552,7 +562,7 @@ async def run_again(gw: Gateway, who: Caller, job: Job, prompt: str, seed: str) 
             if job.files_expired:
                 raise ApiError(410, "This job's input files have expired; submit it again with its files")
             return await gw.dispatcher.retry(job.id), False
-        item = gw.store.batch_item(job.id)
+        item = await gw.store.batch_item(job.id)
         return await gw.jobs.run_again(job, params, item.files if item else {}), True
 
 
@@ -570,9 +580,9 @@ def _retry_params(job: Job, prompt: str, seed: str) -> dict[str, Any]:
 
 async def cancel_batch(gw: Gateway, who: Caller, batch_id: str) -> int:
     """Cancel the batch's unfinished jobs this caller may touch; returns how many were cancelled."""
-    batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
+    await batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
     cancelled = 0
-    for item in all_items(gw, batch_id, who.sees):
+    async for item in all_items(gw, batch_id, who.sees):
         if not item.job.finished:
             job = await gw.dispatcher.cancel(item.job.id)
             cancelled += job is not None and job.state == "cancelled"
@@ -581,9 +591,9 @@ async def cancel_batch(gw: Gateway, who: Caller, batch_id: str) -> int:
 
 async def retry_failed(gw: Gateway, who: Caller, batch_id: str) -> tuple[int, int, str | None]:
     """Failed jobs back to the queue: (retried, skipped as their files expired, why the rest were not)."""
-    batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
+    await batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
     retried = expired = 0
-    for item in list(all_items(gw, batch_id, who.sees)):
+    for item in [item async for item in all_items(gw, batch_id, who.sees)]:
         # A failed job already run again with an edited prompt or seed is left alone: its new
         # run stands for it.
         if item.job.state != "failed" or item.retried_as:
@@ -600,11 +610,12 @@ async def retry_failed(gw: Gateway, who: Caller, batch_id: str) -> tuple[int, in
     return retried, expired, None
 
 
-def all_items(gw: Gateway, batch_id: str, owner: str | None) -> Iterator[BatchItem]:
+async def all_items(gw: Gateway, batch_id: str, owner: str | None) -> AsyncIterator[BatchItem]:
     """Every job of the batch `owner` may see (None: every job), read a page at a time."""
     after = 0
-    while items := gw.store.batch_items(batch_id, after_seq=after, limit=1000, owner=owner):
-        yield from items
+    while items := await gw.store.batch_items(batch_id, after_seq=after, limit=1000, owner=owner):
+        for item in items:
+            yield item
         after = items[-1].job.seq
 
 
@@ -639,16 +650,20 @@ class BatchSummary:
         return int(100 * self.done / self.total) if self.total else 0
 
 
-def batch_summary(gw: Gateway, batch_id: str, who: Caller) -> BatchSummary:
+async def batch_summary(gw: Gateway, batch_id: str, who: Caller) -> BatchSummary:
     """Counts, progress and time left of the batch's jobs this caller may see."""
-    batch = gw.store.batch(batch_id)
+    return await gw.store.read(lambda r: read_batch_summary(r, batch_id, who))
+
+
+def read_batch_summary(r: Reads, batch_id: str, who: Caller) -> BatchSummary:
+    batch = r.batch(batch_id)
     if batch is not None and not who.may_touch(batch["owner"]):
         batch = None
-    counts = gw.store.batch_counts(batch_id, owner=who.sees)
+    counts = r.batch_counts(batch_id, owner=who.sees)
     if batch is None and not any(counts.values()):
         # Another key's batch looks exactly like one that does not exist.
         raise ApiError(404, f"There is no batch {batch_id}. The list of batches is on the Batches page.")
-    created = batch["created_at"] if batch else gw.store.batch_created_at(batch_id, owner=who.sees)
+    created = batch["created_at"] if batch else r.batch_created_at(batch_id, owner=who.sees)
     name = (batch or {}).get("name") or f"Batch {batch_id}"
     summary = BatchSummary(batch_id, name, (batch or {}).get("task"), created, counts, None)
     # Throughput so far, queueing included: jobs that ran to an end per second since the batch
@@ -669,10 +684,10 @@ MANIFEST_FIELDS = (
 )
 
 
-def batch_zip(gw: Gateway, who: Caller, batch_id: str) -> AsyncIterator[bytes]:
+async def batch_zip(gw: Gateway, who: Caller, batch_id: str) -> AsyncIterator[bytes]:
     """The batch's videos and a manifest.csv describing every job, as a zip made while it streams."""
     # Checked now, not at the first chunk: once the zip streams, the 200 has been sent.
-    batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
+    await batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
     return _zip_chunks(gw, batch_id, who.sees)
 
 
@@ -683,7 +698,7 @@ async def _zip_chunks(gw: Gateway, batch_id: str, owner: str | None) -> AsyncIte
     writer = csv.DictWriter(manifest, fieldnames=MANIFEST_FIELDS)
     writer.writeheader()
     taken: set[str] = set()
-    for item in all_items(gw, batch_id, owner):
+    async for item in all_items(gw, batch_id, owner):
         job, file = item.job, ""
         if job.state == "succeeded" and job.result_sha and not job.files_expired:
             path = gw.blobs.path(job.result_sha)

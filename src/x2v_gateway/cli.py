@@ -212,14 +212,19 @@ def list_keys(as_json: bool, env_file: str) -> None:
 
     Example: x2v-gateway keys list
     """
+    import asyncio
     import json
     import time
 
     auth, store = _open_auth(env_file)
     try:
-        rows = store.keys()
-        for row in rows:
-            row["jobs_today"] = auth.jobs_today(row["id"])
+        async def read() -> list[dict]:
+            rows = await store.keys()
+            for row in rows:
+                row["jobs_today"] = await auth.jobs_today(row["id"])
+            return rows
+
+        rows = asyncio.run(read())
     finally:
         store.close()
     if as_json:
@@ -258,14 +263,15 @@ def revoke_key(key: str, env_file: str) -> None:
 
     auth, store = _open_auth(env_file)
     try:
-        row = auth.find_key(key)
+        row = asyncio.run(auth.find_key(key))
         if row is None or row["revoked_at"] is not None:
             click.echo(f"x2v-gateway: no active key {key!r} (see `{cli_command()} keys list`)", err=True)
             sys.exit(1)
         # The API refuses these two (they would lock every admin out); on the server the
         # operator may, and is told what it means.
         asyncio.run(auth.revoke_key(row["id"], _actor(), keep_admin=False))
-        admins_left = sum(1 for r in store.keys() if r["admin"] and r["revoked_at"] is None)
+        keys = store.read_blocking(lambda r: r.keys())
+        admins_left = sum(1 for k in keys if k["admin"] and k["revoked_at"] is None)
     finally:
         store.close()
     click.echo(f"Revoked key {row['id']} ({row['name']}).")
@@ -274,7 +280,7 @@ def revoke_key(key: str, env_file: str) -> None:
                    " new X2V_ADMIN_KEY and restart to have an admin key there again.", err=True)
     if row["admin"] and not admins_left:
         click.echo("No admin key works now: nobody can manage keys or nodes through the API until"
-                   " you make one with `x2v-gateway keys create --admin --name NAME`.", err=True)
+                   f" you make one with `{cli_command()} keys create --admin --name NAME`.", err=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from .blobs import BlobStore
 from .metrics import Metrics
 from .checker import CHECKER
 from .settings import VIDEO_TASKS
-from .store import QUEUED, RUNNING, SUBMITTED, Inflight, Job, JobStore, Lane
+from .store import QUEUED, RUNNING, SUBMITTED, Inflight, Job, JobStore, Lane, Reads
 from .upstream.base import (
     AmbiguousSubmit,
     Backpressure,
@@ -251,6 +251,9 @@ class Dispatcher:
         self.states: dict[str, UpstreamState] = {}
         self.timings = Timings()
         self._wake = asyncio.Event()
+        # Held while free slots are counted and filled: by a dispatch round, by an upload's
+        # reservation.
+        self._planning = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._submitting: set[str] = set()
         # Jobs whose stop request is on its way upstream (one at a time per job).
@@ -274,11 +277,11 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._running = True
-        for node, task, seconds in reversed(self.store.recent_run_times()):
+        for node, task, seconds in reversed(await self.store.recent_run_times()):
             self.timings.record(node, task, seconds)
         await self._release_orphans()
         for state in self.states.values():
-            state.strays = bool(self.store.stray_tasks(state.name))
+            state.strays = bool(await self.store.stray_tasks(state.name))
             self.spawn(self._follow_loop(state))
         self.spawn(self._dispatch_loop())
         self.spawn(self._retention_loop())
@@ -316,7 +319,7 @@ class Dispatcher:
 
     async def _release_orphans(self) -> None:
         """Jobs left on an upstream that is no longer configured go back to the queue."""
-        for row in self.store.inflight():
+        for row in await self.store.inflight():
             if row.upstream not in self.states:
                 if await self.store.move(
                     row.id, row.upstream, f"{row.upstream} is no longer configured; sending it"
@@ -342,7 +345,8 @@ class Dispatcher:
         self.states[upstream.name] = state
         self.metrics.node_slots.labels(upstream.name).set(0 if drained else upstream.slots)
         if self._running:
-            state.strays = bool(self.store.stray_tasks(upstream.name))
+            # It may owe cancels from an earlier life: its follow loop looks before anything else.
+            state.strays = True
             self.spawn(self._follow_loop(state))
             self.wake()
         return state
@@ -374,12 +378,12 @@ class Dispatcher:
     async def retry(self, job_id: str) -> Job | None:
         """Run a failed or cancelled job again. On the hosted cloud, as the same upstream task
         (its resume: no new submission, no second task in the account) when the cloud can."""
-        job = self.store.get(job_id)
+        job = await self.store.get(job_id)
         if job is not None and job.cancel_pending and job_id not in self._submitting:
             # What the cancelled run left upstream is stopped first (found, if its id was never
             # learned): a new run must not leave it running, and a resume needs its id.
             await self._send_cancel(job)
-            job = self.store.get(job_id)
+            job = await self.store.get(job_id)
         state = self.states.get(job.upstream or "") if job is not None else None
         resumed = False
         if (
@@ -402,7 +406,7 @@ class Dispatcher:
                 log.info("job %s resumed on %s as task %s", job_id, upstream.name, task_id)
         # Not resumed (a self-hosted node, a task the cloud cannot resume): a new run from the queue.
         owed = self.states.get(job.upstream or "") if job is not None and job.cancel_pending else None
-        job = self.store.get(job_id) if resumed else await self.store.retry(job_id)
+        job = await self.store.get(job_id) if resumed else await self.store.retry(job_id)
         if owed is not None and not resumed:
             # The old run's stop request, not delivered yet, became a stray task there (see
             # store.retry): cancelled before that upstream gets anything new.
@@ -425,15 +429,16 @@ class Dispatcher:
                 log.exception("dispatch round failed; trying again")
 
     async def _dispatch_once(self) -> None:
-        started = time.perf_counter()
-        plan = self.plan()
-        self.metrics.dispatch_round.observe(time.perf_counter() - started)
-        for job, state in plan:
-            self._submitting.add(job.id)
-            self._unclaimed[state.name] += 1
-            self.spawn(self._submit(job, state))
+        async with self._planning:
+            started = time.perf_counter()
+            plan = await self.plan()
+            self.metrics.dispatch_round.observe(time.perf_counter() - started)
+            for job, state in plan:
+                self._submitting.add(job.id)
+                self._unclaimed[state.name] += 1
+                self.spawn(self._submit(job, state))
 
-    def reserve_for_upload(self, task: str, pinned: str | None, owner: str | None) -> UpstreamState | None:
+    async def reserve_for_upload(self, task: str, pinned: str | None, owner: str | None) -> UpstreamState | None:
         """A free slot on a node for a job whose upload is still arriving, or None.
 
         Only a self-hosted node that is up, runs `task`, has a slot free and no queued job that
@@ -441,36 +446,42 @@ class Dispatcher:
         jobs at once go through the queue, which enforces it. The slot stays taken until the job
         is handed over with `submit_reserved` or the slot is given back with `unreserve`.
         """
-        if owner is not None and owner in self.store.concurrency_limits():
+        async with self._planning:  # a dispatch round and a reservation never count the same slot
+            if owner is not None and owner in await self.store.concurrency_limits():
+                return None
+            now = time.monotonic()
+            taken = await self._slots_taken()
+            queued_tasks = await self._queued_tasks()
+            for state in sorted(self.states.values(), key=lambda s: taken[s.name]):
+                upstream = state.upstream
+                if (
+                    not hasattr(upstream, "open_form") or state.up is not True or not state.accepting(now)
+                    or task not in upstream.tasks or pinned not in (None, upstream.name)
+                    or taken[state.name] >= upstream.slots or queued_tasks & upstream.tasks
+                ):
+                    continue
+                self._unclaimed[state.name] += 1
+                return state
             return None
-        now = time.monotonic()
-        taken = self._slots_taken()
-        for state in sorted(self.states.values(), key=lambda s: taken[s.name]):
-            upstream = state.upstream
-            if (
-                not hasattr(upstream, "open_form") or state.up is not True or not state.accepting(now)
-                or task not in upstream.tasks or pinned not in (None, upstream.name)
-                or taken[state.name] >= upstream.slots or self._queued_for(state)
-            ):
-                continue
-            self._unclaimed[state.name] += 1
-            return state
-        return None
 
-    def reservation_blocks(self, state: UpstreamState) -> bool:
+    async def reservation_blocks(self, state: UpstreamState) -> bool:
         """Whether a queued job waits for a slot on `state` that an arriving upload holds."""
-        if self._slots_taken()[state.name] < state.upstream.slots:
+        if (await self._slots_taken())[state.name] < state.upstream.slots:
             return False  # it has another free slot
-        return self._queued_for(state)
+        return bool(await self._queued_tasks() & state.upstream.tasks)
 
-    def _slots_taken(self) -> Counter[str]:
+    async def _slots_taken(self) -> Counter[str]:
         """Per upstream: its jobs in flight, and those handed to a submit task or kept for an
         arriving upload that the store does not count yet."""
-        return Counter(row.upstream for row in self.store.inflight()) + self._unclaimed
+        # Counted before the read: a job claimed meanwhile is then counted twice (a slot left
+        # free for a round), never missed (a node given more than its slots).
+        unclaimed = self._unclaimed.copy()
+        return Counter(row.upstream for row in await self.store.inflight()) + unclaimed
 
-    def _queued_for(self, state: UpstreamState) -> bool:
-        """Whether a queued job could run on `state`."""
-        return bool(self.store.queue_lanes(sorted(state.upstream.tasks)))
+    async def _queued_tasks(self) -> set[str]:
+        """The task types of the jobs waiting in the queue."""
+        tasks = sorted(set().union(*(s.upstream.tasks for s in self.states.values())))
+        return {lane.task for lane in await self.store.queue_lanes(tasks)}
 
     def unreserve(self, state: UpstreamState) -> None:
         self._unclaimed[state.name] -= 1
@@ -484,14 +495,25 @@ class Dispatcher:
         self._submitting.add(job.id)
         await self._submit(job, state, send)
 
-    def plan(self) -> list[tuple[Job, UpstreamState]]:
+    async def plan(self) -> list[tuple[Job, UpstreamState]]:
         """Which queued jobs go to which nodes now: every free slot, fairly, fastest node first.
 
-        Reads the store only: the in-flight jobs (a few columns each), the queue's lanes (one
-        index seek per lane), and the first jobs of the lanes it takes from.
+        Reads the store only, off the event loop: the in-flight jobs (a few columns each), the
+        queue's lanes (one index seek per lane), and the first jobs of the lanes it takes from.
         """
         now, wall = time.monotonic(), time.time()
-        inflight = self.store.inflight()
+        # What this process holds in memory is taken before the store is read: a job claimed
+        # meanwhile is then counted twice (its slot stays free a round), never missed.
+        unclaimed, submitting = self._unclaimed.copy(), set(self._submitting)
+        collecting = dict(self._collecting)
+
+        def reads(r: Reads) -> tuple[list[Inflight], dict[str, int], list[Job]]:
+            inflight, limits = r.inflight(), r.concurrency_limits()
+            claimed = {row.id for row in inflight}
+            pending = [r.get(job_id) for job_id in submitting - claimed] if limits else []
+            return inflight, limits, [j for j in pending if j is not None]
+
+        inflight, limits, pending = await self.store.read(reads)
         on_node: dict[str, list[Inflight]] = defaultdict(list)
         owner_load: Counter[str] = Counter()
         lane_load: Counter[tuple[str, str]] = Counter()
@@ -502,27 +524,24 @@ class Dispatcher:
         # API keys with a cap on jobs at once (`keys create --max-concurrent`): at the cap, the
         # key's lanes are passed over and its jobs wait queued. Jobs handed to a submit task but
         # not yet claimed in the store count too, so two rounds cannot both fill the cap.
-        limits = self.store.concurrency_limits()
-        if limits:
-            claimed = {row.id for row in inflight}
-            for job_id in self._submitting - claimed:
-                pending = self.store.get(job_id)
-                if pending is not None and pending.state == QUEUED:
-                    owner_load[pending.owner or ""] += 1
+        for job in pending:
+            if job.state == QUEUED:
+                owner_load[job.owner or ""] += 1
         # A job whose video is being copied has left its node: its slot is free. Only while the
         # store still counts it in flight, though; once it is marked done it is in neither.
         in_flight = {row.id for row in inflight}
-        finishing = Counter(n for job_id, n in self._collecting.items() if job_id in in_flight)
+        finishing = Counter(n for job_id, n in collecting.items() if job_id in in_flight)
         free: dict[str, int] = {}
         for name, state in self.states.items():
             if state.accepting(now):
-                used = len(on_node.get(name, ())) + self._unclaimed[name] - finishing[name]
+                used = len(on_node.get(name, ())) + unclaimed[name] - finishing[name]
                 if state.upstream.slots - used > 0:
                     free[name] = state.upstream.slots - used
         if not free:
             return []
         wanted = sorted(set().union(*(self.states[n].upstream.tasks for n in free)))
-        lanes = self.store.queue_lanes(wanted)
+        lanes = await self.store.queue_lanes(wanted)
+        free = {name: n for name, n in free.items() if name in self.states}  # none removed meanwhile
         if not lanes:
             for name in free:
                 self.states[name].freed.clear()  # nothing waited: no lag to count
@@ -569,11 +588,13 @@ class Dispatcher:
             cap = limits.get(cursor.lane.owner)
             if cap is not None and owner_load[cursor.lane.owner] >= cap:
                 continue  # its owner has as many jobs running as its key allows
-            fit = self._next_fit(cursor, free, best_node, total_free)
+            fit = await self._next_fit(cursor, free, best_node, total_free)
             if fit is None:
                 continue  # nothing of this lane fits a free node this round
             job, name = fit
-            state = self.states[name]
+            state = self.states.get(name)
+            if state is None:
+                continue  # removed while the lane was read
             plan.append((job, state))
             free[name] -= 1
             total_free -= 1
@@ -587,11 +608,11 @@ class Dispatcher:
                 self.metrics.dispatch_lag.labels(name).observe(now - state.freed.popleft())
             heapq.heappush(heap, (lane_key(cursor), i))
         for name, n in free.items():
-            if n > 0:
+            if n > 0 and name in self.states:
                 self.states[name].freed.clear()
         return plan
 
-    def _next_fit(
+    async def _next_fit(
         self,
         cursor: _LaneCursor,
         free: dict[str, int],
@@ -603,7 +624,7 @@ class Dispatcher:
             if not cursor.jobs:
                 if cursor.exhausted:
                     return None
-                batch = self.store.lane_jobs(cursor.lane, cursor.after, min(LANE_SCAN, total_free + 4))
+                batch = await self.store.lane_jobs(cursor.lane, cursor.after, min(LANE_SCAN, total_free + 4))
                 if not batch:
                     cursor.exhausted = True
                     return None
@@ -643,14 +664,15 @@ class Dispatcher:
             total += duration
         return total / capacity
 
-    def estimate(self, job: Job) -> dict[str, float] | None:
+    def estimate(self, job: Job, position: int | None, inflight: Iterable[Inflight]) -> dict[str, float] | None:
         """For a job still in the gateway's queue: expected seconds until it starts and its run
-        time, from the measured run times (None before anything was measured)."""
+        time, from the measured run times (None before anything was measured). The caller reads
+        its queue `position` and the jobs in flight (`store.inflight()`), off the loop."""
         rates = 0.0
         starts = []
         wall = time.time()
         by_node: dict[str, list[Inflight]] = defaultdict(list)
-        for row in self.store.inflight():
+        for row in inflight:
             by_node[row.upstream].append(row)
         for name, state in self.states.items():
             if job.task not in state.upstream.tasks or state.up is False or state.drained:
@@ -660,19 +682,19 @@ class Dispatcher:
                 continue
             rates += state.capacity / typical
             starts.append(self._backlog(name, by_node.get(name, ()), wall))
-        position = self.store.queue_position(job)
         if not rates or position is None:
             return None
         run = self.timings.typical("", job.task) or 0.0
         return {"pending_seconds": round(min(starts) + (position - 1) / rates, 1),
                 "running_seconds": round(run, 1)}
 
-    def _request(self, job: Job, task_id: str) -> SubmitRequest:
+    async def _request(self, job: Job, task_id: str) -> SubmitRequest:
         params = dict(job.params)
         inputs = {role: self.blobs.path(sha) for role, sha in job.inputs.items()}
+        blobs = await self.store.read(lambda r: {sha: r.blob(sha) for sha in job.inputs.values()})
         filenames = {}
         for role, sha in job.inputs.items():
-            blob = self.store.blob(sha)
+            blob = blobs[sha]
             filenames[role] = f"{role}.{blob['kind'] if blob else 'bin'}"
         return SubmitRequest(
             job_id=job.id, task_id=task_id, task=job.task, params=params, inputs=inputs,
@@ -698,7 +720,7 @@ class Dispatcher:
             if not claimed:
                 return  # cancelled between the read and now
             self.notifier.changed(job.id)
-            request = self._request(job, task_id)
+            request = await self._request(job, task_id)
             try:
                 remote_id = await self._call(state, "submit", lambda: send(request))
             except Backpressure as exc:
@@ -740,7 +762,7 @@ class Dispatcher:
         task at all, was not known): it is sent now, or dropped if nothing reached the
         upstream. A retry started a new run: this attempt's task belongs to no job any more.
         """
-        now = self.store.get(job.id)
+        now = await self.store.get(job.id)
         if now is None:
             return
         if now.run != job.run:
@@ -786,8 +808,9 @@ class Dispatcher:
             if state.up is not True:
                 return
         upstream = state.upstream
-        jobs = [j for j in self.store.active(upstream.name) if j.id not in self._submitting]
-        pending_cancels = [j for j in self.store.cancel_pending() if j.upstream == upstream.name]
+        active, cancels = await self.store.read(lambda r: (r.active(upstream.name), r.cancel_pending()))
+        jobs = [j for j in active if j.id not in self._submitting]
+        pending_cancels = [j for j in cancels if j.upstream == upstream.name]
         if not jobs and not pending_cancels:
             self._set_load(state, busy=False, queued=0)
             if now - state.last_health >= HEALTH_INTERVAL:
@@ -805,7 +828,7 @@ class Dispatcher:
             self._record_down(state, health.detail or "unreachable")
             return
         await self._record_up(state)
-        if health.active is not None and not self.store.active(state.name):
+        if health.active is not None and not await self.store.active(state.name):
             # Someone else's tasks (a script talking to the node directly) keep it busy too.
             self._set_load(state, busy=health.active > 0, queued=0)
 
@@ -849,7 +872,7 @@ class Dispatcher:
 
     async def _cancel_strays(self, state: UpstreamState) -> None:
         """Cancel the tasks of jobs moved away while this node could not be told."""
-        for task_id in self.store.stray_tasks(state.name):
+        for task_id in await self.store.stray_tasks(state.name):
             try:
                 await self._call(state, "cancel", lambda: state.upstream.cancel(task_id))
             except UpstreamError as exc:
@@ -858,7 +881,7 @@ class Dispatcher:
             await self.store.drop_stray(state.name, task_id)
             log.info("%s: cancelled task %s, whose job was moved to another node", state.name, task_id)
         # One may have been added meanwhile (a retried job's attempt that landed late).
-        state.strays = bool(self.store.stray_tasks(state.name))
+        state.strays = bool(await self.store.stray_tasks(state.name))
 
     async def _rescue(self, state: UpstreamState) -> None:
         """Move jobs off a node that is down: at once when its port refuses connections (the
@@ -876,7 +899,7 @@ class Dispatcher:
         if not (state.gone or long_down):
             return
         moved = 0
-        for job in self.store.active(state.name):
+        for job in await self.store.active(state.name):
             if job.id in self._submitting or job.id in self._collecting:
                 continue
             why = (
@@ -897,7 +920,7 @@ class Dispatcher:
         # A task id unknown to the gateway: the gateway died between sending the job to an
         # upstream that picks its own ids and recording the answer. Look for it before resending.
         for job in [j for j in jobs if not j.upstream_task_id]:
-            request = self._request(job, task_id_for(job))
+            request = await self._request(job, task_id_for(job))
             found = await self._call(state, "find", lambda: upstream.find_task(request))
             if found:
                 await self.store.set_upstream_task_id(job.id, found)

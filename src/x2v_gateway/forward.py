@@ -90,20 +90,44 @@ class UploadForward:
         self._role: str | None = None
         self._head: bytearray | None = None  # the start of a file, until it is named
         self._watch: asyncio.Task[None] | None = None
+        # Asking for a slot reads the store, which the parser's hooks cannot wait for: the hooks
+        # of the chunk where the first file begins are kept here (one chunk at most), and played
+        # once `drain` has the answer.
+        self._wanted: tuple[str, str | None] | None = None
+        self._early: list[tuple[str, tuple]] = []
 
     def file_begins(self, role: str, fields: dict[str, str]) -> None:
         if not self._tried:
             self._tried = True
             task = fields.get("task", "").strip()
             if task:
-                pinned = fields.get("upstream", "").strip() or None
-                self._state = self._dispatcher.reserve_for_upload(task, pinned, self._owner)
-            if self._state is not None:
-                self._upload = self._state.upstream.open_form(self._size + FORM_SLACK_BYTES)
-                self._watch = asyncio.ensure_future(self._give_way_when_needed())
+                self._wanted = (task, fields.get("upstream", "").strip() or None)
+        if self._wanted is not None:
+            self._early.append(("begin", (role,)))
+            return
         self._role, self._head = role, bytearray()
 
+    async def _reserve(self) -> None:
+        assert self._wanted is not None
+        (task, pinned), self._wanted = self._wanted, None
+        early, self._early = self._early, []
+        self._state = await self._dispatcher.reserve_for_upload(task, pinned, self._owner)
+        if self._state is None or self._stopped:
+            return
+        self._upload = self._state.upstream.open_form(self._size + FORM_SLACK_BYTES)
+        self._watch = asyncio.ensure_future(self._give_way_when_needed())
+        for hook, args in early:
+            if hook == "begin":
+                self._role, self._head = args[0], bytearray()
+            elif hook == "data":
+                self.file_data(*args)
+            else:
+                self.file_ends()
+
     def file_data(self, data: bytes) -> None:
+        if self._wanted is not None:
+            self._early.append(("data", (data,)))
+            return
         if self._upload is None or self._stopped:
             return
         if self._head is None:
@@ -114,6 +138,9 @@ class UploadForward:
             self._name_file()
 
     def file_ends(self) -> None:
+        if self._wanted is not None:
+            self._early.append(("end", ()))
+            return
         if self._upload is None or self._stopped:
             return
         if self._head is not None:
@@ -133,6 +160,8 @@ class UploadForward:
 
     async def drain(self) -> None:
         """After each chunk of the client's body: send on what the parser handed over."""
+        if self._wanted is not None:
+            await self._reserve()
         if self._upload is None:
             return
         if self._stopped or self._upload.broken:
@@ -145,7 +174,7 @@ class UploadForward:
         slot it holds? Then forwarding ends, and the job goes through the queue like any other."""
         while self._state is not None:
             await asyncio.sleep(YIELD_CHECK_SECONDS)
-            if self._state is not None and self._dispatcher.reservation_blocks(self._state):
+            if self._state is not None and await self._dispatcher.reservation_blocks(self._state):
                 log.info("an upload still arriving gave its slot on %s to a queued job", self._state.name)
                 await self.close()
 

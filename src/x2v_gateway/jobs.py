@@ -309,7 +309,7 @@ class JobService:
         """Delete these jobs' inputs and videos now (a file another kept job uses stays); the jobs
         stay, marked `files_expired`. Unfinished ones are cancelled first. Returns files removed."""
         for job_id in job_ids:
-            job = self.store.get(job_id)
+            job = await self.store.get(job_id)
             if job is not None and not job.finished:
                 await self.dispatcher.cancel(job_id)
         doomed = await self.store.purge_files(job_ids, actor, target)
@@ -327,7 +327,7 @@ class JobService:
             if remaining <= 0:
                 break
             await self.notifier.wait(job.id, remaining)
-            job = self.store.get(job.id) or job
+            job = await self.store.get(job.id) or job
         return job
 
     # -- batches (the dashboard) ----------------------------------------------------------------

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
 class _JobStates(Collector):
-    """Jobs by state, read from the store at scrape time (the store is the truth)."""
+    """Jobs by state, read from the store at scrape time (the store is the truth).
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
-        self._counts = counts
+    Prometheus collects synchronously, and the store is read off the event loop: the scrape's
+    handler reads the counts first and hands them to `Metrics.render`."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
 
     def collect(self):
         family = GaugeMetricFamily("x2v_jobs", "Jobs in the store by state", labels=["state"])
-        counts = self._counts()
+        counts = self.counts
         for state, n in counts.items():
             family.add_metric([state], n)
         yield family
@@ -27,9 +28,10 @@ class _JobStates(Collector):
 
 
 class Metrics:
-    def __init__(self, job_counts: Callable[[], dict[str, int]]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_JobStates(job_counts))
+        self._job_states = _JobStates()
+        self.registry.register(self._job_states)
         self.upstream_latency = Histogram(
             "x2v_upstream_request_seconds", "Upstream request latency",
             ["upstream", "operation"], registry=self.registry,
@@ -84,5 +86,7 @@ class Metrics:
             except KeyError:
                 pass
 
-    def render(self) -> bytes:
+    def render(self, job_counts: dict[str, int]) -> bytes:
+        """The registry as Prometheus text, with `job_counts` (`store.counts_by_state()`)."""
+        self._job_states.counts = job_counts
         return generate_latest(self.registry)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .dispatch import Dispatcher, UpstreamState
 from .models import ApiError
 from .settings import VIDEO_TASKS, Settings, SettingsError, parse_nodes
-from .store import JobStore
+from .store import JobStore, Reads
 from .upstream.selfhosted import SelfHostedNode
 
 log = logging.getLogger("x2v_gateway.nodes")
@@ -45,7 +45,7 @@ class NodeRegistry:
         """The nodes to use: settings merged with the store's rows (read only; `save_settings`
         writes the settings' part once the gateway runs)."""
         s = self.settings
-        rows = {row["name"]: row for row in self.store.nodes()}
+        rows = {row["name"]: row for row in self.store.read_blocking(Reads.nodes)}
         configs: dict[str, NodeConfig] = {}
         for spec in s.nodes:
             row = rows.get(spec.name)
@@ -77,7 +77,7 @@ class NodeRegistry:
 
     def drained_upstreams(self) -> set[str]:
         """Upstreams that are not nodes (cloud accounts) drained through the API."""
-        return {row["name"] for row in self.store.nodes() if row["drained"] and not row["url"]}
+        return {row["name"] for row in self.store.read_blocking(Reads.nodes) if row["drained"] and not row["url"]}
 
     def build(self, config: NodeConfig) -> SelfHostedNode:
         s = self.settings
@@ -139,7 +139,7 @@ class NodeRegistry:
         await self.store.save_node(name, url=url, capacity=capacity, tasks=task_set, source="api")
         config = NodeConfig(name, url, capacity, task_set, "api")
         self.configs[name] = config
-        drained = any(r["name"] == name and r["drained"] for r in self.store.nodes())
+        drained = any(r["name"] == name and r["drained"] for r in await self.store.nodes())
         state = self.dispatcher.add_upstream(
             self.build(config), capacity=capacity, drained=drained, learn_tasks=task_set is None,
         )
@@ -161,13 +161,14 @@ class NodeRegistry:
         state = self.get(name)
         if state.upstream.kind != "selfhosted":
             raise ApiError(409, f"{name} is a hosted-cloud account: drain it, or remove its token")
-        inflight = self.store.inflight_counts().get(name, 0)
+        inflight, pinned = await self.store.read(
+            lambda r: (r.inflight_counts().get(name, 0), r.count_pinned(name))
+        )
         if inflight:
             raise ApiError(
                 409, f"{name} still has {inflight} job(s) in flight: drain it and wait until they"
                 " finish", "name",
             )
-        pinned = self.store.count_pinned(name)
         if pinned:
             raise ApiError(409, f"{pinned} queued job(s) are pinned to {name}; cancel them first", "name")
         config = self.configs.pop(name, None)

@@ -2,9 +2,9 @@
 
 A job row holds everything needed to resume after a crash: task type, parameters, input blob
 references, the upstream it went to and the upstream task id, state, attempts, timestamps, error
-and result. Writes go through one thread that owns the only writing connection (sqlite-utils
-connections are bound to their thread, and SQLite has one writer anyway); reads use a connection
-of the calling thread, which WAL lets run beside the writer.
+and result. Writes go through one thread that owns the only writing connection (SQLite has one
+writer anyway); reads run on a few reader threads, each with its own connection, which WAL lets
+run beside the writer. The event loop never runs a query: it awaits them.
 
 Every state change is a conditional UPDATE, so a finished job can never be moved again: a job
 cancelled by its user stays cancelled even when its node later reports the task completed.
@@ -14,21 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import msgspec
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+# Threads that read the store. Reads are short (every hot one uses an index); a few let a slow
+# one (a 500-job page) run beside the others without making them wait.
+READER_THREADS = 4
 
 QUEUED, SUBMITTED, RUNNING = "queued", "submitted", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -198,6 +204,38 @@ def m010_keys(db: Database) -> None:
     db.execute("CREATE INDEX idx_jobs_owner_seq ON jobs (owner, seq)")
 
 
+@migrations()
+def m020_hot_path_indexes(db: Database) -> None:
+    # The jobs handed to an upstream: read once per node per poll tick, per dispatch round and
+    # per look at a queued job. Partial, so they hold only those few rows, however many finished
+    # jobs the store keeps (without them each read walked the whole table).
+    db.execute("CREATE INDEX idx_jobs_inflight ON jobs (seq) WHERE state IN ('submitted', 'running')")
+    db.execute(
+        "CREATE INDEX idx_jobs_inflight_upstream ON jobs (upstream, seq)"
+        " WHERE state IN ('submitted', 'running')"
+    )
+    # Jobs by owner and state, kept by triggers: the dashboard's and /metrics' counts are then a
+    # read of a few rows instead of a count of a million (owner '' for jobs without one).
+    db.execute(
+        "CREATE TABLE job_counts (owner TEXT NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,"
+        " PRIMARY KEY (owner, state)) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO job_counts SELECT coalesce(owner, ''), state, count(*) FROM jobs GROUP BY 1, 2"
+    )
+    add = (
+        "INSERT INTO job_counts VALUES (coalesce(new.owner, ''), new.state, 1)"
+        " ON CONFLICT (owner, state) DO UPDATE SET n = n + 1;"
+    )
+    remove = "UPDATE job_counts SET n = n - 1 WHERE owner = coalesce(old.owner, '') AND state = old.state;"
+    db.execute(f"CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs BEGIN {add} END")
+    db.execute(f"CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN {remove} END")
+    db.execute(
+        "CREATE TRIGGER jobs_count_update AFTER UPDATE OF state, owner ON jobs"
+        f" WHEN old.state IS NOT new.state OR old.owner IS NOT new.owner BEGIN {remove} {add} END"
+    )
+
+
 class BatchJobSpec(msgspec.Struct, kw_only=True):
     """One job to create in a batch, from inputs already in the blob store."""
 
@@ -240,7 +278,9 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    # Each connection is used by the one thread that made it (`JobStore._conn`); only `close`
+    # touches it from another, once every thread is done.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     # Readers and the writer wait for each other a little instead of failing at once.
     conn.execute("PRAGMA busy_timeout = 5000")
@@ -248,69 +288,31 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class JobStore:
-    """Jobs in SQLite. Async methods write (on the writer thread); plain methods read."""
+class Reads:
+    """The store's reads, on one connection.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = Database(path)
-        db.enable_wal()
-        migrations.apply(db)
-        db.close()
-        self._local = threading.local()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x2v-store-writer")
+    JobStore runs each on a reader thread (`await store.get(job_id)`); `await store.read(fn)` runs
+    several in one hop (`store.read(lambda r: (r.get(job_id), r.events(job_id)))`), and the writer
+    uses them inside its transactions (`Reads(conn)`).
+    """
 
-    # -- plumbing -------------------------------------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = _connect(self.path)
-            # WAL with synchronous=NORMAL is durable across a process crash (SIGKILL), which
-            # is the failure the gateway is built to survive; only a power loss can drop the
-            # last commits.
-            conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-
-        return await asyncio.get_running_loop().run_in_executor(self._writer, run)
-
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    async def is_writable(self) -> bool:
-        """A cheap check for /readyz: can this process write to the store right now.
-
-        Asked on the writer thread: taking the write lock waits up to the busy timeout (5 s)
-        while another writer holds it, which must not stall the event loop.
-        """
-        try:
-            await self._write(lambda conn: None)
-            return True
-        except sqlite3.Error:
-            return False
-
-    # -- reads ----------------------------------------------------------------------------------
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
 
     def get(self, job_id: str) -> Job | None:
-        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(row) if row else None
+
+    def jobs_by_id(self, ids: list[str]) -> list[Job]:
+        """These jobs, oldest first."""
+        jobs: list[Job] = []
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            chunk = ids[start:start + 500]
+            rows = self.conn.execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY seq", chunk
+            )
+            jobs += [_row_to_job(r) for r in rows]
+        return jobs
 
     def list_jobs(
         self,
@@ -332,14 +334,11 @@ class JobStore:
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
-        if before_seq is not None:
-            where.append("seq < ?")
-            args.append(before_seq)
-        sql = "SELECT * FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        rows = self._conn().execute(sql, (*args, limit)).fetchall()
+        # Always bounded, so that SQLite seeks to the newest rows rather than scanning for them.
+        where.append("seq < ?")
+        args.append(_AFTER_NEWEST if before_seq is None else before_seq)
+        sql = "SELECT * FROM jobs WHERE " + " AND ".join(where) + " ORDER BY seq DESC LIMIT ?"
+        rows = self.conn.execute(sql, (*args, limit)).fetchall()
         return [_row_to_job(r) for r in rows]
 
     def active(self, upstream: str | None = None) -> list[Job]:
@@ -349,11 +348,11 @@ class JobStore:
         if upstream is not None:
             sql += " AND upstream = ?"
             args = (upstream,)
-        return [_row_to_job(r) for r in self._conn().execute(sql + " ORDER BY seq", args)]
+        return [_row_to_job(r) for r in self.conn.execute(sql + " ORDER BY seq", args)]
 
     def inflight_counts(self) -> dict[str, int]:
         """Jobs handed to each upstream and not finished."""
-        rows = self._conn().execute(
+        rows = self.conn.execute(
             "SELECT upstream, count(*) FROM jobs WHERE state IN ('submitted', 'running')"
             " GROUP BY upstream"
         )
@@ -361,36 +360,390 @@ class JobStore:
 
     def cancel_pending(self) -> list[Job]:
         """Cancelled jobs whose upstream task has not been told to stop yet."""
-        rows = self._conn().execute("SELECT * FROM jobs WHERE cancel_pending = 1").fetchall()
+        rows = self.conn.execute("SELECT * FROM jobs WHERE cancel_pending = 1").fetchall()
         return [_row_to_job(r) for r in rows]
 
     def counts_by_state(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
-        for state, n in self._conn().execute("SELECT state, count(*) FROM jobs GROUP BY state"):
-            counts[state] = n
-        return counts
+        return self.owner_counts(None)
 
     def queue_position(self, job: Job) -> int | None:
         """1-based place of a queued job in the gateway's own queue."""
         if job.state != QUEUED:
             return None
-        (ahead,) = self._conn().execute(
-            "SELECT count(*) FROM jobs WHERE state = 'queued' AND"
-            " (priority > ? OR (priority = ? AND seq < ?))",
+        # Two ranges of the queue index (an OR of them would walk the whole queue).
+        (ahead,) = self.conn.execute(
+            "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority > ?)"
+            " + (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority = ? AND seq < ?)",
             (job.priority, job.priority, job.seq),
         ).fetchone()
         return ahead + 1
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self._conn().execute(
+        rows = self.conn.execute(
             "SELECT at, state, detail FROM job_events WHERE job_id = ? ORDER BY id", (job_id,)
         )
         return [dict(r) for r in rows]
 
     def blob(self, sha256: str) -> dict[str, Any] | None:
-        row = self._conn().execute("SELECT * FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+        row = self.conn.execute("SELECT * FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
         return dict(row) if row else None
 
+    _ITEM_SQL = (
+        "SELECT jobs.*, bj.position AS bj_position, bj.files AS bj_files,"
+        " bj.retry_of AS bj_retry_of,"
+        " (SELECT r.job_id FROM batch_jobs r WHERE r.retry_of = jobs.id"
+        "  ORDER BY r.position DESC LIMIT 1) AS bj_retried_as"
+        " FROM jobs LEFT JOIN batch_jobs bj ON bj.job_id = jobs.id"
+    )
+
+    def batch(self, batch_id: str) -> dict[str, Any] | None:
+        """A batch made in the dashboard (API batches have no row here, only a `batch_id`)."""
+        row = self.conn.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        data = dict(row)
+        data["form"] = json.loads(data["form"]) if data["form"] else {}
+        return data
+
+    def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
+        """Batches (made in the dashboard or through the API) with a job among the last
+        `window` jobs (of `owner`, if given), the most recently active first. Bounded: it never
+        reads more rows than the window, however many jobs the store holds."""
+        if owner is None:
+            sql, args = "SELECT batch_id, seq FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (_AFTER_NEWEST, window)
+        else:
+            sql, args = "SELECT batch_id, seq FROM jobs WHERE owner = ? ORDER BY seq DESC LIMIT ?", (owner, window)
+        rows = self.conn.execute(
+            f"SELECT batch_id, max(seq) AS last FROM ({sql}) WHERE batch_id IS NOT NULL"
+            " GROUP BY batch_id ORDER BY last DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [r[0] for r in rows]
+
+    def owner_counts(self, owner: str | None) -> dict[str, int]:
+        """Jobs by state: all of them, or one owner's (from `job_counts`, kept by triggers)."""
+        sql, args = "SELECT state, sum(n) FROM job_counts", ()
+        if owner is not None:
+            sql, args = sql + " WHERE owner = ?", (owner,)
+        counts = dict.fromkeys(STATES, 0)
+        for state, n in self.conn.execute(sql + " GROUP BY state", args):
+            counts[state] = n
+        return counts
+
+    def batch_counts(self, batch_id: str, owner: str | None = None) -> dict[str, int]:
+        """A batch's jobs by state (only `owner`'s, if given: a batch id is not unique across keys)."""
+        sql, args = "SELECT state, count(*) FROM jobs WHERE batch_id = ?", [batch_id]
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        counts = dict.fromkeys(STATES, 0)
+        for state, n in self.conn.execute(sql + " GROUP BY state", args):
+            counts[state] = n
+        return counts
+
+    def batch_created_at(self, batch_id: str, owner: str | None = None) -> float | None:
+        """When the batch's first job was accepted."""
+        sql, args = "SELECT created_at FROM jobs WHERE batch_id = ?", [batch_id]
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        row = self.conn.execute(sql + " ORDER BY seq LIMIT 1", args).fetchone()
+        return row[0] if row else None
+
+    def batch_items(
+        self, batch_id: str, *, after_seq: int = 0, limit: int = 200, owner: str | None = None,
+    ) -> list[BatchItem]:
+        """A batch's jobs (`owner`'s, if given) in the order they were made; `after_seq` is the cursor."""
+        sql, args = self._ITEM_SQL + " WHERE jobs.batch_id = ? AND jobs.seq > ?", [batch_id, after_seq]
+        if owner is not None:
+            sql += " AND jobs.owner = ?"
+            args.append(owner)
+        rows = self.conn.execute(sql + " ORDER BY jobs.seq LIMIT ?", (*args, limit)).fetchall()
+        return [_row_to_item(r) for r in rows]
+
+    def batch_item(self, job_id: str) -> BatchItem | None:
+        row = self.conn.execute(self._ITEM_SQL + " WHERE jobs.id = ?", (job_id,)).fetchone()
+        return _row_to_item(row) if row else None
+
+    def blob_sizes(self, shas: Iterable[str]) -> dict[str, int]:
+        shas = list(shas)
+        if not shas:
+            return {}
+        rows = self.conn.execute(
+            f"SELECT sha256, size FROM blobs WHERE sha256 IN ({','.join('?' * len(shas))})", shas
+        )
+        return dict(rows.fetchall())
+
+    def queue_positions(self, jobs: Iterable[Job]) -> dict[str, int]:
+        """1-based places in the gateway's queue of the queued jobs among `jobs`, in one query."""
+        seqs = {job.seq: job.id for job in jobs if job.state == QUEUED}
+        if not seqs:
+            return {}
+        # One pass over the queue index, however many rows the page shows (a count per row
+        # would walk the queue once per row).
+        rows = self.conn.execute(
+            "SELECT seq, pos FROM (SELECT seq, row_number() OVER (ORDER BY priority DESC, seq)"
+            " AS pos FROM jobs WHERE state = 'queued')"
+            f" WHERE seq IN ({','.join('?' * len(seqs))})",
+            tuple(seqs),
+        )
+        return {seqs[seq]: pos for seq, pos in rows}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every row of the node registry, removed ones included."""
+        rows = self.conn.execute("SELECT * FROM nodes ORDER BY created_at, name").fetchall()
+        nodes = []
+        for row in rows:
+            node = dict(row)
+            node["tasks"] = json.loads(node["tasks"]) if node["tasks"] else None
+            node["drained"], node["removed"] = bool(node["drained"]), bool(node["removed"])
+            nodes.append(node)
+        return nodes
+
+    def count_pinned(self, upstream: str) -> int:
+        """Queued jobs that only this upstream may run."""
+        (n,) = self.conn.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'queued' AND pinned = ?", (upstream,)
+        ).fetchone()
+        return n
+
+    def queue_lanes(self, tasks: Iterable[str], *, batches_per_owner: int = 64) -> list[Lane]:
+        """The queue's lanes for these task types: one per (task, priority, owner, batch), each
+        with the `seq` of its oldest job.
+
+        The lane index is walked with one seek per lane (skip-scan), so 50,000 queued jobs in a
+        few lanes cost a few dozen index lookups, not a read of every row. An owner with more
+        batches than `batches_per_owner` at one priority is counted in a single grouped pass
+        instead, which costs at most one read of that owner's queued jobs.
+        """
+        conn = self.conn
+        lanes: list[Lane] = []
+        for task in tasks:
+            for priority in _distinct(conn, "priority", "task = ?", (task,)):
+                where, args = "task = ? AND priority = ?", (task, priority)
+                for owner in _distinct(conn, _OWNER_KEY, where, args):
+                    found = _skip_batches(
+                        conn, (*args, owner), batches_per_owner + 1
+                    )
+                    if len(found) > batches_per_owner:
+                        found = conn.execute(
+                            f"SELECT {_BATCH_KEY}, min(seq) FROM jobs WHERE state = 'queued'"
+                            f" AND {where} AND {_OWNER_KEY} = ? GROUP BY {_BATCH_KEY}",
+                            (*args, owner),
+                        ).fetchall()
+                    lanes += [Lane(task, priority, owner, batch, seq) for batch, seq in found]
+        return lanes
+
+    def lane_jobs(self, lane: Lane, after_seq: int, limit: int) -> list[Job]:
+        """Queued jobs of one lane, oldest first, after `after_seq`."""
+        rows = self.conn.execute(
+            f"SELECT * FROM jobs WHERE state = 'queued' AND task = ? AND priority = ?"
+            f" AND {_OWNER_KEY} = ? AND {_BATCH_KEY} = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (lane.task, lane.priority, lane.owner, lane.batch, after_seq, limit),
+        ).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def inflight(self) -> list[Inflight]:
+        """Every job handed to an upstream and not finished, in a few columns (no JSON)."""
+        rows = self.conn.execute(
+            f"SELECT id, upstream, task, state, {_OWNER_KEY}, {_BATCH_KEY}, submitted_at,"
+            " started_at FROM jobs WHERE state IN ('submitted', 'running') ORDER BY seq"
+        )
+        return [Inflight(*row) for row in rows]
+
+    def recent_run_times(self, limit: int = 5000) -> list[tuple[str, str, float]]:
+        """(upstream, task, seconds from started to finished) of the latest successes."""
+        rows = self.conn.execute(
+            "SELECT upstream, task, finished_at - started_at FROM jobs WHERE finished_at IS NOT NULL"
+            " AND state = 'succeeded' AND started_at IS NOT NULL AND upstream IS NOT NULL"
+            " ORDER BY finished_at DESC LIMIT ?",
+            (limit,),
+        )
+        return rows.fetchall()
+
+    def stray_tasks(self, node: str) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT task_id FROM stray_tasks WHERE node = ? ORDER BY created_at", (node,)
+        )
+        return [task_id for (task_id,) in rows]
+
+    def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
+        """The key with this hash, revoked or not."""
+        row = self.conn.execute("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
+        return _key_row(row) if row else None
+
+    def key(self, key_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return _key_row(row) if row else None
+
+    def keys(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
+        return [_key_row(r) for r in rows]
+
+    def session(self, id_hash: str) -> tuple[dict[str, Any], str] | None:
+        """(the key, the CSRF token) of a session that has not expired, of a key not revoked."""
+        row = self.conn.execute(
+            "SELECT k.*, s.csrf AS session_csrf FROM sessions s JOIN api_keys k ON k.id = s.key_id"
+            " WHERE s.id_hash = ? AND s.expires_at > ? AND k.revoked_at IS NULL",
+            (id_hash, _now()),
+        ).fetchone()
+        if row is None:
+            return None
+        data = dict(row)
+        csrf = data.pop("session_csrf")
+        return _key_row(data), csrf
+
+    def jobs_used(self, key_id: str, day: str) -> int:
+        row = self.conn.execute(
+            "SELECT jobs FROM key_usage WHERE key_id = ? AND day = ?", (key_id, day)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def concurrency_limits(self) -> dict[str, int]:
+        """Owner (key id) -> most of its jobs on upstreams at once, for keys that have a limit."""
+        rows = self.conn.execute(
+            "SELECT id, max_concurrent FROM api_keys WHERE max_concurrent IS NOT NULL"
+            " AND revoked_at IS NULL"
+        )
+        return dict(rows.fetchall())
+
+    def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
+        """Audit entries, newest first; `before_id` is the cursor."""
+        sql, args = "SELECT * FROM audit", []
+        if before_id is not None:
+            sql += " WHERE id < ?"
+            args.append(before_id)
+        rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [dict(r) for r in rows]
+
+
+def _off_loop(read: Callable[Concatenate[Reads, P], T]) -> Callable[Concatenate[JobStore, P], Awaitable[T]]:
+    """`Reads.x` as `JobStore.x`: the same read, awaited, run on a reader thread."""
+
+    @functools.wraps(read)
+    async def run(store: JobStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await store.read(lambda reads: read(reads, *args, **kwargs))
+
+    return run
+
+
+class JobStore:
+    """Jobs in SQLite, never read or written on the event loop.
+
+    Every method is a coroutine. Writes run on one writer thread (SQLite has one writer anyway);
+    reads on a few reader threads, each with its own connection, which WAL lets run beside the
+    writer. A read of a 500-job page or a scan gone wrong then costs the loop nothing but the
+    hand-off, and `/healthz` answers while it runs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = Database(path)
+        db.enable_wal()
+        migrations.apply(db)
+        db.close()
+        self._local = threading.local()
+        # Every connection, by the thread (name, id) it belongs to.
+        self._conns: dict[tuple[str, int], sqlite3.Connection] = {}
+        self._conns_lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x2v-store-writer")
+        self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="x2v-store-reader")
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (each reader thread, the writer, a test's own thread)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _connect(self.path)
+            # WAL with synchronous=NORMAL is durable across a process crash (SIGKILL), which
+            # is the failure the gateway is built to survive; only a power loss can drop the
+            # last commits.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            with self._conns_lock:
+                self._conns[(threading.current_thread().name, threading.get_ident())] = conn
+        return conn
+
+    def read_blocking(self, fn: Callable[[Reads], T]) -> T:
+        """Run `fn` on the calling thread. Only where no event loop serves requests: building
+        the gateway before it starts, the command line."""
+        return fn(Reads(self._conn()))
+
+    async def read(self, fn: Callable[[Reads], T]) -> T:
+        """Run `fn` on a reader thread: several reads (and the work on their rows) in one hop."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._readers, lambda: fn(Reads(self._conn()))
+        )
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._conns_lock:
+            conns, self._conns = self._conns, {}
+        for conn in conns.values():
+            conn.close()
+        self._local = threading.local()
+
+    async def is_writable(self) -> bool:
+        """A cheap check for /readyz: can this process write to the store right now.
+
+        Asked on the writer thread: taking the write lock waits up to the busy timeout (5 s)
+        while another writer holds it, which must not stall the event loop.
+        """
+        try:
+            await self._write(lambda conn: None)
+            return True
+        except sqlite3.Error:
+            return False
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    get = _off_loop(Reads.get)
+    list_jobs = _off_loop(Reads.list_jobs)
+    active = _off_loop(Reads.active)
+    inflight_counts = _off_loop(Reads.inflight_counts)
+    cancel_pending = _off_loop(Reads.cancel_pending)
+    counts_by_state = _off_loop(Reads.counts_by_state)
+    queue_position = _off_loop(Reads.queue_position)
+    events = _off_loop(Reads.events)
+    blob = _off_loop(Reads.blob)
+    batch = _off_loop(Reads.batch)
+    recent_batch_ids = _off_loop(Reads.recent_batch_ids)
+    owner_counts = _off_loop(Reads.owner_counts)
+    batch_counts = _off_loop(Reads.batch_counts)
+    batch_created_at = _off_loop(Reads.batch_created_at)
+    batch_items = _off_loop(Reads.batch_items)
+    batch_item = _off_loop(Reads.batch_item)
+    blob_sizes = _off_loop(Reads.blob_sizes)
+    queue_positions = _off_loop(Reads.queue_positions)
+    nodes = _off_loop(Reads.nodes)
+    count_pinned = _off_loop(Reads.count_pinned)
+    queue_lanes = _off_loop(Reads.queue_lanes)
+    lane_jobs = _off_loop(Reads.lane_jobs)
+    inflight = _off_loop(Reads.inflight)
+    recent_run_times = _off_loop(Reads.recent_run_times)
+    stray_tasks = _off_loop(Reads.stray_tasks)
+    key_by_hash = _off_loop(Reads.key_by_hash)
+    keys = _off_loop(Reads.keys)
+    session = _off_loop(Reads.session)
+    jobs_used = _off_loop(Reads.jobs_used)
+    concurrency_limits = _off_loop(Reads.concurrency_limits)
+    audit_log = _off_loop(Reads.audit_log)
     # -- writes ---------------------------------------------------------------------------------
 
     async def record_blob(self, sha256: str, size: int, kind: str) -> None:
@@ -443,7 +796,7 @@ class JobStore:
             return job_id, True
 
         found_id, created = await self._write(write)
-        job = self.get(found_id)
+        job = await self.get(found_id)
         assert job is not None
         return job, created
 
@@ -569,7 +922,7 @@ class JobStore:
                 _event(conn, job_id, CANCELLED, reason)
 
         await self._write(write)
-        return self.get(job_id)
+        return await self.get(job_id)
 
     async def cancel_sent(self, job_id: str) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -603,7 +956,7 @@ class JobStore:
                 _event(conn, job_id, QUEUED, "retry requested")
 
         await self._write(write)
-        return self.get(job_id)
+        return await self.get(job_id)
 
     async def resume(self, job_id: str, upstream: str, task_id: str) -> bool:
         """A failed or cancelled job whose upstream took its task back (the cloud's resume):
@@ -658,108 +1011,6 @@ class JobStore:
 
     # -- batches (the dashboard) ----------------------------------------------------------------
 
-    def batch(self, batch_id: str) -> dict[str, Any] | None:
-        """A batch made in the dashboard (API batches have no row here, only a `batch_id`)."""
-        row = self._conn().execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        if row is None:
-            return None
-        data = dict(row)
-        data["form"] = json.loads(data["form"]) if data["form"] else {}
-        return data
-
-    def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
-        """Batches (made in the dashboard or through the API) with a job among the last
-        `window` jobs (of `owner`, if given), the most recently active first. Bounded: it never
-        reads more rows than the window, however many jobs the store holds."""
-        if owner is None:
-            sql, args = "SELECT batch_id, seq FROM jobs ORDER BY seq DESC LIMIT ?", (window,)
-        else:
-            sql, args = "SELECT batch_id, seq FROM jobs WHERE owner = ? ORDER BY seq DESC LIMIT ?", (owner, window)
-        rows = self._conn().execute(
-            f"SELECT batch_id, max(seq) AS last FROM ({sql}) WHERE batch_id IS NOT NULL"
-            " GROUP BY batch_id ORDER BY last DESC LIMIT ?",
-            (*args, limit),
-        )
-        return [r[0] for r in rows]
-
-    def owner_counts(self, owner: str | None) -> dict[str, int]:
-        """Jobs by state: all of them, or one owner's."""
-        if owner is None:
-            return self.counts_by_state()
-        counts = dict.fromkeys(STATES, 0)
-        for state, n in self._conn().execute(
-            "SELECT state, count(*) FROM jobs WHERE owner = ? GROUP BY state", (owner,)
-        ):
-            counts[state] = n
-        return counts
-
-    def batch_counts(self, batch_id: str, owner: str | None = None) -> dict[str, int]:
-        """A batch's jobs by state (only `owner`'s, if given: a batch id is not unique across keys)."""
-        sql, args = "SELECT state, count(*) FROM jobs WHERE batch_id = ?", [batch_id]
-        if owner is not None:
-            sql += " AND owner = ?"
-            args.append(owner)
-        counts = dict.fromkeys(STATES, 0)
-        for state, n in self._conn().execute(sql + " GROUP BY state", args):
-            counts[state] = n
-        return counts
-
-    def batch_created_at(self, batch_id: str, owner: str | None = None) -> float | None:
-        """When the batch's first job was accepted."""
-        sql, args = "SELECT created_at FROM jobs WHERE batch_id = ?", [batch_id]
-        if owner is not None:
-            sql += " AND owner = ?"
-            args.append(owner)
-        row = self._conn().execute(sql + " ORDER BY seq LIMIT 1", args).fetchone()
-        return row[0] if row else None
-
-    _ITEM_SQL = (
-        "SELECT jobs.*, bj.position AS bj_position, bj.files AS bj_files,"
-        " bj.retry_of AS bj_retry_of,"
-        " (SELECT r.job_id FROM batch_jobs r WHERE r.retry_of = jobs.id"
-        "  ORDER BY r.position DESC LIMIT 1) AS bj_retried_as"
-        " FROM jobs LEFT JOIN batch_jobs bj ON bj.job_id = jobs.id"
-    )
-
-    def batch_items(
-        self, batch_id: str, *, after_seq: int = 0, limit: int = 200, owner: str | None = None,
-    ) -> list[BatchItem]:
-        """A batch's jobs (`owner`'s, if given) in the order they were made; `after_seq` is the cursor."""
-        sql, args = self._ITEM_SQL + " WHERE jobs.batch_id = ? AND jobs.seq > ?", [batch_id, after_seq]
-        if owner is not None:
-            sql += " AND jobs.owner = ?"
-            args.append(owner)
-        rows = self._conn().execute(sql + " ORDER BY jobs.seq LIMIT ?", (*args, limit)).fetchall()
-        return [_row_to_item(r) for r in rows]
-
-    def batch_item(self, job_id: str) -> BatchItem | None:
-        row = self._conn().execute(self._ITEM_SQL + " WHERE jobs.id = ?", (job_id,)).fetchone()
-        return _row_to_item(row) if row else None
-
-    def blob_sizes(self, shas: Iterable[str]) -> dict[str, int]:
-        shas = list(shas)
-        if not shas:
-            return {}
-        rows = self._conn().execute(
-            f"SELECT sha256, size FROM blobs WHERE sha256 IN ({','.join('?' * len(shas))})", shas
-        )
-        return dict(rows.fetchall())
-
-    def queue_positions(self, jobs: Iterable[Job]) -> dict[str, int]:
-        """1-based places in the gateway's queue of the queued jobs among `jobs`, in one query."""
-        seqs = {job.seq: job.id for job in jobs if job.state == QUEUED}
-        if not seqs:
-            return {}
-        # One pass over the queue index, however many rows the page shows (a count per row
-        # would walk the queue once per row).
-        rows = self._conn().execute(
-            "SELECT seq, pos FROM (SELECT seq, row_number() OVER (ORDER BY priority DESC, seq)"
-            " AS pos FROM jobs WHERE state = 'queued')"
-            f" WHERE seq IN ({','.join('?' * len(seqs))})",
-            tuple(seqs),
-        )
-        return {seqs[seq]: pos for seq, pos in rows}
-
     async def create_batch(
         self,
         batch_id: str,
@@ -810,27 +1061,9 @@ class JobStore:
 
         if not await self._write(write):
             return None
-        jobs: list[Job] = []
-        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
-            chunk = ids[start:start + 500]
-            rows = self._conn().execute(
-                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY seq", chunk
-            )
-            jobs += [_row_to_job(r) for r in rows]
-        return jobs
+        return await self.read(lambda r: r.jobs_by_id(ids))
 
     # -- the node registry ----------------------------------------------------------------------
-
-    def nodes(self) -> list[dict[str, Any]]:
-        """Every row of the node registry, removed ones included."""
-        rows = self._conn().execute("SELECT * FROM nodes ORDER BY created_at, name").fetchall()
-        nodes = []
-        for row in rows:
-            node = dict(row)
-            node["tasks"] = json.loads(node["tasks"]) if node["tasks"] else None
-            node["drained"], node["removed"] = bool(node["drained"]), bool(node["removed"])
-            nodes.append(node)
-        return nodes
 
     async def save_node(
         self, name: str, *, url: str, capacity: int, tasks: Iterable[str] | None, source: str
@@ -876,13 +1109,6 @@ class JobStore:
 
         await self._write(write)
 
-    def count_pinned(self, upstream: str) -> int:
-        """Queued jobs that only this upstream may run."""
-        (n,) = self._conn().execute(
-            "SELECT count(*) FROM jobs WHERE state = 'queued' AND pinned = ?", (upstream,)
-        ).fetchone()
-        return n
-
     async def delete_node(self, name: str) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
@@ -890,60 +1116,6 @@ class JobStore:
         await self._write(write)
 
     # -- fair dispatch --------------------------------------------------------------------------
-
-    def queue_lanes(self, tasks: Iterable[str], *, batches_per_owner: int = 64) -> list[Lane]:
-        """The queue's lanes for these task types: one per (task, priority, owner, batch), each
-        with the `seq` of its oldest job.
-
-        The lane index is walked with one seek per lane (skip-scan), so 50,000 queued jobs in a
-        few lanes cost a few dozen index lookups, not a read of every row. An owner with more
-        batches than `batches_per_owner` at one priority is counted in a single grouped pass
-        instead, which costs at most one read of that owner's queued jobs.
-        """
-        conn = self._conn()
-        lanes: list[Lane] = []
-        for task in tasks:
-            for priority in _distinct(conn, "priority", "task = ?", (task,)):
-                where, args = "task = ? AND priority = ?", (task, priority)
-                for owner in _distinct(conn, _OWNER_KEY, where, args):
-                    found = _skip_batches(
-                        conn, (*args, owner), batches_per_owner + 1
-                    )
-                    if len(found) > batches_per_owner:
-                        found = conn.execute(
-                            f"SELECT {_BATCH_KEY}, min(seq) FROM jobs WHERE state = 'queued'"
-                            f" AND {where} AND {_OWNER_KEY} = ? GROUP BY {_BATCH_KEY}",
-                            (*args, owner),
-                        ).fetchall()
-                    lanes += [Lane(task, priority, owner, batch, seq) for batch, seq in found]
-        return lanes
-
-    def lane_jobs(self, lane: Lane, after_seq: int, limit: int) -> list[Job]:
-        """Queued jobs of one lane, oldest first, after `after_seq`."""
-        rows = self._conn().execute(
-            f"SELECT * FROM jobs WHERE state = 'queued' AND task = ? AND priority = ?"
-            f" AND {_OWNER_KEY} = ? AND {_BATCH_KEY} = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (lane.task, lane.priority, lane.owner, lane.batch, after_seq, limit),
-        ).fetchall()
-        return [_row_to_job(r) for r in rows]
-
-    def inflight(self) -> list[Inflight]:
-        """Every job handed to an upstream and not finished, in a few columns (no JSON)."""
-        rows = self._conn().execute(
-            f"SELECT id, upstream, task, state, {_OWNER_KEY}, {_BATCH_KEY}, submitted_at,"
-            " started_at FROM jobs WHERE state IN ('submitted', 'running') ORDER BY seq"
-        )
-        return [Inflight(*row) for row in rows]
-
-    def recent_run_times(self, limit: int = 5000) -> list[tuple[str, str, float]]:
-        """(upstream, task, seconds from started to finished) of the latest successes."""
-        rows = self._conn().execute(
-            "SELECT upstream, task, finished_at - started_at FROM jobs WHERE finished_at IS NOT NULL"
-            " AND state = 'succeeded' AND started_at IS NOT NULL AND upstream IS NOT NULL"
-            " ORDER BY finished_at DESC LIMIT ?",
-            (limit,),
-        )
-        return rows.fetchall()
 
     async def move(self, job_id: str, upstream: str, reason: str, *, stray: bool) -> bool:
         """Take a job back from `upstream` into the gateway's queue (node dead, or too slow to
@@ -975,12 +1147,6 @@ class JobStore:
 
         return await self._write(write)
 
-    def stray_tasks(self, node: str) -> list[str]:
-        rows = self._conn().execute(
-            "SELECT task_id FROM stray_tasks WHERE node = ? ORDER BY created_at", (node,)
-        )
-        return [task_id for (task_id,) in rows]
-
     async def add_stray(self, node: str, task_id: str, job_id: str) -> None:
         """A task on `node` that no job owns any more (its job was retried while the attempt
         was in flight): cancelled there before the node gets anything new."""
@@ -1001,15 +1167,6 @@ class JobStore:
 
 
     # -- API keys, sessions, quotas, audit (auth.py) ----------------------------------------------
-
-    def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
-        """The key with this hash, revoked or not."""
-        row = self._conn().execute("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
-        return _key_row(row) if row else None
-
-    def keys(self) -> list[dict[str, Any]]:
-        rows = self._conn().execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
-        return [_key_row(r) for r in rows]
 
     async def create_key(self, key: dict[str, Any], actor: str) -> dict[str, Any]:
         """Insert a key row (`key` holds every column but the timestamps). Names are unique among
@@ -1032,8 +1189,7 @@ class JobStore:
             _audit(conn, actor, "key.create", key["id"], _key_summary(key))
 
         await self._write(write)
-        row = self._conn().execute("SELECT * FROM api_keys WHERE id = ?", (key["id"],)).fetchone()
-        return _key_row(row)
+        return await self.read(lambda r: r.key(key["id"]))
 
     async def revoke_key(
         self, key_id: str, actor: str, *, keep_admin: bool = False
@@ -1082,8 +1238,7 @@ class JobStore:
 
         if not await self._write(write):
             return None
-        row = self._conn().execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-        return _key_row(row)
+        return await self.read(lambda r: r.key(key_id))
 
     async def create_session(self, id_hash: str, key_id: str, csrf: str, expires_at: float) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -1096,19 +1251,6 @@ class JobStore:
             )
 
         await self._write(write)
-
-    def session(self, id_hash: str) -> tuple[dict[str, Any], str] | None:
-        """(the key, the CSRF token) of a session that has not expired, of a key not revoked."""
-        row = self._conn().execute(
-            "SELECT k.*, s.csrf AS session_csrf FROM sessions s JOIN api_keys k ON k.id = s.key_id"
-            " WHERE s.id_hash = ? AND s.expires_at > ? AND k.revoked_at IS NULL",
-            (id_hash, _now()),
-        ).fetchone()
-        if row is None:
-            return None
-        data = dict(row)
-        csrf = data.pop("session_csrf")
-        return _key_row(data), csrf
 
     async def delete_session(self, id_hash: str) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -1148,34 +1290,11 @@ class JobStore:
 
         await self._write(write)
 
-    def jobs_used(self, key_id: str, day: str) -> int:
-        row = self._conn().execute(
-            "SELECT jobs FROM key_usage WHERE key_id = ? AND day = ?", (key_id, day)
-        ).fetchone()
-        return row[0] if row else 0
-
-    def concurrency_limits(self) -> dict[str, int]:
-        """Owner (key id) -> most of its jobs on upstreams at once, for keys that have a limit."""
-        rows = self._conn().execute(
-            "SELECT id, max_concurrent FROM api_keys WHERE max_concurrent IS NOT NULL"
-            " AND revoked_at IS NULL"
-        )
-        return dict(rows.fetchall())
-
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
         def write(conn: sqlite3.Connection) -> None:
             _audit(conn, actor, action, target, detail)
 
         await self._write(write)
-
-    def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
-        """Audit entries, newest first; `before_id` is the cursor."""
-        sql, args = "SELECT * FROM audit", []
-        if before_id is not None:
-            sql += " WHERE id < ?"
-            args.append(before_id)
-        rows = self._conn().execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
-        return [dict(r) for r in rows]
 
     async def purge_files(self, job_ids: list[str], actor: str, target: str) -> list[str]:
         """Mark these finished jobs' files deleted; return the blobs no kept job needs any more.
@@ -1269,6 +1388,7 @@ class Inflight(NamedTuple):
 
 
 _OWNER_KEY = "coalesce(owner, '')"
+_AFTER_NEWEST = 2**63 - 1  # a `seq` above every job's
 _BATCH_KEY = "coalesce(batch_id, '')"
 
 

@@ -120,11 +120,11 @@ class NewKeyView(msgspec.Struct, kw_only=True):
     info: KeyView
 
 
-def key_view(gw: Gateway, row: dict) -> KeyView:
+async def key_view(gw: Gateway, row: dict) -> KeyView:
     return KeyView(
         id=row["id"], name=row["name"], prefix=row["prefix"] or "", admin=row["admin"],
         daily_quota=row["daily_quota"], max_concurrent=row["max_concurrent"],
-        rate_per_min=row["rate_per_min"], jobs_today=gw.auth.jobs_today(row["id"]),
+        rate_per_min=row["rate_per_min"], jobs_today=await gw.auth.jobs_today(row["id"]),
         source=row["source"], created_at=iso(row["created_at"]), created_by=row["created_by"],
         revoked_at=iso(row["revoked_at"]), revoked_by=row["revoked_by"],
     )
@@ -137,7 +137,7 @@ class KeysController(Controller):
     @get("/", summary="Every API key (never the keys themselves); admins only", responses=errors(403))
     async def list_keys(self, request: Request) -> list[KeyView]:
         gw = gateway(request)
-        return [key_view(gw, row) for row in gw.store.keys()]
+        return [await key_view(gw, row) for row in await gw.store.keys()]
 
     @post(
         "/", status_code=201, summary="Make an API key; the key is in this answer only",
@@ -153,7 +153,7 @@ class KeysController(Controller):
             )
         except KeyNameTaken as exc:
             raise ApiError(409, str(exc), "name") from None
-        return NewKeyView(key=key, info=key_view(gw, row))
+        return NewKeyView(key=key, info=await key_view(gw, row))
 
     @delete(
         "/{key_id:str}", status_code=200,
@@ -168,7 +168,7 @@ class KeysController(Controller):
             raise ApiError(409, str(exc), "key_id") from None
         if row is None:
             raise ApiError(404, f"no active key {key_id}")
-        return key_view(gw, row)
+        return await key_view(gw, row)
 
 
 @get(
@@ -177,10 +177,10 @@ class KeysController(Controller):
 )
 async def me(request: Request) -> KeyView:
     gw = gateway(request)
-    row = gw.auth.find_key(caller(request).key_id)
+    row = await gw.auth.find_key(caller(request).key_id)
     if row is None:
         raise ApiError(404, "this key no longer exists")
-    return key_view(gw, row)
+    return await key_view(gw, row)
 
 
 # -- audit ---------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ async def audit(
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     before: Annotated[int | None, QueryParameter(ge=1, le=MAX_SQLITE_INT, description="`next_before` of the previous page")] = None,
 ) -> AuditPage:
-    rows = gateway(request).store.audit_log(limit=limit + 1, before_id=before)
+    rows = await gateway(request).store.audit_log(limit=limit + 1, before_id=before)
     more = len(rows) > limit
     rows = rows[:limit]
     return AuditPage(

@@ -23,7 +23,7 @@ from litestar.response import Stream
 from ..auth import Caller, caller
 from ..inputs import declared_size
 from ..models import MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
-from ..store import STATES, Job
+from ..store import STATES, Inflight, Job, Reads
 from ..upstream.base import UpstreamError
 
 if TYPE_CHECKING:
@@ -34,31 +34,47 @@ def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def view(gw: Gateway, job: Job, *, events: bool = False) -> JobView:
-    return views(gw, [job], events=events)[0]
+async def view(gw: Gateway, job: Job, *, events: bool = False) -> JobView:
+    """One job as the API shows it; with `events`, its timeline and (queued) the wait estimate."""
+    if not events:
+        return (await views(gw, [job]))[0]
+    return _full_view(gw, job, await gw.store.read(lambda r: _full_view_reads(r, job)))
 
 
-def views(gw: Gateway, jobs: list[Job], *, events: bool = False) -> list[JobView]:
-    """Jobs as the API shows them: a page of them costs two queries, not a few per job."""
-    sizes = gw.store.blob_sizes({sha for job in jobs for sha in job.inputs.values()})
+_FullViewReads = tuple[dict[str, int], "int | None", "list[Inflight] | None", list[dict[str, Any]]]
+
+
+def _full_view_reads(r: Reads, job: Job) -> _FullViewReads:
+    """What a job's own page shows besides the job: its files' sizes, its place in the queue,
+    its timeline, and (queued) the jobs in flight that its wait estimate starts from."""
+    inflight = r.inflight() if job.state == "queued" else None
+    return r.blob_sizes(job.inputs.values()), r.queue_position(job), inflight, r.events(job.id)
+
+
+def _full_view(gw: Gateway, job: Job, reads: _FullViewReads) -> JobView:
+    sizes, position, inflight, timeline = reads
+    # The queue position is read once, and the estimate starts from it.
+    estimate = gw.dispatcher.estimate(job, position, inflight) if inflight is not None else None
+    return job_view(job, blob_sizes=sizes, queue_position=position, queue_estimate=estimate, events=timeline)
+
+
+async def views(gw: Gateway, jobs: list[Job], *, events: bool = False) -> list[JobView]:
+    """Jobs as the API shows them: a page of them is read and built in one hop to a reader
+    thread, in two queries, not a few per job."""
+    return await gw.store.read(lambda r: _views(r, jobs, events))
+
+
+def _views(r: Reads, jobs: list[Job], events: bool) -> list[JobView]:
+    sizes = r.blob_sizes({sha for job in jobs for sha in job.inputs.values()})
     if len(jobs) == 1:  # one count on the queue index beats ranking the whole queue
-        positions = {jobs[0].id: gw.store.queue_position(jobs[0])}
+        positions = {jobs[0].id: r.queue_position(jobs[0])}
     else:
-        positions = gw.store.queue_positions(jobs)
-    return [_view(gw, job, sizes, positions.get(job.id), events) for job in jobs]
-
-
-def _view(
-    gw: Gateway, job: Job, sizes: dict[str, int], position: int | None, events: bool
-) -> JobView:
-    return job_view(
-        job,
-        blob_sizes=sizes,
-        queue_position=position,
-        # The estimate reads every job in flight: worth it on one job's page, not in a list.
-        queue_estimate=gw.dispatcher.estimate(job) if events and job.state == "queued" else None,
-        events=gw.store.events(job.id) if events else None,
-    )
+        positions = r.queue_positions(jobs)
+    return [
+        job_view(job, blob_sizes=sizes, queue_position=positions.get(job.id),
+                 events=r.events(job.id) if events else None)
+        for job in jobs
+    ]
 
 
 def _cursor(seq: int) -> str:
@@ -251,7 +267,7 @@ class JobsController(Controller):
         headers = {"location": f"/api/v1/jobs/{job.id}"}
         if not created:
             headers["idempotent-replayed"] = "true"
-        return Response(view(gw, job), status_code=201 if created else 200, headers=headers)
+        return Response(await view(gw, job), status_code=201 if created else 200, headers=headers)
 
     @get("/", summary="List jobs, newest first", responses=errors(400))
     async def list_jobs(
@@ -268,21 +284,29 @@ class JobsController(Controller):
         for s in states:
             if s not in STATES:
                 raise ApiError(400, f"unknown state {s!r}; states are " + ", ".join(STATES), "state")
-        jobs = gw.store.list_jobs(
-            states=states, batch_id=batch_id, task=task, owner=caller(request).sees,
-            before_seq=_parse_cursor(cursor) if cursor else None, limit=limit + 1,
-        )
-        more = len(jobs) > limit
-        jobs = jobs[:limit]
-        return JobList(
-            jobs=views(gw, jobs),
-            next_cursor=_cursor(jobs[-1].seq) if more else None,
-        )
+        owner, before = caller(request).sees, _parse_cursor(cursor) if cursor else None
+
+        def page(r: Reads) -> JobList:  # read and built on a reader thread: up to 500 jobs
+            jobs = r.list_jobs(
+                states=states, batch_id=batch_id, task=task, owner=owner, before_seq=before,
+                limit=limit + 1,
+            )
+            more = len(jobs) > limit
+            jobs = jobs[:limit]
+            return JobList(jobs=_views(r, jobs, False), next_cursor=_cursor(jobs[-1].seq) if more else None)
+
+        return await gw.store.read(page)
 
     @get("/{job_id:str}", summary="One job, with its timeline", responses=errors(400, 404))
     async def get_job(self, request: Request, job_id: FromPath[str]) -> JobView:
-        gw = gateway(request)
-        return view(gw, _found(gw, job_id, caller(request)), events=True)
+        gw, who = gateway(request), caller(request)
+
+        def read(r: Reads) -> tuple[Job, _FullViewReads]:  # one hop, not two
+            job = _visible(r.get(job_id), job_id, who)
+            return job, _full_view_reads(r, job)
+
+        job, reads = await gw.store.read(read)
+        return _full_view(gw, job, reads)
 
     @delete(
         "/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files",
@@ -296,13 +320,13 @@ class JobsController(Controller):
     ) -> JobView:
         gw = gateway(request)
         who = caller(request)
-        _found(gw, job_id, who)
+        await _found(gw, job_id, who)
         job = await gw.dispatcher.cancel(job_id)
         if purge:
             removed = await gw.jobs.purge([job_id], who.label, job_id)
             gw.auth.note(who.label, "purge", job_id, f"jobs=1 files={removed}")
-            job = gw.store.get(job_id)
-        return view(gw, job)
+            job = await gw.store.get(job_id)
+        return await view(gw, job)
 
     @post(
         "/{job_id:str}/retry", status_code=200, summary="Run a failed or cancelled job again",
@@ -311,14 +335,14 @@ class JobsController(Controller):
     async def retry_job(self, request: Request, job_id: FromPath[str]) -> JobView:
         gw = gateway(request)
         who = caller(request)
-        job = _found(gw, job_id, who)
+        job = await _found(gw, job_id, who)
         if job.state not in ("failed", "cancelled"):
             raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job.state}", "state")
         if job.files_expired:
             raise ApiError(410, "this job's input files have expired; submit it again", "files_expired")
         async with gw.auth.counting_jobs(who):  # a run again costs a GPU as much as a new job
             job = await gw.dispatcher.retry(job_id)
-        return view(gw, job)
+        return await view(gw, job)
 
     @get(
         "/{job_id:str}/video", summary="The finished video (supports Range)", media_type="video/mp4",
@@ -340,7 +364,7 @@ class JobsController(Controller):
         range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
     ) -> Response:
         gw = gateway(request)
-        job = _found(gw, job_id, caller(request))
+        job = await _found(gw, job_id, caller(request))
         if job.files_expired:
             raise ApiError(410, "this job's files have expired and were deleted")
         if job.state != "succeeded" or not job.result_sha:
@@ -405,10 +429,13 @@ class ModelsController(Controller):
         return await upstream_models(gateway(request))
 
 
-def _found(gw: Gateway, job_id: str, who: Caller) -> Job:
+async def _found(gw: Gateway, job_id: str, who: Caller) -> Job:
+    return _visible(await gw.store.get(job_id), job_id, who)
+
+
+def _visible(job: Job | None, job_id: str, who: Caller) -> Job:
     """The job, if this caller may see it. Another key's job is "not found", exactly like a job
     that does not exist, so ids cannot be probed."""
-    job = gw.store.get(job_id)
     if job is None or not who.may_touch(job.owner):
         raise ApiError(404, f"no job {job_id}")
     return job
@@ -441,7 +468,7 @@ class BatchesController(Controller):
         who = caller(request)
         jobs: list[Job] = []
         before: int | None = None
-        while page := gw.store.list_jobs(batch_id=batch_id, owner=who.sees, before_seq=before, limit=500):
+        while page := await gw.store.list_jobs(batch_id=batch_id, owner=who.sees, before_seq=before, limit=500):
             jobs += page
             before = page[-1].seq
         if not jobs:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from litestar import Request, Response, Router, get, post
+from litestar import MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import FromPath, QueryParameter
 from litestar.plugins.htmx import ClientRedirect, HTMXRequest
@@ -37,12 +37,12 @@ from markupsafe import Markup
 from ..auth import Caller, LimitError, caller
 from ..batches import (
     LABELS, MANIFEST_COLUMNS, MAX_BATCH_JOBS, MODES, RESIZE_MODES, TASKS, BatchSummary, Upload,
-    all_items, batch_summary, batch_zip, cancel_batch, create_batch, new_batch_id, plan_batch_off_loop,
-    retry_failed, run_again,
+    all_items, batch_summary, batch_zip, cancel_batch, create_batch, new_batch_id, plan_batch,
+    read_batch_summary, retry_failed, run_again,
 )
 from ..inputs import declared_size, read_form
 from ..models import MAX_SQLITE_INT, TASK_INPUTS, ApiError, iso, plain
-from ..store import STATES, TERMINAL, BatchItem, Job
+from ..store import STATES, TERMINAL, BatchItem, Job, Reads
 from .api import ranged_file
 from .nodes import NodeView, node_view
 
@@ -170,6 +170,14 @@ def _render(request: Request, name: str, **context: Any) -> str:
     return request.app.template_engine.get_template(name).render(**context)
 
 
+async def _off_loop_page(request: Request, name: str, context: dict[str, Any]) -> Response:
+    """A template rendered on a worker thread, for the pages of up to 500 rows: rendering one
+    takes tens of ms, which the event loop would otherwise spend not answering anyone else."""
+    full = Template(name, context=context).create_template_context(request)
+    html = await asyncio.to_thread(lambda: request.app.template_engine.get_template(name).render(**full))
+    return Response(html, media_type=MediaType.HTML)
+
+
 # -- what the pages show -----------------------------------------------------------------------
 
 
@@ -192,13 +200,13 @@ class JobRow:
         return (job.finished_at or time.time()) - began
 
 
-def _rows(gw: Gateway, items: list[BatchItem]) -> list[JobRow]:
-    positions = gw.store.queue_positions(item.job for item in items)
+def _rows(r: Reads, items: list[BatchItem]) -> list[JobRow]:
+    positions = r.queue_positions(item.job for item in items)
     return [JobRow(item, positions.get(item.job.id)) for item in items]
 
 
-def _item(gw: Gateway, job_id: str, who: Caller) -> BatchItem:
-    item = gw.store.batch_item(job_id)
+async def _item(gw: Gateway, job_id: str, who: Caller) -> BatchItem:
+    item = await gw.store.batch_item(job_id)
     if item is None or not who.may_touch(item.job.owner):
         raise ApiError(404, f"There is no job {job_id}. Look for it in the Jobs list.")
     return item
@@ -220,33 +228,35 @@ def _list_filters(state: str | None, task: str | None, batch: str | None) -> dic
 
 
 def _jobs_page(
-    gw: Gateway, who: Caller, filters: dict[str, str], before: int | None,
+    r: Reads, who: Caller, filters: dict[str, str], before: int | None,
 ) -> tuple[list[JobRow], int | None]:
-    jobs = gw.store.list_jobs(
+    """A page of the jobs list, built on a reader thread."""
+    jobs = r.list_jobs(
         states=[filters["state"]] if "state" in filters else (),
         task=filters.get("task"), batch_id=filters.get("batch"), owner=who.sees, before_seq=before,
         limit=LIST_PAGE_ROWS + 1,
     )
     more = len(jobs) > LIST_PAGE_ROWS
     jobs = jobs[:LIST_PAGE_ROWS]
-    positions = gw.store.queue_positions(jobs)
+    positions = r.queue_positions(jobs)
     rows = [JobRow(BatchItem(job, None, {}, None), positions.get(job.id)) for job in jobs]
     return rows, (jobs[-1].seq if more else None)
 
 
 def _batch_page(
-    gw: Gateway, who: Caller, batch_id: str, after: int,
+    r: Reads, who: Caller, batch_id: str, after: int,
 ) -> tuple[BatchSummary, list[JobRow], int | None]:
-    """A page of the batch's rows after `after`, and where the next page starts (None: last)."""
-    summary = batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
-    items = gw.store.batch_items(batch_id, after_seq=after, limit=BATCH_PAGE_ROWS + 1, owner=who.sees)
+    """A page of the batch's rows after `after`, and where the next page starts (None: last);
+    built on a reader thread."""
+    summary = read_batch_summary(r, batch_id, who)  # 404 for a batch this key cannot see
+    items = r.batch_items(batch_id, after_seq=after, limit=BATCH_PAGE_ROWS + 1, owner=who.sees)
     next_after = items[BATCH_PAGE_ROWS - 1].job.seq if len(items) > BATCH_PAGE_ROWS else None
-    return summary, _rows(gw, items[:BATCH_PAGE_ROWS]), next_after
+    return summary, _rows(r, items[:BATCH_PAGE_ROWS]), next_after
 
 
-def node_rows(gw: Gateway, who: Caller) -> list[NodeView]:
+async def node_rows(gw: Gateway, who: Caller) -> list[NodeView]:
     """The nodes as `GET /api/v1/nodes` shows them to `who`."""
-    return [node_view(gw, state, who) for state in gw.dispatcher.states.values()]
+    return [await node_view(gw, state, who) for state in gw.dispatcher.states.values()]
 
 
 # -- live updates ------------------------------------------------------------------------------
@@ -279,28 +289,29 @@ class Feed:
     def gw(self) -> Gateway:
         return gateway(self.request)
 
-    def stale(self) -> bool:
+    async def stale(self) -> bool:
         """Did what the page shows change between its render and this connection?"""
         if self.view == "job" and self.key:
-            job = self.gw.store.get(self.key)
+            job = await self.gw.store.get(self.key)
             return job is not None and self.who.may_touch(job.owner) and job.updated_at > self.since
         if self.view == "batch" and self.key:
-            return any(item.job.updated_at > self.since
-                       for item in all_items(self.gw, self.key, self.who.sees))
+            async for item in all_items(self.gw, self.key, self.who.sees):
+                if item.job.updated_at > self.since:
+                    return True
         return False
 
-    def messages(self, ids: set[str]) -> list[ServerSentEventMessage]:
+    async def messages(self, ids: set[str]) -> list[ServerSentEventMessage]:
         store, out = self.gw.store, []
         if self.view in ("home", "nodes"):
             return [ServerSentEventMessage(event="changed", data="")]
         if self.view == "job":
-            job = store.get(self.key or "") if self.key in ids else None
+            job = await store.get(self.key or "") if self.key in ids else None
             if job and self.who.may_touch(job.owner) and self._changed(job):
-                out.append(ServerSentEventMessage(event=f"job-{job.id}", data=self._job_live(job)))
+                out.append(ServerSentEventMessage(event=f"job-{job.id}", data=await self._job_live(job)))
             return out
         added, changed = False, []
-        for job_id in sorted(ids):
-            item = store.batch_item(job_id)
+        found = await store.read(lambda r: [r.batch_item(job_id) for job_id in sorted(ids)])
+        for item in found:
             if item is None or not self.who.may_touch(item.job.owner):
                 continue
             if self.view == "batch" and item.job.batch_id != self.key:
@@ -313,7 +324,7 @@ class Feed:
                     continue  # the table is fetched again, with this row in its place
             changed.append(item)
         template = "partials/batch_row.html" if self.view == "batch" else "partials/job_row.html"
-        for row in _rows(self.gw, changed):  # queue positions: one query for all of them
+        for row in await store.read(lambda r: _rows(r, changed)):  # queue positions: one query for all
             out.append(ServerSentEventMessage(
                 event=f"job-{row.job.id}", data=_render(self.request, template, row=row),
             ))
@@ -321,7 +332,7 @@ class Feed:
             self.since = time.time()
             out.append(ServerSentEventMessage(event="added", data=""))
         if self.view == "batch" and (out or added):
-            summary = batch_summary(self.gw, self.key or "", self.who)
+            summary = await batch_summary(self.gw, self.key or "", self.who)
             out.append(ServerSentEventMessage(
                 event="summary", data=_render(self.request, "partials/batch_summary.html", s=summary),
             ))
@@ -334,8 +345,8 @@ class Feed:
         self._sent[job.id] = look
         return True
 
-    def _job_live(self, job: Job) -> str:
-        return _render(self.request, "partials/job_live.html", **_job_context(self.gw, job))
+    async def _job_live(self, job: Job) -> str:
+        return _render(self.request, "partials/job_live.html", **await _job_context(self.gw, job))
 
 
 async def _event_stream(feed: Feed) -> AsyncIterator[ServerSentEventMessage]:
@@ -344,7 +355,7 @@ async def _event_stream(feed: Feed) -> AsyncIterator[ServerSentEventMessage]:
     try:
         # `retry`: how long the browser waits before it reconnects after the stream breaks.
         yield ServerSentEventMessage(data=None, comment="live", retry=3000)
-        if feed.stale():
+        if await feed.stale():
             yield ServerSentEventMessage(event="resync", data="")
         last = 0.0
         while True:
@@ -360,7 +371,7 @@ async def _event_stream(feed: Feed) -> AsyncIterator[ServerSentEventMessage]:
             ids = {first}
             while not queue.empty():
                 ids.add(queue.get_nowait())
-            for message in feed.messages(ids):
+            for message in await feed.messages(ids):
                 yield message
             last = time.monotonic()
     finally:
@@ -375,26 +386,26 @@ def _form_values(form: Any) -> tuple[dict[str, str], list[str]]:
     return values, [v for v in form.getall("file") if isinstance(v, str)] if "file" in form else []
 
 
-def _recent(gw: Gateway, who: Caller) -> list[BatchSummary]:
-    return [batch_summary(gw, batch_id, who)
-            for batch_id in gw.store.recent_batch_ids(limit=20, owner=who.sees)]
+async def _recent(gw: Gateway, who: Caller) -> tuple[dict[str, int], list[BatchSummary]]:
+    """The caller's job counts and latest batches, in one hop to a reader thread."""
+    return await gw.store.read(lambda r: (r.owner_counts(who.sees), [
+        read_batch_summary(r, batch_id, who) for batch_id in r.recent_batch_ids(limit=20, owner=who.sees)
+    ]))
 
 
 @get("/", include_in_schema=False)
 async def home(request: HTMXRequest) -> Template:
     gw, who = gateway(request), caller(request)
+    counts, batches = await _recent(gw, who)
     return Template("home.html", context={
-        "counts": gw.store.owner_counts(who.sees), "batches": _recent(gw, who),
-        "nodes": node_rows(gw, who), "since": time.time(),
+        "counts": counts, "batches": batches, "nodes": await node_rows(gw, who), "since": time.time(),
     })
 
 
 @get("/batches/recent", include_in_schema=False)
 async def recent_batches(request: HTMXRequest) -> Template:
-    gw, who = gateway(request), caller(request)
-    return Template("partials/batch_list.html", context={
-        "counts": gw.store.owner_counts(who.sees), "batches": _recent(gw, who),
-    })
+    counts, batches = await _recent(gateway(request), caller(request))
+    return Template("partials/batch_list.html", context={"counts": counts, "batches": batches})
 
 
 @get("/batches/new", include_in_schema=False)
@@ -442,7 +453,7 @@ async def upload(request: HTMXRequest) -> Template:
 @post("/batches/preview", include_in_schema=False, request_max_body_size=8 * 1024 * 1024, status_code=200)
 async def preview_batch(request: HTMXRequest) -> Template:
     values, files = _form_values(await read_form(request))
-    plan = await plan_batch_off_loop(gateway(request), values, files)
+    plan = await plan_batch(gateway(request), values, files)
     return Template("partials/preview.html", context={"plan": plan},
                     status_code=200 if plan.ok else 422)
 
@@ -460,9 +471,10 @@ async def create_batch_route(request: HTMXRequest) -> Response:
 async def batch_page(
     request: HTMXRequest, batch_id: FromPath[str],
     after: Annotated[int, QueryParameter(ge=0, le=MAX_SQLITE_INT)] = 0,
-) -> Template:
-    summary, rows, next_after = _batch_page(gateway(request), caller(request), batch_id, after)
-    return Template("batch.html", context={
+) -> Response:
+    who = caller(request)
+    summary, rows, next_after = await gateway(request).store.read(lambda r: _batch_page(r, who, batch_id, after))
+    return await _off_loop_page(request, "batch.html", {
         "s": summary, "rows": rows, "after": after, "next_after": next_after,
         "page_rows": BATCH_PAGE_ROWS, "since": time.time(),
     })
@@ -472,14 +484,15 @@ async def batch_page(
 async def batch_rows(
     request: HTMXRequest, batch_id: FromPath[str],
     after: Annotated[int, QueryParameter(ge=0, le=MAX_SQLITE_INT)] = 0,
-) -> Template:
-    _, rows, _ = _batch_page(gateway(request), caller(request), batch_id, after)
-    return Template("partials/batch_rows.html", context={"rows": rows})
+) -> Response:
+    who = caller(request)
+    _, rows, _ = await gateway(request).store.read(lambda r: _batch_page(r, who, batch_id, after))
+    return await _off_loop_page(request, "partials/batch_rows.html", {"rows": rows})
 
 
 @get("/batches/{batch_id:str}/summary", include_in_schema=False)
 async def batch_summary_fragment(request: HTMXRequest, batch_id: FromPath[str]) -> Template:
-    summary = batch_summary(gateway(request), batch_id, caller(request))
+    summary = await batch_summary(gateway(request), batch_id, caller(request))
     return Template("partials/batch_summary.html", context={"s": summary})
 
 
@@ -509,7 +522,7 @@ def _flash(message: str) -> Template:
 @get("/batches/{batch_id:str}/videos.zip", include_in_schema=False)
 async def batch_videos(request: HTMXRequest, batch_id: FromPath[str]) -> Stream:
     return Stream(
-        batch_zip(gateway(request), caller(request), batch_id), media_type="application/zip",
+        await batch_zip(gateway(request), caller(request), batch_id), media_type="application/zip",
         headers={"content-disposition": f'attachment; filename="{batch_id}.zip"', "cache-control": "no-store"},
     )
 
@@ -521,13 +534,15 @@ async def jobs_page(
     task: Annotated[str | None, QueryParameter()] = None,
     batch: Annotated[str | None, QueryParameter()] = None,
     before: Annotated[int | None, QueryParameter(ge=1, le=MAX_SQLITE_INT)] = None,
-) -> Template:
+) -> Response:
     gw, who = gateway(request), caller(request)
     filters = _list_filters(state_filter, task, batch)
-    rows, next_before = _jobs_page(gw, who, filters, before)
-    return Template("jobs.html", context={
+    (rows, next_before), counts = await gw.store.read(
+        lambda r: (_jobs_page(r, who, filters, before), r.owner_counts(who.sees))
+    )
+    return await _off_loop_page(request, "jobs.html", {
         "rows": rows, "filters": filters, "before": before, "next_before": next_before,
-        "counts": gw.store.owner_counts(who.sees), "since": time.time(),
+        "counts": counts, "since": time.time(),
     })
 
 
@@ -537,40 +552,41 @@ async def jobs_rows(
     state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
     task: Annotated[str | None, QueryParameter()] = None,
     batch: Annotated[str | None, QueryParameter()] = None,
-) -> Template:
+) -> Response:
     """The newest page of the jobs list again (new jobs arrived, or the stream reconnected)."""
     filters = _list_filters(state_filter, task, batch)
-    rows, _ = _jobs_page(gateway(request), caller(request), filters, None)
-    return Template("partials/job_rows.html", context={"rows": rows, "filters": filters})
+    who = caller(request)
+    rows, _ = await gateway(request).store.read(lambda r: _jobs_page(r, who, filters, None))
+    return await _off_loop_page(request, "partials/job_rows.html", {"rows": rows, "filters": filters})
 
 
-def _job_context(gw: Gateway, job: Job) -> dict[str, Any]:
-    item = gw.store.batch_item(job.id)
-    return {
-        "job": job, "item": item, "events": gw.store.events(job.id),
-        "queue_position": gw.store.queue_position(job),
-        "batch": gw.store.batch(job.batch_id) if job.batch_id else None,
-    }
+async def _job_context(gw: Gateway, job: Job) -> dict[str, Any]:
+    return await gw.store.read(lambda r: {
+        "job": job, "item": r.batch_item(job.id), "events": r.events(job.id),
+        "queue_position": r.queue_position(job),
+        "batch": r.batch(job.batch_id) if job.batch_id else None,
+    })
 
 
 @get("/jobs/{job_id:str}", include_in_schema=False)
 async def job_page(request: HTMXRequest, job_id: FromPath[str]) -> Template:
     gw = gateway(request)
-    job = _item(gw, job_id, caller(request)).job
-    inputs = {role: gw.store.blob(sha) for role, sha in job.inputs.items()}
-    return Template("job.html", context={**_job_context(gw, job), "inputs": inputs, "since": time.time()})
+    job = (await _item(gw, job_id, caller(request))).job
+    inputs = await gw.store.read(lambda r: {role: r.blob(sha) for role, sha in job.inputs.items()})
+    return Template("job.html", context={**await _job_context(gw, job), "inputs": inputs, "since": time.time()})
 
 
 @get("/jobs/{job_id:str}/live", include_in_schema=False)
 async def job_live(request: HTMXRequest, job_id: FromPath[str]) -> Template:
     gw = gateway(request)
-    return Template("partials/job_live.html", context=_job_context(gw, _item(gw, job_id, caller(request)).job))
+    item = await _item(gw, job_id, caller(request))
+    return Template("partials/job_live.html", context=await _job_context(gw, item.job))
 
 
 @get("/jobs/{job_id:str}/retry-form", include_in_schema=False)
 async def retry_form(request: HTMXRequest, job_id: FromPath[str]) -> Template:
     """The retry form of a row of the batch page, prefilled with the job's prompt and seed."""
-    job = _item(gateway(request), job_id, caller(request)).job
+    job = (await _item(gateway(request), job_id, caller(request))).job
     return Template("partials/retry_form.html", context={"job": job})
 
 
@@ -583,14 +599,14 @@ _MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "
 async def job_input(request: HTMXRequest, job_id: FromPath[str], role: FromPath[str]) -> Response:
     """An input file of a job (for the thumbnail and the audio player), with Range support."""
     gw = gateway(request)
-    item = _item(gw, job_id, caller(request))
+    item = await _item(gw, job_id, caller(request))
     sha = item.job.inputs.get(role)
     if sha is None:
         raise ApiError(404, f"This job has no {role} input")
     path = gw.blobs.path(sha)
     if item.job.files_expired or not path.is_file():
         raise ApiError(410, "This input file has expired and was deleted")
-    blob = gw.store.blob(sha) or {}
+    blob = await gw.store.blob(sha) or {}
     kind = blob.get("kind", "bin")
     return ranged_file(
         path, request.headers.get("range"), media_type=_MEDIA_TYPES.get(kind, "application/octet-stream"),
@@ -598,10 +614,11 @@ async def job_input(request: HTMXRequest, job_id: FromPath[str], role: FromPath[
     )
 
 
-def _job_fragment(gw: Gateway, who: Caller, job: Job, view: str, headers: dict[str, str] | None = None) -> Template:
+async def _job_fragment(gw: Gateway, who: Caller, job: Job, view: str, headers: dict[str, str] | None = None) -> Template:
     if view == "job":
-        return Template("partials/job_live.html", context=_job_context(gw, job), headers=headers)
-    (row,) = _rows(gw, [_item(gw, job.id, who)])
+        return Template("partials/job_live.html", context=await _job_context(gw, job), headers=headers)
+    item = await _item(gw, job.id, who)
+    (row,) = await gw.store.read(lambda r: _rows(r, [item]))
     template = "partials/batch_row.html" if view == "batch" else "partials/job_row.html"
     return Template(template, context={"row": row}, headers=headers)
 
@@ -611,9 +628,9 @@ async def cancel_job(
     request: HTMXRequest, job_id: FromPath[str], view: Annotated[str, QueryParameter()] = "list",
 ) -> Template:
     gw, who = gateway(request), caller(request)
-    _item(gw, job_id, who)
+    await _item(gw, job_id, who)
     job = await gw.dispatcher.cancel(job_id)
-    return _job_fragment(gw, who, job, view, headers={"HX-Trigger": "rows-changed"})
+    return await _job_fragment(gw, who, job, view, headers={"HX-Trigger": "rows-changed"})
 
 
 @post("/jobs/{job_id:str}/retry", include_in_schema=False, status_code=200, request_max_body_size=64 * 1024)
@@ -621,25 +638,25 @@ async def retry_job(
     request: HTMXRequest, job_id: FromPath[str], view: Annotated[str, QueryParameter()] = "list",
 ) -> Response:
     gw, who = gateway(request), caller(request)
-    old = _item(gw, job_id, who).job
+    old = (await _item(gw, job_id, who)).job
     form = await read_form(request)
     prompt = str(form.get("prompt", old.params.get("prompt", "")))
     seed = str(form.get("seed", ""))
     job, is_new = await run_again(gw, who, old, prompt, seed)
     if view == "job" and is_new:
         return ClientRedirect(f"/ui/jobs/{job.id}")
-    shown = gw.store.get(old.id) if is_new else job
-    return _job_fragment(gw, who, shown, view, headers={"HX-Trigger": "rows-changed"})
+    shown = await gw.store.get(old.id) if is_new else job
+    return await _job_fragment(gw, who, shown, view, headers={"HX-Trigger": "rows-changed"})
 
 
 @get("/nodes", include_in_schema=False)
 async def nodes_page(request: HTMXRequest) -> Template:
-    return Template("nodes.html", context={"nodes": node_rows(gateway(request), caller(request))})
+    return Template("nodes.html", context={"nodes": await node_rows(gateway(request), caller(request))})
 
 
 @get("/nodes/table", include_in_schema=False)
 async def nodes_table(request: HTMXRequest) -> Template:
-    return Template("partials/nodes_table.html", context={"nodes": node_rows(gateway(request), caller(request))})
+    return Template("partials/nodes_table.html", context={"nodes": await node_rows(gateway(request), caller(request))})
 
 
 @post("/nodes/{name:str}/drain", include_in_schema=False, status_code=200, request_max_body_size=4096)
@@ -648,7 +665,7 @@ async def drain_node(request: HTMXRequest, name: FromPath[str]) -> Template:
     gw = gateway(request)
     drained = (await read_form(request)).get("drained") == "on"
     await gw.registry.set_drained(name, drained)
-    return Template("partials/nodes_table.html", context={"nodes": node_rows(gw, caller(request))})
+    return Template("partials/nodes_table.html", context={"nodes": await node_rows(gw, caller(request))})
 
 
 @get("/events", include_in_schema=False)

@@ -58,9 +58,9 @@ class NodeView(msgspec.Struct, kw_only=True):
     last_error: str | None  # admins only: it may name hosts and addresses
 
 
-def node_view(gw: Gateway, state: UpstreamState, who: Caller) -> NodeView:
+async def node_view(gw: Gateway, state: UpstreamState, who: Caller) -> NodeView:
     """A node as `who` may see it."""
-    jobs = [j for j in gw.store.active(state.name) if who.may_touch(j.owner)]
+    jobs = [j for j in await gw.store.active(state.name) if who.may_touch(j.owner)]
     recent = gw.dispatcher.timings.recent(state.name)
     return NodeView(
         name=state.name,
@@ -89,18 +89,18 @@ class NodesController(Controller):
     async def list_nodes(self, request: Request) -> list[NodeView]:
         gw = gateway(request)
         who = caller(request)
-        return [node_view(gw, s, who) for s in gw.dispatcher.states.values()]
+        return [await node_view(gw, s, who) for s in gw.dispatcher.states.values()]
 
     @get("/{name:str}", summary="One node", responses=errors(400, 404))
     async def get_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, gw.registry.get(name), caller(request))
+        return await node_view(gw, gw.registry.get(name), caller(request))
 
     @post("/", status_code=201, summary="Add a node (kept across restarts)", responses=errors(400, 403, 409, 413, 422))
     async def add_node(self, request: Request, data: JSONBody[NodeRequest]) -> NodeView:
         gw = gateway(request)
         state = await gw.registry.add(data.name, data.url, capacity=data.capacity, tasks=data.tasks)
-        return node_view(gw, state, caller(request))
+        return await node_view(gw, state, caller(request))
 
     @post(
         "/{name:str}/drain", status_code=200, summary="Finish what it has, take nothing new",
@@ -108,12 +108,12 @@ class NodesController(Controller):
     )
     async def drain_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, await gw.registry.set_drained(name, True), caller(request))
+        return await node_view(gw, await gw.registry.set_drained(name, True), caller(request))
 
     @post("/{name:str}/undrain", status_code=200, summary="Take new jobs again", responses=errors(400, 403, 404))
     async def undrain_node(self, request: Request, name: FromPath[str]) -> NodeView:
         gw = gateway(request)
-        return node_view(gw, await gw.registry.set_drained(name, False), caller(request))
+        return await node_view(gw, await gw.registry.set_drained(name, False), caller(request))
 
     @delete(
         "/{name:str}", status_code=204, summary="Remove a node with no job in flight",

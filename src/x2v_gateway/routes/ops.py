@@ -59,7 +59,8 @@ async def readyz(request: Request) -> Response[Readiness]:
     media_type="text/plain; version=0.0.4", responses=errors(403),
 )
 async def metrics(request: Request) -> Response[bytes]:
-    return Response(gateway(request).metrics.render(), media_type="text/plain; version=0.0.4")
+    gw = gateway(request)
+    return Response(gw.metrics.render(await gw.store.counts_by_state()), media_type="text/plain; version=0.0.4")
 
 
 ROUTES = [healthz, readyz, metrics]  # the nodes' routes: routes/nodes.py
