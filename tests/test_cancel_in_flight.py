@@ -24,7 +24,7 @@ def test_retry_of_a_job_cancelled_in_flight_resumes_its_cloud_task_instead_of_ma
             store = JobStore(tmp_path / "gateway.db")
             cloud = CloudUpstream("cloud", double.url, double.token)
             dispatcher = Dispatcher(store, BlobStore(tmp_path / "blobs"), [cloud], Notifier(),
-                                    Metrics(store.counts_by_state))
+                                    Metrics())
             try:
                 params = {"prompt": "cancelled in flight"}
                 job, _ = await store.create_job(task="t2v", params=params, inputs={})

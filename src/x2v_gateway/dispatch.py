@@ -1154,7 +1154,7 @@ class Dispatcher:
             if not task_id:
                 # Sent, but the answer never came (lost, or the gateway died waiting for it):
                 # the upstream may have the task under an id the gateway never learned.
-                request = self._request(job, task_id_for(job))
+                request = await self._request(job, task_id_for(job))
                 task_id = await self._call(state, "find", lambda: upstream.find_task(request))
                 if task_id is None:
                     if time.time() - (job.submitted_at or 0) >= self.reconcile_grace:
