@@ -197,13 +197,19 @@ def test_one_batch_of_many_starves_neither_another_batch_nor_a_colleagues_job(tm
         small = submit(client, batch_id="small")
         with api(gateway, made.json()["key"]) as colleague:
             theirs = submit(colleague)
-        for job_id in (small, theirs):
-            job = wait_all(client, [job_id])[job_id]
-            # First in first out, each would wait for the 30 others (about 6 s on two nodes).
-            finished = datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
-            assert finished - asked < 2.5, finished - asked
         jobs = wait_all(client, big)
+        # Counted in jobs, not seconds (a busy machine renders slower): first in first out, each
+        # would finish after every job of the big batch still unfinished when it was asked for.
+        unfinished = [finished_at(j) for j in jobs.values() if finished_at(j) > asked]
+        for job_id in (small, theirs):
+            finished = finished_at(wait_all(client, [job_id])[job_id])
+            ahead = sum(other < finished for other in unfinished)
+            assert ahead < len(unfinished) / 2, (ahead, len(unfinished))
     assert all(j["state"] == "succeeded" for j in jobs.values())
+
+
+def finished_at(job: dict) -> float:
+    return datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
 
 
 def test_dispatch_is_fair_between_api_keys_and_honours_priority(tmp_path):
