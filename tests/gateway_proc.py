@@ -76,7 +76,8 @@ class GatewayProcess:
         _watch("files", str(self.responses_path))
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 20.0) -> GatewayProcess:
+    # 60 s: a parallel run on a busy 2-core machine took over 20 s to import the gateway.
+    def start(self, timeout: float = 60.0) -> GatewayProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "x2v_gateway.cli", "serve", "--env-file", "/nonexistent"],

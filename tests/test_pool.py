@@ -136,7 +136,8 @@ def test_routing_prefers_the_node_likely_to_finish_first(tmp_path, cleanup):
         # Both nodes get work at first (nothing measured yet), so both get measured.
         wait_all(client, [submit(client) for _ in range(4)])
         typical = {n["name"]: n["typical_seconds"].get("t2v") for n in client.get("/api/v1/nodes").json()}
-        assert typical["fast"] < 1.0 < typical["slow"], typical
+        # Measured, so a busy machine adds its rendering time to both: only the order is sure.
+        assert typical["fast"] < typical["slow"], typical
 
         # Now both are idle: a lone job goes to the node that will have it done first.
         for _ in range(3):
