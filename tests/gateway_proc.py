@@ -93,6 +93,7 @@ class GatewayProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        self.kill()  # not left running, unwatched, after the test that wanted it has failed
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
 
     def kill(self) -> None:
