@@ -129,7 +129,8 @@ class NodeProcess:
             *self.options,
         ]
 
-    def start(self, timeout: float = 15.0) -> NodeProcess:
+    # 60 s: parallel runs on a busy 2-core machine saw a node take over 15 s to start.
+    def start(self, timeout: float = 60.0) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Appending keeps the log of every incarnation when a test restarts the node.
         with self.log_path.open("ab") as log_file:
@@ -139,7 +140,7 @@ class NodeProcess:
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 15.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -169,7 +170,7 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    def restart(self, timeout: float = 15.0) -> None:
+    def restart(self, timeout: float = 60.0) -> None:
         """A new process on the same port and data dir: it knows no task, the files remain."""
         self.stop()
         self.start(timeout)
