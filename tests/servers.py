@@ -137,7 +137,11 @@ class NodeProcess:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log_file, stderr=subprocess.STDOUT, cwd=self.data_dir
             )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except RuntimeError:
+            self.kill()  # not left running, unwatched, after the test that wanted it has failed
+            raise
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
