@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,9 +11,30 @@ from gateway_proc import GatewayProcess
 from media import make_png, make_wav
 
 
-def pytest_collection_modifyitems(items) -> None:
+def pytest_configure(config) -> None:
+    # The run's directory, where every process lists the secrets and files tests/test_secrets.py
+    # checks (gateway_proc.py). ./dev test makes it, for its two pytest runs; for a plain `pytest`
+    # it is made here, before pytest-xdist starts its workers, which inherit the environment.
+    if "X2V_TEST_RUN_DIR" not in os.environ:
+        os.environ["X2V_TEST_RUN_DIR"] = config.x2v_made_run_dir = tempfile.mkdtemp(prefix="x2v-test-run-")
+
+
+def pytest_unconfigure(config) -> None:
+    if made := getattr(config, "x2v_made_run_dir", None):
+        shutil.rmtree(made, ignore_errors=True)
+        del os.environ["X2V_TEST_RUN_DIR"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
     # tests/test_secrets.py reads the logs and bodies every other test left behind: it runs last.
     items.sort(key=lambda item: item.path.name == "test_secrets.py")
+    if hasattr(config, "workerinput"):
+        # In a pytest-xdist worker, other workers are still running tests: it would check only
+        # part of what they write. ./dev test runs it on its own after the parallel run.
+        after_all = pytest.mark.skip(reason="checks what every other test wrote: run it alone, after them (./dev test does)")
+        for item in items:
+            if item.path.name == "test_secrets.py":
+                item.add_marker(after_all)
 
 
 @pytest.fixture(scope="session")

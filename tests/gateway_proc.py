@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,24 +12,36 @@ from pathlib import Path
 
 import httpx
 
-# The admin key every test gateway starts with (X2V_ADMIN_KEY), random for each test run.
+from servers import free_port  # noqa: F401 (tests import it from here too)
+
+# The admin key every test gateway starts with (X2V_ADMIN_KEY), random for each test process.
 ADMIN_KEY = "x2v_test_" + secrets.token_urlsafe(24)
-# Every secret a test gateway was given or handed out (keys, upstream tokens, session cookies):
-# tests/test_secrets.py checks, after all other tests, that none of them is in any gateway log
-# or any response body the test clients read.
-SECRETS: set[str] = set()
 _DEFAULT = object()
 
 
+# tests/test_secrets.py checks, after all other tests, that no secret a test gateway was given or
+# handed out (keys, upstream tokens, session cookies) is in any gateway log or response body the
+# tests read. The tests run in several processes (pytest-xdist workers) and test_secrets.py in
+# another one after them (./dev test), so each process appends the secrets and the files it made
+# to its own lists in the run's directory, X2V_TEST_RUN_DIR (made by ./dev, or by conftest.py for
+# a plain `pytest`). Without it (the benchmarks), nothing is kept.
+
+
+def _watch(kind: str, line: str) -> None:
+    if run_dir := os.environ.get("X2V_TEST_RUN_DIR"):
+        with (Path(run_dir) / f"{kind}-{os.getpid()}.txt").open("a") as out:
+            out.write(line + "\n")
+
+
+def watched(kind: str) -> set[str]:
+    """Every line any process of this test run kept: kind "secrets" or "files"."""
+    run_dir = Path(os.environ["X2V_TEST_RUN_DIR"])
+    return {line for path in run_dir.glob(f"{kind}-*.txt") for line in path.read_text().splitlines() if line}
+
+
 def remember_secret(secret: str) -> str:
-    SECRETS.add(secret)
+    _watch("secrets", secret)
     return secret
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class GatewayProcess:
@@ -39,8 +50,6 @@ class GatewayProcess:
     It starts with `ADMIN_KEY` as X2V_ADMIN_KEY (pass `X2V_ADMIN_KEY=""` for none), and its
     `client()` sends that key.
     """
-
-    instances: list[GatewayProcess] = []
 
     def __init__(self, data_dir: Path, nodes: str = "", **settings: str) -> None:
         self.data_dir = data_dir
@@ -60,11 +69,15 @@ class GatewayProcess:
         }
         self.admin_key = self.env["X2V_ADMIN_KEY"]
         for name in ("X2V_ADMIN_KEY", "LIGHTX2V_ACCESS_TOKEN"):
-            SECRETS.update(t.strip() for t in self.env.get(name, "").split(",") if t.strip())
+            for token in self.env.get(name, "").split(","):
+                if token.strip():
+                    remember_secret(token.strip())
+        _watch("files", str(self.log_path))
+        _watch("files", str(self.responses_path))
         self.proc: subprocess.Popen | None = None
-        GatewayProcess.instances.append(self)
 
-    def start(self, timeout: float = 20.0) -> GatewayProcess:
+    # 60 s: a parallel run on a busy 2-core machine took over 20 s to import the gateway.
+    def start(self, timeout: float = 60.0) -> GatewayProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "x2v_gateway.cli", "serve", "--env-file", "/nonexistent"],
@@ -75,11 +88,13 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                # 5 s: a gateway just started on a busy machine may take seconds to answer.
+                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        self.kill()  # not left running, unwatched, after the test that wanted it has failed
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
 
     def kill(self) -> None:

@@ -37,6 +37,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import random
 import re
 import signal
 import socket
@@ -54,11 +56,48 @@ import httpx
 log = logging.getLogger("tests.servers")
 
 
+def _port_pool() -> range:
+    """The ports this process hands out: below the kernel's ephemeral range, one slice per
+    pytest-xdist worker.
+
+    A port the OS picked with bind(("127.0.0.1", 0)) and let go is free only until the next
+    outgoing connection or bind to port 0 on the machine takes it, and a server started in a
+    subprocess binds it a second later: with several workers starting servers at once, two of
+    them got the same port. No connect() and no bind to port 0 ever picks a port below the
+    ephemeral range, and each worker (gw0, gw1, ...; slice 0 outside xdist) draws from its own.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3" in a worker, unset outside xdist
+    slot = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    low, size = 10_000, 800
+    slices = max(1, (ephemeral_low - low) // size)
+    start = low + (slot % slices) * size
+    return range(start, start + size)
+
+
+_POOL = _port_pool()
+# A random start: two test runs at once on one machine (two checkouts) rarely meet.
+_next_port = random.randrange(len(_POOL))
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nobody listens on now, and that no other caller in this
+    test run gets (see _port_pool)."""
+    global _next_port
+    for _ in range(len(_POOL)):
+        port = _POOL[_next_port % len(_POOL)]
+        _next_port += 1
+        with socket.socket() as probe:
+            try:
+                # No SO_REUSEADDR: a port with connections still in TIME_WAIT is skipped too.
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_POOL}")
 
 
 class NodeProcess:
@@ -91,17 +130,22 @@ class NodeProcess:
             *self.options,
         ]
 
-    def start(self, timeout: float = 15.0) -> NodeProcess:
+    # 60 s: parallel runs on a busy 2-core machine saw a node take over 15 s to start.
+    def start(self, timeout: float = 60.0) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Appending keeps the log of every incarnation when a test restarts the node.
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log_file, stderr=subprocess.STDOUT, cwd=self.data_dir
             )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except RuntimeError:
+            self.kill()  # not left running, unwatched, after the test that wanted it has failed
+            raise
         return self
 
-    def wait_ready(self, timeout: float = 15.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -131,7 +175,7 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    def restart(self, timeout: float = 15.0) -> None:
+    def restart(self, timeout: float = 60.0) -> None:
         """A new process on the same port and data dir: it knows no task, the files remain."""
         self.stop()
         self.start(timeout)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import socket
 import traceback
 import tracemalloc
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from cloud_double import CloudDouble, make_token
 from media import make_big_wav, make_png, make_wav
+from servers import free_port
 from x2v_gateway.upstream.base import (
     AmbiguousSubmit,
     Backpressure,
@@ -82,12 +82,6 @@ def assert_playable(path: Path) -> None:
     with av.open(str(path)) as container:
         assert container.streams.video[0].codec_context.name == "h264"
         assert sum(1 for _ in container.decode(video=0)) > 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_s2v_i2v_and_t2v_jobs_run_and_give_playable_videos(fast, files, tmp_path):

@@ -1,13 +1,16 @@
-"""After every other test (conftest.py runs this file last): no secret a test gateway was given or
-handed out (API keys, upstream tokens, session cookies) appears in any log a gateway wrote or any
-response body a test read. Those logs and bodies are kept by `gateway_proc.GatewayProcess`."""
+"""After every other test: no secret a test gateway was given or handed out (API keys, upstream
+tokens, session cookies) appears in any log a gateway wrote or any response body a test read.
+Those logs and bodies are kept by `gateway_proc.GatewayProcess`, and listed with the secrets in
+the run's directory by every test process (gateway_proc.watched). A plain `pytest` runs this file
+last (conftest.py); ./dev test runs it on its own, after the parallel run."""
 
 from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
-from gateway_proc import SECRETS, GatewayProcess, remember_secret
+from gateway_proc import GatewayProcess, remember_secret, watched
 
 
 def provoke(tmp_path) -> None:
@@ -46,17 +49,17 @@ def provoke(tmp_path) -> None:
 
 def test_no_secret_in_any_gateway_log_or_response_body(tmp_path):
     provoke(tmp_path)
-    assert SECRETS, "no secret was recorded: the check would prove nothing"
+    secrets = watched("secrets")
+    assert secrets, "no secret was recorded: the check would prove nothing"
     scanned, found = 0, []
-    for gateway in GatewayProcess.instances:
-        for path in (gateway.log_path, gateway.responses_path):
-            if not path.exists():
-                continue
-            data = path.read_bytes()
-            scanned += len(data)
-            for secret in SECRETS:
-                if secret.encode() in data:
-                    # Never the secret itself in the report: pytest's output is a log too.
-                    found.append(f"{secret[:6]}… in {path}")
+    for path in sorted(map(Path, watched("files"))):
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        scanned += len(data)
+        for secret in secrets:
+            if secret.encode() in data:
+                # Never the secret itself in the report: pytest's output is a log too.
+                found.append(f"{secret[:6]}… in {path}")
     assert scanned > 0
     assert not found, "secrets leaked:\n" + "\n".join(found)
