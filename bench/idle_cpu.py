@@ -84,12 +84,15 @@ def measure(src: Path, template: Path, root: Path, seconds: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline-src", type=Path, required=True)
+    parser.add_argument("--baseline-src", type=Path,
+                        help="src/ of a checkout of the code to compare with (else: this code only)")
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    codes = {"before": args.baseline_src.resolve(), "now": Path(__file__).resolve().parent.parent / "src"}
+    codes = {"now": Path(__file__).resolve().parent.parent / "src"}
+    if args.baseline_src:
+        codes = {"before": args.baseline_src.resolve(), **codes}
     root = Path(tempfile.mkdtemp(prefix="x2v-bench-idle-"))
     try:
         template = root / "template.db"

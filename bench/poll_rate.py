@@ -92,15 +92,17 @@ def run(code: str, src: Path, args: argparse.Namespace, root: Path) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--baseline-src", type=Path, required=True,
-                        help="src/ of a checkout of the code to compare with")
+    parser.add_argument("--baseline-src", type=Path,
+                        help="src/ of a checkout of the code to compare with (else: this code only)")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--jobs-per-node", type=int, default=10)
     parser.add_argument("--job-seconds", type=float, default=2.0)
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    codes = {"before": args.baseline_src.resolve(), "now": Path(__file__).resolve().parent.parent / "src"}
+    codes = {"now": Path(__file__).resolve().parent.parent / "src"}
+    if args.baseline_src:
+        codes = {"before": args.baseline_src.resolve(), **codes}
     root = Path(tempfile.mkdtemp(prefix="x2v-bench-poll-"))
     results: dict[str, list[dict]] = {code: [] for code in codes}
     try:
@@ -125,6 +127,8 @@ def main() -> None:
         summary[code] = (calls, median(lags))
         print(f"| {code} ({codes[code]}) | {calls:.2f} | {median(lags) * 1000:.0f} | "
               f"{percentile(lags, 95) * 1000:.0f} | {max(lags) * 1000:.0f} |")
+    if "before" not in summary:
+        return
     before, now = summary["before"], summary["now"]
     print(f"\nDetection lag, median: {now[1] / before[1]:.2f} of before "
           f"({before[1] * 1000:.0f} ms -> {now[1] * 1000:.0f} ms); "
