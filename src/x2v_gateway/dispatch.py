@@ -14,11 +14,12 @@ the moment one ends while the rest of the queue stays here, free to go anywhere.
 next is fair: highest priority first, then the owner with the fewest jobs in flight, then that
 owner's batch with the fewest, then the oldest. Which node gets it: the one expected to finish it
 first, from the run times measured per node and task type. Nodes are watched through their status
-routes only. A node whose port refuses connections has lost its tasks: they are queued again at
-once. A node that only stops answering may still be running them, so its jobs move after the
-start-by deadline; the tasks left there are cancelled when it answers again, before it gets
-anything new. A job waiting too long in a live node's queue is cancelled there first, and moved
-only if it had not started, so a job never runs on two nodes at once.
+routes only, asked when a task's end is due by those same run times, within a budget of one call
+per X2V_POLL_INTERVAL (FollowPlan). A node whose port refuses connections has lost its tasks: they
+are queued again at once. A node that only stops answering may still be running them, so its jobs
+move after the start-by deadline; the tasks left there are cancelled when it answers again,
+before it gets anything new. A job waiting too long in a live node's queue is cancelled there
+first, and moved only if it had not started, so a job never runs on two nodes at once.
 """
 
 from __future__ import annotations
