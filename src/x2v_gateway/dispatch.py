@@ -14,11 +14,12 @@ the moment one ends while the rest of the queue stays here, free to go anywhere.
 next is fair: highest priority first, then the owner with the fewest jobs in flight, then that
 owner's batch with the fewest, then the oldest. Which node gets it: the one expected to finish it
 first, from the run times measured per node and task type. Nodes are watched through their status
-routes only. A node whose port refuses connections has lost its tasks: they are queued again at
-once. A node that only stops answering may still be running them, so its jobs move after the
-start-by deadline; the tasks left there are cancelled when it answers again, before it gets
-anything new. A job waiting too long in a live node's queue is cancelled there first, and moved
-only if it had not started, so a job never runs on two nodes at once.
+routes only, asked when a task's end is due by those same run times, within a budget of one call
+per X2V_POLL_INTERVAL (FollowPlan). A node whose port refuses connections has lost its tasks: they
+are queued again at once. A node that only stops answering may still be running them, so its jobs
+move after the start-by deadline; the tasks left there are cancelled when it answers again,
+before it gets anything new. A job waiting too long in a live node's queue is cancelled there
+first, and moved only if it had not started, so a job never runs on two nodes at once.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ HEALTH_INTERVAL = 5.0
 TIMINGS_KEPT = 20
 # Jobs of one lane looked at per dispatch round for one that fits a free node (pinned jobs).
 LANE_SCAN = 32
+# Following a node (see FollowPlan): status calls it may get in quick succession around an
+# expected end, the gap between them then, and the longest silence while it runs a job of ours
+# (a node that restarted mid-job is noticed within this).
+FOLLOW_BURST = 4.0
+FOLLOW_DENSE = 0.1
+FOLLOW_QUIET = HEALTH_INTERVAL
+# How long after the earliest expected end the node is first asked: the estimate is a lower
+# bound, often exact, and a look a moment later usually finds the end in one call.
+FOLLOW_MARGIN = 0.05
 
 
 class Notifier:
@@ -131,6 +141,14 @@ class Timings:
                 return self._typical[key]
         return None
 
+    def quickest(self, node: str, task: str) -> float | None:
+        """The shortest recent run of this task type on this node (else on any node), or None:
+        the earliest a run of it can be expected to end, for whoever waits for that end."""
+        runs = self._runs.get((node, task)) or [
+            s for (_, t), d in self._runs.items() if t == task for s in d
+        ]
+        return min(runs) if runs else None
+
     def recent(self, node: str) -> dict[str, list[float]]:
         return {task: list(runs) for (n, task), runs in self._runs.items() if n == node and runs}
 
@@ -138,6 +156,49 @@ class Timings:
         for key in [k for k in self._runs if k[0] == node]:
             del self._runs[key]
         self._typical.clear()
+
+
+@dataclass
+class FollowPlan:
+    """When a self-hosted node is asked about its jobs next, within a budget of status calls.
+
+    A fixed tick sees a finished task half a tick late on average, and asks all through a run
+    for nothing. The gateway knows when each running task began (within one look at the node's
+    list) and how long that kind of task takes there: it stays quiet until the earliest end a
+    run can have, then asks every FOLLOW_DENSE until the end is seen. A token bucket holds the
+    node to one status call per X2V_POLL_INTERVAL on average (FOLLOW_BURST at most in a row),
+    however wrong the estimates are: a run longer than expected is then followed at the old pace.
+    """
+
+    rate: float  # status calls per second, on average
+    tokens: float = 1.0
+    refilled: float = field(default_factory=time.monotonic)
+    round_at: float = 0.0  # when the last follow round ended (monotonic)
+    listed_at: float | None = None  # when the last task list that was answered was asked for
+    # Job id -> the earliest its run may have begun / may end (monotonic), for jobs of ours the
+    # node runs (or, just sent to an idle node, is about to).
+    starts: dict[str, float] = field(default_factory=dict)
+    ends: dict[str, float] = field(default_factory=dict)
+    poke: asyncio.Event = field(default_factory=asyncio.Event)  # a job was sent there
+    fresh: bool = False  # a job was sent there since the last round
+
+    def spend(self, now: float) -> None:
+        self._refill(now)
+        self.tokens -= 1
+
+    def allowed_at(self, now: float) -> float:
+        """The earliest moment the budget allows the next status call."""
+        self._refill(now)
+        return now if self.tokens >= 1 else now + (1 - self.tokens) / self.rate
+
+    def spare(self, now: float) -> bool:
+        """Whether a call now would still leave one for the next expected end."""
+        self._refill(now)
+        return self.tokens >= 2
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(FOLLOW_BURST, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
 
 
 @dataclass
@@ -166,6 +227,7 @@ class UpstreamState:
     queue_depth: int = 0
     # When slots were seen freed (monotonic), for the dispatch-lag metric.
     freed: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    plan: FollowPlan = field(default_factory=lambda: FollowPlan(rate=1.0))
 
     @property
     def name(self) -> str:
@@ -340,7 +402,7 @@ class Dispatcher:
         """Start using an upstream (at start, or added at run time)."""
         state = UpstreamState(
             upstream, capacity=capacity, drained=drained, learn_tasks=learn_tasks,
-            ready=not learn_tasks,
+            ready=not learn_tasks, plan=FollowPlan(rate=1.0 / self.poll_interval),
         )
         self.states[upstream.name] = state
         self.metrics.node_slots.labels(upstream.name).set(0 if drained else upstream.slots)
@@ -721,6 +783,7 @@ class Dispatcher:
                 return  # cancelled between the read and now
             self.notifier.changed(job.id)
             request = await self._request(job, task_id)
+            sending = time.monotonic()
             try:
                 remote_id = await self._call(state, "submit", lambda: send(request))
             except Backpressure as exc:
@@ -747,6 +810,7 @@ class Dispatcher:
                 if remote_id != claimed_id:
                     await self.store.set_upstream_task_id(job.id, remote_id, run=job.run)
                 log.info("job %s sent to %s as %s", job.id, upstream.name, remote_id)
+                self._expect_start(state, job, sending)
         finally:
             self._submitting.discard(job.id)
             self.notifier.changed(job.id)
@@ -788,13 +852,82 @@ class Dispatcher:
 
     async def _follow_loop(self, state: UpstreamState) -> None:
         while self._running and not state.removed:
+            state.plan.fresh = False
             try:
                 await self._follow_once(state)
             except Exception:
                 log.exception("following %s failed; trying again", state.name)
-            await asyncio.sleep(self.poll_interval)
+            state.plan.round_at = time.monotonic()
+            await self._follow_pause(state)
         if state.removed:
             await state.upstream.aclose()
+
+    async def _follow_pause(self, state: UpstreamState) -> None:
+        """Wait until the node is due to be asked again; a job sent there meanwhile may bring
+        that moment closer (it starts at once on an idle node)."""
+        plan = state.plan
+        while (wait := self._next_follow(state) - time.monotonic()) > 0:
+            plan.poke.clear()
+            try:
+                await asyncio.wait_for(plan.poke.wait(), wait)
+            except TimeoutError:
+                return
+
+    def _next_follow(self, state: UpstreamState) -> float:
+        """When to ask the node about its jobs next (monotonic)."""
+        plan, now = state.plan, time.monotonic()
+        slow = plan.round_at + self.poll_interval
+        if state.upstream.kind == "cloud" or state.up is not True:
+            # The hosted cloud runs its own queue and tells no start time; a node that is down
+            # is asked at the steady pace (its circuit decides whether a request goes out).
+            return slow
+        dense = plan.round_at + min(FOLLOW_DENSE, self.poll_interval)
+        if plan.ends:
+            due = max(min(plan.ends.values()) + FOLLOW_MARGIN, dense)
+            due = min(due, plan.round_at + max(self.poll_interval, FOLLOW_QUIET))
+        else:
+            due = slow  # idle, or busy with something of unknown length
+        if plan.fresh and plan.spare(now):
+            # A job just went there: whether it runs or waits (its place in the node's queue
+            # is its ETA) is worth a look now, if the budget still covers the next end.
+            due = dense
+        return max(due, plan.allowed_at(now))
+
+    def _expect_start(self, state: UpstreamState, job: Job, sending: float) -> None:
+        """A job just reached a node: where nothing of ours runs or waits, it starts right away
+        (no later than the answer came), and its end can be waited for from now."""
+        plan = state.plan
+        quickest = self.timings.quickest(state.name, job.task)
+        if quickest is not None and not plan.starts and not state.queue_depth:
+            plan.ends.setdefault(job.id, sending + quickest)
+        plan.fresh = True
+        plan.poke.set()
+
+    def _expect_ends(
+        self, state: UpstreamState, running: list[Job], listed_before: float | None,
+        freed: float | None, now: float, wall: float,
+    ) -> None:
+        """From the jobs the node's list shows running: when each began, at the earliest, and so
+        when it may end. A job seen running for the first time began after it was sent, after
+        the previous look at the list (it was not running then), and, on a node that runs one
+        task at a time, after the end of the one that just finished (`freed`: its start plus
+        the node's own measure of its run). That last bound keeps the estimate as tight as the
+        first job's, sent to an idle node, however rarely the node is asked."""
+        plan = state.plan
+        starts: dict[str, float] = {}
+        for job in running:
+            start = plan.starts.get(job.id)
+            if start is None:
+                start = now - (wall - job.submitted_at) if job.submitted_at else now
+                for bound in (listed_before, freed if state.capacity == 1 else None):
+                    if bound is not None:
+                        start = max(start, bound)
+            starts[job.id] = start
+        plan.starts = starts
+        plan.ends = {
+            job.id: starts[job.id] + quickest
+            for job in running if (quickest := self.timings.quickest(state.name, job.task)) is not None
+        }
 
     async def _follow_once(self, state: UpstreamState) -> None:
         if state.up is False:
@@ -813,6 +946,7 @@ class Dispatcher:
         pending_cancels = [j for j in cancels if j.upstream == upstream.name]
         if not jobs and not pending_cancels:
             self._set_load(state, busy=False, queued=0)
+            state.plan.starts, state.plan.ends = {}, {}
             if now - state.last_health >= HEALTH_INTERVAL:
                 await self._check_health(state)
             return
@@ -823,6 +957,7 @@ class Dispatcher:
 
     async def _check_health(self, state: UpstreamState) -> None:
         state.last_health = time.monotonic()
+        state.plan.spend(state.last_health)
         health = await self._call(state, "health", state.upstream.health)
         if not health.reachable:
             self._record_down(state, health.detail or "unreachable")
@@ -933,6 +1068,9 @@ class Dispatcher:
         jobs = [j for j in jobs if j.upstream_task_id]
         if not jobs:
             return
+        plan = state.plan
+        listed_before, asked = plan.listed_at, time.monotonic()
+        plan.spend(asked)
         try:
             statuses = await self._call(
                 state, "poll", lambda: upstream.poll([j.upstream_task_id for j in jobs])
@@ -945,12 +1083,15 @@ class Dispatcher:
             if state.up is False:
                 await self._rescue(state)
             return
+        plan.listed_at = asked
         if state.up is not True:
             await self._record_up(state)
         else:
             state.record_ok()
 
         now, wall = time.monotonic(), time.time()
+        seen_running: list[Job] = []
+        freed: float | None = None  # the latest a task of ours that finished there ended, at least
         queue_updates: dict[str, dict[str, Any] | None] = {}
         running = [j for j in jobs if (s := statuses.get(j.upstream_task_id)) and s.state is RemoteState.RUNNING]
         queued = 0
@@ -980,6 +1121,7 @@ class Dispatcher:
                 if await self._past_start_deadline(state, job, status, wall):
                     continue
             elif status.state is RemoteState.RUNNING:
+                seen_running.append(job)
                 if job.state == SUBMITTED and await self.store.mark_running(job.id):
                     job.started_at = wall
                     self.notifier.changed(job.id)
@@ -987,9 +1129,15 @@ class Dispatcher:
                 if _changed_enough(job.queue_info, info):
                     queue_updates[job.id] = info
             elif status.state is RemoteState.SUCCEEDED:
+                began = state.plan.starts.get(job.id)
+                if began is not None and status.ran_seconds:
+                    freed = max(freed or 0.0, began + status.ran_seconds)
                 if job.id not in self._collecting:
-                    if job.started_at and job.id not in self._cancel_ignored:
-                        self.timings.record(upstream.name, job.task, wall - job.started_at)
+                    if job.id not in self._cancel_ignored:
+                        # The node's own measure when it gives one: ours also holds the time
+                        # until the start and the end were seen.
+                        ran = status.ran_seconds or (wall - job.started_at if job.started_at else 0.0)
+                        self.timings.record(upstream.name, job.task, ran)
                     state.freed.append(now)
                     self._collecting[job.id] = upstream.name
                     self.spawn(self._collect(job, state))
@@ -1008,6 +1156,7 @@ class Dispatcher:
                     self.notifier.changed(job.id)
                     self.wake()
         self._set_load(state, busy=bool(running), queued=queued)
+        self._expect_ends(state, seen_running, listed_before, freed, now, wall)
         if queue_updates:
             await self.store.set_queue_info(queue_updates)
             for job_id in queue_updates:

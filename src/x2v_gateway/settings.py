@@ -221,7 +221,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_HOST": ("host", _text, "Address the gateway listens on"),
     "X2V_PORT": ("port", _int(1, 65535), "Port the gateway listens on"),
     "X2V_NODES": ("nodes", parse_nodes, "Self-hosted LightX2V nodes: comma-separated base URLs, each optionally `name=url`. Empty: a built-in demo node is started"),
-    "X2V_POLL_INTERVAL": ("poll_interval", _float(0.05, 60), "Seconds between two status requests to a node that has work"),
+    "X2V_POLL_INTERVAL": ("poll_interval", _float(0.05, 60), "Seconds per status request to a node, on average: a node running a job is asked when its end is due, and more often only within this budget"),
     "X2V_LOOKAHEAD": ("lookahead", _int(0, 9), "Jobs waiting in a node's own queue beyond the one it runs, so the GPU starts the next at once"),
     "X2V_NODE_TASKS": ("node_tasks", parse_node_tasks, "Task types per node, `name=t2v+i2v` pairs separated by commas, for nodes started with one `--task`. A node not listed runs what its model class (`/v1/service/metadata`) allows"),
     "X2V_NODE_CAPACITY": ("node_capacity", parse_node_capacity, "Tasks a node runs at once (a LightX2V server runs 1): one number for every node, or `name=N` pairs"),

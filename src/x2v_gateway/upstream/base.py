@@ -39,6 +39,9 @@ class RemoteStatus:
     # Seconds the upstream expects the task to wait before it starts / to run once started.
     pending_seconds: float | None = None
     running_seconds: float | None = None
+    # Seconds a finished task ran, by the upstream's own clock, when it says: a duration needs no
+    # agreement between its clock and ours.
+    ran_seconds: float | None = None
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -379,7 +380,15 @@ def _to_status(task: dict) -> RemoteStatus:
     if state is RemoteState.FAILED:
         kind = task.get("error_type") or ""
         error = clean_message(f"{kind}: {task.get('error')}" if kind else str(task.get("error")))
-    return RemoteStatus(state, error=error)
+    ran = None
+    if state is RemoteState.SUCCEEDED:
+        # start_time is overwritten when processing starts, so end - start is the run alone.
+        # Both are naive local times of the node's clock: only their difference is used.
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            ran = (
+                datetime.fromisoformat(task["end_time"]) - datetime.fromisoformat(task["start_time"])
+            ).total_seconds()
+    return RemoteStatus(state, error=error, ran_seconds=ran if ran and ran > 0 else None)
 
 
 _FORM_CHUNK = 1024 * 1024
