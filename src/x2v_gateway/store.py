@@ -580,18 +580,20 @@ class Reads:
         rows = self.conn.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
         return [_key_row(r) for r in rows]
 
-    def session(self, id_hash: str) -> tuple[dict[str, Any], str] | None:
-        """(the key, the CSRF token) of a session that has not expired, of a key not revoked."""
+    def session(self, id_hash: str) -> tuple[dict[str, Any], str, float] | None:
+        """(the key, the CSRF token, when it expires) of a session that has not expired, of a
+        key not revoked."""
         row = self.conn.execute(
-            "SELECT k.*, s.csrf AS session_csrf FROM sessions s JOIN api_keys k ON k.id = s.key_id"
+            "SELECT k.*, s.csrf AS session_csrf, s.expires_at AS session_expires_at"
+            " FROM sessions s JOIN api_keys k ON k.id = s.key_id"
             " WHERE s.id_hash = ? AND s.expires_at > ? AND k.revoked_at IS NULL",
             (id_hash, _now()),
         ).fetchone()
         if row is None:
             return None
         data = dict(row)
-        csrf = data.pop("session_csrf")
-        return _key_row(data), csrf
+        csrf, expires_at = data.pop("session_csrf"), data.pop("session_expires_at")
+        return _key_row(data), csrf, expires_at
 
     def jobs_used(self, key_id: str, day: str) -> int:
         row = self.conn.execute(
