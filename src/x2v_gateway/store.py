@@ -236,6 +236,46 @@ def m020_hot_path_indexes(db: Database) -> None:
     )
 
 
+# Queued jobs are counted in blocks of this many `seq`s (see m021_queue_blocks).
+QUEUE_BLOCK_SEQS = 1024
+
+
+@migrations()
+def m021_queue_blocks(db: Database) -> None:
+    # A queued job's place in the queue is asked on every GET of it. Counting the jobs ahead of
+    # it in the queue index walks one index entry per job ahead: 0.56 ms half-way down a queue
+    # of 10,000, 5 ms at 100,000. Queued jobs counted per (priority, block of 1024 seqs), kept by
+    # triggers, make it a sum over the blocks ahead plus a count inside its own block, at most
+    # 1024 entries however long the queue. Empty blocks are dropped, so the blocks ahead are
+    # never more than the queued jobs (and usually ~1/1000 of them).
+    db.execute(
+        "CREATE TABLE queue_blocks (priority INTEGER NOT NULL, block INTEGER NOT NULL,"
+        " n INTEGER NOT NULL, PRIMARY KEY (priority, block)) WITHOUT ROWID"
+    )
+    db.execute(
+        f"INSERT INTO queue_blocks SELECT priority, seq / {QUEUE_BLOCK_SEQS}, count(*) FROM jobs"
+        " WHERE state = 'queued' GROUP BY 1, 2"
+    )
+    add = (
+        f"INSERT INTO queue_blocks VALUES (new.priority, new.seq / {QUEUE_BLOCK_SEQS}, 1)"
+        " ON CONFLICT (priority, block) DO UPDATE SET n = n + 1;"
+    )
+    where = f"priority = old.priority AND block = old.seq / {QUEUE_BLOCK_SEQS}"
+    remove = f"UPDATE queue_blocks SET n = n - 1 WHERE {where}; DELETE FROM queue_blocks WHERE {where} AND n <= 0;"
+    db.execute(f"CREATE TRIGGER jobs_queue_insert AFTER INSERT ON jobs WHEN new.state = 'queued' BEGIN {add} END")
+    db.execute(f"CREATE TRIGGER jobs_queue_delete AFTER DELETE ON jobs WHEN old.state = 'queued' BEGIN {remove} END")
+    db.execute(
+        "CREATE TRIGGER jobs_queue_leave AFTER UPDATE OF state, priority ON jobs"
+        f" WHEN old.state = 'queued' AND (new.state IS NOT 'queued' OR new.priority IS NOT old.priority)"
+        f" BEGIN {remove} END"
+    )
+    db.execute(
+        "CREATE TRIGGER jobs_queue_enter AFTER UPDATE OF state, priority ON jobs"
+        f" WHEN new.state = 'queued' AND (old.state IS NOT 'queued' OR new.priority IS NOT old.priority)"
+        f" BEGIN {add} END"
+    )
+
+
 class BatchJobSpec(msgspec.Struct, kw_only=True):
     """One job to create in a batch, from inputs already in the blob store."""
 
@@ -370,11 +410,15 @@ class Reads:
         """1-based place of a queued job in the gateway's own queue."""
         if job.state != QUEUED:
             return None
-        # Two ranges of the queue index (an OR of them would walk the whole queue).
+        # The blocks of higher priority, the blocks of its priority before its own, then the
+        # jobs ahead of it in its own block: at most QUEUE_BLOCK_SEQS entries of the queue index.
+        block = job.seq // QUEUE_BLOCK_SEQS
         (ahead,) = self.conn.execute(
-            "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority > ?)"
-            " + (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority = ? AND seq < ?)",
-            (job.priority, job.priority, job.seq),
+            "SELECT coalesce((SELECT sum(n) FROM queue_blocks WHERE priority > :p), 0)"
+            " + coalesce((SELECT sum(n) FROM queue_blocks WHERE priority = :p AND block < :b), 0)"
+            " + (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority = :p"
+            "    AND seq >= :first AND seq < :seq)",
+            {"p": job.priority, "b": block, "first": block * QUEUE_BLOCK_SEQS, "seq": job.seq},
         ).fetchone()
         return ahead + 1
 
