@@ -66,10 +66,15 @@ def test_queue_position_is_right_after_every_kind_of_change(store):
             conn.execute("UPDATE jobs SET priority = ? WHERE id = ?", (rng.randint(0, 9), job_id))
         elif action == "delete":
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        for other in rng.sample(ids, 20):
+        sample = rng.sample(ids, 20)
+        for other in sample:
             found = Reads(conn).get(other)
             shown = Reads(conn).queue_position(found) if found else None
             assert shown == counted_position(conn, other), (action, other)
+        # A page of jobs (the list pages) gets the same places.
+        page = Reads(conn).jobs_by_id(sample)
+        expected = {j.id: counted_position(conn, j.id) for j in page if j.state == "queued"}
+        assert Reads(conn).queue_positions(page) == expected
 
 
 def test_queue_position_costs_the_same_at_the_end_of_a_long_queue(store):
