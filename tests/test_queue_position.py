@@ -3,25 +3,13 @@ change, and read with work that does not grow with the length of the queue."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import sqlite3
 import time
 
-import pytest
+from test_store import run, store  # noqa: F401 (store: the fixture)
 
-from x2v_gateway.store import JobStore, Reads
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "gateway.db")
-    yield s
-    s.close()
-
-
-def run(coro):
-    return asyncio.run(coro)
+from x2v_gateway.store import Reads
 
 
 def counted_position(conn: sqlite3.Connection, job_id: str) -> int | None:
