@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from x2v_gateway.auth import CALLER_CACHE_SECONDS
+
 from gateway_proc import ADMIN_KEY, GatewayProcess, remember_secret, wait_for
 from media import make_png
 
@@ -609,6 +611,8 @@ def test_cli_creates_lists_and_revokes_keys_of_a_running_gateway(gw):
         assert cli(gw, "create", "--name", "x", "--rate", "fast").returncode == 2
         revoked = cli(gw, "revoke", "cli-made")
         assert revoked.returncode == 0, revoked.stderr
+        # The gateway trusts a key it looked up for CALLER_CACHE_SECONDS; the CLI is another process.
+        time.sleep(CALLER_CACHE_SECONDS)
         assert client.get("/api/v1/me").status_code == 401
     with gw.client() as admin:
         entries = admin.get("/api/v1/audit?limit=20").json()["entries"]

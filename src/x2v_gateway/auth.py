@@ -34,6 +34,7 @@ import os
 import secrets
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -69,6 +70,13 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # A form whose CSRF token is read by the middleware itself is read whole: only small ones.
 MAX_CSRF_FORM_BYTES = 64 * 1024
 FIRST_KEY_FILE = "first-admin-key"
+# How long a key or session this process looked up is trusted without asking the store again.
+# A revoke or sign-out in this process takes effect at once (the cache is told); one made by
+# the CLI (another process) or another replica takes effect within this many seconds.
+CALLER_CACHE_SECONDS = 2.0
+# Only lookups that found a valid key or session are kept, so random keys add nothing; the
+# bound keeps even a flood of valid sessions from growing the cache without limit.
+CALLER_CACHE_SIZE = 10_000
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/schema", "/ui/sign-in"})
 OPEN_PREFIXES = ("/static/", "/schema/")
@@ -245,13 +253,59 @@ class JobCount:
         self.refunded = True
 
 
+class CallerCache:
+    """Callers found for a key's or a session cookie's hash, for a few seconds, so that a
+    request does not wait for a reader thread just to learn who sent it.
+
+    Keyed by the secret's sha256, never the secret. An entry lives `ttl` seconds (less when its
+    session ends sooner); the oldest entry goes when `size` are held.
+    """
+
+    def __init__(self, ttl: float = CALLER_CACHE_SECONDS, size: int = CALLER_CACHE_SIZE) -> None:
+        self.ttl = ttl
+        self.size = size
+        # secret hash -> (caller, monotonic time it stops being trusted)
+        self._entries: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, secret_hash: str) -> Caller | None:
+        found = self._entries.get(secret_hash)
+        if found is None:
+            return None
+        if found[1] <= time.monotonic():
+            del self._entries[secret_hash]
+            return None
+        return found[0]
+
+    def put(self, secret_hash: str, who: Caller, ends_at: float | None = None) -> None:
+        """Trust `who` for `ttl` seconds, or until `ends_at` (wall clock) if that is sooner."""
+        ttl = self.ttl if ends_at is None else min(self.ttl, ends_at - time.time())
+        if ttl <= 0:
+            return
+        self._entries[secret_hash] = (who, time.monotonic() + ttl)
+        self._entries.move_to_end(secret_hash)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, secret_hash: str) -> None:
+        self._entries.pop(secret_hash, None)
+
+    def forget_key(self, key_id: str) -> None:
+        """Drop the key and every session of it (a revoke: rare, so a walk of the cache is fine)."""
+        for secret_hash in [h for h, (who, _) in self._entries.items() if who.key_id == key_id]:
+            del self._entries[secret_hash]
+
+
 class Auth:
     """Keys, sessions, limits and the audit log of one gateway (`gw.auth`)."""
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, *, callers: CallerCache | None = None) -> None:
         self.settings = settings
         self.store = store
         self.limiter = RateLimiter()
+        self.callers = CallerCache() if callers is None else callers
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -265,6 +319,7 @@ class Auth:
         for row in keys:
             if row["source"] == "env" and row["revoked_at"] is None and row["key_hash"] != env_hash:
                 await self.store.revoke_key(row["id"], "X2V_ADMIN_KEY (changed or removed)")
+                self.callers.forget_key(row["id"])
                 self.note("X2V_ADMIN_KEY (changed or removed)", "key.revoke", row["id"])
         if env_hash is not None:
             known = await self.store.key_by_hash(env_hash)
@@ -353,15 +408,21 @@ class Auth:
         run by the operator on the server), the key in X2V_ADMIN_KEY and the last admin key
         are refused with store.AdminKeyNeeded: through the API that would lock every admin out."""
         row = await self.store.revoke_key(key_id, actor, keep_admin=keep_admin)
+        self.callers.forget_key(key_id)
         if row is not None:
             self.note(actor, "key.revoke", key_id, f"name={row['name']}")
         return row
 
     async def from_key(self, key: str) -> Caller | None:
-        row = await self.store.key_by_hash(hash_secret(key))
+        key_hash = hash_secret(key)
+        if (who := self.callers.get(key_hash)) is not None:
+            return who
+        row = await self.store.key_by_hash(key_hash)
         if row is None or row["revoked_at"] is not None:
             return None
-        return Caller.from_row(row)
+        who = Caller.from_row(row)
+        self.callers.put(key_hash, who)
+        return who
 
     # -- dashboard sessions ---------------------------------------------------------------------
 
@@ -377,14 +438,21 @@ class Auth:
         return cookie, replace(found, via="session", csrf=csrf)
 
     async def from_session(self, cookie: str) -> Caller | None:
-        found = await self.store.session(hash_secret(cookie))
+        id_hash = hash_secret(cookie)
+        if (who := self.callers.get(id_hash)) is not None:
+            return who
+        found = await self.store.session(id_hash)
         if found is None:
             return None
-        row, csrf = found
-        return replace(Caller.from_row(row), via="session", csrf=csrf)
+        row, csrf, expires_at = found
+        who = replace(Caller.from_row(row), via="session", csrf=csrf)
+        self.callers.put(id_hash, who, ends_at=expires_at)
+        return who
 
     async def sign_out(self, cookie: str, who: Caller) -> None:
-        await self.store.delete_session(hash_secret(cookie))
+        id_hash = hash_secret(cookie)
+        self.callers.forget(id_hash)
+        await self.store.delete_session(id_hash)
         await self.audit(who.label, "sign-out", who.key_id)
 
     # -- limits ---------------------------------------------------------------------------------

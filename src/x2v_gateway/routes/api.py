@@ -66,10 +66,7 @@ async def views(gw: Gateway, jobs: list[Job], *, events: bool = False) -> list[J
 
 def _views(r: Reads, jobs: list[Job], events: bool) -> list[JobView]:
     sizes = r.blob_sizes({sha for job in jobs for sha in job.inputs.values()})
-    if len(jobs) == 1:  # one count on the queue index beats ranking the whole queue
-        positions = {jobs[0].id: r.queue_position(jobs[0])}
-    else:
-        positions = r.queue_positions(jobs)
+    positions = r.queue_positions(jobs)
     return [
         job_view(job, blob_sizes=sizes, queue_position=positions.get(job.id),
                  events=r.events(job.id) if events else None)

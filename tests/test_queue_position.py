@@ -1,0 +1,102 @@
+"""A queued job's place in the queue (shown on every GET of it): right after every kind of
+change, and read with work that does not grow with the length of the queue."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+
+from test_store import run, store  # noqa: F401 (store: the fixture)
+
+from x2v_gateway.store import Reads
+
+
+def counted_position(conn: sqlite3.Connection, job_id: str) -> int | None:
+    """The position by its definition: queued jobs of higher priority, or of the same priority
+    and older, plus one."""
+    row = conn.execute("SELECT state, priority, seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None or row["state"] != "queued":
+        return None
+    (ahead,) = conn.execute(
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND (priority > ? OR (priority = ? AND seq < ?))",
+        (row["priority"], row["priority"], row["seq"]),
+    ).fetchone()
+    return ahead + 1
+
+
+def test_queue_position_is_right_after_every_kind_of_change(store):
+    rng = random.Random(7)
+    ids = [run(store.create_job(task="t2v", params={"prompt": str(i)}, inputs={}, priority=rng.choice((0, 0, 1, 5))))[0].id
+           for i in range(300)]
+    conn = store._conn()
+    # Jobs spread over many blocks of seqs, as in a store with history between them.
+    conn.execute(
+        "INSERT INTO jobs (seq, id, task, state, params, inputs, created_at, updated_at)"
+        " VALUES ((SELECT max(seq) FROM jobs) + 5000, 'jgap', 't2v', 'succeeded', '{}', '{}', 0, 0)"
+    )
+    ids += [run(store.create_job(task="t2v", params={"prompt": f"late {i}"}, inputs={}))[0].id for i in range(50)]
+    for job_id in rng.sample(ids, 120):
+        action = rng.choice(("claim", "requeue", "cancel", "retry", "finish", "priority", "delete"))
+        job = run(store.get(job_id))
+        if action == "claim" and job.state == "queued":
+            run(store.claim(job_id, "n1", job_id))
+        elif action == "requeue" and job.state == "submitted":
+            run(store.requeue(job_id, "node forgot"))
+        elif action == "cancel" and job.state in ("queued", "submitted"):
+            run(store.cancel(job_id))
+        elif action == "retry" and job.state == "cancelled":
+            run(store.retry(job_id))
+        elif action == "finish" and job.state == "submitted":
+            run(store.mark_running(job_id))
+            run(store.succeed(job_id, "0" * 64, {}))
+        elif action == "priority":
+            conn.execute("UPDATE jobs SET priority = ? WHERE id = ?", (rng.randint(0, 9), job_id))
+        elif action == "delete":
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        sample = rng.sample(ids, 20)
+        for other in sample:
+            found = Reads(conn).get(other)
+            shown = Reads(conn).queue_position(found) if found else None
+            assert shown == counted_position(conn, other), (action, other)
+        # A page of jobs (the list pages) gets the same places.
+        page = Reads(conn).jobs_by_id(sample)
+        expected = {j.id: counted_position(conn, j.id) for j in page if j.state == "queued"}
+        assert Reads(conn).queue_positions(page) == expected
+
+
+def test_queue_position_costs_the_same_at_the_end_of_a_long_queue(store):
+    """SQLite's own instruction count (a progress handler), not a clock: the last of 20,000
+    queued jobs costs no more to place than the last of 2,000 (counting the jobs ahead of it
+    one by one cost ten times more)."""
+    conn = store._conn()
+    now = time.time()
+
+    def last_position_cost(total: int) -> int:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO jobs (id, task, state, params, inputs, created_at, updated_at)"
+            " VALUES (?, 't2v', 'queued', '{}', '{}', ?, ?)",
+            ((f"j{total}-{i}", now, now) for i in range(total)),
+        )
+        conn.execute("COMMIT")
+        reads = Reads(conn)
+        last = reads.get(f"j{total}-{total - 1}")
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        conn.set_progress_handler(count, 100)
+        try:
+            position = reads.queue_position(last)
+        finally:
+            conn.set_progress_handler(None, 0)
+        assert position == counted_position(conn, last.id)
+        conn.execute("DELETE FROM jobs")
+        return steps
+
+    short, long = last_position_cost(2000), last_position_cost(20000)
+    assert long < 2 * short + 50, (short, long)
