@@ -1129,6 +1129,12 @@ class Dispatcher:
                 if _changed_enough(job.queue_info, info):
                     queue_updates[job.id] = info
             elif status.state is RemoteState.SUCCEEDED:
+                if job.state == SUBMITTED:
+                    # It started and ended between two looks: its timeline still says it ran,
+                    # from when the node says it began.
+                    started = wall - status.ran_seconds if status.ran_seconds else None
+                    if await self.store.mark_running(job.id, started):
+                        job.started_at = started or wall
                 began = state.plan.starts.get(job.id)
                 if began is not None and status.ran_seconds:
                     freed = max(freed or 0.0, began + status.ran_seconds)
@@ -1292,14 +1298,25 @@ class Dispatcher:
             # is known only once it ends, and `_submit` calls this then. (A DELETE sent now
             # to a node still reading the POST answers "do nothing", and the task then runs.)
             return
+        self._cancelling.add(job.id)
+        try:
+            # Read again: the caller's copy may predate a cancel delivered meanwhile (by the
+            # submission's own end, or an earlier tick), and the hosted cloud answers a second
+            # cancel of a task with 400.
+            fresh = await self.store.get(job.id)
+            if fresh is not None and fresh.cancel_pending:
+                await self._deliver_cancel(fresh)
+        finally:
+            self._cancelling.discard(job.id)
+
+    async def _deliver_cancel(self, job: Job) -> None:
         state = self.states.get(job.upstream or "")
         if state is None:
             await self.store.cancel_sent(job.id)  # its upstream is no longer configured
             return
         upstream = state.upstream
-        self._cancelling.add(job.id)
+        task_id = job.upstream_task_id
         try:
-            task_id = job.upstream_task_id
             if not task_id:
                 # Sent, but the answer never came (lost, or the gateway died waiting for it):
                 # the upstream may have the task under an id the gateway never learned.
@@ -1314,8 +1331,6 @@ class Dispatcher:
         except UpstreamError as exc:
             log.info("job %s: cancel not delivered yet (%s); will retry", job.id, exc)
             return
-        finally:
-            self._cancelling.discard(job.id)
         await self.store.cancel_sent(job.id)
         log.info("job %s: task %s cancelled on %s", job.id, task_id, upstream.name)
 

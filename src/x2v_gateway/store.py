@@ -887,14 +887,16 @@ class JobStore:
 
         return await self._write(write)
 
-    async def mark_running(self, job_id: str) -> bool:
+    async def mark_running(self, job_id: str, started_at: float | None = None) -> bool:
+        """A submitted job runs; `started_at` when the upstream says when it began (else now)."""
+
         def write(conn: sqlite3.Connection) -> bool:
             now = _now()
             return _transition(
                 conn, (job_id, RUNNING, "started"),
                 "UPDATE jobs SET state = 'running', started_at = ?, updated_at = ?, queue_info = NULL"
                 " WHERE id = ? AND state = 'submitted'",
-                (now, now, job_id),
+                (started_at or now, now, job_id),
             )
 
         return await self._write(write)
