@@ -32,6 +32,15 @@ import httpx
 from common import ROOT, GatewayProcess, NodeProcess, median, percentile
 
 LIST_LIMITS = (10, 50, 100, 500)
+
+
+class NicedNode(NodeProcess):
+    """A demo node at the lowest CPU priority. In a deployment the nodes are other machines
+    (GPU servers): their work never takes the gateway's CPU. Here four demo nodes render every
+    video on the CPU of the same 2 cores; niced, they get what the gateway leaves."""
+
+    def command(self) -> list[str]:
+        return ["nice", "-n", "19", *super().command()]
 HEALTH_EVERY = 0.05
 
 
@@ -146,6 +155,8 @@ def main() -> None:
     parser.add_argument("--seed-jobs", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--baseline-src", type=Path, help="a src/ directory of other gateway code")
+    parser.add_argument("--nodes-share-cpu", action="store_true",
+                        help="run the demo nodes at normal priority, competing with the gateway for CPU")
     args = parser.parse_args()
 
     variants = {"this checkout": ROOT / "src"}
@@ -154,8 +165,9 @@ def main() -> None:
             raise SystemExit(f"{args.baseline_src} holds no x2v_gateway package")
         variants = {"baseline": args.baseline_src.resolve(), **variants}
     root = Path(tempfile.mkdtemp(prefix="x2v-bench-burst-"))
+    node_class = NodeProcess if args.nodes_share_cpu else NicedNode
     nodes = [
-        NodeProcess(root / f"node{i}", job_seconds=args.job_seconds, max_queue_size=100).start()
+        node_class(root / f"node{i}", job_seconds=args.job_seconds, max_queue_size=100).start()
         for i in range(args.nodes)
     ]
     node_list = ",".join(f"n{i}={node.url}" for i, node in enumerate(nodes))
