@@ -59,10 +59,12 @@ def test_queue_position_is_right_after_every_kind_of_change(store):
             found = Reads(conn).get(other)
             shown = Reads(conn).queue_position(found) if found else None
             assert shown == counted_position(conn, other), (action, other)
-        # A page of jobs (the list pages) gets the same places.
-        page = Reads(conn).jobs_by_id(sample)
-        expected = {j.id: counted_position(conn, j.id) for j in page if j.state == "queued"}
-        assert Reads(conn).queue_positions(page) == expected
+        # A page of jobs (the list pages) gets the same places, a short page (a count per job)
+        # and a long one (one ranking of the whole queue) alike.
+        for size in (20, 120):
+            page = Reads(conn).jobs_by_id(rng.sample(ids, size))
+            expected = {j.id: counted_position(conn, j.id) for j in page if j.state == "queued"}
+            assert Reads(conn).queue_positions(page) == expected
 
 
 def test_queue_position_costs_the_same_at_the_end_of_a_long_queue(store):
