@@ -84,8 +84,12 @@ class Notifier:
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribers: set[asyncio.Queue[str]] = set()
+        # Wall time of the last change: a page rendered before it, whose stream connects after
+        # it, missed that change (the dashboard's jobs list asks).
+        self.changed_at = 0.0
 
     def changed(self, job_id: str) -> None:
+        self.changed_at = time.time()
         for event in self._waiters.get(job_id, ()):
             event.set()
         for queue in self._subscribers:

@@ -298,6 +298,9 @@ class Feed:
             async for item in all_items(self.gw, self.key, self.who.sees):
                 if item.job.updated_at > self.since:
                     return True
+        if self.view == "list":
+            # Any job may be on the list: a change anywhere since the render reloads its rows.
+            return self.gw.notifier.changed_at > self.since
         return False
 
     async def messages(self, ids: set[str]) -> list[ServerSentEventMessage]:
