@@ -50,6 +50,7 @@ from markupsafe import escape
 
 from .inputs import declared_size
 from .models import ApiError, ErrorBody, ErrorResponse
+from .settings import cli_command
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -345,8 +346,6 @@ class Auth:
         # output goes to a log (a service, a container), the key goes to a file only the
         # gateway's user can read, and the log says where.
         if sys.stdout.isatty():
-            from .cli import cli_command  # `./dev` in a checkout, where `x2v-gateway` is not on PATH
-
             print(
                 f"\n  No API key existed, so an admin key was made ({key_id}). It is shown once:\n\n"
                 f"      {key}\n\n"

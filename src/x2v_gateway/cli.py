@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import sys
 from collections.abc import Iterator
@@ -14,22 +13,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, cli_command, load_settings
 
 if TYPE_CHECKING:
     import socket
 
     from .app import Gateway
-
-
-def cli_command() -> str:
-    """This command as the person who started it types it: what the gateway and the CLI print.
-
-    `./dev` sets X2V_CLI to `./dev`: in a checkout the `x2v-gateway` script is in `.venv/bin/`,
-    not on PATH, and `./dev keys create ...` is what works there. Installed with pip or in the
-    Docker image, it is `x2v-gateway`.
-    """
-    return os.environ.get("X2V_CLI") or "x2v-gateway"
 
 
 @click.group()

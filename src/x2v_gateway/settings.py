@@ -295,3 +295,13 @@ def load_settings(
         for node in set(values.get(attr, {})) - names - {"*"}:
             raise SettingsError(f"{variable}: no node named {node!r} in X2V_NODES")
     return Settings(**values)
+
+
+def cli_command() -> str:
+    """This command as the person who started it types it: what the gateway and the CLI print.
+
+    `./dev` sets X2V_CLI to `./dev`: in a checkout the `x2v-gateway` script is in `.venv/bin/`,
+    not on PATH, and `./dev keys create ...` is what works there. Installed with pip or in the
+    Docker image, it is `x2v-gateway`.
+    """
+    return os.environ.get("X2V_CLI") or "x2v-gateway"
