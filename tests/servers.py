@@ -64,7 +64,8 @@ def _port_pool() -> range:
     outgoing connection or bind to port 0 on the machine takes it, and a server started in a
     subprocess binds it a second later: with several workers starting servers at once, two of
     them got the same port. No connect() and no bind to port 0 ever picks a port below the
-    ephemeral range, and each worker (gw0, gw1, ...; slice 0 outside xdist) draws from its own.
+    ephemeral range, and each worker (gw0, gw1, ...; slice 0 outside xdist) draws from its own,
+    counted from X2V_TEST_PORT_SLICE.
     """
     try:
         ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -72,6 +73,8 @@ def _port_pool() -> range:
         ephemeral_low = 32768  # Linux's default
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3" in a worker, unset outside xdist
     slot = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    # Two test runs at once on one machine (two checkouts) each name a different base slice.
+    slot += int(os.environ.get("X2V_TEST_PORT_SLICE") or 0)
     low, size = 10_000, 800
     slices = max(1, (ephemeral_low - low) // size)
     start = low + (slot % slices) * size
