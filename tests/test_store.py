@@ -125,6 +125,20 @@ def test_a_finished_job_read_again_shows_every_later_change(store):
     assert expired.files_expired and expired_view.files_expired and not view.files_expired
 
 
+def test_finished_jobs_of_a_batch_are_each_their_own(store):
+    """A batch's rows are read with their batch columns (store._row_to_item): each finished job
+    is kept under its own values, never another's."""
+    from x2v_gateway.store import BatchJobSpec
+
+    specs = [BatchJobSpec(task="t2v", params={"prompt": p}, inputs={}, files={}) for p in "ab"]
+    jobs = run(store.create_batch("b1", specs))
+    for job in jobs:
+        run(store.cancel(job.id))
+    for _ in range(2):  # the second time from what was kept
+        items = run(store.read(lambda r: r.batch_items("b1")))
+        assert [i.job.params["prompt"] for i in items] == ["a", "b"]
+
+
 def test_list_cursor_pages_through_every_job_once(store):
     ids = [new_job(store).id for _ in range(7)]
     seen, cursor = [], None

@@ -335,9 +335,10 @@ class Memo:
 _FINISHED_JOBS = Memo(10_000)
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
+def _row_to_job(row: sqlite3.Row | dict[str, Any]) -> Job:
     finished = row["state"] in TERMINAL
-    if finished and (job := _FINISHED_JOBS.get(key := tuple(row))) is not None:
+    key = tuple(row.values()) if isinstance(row, dict) else tuple(row)
+    if finished and (job := _FINISHED_JOBS.get(key)) is not None:
         return job
     data = dict(row)
     for column in _JSON_COLUMNS:
