@@ -39,7 +39,6 @@ from typing import Any, TypeVar
 from .blobs import BlobStore
 from .metrics import Metrics
 from .checker import CHECKER
-from .settings import VIDEO_TASKS
 from .store import QUEUED, RUNNING, SUBMITTED, Inflight, Job, JobStore, Lane, Reads
 from .upstream.base import (
     AmbiguousSubmit,
@@ -53,7 +52,6 @@ from .upstream.base import (
     Upstream,
     UpstreamError,
 )
-from .upstream.selfhosted import CONNECTION_REFUSED, tasks_for_model
 
 log = logging.getLogger("x2v_gateway.dispatch")
 T = TypeVar("T")
@@ -453,7 +451,7 @@ class Dispatcher:
         state = self.states.get(job.upstream or "") if job is not None else None
         resumed = False
         if (
-            job is not None and state is not None and state.upstream.kind == "cloud"
+            job is not None and state is not None and state.upstream.capabilities.resumes
             and job.upstream_task_id and job.state in ("failed", "cancelled") and not job.files_expired
         ):
             upstream, task_id = state.upstream, job.upstream_task_id
@@ -507,7 +505,7 @@ class Dispatcher:
     async def reserve_for_upload(self, task: str, pinned: str | None, owner: str | None) -> UpstreamState | None:
         """A free slot on a node for a job whose upload is still arriving, or None.
 
-        Only a self-hosted node that is up, runs `task`, has a slot free and no queued job that
+        Only an upstream that forwards uploads, is up, runs `task`, has a slot free and no queued job that
         could take it: a job forwarded while it arrives never jumps the queue. Keys with a cap on
         jobs at once go through the queue, which enforces it. The slot stays taken until the job
         is handed over with `submit_reserved` or the slot is given back with `unreserve`.
@@ -521,7 +519,7 @@ class Dispatcher:
             for state in sorted(self.states.values(), key=lambda s: taken[s.name]):
                 upstream = state.upstream
                 if (
-                    not hasattr(upstream, "open_form") or state.up is not True or not state.accepting(now)
+                    not upstream.capabilities.forwards_uploads or state.up is not True or not state.accepting(now)
                     or task not in upstream.tasks or pinned not in (None, upstream.name)
                     or taken[state.name] >= upstream.slots or queued_tasks & upstream.tasks
                 ):
@@ -778,7 +776,7 @@ class Dispatcher:
         landed: str | None = None
         reached = False  # whether the upstream may have the task
         try:
-            claimed_id = task_id if getattr(upstream, "chooses_task_id", False) else None
+            claimed_id = task_id if upstream.capabilities.chooses_task_id else None
             try:
                 claimed = await self.store.claim(job.id, upstream.name, claimed_id)
             finally:
@@ -881,9 +879,9 @@ class Dispatcher:
         """When to ask the node about its jobs next (monotonic)."""
         plan, now = state.plan, time.monotonic()
         slow = plan.round_at + self.poll_interval
-        if state.upstream.kind == "cloud" or state.up is not True:
-            # The hosted cloud runs its own queue and tells no start time; a node that is down
-            # is asked at the steady pace (its circuit decides whether a request goes out).
+        if not state.upstream.capabilities.timed_queue or state.up is not True:
+            # An upstream that runs its own pool's queue tells no start time; a node that is
+            # down is asked at the steady pace (its circuit decides whether a request goes out).
             return slow
         dense = plan.round_at + min(FOLLOW_DENSE, self.poll_interval)
         if plan.ends:
@@ -964,16 +962,16 @@ class Dispatcher:
         state.plan.spend(state.last_health)
         health = await self._call(state, "health", state.upstream.health)
         if not health.reachable:
-            self._record_down(state, health.detail or "unreachable")
+            self._record_down(state, health.detail or "unreachable", gone=health.gone)
             return
         await self._record_up(state)
         if health.active is not None and not await self.store.active(state.name):
             # Someone else's tasks (a script talking to the node directly) keep it busy too.
             self._set_load(state, busy=health.active > 0, queued=0)
 
-    def _record_down(self, state: UpstreamState, detail: str) -> None:
+    def _record_down(self, state: UpstreamState, detail: str, *, gone: bool = False) -> None:
         was_up = state.up
-        state.record_failure(detail, gone=detail == CONNECTION_REFUSED)
+        state.record_failure(detail, gone=gone)
         self.metrics.upstream_up.labels(state.name).set(0 if state.up is False else 1)
         if state.up is False and was_up is not False:
             log.warning("%s is down (%s)", state.name, detail)
@@ -994,18 +992,11 @@ class Dispatcher:
 
     async def _learn_tasks(self, state: UpstreamState) -> None:
         # A restarted node may serve another model now, so this is read again after downtime.
-        metadata = getattr(state.upstream, "metadata", None)
-        if metadata is None:
-            state.ready = True
-            return
         try:
-            info = await self._call(state, "metadata", metadata)
+            state.model = await self._call(state, "metadata", state.upstream.learn_model)
         except UpstreamError as exc:
             log.warning("%s: metadata not read (%s); it gets no job until it is", state.name, exc)
             return
-        state.model = info.get("model_cls")
-        tasks = tasks_for_model(state.model)
-        state.upstream.tasks = VIDEO_TASKS if tasks is None else tasks
         state.ready = True
         log.info("%s runs %s (%s)", state.name, state.model, ", ".join(sorted(state.upstream.tasks)) or "nothing the gateway sends")
 
@@ -1027,9 +1018,9 @@ class Dispatcher:
         process is gone, and its tasks with it), else once it has been silent for the start-by
         deadline. A silent node may still be running them (a network fault, a stuck status
         route), and a job must not run twice at once: the wait is the price of that."""
-        if state.upstream.kind == "cloud":
-            # The hosted cloud keeps its tasks through an outage of ours or its own: moving them
-            # would lose their place in its queue, and could make a second task of one job.
+        if not state.upstream.capabilities.tasks_die_with_it:
+            # Its tasks outlive an outage of ours or its own: moving them would lose their
+            # place in its queue, and could make a second task of one job.
             return
         long_down = (
             state.down_since is not None
@@ -1082,7 +1073,10 @@ class Dispatcher:
         except Unavailable as exc:
             # Why did it fail? One status request tells a dead process (refused) from a slow one.
             health = await self._call(state, "health", upstream.health)
-            self._record_down(state, str(exc) if health.reachable else (health.detail or str(exc)))
+            self._record_down(
+                state, str(exc) if health.reachable else (health.detail or str(exc)),
+                gone=not health.reachable and health.gone,
+            )
             log.warning("%s: %s", upstream.name, exc)
             if state.up is False:
                 await self._rescue(state)
@@ -1211,9 +1205,8 @@ class Dispatcher:
         The deadline is X2V_START_DEADLINE, or twice what the work ahead of it should take by
         the node's measured times, whichever is longer (a node of ten-minute jobs is not slow).
         """
-        current_task = getattr(state.upstream, "current_task", None)
-        if current_task is None or not job.submitted_at or job.pinned:
-            return False  # a hosted service runs its own queue; a pinned job has nowhere to go
+        if not state.upstream.capabilities.timed_queue or not job.submitted_at or job.pinned:
+            return False  # an upstream's own pool runs its own queue; a pinned job has nowhere to go
         ahead = max(1, (status.queue_position or 2) - 1)
         typical = self.timings.typical(state.name, job.task) or 0.0
         deadline = max(self.start_deadline, 2 * ahead * typical / state.capacity)
@@ -1222,7 +1215,7 @@ class Dispatcher:
             return False
         try:
             await self._call(state, "cancel", lambda: state.upstream.cancel(job.upstream_task_id))
-            started = await self._call(state, "health", current_task) == job.upstream_task_id
+            started = await self._call(state, "health", state.upstream.current_task) == job.upstream_task_id
         except UpstreamError:
             return False  # try again next tick
         if started:
