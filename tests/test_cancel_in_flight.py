@@ -9,8 +9,9 @@ import httpx
 
 from cloud_double import CloudDouble
 from x2v_gateway.blobs import BlobStore
-from x2v_gateway.dispatch import Dispatcher, Notifier
+from x2v_gateway.dispatch import Dispatcher
 from x2v_gateway.metrics import Metrics
+from x2v_gateway.notify import Notifier
 from x2v_gateway.store import JobStore
 from x2v_gateway.upstream.base import SubmitRequest
 from x2v_gateway.upstream.cloud import CloudUpstream
