@@ -30,8 +30,7 @@ from .collect import Collector, Retention
 from .follow import Follower
 from .health import Health
 from .schedule import Scheduler
-from .state import FOLLOW_BURST, FollowPlan, UpstreamState
-from .state import Context as _Context
+from .state import FOLLOW_BURST, Context, FollowPlan, UpstreamState
 from .submit import Submitter, task_id_for
 from .timings import Timings
 
@@ -56,7 +55,7 @@ class Dispatcher:
         start_deadline: float = 300.0,
         reconcile_grace: float = 60.0,
     ) -> None:
-        self._ctx = ctx = _Context(
+        self._ctx = ctx = Context(
             store, blobs, notifier, metrics, poll_interval=poll_interval,
             start_deadline=start_deadline, reconcile_grace=reconcile_grace,
         )
