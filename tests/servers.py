@@ -104,7 +104,7 @@ def free_port() -> int:
 
 
 class NodeProcess:
-    """`python -m x2v_gateway.demo_node` as a real subprocess on 127.0.0.1."""
+    """`python -m x2v_gateway.demo` as a real subprocess on 127.0.0.1."""
 
     def __init__(
         self,
@@ -128,7 +128,7 @@ class NodeProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "x2v_gateway.demo_node",
+            sys.executable, "-m", "x2v_gateway.demo",
             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
             *self.options,
         ]
@@ -369,7 +369,7 @@ class _FaultInjector:
     """ASGI app: answers /_faults, misbehaves as armed, otherwise hands over to the demo node."""
 
     def __init__(self, data_dir: Path, node_options: dict[str, Any]) -> None:
-        from x2v_gateway.demo_node import create_demo_app
+        from x2v_gateway.demo import create_demo_app
 
         self._create_node = lambda: create_demo_app(data_dir, **node_options)
         self.node = self._create_node()
