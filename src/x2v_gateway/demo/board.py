@@ -103,26 +103,27 @@ class TaskBoard:
 
     def complete(self, task: Task, save_result_path: str) -> None:
         with self._lock:
-            if task.task_id not in self._tasks:
-                log.warning("task %s was evicted before it completed", task.task_id)
-                return
             # Also for a task cancelled while running: upstream flips it to completed and
             # keeps error = "Task cancelled by user".
-            task.status = TaskStatus.COMPLETED
-            task.end_time = datetime.now()
-            task.save_result_path = save_result_path
-            self._completed += 1
+            if self._end(task, TaskStatus.COMPLETED):
+                task.save_result_path = save_result_path
+                self._completed += 1
 
     def fail(self, task: Task, error: str, error_type: str | None) -> None:
         with self._lock:
-            if task.task_id not in self._tasks:
-                log.warning("task %s was evicted before it failed", task.task_id)
-                return
-            task.status = TaskStatus.FAILED
-            task.end_time = datetime.now()
-            task.error = error
-            task.error_type = error_type
-            self._failed += 1
+            if self._end(task, TaskStatus.FAILED):
+                task.error = error
+                task.error_type = error_type
+                self._failed += 1
+
+    def _end(self, task: Task, status: TaskStatus) -> bool:
+        """Give a task its final status; False if it was evicted meanwhile."""
+        if task.task_id not in self._tasks:
+            log.warning("task %s was evicted before it %s", task.task_id, status.value)
+            return False
+        task.status = status
+        task.end_time = datetime.now()
+        return True
 
     def release(self, task: Task) -> None:
         with self._lock:
