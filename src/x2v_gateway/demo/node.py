@@ -407,7 +407,6 @@ class DemoNodeApp(App):
             raise _Abandoned()
 
 
-
 def _new_task_id() -> str:
     alphabet = string.ascii_uppercase + string.digits
     return "-".join("".join(secrets.choice(alphabet) for _ in range(4)) for _ in range(5))
