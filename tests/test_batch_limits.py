@@ -15,7 +15,7 @@ from litestar.testing import TestClient
 
 from media import make_png, make_wav
 from x2v_gateway.app import Gateway, create_app
-from x2v_gateway.batches import MAX_BATCH_JOBS, Upload, plan_batch
+from x2v_gateway.batch_plan import MAX_BATCH_JOBS, Upload
 from x2v_gateway.settings import load_settings
 
 ADMIN_KEY = "x2v_batch-limits-admin-key-0123456789"
@@ -38,7 +38,7 @@ def gateway(tmp_path):
 
 
 def _plan(gw: Gateway, form: dict[str, str], files: list[str]):
-    return asyncio.run(plan_batch(gw, form, files))
+    return asyncio.run(gw.jobs.plan_batch(form, files))
 
 
 def _peak(fn, *args):
