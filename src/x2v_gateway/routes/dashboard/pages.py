@@ -7,7 +7,7 @@ import time
 from typing import Annotated
 
 from litestar import Response, get
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, QueryParameter
 from litestar.plugins.htmx import HTMXRequest
 from litestar.response import Stream, Template
@@ -24,8 +24,7 @@ from ...settings import Settings
 from ...store import JobStore
 from ..files import ranged_file
 from ..nodes import node_views
-from .rows import BATCH_PAGE_ROWS, batch_page as read_batch_page, job_context, jobs_page as read_jobs_page
-from .rows import list_filters, recent
+from .rows import BATCH_PAGE_ROWS, job_context, list_filters, read_batch_page, read_jobs_page, recent
 from .templating import off_loop_page
 
 
@@ -55,25 +54,18 @@ async def new_batch(jobs: NamedDependency[JobService], settings: NamedDependency
     })
 
 
-@get("/batches/{batch_id:str}", include_in_schema=False)
+@get(["/batches/{batch_id:str}", "/batches/{batch_id:str}/rows"], include_in_schema=False)
 async def batch_page(
     request: HTMXRequest, store: NamedDependency[JobStore], who: NamedDependency[Caller], batch_id: FromPath[str],
     after: Annotated[int, QueryParameter(ge=0, le=MAX_SQLITE_INT)] = 0,
 ) -> Response:
+    """A page of a batch, or (`/rows`, fetched again as jobs are added or retried) its rows alone."""
     summary, rows, next_after = await store.read(lambda r: read_batch_page(r, who, batch_id, after))
-    return await off_loop_page(request, "batch.html", {
+    template = "partials/batch_rows.html" if request.url.path.endswith("/rows") else "batch.html"
+    return await off_loop_page(request, template, {
         "s": summary, "rows": rows, "after": after, "next_after": next_after,
         "page_rows": BATCH_PAGE_ROWS, "since": time.time(),
     })
-
-
-@get("/batches/{batch_id:str}/rows", include_in_schema=False)
-async def batch_rows(
-    request: HTMXRequest, store: NamedDependency[JobStore], who: NamedDependency[Caller], batch_id: FromPath[str],
-    after: Annotated[int, QueryParameter(ge=0, le=MAX_SQLITE_INT)] = 0,
-) -> Response:
-    _, rows, _ = await store.read(lambda r: read_batch_page(r, who, batch_id, after))
-    return await off_loop_page(request, "partials/batch_rows.html", {"rows": rows})
 
 
 @get("/batches/{batch_id:str}/summary", include_in_schema=False)
@@ -94,17 +86,18 @@ async def batch_videos(
     )
 
 
-@get("/jobs", include_in_schema=False)
+# The jobs list's filters, from the page's address (`?state=&task=&batch=`).
+_FILTERS = {"filters": Provide(list_filters, sync_to_thread=False)}
+
+
+@get("/jobs", include_in_schema=False, dependencies=_FILTERS)
 async def jobs_page(
     request: HTMXRequest,
     store: NamedDependency[JobStore],
     who: NamedDependency[Caller],
-    state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
-    task: Annotated[str | None, QueryParameter()] = None,
-    batch: Annotated[str | None, QueryParameter()] = None,
+    filters: NamedDependency[dict[str, str]],
     before: Annotated[int | None, QueryParameter(ge=1, le=MAX_SQLITE_INT)] = None,
 ) -> Response:
-    filters = list_filters(state_filter, task, batch)
     (rows, next_before), counts = await store.read(
         lambda r: (read_jobs_page(r, who, filters, before), r.owner_counts(who.sees))
     )
@@ -114,17 +107,12 @@ async def jobs_page(
     })
 
 
-@get("/jobs/rows", include_in_schema=False)
+@get("/jobs/rows", include_in_schema=False, dependencies=_FILTERS)
 async def jobs_rows(
-    request: HTMXRequest,
-    store: NamedDependency[JobStore],
-    who: NamedDependency[Caller],
-    state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
-    task: Annotated[str | None, QueryParameter()] = None,
-    batch: Annotated[str | None, QueryParameter()] = None,
+    request: HTMXRequest, store: NamedDependency[JobStore], who: NamedDependency[Caller],
+    filters: NamedDependency[dict[str, str]],
 ) -> Response:
     """The newest page of the jobs list again (new jobs arrived, or the stream reconnected)."""
-    filters = list_filters(state_filter, task, batch)
     rows, _ = await store.read(lambda r: read_jobs_page(r, who, filters, None))
     return await off_loop_page(request, "partials/job_rows.html", {"rows": rows, "filters": filters})
 
@@ -175,21 +163,17 @@ async def job_input(
     )
 
 
-@get("/nodes", include_in_schema=False)
+@get(["/nodes", "/nodes/table"], include_in_schema=False)
 async def nodes_page(
-    store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher], who: NamedDependency[Caller],
+    request: HTMXRequest, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
+    who: NamedDependency[Caller],
 ) -> Template:
-    return Template("nodes.html", context={"nodes": await node_views(store, dispatcher, who)})
-
-
-@get("/nodes/table", include_in_schema=False)
-async def nodes_table(
-    store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher], who: NamedDependency[Caller],
-) -> Template:
-    return Template("partials/nodes_table.html", context={"nodes": await node_views(store, dispatcher, who)})
+    """The nodes page, or (`/nodes/table`, fetched again as nodes change) its table alone."""
+    template = "partials/nodes_table.html" if request.url.path.endswith("/table") else "nodes.html"
+    return Template(template, context={"nodes": await node_views(store, dispatcher, who)})
 
 
 ROUTES = [
-    home, recent_batches, new_batch, batch_page, batch_rows, batch_summary_fragment, batch_videos,
-    jobs_page, jobs_rows, job_page, job_live, retry_form, job_input, nodes_page, nodes_table,
+    home, recent_batches, new_batch, batch_page, batch_summary_fragment, batch_videos,
+    jobs_page, jobs_rows, job_page, job_live, retry_form, job_input, nodes_page,
 ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from litestar.params import QueryParameter
 
 from ...auth import Caller
 from ...models import TASK_INPUTS, ApiError
@@ -40,13 +42,18 @@ def job_rows(r: Reads, items: list[BatchItem]) -> list[JobRow]:
     return [JobRow(item, positions.get(item.job.id)) for item in items]
 
 
-def list_filters(state: str | None, task: str | None, batch: str | None) -> dict[str, str]:
-    """The jobs list's filters, as the page's address gives them."""
+def list_filters(
+    # `state` is a name Litestar keeps for the app's state.
+    state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
+    task: Annotated[str | None, QueryParameter()] = None,
+    batch: Annotated[str | None, QueryParameter()] = None,
+) -> dict[str, str]:
+    """The jobs list's filters, as the page's address gives them (a dependency of its handlers)."""
     filters = {}
-    if state:
-        if state not in STATES:
-            raise ApiError(400, f"{state!r} is not a job state; states are " + ", ".join(STATES))
-        filters["state"] = state
+    if state_filter:
+        if state_filter not in STATES:
+            raise ApiError(400, f"{state_filter!r} is not a job state; states are " + ", ".join(STATES))
+        filters["state"] = state_filter
     if task:
         if task not in TASK_INPUTS:
             raise ApiError(400, f"{task!r} is not a task type; task types are " + ", ".join(TASK_INPUTS))
@@ -56,7 +63,7 @@ def list_filters(state: str | None, task: str | None, batch: str | None) -> dict
     return filters
 
 
-def jobs_page(
+def read_jobs_page(
     r: Reads, who: Caller, filters: dict[str, str], before: int | None,
 ) -> tuple[list[JobRow], int | None]:
     """A page of the jobs list, and where the next page starts (None: last)."""
@@ -68,7 +75,7 @@ def jobs_page(
     return job_rows(r, [BatchItem(job, None, {}, None) for job in jobs]), next_before
 
 
-def batch_page(
+def read_batch_page(
     r: Reads, who: Caller, batch_id: str, after: int,
 ) -> tuple[BatchSummary, list[JobRow], int | None]:
     """A page of the batch's rows after `after`, and where the next page starts (None: last)."""
