@@ -86,13 +86,13 @@ class JobService:
         self._check_free_space(size or 0)
         async with self.auth.counting_jobs(who) as count:
             if multipart:
-                job, created = await self.submit_multipart(
+                job, created = await self._submit_multipart(
                     content_type, body, idempotency_key=idempotency_key, owner=who.owner, size=size,
                 )
             elif content_type.startswith("application/x-www-form-urlencoded"):
-                job, created = await self.submit_urlencoded(body, idempotency_key=idempotency_key, owner=who.owner)
+                job, created = await self._submit_urlencoded(body, idempotency_key=idempotency_key, owner=who.owner)
             elif content_type.startswith("application/json") or not content_type:
-                job, created = await self.submit_json(body, idempotency_key=idempotency_key, owner=who.owner)
+                job, created = await self._submit_json(body, idempotency_key=idempotency_key, owner=who.owner)
             else:
                 raise ApiError(
                     415, "send the job as application/json, multipart/form-data or a URL-encoded form",
@@ -104,7 +104,7 @@ class JobService:
             job = await self.wait(job, wait)
         return job, created
 
-    async def submit_json(
+    async def _submit_json(
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:
         mb = self.settings.max_json_mb
@@ -112,7 +112,7 @@ class JobService:
                                  " allowed; send large files as multipart uploads")
         return await self._submit(job_from_json(raw), [], idempotency_key, owner)
 
-    async def submit_multipart(
+    async def _submit_multipart(
         self,
         content_type: str,
         body: AsyncIterator[bytes],
@@ -136,7 +136,7 @@ class JobService:
             if forward is not None:
                 await forward.close()
 
-    async def submit_urlencoded(
+    async def _submit_urlencoded(
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:
         """A plain HTML form post (no files): inputs, if any, are URLs or base64 text."""
