@@ -311,14 +311,45 @@ def new_job_id() -> str:
     return "j" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
+class Memo:
+    """A bounded map for values that are costly to build and never change once built, such as a
+    finished job's `Job` and view: list pages show the same finished jobs again and again.
+    Thread-safe (reader threads and the event loop share it); the oldest entry goes first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        return self._items.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            if len(self._items) > self.size:
+                del self._items[next(iter(self._items))]
+
+
+# Finished jobs by their whole row: any change to any column is a new key.
+_FINISHED_JOBS = Memo(10_000)
+
+
+def _row_to_job(row: sqlite3.Row | dict[str, Any]) -> Job:
+    finished = row["state"] in TERMINAL
+    key = tuple(row.values()) if isinstance(row, dict) else tuple(row)
+    if finished and (job := _FINISHED_JOBS.get(key)) is not None:
+        return job
     data = dict(row)
     for column in _JSON_COLUMNS:
         if data[column] is not None:
             data[column] = json.loads(data[column])
     for column in _BOOL_COLUMNS:
         data[column] = bool(data[column])
-    return Job(**data)
+    job = Job(**data)
+    if finished:
+        _FINISHED_JOBS.put(key, job)
+    return job
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -297,7 +297,7 @@ async def upstream_models(dispatcher: Dispatcher) -> ModelList:
     for state in dispatcher.states.values():
         upstream = state.upstream
         tasks = sorted(upstream.tasks & set(TASK_INPUTS))
-        if not hasattr(upstream, "models"):
+        if not upstream.capabilities.chooses_models:
             choices = [ModelChoice(task, state.model, default=True) for task in tasks]
             found.append(UpstreamModels(upstream.name, upstream.kind, choices))
             continue

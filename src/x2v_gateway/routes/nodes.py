@@ -21,7 +21,7 @@ from msgspec import Meta
 from ..auth import Caller
 from ..dispatch import Dispatcher, UpstreamState
 from ..models import TaskType, errors
-from ..nodes import NodeRegistry
+from ..node_registry import NodeRegistry
 from ..store import JobStore
 
 

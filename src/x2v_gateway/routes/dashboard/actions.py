@@ -18,7 +18,7 @@ from ...dispatch import Dispatcher
 from ...inputs import declared_size, read_form
 from ...jobs import JobService
 from ...models import ApiError
-from ...nodes import NodeRegistry
+from ...node_registry import NodeRegistry
 from ...reads import find_item
 from ...store import Job, JobStore
 from ..nodes import node_views

@@ -17,7 +17,7 @@ from litestar.plugins.htmx import HTMXRequest
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from ...auth import Caller
-from ...dispatch import Notifier
+from ...notify import Notifier
 from ...reads import batch_summary, every_item
 from ...store import Job, JobStore
 from .rows import job_context, job_rows
