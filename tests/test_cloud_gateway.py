@@ -22,7 +22,7 @@ import pytest
 
 from cloud_double import CloudDouble, make_token
 from gateway_proc import GatewayProcess, free_port, until, wait_for
-from x2v_gateway.render import probe_video
+from x2v_gateway.media import probe_video
 
 # The gateway's own admin key (its access control), not to be confused with the cloud's token.
 ADMIN_KEY = "cloud-test-admin-key-0123456789"

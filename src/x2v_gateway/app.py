@@ -48,7 +48,7 @@ class DemoNode:
     """The built-in demo node, served from a thread of this process."""
 
     def __init__(self, data_dir: Path, port: int, job_seconds: float) -> None:
-        from .demo_node import IN_PROCESS_THREAD, build_demo_server, quiet_in_process_server
+        from .demo import IN_PROCESS_THREAD, build_demo_server, quiet_in_process_server
 
         if port == 0:
             with socket.socket() as probe:
