@@ -15,7 +15,7 @@ from litestar.testing import TestClient
 
 from media import make_png, make_wav
 from x2v_gateway.app import Gateway, create_app
-from x2v_gateway.batches import MAX_BATCH_JOBS, Upload, plan_batch
+from x2v_gateway.batch_plan import MAX_BATCH_JOBS, Upload, plan_batch
 from x2v_gateway.settings import load_settings
 
 ADMIN_KEY = "x2v_batch-limits-admin-key-0123456789"
@@ -38,7 +38,7 @@ def gateway(tmp_path):
 
 
 def _plan(gw: Gateway, form: dict[str, str], files: list[str]):
-    return asyncio.run(plan_batch(gw, form, files))
+    return asyncio.run(gw.jobs.plan_batch(form, files))
 
 
 def _peak(fn, *args):
@@ -122,3 +122,19 @@ def test_the_issues_grid_preview_answers_422_naming_the_field_and_builds_nothing
         assert made.status_code == 422 and "1,999,000 jobs" in made.text
         assert client.get("/api/v1/jobs").json()["jobs"] == []
         assert client.get("/healthz").status_code == 200
+
+
+def test_pairing_by_file_name_names_the_file_left_without_a_partner():
+    # Planning alone is pure: a form and its kept files in, checked rows out; no store, no node.
+    uploads = [Upload("face01.png", "image", "a" * 64, 1), Upload("FACE01.wav", "audio", "b" * 64, 1),
+               Upload("face02.png", "image", "c" * 64, 1)]
+    plan = plan_batch({"mode": "pair", "task": "s2v", "prompt": "hello"}, uploads,
+                      runnable={"s2v"}, prompt_missing=lambda task, prompt: None)
+    assert [job.files for job in plan.jobs] == [{"image": "face01.png", "audio": "FACE01.wav"}, {"image": "face02.png"}]
+    assert plan.jobs[0].errors == [] and plan.jobs[0].inputs == {"image": "a" * 64, "audio": "b" * 64}
+    assert plan.jobs[1].errors == ["no audio named face02.* to go with face02.png: add one, or remove the image"]
+    assert not plan.ok and plan.bad_rows == 1
+    # A task type no upstream runs is said for the whole form.
+    plan = plan_batch({"mode": "grid", "task": "t2v", "prompt": "hello"}, [],
+                      runnable={"s2v"}, prompt_missing=lambda task, prompt: None)
+    assert plan.errors == ["No node of this gateway runs t2v jobs; choose another task type"]

@@ -532,9 +532,7 @@ def test_dashboard_batch_for_the_cloud_only_needs_a_prompt(tmp_path):
         BatchJobSpec(task="t2v", params={"prompt": "a red car"}, inputs={}, files={}),
         BatchJobSpec(task="t2v", params={"prompt": "  "}, inputs={}, files={}),
     ]
-    from x2v_gateway.batches import plan_batch
-
-    preview = asyncio.run(plan_batch(gateway, {"task": "t2v", "mode": "grid", "prompt": "", "seeds": "1,2"}, []))
+    preview = asyncio.run(gateway.jobs.plan_batch({"task": "t2v", "mode": "grid", "prompt": "", "seeds": "1,2"}, []))
     assert preview.jobs and all(
         any("Prompt: required" in e for e in job.errors) for job in preview.jobs
     ), [job.errors for job in preview.jobs]

@@ -7,13 +7,15 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
+from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -21,7 +23,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.template.config import TemplateConfig
 
-from .auth import Auth, AuthMiddleware, LimitError, limit_error_response
+from .auth import Auth, AuthMiddleware, LimitError, caller, limit_error_response
 from .blobs import BlobStore
 from .checker import CHECKER
 from .dispatch import Dispatcher, Notifier
@@ -76,7 +78,8 @@ class DemoNode:
 
 
 class Gateway:
-    """Everything one running gateway holds; `app.state.gateway` in handlers."""
+    """Everything one running gateway holds: builds its services, starts and stops them, and
+    hands each handler those it declares (`dependencies`)."""
 
     def __init__(self, settings: Settings, upstreams: list[Upstream] | None = None) -> None:
         self.settings = settings
@@ -107,8 +110,24 @@ class Gateway:
             timeout=settings.request_timeout,
             transport=None if settings.private_urls else PublicOnlyTransport(),
         )
-        self.jobs = JobService(settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http)
         self.auth = Auth(settings, self.store)
+        self.jobs = JobService(
+            settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
+        )
+
+    def dependencies(self) -> dict[str, Provide]:
+        """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each
+        handler declares the services it uses, and none reaches for the whole gateway."""
+        services: dict[str, Any] = {
+            "settings": self.settings, "store": self.store, "blobs": self.blobs, "jobs": self.jobs,
+            "auth": self.auth, "dispatcher": self.dispatcher, "notifier": self.notifier,
+            "registry": self.registry, "metrics": self.metrics,
+        }
+        provided = {name: Provide(_given(service), use_cache=True, sync_to_thread=False)
+                    for name, service in services.items()}
+        # The key the request came with, as the auth middleware found it.
+        provided["who"] = Provide(caller, sync_to_thread=False)
+        return provided
 
     def _upstreams_from_settings(self, nodes: list[Upstream]) -> list[Upstream]:
         """The upstreams besides the registry's nodes: cloud accounts, or the demo node."""
@@ -149,6 +168,13 @@ class Gateway:
         if self.demo_node is not None:
             self.demo_node.stop()
         self.store.close()
+
+
+def _given(service: Any) -> Callable[[], Any]:
+    def provide() -> Any:
+        return service
+
+    return provide
 
 
 def _error(status: int, message: str, field: str | None = None) -> Response[ErrorResponse]:
@@ -222,6 +248,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         ],
         # Every request: who is calling, may they, CSRF for sessions, the key's rate limit.
         middleware=[AuthMiddleware()],
+        dependencies=gw.dependencies(),
         # Off unless X2V_CORS_ORIGINS lists origins. Keys travel in a header, never in cookies,
         # so browsers on those origins need no credentials mode.
         cors_config=CORSConfig(
@@ -252,5 +279,6 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             security=[{"BearerAuth": []}],
         ),
     )
+    # For the auth middleware (which runs before any handler) and the CLI's start-up block.
     app.state.gateway = gw
     return app

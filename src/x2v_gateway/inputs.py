@@ -1,4 +1,5 @@
-"""Getting a job's input files into the blob store: multipart uploads, URLs, base64.
+"""Reading a job's request (JSON, multipart, a form) and getting its input files into the blob
+store: multipart uploads, URLs, base64.
 
 Uploads are parsed as they arrive and written straight to disk (python-multipart's streaming
 parser on `request.stream()`), so a 1 GB audio track never sits in the gateway's memory. Every
@@ -13,21 +14,23 @@ import base64
 import binascii
 import io
 import ipaddress
+import json
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import httpx
+import msgspec
 from litestar import Request
 from litestar.datastructures import FormMultiDict
 from python_multipart.multipart import Field, MultipartParser, parse_form, parse_options_header
 
 from .blobs import BlobStore, BlobTooLarge, BlobWriter
 from .checker import CHECKER, MediaError
-from .models import INPUT_ROLES, ApiError
+from .models import INPUT_ROLES, ApiError, JobRequest, field_problem
 from .store import JobStore
 
 if TYPE_CHECKING:
@@ -174,6 +177,83 @@ async def read_multipart(
         discard(files)
         raise error[0]
     return fields, files
+
+
+async def read_limited(body: AsyncIterator[bytes], limit: int, too_large: str) -> bytes:
+    """A body of at most `limit` bytes, read whole; a larger one is a 413 saying `too_large`."""
+    raw = bytearray()
+    async for chunk in body:
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, too_large)
+    return bytes(raw)
+
+
+def job_from_json(raw: bytes) -> JobRequest:
+    """A job sent as JSON; what is wrong with it names its field."""
+    try:
+        return msgspec.json.decode(raw, type=JobRequest)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise _validation_error(exc, raw) from None
+
+
+def job_from_form(fields: dict[str, str]) -> JobRequest:
+    """A job sent as form fields (multipart or URL-encoded), every value text."""
+    values = {}
+    for name, value in fields.items():
+        if value.strip() == "":
+            continue
+        try:
+            values[name] = _form_value(name, value)
+        except ValueError:
+            raise ApiError(422, f"{name} must be two numbers, height and width", name) from None
+    try:
+        return msgspec.convert(values, JobRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _validation_error(exc: msgspec.DecodeError, raw: bytes = b"") -> ApiError:
+    """A job that msgspec refused, as the API's error naming the field (`raw`: the JSON body)."""
+    if isinstance(exc, msgspec.ValidationError):
+        field, message = field_problem(exc, JobRequest)
+        if field is None:  # the body as a whole: `[1]`, `"t2v"`
+            return ApiError(400, f"request body {message} (one job, as JSON)")
+        return ApiError(422, message, field)
+    if "UTF-8" in str(exc) and (field := _non_utf8_field(raw)):
+        return not_utf8(field)
+    return ApiError(400, f"request body is not valid JSON: {exc}")
+
+
+def _non_utf8_field(raw: bytes) -> str | None:
+    """The field of a JSON object whose name or text is not valid UTF-8 (msgspec does not say)."""
+    try:
+        # Each byte that is not UTF-8 becomes a lone surrogate, which no valid text holds.
+        doc = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return None
+    for name, value in doc.items() if isinstance(doc, dict) else ():
+        if not _is_utf8(name) or not _is_utf8(json.dumps(value, ensure_ascii=False)):
+            return name
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _form_value(name: str, value: str) -> Any:
+    # Browsers send every field of a form, empty or not; an empty field means "not set".
+    if name == "target_shape":
+        value = value.strip()
+        if value.startswith("["):
+            return json.loads(value)
+        return [int(v) for v in re.split(r"[,x× ]+", value) if v]
+    return value
 
 
 def not_utf8(field: str) -> ApiError:

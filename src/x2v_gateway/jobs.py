@@ -1,4 +1,11 @@
-"""Accepting a job: request → validated struct → input files kept → queued row → dispatcher woken."""
+"""The one write path for jobs and batches: submit, cancel, purge, retry, run again, and a batch's
+cancel and retry. Routes parse, call one method here and shape the answer.
+
+Accepting a job: request → validated struct → input files kept → queued row → dispatcher woken.
+Every change here is the caller's (`Caller`): it touches that key's jobs only (an admin key:
+every job), and each job it makes or runs again counts against that key's daily quota. What an
+upstream must do about a change (a stop request, a resume) is `Dispatcher.cancel`/`retry`'s.
+"""
 
 from __future__ import annotations
 
@@ -14,69 +21,29 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 
-from .auth import CSRF_FIELD
+from .auth import CSRF_FIELD, Auth, Caller, LimitError
+from .batch_plan import BatchPlan, find_uploads, listed_names, new_batch_id, plan_batch, retry_params
 from .blobs import BlobStore
 from .checker import CHECKER, MediaError
 from .dispatch import Dispatcher, Notifier
 from .forward import UploadForward
 from .inputs import (
-    IncomingFile, check_free_space, discard, fetch_input, keep_files, not_utf8, read_multipart,
-    urlencoded_fields,
+    IncomingFile, check_free_space, discard, fetch_input, job_from_form, job_from_json, keep_files,
+    read_limited, read_multipart, urlencoded_fields,
 )
 from .models import (
-    INPUT_ROLES, PROMPT_REQUIRED, TASK_INPUTS, ApiError, JobRequest, field_problem, generation_params,
+    INPUT_ROLES, PROMPT_REQUIRED, TASK_INPUTS, ApiError, JobRequest, generation_params,
 )
+from .reads import batch_summary, every_item, find_item, find_job
 from .settings import Settings
 from .store import BatchJobSpec, IdempotencyConflict, Job, JobStore
 from .upstream.base import Rejected, Unavailable
 
 
-def validation_error(exc: msgspec.DecodeError, raw: bytes = b"") -> ApiError:
-    """A job that msgspec refused, as the API's error naming the field (`raw`: the JSON body)."""
-    if isinstance(exc, msgspec.ValidationError):
-        field, message = field_problem(exc, JobRequest)
-        if field is None:  # the body as a whole: `[1]`, `"t2v"`
-            return ApiError(400, f"request body {message} (one job, as JSON)")
-        return ApiError(422, message, field)
-    if "UTF-8" in str(exc) and (field := _non_utf8_field(raw)):
-        return not_utf8(field)
-    return ApiError(400, f"request body is not valid JSON: {exc}")
-
-
-def _non_utf8_field(raw: bytes) -> str | None:
-    """The field of a JSON object whose name or text is not valid UTF-8 (msgspec does not say)."""
-    try:
-        # Each byte that is not UTF-8 becomes a lone surrogate, which no valid text holds.
-        doc = json.loads(raw.decode("utf-8", "surrogateescape"))
-    except ValueError:
-        return None
-    for name, value in doc.items() if isinstance(doc, dict) else ():
-        if not _is_utf8(name) or not _is_utf8(json.dumps(value, ensure_ascii=False)):
-            return name
-    return None
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _form_value(name: str, value: str) -> Any:
-    # Browsers send every field of a form, empty or not; an empty field means "not set".
-    if name == "target_shape":
-        value = value.strip()
-        if value.startswith("["):
-            return json.loads(value)
-        return [int(v) for v in re.split(r"[,x× ]+", value) if v]
-    return value
-
-
 class JobService:
+    """Every change to a job or a batch, made for a caller."""
+
     def __init__(
         self,
         settings: Settings,
@@ -85,6 +52,7 @@ class JobService:
         dispatcher: Dispatcher,
         notifier: Notifier,
         http: httpx.AsyncClient,
+        auth: Auth,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -92,36 +60,59 @@ class JobService:
         self.dispatcher = dispatcher
         self.notifier = notifier
         self.http = http
+        self.auth = auth
 
-    async def submit_json(
+    def runnable_tasks(self) -> set[str]:
+        """The task types some upstream runs."""
+        # A copy: batch planning asks from a worker thread while the loop may add a node.
+        return {task for state in list(self.dispatcher.states.values()) for task in state.upstream.tasks}
+
+    # -- submitting a job -----------------------------------------------------------------------
+
+    async def submit(
+        self, who: Caller, content_type: str, body: AsyncIterator[bytes], *, size: int | None,
+        idempotency_key: str | None, wait: float | None = None,
+    ) -> tuple[Job, bool]:
+        """A job as JSON, a multipart upload or a URL-encoded form of `size` bytes (when the client
+        said), counted against `who`'s quota; (job, created): a replay makes none. With `wait`,
+        the job as it is once it finished or that many seconds passed."""
+        # Everything that can be refused on the headers is refused before the body is read; a
+        # body larger than allowed is "too large" (413), whatever the free disk space.
+        multipart = content_type.startswith("multipart/form-data")
+        allowed_mb = self.settings.max_upload_mb if multipart else self.settings.max_json_mb
+        if size is not None and size > allowed_mb * 1024 * 1024:
+            raise ApiError(413, f"request body is larger than the {allowed_mb} MiB allowed"
+                           + ("" if multipart else "; send large files as multipart uploads"))
+        self._check_free_space(size or 0)
+        async with self.auth.counting_jobs(who) as count:
+            if multipart:
+                job, created = await self._submit_multipart(
+                    content_type, body, idempotency_key=idempotency_key, owner=who.owner, size=size,
+                )
+            elif content_type.startswith("application/x-www-form-urlencoded"):
+                job, created = await self._submit_urlencoded(body, idempotency_key=idempotency_key, owner=who.owner)
+            elif content_type.startswith("application/json") or not content_type:
+                job, created = await self._submit_json(body, idempotency_key=idempotency_key, owner=who.owner)
+            else:
+                raise ApiError(
+                    415, "send the job as application/json, multipart/form-data or a URL-encoded form",
+                    "Content-Type",
+                )
+            if not created:
+                count.refund()  # a replay: no new job
+        if wait:
+            job = await self.wait(job, wait)
+        return job, created
+
+    async def _submit_json(
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:
-        limit = self.settings.max_json_mb * 1024 * 1024
-        raw = bytearray()
-        async for chunk in body:
-            raw += chunk
-            if len(raw) > limit:
-                raise ApiError(413, f"JSON body is larger than the {self.settings.max_json_mb} MiB"
-                               " allowed; send large files as multipart uploads")
-        try:
-            request = msgspec.json.decode(bytes(raw), type=JobRequest)
-        except msgspec.DecodeError as exc:  # ValidationError included
-            raise validation_error(exc, bytes(raw)) from None
-        self._check_inputs(request, given=set())
-        await self._check_cloud_model(request)
-        files: list[IncomingFile] = []
-        max_bytes = self.settings.max_file_mb * 1024 * 1024
-        try:
-            for role in INPUT_ROLES:
-                value = getattr(request, role)
-                if value:
-                    files.append(await fetch_input(role, value, self.blobs, self.http, max_bytes=max_bytes))
-        except BaseException:
-            discard(files)
-            raise
-        return await self._accept(request, files, idempotency_key, owner)
+        mb = self.settings.max_json_mb
+        raw = await read_limited(body, mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
+                                 " allowed; send large files as multipart uploads")
+        return await self._submit(job_from_json(raw), [], idempotency_key, owner)
 
-    async def submit_multipart(
+    async def _submit_multipart(
         self,
         content_type: str,
         body: AsyncIterator[bytes],
@@ -145,17 +136,14 @@ class JobService:
             if forward is not None:
                 await forward.close()
 
-    async def submit_urlencoded(
+    async def _submit_urlencoded(
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:
         """A plain HTML form post (no files): inputs, if any, are URLs or base64 text."""
-        raw = bytearray()
-        async for chunk in body:
-            raw += chunk
-            if len(raw) > self.settings.max_json_mb * 1024 * 1024:
-                raise ApiError(413, f"form body is larger than the {self.settings.max_json_mb} MiB allowed")
+        mb = self.settings.max_json_mb
+        raw = await read_limited(body, mb * 1024 * 1024, f"form body is larger than the {mb} MiB allowed")
         fields: dict[str, str] = {}
-        for name, value in urlencoded_fields(bytes(raw)):
+        for name, value in urlencoded_fields(raw):
             if name in fields:
                 raise ApiError(400, f"{name} was sent twice", name)
             fields[name] = value
@@ -169,26 +157,27 @@ class JobService:
         owner: str | None,
         forward: UploadForward | None = None,
     ) -> tuple[Job, bool]:
-        max_bytes = self.settings.max_file_mb * 1024 * 1024
         try:
-            values = {}
-            for name, value in fields.items():
-                # A signed-in dashboard form carries its CSRF token as a field, which the auth
-                # middleware has checked: it is not a job parameter.
-                if value.strip() == "" or name == CSRF_FIELD:
-                    continue
-                try:
-                    values[name] = _form_value(name, value)
-                except ValueError:
-                    raise ApiError(422, f"{name} must be two numbers, height and width", name) from None
-            try:
-                request = msgspec.convert(values, JobRequest, strict=False)
-            except msgspec.ValidationError as exc:
-                raise validation_error(exc) from None
-            uploaded = {f.role for f in files}
-            for role in uploaded:
+            # A signed-in dashboard form carries its CSRF token as a field, which the auth
+            # middleware has checked: it is not a job parameter.
+            request = job_from_form({name: value for name, value in fields.items() if name != CSRF_FIELD})
+            for role in {f.role for f in files}:
                 if getattr(request, role):
                     raise ApiError(400, f"{role} was sent both as a file and as text", role)
+        except BaseException:
+            discard(files)
+            raise
+        return await self._submit(request, files, idempotency_key, owner, forward)
+
+    async def _submit(
+        self, request: JobRequest, files: list[IncomingFile], idempotency_key: str | None,
+        owner: str | None, forward: UploadForward | None = None,
+    ) -> tuple[Job, bool]:
+        """A decoded job with its uploaded `files`: checked, its other inputs (URLs, base64)
+        fetched, all kept, and queued; when anything is wrong, nothing of it is kept."""
+        uploaded = {f.role for f in files}
+        max_bytes = self.settings.max_file_mb * 1024 * 1024
+        try:
             self._check_inputs(request, given=uploaded)
             await self._check_cloud_model(request)
             for role in INPUT_ROLES:
@@ -301,23 +290,9 @@ class JobService:
             "min_free_bytes": self.settings.min_free_disk_mb * mib,
         }
 
-    def check_free_space(self, incoming: int = 0) -> None:
+    def _check_free_space(self, incoming: int = 0) -> None:
         """507 while the disk is short of space (`X2V_MIN_FREE_DISK_MB`), before a body is read."""
         check_free_space(self.blobs, self.settings.min_free_disk_mb * 1024 * 1024, incoming)
-
-    async def purge(self, job_ids: list[str], actor: str, target: str) -> int:
-        """Delete these jobs' inputs and videos now (a file another kept job uses stays); the jobs
-        stay, marked `files_expired`. Unfinished ones are cancelled first. Returns files removed."""
-        for job_id in job_ids:
-            job = await self.store.get(job_id)
-            if job is not None and not job.finished:
-                await self.dispatcher.cancel(job_id)
-        doomed = await self.store.purge_files(job_ids, actor, target)
-        for sha in doomed:
-            self.blobs.delete(sha)
-        for job_id in job_ids:
-            self.notifier.changed(job_id)
-        return len(doomed)
 
     async def wait(self, job: Job, seconds: float) -> Job:
         """Block until the job finishes or `seconds` pass (the old S2V service's wait_for_completion)."""
@@ -330,17 +305,88 @@ class JobService:
             job = await self.store.get(job.id) or job
         return job
 
+    # -- changing a job -------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, who: Caller, *, purge: bool = False) -> Job:
+        """Cancel a job, final at once (one that had finished stays as it was); with `purge`,
+        delete its files now too."""
+        await find_job(self.store, job_id, who)
+        job = await self.dispatcher.cancel(job_id)
+        if purge:
+            await self.purge([job_id], who, job_id)
+            job = await self.store.get(job_id)
+        assert job is not None  # jobs are never deleted
+        return job
+
+    async def purge(self, job_ids: list[str], who: Caller, target: str) -> int:
+        """Delete these jobs' inputs and videos now (a file another kept job uses stays); the jobs
+        stay, marked `files_expired`. Unfinished ones are cancelled first. Audited as `target`;
+        returns how many files were removed."""
+        for job_id in job_ids:
+            job = await self.store.get(job_id)
+            if job is not None and not job.finished:
+                await self.dispatcher.cancel(job_id)
+        doomed = await self.store.purge_files(job_ids, who.label, target)
+        for sha in doomed:
+            self.blobs.delete(sha)
+        for job_id in job_ids:
+            self.notifier.changed(job_id)
+        self.auth.note(who.label, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
+        return len(doomed)
+
+    async def retry(self, job_id: str, who: Caller) -> Job:
+        """A failed or cancelled job back to the queue, as it was (the API's retry)."""
+        job = await find_job(self.store, job_id, who)
+        if job.state not in ("failed", "cancelled"):
+            raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job.state}", "state")
+        if job.files_expired:
+            raise ApiError(410, "this job's input files have expired; submit it again", "files_expired")
+        return await self._requeue(job, who)
+
+    async def run_again(self, job_id: str, who: Caller, prompt: str | None, seed: str) -> tuple[Job, bool]:
+        """Run a finished job again (the dashboard's retry form): as it was, or with an edited
+        prompt (None: its own) or seed as a new job in its batch. Returns (job, is_new)."""
+        item = await find_item(self.store, job_id, who)
+        job = item.job
+        if not job.finished:
+            raise ApiError(409, f"This job is {job.state}: cancel it first, or wait for it to end")
+        prompt = job.params.get("prompt", "") if prompt is None else prompt
+        params = retry_params(job.params, prompt, seed)
+        unchanged = params.get("prompt", "") == job.params.get("prompt", "") and (
+            not seed.strip() or params.get("seed") == job.params.get("seed")
+        )
+        if unchanged and job.state in ("failed", "cancelled"):
+            if job.files_expired:
+                raise ApiError(410, "This job's input files have expired; submit it again with its files")
+            return await self._requeue(job, who), False
+        # It costs a GPU as much as a new job, so it counts against the caller's quota.
+        async with self.auth.counting_jobs(who):
+            return await self._run_anew(job, params, item.files), True
+
+    async def _requeue(self, job: Job, who: Caller) -> Job:
+        """The job's own row back to the queue (or resumed upstream), counted as a new job."""
+        async with self.auth.counting_jobs(who):  # a run again costs a GPU as much as a new job
+            again = await self.dispatcher.retry(job.id)
+        assert again is not None  # jobs are never deleted
+        return again
+
     # -- batches (the dashboard) ----------------------------------------------------------------
 
     async def keep_upload(
-        self, content_type: str, body: AsyncIterator[bytes], owner: str | None = None,
+        self, content_type: str, body: AsyncIterator[bytes], *, size: int, owner: str | None = None,
     ) -> UploadedFile:
-        """One file dropped on the batch form, checked by its content and kept in the blob store.
+        """One file of `size` bytes dropped on the batch form, checked by its content and kept in
+        the blob store.
 
         The browser names the part `image` or `audio` from its guess (MIME type, extension); the
         content decides, so a voice-over with an odd extension is still taken as audio.
         """
-        self.check_free_space()
+        if not content_type.startswith("multipart/form-data"):
+            raise ApiError(415, "upload files as multipart/form-data")
+        # Refused on the headers, before a byte of the body is read.
+        if size > self.settings.max_file_mb * 1024 * 1024 + 64 * 1024:
+            raise ApiError(413, f"This file is larger than the {self.settings.max_file_mb} MiB a file may be")
+        self._check_free_space(size)
         fields, files = await read_multipart(content_type, body, self.blobs, **self._upload_limits())
         name = fields.get("name") or "the file"
         if len(files) != 1:
@@ -357,6 +403,46 @@ class JobService:
         sha, size = await asyncio.to_thread(incoming.writer.commit)
         await self.store.record_blob(sha, size, ext)
         return UploadedFile(name=name, sha256=sha, size=size, role=role)
+
+    async def plan_batch(self, form: dict[str, str], files: list[str]) -> BatchPlan:
+        """The jobs a filled-in batch form would create, each with what stops it from running.
+
+        The listed files are looked up on a reader thread, and the rows (up to 2,000, each checked)
+        are planned on a worker thread: the event loop, serving every other request, waits for neither.
+        """
+        uploads = await find_uploads(self.store, self.blobs, files)
+        return await asyncio.to_thread(
+            plan_batch, form, uploads, runnable=self.runnable_tasks(), prompt_missing=self.prompt_missing,
+        )
+
+    async def create_batch(self, who: Caller, form: dict[str, str], files: list[str]) -> tuple[BatchPlan, str | None]:
+        """Plan the form again (never trust a preview) and, when every row can run, queue its jobs
+        as `who`'s. Returns the plan and the batch's id (None: nothing was queued)."""
+        plan = await self.plan_batch(form, files)
+        if not plan.ok:
+            return plan, None
+        batch_id = form.get("batch_id", "")
+        if not re.fullmatch(r"b[a-z0-9]{8,40}", batch_id):
+            batch_id = new_batch_id()
+        specs = plan.specs()
+        kept_form: dict[str, Any] = {k: v for k, v in form.items() if k not in ("batch_id",)}
+        kept_form["files"] = listed_names(files)
+        name = form.get("name", "").strip()[:200] or None
+        existing = await self.store.batch(batch_id)
+        if existing is not None:
+            if not who.may_touch(existing["owner"]):
+                batch_id = new_batch_id()  # a guessed id of someone else's batch: a new one
+            else:
+                return plan, batch_id  # a second click on Create: show the batch the first one made
+        # The jobs are `who`'s and count against its daily quota, like jobs posted to the API.
+        async with self.auth.counting_jobs(who, len(specs)) as count:
+            made = await self.submit_batch(
+                batch_id, specs, owner=who.owner,
+                batch={"name": name, "task": plan.task, "mode": plan.mode, "form": kept_form},
+            )
+            if made is None:
+                count.refund()  # made by a click a moment earlier
+        return plan, batch_id
 
     async def submit_batch(
         self, batch_id: str, specs: list[BatchJobSpec], *, batch: dict[str, Any] | None = None,
@@ -384,7 +470,40 @@ class JobService:
             self.dispatcher.wake()
         return jobs
 
-    async def run_again(self, job: Job, params: dict[str, Any], files: dict[str, str]) -> Job:
+    async def cancel_batch(self, batch_id: str, who: Caller, *, purge: bool = False) -> BatchCancel:
+        """Cancel the batch's unfinished jobs `who` may touch; with `purge`, delete their files now too."""
+        await batch_summary(self.store, batch_id, who)  # NotFound for a batch this key cannot see
+        items = [item async for item in every_item(self.store, batch_id, who.sees)]
+        cancelled = 0
+        # Newest first: the batch's queued jobs go before its running ones, so that a slot a
+        # cancel frees is not given to a job of this batch a moment before it is cancelled too.
+        for item in reversed(items):
+            if not item.job.finished:
+                job = await self.dispatcher.cancel(item.job.id)
+                cancelled += job is not None and job.state == "cancelled"
+        removed = await self.purge([item.job.id for item in items], who, f"batch {batch_id}") if purge else 0
+        return BatchCancel(len(items), cancelled, removed)
+
+    async def retry_failed(self, batch_id: str, who: Caller) -> tuple[int, int, str | None]:
+        """Failed jobs back to the queue: (retried, skipped as their files expired, why the rest were not)."""
+        await batch_summary(self.store, batch_id, who)  # NotFound for a batch this key cannot see
+        retried = expired = 0
+        for item in [item async for item in every_item(self.store, batch_id, who.sees)]:
+            # A failed job already run again with an edited prompt or seed is left alone: its new
+            # run stands for it.
+            if item.job.state != "failed" or item.retried_as:
+                continue
+            if item.job.files_expired:
+                expired += 1
+                continue
+            try:
+                await self._requeue(item.job, who)
+            except LimitError as exc:
+                return retried, expired, exc.message  # the caller's quota ran out
+            retried += 1
+        return retried, expired, None
+
+    async def _run_anew(self, job: Job, params: dict[str, Any], files: dict[str, str]) -> Job:
         """A new job with the inputs of `job` and edited parameters, in the same batch."""
         if job.files_expired or not all(self.blobs.exists(sha) for sha in job.inputs.values()):
             raise ApiError(410, "this job's input files have expired; submit it again with its files")
@@ -405,6 +524,13 @@ class JobService:
         self.notifier.changed(new.id)
         self.dispatcher.wake()
         return new
+
+
+@dataclass(frozen=True)
+class BatchCancel:
+    jobs: int  # the batch's jobs the caller may touch
+    cancelled: int  # of them, those the cancel ended
+    files_removed: int  # with purge
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Redirect
 from msgspec import Meta
@@ -16,7 +17,8 @@ from ..auth import (
     SESSION_COOKIE,
     SIGN_IN_COOKIE,
     SIGN_IN_FIELD,
-    caller,
+    Auth,
+    Caller,
     safe_next,
     same_secret,
     session_cookie_kwargs,
@@ -24,16 +26,11 @@ from ..auth import (
 )
 from ..inputs import read_form
 from ..models import MAX_SQLITE_INT, ApiError, errors, iso
-from ..store import AdminKeyNeeded, KeyNameTaken
-
-if TYPE_CHECKING:
-    from ..app import Gateway
+from ..reads import cut_page
+from ..settings import Settings
+from ..store import AdminKeyNeeded, JobStore, KeyNameTaken
 
 log = logging.getLogger("x2v_gateway.auth")
-
-
-def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
 
 
 # -- the dashboard's sign-in ---------------------------------------------------------------------
@@ -49,9 +46,8 @@ async def sign_in_form(
 
 
 @post("/ui/sign-in", include_in_schema=False, request_max_body_size=16 * 1024, status_code=303)
-async def sign_in(request: Request) -> Response:
+async def sign_in(request: Request, auth: NamedDependency[Auth], settings: NamedDependency[Settings]) -> Response:
     """Sign in with an API key: a session cookie, then back to the page that asked."""
-    gw = gateway(request)
     form = await read_form(request)
     next_path = safe_next(str(form.get("next") or ""))
     sent, expected = str(form.get(SIGN_IN_FIELD) or ""), request.cookies.get(SIGN_IN_COOKIE, "")
@@ -59,7 +55,7 @@ async def sign_in(request: Request) -> Response:
         return sign_in_page(request, status=403, next_path=next_path,
                             error="This sign-in form had expired. Paste your key again.")
     key = str(form.get("key") or "").strip()
-    signed_in = await gw.auth.sign_in(key) if key else None
+    signed_in = await auth.sign_in(key) if key else None
     if signed_in is None:
         log.warning("dashboard sign-in refused from %s: not a valid key",
                     request.client.host if request.client else "?")
@@ -67,15 +63,14 @@ async def sign_in(request: Request) -> Response:
                             error="That key is not valid: it is unknown or was revoked.")
     cookie, _ = signed_in
     response = Redirect(next_path, status_code=303)
-    response.set_cookie(SESSION_COOKIE, cookie, **session_cookie_kwargs(request, gw.settings))
+    response.set_cookie(SESSION_COOKIE, cookie, **session_cookie_kwargs(request, settings))
     response.delete_cookie(SIGN_IN_COOKIE, path="/ui/sign-in")
     return response
 
 
 @post("/ui/sign-out", include_in_schema=False, request_max_body_size=16 * 1024, status_code=303)
-async def sign_out(request: Request) -> Response:
-    gw = gateway(request)
-    await gw.auth.sign_out(request.cookies.get(SESSION_COOKIE, ""), caller(request))
+async def sign_out(request: Request, auth: NamedDependency[Auth], who: NamedDependency[Caller]) -> Response:
+    await auth.sign_out(request.cookies.get(SESSION_COOKIE, ""), who)
     response = Redirect("/ui/sign-in", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     if request.headers.get("hx-request"):
@@ -120,11 +115,11 @@ class NewKeyView(msgspec.Struct, kw_only=True):
     info: KeyView
 
 
-async def key_view(gw: Gateway, row: dict) -> KeyView:
+async def key_view(auth: Auth, row: dict) -> KeyView:
     return KeyView(
         id=row["id"], name=row["name"], prefix=row["prefix"] or "", admin=row["admin"],
         daily_quota=row["daily_quota"], max_concurrent=row["max_concurrent"],
-        rate_per_min=row["rate_per_min"], jobs_today=await gw.auth.jobs_today(row["id"]),
+        rate_per_min=row["rate_per_min"], jobs_today=await auth.jobs_today(row["id"]),
         source=row["source"], created_at=iso(row["created_at"]), created_by=row["created_by"],
         revoked_at=iso(row["revoked_at"]), revoked_by=row["revoked_by"],
     )
@@ -135,52 +130,52 @@ class KeysController(Controller):
     tags = ["keys"]
 
     @get("/", summary="Every API key (never the keys themselves); admins only", responses=errors(403))
-    async def list_keys(self, request: Request) -> list[KeyView]:
-        gw = gateway(request)
-        return [await key_view(gw, row) for row in await gw.store.keys()]
+    async def list_keys(self, auth: NamedDependency[Auth], store: NamedDependency[JobStore]) -> list[KeyView]:
+        return [await key_view(auth, row) for row in await store.keys()]
 
     @post(
         "/", status_code=201, summary="Make an API key; the key is in this answer only",
         responses=errors(400, 403, 409, 413),
     )
-    async def create_key(self, request: Request, data: JSONBody[KeyRequest]) -> NewKeyView:
-        gw = gateway(request)
+    async def create_key(
+        self, auth: NamedDependency[Auth], who: NamedDependency[Caller], data: JSONBody[KeyRequest],
+    ) -> NewKeyView:
         try:
-            key, row = await gw.auth.create_key(
+            key, row = await auth.create_key(
                 name=data.name, admin=data.admin, daily_quota=data.daily_quota,
                 max_concurrent=data.max_concurrent, rate_per_min=data.rate_per_min,
-                actor=caller(request).label, source="api",
+                actor=who.label, source="api",
             )
         except KeyNameTaken as exc:
             raise ApiError(409, str(exc), "name") from None
-        return NewKeyView(key=key, info=await key_view(gw, row))
+        return NewKeyView(key=key, info=await key_view(auth, row))
 
     @delete(
         "/{key_id:str}", status_code=200,
         summary="Revoke a key; its dashboard sessions end. Not X2V_ADMIN_KEY's nor the last admin key (409)",
         responses=errors(400, 403, 404, 409),
     )
-    async def revoke_key(self, request: Request, key_id: FromPath[str]) -> KeyView:
-        gw = gateway(request)
+    async def revoke_key(
+        self, auth: NamedDependency[Auth], who: NamedDependency[Caller], key_id: FromPath[str],
+    ) -> KeyView:
         try:
-            row = await gw.auth.revoke_key(key_id, caller(request).label)
+            row = await auth.revoke_key(key_id, who.label)
         except AdminKeyNeeded as exc:
             raise ApiError(409, str(exc), "key_id") from None
         if row is None:
             raise ApiError(404, f"no active key {key_id}")
-        return await key_view(gw, row)
+        return await key_view(auth, row)
 
 
 @get(
     "/api/v1/me", tags=["keys"], summary="The key this request came with: its limits and use today",
     responses=errors(404),
 )
-async def me(request: Request) -> KeyView:
-    gw = gateway(request)
-    row = await gw.auth.find_key(caller(request).key_id)
+async def me(auth: NamedDependency[Auth], who: NamedDependency[Caller]) -> KeyView:
+    row = await auth.find_key(who.key_id)
     if row is None:
         raise ApiError(404, "this key no longer exists")
-    return await key_view(gw, row)
+    return await key_view(auth, row)
 
 
 # -- audit ---------------------------------------------------------------------------------------
@@ -205,18 +200,20 @@ class AuditPage(msgspec.Struct):
     responses=errors(400, 403),
 )
 async def audit(
-    request: Request,
+    store: NamedDependency[JobStore],
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     before: Annotated[int | None, QueryParameter(ge=1, le=MAX_SQLITE_INT, description="`next_before` of the previous page")] = None,
 ) -> AuditPage:
-    rows = await gateway(request).store.audit_log(limit=limit + 1, before_id=before)
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, next_before = cut_page(await store.audit_log(limit=limit + 1, before_id=before), limit, _id)
     return AuditPage(
         entries=[AuditEntry(r["id"], iso(r["at"]), r["actor"], r["action"], r["target"], r["detail"])
                  for r in rows],
-        next_before=rows[-1]["id"] if more else None,
+        next_before=next_before,
     )
+
+
+def _id(row: dict) -> int:
+    return row["id"]
 
 
 ROUTES = [sign_in_form, sign_in, sign_out, KeysController, me, audit]

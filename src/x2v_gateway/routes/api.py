@@ -2,43 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import ResponseHeader
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType
 from litestar.openapi.spec import OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import FromPath, HeaderParameter, QueryParameter
-from litestar.response import Stream
 
-from ..auth import Caller, caller
+from ..auth import Caller
+from ..blobs import BlobStore
+from ..dispatch import Dispatcher
 from ..inputs import declared_size
+from ..jobs import JobService
 from ..models import MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
-from ..store import STATES, Inflight, Job, Reads
+from ..reads import cut_page, find_job, visible
+from ..store import STATES, Inflight, Job, JobStore, Reads
 from ..upstream.base import UpstreamError
-
-if TYPE_CHECKING:
-    from ..app import Gateway
+from .files import ranged_file
 
 
-def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
-
-
-async def view(gw: Gateway, job: Job, *, events: bool = False) -> JobView:
-    """One job as the API shows it; with `events`, its timeline and (queued) the wait estimate."""
-    if not events:
-        return (await views(gw, [job]))[0]
-    return _full_view(gw, job, await gw.store.read(lambda r: _full_view_reads(r, job)))
+async def view(store: JobStore, job: Job) -> JobView:
+    """One job as the API shows it in a list (the job's own page: `_full_view`)."""
+    return (await store.read(lambda r: _views(r, [job], False)))[0]
 
 
 _FullViewReads = tuple[dict[str, int], "int | None", "list[Inflight] | None", list[dict[str, Any]]]
@@ -51,20 +43,16 @@ def _full_view_reads(r: Reads, job: Job) -> _FullViewReads:
     return r.blob_sizes(job.inputs.values()), r.queue_position(job), inflight, r.events(job.id)
 
 
-def _full_view(gw: Gateway, job: Job, reads: _FullViewReads) -> JobView:
+def _full_view(dispatcher: Dispatcher, job: Job, reads: _FullViewReads) -> JobView:
     sizes, position, inflight, timeline = reads
     # The queue position is read once, and the estimate starts from it.
-    estimate = gw.dispatcher.estimate(job, position, inflight) if inflight is not None else None
+    estimate = dispatcher.estimate(job, position, inflight) if inflight is not None else None
     return job_view(job, blob_sizes=sizes, queue_position=position, queue_estimate=estimate, events=timeline)
 
 
-async def views(gw: Gateway, jobs: list[Job], *, events: bool = False) -> list[JobView]:
-    """Jobs as the API shows them: a page of them is read and built in one hop to a reader
-    thread, in two queries, not a few per job."""
-    return await gw.store.read(lambda r: _views(r, jobs, events))
-
-
 def _views(r: Reads, jobs: list[Job], events: bool) -> list[JobView]:
+    """Jobs as the API shows them: a page of them is built in one hop to a reader thread, in
+    two queries, not a few per job."""
     sizes = r.blob_sizes({sha for job in jobs for sha in job.inputs.values()})
     positions = r.queue_positions(jobs)
     return [
@@ -72,6 +60,10 @@ def _views(r: Reads, jobs: list[Job], events: bool) -> list[JobView]:
                  events=r.events(job.id) if events else None)
         for job in jobs
     ]
+
+
+def _seq(job: Job) -> int:
+    return job.seq
 
 
 def _cursor(seq: int) -> str:
@@ -148,57 +140,6 @@ class _SubmitOperation(Operation):
         )
 
 
-def _stream_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
-    async def chunks() -> AsyncIterator[bytes]:
-        with path.open("rb") as handle:
-            handle.seek(start)
-            remaining = length
-            while remaining > 0:
-                # Off the event loop: a cold disk must not stall every other request.
-                chunk = await asyncio.to_thread(handle.read, min(256 * 1024, remaining))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                yield chunk
-
-    return chunks()
-
-
-# At most 18 digits a side: a longer number is past any file, and `int()` refuses 4300+ digits.
-# A Range that does not match is ignored (the whole file), as RFC 9110 allows.
-_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$", re.ASCII)
-
-
-def ranged_file(path: Path, range_header: str | None, *, media_type: str, filename: str) -> Response:
-    """A file response that honours a single `Range: bytes=a-b`, so a browser can seek."""
-    size = path.stat().st_size
-    headers = {
-        "accept-ranges": "bytes",
-        "content-disposition": f'inline; filename="{filename}"',
-    }
-    match = _RANGE.match(range_header.strip()) if range_header else None
-    if not match or match.groups() == ("", ""):
-        headers["content-length"] = str(size)
-        return Stream(_stream_file(path, 0, size), media_type=media_type, headers=headers)
-    first, last = match.groups()
-    if first == "":  # the last N bytes
-        start, end = max(0, size - int(last)), size - 1
-    else:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
-    if start >= size or start > end:
-        return Response(
-            content=b"", status_code=416, headers={"content-range": f"bytes */{size}"},
-            media_type=media_type,
-        )
-    headers["content-range"] = f"bytes {start}-{end}/{size}"
-    headers["content-length"] = str(end - start + 1)
-    return Stream(
-        _stream_file(path, start, end - start + 1), media_type=media_type, headers=headers,
-        status_code=206,
-    )
-
-
 class JobsController(Controller):
     path = "/api/v1/jobs"
     tags = ["jobs"]
@@ -223,87 +164,58 @@ class JobsController(Controller):
     async def create_job(
         self,
         request: Request,
+        jobs: NamedDependency[JobService],
+        store: NamedDependency[JobStore],
+        who: NamedDependency[Caller],
         wait: Annotated[float | None, QueryParameter(name="wait", ge=0, description="Seconds to block until the job finishes")] = None,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", max_length=200)] = None,
     ) -> Response[JobView]:
-        gw = gateway(request)
-        who = caller(request)
-        content_type = request.headers.get("content-type", "")
-        size = declared_size(request)
-        # Everything that can be refused on the headers is refused before the body is read; a
-        # body larger than allowed is "too large" (413), whatever the free disk space.
-        multipart = content_type.startswith("multipart/form-data")
-        allowed_mb = gw.settings.max_upload_mb if multipart else gw.settings.max_json_mb
-        if size is not None and size > allowed_mb * 1024 * 1024:
-            raise ApiError(413, f"request body is larger than the {allowed_mb} MiB allowed"
-                           + ("" if multipart else "; send large files as multipart uploads"))
-        gw.jobs.check_free_space(size or 0)
-        async with gw.auth.counting_jobs(who) as count:
-            if multipart:
-                job, created = await gw.jobs.submit_multipart(
-                    content_type, request.stream(), idempotency_key=idempotency_key, owner=who.owner,
-                    size=size,
-                )
-            elif content_type.startswith("application/x-www-form-urlencoded"):
-                job, created = await gw.jobs.submit_urlencoded(
-                    request.stream(), idempotency_key=idempotency_key, owner=who.owner,
-                )
-            elif content_type.startswith("application/json") or not content_type:
-                job, created = await gw.jobs.submit_json(
-                    request.stream(), idempotency_key=idempotency_key, owner=who.owner,
-                )
-            else:
-                raise ApiError(
-                    415, "send the job as application/json, multipart/form-data or a URL-encoded form",
-                    "Content-Type",
-                )
-            if not created:
-                count.refund()  # a replay: no new job
-        if wait:
-            job = await gw.jobs.wait(job, wait)
+        job, created = await jobs.submit(
+            who, request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
+            idempotency_key=idempotency_key, wait=wait,
+        )
         headers = {"location": f"/api/v1/jobs/{job.id}"}
         if not created:
             headers["idempotent-replayed"] = "true"
-        return Response(await view(gw, job), status_code=201 if created else 200, headers=headers)
+        return Response(await view(store, job), status_code=201 if created else 200, headers=headers)
 
     @get("/", summary="List jobs, newest first", responses=errors(400))
     async def list_jobs(
         self,
-        request: Request,
+        store: NamedDependency[JobStore],
+        who: NamedDependency[Caller],
         states_filter: Annotated[str | None, QueryParameter(name="state", description="Comma-separated states: " + ", ".join(STATES))] = None,
         batch_id: Annotated[str | None, QueryParameter(name="batch_id")] = None,
         task: Annotated[str | None, QueryParameter(name="task")] = None,
         cursor: Annotated[str | None, QueryParameter(name="cursor")] = None,
         limit: Annotated[int, QueryParameter(name="limit", ge=1, le=500)] = 50,
     ) -> JobList:
-        gw = gateway(request)
         states = [s for s in (states_filter or "").split(",") if s]
         for s in states:
             if s not in STATES:
                 raise ApiError(400, f"unknown state {s!r}; states are " + ", ".join(STATES), "state")
-        owner, before = caller(request).sees, _parse_cursor(cursor) if cursor else None
+        before = _parse_cursor(cursor) if cursor else None
 
         def page(r: Reads) -> JobList:  # read and built on a reader thread: up to 500 jobs
-            jobs = r.list_jobs(
-                states=states, batch_id=batch_id, task=task, owner=owner, before_seq=before,
+            jobs, next_seq = cut_page(r.list_jobs(
+                states=states, batch_id=batch_id, task=task, owner=who.sees, before_seq=before,
                 limit=limit + 1,
-            )
-            more = len(jobs) > limit
-            jobs = jobs[:limit]
-            return JobList(jobs=_views(r, jobs, False), next_cursor=_cursor(jobs[-1].seq) if more else None)
+            ), limit, _seq)
+            return JobList(jobs=_views(r, jobs, False), next_cursor=_cursor(next_seq) if next_seq is not None else None)
 
-        return await gw.store.read(page)
+        return await store.read(page)
 
     @get("/{job_id:str}", summary="One job, with its timeline", responses=errors(400, 404))
-    async def get_job(self, request: Request, job_id: FromPath[str]) -> JobView:
-        gw, who = gateway(request), caller(request)
-
+    async def get_job(
+        self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
+        who: NamedDependency[Caller], job_id: FromPath[str],
+    ) -> JobView:
         def read(r: Reads) -> tuple[Job, _FullViewReads]:  # one hop, not two
-            job = _visible(r.get(job_id), job_id, who)
+            job = visible(r.get(job_id), job_id, who)
             return job, _full_view_reads(r, job)
 
-        job, reads = await gw.store.read(read)
-        return _full_view(gw, job, reads)
+        job, reads = await store.read(read)
+        return _full_view(dispatcher, job, reads)
 
     @delete(
         "/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files",
@@ -311,35 +223,23 @@ class JobsController(Controller):
     )
     async def cancel_job(
         self,
-        request: Request,
+        jobs: NamedDependency[JobService],
+        store: NamedDependency[JobStore],
+        who: NamedDependency[Caller],
         job_id: FromPath[str],
         purge: Annotated[bool, QueryParameter(description="Delete the job's inputs and video now")] = False,
     ) -> JobView:
-        gw = gateway(request)
-        who = caller(request)
-        await _found(gw, job_id, who)
-        job = await gw.dispatcher.cancel(job_id)
-        if purge:
-            removed = await gw.jobs.purge([job_id], who.label, job_id)
-            gw.auth.note(who.label, "purge", job_id, f"jobs=1 files={removed}")
-            job = await gw.store.get(job_id)
-        return await view(gw, job)
+        return await view(store, await jobs.cancel(job_id, who, purge=purge))
 
     @post(
         "/{job_id:str}/retry", status_code=200, summary="Run a failed or cancelled job again",
         responses=errors(400, 403, 404, 409, 410),
     )
-    async def retry_job(self, request: Request, job_id: FromPath[str]) -> JobView:
-        gw = gateway(request)
-        who = caller(request)
-        job = await _found(gw, job_id, who)
-        if job.state not in ("failed", "cancelled"):
-            raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job.state}", "state")
-        if job.files_expired:
-            raise ApiError(410, "this job's input files have expired; submit it again", "files_expired")
-        async with gw.auth.counting_jobs(who):  # a run again costs a GPU as much as a new job
-            job = await gw.dispatcher.retry(job_id)
-        return await view(gw, job)
+    async def retry_job(
+        self, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
+        who: NamedDependency[Caller], job_id: FromPath[str],
+    ) -> JobView:
+        return await view(store, await jobs.retry(job_id, who))
 
     @get(
         "/{job_id:str}/video", summary="The finished video (supports Range)", media_type="video/mp4",
@@ -356,17 +256,18 @@ class JobsController(Controller):
     )
     async def get_video(
         self,
-        request: Request,
+        store: NamedDependency[JobStore],
+        blobs: NamedDependency[BlobStore],
+        who: NamedDependency[Caller],
         job_id: FromPath[str],
         range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
     ) -> Response:
-        gw = gateway(request)
-        job = await _found(gw, job_id, caller(request))
+        job = await find_job(store, job_id, who)
         if job.files_expired:
             raise ApiError(410, "this job's files have expired and were deleted")
         if job.state != "succeeded" or not job.result_sha:
             raise ApiError(404, f"this job has no video: it is {job.state}")
-        path = gw.blobs.path(job.result_sha)
+        path = blobs.path(job.result_sha)
         if not path.is_file():
             raise ApiError(410, "this job's video is no longer stored")
         return ranged_file(path, range_header, media_type="video/mp4", filename=f"{job.id}.mp4")
@@ -390,10 +291,10 @@ class ModelList(msgspec.Struct):
     upstreams: list[UpstreamModels]
 
 
-async def upstream_models(gw: Gateway) -> ModelList:
+async def upstream_models(dispatcher: Dispatcher) -> ModelList:
     """What each upstream can run: a node its one model, a cloud account what its list offers."""
     found = []
-    for state in gw.dispatcher.states.values():
+    for state in dispatcher.states.values():
         upstream = state.upstream
         tasks = sorted(upstream.tasks & set(TASK_INPUTS))
         if not upstream.capabilities.chooses_models:
@@ -422,26 +323,14 @@ class ModelsController(Controller):
     tags = ["jobs"]
 
     @get("/", summary="Models each upstream runs; a job may name one with `model` (hosted cloud)", responses=errors())
-    async def list_models(self, request: Request) -> ModelList:
-        return await upstream_models(gateway(request))
-
-
-async def _found(gw: Gateway, job_id: str, who: Caller) -> Job:
-    return _visible(await gw.store.get(job_id), job_id, who)
-
-
-def _visible(job: Job | None, job_id: str, who: Caller) -> Job:
-    """The job, if this caller may see it. Another key's job is "not found", exactly like a job
-    that does not exist, so ids cannot be probed."""
-    if job is None or not who.may_touch(job.owner):
-        raise ApiError(404, f"no job {job_id}")
-    return job
+    async def list_models(self, dispatcher: NamedDependency[Dispatcher]) -> ModelList:
+        return await upstream_models(dispatcher)
 
 
 class BatchCancelled(msgspec.Struct):
     batch_id: str
     jobs: int  # the batch's jobs this key may touch
-    cancelled: int  # of them, those that had not finished
+    cancelled: int  # of them, those that had not finished (and the cancel ended)
     purged: bool
     files_removed: int
 
@@ -457,27 +346,10 @@ class BatchesController(Controller):
     )
     async def cancel_batch(
         self,
-        request: Request,
+        jobs: NamedDependency[JobService],
+        who: NamedDependency[Caller],
         batch_id: FromPath[str],
         purge: Annotated[bool, QueryParameter(description="Delete the jobs' inputs and videos now")] = False,
     ) -> BatchCancelled:
-        gw = gateway(request)
-        who = caller(request)
-        jobs: list[Job] = []
-        before: int | None = None
-        while page := await gw.store.list_jobs(batch_id=batch_id, owner=who.sees, before_seq=before, limit=500):
-            jobs += page
-            before = page[-1].seq
-        if not jobs:
-            raise ApiError(404, f"no batch {batch_id}")
-        cancelled = 0
-        for job in jobs:
-            if not job.finished:
-                cancelled += 1
-                await gw.dispatcher.cancel(job.id)
-        removed = 0
-        if purge:
-            removed = await gw.jobs.purge([j.id for j in jobs], who.label, f"batch {batch_id}")
-            gw.auth.note(who.label, "purge", f"batch {batch_id}", f"jobs={len(jobs)} files={removed}")
-        return BatchCancelled(batch_id, len(jobs), cancelled, purge, removed)
-
+        done = await jobs.cancel_batch(batch_id, who, purge=purge)
+        return BatchCancelled(batch_id, done.jobs, done.cancelled, purge, done.files_removed)

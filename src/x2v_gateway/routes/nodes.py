@@ -10,23 +10,19 @@ naming hosts) and every job; an ordinary key sees capacity and state, and its ow
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, delete, get, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 
-from ..auth import Caller, caller
+from ..auth import Caller
+from ..dispatch import Dispatcher, UpstreamState
 from ..models import TaskType, errors
-
-if TYPE_CHECKING:
-    from ..app import Gateway
-    from ..dispatch import UpstreamState
-
-
-def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+from ..node_registry import NodeRegistry
+from ..store import JobStore
 
 
 class NodeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -58,10 +54,10 @@ class NodeView(msgspec.Struct, kw_only=True):
     last_error: str | None  # admins only: it may name hosts and addresses
 
 
-async def node_view(gw: Gateway, state: UpstreamState, who: Caller) -> NodeView:
+async def node_view(store: JobStore, dispatcher: Dispatcher, state: UpstreamState, who: Caller) -> NodeView:
     """A node as `who` may see it."""
-    jobs = [j for j in await gw.store.active(state.name) if who.may_touch(j.owner)]
-    recent = gw.dispatcher.timings.recent(state.name)
+    jobs = [j for j in await store.active(state.name) if who.may_touch(j.owner)]
+    recent = dispatcher.timings.recent(state.name)
     return NodeView(
         name=state.name,
         kind=state.upstream.kind,
@@ -81,43 +77,56 @@ async def node_view(gw: Gateway, state: UpstreamState, who: Caller) -> NodeView:
     )
 
 
+async def node_views(store: JobStore, dispatcher: Dispatcher, who: Caller) -> list[NodeView]:
+    """Every node as `who` may see it."""
+    return [await node_view(store, dispatcher, state, who) for state in dispatcher.states.values()]
+
+
 class NodesController(Controller):
     path = "/api/v1/nodes"
     tags = ["nodes"]
 
     @get("/", summary="Nodes and hosted accounts: state, capacity, jobs, measured run times", responses=errors())
-    async def list_nodes(self, request: Request) -> list[NodeView]:
-        gw = gateway(request)
-        who = caller(request)
-        return [await node_view(gw, s, who) for s in gw.dispatcher.states.values()]
+    async def list_nodes(
+        self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher], who: NamedDependency[Caller],
+    ) -> list[NodeView]:
+        return await node_views(store, dispatcher, who)
 
     @get("/{name:str}", summary="One node", responses=errors(400, 404))
-    async def get_node(self, request: Request, name: FromPath[str]) -> NodeView:
-        gw = gateway(request)
-        return await node_view(gw, gw.registry.get(name), caller(request))
+    async def get_node(
+        self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
+        registry: NamedDependency[NodeRegistry], who: NamedDependency[Caller], name: FromPath[str],
+    ) -> NodeView:
+        return await node_view(store, dispatcher, registry.get(name), who)
 
     @post("/", status_code=201, summary="Add a node (kept across restarts)", responses=errors(400, 403, 409, 413, 422))
-    async def add_node(self, request: Request, data: JSONBody[NodeRequest]) -> NodeView:
-        gw = gateway(request)
-        state = await gw.registry.add(data.name, data.url, capacity=data.capacity, tasks=data.tasks)
-        return await node_view(gw, state, caller(request))
+    async def add_node(
+        self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
+        registry: NamedDependency[NodeRegistry], who: NamedDependency[Caller], data: JSONBody[NodeRequest],
+    ) -> NodeView:
+        state = await registry.add(data.name, data.url, capacity=data.capacity, tasks=data.tasks)
+        return await node_view(store, dispatcher, state, who)
 
     @post(
         "/{name:str}/drain", status_code=200, summary="Finish what it has, take nothing new",
         responses=errors(400, 403, 404),
     )
-    async def drain_node(self, request: Request, name: FromPath[str]) -> NodeView:
-        gw = gateway(request)
-        return await node_view(gw, await gw.registry.set_drained(name, True), caller(request))
+    async def drain_node(
+        self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
+        registry: NamedDependency[NodeRegistry], who: NamedDependency[Caller], name: FromPath[str],
+    ) -> NodeView:
+        return await node_view(store, dispatcher, await registry.set_drained(name, True), who)
 
     @post("/{name:str}/undrain", status_code=200, summary="Take new jobs again", responses=errors(400, 403, 404))
-    async def undrain_node(self, request: Request, name: FromPath[str]) -> NodeView:
-        gw = gateway(request)
-        return await node_view(gw, await gw.registry.set_drained(name, False), caller(request))
+    async def undrain_node(
+        self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
+        registry: NamedDependency[NodeRegistry], who: NamedDependency[Caller], name: FromPath[str],
+    ) -> NodeView:
+        return await node_view(store, dispatcher, await registry.set_drained(name, False), who)
 
     @delete(
         "/{name:str}", status_code=204, summary="Remove a node with no job in flight",
         responses=errors(400, 403, 404, 409),
     )
-    async def remove_node(self, request: Request, name: FromPath[str]) -> None:
-        await gateway(request).registry.remove(name)
+    async def remove_node(self, registry: NamedDependency[NodeRegistry], name: FromPath[str]) -> None:
+        await registry.remove(name)

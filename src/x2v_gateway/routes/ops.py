@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import msgspec
-from litestar import Request, Response, get
+from litestar import Response, get
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 
+from ..dispatch import Dispatcher
+from ..metrics import Metrics
 from ..models import errors
-
-if TYPE_CHECKING:
-    from ..app import Gateway
-
-
-def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+from ..store import JobStore
 
 
 class Check(msgspec.Struct):
@@ -39,10 +34,9 @@ async def healthz() -> dict[str, str]:
     response_description="Ready", security=[{}],
     responses={503: ResponseSpec(Readiness, generate_examples=False, description="Not ready: `checks` says what failed")},
 )
-async def readyz(request: Request) -> Response[Readiness]:
-    gw = gateway(request)
-    writable = await gw.store.is_writable()
-    reachable = [name for name, s in gw.dispatcher.states.items() if s.up]
+async def readyz(store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher]) -> Response[Readiness]:
+    writable = await store.is_writable()
+    reachable = [name for name, s in dispatcher.states.items() if s.up]
     checks = {
         "store": Check(writable, "writable" if writable else "cannot write to the job store"),
         "upstreams": Check(
@@ -58,9 +52,8 @@ async def readyz(request: Request) -> Response[Readiness]:
     "/metrics", tags=["operations"], summary="Prometheus metrics (admin keys, or anyone with X2V_METRICS_OPEN)",
     media_type="text/plain; version=0.0.4", responses=errors(403),
 )
-async def metrics(request: Request) -> Response[bytes]:
-    gw = gateway(request)
-    return Response(gw.metrics.render(await gw.store.counts_by_state()), media_type="text/plain; version=0.0.4")
+async def metrics(store: NamedDependency[JobStore], metrics: NamedDependency[Metrics]) -> Response[bytes]:
+    return Response(metrics.render(await store.counts_by_state()), media_type="text/plain; version=0.0.4")
 
 
 ROUTES = [healthz, readyz, metrics]  # the nodes' routes: routes/nodes.py

