@@ -319,9 +319,7 @@ class Auth:
         # working, so rotating it is editing `.env` and restarting.
         for row in keys:
             if row["source"] == "env" and row["revoked_at"] is None and row["key_hash"] != env_hash:
-                await self.store.revoke_key(row["id"], "X2V_ADMIN_KEY (changed or removed)")
-                self.callers.forget_key(row["id"])
-                self.note("X2V_ADMIN_KEY (changed or removed)", "key.revoke", row["id"])
+                await self.revoke_key(row["id"], "X2V_ADMIN_KEY (changed or removed)", keep_admin=False)
         if env_hash is not None:
             known = await self.store.key_by_hash(env_hash)
             if known is None:
