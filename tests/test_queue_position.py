@@ -9,7 +9,7 @@ import time
 
 from test_store import run, store  # noqa: F401 (store: the fixture)
 
-from x2v_gateway.store import Reads
+from x2v_gateway.store.sqlite import SqliteReads as Reads
 
 
 def counted_position(conn: sqlite3.Connection, job_id: str) -> int | None:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from x2v_gateway.store import IdempotencyConflict, JobStore, Reads
+from x2v_gateway.store import IdempotencyConflict, JobStore
+from x2v_gateway.store.sqlite import SqliteReads
 
 
 @pytest.fixture
@@ -177,7 +178,7 @@ def test_every_hot_path_query_uses_an_index_not_a_scan_of_the_history(store):
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs' AND sql LIKE '% WHERE %'"
     )}
     statements: list[str] = []
-    reads = Reads(store._conn())
+    reads = SqliteReads(store._conn())
     conn.set_trace_callback(statements.append)  # the SQL each read really runs, values inlined
     queued = reads.get("j2700")
     assert queued.state == "queued"

@@ -18,7 +18,7 @@ owns jobs, carries quotas and is admin or not; a second kind of account would ne
 password hashing, resets and guessing protection, and two things to revoke. A key holds 256
 random bits, so it cannot be guessed, and revoking it ends its dashboard sessions too.
 
-Keys are stored as their sha256 (see `store.m010_keys`); the key itself is shown once, when it is
+Keys are stored as their sha256 (see `m010_keys` in store/sqlite/schema.py); the key itself is shown once, when it is
 made, and never logged. A key's jobs are its own: another key's job is a 404, as if it did not
 exist; admin keys see every job.
 """
