@@ -7,8 +7,8 @@ import sqlite3
 from typing import Any
 
 from ..records import STATES, BatchItem, BatchJobSpec, Job, new_job_id
-from .connections import Rows, SqliteThreads, timestamp
-from .jobs import AFTER_NEWEST, row_to_job
+from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
+from .jobs import row_to_job
 
 # A job with its place in its dashboard batch, and the job retried as a new run of it, if any.
 _ITEM_SQL = (

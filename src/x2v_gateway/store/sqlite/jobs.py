@@ -13,13 +13,12 @@ from typing import Any
 from ..records import (
     CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, IdempotencyConflict, Job, new_job_id,
 )
-from .connections import Rows, SqliteThreads, timestamp
+from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .keys import audit
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 _JSON_COLUMNS = ("params", "inputs", "result_meta", "queue_info")
 _BOOL_COLUMNS = ("cancel_pending", "files_expired")
-AFTER_NEWEST = 2**63 - 1  # a `seq` above every job's
 
 
 def row_to_job(row: sqlite3.Row) -> Job:

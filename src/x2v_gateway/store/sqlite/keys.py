@@ -6,7 +6,7 @@ import sqlite3
 from typing import Any
 
 from ..records import AdminKeyNeeded, KeyNameTaken
-from .connections import Rows, SqliteThreads, timestamp
+from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 
 
 class KeyReads(Rows):
@@ -51,11 +51,10 @@ class KeyReads(Rows):
         return dict(rows.fetchall())
 
     def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM audit", []
-        if before_id is not None:
-            sql += " WHERE id < ?"
-            args.append(before_id)
-        rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
+        rows = self.conn.execute(
+            "SELECT * FROM audit WHERE id < ? ORDER BY id DESC LIMIT ?",
+            (AFTER_NEWEST if before_id is None else before_id, limit),
+        )
         return [dict(r) for r in rows]
 
 

@@ -193,3 +193,9 @@ def m021_queue_blocks(db: Database) -> None:
         f" BEGIN {add} END"
     )
 
+
+
+@migrations()
+def m022_session_expiry(db: Database) -> None:
+    # Each sign-in first deletes the sessions that have expired; without this it read them all.
+    db.execute("CREATE INDEX idx_sessions_expires_at ON sessions (expires_at)")

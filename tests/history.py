@@ -1,0 +1,132 @@
+"""A store that has run a long while: many jobs, nearly all finished, with their batches, events,
+files, keys, sessions and audit, written straight into a real SQLite file (fast: executemany)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from x2v_gateway.store import JobStore
+
+OWNERS = 20  # keys with jobs; job n belongs to k{n % OWNERS}, every 50th to nobody
+NODES = 50
+QUEUED, INFLIGHT = 3000, 400  # the newest jobs: waiting in the queue, then on nodes
+BATCH_SIZE = 100  # one job in three is in a batch of this many; every other batch is the dashboard's
+
+
+@dataclass
+class History:
+    """Handles on the filled store, for the reads a test or a benchmark makes."""
+
+    path: Path
+    total: int
+    queued_id: str  # the last queued job: the longest way to its place
+    finished_id: str
+    inflight_id: str
+    dashboard_batch: str  # a batch made in the dashboard (batch_jobs rows), with retries
+    api_batch: str  # a batch made through the API (a batch_id only)
+    owner: str
+    key_hash: str  # of the owner's key
+    session_hash: str  # an open session of the owner's key
+    node: str
+
+
+def key_id(n: int) -> str:
+    return f"k{n % OWNERS:04d}"
+
+
+def fill_history(path: Path, total: int, *, seed: int = 1) -> History:
+    """Write `total` jobs (all but the newest few thousand finished) into a new store at `path`."""
+    JobStore(path).close()  # the schema, through the store's own migrations
+    rng = random.Random(seed)
+    now = time.time() - total
+    sha = "ab" * 32
+    jobs, members, batches, events = [], [], [], []
+    first_queued = total - QUEUED - INFLIGHT + 1
+    for n in range(1, total + 1):
+        created = now + n
+        batch = None
+        if n % 3 == 0:
+            number = n // (3 * BATCH_SIZE)
+            batch = f"b{number:06d}"
+            if number % 2 == 0:
+                if n % (3 * BATCH_SIZE) < 3:
+                    batches.append((batch, f"Campaign {number}", "s2v", "each", key_id(n), created, "{}"))
+                retry_of = f"j{n - 3:09d}" if n % 99 == 0 else None
+                members.append((f"j{n:09d}", batch, n, '{"image": "face.png"}', retry_of))
+        if n >= first_queued + QUEUED:
+            state = rng.choice(("submitted", "running"))
+        elif n >= first_queued:
+            state = "queued"
+        else:
+            state = rng.choices(("succeeded", "failed", "cancelled"), (90, 7, 3))[0]
+        finished = created + 30 if state in ("succeeded", "failed", "cancelled") else None
+        on_node = state != "queued"
+        jobs.append((
+            n, f"j{n:09d}", ("s2v", "i2v", "t2v")[n % 3], state, '{"prompt": "a cat"}',
+            json.dumps({"image": sha}), f"n{n % NODES:02d}" if on_node else None,
+            f"j{n:09d}" if on_node else None, 1 if on_node else 0,
+            rng.choice((0, 0, 0, 5)) if state == "queued" else 0, batch,
+            None if n % 50 == 0 else key_id(n), created, finished or created,
+            created + 1 if on_node else None, created + 2 if on_node else None, finished,
+            "boom" if state == "failed" else None, sha if state == "succeeded" else None,
+            1 if state == "cancelled" and n > total - 100_000 and n % 1000 == 0 else 0,
+            1 if finished and n < total // 2 else 0,
+        ))
+        events.append((f"j{n:09d}", created, "queued", "accepted"))
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO jobs (seq, id, task, state, params, inputs, upstream, upstream_task_id,"
+        " attempts, priority, batch_id, owner, created_at, updated_at, submitted_at, started_at,"
+        " finished_at, error, result_sha, cancel_pending, files_expired)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", jobs,
+    )
+    conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)", batches)
+    conn.executemany("INSERT INTO batch_jobs VALUES (?, ?, ?, ?, ?)", members)
+    conn.executemany("INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)", events)
+    conn.executemany(
+        "INSERT INTO blobs VALUES (?, 1000, 'png', ?)",
+        [(hashlib.sha256(str(i).encode()).hexdigest(), now) for i in range(5000)] + [(sha, now)],
+    )
+    conn.executemany(
+        "INSERT INTO api_keys (id, name, key_hash, prefix, admin, max_concurrent, source, created_at)"
+        " VALUES (?, ?, ?, '', ?, ?, 'api', ?)",
+        [(key_id(i), f"key {i}", _hash(key_id(i)), int(i == 0), 2 if i % 4 == 0 else None, now)
+         for i in range(OWNERS)],
+    )
+    conn.executemany(
+        "INSERT INTO sessions VALUES (?, ?, 'csrf', ?, ?)",
+        [(_hash(f"session {i}"), key_id(i), now, time.time() + 3600) for i in range(200)],
+    )
+    conn.executemany(
+        "INSERT INTO key_usage VALUES (?, ?, 100)",
+        [(key_id(i), f"2026-01-{d:02d}") for i in range(OWNERS) for d in range(1, 29)],
+    )
+    conn.executemany(
+        "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, 'admin', 'node.drain', ?, '')",
+        [(now + i, f"n{i % NODES:02d}") for i in range(5000)],
+    )
+    conn.executemany(
+        "INSERT INTO nodes (name, url, capacity, source, created_at, updated_at)"
+        " VALUES (?, ?, 2, 'settings', ?, ?)",
+        [(f"n{i:02d}", f"http://127.0.0.1:{9000 + i}", now, now) for i in range(NODES)],
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    last_dashboard = (total // (3 * BATCH_SIZE)) // 2 * 2
+    return History(
+        path=path, total=total, queued_id=f"j{first_queued + QUEUED - 1:09d}",
+        finished_id=f"j{first_queued // 2:09d}", inflight_id=f"j{total:09d}",
+        dashboard_batch=f"b{max(last_dashboard - 2, 0):06d}", api_batch=f"b{max(last_dashboard - 1, 1):06d}",
+        owner=key_id(1), key_hash=_hash(key_id(1)), session_hash=_hash("session 1"), node="n01",
+    )
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
