@@ -25,6 +25,7 @@ class History:
 
     path: Path
     total: int
+    first_seq: int
     queued_id: str  # the last queued job: the longest way to its place
     finished_id: str
     inflight_id: str
@@ -40,15 +41,48 @@ def key_id(n: int) -> str:
     return f"k{n % OWNERS:04d}"
 
 
+# `seq`s below this are left free for older history (`add_older_history`).
+FIRST_SEQ = 10_000_001
+
+
 def fill_history(path: Path, total: int, *, seed: int = 1) -> History:
     """Write `total` jobs (all but the newest few thousand finished) into a new store at `path`."""
     JobStore(path).close()  # the schema, through the store's own migrations
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    first_queued = FIRST_SEQ + total - QUEUED - INFLIGHT
+    _insert_jobs(conn, range(FIRST_SEQ, FIRST_SEQ + total), first_queued, seed=seed)
+    _insert_the_rest(conn)
+    conn.execute("COMMIT")
+    conn.close()
+    last = FIRST_SEQ + total - 1
+    last_dashboard = (last // (3 * BATCH_SIZE)) // 2 * 2
+    return History(
+        path=path, total=total, first_seq=FIRST_SEQ, queued_id=f"j{first_queued + QUEUED - 1:09d}",
+        finished_id=f"j{FIRST_SEQ + total // 2:09d}", inflight_id=f"j{last:09d}",
+        dashboard_batch=f"b{last_dashboard - 2:06d}", api_batch=f"b{last_dashboard - 1:06d}",
+        owner=key_id(1), key_hash=_hash(key_id(1)), session_hash=_hash("session 1"), node="n01",
+    )
+
+
+def add_older_history(path: Path, n: int) -> None:
+    """Add `n` finished jobs older than every job of `fill_history`: what no hot path should read."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    _insert_jobs(conn, range(FIRST_SEQ - n, FIRST_SEQ), FIRST_SEQ + n, seed=2)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def _insert_jobs(conn: sqlite3.Connection, seqs: range, first_queued: int, *, seed: int) -> None:
+    """Jobs `seqs`, finished before `first_queued`, with their batches and events. The last
+    100,000 finished keep their files, and a few of them have a cancel still to send."""
     rng = random.Random(seed)
-    now = time.time() - total
+    now = time.time() - seqs.stop
     sha = "ab" * 32
     jobs, members, batches, events = [], [], [], []
-    first_queued = total - QUEUED - INFLIGHT + 1
-    for n in range(1, total + 1):
+    recent = first_queued - 100_000
+    for n in seqs:
         created = now + n
         batch = None
         if n % 3 == 0:
@@ -75,12 +109,10 @@ def fill_history(path: Path, total: int, *, seed: int = 1) -> History:
             None if n % 50 == 0 else key_id(n), created, finished or created,
             created + 1 if on_node else None, created + 2 if on_node else None, finished,
             "boom" if state == "failed" else None, sha if state == "succeeded" else None,
-            1 if state == "cancelled" and n > total - 100_000 and n % 1000 == 0 else 0,
-            1 if finished and n < total // 2 else 0,
+            1 if state == "cancelled" and n >= recent and n % 1000 == 0 else 0,
+            1 if finished and n < recent else 0,
         ))
         events.append((f"j{n:09d}", created, "queued", "accepted"))
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO jobs (seq, id, task, state, params, inputs, upstream, upstream_task_id,"
         " attempts, priority, batch_id, owner, created_at, updated_at, submitted_at, started_at,"
@@ -90,6 +122,12 @@ def fill_history(path: Path, total: int, *, seed: int = 1) -> History:
     conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)", batches)
     conn.executemany("INSERT INTO batch_jobs VALUES (?, ?, ?, ?, ?)", members)
     conn.executemany("INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)", events)
+
+
+def _insert_the_rest(conn: sqlite3.Connection) -> None:
+    """Files, keys, sessions, quotas, audit entries and nodes."""
+    now = time.time()
+    sha = "ab" * 32
     conn.executemany(
         "INSERT INTO blobs VALUES (?, 1000, 'png', ?)",
         [(hashlib.sha256(str(i).encode()).hexdigest(), now) for i in range(5000)] + [(sha, now)],
@@ -116,15 +154,6 @@ def fill_history(path: Path, total: int, *, seed: int = 1) -> History:
         "INSERT INTO nodes (name, url, capacity, source, created_at, updated_at)"
         " VALUES (?, ?, 2, 'settings', ?, ?)",
         [(f"n{i:02d}", f"http://127.0.0.1:{9000 + i}", now, now) for i in range(NODES)],
-    )
-    conn.execute("COMMIT")
-    conn.close()
-    last_dashboard = (total // (3 * BATCH_SIZE)) // 2 * 2
-    return History(
-        path=path, total=total, queued_id=f"j{first_queued + QUEUED - 1:09d}",
-        finished_id=f"j{first_queued // 2:09d}", inflight_id=f"j{total:09d}",
-        dashboard_batch=f"b{max(last_dashboard - 2, 0):06d}", api_batch=f"b{max(last_dashboard - 1, 1):06d}",
-        owner=key_id(1), key_hash=_hash(key_id(1)), session_hash=_hash("session 1"), node="n01",
     )
 
 

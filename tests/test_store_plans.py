@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from history import History, fill_history
+from history import History, add_older_history, fill_history
 
 from x2v_gateway.store import BatchJobSpec, JobStore, Reads
 
@@ -213,27 +213,48 @@ def _scans(conn: sqlite3.Connection, sql: str, partial: set[str]) -> list[str]:
     ]
 
 
-def test_every_hot_path_query_uses_an_index_with_a_long_history(history):
+def _cost(conn: sqlite3.Connection, sql: str) -> int:
+    """SQLite's own count of the work a statement does (hundreds of VM instructions): no clock."""
+    ticks = 0
+
+    def tick() -> int:
+        nonlocal ticks
+        ticks += 1
+        return 0
+
+    conn.set_progress_handler(tick, 100)
+    conn.execute(sql).fetchall()
+    conn.set_progress_handler(None, 0)
+    return ticks
+
+
+def test_hot_path_queries_use_an_index_and_cost_the_same_with_more_history(history):
     store = JobStore(history.path)
     try:
         statements = _statements(store, history)
     finally:
         store.close()
     assert all(statements.values()), [name for name, sql in statements.items() if not sql]
-    conn = sqlite3.connect(history.path)
-    # Only a partial index (the few jobs in flight, pending cancels) may be read whole.
-    partial = {name for (name,) in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '% WHERE %'"
-    )}
-    scans = {}
+    reads = {(name, sql) for name, sqls in statements.items() for sql in sqls if sql.startswith("SELECT")}
+    with sqlite3.connect(history.path) as conn:
+        # Only a partial index (the few jobs in flight, pending cancels) may be read whole.
+        partial = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '% WHERE %'"
+        )}
+        before = {sql: _cost(conn, sql) for _, sql in reads}
+    add_older_history(history.path, history.total // 2)
+    problems = []
+    with sqlite3.connect(history.path) as conn:
+        for name, sql in sorted(reads):
+            if (after := _cost(conn, sql)) > before[sql] * 1.25 + 100:
+                problems.append(f"{name}: {before[sql]} -> {after} hundred steps: {sql[:300]}")
     for stats in ("without statistics", "after ANALYZE"):
-        if stats == "after ANALYZE":
-            conn.execute("ANALYZE")
-            conn.close()
-            conn = sqlite3.connect(history.path)
-        for name, sqls in statements.items():
-            for sql in sqls:
-                if found := _scans(conn, sql, partial):
-                    scans.setdefault(f"{name} ({stats})", []).append((sql[:300], found))
-    conn.close()
-    assert not scans, "\n".join(f"{name}: {found}" for name, found in scans.items())
+        with sqlite3.connect(history.path) as conn:
+            if stats == "after ANALYZE":
+                conn.execute("ANALYZE")
+            problems += [
+                f"{name} ({stats}): {found}: {sql[:300]}"
+                for name, sqls in statements.items() for sql in sqls
+                if (found := _scans(conn, sql, partial))
+            ]
+    assert not problems, "\n".join(problems)

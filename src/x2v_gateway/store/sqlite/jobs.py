@@ -5,6 +5,8 @@ Every state change is a conditional UPDATE, so a finished job can never be moved
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -58,21 +60,36 @@ class JobReads(Rows):
         before_seq: int | None = None,
         limit: int = 50,
     ) -> list[Job]:
-        where, args = [], []
-        states = list(states)
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args += states
-        for column, value in (("batch_id", batch_id), ("task", task), ("owner", owner)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
+        # Several states: one page per state, each read newest first from an index, merged. One
+        # `state IN (...)` query reads every job in those states and sorts them.
+        pages = [
+            self._list_rows(state, batch_id, task, owner, before_seq, limit)
+            for state in (sorted(set(states)) or [None])
+        ]
+        rows = heapq.merge(*pages, key=lambda row: row["seq"], reverse=True)
+        return [row_to_job(r) for r in itertools.islice(rows, limit)]
+
+    def _list_rows(
+        self, state: str | None, batch_id: str | None, task: str | None, owner: str | None,
+        before_seq: int | None, limit: int,
+    ) -> list[sqlite3.Row]:
+        # The most selective filter picks the index, read newest first: a batch
+        # (idx_jobs_batch_id_seq), else an owner's jobs in a state (idx_jobs_owner_state_seq) or
+        # all of them (idx_jobs_owner_seq), else a state, else a task. The other filters are
+        # checked on the rows it yields (a unary + keeps SQLite from using their indexes):
+        # without statistics SQLite may otherwise walk all of one task's jobs to find a batch's.
+        given = [(column, value) for column, value in (
+            ("batch_id", batch_id), ("owner", owner), ("state", state), ("task", task)
+        ) if value is not None]
+        lead = given[0][0] if given else None
+        indexed = {"owner", "state"} if lead == "owner" else {lead}
+        where = [f"{'' if column in indexed else '+'}{column} = ?" for column, _ in given]
+        args: list[Any] = [value for _, value in given]
         # Always bounded, so that SQLite seeks to the newest rows rather than scanning for them.
         where.append("seq < ?")
         args.append(AFTER_NEWEST if before_seq is None else before_seq)
         sql = "SELECT * FROM jobs WHERE " + " AND ".join(where) + " ORDER BY seq DESC LIMIT ?"
-        rows = self.conn.execute(sql, (*args, limit)).fetchall()
-        return [row_to_job(r) for r in rows]
+        return self.conn.execute(sql, (*args, limit)).fetchall()
 
     def active(self, upstream: str | None = None) -> list[Job]:
         sql = "SELECT * FROM jobs WHERE state IN ('submitted', 'running')"
@@ -126,8 +143,10 @@ class JobReads(Rows):
 
     def recent_run_times(self, limit: int = 5000) -> list[tuple[str, str, float]]:
         rows = self.conn.execute(
+            # Newest first through idx_jobs_finished_at, until enough successes: the unary + keeps
+            # SQLite from reading every success through the state index and sorting them.
             "SELECT upstream, task, finished_at - started_at FROM jobs WHERE finished_at IS NOT NULL"
-            " AND state = 'succeeded' AND started_at IS NOT NULL AND upstream IS NOT NULL"
+            " AND +state = 'succeeded' AND started_at IS NOT NULL AND upstream IS NOT NULL"
             " ORDER BY finished_at DESC LIMIT ?",
             (limit,),
         )
