@@ -8,8 +8,10 @@ import json
 import random
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from x2v_gateway.store import JobStore
 
@@ -155,6 +157,26 @@ def _insert_the_rest(conn: sqlite3.Connection) -> None:
         " VALUES (?, ?, 2, 'settings', ?, ?)",
         [(f"n{i:02d}", f"http://127.0.0.1:{9000 + i}", now, now) for i in range(NODES)],
     )
+
+
+T = TypeVar("T")
+
+
+def steps(conn: sqlite3.Connection, fn: Callable[[], T]) -> tuple[T, int]:
+    """What `fn` returns, and the work SQLite did for it on `conn` in hundreds of VM
+    instructions: a measure of cost that no clock or machine load changes."""
+    ticks = 0
+
+    def tick() -> int:
+        nonlocal ticks
+        ticks += 1
+        return 0
+
+    conn.set_progress_handler(tick, 100)
+    try:
+        return fn(), ticks
+    finally:
+        conn.set_progress_handler(None, 0)
 
 
 def _hash(text: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from history import History, add_older_history, fill_history
+from history import History, add_older_history, fill_history, steps
 
 from x2v_gateway.store import BatchJobSpec, JobStore, Reads
 
@@ -214,18 +214,7 @@ def _scans(conn: sqlite3.Connection, sql: str, partial: set[str]) -> list[str]:
 
 
 def _cost(conn: sqlite3.Connection, sql: str) -> int:
-    """SQLite's own count of the work a statement does (hundreds of VM instructions): no clock."""
-    ticks = 0
-
-    def tick() -> int:
-        nonlocal ticks
-        ticks += 1
-        return 0
-
-    conn.set_progress_handler(tick, 100)
-    conn.execute(sql).fetchall()
-    conn.set_progress_handler(None, 0)
-    return ticks
+    return steps(conn, conn.execute(sql).fetchall)[1]
 
 
 def test_hot_path_queries_use_an_index_and_cost_the_same_with_more_history(history):

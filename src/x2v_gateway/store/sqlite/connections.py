@@ -119,6 +119,10 @@ class SqliteThreads(JobStore):
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, run)
 
+    async def _execute(self, sql: str, args: tuple) -> int:
+        """One statement in a transaction of its own: how many rows it changed."""
+        return await self._write(lambda conn: conn.execute(sql, args).rowcount)
+
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)

@@ -156,14 +156,15 @@ class JobReads(Rows):
 class JobWrites(SqliteThreads):
     """Every change of a job: each a conditional UPDATE, with its timeline event."""
 
-    async def record_blob(self, sha256: str, size: int, kind: str) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR IGNORE INTO blobs (sha256, size, kind, created_at) VALUES (?, ?, ?, ?)",
-                (sha256, size, kind, timestamp()),
-            )
+    async def _transition(self, event: tuple[str, str, str], sql: str, args: tuple) -> bool:
+        """`transition` in a transaction of its own."""
+        return await self._write(lambda conn: transition(conn, event, sql, args))
 
-        await self._write(write)
+    async def record_blob(self, sha256: str, size: int, kind: str) -> None:
+        await self._execute(
+            "INSERT OR IGNORE INTO blobs (sha256, size, kind, created_at) VALUES (?, ?, ?, ?)",
+            (sha256, size, kind, timestamp()),
+        )
 
     async def create_job(
         self,
@@ -207,56 +208,39 @@ class JobWrites(SqliteThreads):
         return job, created
 
     async def claim(self, job_id: str, upstream: str, task_id: str) -> bool:
-
-        def write(conn: sqlite3.Connection) -> bool:
-            now = timestamp()
-            return transition(
-                conn, (job_id, SUBMITTED, f"sent to {upstream}"),
-                "UPDATE jobs SET state = 'submitted', upstream = ?, upstream_task_id = ?,"
-                " attempts = attempts + 1, submitted_at = ?, updated_at = ?, queue_info = NULL"
-                " WHERE id = ? AND state = 'queued'",
-                (upstream, task_id, now, now, job_id),
-            )
-
-        return await self._write(write)
+        now = timestamp()
+        return await self._transition(
+            (job_id, SUBMITTED, f"sent to {upstream}"),
+            "UPDATE jobs SET state = 'submitted', upstream = ?, upstream_task_id = ?,"
+            " attempts = attempts + 1, submitted_at = ?, updated_at = ?, queue_info = NULL"
+            " WHERE id = ? AND state = 'queued'",
+            (upstream, task_id, now, now, job_id),
+        )
 
     async def set_upstream_task_id(self, job_id: str, task_id: str, *, run: int | None = None) -> bool:
-
-        def write(conn: sqlite3.Connection) -> bool:
-            return conn.execute(
-                "UPDATE jobs SET upstream_task_id = ?, updated_at = ? WHERE id = ? AND run = coalesce(?, run)",
-                (task_id, timestamp(), job_id, run),
-            ).rowcount == 1
-
-        return await self._write(write)
+        return await self._execute(
+            "UPDATE jobs SET upstream_task_id = ?, updated_at = ? WHERE id = ? AND run = coalesce(?, run)",
+            (task_id, timestamp(), job_id, run),
+        ) == 1
 
     async def requeue(self, job_id: str, reason: str, *, sent: bool = True) -> bool:
-
-        def write(conn: sqlite3.Connection) -> bool:
-            return transition(
-                conn, (job_id, QUEUED, reason),
-                "UPDATE jobs SET state = 'queued', upstream = NULL, started_at = NULL,"
-                " attempts = attempts - ?, updated_at = ? WHERE id = ? AND state IN ('submitted', 'running')",
-                (0 if sent else 1, timestamp(), job_id),
-            )
-
-        return await self._write(write)
+        return await self._transition(
+            (job_id, QUEUED, reason),
+            "UPDATE jobs SET state = 'queued', upstream = NULL, started_at = NULL,"
+            " attempts = attempts - ?, updated_at = ? WHERE id = ? AND state IN ('submitted', 'running')",
+            (0 if sent else 1, timestamp(), job_id),
+        )
 
     async def mark_running(self, job_id: str, started_at: float | None = None) -> bool:
-
-        def write(conn: sqlite3.Connection) -> bool:
-            now = timestamp()
-            return transition(
-                conn, (job_id, RUNNING, "started"),
-                "UPDATE jobs SET state = 'running', started_at = ?, updated_at = ?, queue_info = NULL"
-                " WHERE id = ? AND state = 'submitted'",
-                (started_at or now, now, job_id),
-            )
-
-        return await self._write(write)
+        now = timestamp()
+        return await self._transition(
+            (job_id, RUNNING, "started"),
+            "UPDATE jobs SET state = 'running', started_at = ?, updated_at = ?, queue_info = NULL"
+            " WHERE id = ? AND state = 'submitted'",
+            (started_at or now, now, job_id),
+        )
 
     async def set_queue_info(self, updates: dict[str, dict[str, Any] | None]) -> None:
-
         def write(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 f"UPDATE jobs SET queue_info = ? WHERE id = ? AND state NOT IN {TERMINAL_SQL}",
@@ -280,23 +264,19 @@ class JobWrites(SqliteThreads):
         result_sha: str | None = None,
         result_meta: dict[str, Any] | None = None,
     ) -> bool:
-        def write(conn: sqlite3.Connection) -> bool:
-            now = timestamp()
-            return transition(
-                conn, (job_id, state, error or ""),
-                "UPDATE jobs SET state = ?, error = ?, result_sha = ?, result_meta = ?,"
-                " finished_at = ?, updated_at = ?, queue_info = NULL"
-                f" WHERE id = ? AND state NOT IN {TERMINAL_SQL}",
-                (state, error, result_sha, json.dumps(result_meta) if result_meta else None,
-                 now, now, job_id),
-            )
-
-        return await self._write(write)
+        now = timestamp()
+        return await self._transition(
+            (job_id, state, error or ""),
+            "UPDATE jobs SET state = ?, error = ?, result_sha = ?, result_meta = ?,"
+            " finished_at = ?, updated_at = ?, queue_info = NULL"
+            f" WHERE id = ? AND state NOT IN {TERMINAL_SQL}",
+            (state, error, result_sha, json.dumps(result_meta) if result_meta else None,
+             now, now, job_id),
+        )
 
     async def cancel(
         self, job_id: str, reason: str = "cancelled by user", *, tell_upstream: bool = True
     ) -> Job | None:
-
         def write(conn: sqlite3.Connection) -> None:
             now = timestamp()
             cur = conn.execute(
@@ -314,13 +294,9 @@ class JobWrites(SqliteThreads):
         return await self.get(job_id)
 
     async def cancel_sent(self, job_id: str) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE jobs SET cancel_pending = 0 WHERE id = ?", (job_id,))
-
-        await self._write(write)
+        await self._execute("UPDATE jobs SET cancel_pending = 0 WHERE id = ?", (job_id,))
 
     async def retry(self, job_id: str) -> Job | None:
-
         def write(conn: sqlite3.Connection) -> None:
             now = timestamp()
             # A stop request not yet delivered is not dropped with the old run: its task
@@ -347,23 +323,18 @@ class JobWrites(SqliteThreads):
         return await self.get(job_id)
 
     async def resume(self, job_id: str, upstream: str, task_id: str) -> bool:
-
-        def write(conn: sqlite3.Connection) -> bool:
-            now = timestamp()
-            return transition(
-                conn, (job_id, SUBMITTED, f"retry requested: resumed on {upstream} as the same task"),
-                "UPDATE jobs SET state = 'submitted', run = run + 1, error = NULL,"
-                " result_sha = NULL, result_meta = NULL, queue_info = NULL, submitted_at = ?,"
-                " started_at = NULL, finished_at = NULL, updated_at = ?, cancel_pending = 0"
-                " WHERE id = ? AND upstream = ? AND upstream_task_id = ?"
-                " AND state IN ('failed', 'cancelled') AND files_expired = 0",
-                (now, now, job_id, upstream, task_id),
-            )
-
-        return await self._write(write)
+        now = timestamp()
+        return await self._transition(
+            (job_id, SUBMITTED, f"retry requested: resumed on {upstream} as the same task"),
+            "UPDATE jobs SET state = 'submitted', run = run + 1, error = NULL,"
+            " result_sha = NULL, result_meta = NULL, queue_info = NULL, submitted_at = ?,"
+            " started_at = NULL, finished_at = NULL, updated_at = ?, cancel_pending = 0"
+            " WHERE id = ? AND upstream = ? AND upstream_task_id = ?"
+            " AND state IN ('failed', 'cancelled') AND files_expired = 0",
+            (now, now, job_id, upstream, task_id),
+        )
 
     async def expire_files(self, finished_before: float, grace: float = 3600.0) -> list[str]:
-
         def write(conn: sqlite3.Connection) -> list[str]:
             conn.execute(
                 "UPDATE jobs SET files_expired = 1 WHERE files_expired = 0"
@@ -391,7 +362,6 @@ class JobWrites(SqliteThreads):
         return await self._write(write)
 
     async def move(self, job_id: str, upstream: str, reason: str, *, stray: bool) -> bool:
-
         def write(conn: sqlite3.Connection) -> bool:
             now = timestamp()
             row = conn.execute(
@@ -418,7 +388,6 @@ class JobWrites(SqliteThreads):
         return await self._write(write)
 
     async def purge_files(self, job_ids: list[str], actor: str, target: str) -> list[str]:
-
         def write(conn: sqlite3.Connection) -> list[str]:
             mine: set[str] = set()
             for start in range(0, len(job_ids), 500):  # SQLite's limit on bound parameters

@@ -87,7 +87,6 @@ class KeyWrites(SqliteThreads):
     async def revoke_key(
         self, key_id: str, actor: str, *, keep_admin: bool = False
     ) -> dict[str, Any] | None:
-
         def write(conn: sqlite3.Connection) -> bool:
             now = timestamp()
             if keep_admin:
@@ -140,13 +139,9 @@ class KeyWrites(SqliteThreads):
         await self._write(write)
 
     async def delete_session(self, id_hash: str) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash,))
-
-        await self._write(write)
+        await self._execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash,))
 
     async def reserve_jobs(self, key_id: str, day: str, n: int, quota: int | None) -> int | None:
-
         def write(conn: sqlite3.Connection) -> int | None:
             row = conn.execute(
                 "SELECT jobs FROM key_usage WHERE key_id = ? AND day = ?", (key_id, day)
@@ -164,14 +159,10 @@ class KeyWrites(SqliteThreads):
         return await self._write(write)
 
     async def release_jobs(self, key_id: str, day: str, n: int) -> None:
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE key_usage SET jobs = max(0, jobs - ?) WHERE key_id = ? AND day = ?",
-                (n, key_id, day),
-            )
-
-        await self._write(write)
+        await self._execute(
+            "UPDATE key_usage SET jobs = max(0, jobs - ?) WHERE key_id = ? AND day = ?",
+            (n, key_id, day),
+        )
 
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
         def write(conn: sqlite3.Connection) -> None:

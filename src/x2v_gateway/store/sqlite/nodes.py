@@ -38,19 +38,15 @@ class NodeWrites(SqliteThreads):
         self, name: str, *, url: str, capacity: int, tasks: Iterable[str] | None, source: str
     ) -> None:
         tasks_json = json.dumps(sorted(tasks)) if tasks is not None else None
-
-        def write(conn: sqlite3.Connection) -> None:
-            now = timestamp()
-            conn.execute(
-                "INSERT INTO nodes (name, url, capacity, tasks, drained, removed, source,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET url = excluded.url,"
-                " capacity = excluded.capacity, tasks = excluded.tasks, removed = 0,"
-                " source = excluded.source, updated_at = excluded.updated_at",
-                (name, url, capacity, tasks_json, source, now, now),
-            )
-
-        await self._write(write)
+        now = timestamp()
+        await self._execute(
+            "INSERT INTO nodes (name, url, capacity, tasks, drained, removed, source,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET url = excluded.url,"
+            " capacity = excluded.capacity, tasks = excluded.tasks, removed = 0,"
+            " source = excluded.source, updated_at = excluded.updated_at",
+            (name, url, capacity, tasks_json, source, now, now),
+        )
 
     async def set_node_flags(
         self, name: str, *, drained: bool | None = None, removed: bool | None = None
@@ -75,23 +71,13 @@ class NodeWrites(SqliteThreads):
         await self._write(write)
 
     async def delete_node(self, name: str) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
-
-        await self._write(write)
+        await self._execute("DELETE FROM nodes WHERE name = ?", (name,))
 
     async def add_stray(self, node: str, task_id: str, job_id: str) -> None:
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO stray_tasks (node, task_id, job_id, created_at) VALUES (?, ?, ?, ?)",
-                (node, task_id, job_id, timestamp()),
-            )
-
-        await self._write(write)
+        await self._execute(
+            "INSERT OR REPLACE INTO stray_tasks (node, task_id, job_id, created_at) VALUES (?, ?, ?, ?)",
+            (node, task_id, job_id, timestamp()),
+        )
 
     async def drop_stray(self, node: str, task_id: str) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM stray_tasks WHERE node = ? AND task_id = ?", (node, task_id))
-
-        await self._write(write)
+        await self._execute("DELETE FROM stray_tasks WHERE node = ? AND task_id = ?", (node, task_id))
