@@ -341,16 +341,9 @@ class JobWrites(SqliteThreads):
                 f" AND state IN {TERMINAL_SQL} AND finished_at < ?",
                 (finished_before,),
             )
-            # A blob may serve many jobs (one portrait, 100 voice-overs): it goes only when no
-            # job that still keeps its files refers to it. Blobs recorded within the grace period
-            # are kept too: they may belong to a request that is still being accepted.
-            live: set[str] = set()
-            for inputs, result in conn.execute(
-                "SELECT inputs, result_sha FROM jobs WHERE files_expired = 0"
-            ):
-                live.update(json.loads(inputs).values())
-                if result:
-                    live.add(result)
+            # Blobs recorded within the grace period are kept too: they may belong to a request
+            # that is still being accepted.
+            live = _blobs_of(conn, "files_expired = 0", ())
             doomed = [
                 sha for (sha,) in conn.execute(
                     "SELECT sha256 FROM blobs WHERE created_at < ?", (timestamp() - grace,)
@@ -392,32 +385,26 @@ class JobWrites(SqliteThreads):
             mine: set[str] = set()
             for start in range(0, len(job_ids), 500):  # SQLite's limit on bound parameters
                 chunk = job_ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                for inputs, result in conn.execute(
-                    f"SELECT inputs, result_sha FROM jobs WHERE id IN ({marks})"
-                    f" AND state IN {TERMINAL_SQL}", chunk,
-                ):
-                    mine.update(json.loads(inputs).values())
-                    if result:
-                        mine.add(result)
-                conn.execute(
-                    f"UPDATE jobs SET files_expired = 1 WHERE id IN ({marks})"
-                    f" AND state IN {TERMINAL_SQL}", chunk,
-                )
-            live: set[str] = set()
-            if mine:
-                for inputs, result in conn.execute(
-                    "SELECT inputs, result_sha FROM jobs WHERE files_expired = 0"
-                ):
-                    live.update(json.loads(inputs).values())
-                    if result:
-                        live.add(result)
-            doomed = sorted(mine - live)
+                these = f"id IN ({','.join('?' * len(chunk))}) AND state IN {TERMINAL_SQL}"
+                mine |= _blobs_of(conn, these, chunk)
+                conn.execute(f"UPDATE jobs SET files_expired = 1 WHERE {these}", chunk)
+            doomed = sorted(mine - _blobs_of(conn, "files_expired = 0", ())) if mine else []
             conn.executemany("DELETE FROM blobs WHERE sha256 = ?", [(s,) for s in doomed])
             audit(conn, actor, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
             return doomed
 
         return await self._write(write)
+
+
+def _blobs_of(conn: sqlite3.Connection, where: str, args: Iterable[Any]) -> set[str]:
+    """The inputs and results of the jobs `where` selects. A blob may serve many jobs (one
+    portrait, 100 voice-overs): it goes only when no job that keeps its files refers to it."""
+    blobs: set[str] = set()
+    for inputs, result in conn.execute(f"SELECT inputs, result_sha FROM jobs WHERE {where}", tuple(args)):
+        blobs.update(json.loads(inputs).values())
+        if result:
+            blobs.add(result)
+    return blobs
 
 
 def transition(
