@@ -6,9 +6,10 @@ the event loop: every method is a coroutine, and `read(fn)` runs several reads (
 their rows) in one hop. Every state change is conditional, so a finished job can never be moved
 again: a job cancelled by its user stays cancelled even when its node later reports it completed.
 
-A backend implements the abstract methods (SQLite: `store/sqlite/`); nothing else names it.
-`JobStore(location)` opens the backend the location calls for, as `Path(...)` makes a
-`PosixPath`: today a SQLite file.
+A backend implements the abstract methods and the reads of `Reads` (SQLite: `store/sqlite/`);
+nothing else names it. `JobStore(path)` opens the default backend, as `Path(...)` makes a
+`PosixPath`: today a SQLite file. A second backend (PostgreSQL for several replicas) is one more
+module, and the line in `store/__init__.py` that picks it.
 """
 
 from __future__ import annotations
