@@ -2,7 +2,8 @@
 
 A caller gets a `Reads` from `await store.read(fn)` (several reads and the work on their rows in
 one hop, off the event loop) or `store.read_blocking(fn)`; every read is also a coroutine on the
-store itself (`await store.get(job_id)`). Records come back, never rows or SQL.
+store itself (`await store.get(job_id)`). What comes back is the store's records (records.py), or
+plain dicts of a key's, a node's, a blob's or an audit entry's fields: never a backend's rows.
 """
 
 from __future__ import annotations
