@@ -196,3 +196,28 @@ def test_job_counts_follow_every_change_of_state_and_owner(store):
         counted = dict(conn.execute(sql + " GROUP BY state", args).fetchall())
         shown = run(store.owner_counts(owner))
         assert {s: n for s, n in shown.items() if n} == counted, owner
+
+
+def test_nothing_above_the_store_imports_sqlite():
+    # The store's interface is all the rest of the gateway uses: a second backend (PostgreSQL
+    # for several replicas) is then one more module under store/, and nothing else changes.
+    import ast
+    from pathlib import Path
+
+    import x2v_gateway
+
+    package = Path(x2v_gateway.__file__).parent
+    found = []
+    for path in package.rglob("*.py"):
+        if path.is_relative_to(package / "store"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found += [f"{path.relative_to(package)}: {name}" for name in names
+                      if name.split(".")[0] in ("sqlite3", "sqlite_utils") or "store.sqlite" in name]
+    assert not found
