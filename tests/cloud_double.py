@@ -13,7 +13,9 @@ order, each job takes `--job-seconds`, a prompt containing `FAIL` ends FAILED wi
 "worker failed", and multi_stage tasks stay PENDING (no worker serves those queues, as captured).
 
 For tests, every accepted submit goes to `<state-dir>/submits.jsonl` and every request to
-`<state-dir>/requests.jsonl` (with whether it carried an Authorization header, never its value).
+`<state-dir>/requests.jsonl` (with whether it carried an Authorization header, never its value),
+and faults (a proxy's 502, a connection closed after the cloud acted) are armed at run time
+through the tests' fault injector (faults.py): `CloudDouble.inject`, or `CloudDouble.fault`.
 
     python tests/cloud_double.py --port 8610 --token secret=github_12345 --job-seconds 2 --workers 1
 
@@ -32,22 +34,26 @@ import hmac
 import io
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import quote, urlencode
 
 import av
 import httpx
 from PIL import Image
+
+from faults import FaultInjector, FaultsClient, serve
+from x2v_gateway.demo import asgi
+from x2v_gateway.demo.asgi import Request, Response, json_response, route
 
 # -- the contract's constants ------------------------------------------------------------------
 
@@ -207,21 +213,11 @@ class Run:
     next_ping: float
 
 
-class Answer:
-    """One HTTP response."""
-
-    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None,
-                 *, drop: bool = False) -> None:
-        self.status, self.body, self.headers, self.drop = status, body, headers or [], drop
+def json_answer(data: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:
+    return json_response(status, data, headers or [])
 
 
-def json_answer(data: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Answer:
-    # Starlette's JSONResponse: compact separators, non-ASCII kept.
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-    return Answer(status, body, [("content-type", "application/json"), *(headers or [])])
-
-
-def error_answer(e: Any, code: int) -> Answer:
+def error_answer(e: Any, code: int) -> Response:
     # The server's `error_response(e, code)`: note the `!` appended to every message.
     return json_answer({"message": f"error: {e}!"}, code)
 
@@ -670,99 +666,48 @@ class Cloud:
 # -- HTTP --------------------------------------------------------------------------------------
 
 
-class Request:
-    def __init__(self, scope: dict, receive: Callable[[], Awaitable[dict]]) -> None:
-        self.method: str = scope["method"]
-        self.path: str = scope["path"]
-        self.query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
-        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        self.host = self.headers.get("host", "127.0.0.1")
-        self._receive = receive
-        self._body: bytes | None = None
-
-    async def body(self) -> bytes:
-        if self._body is None:
-            chunks = []
-            while True:
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    raise ConnectionError("client disconnected")
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    break
-            self._body = b"".join(chunks)
-        return self._body
-
-    def auth_kind(self) -> str:
-        header = self.headers.get("authorization")
-        return "none" if header is None else header.partition(" ")[0].lower() or "empty"
-
-
-class NotAuthenticated(Exception):
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
-class App:
-    """The platform's FastAPI routes, as a raw ASGI app so every status and body is exact."""
+class App(asgi.App):
+    """The platform's FastAPI routes, on the demo package's raw ASGI toolkit, so every status
+    and body is exact."""
 
     def __init__(self, config: Config, state_dir: Path | None = None, on_ready: Callable[[], None] | None = None):
         self.cloud = Cloud(config)
         self.config = config
-        self.faults: list[dict] = []
         self._on_ready = on_ready
         self._journal = (state_dir / "submits.jsonl").open("a", buffering=1) if state_dir else None
-        self._requests = (state_dir / "requests.jsonl").open("a", buffering=1) if state_dir else None
         self._ticker: asyncio.Task | None = None
-        self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Answer]]] = {
-            ("GET", "/api/v1/model/list"): self.model_list,
-            ("POST", "/api/v1/task/submit"): self.submit,
-            ("GET", "/api/v1/task/query"): self.query,
-            ("GET", "/api/v1/task/list"): self.task_list,
-            ("GET", "/api/v1/task/result_url"): self.result_url,
-            ("GET", "/api/v1/task/cancel"): self.cancel,
-            ("GET", "/api/v1/task/resume"): self.resume,
-            ("DELETE", "/api/v1/task/delete"): self.delete,
-            ("GET", "/assets/task/result"): self.asset_result,
-            ("POST", "/api/v1/worker/fetch"): self.worker_route,
-            ("POST", "/api/v1/worker/report"): self.worker_route,
-            ("POST", "/api/v1/worker/ping/subtask"): self.worker_route,
-            ("POST", "/_double/config"): self.set_config,
-            ("POST", "/_double/faults"): self.add_fault,
-        }
+        self.router = asgi.Router([
+            route("GET", "/api/v1/model/list", self.model_list),
+            route("POST", "/api/v1/task/submit", self.submit),
+            route("GET", "/api/v1/task/query", self.query),
+            route("GET", "/api/v1/task/list", self.task_list),
+            route("GET", "/api/v1/task/result_url", self.result_url),
+            route("GET", "/api/v1/task/cancel", self.cancel),
+            route("GET", "/api/v1/task/resume", self.resume),
+            route("DELETE", "/api/v1/task/delete", self.delete),
+            route("GET", "/assets/task/result", self.asset_result),
+            route("POST", "/api/v1/worker/fetch", self.worker_route),
+            route("POST", "/api/v1/worker/report", self.worker_route),
+            route("POST", "/api/v1/worker/ping/subtask", self.worker_route),
+            route("POST", "/_double/config", self.set_config),
+            route("GET,HEAD", "/presigned/{object_name:path}", self.presigned),
+            # The SPA catch-all, with no frontend built: any other GET is its 404, any other
+            # method on any path a 405.
+            route("GET", "/{path:path}", self.frontend),
+        ], redirect_slashes=False)
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        request = Request(scope, receive)
-        answer = await self.dispatch(request)
-        self._log(request, answer)
-        head = request.method == "HEAD"
-        headers = [(k.encode(), v.encode()) for k, v in answer.headers]
-        headers.append((b"content-length", str(len(answer.body)).encode()))
-        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-        if answer.drop:
-            # Break the connection mid-answer: the client sees the request vanish after the
-            # server acted on it.
-            raise ConnectionResetError("connection dropped by a fault injected in the cloud double")
-        await send({"type": "http.response.body", "body": b"" if head else answer.body})
+    async def startup(self) -> None:
+        self._ticker = asyncio.create_task(self._tick_forever())
+        if self._on_ready:
+            self._on_ready()
 
-    async def _lifespan(self, receive: Callable, send: Callable) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self._ticker = asyncio.create_task(self._tick_forever())
-                await send({"type": "lifespan.startup.complete"})
-                if self._on_ready:
-                    self._on_ready()
-            elif message["type"] == "lifespan.shutdown":
-                if self._ticker:
-                    self._ticker.cancel()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def shutdown(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+
+    def error_response(self, exc: asgi.HTTPError) -> Response:
+        # The platform's exception handler answers {"message"}, not FastAPI's {"detail"}.
+        return json_answer({"message": exc.detail}, exc.status, exc.headers)
 
     async def _tick_forever(self) -> None:
         while True:
@@ -773,83 +718,40 @@ class App:
                 traceback.print_exc()
             await asyncio.sleep(0.01)
 
-    def _log(self, request: Request, answer: Answer) -> None:
-        if self._requests is None:
-            return
-        query = {k: ("<redacted>" if k == "token" else v) for k, v in request.query.items()}
-        entry = {
-            "t": time.time(), "method": request.method, "path": request.path, "query": query,
-            "auth": request.auth_kind(), "status": answer.status,
-        }
-        if answer.status >= 400:
-            # Which refusal it was (the limits all answer 400); the messages never hold a token.
-            try:
-                entry["message"] = json.loads(answer.body).get("message")
-            except (ValueError, AttributeError):
-                pass
-        self._requests.write(json.dumps(entry) + "\n")
-
-    async def dispatch(self, request: Request) -> Answer:
-        for fault in self.faults:
-            if fault["path"] == request.path and fault["count"] > 0:
-                fault["count"] -= 1
-                if fault.get("drop"):
-                    answer = await self._route(request)
-                    answer.drop = True
-                    return answer
-                # What a proxy in front of the platform answers when the app is down.
-                status = int(fault.get("status", 502))
-                body = f"<html><head><title>{status}</title></head><body><center><h1>{status}</h1></center></body></html>"
-                return Answer(status, body.encode(), [("content-type", "text/html")])
-        return await self._route(request)
-
-    async def _route(self, request: Request) -> Answer:
-        method = "GET" if request.method == "HEAD" else request.method
-        handler = self.routes.get((method, request.path))
-        if handler is None and method == "GET" and request.path.startswith("/presigned/"):
-            handler = self.presigned
-        if handler is None:
-            if method == "GET":
-                # The SPA catch-all `GET /{path}`, with no frontend built.
-                return Answer(404, b"<h1>Frontend not found</h1>", [("content-type", "text/html; charset=utf-8")])
-            # Any other method matches the catch-all's path but not its method.
-            return json_answer({"detail": "Method Not Allowed"}, 405, [("allow", "GET")])
-        try:
-            return await handler(request)
-        except NotAuthenticated as exc:
-            return json_answer({"message": exc.message}, 401, [("www-authenticate", "Bearer")])
+    async def frontend(self, request: Request) -> Response:
+        return Response(404, b"<h1>Frontend not found</h1>", [("content-type", "text/html; charset=utf-8")])
 
     # Auth --------------------------------------------------------------------------------------
 
     def _verify(self, token: str | None) -> str:
         if token in self.config.expired_tokens:
-            raise NotAuthenticated("Token has expired")
+            raise _not_authenticated("Token has expired")
         user = self.config.tokens.get(token or "")
         if user is None:
-            raise NotAuthenticated("Could not validate credentials")
+            raise _not_authenticated("Could not validate credentials")
         return user
 
     def user(self, request: Request) -> str:
         """FastAPI's HTTPBearer, then the JWT check."""
-        header = request.headers.get("authorization")
+        header = request.header("authorization")
         scheme, _, credentials = (header or "").partition(" ")
         if not header or not scheme or not credentials or scheme.lower() != "bearer":
-            raise NotAuthenticated("Not authenticated")
+            raise _not_authenticated("Not authenticated")
         return self._verify(credentials)
 
     def user_from_query(self, request: Request) -> str:
         # The download routes take `Authorization: Bearer` or else `?token=`.
-        header = request.headers.get("authorization")
+        header = request.header("authorization")
         token = header[7:] if header and header.startswith("Bearer ") else request.query.get("token")
         return self._verify(token)
 
     # Routes ------------------------------------------------------------------------------------
 
-    async def model_list(self, request: Request) -> Answer:
+    async def model_list(self, request: Request) -> Response:
         self.user(request)
         return json_answer({"models": [{"task": t, "model_cls": m, "stage": s} for t, m, s in MODELS]})
 
-    async def submit(self, request: Request) -> Answer:
+    async def submit(self, request: Request) -> Response:
         user = self.user(request)
         cloud = self.cloud
         try:
@@ -936,7 +838,7 @@ class App:
             "params": task.params, "inputs": inputs,
         }) + "\n")
 
-    async def query(self, request: Request) -> Answer:
+    async def query(self, request: Request) -> Response:
         user = self.user(request)
         cloud = self.cloud
         try:
@@ -954,7 +856,7 @@ class App:
         except Exception as e:
             return error_answer(str(e), 500)
 
-    async def task_list(self, request: Request) -> Answer:
+    async def task_list(self, request: Request) -> Response:
         user = self.user(request)
         try:
             page = int(request.query.get("page", 1))
@@ -987,25 +889,25 @@ class App:
         assert name not in task.params, f"Output {name} is a stream"
         return task, name
 
-    async def result_url(self, request: Request) -> Answer:
+    async def result_url(self, request: Request) -> Response:
         user = self.user(request)
         try:
             task, name = self._checked_output(request, user)
             if self.config.absolute_urls:
-                url = self._presign(request.host, task.outputs[name])
+                url = self._presign(request.header("host") or "127.0.0.1", task.outputs[name])
             else:
                 url = f"./assets/task/result?task_id={task.task_id}&name={name}"
             return json_answer({"url": url})
         except Exception as e:
             return error_answer(str(e), 500)
 
-    async def asset_result(self, request: Request) -> Answer:
+    async def asset_result(self, request: Request) -> Response:
         user = self.user_from_query(request)
         try:
             task, name = self._checked_output(request, user)
             data = self.cloud.result_bytes(task, name)
             # `guess_file_type("output_video")` finds no extension: octet-stream, no `.mp4`.
-            return Answer(200, data, [
+            return Response(200, data, [
                 ("content-type", "application/octet-stream"),
                 ("content-disposition", f'attachment; filename="{name}"'),
                 ("cache-control", "public, max-age=3600"),
@@ -1019,14 +921,14 @@ class App:
         query = urlencode({"X-Tos-Expires": expires, "X-Tos-Signature": signature})
         return f"http://{host}/presigned/{quote(object_name)}?{query}"
 
-    async def presigned(self, request: Request) -> Answer:
+    async def presigned(self, request: Request) -> Response:
         """Stands in for the object store behind a pre-signed URL (S3/TOS semantics)."""
 
-        def s3_error(status: int, code: str, message: str) -> Answer:
+        def s3_error(status: int, code: str, message: str) -> Response:
             body = f"<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
-            return Answer(status, body.encode(), [("content-type", "application/xml")])
+            return Response(status, body.encode(), [("content-type", "application/xml")])
 
-        if "authorization" in request.headers:
+        if request.header("authorization") is not None:
             # An object store refuses a pre-signed URL that also carries an Authorization header.
             return s3_error(400, "InvalidArgument", "Only one auth mechanism allowed; only the "
                             "X-Tos-Signature query parameter or the Authorization header should be specified")
@@ -1047,9 +949,9 @@ class App:
             return s3_error(404, "NoSuchKey", "The specified key does not exist.")
         name = "output_" + name.split(".")[0]
         media = "image/png" if name == "output_image" else "video/mp4"
-        return Answer(200, self.cloud.result_bytes(task, name), [("content-type", media)])
+        return Response(200, self.cloud.result_bytes(task, name), [("content-type", media)])
 
-    async def cancel(self, request: Request) -> Answer:
+    async def cancel(self, request: Request) -> Response:
         user = self.user(request)
         try:
             task_id = request.query["task_id"]
@@ -1060,7 +962,7 @@ class App:
         except Exception as e:
             return error_answer(str(e), 500)
 
-    async def resume(self, request: Request) -> Answer:
+    async def resume(self, request: Request) -> Response:
         user = self.user(request)
         try:
             task_id = request.query["task_id"]
@@ -1080,7 +982,7 @@ class App:
         except Exception as e:
             return error_answer(str(e), 500)
 
-    async def delete(self, request: Request) -> Answer:
+    async def delete(self, request: Request) -> Response:
         user = self.user(request)
         try:
             task_id = request.query["task_id"]
@@ -1096,13 +998,13 @@ class App:
         except Exception as e:
             return error_answer(str(e), 500)
 
-    async def worker_route(self, request: Request) -> Answer:
+    async def worker_route(self, request: Request) -> Response:
         self.user(request)  # HTTPBearer first; no user token is a worker token
         return json_answer({"message": "Invalid worker token"}, 403)
 
     # Test controls (not part of the platform) ---------------------------------------------------
 
-    async def set_config(self, request: Request) -> Answer:
+    async def set_config(self, request: Request) -> Response:
         changes = json.loads(await request.body())
         for key, value in changes.items():
             if not hasattr(self.config, key):
@@ -1110,11 +1012,55 @@ class App:
             setattr(self.config, key, value)
         return json_answer({k: v for k, v in asdict(self.config).items() if k not in ("tokens", "expired_tokens")})
 
-    async def add_fault(self, request: Request) -> Answer:
-        fault = json.loads(await request.body())
-        fault.setdefault("count", 1)
-        self.faults.append(fault)
-        return json_answer({"faults": len(self.faults)})
+
+def _not_authenticated(message: str) -> asgi.HTTPError:
+    return asgi.HTTPError(401, message, [("www-authenticate", "Bearer")])
+
+
+class RequestLog:
+    """ASGI middleware: every request and the status its client got, to requests.jsonl (with
+    whether it carried an Authorization header, never its value)."""
+
+    def __init__(self, app: Any, path: Path) -> None:
+        self.app = app
+        self._out = path.open("a", buffering=1)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        answer: dict[str, Any] = {"status": None, "body": b""}
+
+        async def watch(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                answer["body"] += message.get("body", b"")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self._write(Request(scope, receive), answer["status"], answer["body"])
+
+    def _write(self, request: Request, status: int | None, body: bytes) -> None:
+        query = {k: ("<redacted>" if k == "token" else v) for k, v in request.query.items()}
+        entry = {
+            "t": time.time(), "method": request.method, "path": request.path, "query": query,
+            "auth": _auth_kind(request), "status": status,
+        }
+        if status is not None and status >= 400:
+            # Which refusal it was (the limits all answer 400); the messages never hold a token.
+            try:
+                entry["message"] = json.loads(body).get("message")
+            except (ValueError, AttributeError):
+                pass
+        self._out.write(json.dumps(entry) + "\n")
+
+
+def _auth_kind(request: Request) -> str:
+    header = request.header("authorization")
+    return "none" if header is None else header.partition(" ")[0].lower() or "empty"
 
 
 # -- running it --------------------------------------------------------------------------------
@@ -1161,16 +1107,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     args, config = parse_args(argv)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    sock.listen(128)
-    url = f"http://{args.host}:{sock.getsockname()[1]}"
+    url = ""
     if args.state_dir:
         args.state_dir.mkdir(parents=True, exist_ok=True)
+
+    def listening(address: str) -> None:
+        nonlocal url
+        url = address
 
     def ready() -> None:
         if args.state_dir:
@@ -1178,12 +1122,15 @@ def main(argv: list[str] | None = None) -> None:
             os.replace(args.state_dir / "url.tmp", args.state_dir / "url")
         print(f"cloud double listening on {url}", flush=True)
 
-    app = App(config, args.state_dir, on_ready=ready)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    def logged(inner: Any) -> Any:
+        # In front of the fault injector: a request a fault answered is logged as its client saw it.
+        return RequestLog(inner, args.state_dir / "requests.jsonl") if args.state_dir else inner
+
+    app = FaultInjector(lambda: App(config, args.state_dir, on_ready=ready))
+    asyncio.run(serve(app, args.host, args.port, wrap=logged, on_listening=listening, log_level="warning"))
 
 
-class CloudDouble:
+class CloudDouble(FaultsClient):
     """The double as a subprocess for tests: start, stop, kill, and read what it saw.
 
         with CloudDouble(tmp_path, workers=2, job_seconds=0.3) as cloud:
@@ -1283,12 +1230,14 @@ class CloudDouble:
         return httpx.post(f"{self.url}/_double/config", json=changes).json()
 
     def inject(self, path: str, *, status: int | None = None, drop: bool = False, count: int = 1) -> None:
-        """Make the next `count` requests to `path` fail: with a proxy-style `status` page, or
-        (`drop=True`) by handling them and then breaking the connection before the answer."""
-        fault: dict[str, Any] = {"path": path, "count": count, "drop": drop}
-        if status is not None:
-            fault["status"] = status
-        httpx.post(f"{self.url}/_double/faults", json=fault).raise_for_status()
+        """Make the next `count` requests to `path` fail: with a proxy-style `status` page
+        (default 502), or (`drop=True`) by handling them and then closing the connection
+        without the answer. Shorthands of `fault()`."""
+        route = f"^[A-Z]+ {re.escape(path)}$"
+        if drop:
+            self.fault("close", route=route, phase="after", times=count)
+        else:
+            self.fault("error", route=route, status=status or 502, times=count)
 
 
 if __name__ == "__main__":

@@ -7,24 +7,10 @@ Plain functions and classes (no fixtures), so any conftest or script can use the
     node.restart()          # a real process restart: every task is forgotten, files stay
     node.submissions()      # what reached the node, across restarts
 
-A misbehaving node is the demo node behind a fault injector, in its own process. Faults are set
-at run time through `/_faults`, a route only it has (MisbehavingNode.fault wraps it):
-
-    POST   /_faults {"action": ..., "route": ..., "times": 1, "phase": "before", ...}
-    GET    /_faults     every fault armed since the last DELETE, with how often each fired
-    DELETE /_faults     disarm them all
-
-actions: "error" (answer `status`, default 500, with `body`), "queue_full" (the node's 503),
-"hang" (no answer until the client gives up; with `seconds`, handle it normally after that
-long, or as soon as the fault is disarmed),
-"reset" (abort the TCP connection with SO_LINGER 0: the client sees a connection reset),
-"close" (close the connection without an answer), and "restart" (immediate: forget every task
-as a restarted node would, drop open connections, refuse connections for `downtime` seconds).
-`route` is "any", "submit", "status", "result", "cancel", "list", "queue", "service",
-"health", or a regular expression searched in "METHOD /path". `times` is how many matching
-requests the fault takes (null: all of them until disarmed). `phase` "after" lets the real
-node handle the request first, then misbehaves: a submission that was accepted although the
-client saw an error, a reset or a timeout.
+A misbehaving node is the demo node behind the tests' fault injector (faults.py), in its own
+process: `node.fault("reset", route="submit", phase="after")`, `node.forget_tasks()` (a restart
+inside the process). Its routes have aliases: "submit", "status", "result", "cancel", "list",
+"queue", "service", "health"; and one preset, "queue_full" (the node's 503, on submit).
 
 Run one by hand:
 
@@ -39,21 +25,19 @@ import json
 import logging
 import os
 import random
-import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-log = logging.getLogger("tests.servers")
+from faults import FaultInjector, FaultsClient, Preset, serve
+from x2v_gateway.demo import create_demo_app
 
 
 def _port_pool() -> range:
@@ -104,7 +88,7 @@ def free_port() -> int:
 
 
 class NodeProcess:
-    """`python -m x2v_gateway.demo_node` as a real subprocess on 127.0.0.1."""
+    """`python -m x2v_gateway.demo` as a real subprocess on 127.0.0.1."""
 
     def __init__(
         self,
@@ -128,7 +112,7 @@ class NodeProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "x2v_gateway.demo_node",
+            sys.executable, "-m", "x2v_gateway.demo",
             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
             *self.options,
         ]
@@ -204,7 +188,7 @@ class NodeProcess:
         self.stop()
 
 
-class MisbehavingNode(NodeProcess):
+class MisbehavingNode(NodeProcess, FaultsClient):
     """A demo node whose HTTP and TCP behaviour can be broken on purpose, in its own process."""
 
     def command(self) -> list[str]:
@@ -214,47 +198,11 @@ class MisbehavingNode(NodeProcess):
             *self.options,
         ]
 
-    def fault(
-        self,
-        action: str,
-        *,
-        route: str | None = None,
-        times: int | None = 1,
-        phase: str = "before",
-        status: int | None = None,
-        body: Any = None,
-        seconds: float | None = None,
-    ) -> dict[str, Any]:
-        """Arm a fault for the next `times` requests matching `route`; returns it as armed."""
-        spec = {"action": action, "times": times, "phase": phase}
-        for key, value in (("route", route), ("status", status), ("body", body), ("seconds", seconds)):
-            if value is not None:
-                spec[key] = value
-        response = httpx.post(f"{self.url}/_faults", json=spec, timeout=5)
-        response.raise_for_status()
-        return response.json()
-
-    def faults(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/_faults", timeout=5).json()
-
-    def clear_faults(self) -> None:
-        httpx.delete(f"{self.url}/_faults", timeout=5).raise_for_status()
-
-    def forget_tasks(self, downtime: float = 0.0) -> None:
-        """Restart the node inside the running process: every task is forgotten, files stay."""
-        response = httpx.post(
-            f"{self.url}/_faults", json={"action": "restart", "downtime": downtime}, timeout=10
-        )
-        response.raise_for_status()
-
 
 # ---------------------------------------------------------------------------------------------
-# Inside the misbehaving node's process: a TCP proxy in front of an ASGI fault injector in
-# front of a demo node app. The proxy exists for the transport faults: only it holds the
-# client's socket, so only it can reset the connection.
+# Inside the misbehaving node's process: a demo node app behind faults.serve's injector and proxy.
 
 _ROUTE_ALIASES = {
-    "any": r"",
     "submit": r"^POST /v1/tasks/(video/(form)?)?$",
     "status": r"^GET /v1/tasks/(?!queue/)[^/]+/status$",
     "result": r"^GET (/v1/tasks/[^/]+/result|/v1/files/download/.*)$",
@@ -264,294 +212,16 @@ _ROUTE_ALIASES = {
     "service": r"^GET /v1/service/",
     "health": r"^GET /health$",
 }
-_ACTIONS = {"error", "queue_full", "hang", "reset", "close"}
 
 
-@dataclass
-class _Fault:
-    id: int
-    action: str
-    route: str
-    times: int | None
-    phase: str
-    status: int | None
-    body: Any
-    seconds: float | None
-    fired: int = 0
-
-    def matches(self, request_line: str) -> bool:
-        if self.times is not None and self.fired >= self.times:
-            return False  # used up; still listed, so a test can see that it fired
-        pattern = _ROUTE_ALIASES.get(self.route, self.route)
-        return re.search(pattern, request_line) is not None
-
-
-class _Proxy:
-    """Pipes client connections to the node and can abort any of them on request."""
-
-    def __init__(self, host: str, port: int, upstream: tuple[str, int]) -> None:
-        self.host, self.port, self.upstream = host, port, upstream
-        self._server: asyncio.AbstractServer | None = None
-        self._reopening: asyncio.Task | None = None
-        # Keyed by the local port of the proxy's connection to the node, which is what the
-        # node's ASGI scope reports as the client: that is how a request finds its socket.
-        self._links: dict[int, tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = {}
-
-    async def listen(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, reuse_address=True
-        )
-
-    def stop_listening(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-
-    def refuse_for(self, seconds: float) -> None:
-        """A closed port for a while (connection refused), like a node that is restarting."""
-        self.stop_listening()
-        loop = asyncio.get_running_loop()
-
-        def reopen() -> None:
-            # Keep a reference: the loop holds tasks only weakly.
-            self._reopening = loop.create_task(self.listen())
-
-        loop.call_later(seconds, reopen)
-
-    def abort(self, node_side_port: int, *, reset: bool = True) -> bool:
-        link = self._links.pop(node_side_port, None)
-        if link is None:
-            return False
-        client, node = link
-        if reset:
-            sock = client.get_extra_info("socket")
-            # Linger 0: close() sends RST instead of FIN, so the client sees ECONNRESET.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            client.transport.abort()
-        else:
-            client.transport.close()
-        node.transport.abort()
-        return True
-
-    def abort_all(self, *, keep: int | None = None) -> None:
-        for node_side_port in list(self._links):
-            if node_side_port != keep:
-                self.abort(node_side_port)
-
-    async def _handle(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
-        try:
-            node_in, node_out = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            client_out.transport.abort()
-            return
-        key = node_out.get_extra_info("sockname")[1]
-        self._links[key] = (client_out, node_out)
-        try:
-            await asyncio.gather(_pipe(client_in, node_out), _pipe(node_in, client_out))
-        finally:
-            self._links.pop(key, None)
-            for writer in (client_out, node_out):
-                writer.close()
-
-
-async def _pipe(source: asyncio.StreamReader, dest: asyncio.StreamWriter) -> None:
-    try:
-        while data := await source.read(65536):
-            dest.write(data)
-            await dest.drain()
-        if dest.can_write_eof() and not dest.is_closing():
-            dest.write_eof()
-    except (ConnectionError, OSError, RuntimeError):
-        dest.transport.abort()
-
-
-class _FaultInjector:
-    """ASGI app: answers /_faults, misbehaves as armed, otherwise hands over to the demo node."""
-
-    def __init__(self, data_dir: Path, node_options: dict[str, Any]) -> None:
-        from x2v_gateway.demo_node import create_demo_app
-
-        self._create_node = lambda: create_demo_app(data_dir, **node_options)
-        self.node = self._create_node()
-        self.max_queue_size = node_options.get("max_queue_size", 10)
-        self.proxy: _Proxy | None = None
-        self._faults: list[_Fault] = []
-        self._next_id = 1
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        if scope["path"] == "/_faults":
-            await self._control(scope, receive, send)
-            return
-        fault = self._take_fault(f"{scope['method']} {scope['path']}")
-        if fault is None:
-            await self.node(scope, receive, send)
-            return
-        log.info("fault %s (%s) on %s %s", fault.action, fault.phase, scope["method"], scope["path"])
-        answer: list[dict] | None = None
-        if fault.phase == "after":
-            # The node really handles the request; its answer is held back.
-            answer = []
-            await self.node(scope, receive, _recorder(answer))
-        await self._misbehave(fault, scope, receive, send, answer)
-
-    async def _misbehave(
-        self, fault: _Fault, scope: dict, receive: Any, send: Any, answer: list[dict] | None
-    ) -> None:
-        if fault.action == "error":
-            await _send(send, fault.status or 500, fault.body)
-        elif fault.action == "queue_full":
-            detail = f"Task queue is full (max {self.max_queue_size} tasks)"
-            await _send(send, fault.status or 503, fault.body or {"detail": detail})
-        elif fault.action == "hang":
-            if fault.seconds is None:
-                await _wait_for_disconnect(receive)
-                return
-            # A slow node rather than a dead one: the real answer, late. Disarming the fault
-            # (DELETE /_faults) lets a held request go on at once, when the test chooses.
-            until = time.monotonic() + fault.seconds
-            while time.monotonic() < until and fault in self._faults:
-                await asyncio.sleep(0.02)
-            if answer is None:
-                await self.node(scope, receive, send)
-            else:
-                for message in answer:
-                    await send(message)
-        elif fault.action in ("reset", "close"):
-            assert self.proxy is not None
-            self.proxy.abort(scope["client"][1], reset=fault.action == "reset")
-            await _wait_for_disconnect(receive)
-
-    def _take_fault(self, request_line: str) -> _Fault | None:
-        for fault in self._faults:
-            if fault.matches(request_line):
-                fault.fired += 1
-                return fault
-        return None
-
-    async def _control(self, scope: dict, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        if scope["method"] == "GET":
-            await _send(send, 200, [asdict(fault) for fault in self._faults])
-        elif scope["method"] == "DELETE":
-            self._faults.clear()
-            await _send(send, 200, [])
-        elif scope["method"] == "POST":
-            try:
-                spec = json.loads(body or b"{}")
-                if spec.get("action") == "restart":
-                    await self._restart(scope, float(spec.get("downtime", 0)))
-                    await _send(send, 200, {"restarted": True})
-                    return
-                fault = self._arm(spec)
-            except (ValueError, TypeError, re.error) as exc:
-                await _send(send, 400, {"detail": str(exc)})
-                return
-            await _send(send, 200, asdict(fault))
-        else:
-            await _send(send, 405, {"detail": "Method Not Allowed"})
-
-    def _arm(self, spec: dict[str, Any]) -> _Fault:
-        action = spec.get("action")
-        if action not in _ACTIONS:
-            raise ValueError(f"action must be one of {sorted(_ACTIONS | {'restart'})}")
-        phase = spec.get("phase", "before")
-        if phase not in ("before", "after"):
-            raise ValueError("phase must be 'before' or 'after'")
-        route = spec.get("route") or ("submit" if action == "queue_full" else "any")
-        re.compile(_ROUTE_ALIASES.get(route, route))
-        times = spec.get("times", 1)
-        fault = _Fault(
-            id=self._next_id,
-            action=action,
-            route=route,
-            times=None if times is None else int(times),
-            phase=phase,
-            status=spec.get("status"),
-            body=spec.get("body"),
-            seconds=spec.get("seconds"),
-        )
-        self._next_id += 1
-        self._faults.append(fault)
-        return fault
-
-    async def _restart(self, scope: dict, downtime: float) -> None:
-        old, self.node = self.node, self._create_node()
-        await asyncio.to_thread(old.stop)
-        self.node.start()
-        assert self.proxy is not None
-        # A restarted process drops every open connection; this request's still gets its answer.
-        self.proxy.abort_all(keep=scope["client"][1])
-        if downtime > 0:
-            self.proxy.refuse_for(downtime)
-        log.info("node restarted: every task forgotten (down for %.1f s)", downtime)
-
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self.node.start()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await asyncio.to_thread(self.node.stop)
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-
-def _recorder(messages: list[dict]) -> Any:
-    async def record(message: dict) -> None:
-        messages.append(message)
-
-    return record
-
-
-async def _send(send: Any, status: int, body: Any) -> None:
-    if body is None and status == 500:
-        body = "Internal Server Error"  # what uvicorn/Starlette answer on a crash
-    if isinstance(body, str):
-        data, content_type = body.encode(), b"text/plain; charset=utf-8"
-    else:
-        data, content_type = json.dumps(body, separators=(",", ":")).encode(), b"application/json"
-    headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
-
-
-async def _wait_for_disconnect(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _serve_misbehaving(host: str, port: int, data_dir: Path, node_options: dict[str, Any]) -> None:
-    import uvicorn
-
-    injector = _FaultInjector(data_dir, node_options)
-    # The node listens on a private port; clients only ever reach it through the proxy.
-    inner = socket.socket()
-    inner.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    inner.bind(("127.0.0.1", 0))
-    # Listening before uvicorn starts: connections that arrive early wait in the backlog.
-    inner.listen(128)
-    proxy = _Proxy(host, port, inner.getsockname())
-    injector.proxy = proxy
-    config = uvicorn.Config(
-        injector, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=1
+def _misbehaving_node(data_dir: Path, node_options: dict[str, Any]) -> FaultInjector:
+    queue_full = {"detail": f"Task queue is full (max {node_options['max_queue_size']} tasks)"}
+    return FaultInjector(
+        lambda: create_demo_app(data_dir, **node_options),
+        aliases=_ROUTE_ALIASES,
+        # The node's own 503 when its queue is full.
+        presets={"queue_full": Preset(503, queue_full, route="submit")},
     )
-    await proxy.listen()
-    try:
-        await uvicorn.Server(config).serve(sockets=[inner])
-    finally:
-        proxy.stop_listening()
-        proxy.abort_all()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -575,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "max_queue_size": args.max_queue_size,
         "tasks": [t for t in args.tasks.split(",") if t],
     }
-    asyncio.run(_serve_misbehaving(args.host, args.port, args.data_dir, node_options))
+    node = _misbehaving_node(args.data_dir, node_options)
+    asyncio.run(serve(node, args.host, args.port, log_config=None))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway_proc import wait_for
-from x2v_gateway.render import probe_video
+from x2v_gateway.media import probe_video
 
 
 @pytest.fixture(scope="module")

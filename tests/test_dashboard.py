@@ -18,7 +18,7 @@ import pytest
 
 from gateway_proc import GatewayProcess, wait_for
 from media import make_png, make_wav
-from x2v_gateway.render import probe_video
+from x2v_gateway.media import probe_video
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 

@@ -17,7 +17,8 @@ import pytest
 
 from media import make_big_wav, make_png, make_wav
 from servers import MisbehavingNode, NodeProcess
-from x2v_gateway.render import probe_video, render_video
+from x2v_gateway.demo.video import render_video
+from x2v_gateway.media import probe_video
 
 TASK_ID = re.compile(r"^[A-Z0-9]{4}(-[A-Z0-9]{4}){4}$")
 # 16 frames at 16 fps: a one-second render, a few tens of milliseconds.

@@ -227,7 +227,8 @@ def test_one_batch_of_many_starves_neither_another_batch_nor_a_colleagues_job(tm
 def test_dispatch_is_fair_between_api_keys_and_honours_priority(tmp_path):
     """The dispatcher's choice on a real store: the owner with fewer jobs in flight goes next."""
     from x2v_gateway.blobs import BlobStore
-    from x2v_gateway.dispatch import Dispatcher, Notifier
+    from x2v_gateway.dispatch import Dispatcher
+    from x2v_gateway.notify import Notifier
     from x2v_gateway.metrics import Metrics
     from x2v_gateway.store import JobStore
     from x2v_gateway.upstream.selfhosted import SelfHostedNode

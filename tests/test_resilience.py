@@ -6,7 +6,10 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +17,22 @@ import pytest
 from gateway_proc import GatewayProcess, until, wait_for
 from media import make_big_wav
 from servers import MisbehavingNode, NodeProcess
+
+
+@contextmanager
+def gateway_for(
+    tmp_path: Path, node: NodeProcess, *, name: str = "n1", start_node: bool = True, **settings: str
+) -> Iterator[GatewayProcess]:
+    """A gateway with `node` as its one node (`name`), both started (the node unless
+    `start_node` is False); both stopped at the end, whatever happened."""
+    if start_node:
+        node.start()
+    gateway = GatewayProcess(tmp_path / "data", nodes=f"{name}={node.url}", **settings)
+    try:
+        yield gateway.start()
+    finally:
+        gateway.stop()
+        node.stop()
 
 
 def submitted_ids(node: NodeProcess) -> Counter:
@@ -30,9 +49,8 @@ def submit_t2v(client, n: int, prefix: str) -> list[str]:
 
 
 def test_job_survives_gateway_sigkill_with_exactly_one_upstream_submission_each(tmp_path):
-    node = NodeProcess(tmp_path / "node", job_seconds=0.6).start()
-    gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
-    try:
+    node = NodeProcess(tmp_path / "node", job_seconds=0.6)
+    with gateway_for(tmp_path, node) as gateway:
         with gateway.client() as client:
             ids = submit_t2v(client, 6, "crash")
             wait_for(client, ids[0], {"running"})
@@ -45,15 +63,11 @@ def test_job_survives_gateway_sigkill_with_exactly_one_upstream_submission_each(
             for job_id in ids:
                 assert wait_for(client, job_id, {"succeeded", "failed"})["state"] == "succeeded"
         assert submitted_ids(node) == Counter({job_id: 1 for job_id in ids})
-    finally:
-        gateway.stop()
-        node.stop()
 
 
 def test_node_restart_forgets_tasks_and_jobs_are_resubmitted_without_duplicates(tmp_path):
-    node = NodeProcess(tmp_path / "node", job_seconds=1.5).start()
-    gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
-    try:
+    node = NodeProcess(tmp_path / "node", job_seconds=1.5)
+    with gateway_for(tmp_path, node) as gateway:
         with gateway.client() as client:
             ids = submit_t2v(client, 3, "restart")
             first = wait_for(client, ids[0], {"running"})
@@ -81,17 +95,11 @@ def test_node_restart_forgets_tasks_and_jobs_are_resubmitted_without_duplicates(
         later = Counter(e["task_id"] for e in journal if e["time"] >= restarted_at)
         assert max(before.values()) == 1 and max(later.values()) == 1
         assert set(before) | set(later) == set(ids)
-    finally:
-        gateway.stop()
-        node.stop()
 
 
 def test_misbehaving_node_5xx_timeouts_resets_and_queue_full_never_fail_a_job(tmp_path):
-    node = MisbehavingNode(tmp_path / "node", job_seconds=0.3).start()
-    gateway = GatewayProcess(
-        tmp_path / "data", nodes=f"bad={node.url}", X2V_REQUEST_TIMEOUT="2",
-    ).start()
-    try:
+    node = MisbehavingNode(tmp_path / "node", job_seconds=0.3)
+    with gateway_for(tmp_path, node, name="bad", X2V_REQUEST_TIMEOUT="2") as gateway:
         node.fault("error", route="list", status=500, times=4)
         node.fault("reset", route="list", times=2)
         node.fault("hang", route="list", times=1)
@@ -110,15 +118,11 @@ def test_misbehaving_node_5xx_timeouts_resets_and_queue_full_never_fail_a_job(tm
         assert all(f["fired"] >= 1 for f in node.faults()), node.faults()
         assert submitted_ids(node) == Counter({job_id: 1 for job_id in ids})
         assert 'x2v_upstream_errors_total{kind="Unavailable"' in metrics or "x2v_upstream_errors_total" in metrics
-    finally:
-        gateway.stop()
-        node.stop()
 
 
 def test_node_that_is_down_at_submission_gets_the_job_when_it_is_back(tmp_path):
     node = NodeProcess(tmp_path / "node")
-    gateway = GatewayProcess(tmp_path / "data", nodes=f"late={node.url}").start()
-    try:
+    with gateway_for(tmp_path, node, name="late", start_node=False) as gateway:
         with gateway.client() as client:
             (job_id,) = submit_t2v(client, 1, "early")
             time.sleep(1.0)
@@ -127,17 +131,13 @@ def test_node_that_is_down_at_submission_gets_the_job_when_it_is_back(tmp_path):
             node.start()
             assert wait_for(client, job_id, {"succeeded", "failed"}, timeout=90)["state"] == "succeeded"
             assert client.get("/readyz").status_code == 200
-    finally:
-        gateway.stop()
-        node.stop()
 
 
 @pytest.mark.timeout(600)
 def test_large_upload_streams_to_disk_without_raising_gateway_memory(tmp_path, media):
     audio = make_big_wav(tmp_path / "long.wav", 300)
-    node = NodeProcess(tmp_path / "node").start()
-    gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
-    try:
+    node = NodeProcess(tmp_path / "node")
+    with gateway_for(tmp_path, node) as gateway:
         with gateway.client(timeout=300) as client:
             client.get("/api/v1/jobs")  # warm up: imports and first requests settle
             baseline = gateway.peak_rss_mb()
@@ -150,19 +150,13 @@ def test_large_upload_streams_to_disk_without_raising_gateway_memory(tmp_path, m
         # 300 MiB went in through the gateway and out to the node; its memory barely moved.
         assert growth < 60, f"peak RSS grew by {growth:.0f} MiB"
         assert job["inputs"]["audio"]["size"] == audio.stat().st_size
-    finally:
-        gateway.stop()
-        node.stop()
 
 
 def test_form_route_submission_whose_answer_is_lost_is_found_not_resent(tmp_path, media):
     # The node's /form route takes no task id; the gateway names the task through its
     # save_result_path instead, and finds it by that after losing the node's answer.
-    node = MisbehavingNode(tmp_path / "node", job_seconds=1.0).start()
-    gateway = GatewayProcess(
-        tmp_path / "data", nodes=f"n1={node.url}", X2V_FORM_THRESHOLD_MB="0", X2V_REQUEST_TIMEOUT="3",
-    ).start()
-    try:
+    node = MisbehavingNode(tmp_path / "node", job_seconds=1.0)
+    with gateway_for(tmp_path, node, X2V_FORM_THRESHOLD_MB="0", X2V_REQUEST_TIMEOUT="3") as gateway:
         node.fault("reset", route="submit", phase="after", times=1)
         with gateway.client() as client, media["face"].open("rb") as image, media["voice"].open("rb") as voice:
             response = client.post("/api/v1/jobs", data={"task": "s2v"}, files={"image": image, "audio": voice})
@@ -172,9 +166,6 @@ def test_form_route_submission_whose_answer_is_lost_is_found_not_resent(tmp_path
         (entry,) = node.submissions()
         assert entry["route"].endswith("/form")
         assert entry["task_id"] != job["id"]  # the node chose its own id
-    finally:
-        gateway.stop()
-        node.stop()
 
 
 def test_readyz_while_the_store_is_locked_does_not_stall_other_requests(tmp_path):
@@ -203,9 +194,8 @@ def test_readyz_while_the_store_is_locked_does_not_stall_other_requests(tmp_path
 
 
 def test_node_that_breaks_every_submission_fails_the_job_instead_of_looping(tmp_path):
-    node = MisbehavingNode(tmp_path / "node").start()
-    gateway = GatewayProcess(tmp_path / "data", nodes=f"broken={node.url}").start()
-    try:
+    node = MisbehavingNode(tmp_path / "node")
+    with gateway_for(tmp_path, node, name="broken") as gateway:
         node.fault("error", route="submit", status=500, times=None)
         with gateway.client() as client:
             (job_id,) = submit_t2v(client, 1, "doomed")
@@ -213,9 +203,6 @@ def test_node_that_breaks_every_submission_fails_the_job_instead_of_looping(tmp_
         assert job["state"] == "failed" and "submission kept failing" in job["error"]
         assert job["attempts"] == 3
         assert submitted_ids(node) == Counter()  # the node never took it
-    finally:
-        gateway.stop()
-        node.stop()
 
 
 def node_task(node: NodeProcess, task_id: str) -> dict | None:
@@ -231,9 +218,8 @@ def hold_next_submission(node: MisbehavingNode) -> None:
 
 
 def test_cancel_while_the_node_is_still_reading_the_submission_stops_the_task_there(tmp_path):
-    node = MisbehavingNode(tmp_path / "node", job_seconds=3.0).start()
-    gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
-    try:
+    node = MisbehavingNode(tmp_path / "node", job_seconds=3.0)
+    with gateway_for(tmp_path, node) as gateway:
         hold_next_submission(node)
         with gateway.client() as client:
             (job_id,) = submit_t2v(client, 1, "cancelled in flight")
@@ -254,15 +240,11 @@ def test_cancel_while_the_node_is_still_reading_the_submission_stops_the_task_th
             job = client.get(f"/api/v1/jobs/{job_id}").json()
             assert job["state"] == "cancelled" and job["result"] is None
         assert submitted_ids(node) == Counter({job_id: 1, later: 1})
-    finally:
-        gateway.stop()
-        node.stop()
 
 
 def test_retry_while_the_cancelled_submission_is_in_flight_leaves_no_orphan_task(tmp_path):
-    node = MisbehavingNode(tmp_path / "node", job_seconds=2.0).start()
-    gateway = GatewayProcess(tmp_path / "data", nodes=f"n1={node.url}").start()
-    try:
+    node = MisbehavingNode(tmp_path / "node", job_seconds=2.0)
+    with gateway_for(tmp_path, node) as gateway:
         hold_next_submission(node)
         with gateway.client() as client:
             (job_id,) = submit_t2v(client, 1, "cancelled and retried in flight")
@@ -276,6 +258,3 @@ def test_retry_while_the_cancelled_submission_is_in_flight_leaves_no_orphan_task
             until(lambda: (node_task(node, job_id) or {}).get("error") == "Task cancelled by user",
                   what="the first run's task cancelled")
         assert submitted_ids(node) == Counter({job_id: 1, f"{job_id}-r1": 1})
-    finally:
-        gateway.stop()
-        node.stop()

@@ -103,6 +103,44 @@ def test_retention_keeps_a_blob_that_a_live_job_still_uses(store):
     assert run(store.get(old.id)).files_expired
 
 
+def test_a_finished_job_read_again_shows_every_later_change(store):
+    """Finished jobs' rows and views are kept for list pages (store.Memo): a change made without
+    touching updated_at (the cancel delivered, the files expired) must still show."""
+    from x2v_gateway.models import job_view
+
+    def listed():
+        job = run(store.read(lambda r: r.list_jobs(limit=1)))[0]
+        return job, job_view(job)
+
+    run(store.record_blob("c" * 64, 10, "png"))
+    job = new_job(store, task="i2v", inputs={"image": "c" * 64})
+    run(store.claim(job.id, "n", job.id))
+    run(store.mark_running(job.id))
+    run(store.cancel(job.id))
+    first, view = listed()
+    assert first.cancel_pending and listed()[0] is first  # the second read is the kept one
+    run(store.cancel_sent(job.id))
+    assert not listed()[0].cancel_pending
+    store._conn().execute("UPDATE blobs SET created_at = created_at - 7200")
+    run(store.expire_files(time.time() + 1))
+    expired, expired_view = listed()
+    assert expired.files_expired and expired_view.files_expired and not view.files_expired
+
+
+def test_finished_jobs_of_a_batch_are_each_their_own(store):
+    """A batch's rows are read with their batch columns (store/sqlite/batches.py, _row_to_item): each finished job
+    is kept under its own values, never another's."""
+    from x2v_gateway.store import BatchJobSpec
+
+    specs = [BatchJobSpec(task="t2v", params={"prompt": p}, inputs={}, files={}) for p in "ab"]
+    jobs = run(store.create_batch("b1", specs))
+    for job in jobs:
+        run(store.cancel(job.id))
+    for _ in range(2):  # the second time from what was kept
+        items = run(store.read(lambda r: r.batch_items("b1")))
+        assert [i.job.params["prompt"] for i in items] == ["a", "b"]
+
+
 def test_list_cursor_pages_through_every_job_once(store):
     ids = [new_job(store).id for _ in range(7)]
     seen, cursor = [], None

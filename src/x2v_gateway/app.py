@@ -27,7 +27,7 @@ from .checker import CHECKER
 from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
 from .jobs import JobService
-from .nodes import NodeRegistry
+from .node_registry import NodeRegistry
 from .metrics import Metrics
 from .models import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
 from .routes import access, dashboard
@@ -36,8 +36,7 @@ from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .settings import Settings, load_settings
 from .store import JobStore
-from .upstream.base import Upstream
-from .upstream.selfhosted import SelfHostedNode
+from .upstream import Upstream, cloud_account, self_hosted_node
 
 log = logging.getLogger("x2v_gateway")
 ALL_TASKS = tuple(TASK_INPUTS)
@@ -47,7 +46,7 @@ class DemoNode:
     """The built-in demo node, served from a thread of this process."""
 
     def __init__(self, data_dir: Path, port: int, job_seconds: float) -> None:
-        from .demo_node import IN_PROCESS_THREAD, build_demo_server, quiet_in_process_server
+        from .demo import IN_PROCESS_THREAD, build_demo_server, quiet_in_process_server
 
         if port == 0:
             with socket.socket() as probe:
@@ -88,7 +87,7 @@ class Gateway:
         self.metrics = Metrics()
         self.demo_node: DemoNode | None = None
         self.registry = NodeRegistry(settings, self.store)
-        nodes: list[SelfHostedNode] = []
+        nodes: list[Upstream] = []
         if upstreams is None:
             nodes = [self.registry.build(config) for config in self.registry.load()]
             upstreams = self._upstreams_from_settings(nodes)
@@ -111,25 +110,20 @@ class Gateway:
         self.jobs = JobService(settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http)
         self.auth = Auth(settings, self.store)
 
-    def _upstreams_from_settings(self, nodes: list[SelfHostedNode]) -> list[Upstream]:
+    def _upstreams_from_settings(self, nodes: list[Upstream]) -> list[Upstream]:
         """The upstreams besides the registry's nodes: cloud accounts, or the demo node."""
         s = self.settings
         upstreams: list[Upstream] = []
         if s.clouds:
-            from .upstream.cloud import DEFAULT_MODELS, CloudUpstream
-
             # One upstream per token: each account has its own limits (3 active tasks, 0.05 s
             # between submits), so each gets its own slots and its own pacing.
             upstreams += [
-                CloudUpstream(
-                    c.name, c.base_url, c.token, models={**DEFAULT_MODELS, **s.cloud_models},
-                    timeout=s.request_timeout,
-                )
+                cloud_account(c.name, c.base_url, c.token, models=s.cloud_models, timeout=s.request_timeout)
                 for c in s.clouds
             ]
         if not upstreams and not nodes:
             self.demo_node = DemoNode(s.data_dir / "demo-node", s.demo_node_port, s.demo_job_seconds)
-            upstreams.append(SelfHostedNode(
+            upstreams.append(self_hosted_node(
                 "demo", self.demo_node.url, slots=1 + s.lookahead, timeout=s.request_timeout,
                 form_threshold=s.form_threshold_mb * 1024 * 1024,
             ))

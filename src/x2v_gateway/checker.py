@@ -22,34 +22,24 @@ import logging
 import multiprocessing
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from . import media
+from .media import MediaError, VideoInfo
+
+__all__ = ["CHECKER", "CheckFailed", "MediaChecker", "MediaError", "VideoInfo"]
+
 log = logging.getLogger(__name__)
-
-
-class MediaError(ValueError):
-    """The file is not what its field needs; the message says what is wrong."""
 
 
 class CheckFailed(MediaError):
     """The checker crashed or ran out of time on a file: it is refused as unreadable."""
 
 
-@dataclass(frozen=True, slots=True)
-class VideoInfo:
-    duration: float
-    width: int
-    height: int
-    has_audio: bool
-
-
 def _serve(conn: Connection) -> None:  # the helper process
-    from . import media, render
-
-    checks = {**media.INSPECTORS, "video": render.probe_video}
+    checks = {**media.INSPECTORS, "video": media.probe_video}
     while True:
         try:
             name, path, options = conn.recv()
@@ -169,7 +159,7 @@ class MediaChecker:
         return await self._check(role, path, options, owner)
 
     async def probe_video(self, path: Path, owner: str | None = None) -> VideoInfo:
-        """What a video holds; ValueError when it is not a playable video (see render.probe_video)."""
+        """What a video holds; ValueError when it is not a playable video (see media.probe_video)."""
         return await self._check("video", path, {}, owner)
 
     @property

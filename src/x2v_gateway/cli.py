@@ -140,7 +140,7 @@ def demo_node(host: str, port: int, data_dir: Path, job_seconds: float, max_queu
 
     Example: x2v-gateway demo-node --port 8001
     """
-    from .demo_node import build_demo_server
+    from .demo import build_demo_server
 
     import logging
 

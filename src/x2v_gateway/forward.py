@@ -6,7 +6,7 @@ waits for one, the gateway opens that node's `/form` submission as the first fil
 upload begins, and copies each byte to the node as well as to the blob store.
 
 Nothing about durability changes: the node gets the end of the body only after the job is kept,
-checked and recorded as an attempt on that node (`FormUpload`), exactly as a queued job would be.
+checked and recorded as an attempt on that node (`UploadSink`), exactly as a queued job would be.
 Whatever goes wrong before that (a bad field, a file that is not what it claims, a node that
 drops the connection, a gateway crash) only drops an unfinished request, which never becomes a
 task; the job, if it was accepted, is sent the ordinary way.
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .dispatch import Dispatcher, UpstreamState
     from .store import Job
-    from .upstream.selfhosted import FormUpload
+    from .upstream.base import UploadSink
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ SNIFF_BYTES = 16
 YIELD_CHECK_SECONDS = 1.0
 # How much longer than the client's upload the form sent on may be: its part heads and the
 # fields the gateway adds (seed, save_result_path) take a few hundred bytes more than the
-# client's own; what is not needed is sent as an epilogue after the form (FormUpload).
+# client's own; what is not needed is sent as an epilogue after the form (`open_form`).
 FORM_SLACK_BYTES = 16 * 1024
 
 
@@ -84,7 +84,7 @@ class UploadForward:
         self._owner = owner
         self._size = size
         self._state: UpstreamState | None = None
-        self._upload: FormUpload | None = None
+        self._upload: UploadSink | None = None
         self._tried = False
         self._stopped = False
         self._role: str | None = None

@@ -241,7 +241,7 @@ class JobService:
         for state in list(self.dispatcher.states.values()):
             upstream = state.upstream
             if task in upstream.tasks and pinned in (None, upstream.name):
-                if upstream.kind == "cloud":
+                if upstream.capabilities.chooses_models:
                     clouds.append(upstream)
                 else:
                     others.append(upstream.name)

@@ -1,6 +1,9 @@
-"""What an input file really is, judged by its content (never by its name).
+"""What a media file really is, judged by its content (never by its name): the checks of
+uploaded images and audio, the probe of result videos, and what they answer.
 
-These run in the media checker's helper process (checker.py), never in the gateway itself.
+The checks run in the media checker's helper processes (checker.py), never in the gateway
+itself. The gateway imports this module only for MediaError and VideoInfo, so PyAV and Pillow
+(about 25 MiB, and large C code bases reading untrusted files) are imported inside the checks.
 """
 
 from __future__ import annotations
@@ -8,13 +11,12 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import av
-from PIL import Image, UnidentifiedImageError
-
-from .checker import MediaError
+if TYPE_CHECKING:
+    import av
 
 MIN_IMAGE_SIDE = 16
 # Pillow reads a PNG's chunks one by one in Python: 8 million empty ones (a 96 MB file) kept a
@@ -31,8 +33,22 @@ _AUDIO_EXT = {"wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "ogg", "aac": "
               "mov,mp4,m4a,3gp,3g2,mj2": "m4a", "matroska,webm": "webm"}
 
 
+class MediaError(ValueError):
+    """The file is not what its field needs; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class VideoInfo:
+    duration: float
+    width: int
+    height: int
+    has_audio: bool
+
+
 def inspect_image(path: Path, max_pixels: int = 40_000_000) -> str:
     """Check that `path` decodes, every pixel, as an image of a usable size; return its extension."""
+    from PIL import Image, UnidentifiedImageError
+
     # The bomb guard of Pillow itself, at our limit: it refuses at open a header claiming more
     # than twice this many pixels, before any plugin allocates for them.
     Image.MAX_IMAGE_PIXELS = max_pixels
@@ -135,6 +151,8 @@ def _skip_scan_data(handle: BinaryIO) -> bool:
 
 def inspect_audio(path: Path) -> str:
     """Check that `path` holds a decodable audio stream; return its extension."""
+    import av
+
     try:
         with av.open(str(path)) as container:
             streams = container.streams.audio
@@ -151,6 +169,55 @@ def inspect_audio(path: Path) -> str:
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise MediaError(f"is not readable audio ({type(exc).__name__})") from None
     return _AUDIO_EXT.get(name, name.split(",")[0])
+
+
+def probe_video(path: Path) -> VideoInfo:
+    """What a video file holds; ValueError if it is not a playable video.
+
+    Playable means: a container FFmpeg can open, a video stream, a duration above zero and a
+    first frame that decodes (a truncated upload can have valid headers and no pictures).
+    A missing file raises FileNotFoundError, not ValueError.
+    """
+    import av
+
+    try:
+        container = av.open(str(path), mode="r")
+    except FileNotFoundError:
+        raise
+    except (av.FFmpegError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a video file: {exc}") from exc
+    with container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        duration = duration_seconds(container, stream)
+        if duration is None or duration <= 0:
+            raise ValueError("video duration is not above zero")
+        try:
+            frame = next(container.decode(stream), None)
+        except av.FFmpegError as exc:
+            raise ValueError(f"video does not decode: {exc}") from exc
+        if frame is None:
+            raise ValueError("video stream has no frames")
+        return VideoInfo(
+            duration=duration,
+            width=frame.width,
+            height=frame.height,
+            has_audio=bool(container.streams.audio),
+        )
+
+
+def duration_seconds(
+    container: av.container.InputContainer, stream: av.stream.Stream
+) -> float | None:
+    """A stream's duration in seconds, else its container's; None when neither says."""
+    import av
+
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
 
 
 INSPECTORS = {"image": inspect_image, "last_frame": inspect_image, "audio": inspect_audio}

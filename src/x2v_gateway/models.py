@@ -11,7 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from msgspec import Meta
 from msgspec import inspect as mi
 
-from .store import Job
+from .store import Job, Memo
 
 TaskType = Literal["s2v", "i2v", "t2v", "flf2v"]
 
@@ -271,6 +271,9 @@ def iso(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_FINISHED_VIEWS = Memo(10_000)
+
+
 def job_view(
     job: Job,
     *,
@@ -280,6 +283,13 @@ def job_view(
     events: list[dict[str, Any]] | None = None,
 ) -> JobView:
     sizes = blob_sizes or {}
+    # A finished job's view changes only with its row (updated_at; files_expired is set without
+    # it) and its inputs' sizes: list pages build the same views again and again.
+    key = None
+    if job.finished and queue_position is None and events is None:
+        key = (job.id, job.updated_at, job.files_expired, *(sizes.get(sha) for sha in job.inputs.values()))
+        if (view := _FINISHED_VIEWS.get(key)) is not None:
+            return view
     result = None
     if job.result_sha and not job.files_expired:
         meta = job.result_meta or {}
@@ -292,7 +302,7 @@ def job_view(
         queue = QueueInfo(position=queue_position, where="gateway", **(queue_estimate or {}))
     elif job.queue_info:
         queue = QueueInfo(where="upstream", **job.queue_info)
-    return JobView(
+    view = JobView(
         id=job.id, task=job.task, state=job.state, params=job.params,
         inputs={role: InputRef(sha, sizes.get(sha)) for role, sha in job.inputs.items()},
         upstream=job.upstream, upstream_task_id=job.upstream_task_id, attempts=job.attempts,
@@ -302,3 +312,6 @@ def job_view(
         error=job.error, result=result, queue=queue, files_expired=job.files_expired,
         events=[Event(iso(e["at"]), e["state"], e["detail"]) for e in events] if events is not None else None,
     )
+    if key is not None:
+        _FINISHED_VIEWS.put(key, view)
+    return view

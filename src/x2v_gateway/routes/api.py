@@ -396,7 +396,7 @@ async def upstream_models(gw: Gateway) -> ModelList:
     for state in gw.dispatcher.states.values():
         upstream = state.upstream
         tasks = sorted(upstream.tasks & set(TASK_INPUTS))
-        if not hasattr(upstream, "models"):
+        if not upstream.capabilities.chooses_models:
             choices = [ModelChoice(task, state.model, default=True) for task in tasks]
             found.append(UpstreamModels(upstream.name, upstream.kind, choices))
             continue

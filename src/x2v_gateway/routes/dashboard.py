@@ -132,14 +132,13 @@ def _seconds(value: float | None) -> str:
 def _eta(info: dict[str, Any] | None) -> str:
     """What the upstream expects for a job on it, e.g. " · starts in about 12 s · runs about 40 s".
 
-    The cloud says 3600 s (its timeout) for the run until it has measured one: that is not an
-    estimate, so it is not shown. A filter, not a macro: the batch table renders it 500 times.
+    A filter, not a macro: the batch table renders it 500 times.
     """
     info = info or {}
     parts = []
     if info.get("pending_seconds") is not None:
         parts.append(f"starts in about {_seconds(info['pending_seconds'])}")
-    if info.get("running_seconds") is not None and info["running_seconds"] < 3600:
+    if info.get("running_seconds") is not None:
         parts.append(f"runs about {_seconds(info['running_seconds'])}")
     return "".join(f" · {part}" for part in parts)
 

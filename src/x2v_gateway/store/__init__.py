@@ -6,6 +6,7 @@ them, in `sqlite/`; a second backend is one more module that implements `JobStor
 """
 
 from .base import JobStore
+from .memo import Memo
 from .reads import Reads
 from .records import (
     ACTIVE,
@@ -34,5 +35,5 @@ JobStore.default_backend = SqliteStore
 __all__ = [
     "ACTIVE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "STATES", "SUBMITTED", "SUCCEEDED",
     "TERMINAL", "AdminKeyNeeded", "BatchItem", "BatchJobSpec", "IdempotencyConflict", "Inflight",
-    "Job", "JobStore", "KeyNameTaken", "Lane", "Reads", "new_job_id",
+    "Job", "JobStore", "KeyNameTaken", "Lane", "Memo", "Reads", "new_job_id",
 ]

@@ -1,7 +1,9 @@
-"""What every upstream adapter offers the dispatcher, in the gateway's own vocabulary.
+"""What every upstream adapter offers the gateway, in the gateway's own vocabulary.
 
-Each adapter (self-hosted node, hosted cloud) turns its server's quirks into these few types;
-nothing outside `upstream/` ever sees an upstream status string or error body.
+`Upstream` is the one door: every call the dispatcher, the API and the upload forwarding make to
+a place jobs run, with `Capabilities` saying which of the optional ones it answers. Each adapter
+(self-hosted node, hosted cloud) turns its server's quirks into these few types; nothing outside
+`upstream/` ever sees an upstream status string or error body, nor asks which adapter it holds.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 from tenacity.retry import retry_base
@@ -36,7 +38,8 @@ class RemoteStatus:
     error: str | None = None
     # 1-based place in the upstream's own queue, when it says.
     queue_position: int | None = None
-    # Seconds the upstream expects the task to wait before it starts / to run once started.
+    # Seconds the upstream expects the task to wait before it starts / to run once started; None
+    # when it says nothing, or only a placeholder (the adapter drops those).
     pending_seconds: float | None = None
     running_seconds: float | None = None
     # Seconds a finished task ran, by the upstream's own clock, when it says: a duration needs no
@@ -64,6 +67,45 @@ class NodeHealth:
     # Tasks the upstream itself counts as active (queued + running), when it says.
     active: int | None = None
     detail: str | None = None
+    # Nothing listens where it runs: the process is gone, and every task it held in memory with
+    # it (a timeout says much less: it may still be running them).
+    gone: bool = False
+
+
+class UpstreamModel(NamedTuple):
+    """A model an upstream offers: what a job may name with `model` (hosted cloud)."""
+
+    task: str
+    model_cls: str
+    stage: str
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an upstream does beyond the calls every one answers. Callers ask these flags, never
+    the adapter's type; a call tied to a flag is made only when the flag is set."""
+
+    # The gateway names each task (`SubmitRequest.task_id`), so a repeated submission can never
+    # make a second task. Otherwise the upstream picks the id, and `find_task` recognises the
+    # attempt by a marker it carries.
+    chooses_task_id: bool = False
+    # `resume(task_id)`: a failed or cancelled task runs again under its id, so a retry is no
+    # new submission.
+    resumes: bool = False
+    # `open_form(length)`: a job's files go out while its upload still arrives at the gateway.
+    forwards_uploads: bool = False
+    # One server's own queue, whose runs the gateway times: it is asked about its jobs when a
+    # run is due to end, and a job that waits there past the start-by deadline is taken back
+    # (`current_task` tells whether it started meanwhile). Otherwise the upstream schedules its
+    # own pool, tells no start time, and is followed at the steady pace.
+    timed_queue: bool = False
+    # Its tasks live in one process: when that process is gone (`NodeHealth.gone`), or silent
+    # past the start-by deadline, its jobs run elsewhere. Otherwise its tasks outlive any outage
+    # and stay there: moving them would lose their place, and could make two tasks of one job.
+    tasks_die_with_it: bool = False
+    # `models()`, `model_for()`, `check_model()`: a job may choose among the models it offers.
+    # Such an upstream also refuses a job without a prompt, whatever its task.
+    chooses_models: bool = False
 
 
 class UpstreamError(Exception):
@@ -101,10 +143,15 @@ class UnknownTask(UpstreamError):
 
 
 class Upstream(Protocol):
-    """A place jobs run: one self-hosted LightX2V node, or one hosted-cloud account."""
+    """A place jobs run: one self-hosted LightX2V node, or one hosted-cloud account.
+
+    The whole contract between the gateway and an upstream. Adapters subclass it; the calls
+    below the capability line raise NotImplementedError unless their flag is set.
+    """
 
     name: str
-    kind: str  # "selfhosted" | "cloud"
+    kind: str  # "selfhosted" | "cloud": a label for people (the nodes list), never a branch
+    capabilities: Capabilities
     base_url: str
     # How many jobs the gateway keeps in flight there at once (running + look-ahead).
     slots: int
@@ -134,7 +181,66 @@ class Upstream(Protocol):
     async def health(self) -> NodeHealth:
         """A cheap status call: never runs a generation."""
 
+    async def learn_model(self) -> str | None:
+        """Ask the upstream what it serves and set `tasks` to what that runs; return the model's
+        name, or None where there is no single one. Raises UpstreamError when it cannot tell."""
+        return None
+
     async def aclose(self) -> None: ...
+
+    # -- capabilities ---------------------------------------------------------------------------
+
+    async def resume(self, task_id: str) -> bool:
+        """`resumes`: re-queue a failed or cancelled task under its id; False if it cannot."""
+        raise NotImplementedError
+
+    def open_form(self, length: int) -> UploadSink:
+        """`forwards_uploads`: start a submission of at most `length` bytes whose files are sent
+        while they still arrive."""
+        raise NotImplementedError
+
+    async def current_task(self) -> str | None:
+        """`timed_queue`: the task the server runs right now, if any."""
+        raise NotImplementedError
+
+    async def models(self) -> list[UpstreamModel]:
+        """`chooses_models`: the models jobs may choose."""
+        raise NotImplementedError
+
+    def model_for(self, task: str, params: dict[str, Any] | None = None) -> UpstreamModel:
+        """`chooses_models`: the model a job of `task` runs on (its own choice, else the default).
+        Raises Rejected when there is none."""
+        raise NotImplementedError
+
+    async def check_model(self, model: UpstreamModel) -> None:
+        """`chooses_models`: raise Rejected if `model` is not offered, before anything is uploaded."""
+        raise NotImplementedError
+
+
+class UploadSink(Protocol):
+    """A submission whose files are written while the client's upload still arrives
+    (`Upstream.open_form`). Nothing becomes a task until `finish()`; `abort()` leaves none."""
+
+    files: dict[str, str]  # gateway role -> the file name sent
+
+    @property
+    def broken(self) -> bool:
+        """The upstream stopped taking the body: forwarding is over."""
+
+    def begin_file(self, role: str, filename: str) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def end_file(self) -> None: ...
+
+    async def drain(self, *, everything: bool = False) -> None:
+        """Send what has piled up; waits while the upstream is slower than the client."""
+
+    async def finish(self, request: SubmitRequest) -> str:
+        """Complete the submission: the outcomes of `Upstream.submit`."""
+
+    async def abort(self) -> None:
+        """Drop the unfinished submission."""
 
 
 def backoff(retry: retry_base, *, attempts: int) -> AsyncRetrying:

@@ -27,7 +27,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -36,6 +36,7 @@ from tenacity import AsyncRetrying, retry_if_exception
 from .base import (
     AmbiguousSubmit,
     Backpressure,
+    Capabilities,
     NodeHealth,
     Rejected,
     RemoteState,
@@ -43,6 +44,8 @@ from .base import (
     SubmitRequest,
     Unavailable,
     UnknownTask,
+    Upstream,
+    UpstreamModel,
     backoff,
     base64_json_body,
     clean_message,
@@ -99,12 +102,11 @@ _VISIT_RETRIES = 2
 _QUERY_BATCH = 50  # ids per `task_ids=` query, to keep URLs short
 _FIND_PAGES, _FIND_PAGE_SIZE = 4, 50  # find_task looks at the newest 200 tasks of the account
 _MODELS_TTL = 300.0
+# The queue's running timeout, which the cloud reports as the running estimate until measured.
+_RUNNING_TIMEOUT = 3600.0
 
 
-class CloudModel(NamedTuple):
-    task: str
-    model_cls: str
-    stage: str
+CloudModel = UpstreamModel
 
 
 class CloudAuthError(Unavailable):
@@ -207,7 +209,9 @@ def _to_status(task: dict, secrets: tuple[str, ...]) -> RemoteStatus:
             if status.pending_seconds is None and pending is not None and sub.get("ready_worker_count"):
                 status.pending_seconds = pending
             running = _number(sub.get("estimated_running_secs"))
-            if status.running_seconds is None and running is not None:
+            # Until a worker has finished a task, the running "estimate" is the queue's timeout
+            # (3600 s): a placeholder, not a figure to show anyone.
+            if status.running_seconds is None and running is not None and running < _RUNNING_TIMEOUT:
                 status.running_seconds = running
     return status
 
@@ -220,11 +224,16 @@ def _should_retry(exc: BaseException) -> bool:
 # -- the adapter ----------------------------------------------------------------------------------
 
 
-class CloudUpstream:
-    """One hosted-cloud account as an upstream."""
+class CloudUpstream(Upstream):
+    """One hosted-cloud account as an upstream.
+
+    The cloud picks task ids (`find_task` matches on MARKER instead), resumes failed and
+    cancelled tasks, runs its own worker pool's queue, keeps its tasks through any outage, and
+    offers a list of models a job may choose from (each refusing a job without a prompt).
+    """
 
     kind = "cloud"
-    chooses_task_id = False  # the cloud picks the id; `find_task` matches on MARKER instead
+    capabilities = Capabilities(resumes=True, chooses_models=True)
 
     def __init__(
         self,

@@ -30,9 +30,11 @@ from typing import Any
 import httpx
 from tenacity import retry_if_exception_type
 
+from ..settings import VIDEO_TASKS
 from .base import (
     AmbiguousSubmit,
     Backpressure,
+    Capabilities,
     NodeHealth,
     Rejected,
     RemoteState,
@@ -40,13 +42,14 @@ from .base import (
     SubmitRequest,
     Unavailable,
     UnknownTask,
+    Upstream,
     backoff,
     base64_json_body,
     clean_message,
     stream_parts,
 )
 
-# What `health()` says when nothing listens on the node's port (the dispatcher acts on it).
+# What `health()` says when nothing listens on the node's port.
 CONNECTION_REFUSED = "connection refused"
 
 _STATES = {
@@ -80,9 +83,11 @@ def _detail(response: httpx.Response) -> str:
     return clean_message(detail)
 
 
-class SelfHostedNode:
+class SelfHostedNode(Upstream):
     kind = "selfhosted"
-    chooses_task_id = True
+    capabilities = Capabilities(
+        chooses_task_id=True, forwards_uploads=True, timed_queue=True, tasks_die_with_it=True,
+    )
 
     def __init__(
         self,
@@ -90,7 +95,7 @@ class SelfHostedNode:
         base_url: str,
         *,
         slots: int = 2,
-        tasks: frozenset[str] = frozenset({"s2v", "i2v", "t2v", "flf2v"}),
+        tasks: frozenset[str] = VIDEO_TASKS,
         form_threshold: int = 16 * 1024 * 1024,
         timeout: float = 30.0,
         client: httpx.AsyncClient | None = None,
@@ -301,8 +306,9 @@ class SelfHostedNode:
         except httpx.TransportError as exc:
             # Refused means no process listens on the port: the server died or is restarting,
             # and either way every task it held in memory is gone. A timeout says much less.
-            detail = CONNECTION_REFUSED if _refused(exc) else type(exc).__name__
-            return NodeHealth(reachable=False, detail=detail)
+            refused = _refused(exc)
+            detail = CONNECTION_REFUSED if refused else type(exc).__name__
+            return NodeHealth(reachable=False, detail=detail, gone=refused)
         if response.status_code != 200:
             return NodeHealth(reachable=False, detail=f"HTTP {response.status_code}")
         body = response.json()
@@ -312,6 +318,13 @@ class SelfHostedNode:
     async def metadata(self) -> dict[str, Any]:
         response = await self._get("/v1/service/metadata")
         return response.json() if response.status_code == 200 else {}
+
+    async def learn_model(self) -> str | None:
+        # A restarted node may serve another model now: the dispatcher asks again after downtime.
+        model = (await self.metadata()).get("model_cls")
+        tasks = tasks_for_model(model)
+        self.tasks = VIDEO_TASKS if tasks is None else tasks
+        return model
 
     async def current_task(self) -> str | None:
         """The task the node's worker holds right now, if any.

@@ -12,8 +12,10 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
+from ..memo import Memo
 from ..records import (
-    CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, IdempotencyConflict, Job, new_job_id,
+    CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, TERMINAL, IdempotencyConflict, Job,
+    new_job_id,
 )
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .keys import audit
@@ -23,14 +25,25 @@ _JSON_COLUMNS = ("params", "inputs", "result_meta", "queue_info")
 _BOOL_COLUMNS = ("cancel_pending", "files_expired")
 
 
-def row_to_job(row: sqlite3.Row) -> Job:
+# Finished jobs by their whole row: any change to any column is a new key.
+_FINISHED_JOBS = Memo(10_000)
+
+
+def row_to_job(row: sqlite3.Row | dict[str, Any]) -> Job:
+    finished = row["state"] in TERMINAL
+    key = tuple(row.values()) if isinstance(row, dict) else tuple(row)
+    if finished and (job := _FINISHED_JOBS.get(key)) is not None:
+        return job
     data = dict(row)
     for column in _JSON_COLUMNS:
         if data[column] is not None:
             data[column] = json.loads(data[column])
     for column in _BOOL_COLUMNS:
         data[column] = bool(data[column])
-    return Job(**data)
+    job = Job(**data)
+    if finished:
+        _FINISHED_JOBS.put(key, job)
+    return job
 
 
 class JobReads(Rows):

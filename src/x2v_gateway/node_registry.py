@@ -17,7 +17,7 @@ from .dispatch import Dispatcher, UpstreamState
 from .models import ApiError
 from .settings import VIDEO_TASKS, Settings, SettingsError, parse_nodes
 from .store import JobStore
-from .upstream.selfhosted import SelfHostedNode
+from .upstream import Upstream, self_hosted_node
 
 log = logging.getLogger("x2v_gateway.nodes")
 
@@ -79,17 +79,14 @@ class NodeRegistry:
         """Upstreams that are not nodes (cloud accounts) drained through the API."""
         return {row["name"] for row in self.store.read_blocking(lambda r: r.nodes()) if row["drained"] and not row["url"]}
 
-    def build(self, config: NodeConfig) -> SelfHostedNode:
+    def build(self, config: NodeConfig) -> Upstream:
         s = self.settings
-        node = SelfHostedNode(
+        return self_hosted_node(
             config.name, config.url, slots=config.capacity + s.lookahead, timeout=s.request_timeout,
-            form_threshold=s.form_threshold_mb * 1024 * 1024,
+            form_threshold=s.form_threshold_mb * 1024 * 1024, tasks=config.tasks,
         )
-        if config.tasks is not None:
-            node.tasks = config.tasks
-        return node
 
-    def attach(self, dispatcher: Dispatcher, upstreams: Iterable[SelfHostedNode]) -> None:
+    def attach(self, dispatcher: Dispatcher, upstreams: Iterable[Upstream]) -> None:
         """Hand the nodes to the dispatcher, with capacity, task types and drain."""
         self.dispatcher = dispatcher
         for upstream in upstreams:
@@ -158,8 +155,8 @@ class NodeRegistry:
     async def remove(self, name: str) -> None:
         """Forget a node with nothing in flight. A node from X2V_NODES stays removed across
         restarts until it is added again through the API."""
-        state = self.get(name)
-        if state.upstream.kind != "selfhosted":
+        self.get(name)  # a 404 for a name it does not know
+        if name in {cloud.name for cloud in self.settings.clouds}:
             raise ApiError(409, f"{name} is a hosted-cloud account: drain it, or remove its token")
         inflight, pinned = await self.store.read(
             lambda r: (r.inflight_counts().get(name, 0), r.count_pinned(name))

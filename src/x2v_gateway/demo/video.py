@@ -1,8 +1,7 @@
-"""Small, fast MP4 rendering and probing with PyAV.
+"""The demo node's "generated" clips: small, fast H.264/AAC MP4s rendered with PyAV.
 
-`render_video` makes the demo node's "generated" clips: a slow Ken Burns zoom over the input
-image (with the input audio muxed in for s2v), or a coloured card with the prompt for t2v.
-`probe_video` is what the gateway uses to decide whether a result really is a playable video.
+A slow Ken Burns zoom over the input image (with the input audio muxed in for s2v), or a
+coloured card with the prompt when there is no image (t2v).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 import av
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .checker import VideoInfo
+from ..media import duration_seconds
 
 # A demo clip never runs longer than this, however long the audio: renders stay fast and
 # an enormous audio upload is only read up to here.
@@ -30,40 +29,6 @@ MIN_SECONDS = 1.0
 _ZOOM = 1.15
 # Sample rates the AAC encoder takes as they are; anything else is resampled to 48 kHz.
 _AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
-
-
-def probe_video(path: Path) -> VideoInfo:
-    """What a video file holds; ValueError if it is not a playable video.
-
-    Playable means: a container FFmpeg can open, a video stream, a duration above zero and a
-    first frame that decodes (a truncated upload can have valid headers and no pictures).
-    A missing file raises FileNotFoundError, not ValueError.
-    """
-    try:
-        container = av.open(str(path), mode="r")
-    except FileNotFoundError:
-        raise
-    except (av.FFmpegError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not a video file: {exc}") from exc
-    with container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        duration = _duration_seconds(container, stream)
-        if duration is None or duration <= 0:
-            raise ValueError("video duration is not above zero")
-        try:
-            frame = next(container.decode(stream), None)
-        except av.FFmpegError as exc:
-            raise ValueError(f"video does not decode: {exc}") from exc
-        if frame is None:
-            raise ValueError("video stream has no frames")
-        return VideoInfo(
-            duration=duration,
-            width=frame.width,
-            height=frame.height,
-            has_audio=bool(container.streams.audio),
-        )
 
 
 def render_video(
@@ -216,16 +181,6 @@ def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(16, round(width * scale) // 2 * 2), max(16, round(height * scale) // 2 * 2)
 
 
-def _duration_seconds(
-    container: av.container.InputContainer, stream: av.stream.Stream
-) -> float | None:
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / av.time_base
-    return None
-
-
 class _AudioSource:
     """The input audio, read frame by frame: never more than one decoded frame in memory."""
 
@@ -240,7 +195,7 @@ class _AudioSource:
             self._container.close()
             raise ValueError(f"no audio stream in {path.name}")
         self._stream = self._container.streams.audio[0]
-        known = _duration_seconds(self._container, self._stream)
+        known = duration_seconds(self._container, self._stream)
         # Some raw formats carry no duration: count the samples (streaming, up to the cap).
         self.seconds = min(known if known else self._count_seconds(), MAX_SECONDS)
         self.rate = self._stream.rate if self._stream.rate in _AAC_RATES else 48000

@@ -1,0 +1,110 @@
+"""Finished videos: copied from the upstream into the blob store and checked before the job is
+done; removed again once their retention has passed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+
+from ..checker import CHECKER
+from ..store import Job
+from ..upstream.base import Unavailable, UnknownTask, UpstreamError
+from .state import Context, UpstreamState
+
+log = logging.getLogger("x2v_gateway.dispatch")
+
+# How many times a job's result may fail to be fetched or checked before the job fails for
+# good, rather than going round forever.
+MAX_RESULT_FAILURES = 5
+
+
+class Collector:
+    """Collects the result of each job an upstream reports finished."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._failures: Counter[str] = Counter()
+
+    def forget(self, job_id: str) -> None:
+        """A job runs anew (resumed): its earlier failed collections no longer count."""
+        self._failures.pop(job_id, None)
+
+    async def collect(self, job: Job, state: UpstreamState) -> None:
+        """Copy a finished video into the blob store, check it plays, then mark the job done.
+        The caller has put the job in `ctx.collecting`."""
+        ctx = self.ctx
+        upstream = state.upstream
+        dest = ctx.blobs.tmp_dir / f"result-{job.id}-{uuid.uuid4().hex[:8]}"
+        try:
+            await ctx.call(
+                state, "result", lambda: upstream.fetch_result(job.upstream_task_id, dest)
+            )
+            info = await CHECKER.probe_video(dest)
+            sha, size = await asyncio.to_thread(ctx.blobs.adopt, dest)
+            await ctx.store.record_blob(sha, size, "mp4")
+            meta = {"size": size, "duration": info.duration, "width": info.width, "height": info.height}
+            # Conditional: a job cancelled while its video was downloading stays cancelled.
+            if await ctx.store.succeed(job.id, sha, meta):
+                ctx.metrics.jobs_finished.labels("succeeded").inc()
+                log.info("job %s succeeded on %s (%.1f s of video)", job.id, upstream.name, info.duration)
+            self._failures.pop(job.id, None)
+            ctx.cancel_ignored.discard(job.id)
+        except Unavailable as exc:
+            if state.gone:
+                # The node died with the video on it: run the job again elsewhere.
+                if await ctx.store.move(
+                    job.id, upstream.name, f"{upstream.name} stopped accepting connections before"
+                    " its result was copied; sending it elsewhere", stray=True,
+                ):
+                    state.strays = True
+                    ctx.metrics.jobs_moved.labels(upstream.name, "node_down").inc()
+            elif state.up is False:
+                log.info("job %s: result waits for %s to answer again (%s)", job.id, upstream.name, exc)
+            else:
+                await self._failed(job, exc)
+        except (UpstreamError, ValueError) as exc:
+            await self._failed(job, exc)
+        finally:
+            dest.unlink(missing_ok=True)
+            ctx.collecting.pop(job.id, None)
+            ctx.notifier.changed(job.id)
+            ctx.wake()
+
+    async def _failed(self, job: Job, exc: Exception) -> None:
+        self._failures[job.id] += 1
+        log.warning("job %s: result not collected (%s)", job.id, exc)
+        if self._failures[job.id] >= MAX_RESULT_FAILURES or isinstance(exc, UnknownTask):
+            reason = (
+                "the upstream returned a file that is not a playable video"
+                if isinstance(exc, ValueError) else f"result could not be fetched: {exc}"
+            )
+            if await self.ctx.store.fail(job.id, reason):
+                self.ctx.metrics.jobs_finished.labels("failed").inc()
+
+
+class Retention:
+    """Deletes the files of jobs finished more than X2V_RETENTION_HOURS ago (0: keeps them)."""
+
+    def __init__(self, ctx: Context, hours: float) -> None:
+        self.ctx = ctx
+        self.hours = hours
+
+    async def loop(self) -> None:
+        while self.ctx.running and self.hours > 0:
+            try:
+                await self.expire_files()
+            except Exception:
+                log.exception("retention sweep failed")
+            await asyncio.sleep(min(3600.0, self.hours * 3600 / 4))
+
+    async def expire_files(self, now: float | None = None) -> int:
+        keep = self.hours * 3600
+        doomed = await self.ctx.store.expire_files((now or time.time()) - keep, grace=min(3600.0, keep))
+        for sha in doomed:
+            self.ctx.blobs.delete(sha)
+        if doomed:
+            log.info("retention: removed %d files of jobs finished before the cutoff", len(doomed))
+        return len(doomed)

@@ -1,0 +1,48 @@
+"""The job-change Notifier: who waits on a job (`?wait=`) is woken, and subscribers (the
+dashboard's SSE feed) hear of every change."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+
+class Notifier:
+    """Wakes whoever waits on a job (`?wait=`), and streams job changes to subscribers (SSE)."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._subscribers: set[asyncio.Queue[str]] = set()
+        # Wall time of the last change: a page rendered before it, whose stream connects after
+        # it, missed that change (the dashboard's jobs list asks).
+        self.changed_at = 0.0
+
+    def changed(self, job_id: str) -> None:
+        self.changed_at = time.time()
+        for event in self._waiters.get(job_id, ()):
+            event.set()
+        for queue in self._subscribers:
+            if queue.qsize() < 10_000:  # a stalled subscriber must not grow without bound
+                queue.put_nowait(job_id)
+
+    async def wait(self, job_id: str, timeout: float) -> None:
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
+
+    def subscribe(self) -> asyncio.Queue[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
+        self._subscribers.discard(queue)
