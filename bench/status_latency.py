@@ -138,7 +138,7 @@ def read_plans(db_path: Path, done: str, waiting: str) -> list[str]:
     """What SQLite does for each statement a GET of these jobs runs (the code on PYTHONPATH),
     with the key lookup: every step should be a SEARCH, or a SCAN of a partial index."""
     from x2v_gateway.routes.api import _full_view_reads
-    from x2v_gateway.store import Reads
+    from x2v_gateway.store.sqlite import SqliteReads as Reads
 
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.row_factory = sqlite3.Row

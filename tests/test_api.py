@@ -413,7 +413,7 @@ def test_a_queued_job_counts_its_queue_position_once(tmp_path):
     ahead, not one for the place and another inside the estimate."""
     from litestar.testing import TestClient
 
-    from x2v_gateway.store import READER_THREADS
+    from x2v_gateway.store.sqlite import READER_THREADS
 
     app, headers = _in_process_app(tmp_path)
     store = app.state.gateway.store

@@ -14,7 +14,8 @@ from test_auth import browser, cli, make_key
 
 from x2v_gateway.auth import CALLER_CACHE_SECONDS, Auth, CallerCache, new_key
 from x2v_gateway.settings import load_settings
-from x2v_gateway.store import READER_THREADS, JobStore
+from x2v_gateway.store import JobStore
+from x2v_gateway.store.sqlite import READER_THREADS
 
 
 def _auth(tmp_path, callers: CallerCache | None = None) -> Auth:

@@ -7,9 +7,10 @@ import random
 import sqlite3
 import time
 
+from history import steps
 from test_store import run, store  # noqa: F401 (store: the fixture)
 
-from x2v_gateway.store import Reads
+from x2v_gateway.store.sqlite import SqliteReads as Reads
 
 
 def counted_position(conn: sqlite3.Connection, job_id: str) -> int | None:
@@ -84,21 +85,10 @@ def test_queue_position_costs_the_same_at_the_end_of_a_long_queue(store):
         conn.execute("COMMIT")
         reads = Reads(conn)
         last = reads.get(f"j{total}-{total - 1}")
-        steps = 0
-
-        def count() -> int:
-            nonlocal steps
-            steps += 1
-            return 0
-
-        conn.set_progress_handler(count, 100)
-        try:
-            position = reads.queue_position(last)
-        finally:
-            conn.set_progress_handler(None, 0)
+        position, cost = steps(conn, lambda: reads.queue_position(last))
         assert position == counted_position(conn, last.id)
         conn.execute("DELETE FROM jobs")
-        return steps
+        return cost
 
     short, long = last_position_cost(2000), last_position_cost(20000)
     assert long < 2 * short + 50, (short, long)

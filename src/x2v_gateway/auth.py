@@ -18,7 +18,7 @@ owns jobs, carries quotas and is admin or not; a second kind of account would ne
 password hashing, resets and guessing protection, and two things to revoke. A key holds 256
 random bits, so it cannot be guessed, and revoking it ends its dashboard sessions too.
 
-Keys are stored as their sha256 (see `store.m010_keys`); the key itself is shown once, when it is
+Keys are stored as their sha256 (see `m010_keys` in store/sqlite/schema.py); the key itself is shown once, when it is
 made, and never logged. A key's jobs are its own: another key's job is a 404, as if it did not
 exist; admin keys see every job.
 """
@@ -319,9 +319,7 @@ class Auth:
         # working, so rotating it is editing `.env` and restarting.
         for row in keys:
             if row["source"] == "env" and row["revoked_at"] is None and row["key_hash"] != env_hash:
-                await self.store.revoke_key(row["id"], "X2V_ADMIN_KEY (changed or removed)")
-                self.callers.forget_key(row["id"])
-                self.note("X2V_ADMIN_KEY (changed or removed)", "key.revoke", row["id"])
+                await self.revoke_key(row["id"], "X2V_ADMIN_KEY (changed or removed)", keep_admin=False)
         if env_hash is not None:
             known = await self.store.key_by_hash(env_hash)
             if known is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .dispatch import Dispatcher, UpstreamState
 from .models import ApiError
 from .settings import VIDEO_TASKS, Settings, SettingsError, parse_nodes
-from .store import JobStore, Reads
+from .store import JobStore
 from .upstream import Upstream, self_hosted_node
 
 log = logging.getLogger("x2v_gateway.nodes")
@@ -45,7 +45,7 @@ class NodeRegistry:
         """The nodes to use: settings merged with the store's rows (read only; `save_settings`
         writes the settings' part once the gateway runs)."""
         s = self.settings
-        rows = {row["name"]: row for row in self.store.read_blocking(Reads.nodes)}
+        rows = {row["name"]: row for row in self.store.read_blocking(lambda r: r.nodes())}
         configs: dict[str, NodeConfig] = {}
         for spec in s.nodes:
             row = rows.get(spec.name)
@@ -77,7 +77,7 @@ class NodeRegistry:
 
     def drained_upstreams(self) -> set[str]:
         """Upstreams that are not nodes (cloud accounts) drained through the API."""
-        return {row["name"] for row in self.store.read_blocking(Reads.nodes) if row["drained"] and not row["url"]}
+        return {row["name"] for row in self.store.read_blocking(lambda r: r.nodes()) if row["drained"] and not row["url"]}
 
     def build(self, config: NodeConfig) -> Upstream:
         s = self.settings

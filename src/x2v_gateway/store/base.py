@@ -1,0 +1,289 @@
+"""What the rest of the gateway asks of the store: `JobStore`, the one door to it.
+
+Every job's whole life is kept here, so that a restart resumes where a crash left off; with it
+the node registry, API keys, dashboard sessions, quotas and the audit log. The store never blocks
+the event loop: every method is a coroutine, and `read(fn)` runs several reads (and the work on
+their rows) in one hop. Every state change is conditional, so a finished job can never be moved
+again: a job cancelled by its user stays cancelled even when its node later reports it completed.
+
+A backend implements the abstract methods and the reads of `Reads` (SQLite: `store/sqlite/`);
+nothing else names it. `JobStore(path)` opens the default backend, as `Path(...)` makes a
+`PosixPath`: today a SQLite file. A second backend (PostgreSQL for several replicas) is one more
+module, and the line in `store/__init__.py` that picks it.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
+
+from .reads import Reads
+from .records import BatchJobSpec, Job
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _off_loop(read: Callable[Concatenate[Reads, P], T]) -> Callable[Concatenate[JobStore, P], Awaitable[T]]:
+    """`Reads.x` as `JobStore.x`: the same read, awaited, off the event loop."""
+    name = read.__name__
+
+    @functools.wraps(read)
+    async def run(store: JobStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await store.read(lambda reads: getattr(reads, name)(*args, **kwargs))
+
+    return run
+
+
+class JobStore(ABC):
+    """Jobs, nodes, keys and their history, never read or written on the event loop."""
+
+    # What `JobStore(location)` opens (store/__init__.py sets it: SQLite).
+    default_backend: ClassVar[type[JobStore]]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> JobStore:
+        return super().__new__(JobStore.default_backend if cls is JobStore else cls)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def read(self, fn: Callable[[Reads], T]) -> T:
+        """Run `fn` off the event loop: several reads (and the work on their rows) in one hop."""
+
+    @abstractmethod
+    def read_blocking(self, fn: Callable[[Reads], T]) -> T:
+        """Run `fn` on the calling thread. Only where no event loop serves requests: building
+        the gateway before it starts, the command line."""
+
+    @abstractmethod
+    async def is_writable(self) -> bool:
+        """A cheap check for /readyz: can this process write to the store right now."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    get = _off_loop(Reads.get)
+    list_jobs = _off_loop(Reads.list_jobs)
+    active = _off_loop(Reads.active)
+    inflight_counts = _off_loop(Reads.inflight_counts)
+    cancel_pending = _off_loop(Reads.cancel_pending)
+    counts_by_state = _off_loop(Reads.counts_by_state)
+    owner_counts = _off_loop(Reads.owner_counts)
+    events = _off_loop(Reads.events)
+    recent_run_times = _off_loop(Reads.recent_run_times)
+    blob = _off_loop(Reads.blob)
+    blob_sizes = _off_loop(Reads.blob_sizes)
+    queue_position = _off_loop(Reads.queue_position)
+    queue_positions = _off_loop(Reads.queue_positions)
+    queue_lanes = _off_loop(Reads.queue_lanes)
+    lane_jobs = _off_loop(Reads.lane_jobs)
+    inflight = _off_loop(Reads.inflight)
+    count_pinned = _off_loop(Reads.count_pinned)
+    batch = _off_loop(Reads.batch)
+    recent_batch_ids = _off_loop(Reads.recent_batch_ids)
+    batch_counts = _off_loop(Reads.batch_counts)
+    batch_created_at = _off_loop(Reads.batch_created_at)
+    batch_items = _off_loop(Reads.batch_items)
+    batch_item = _off_loop(Reads.batch_item)
+    nodes = _off_loop(Reads.nodes)
+    stray_tasks = _off_loop(Reads.stray_tasks)
+    key_by_hash = _off_loop(Reads.key_by_hash)
+    keys = _off_loop(Reads.keys)
+    session = _off_loop(Reads.session)
+    jobs_used = _off_loop(Reads.jobs_used)
+    concurrency_limits = _off_loop(Reads.concurrency_limits)
+    audit_log = _off_loop(Reads.audit_log)
+
+    # -- a job's life ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def record_blob(self, sha256: str, size: int, kind: str) -> None:
+        """A file now in the blob store (kept once, however many jobs use it)."""
+
+    @abstractmethod
+    async def create_job(
+        self,
+        *,
+        task: str,
+        params: dict[str, Any],
+        inputs: dict[str, str],
+        priority: int = 0,
+        batch_id: str | None = None,
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        pinned: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Insert a queued job; with an Idempotency-Key already used, return that job instead.
+
+        Returns (job, created). Raises IdempotencyConflict when the key came with another request.
+        """
+
+    @abstractmethod
+    async def claim(self, job_id: str, upstream: str, task_id: str) -> bool:
+        """Record a submission attempt *before* it is sent: queued -> submitted on `upstream`.
+
+        Because the record comes first, a crash at any later point leaves a job that says where
+        it may be, and the restart asks that upstream before anything is sent again.
+        """
+
+    @abstractmethod
+    async def set_upstream_task_id(self, job_id: str, task_id: str, *, run: int | None = None) -> bool:
+        """Record the upstream's id of the job's task (also for a job cancelled meanwhile: its
+        pending cancel needs it). With `run`, only if the job is still on that run: a retry
+        sent while the attempt was in flight must not get the old attempt's task."""
+
+    @abstractmethod
+    async def requeue(self, job_id: str, reason: str, *, sent: bool = True) -> bool:
+        """Back to the gateway's queue (node full, node forgot the task, node gone).
+
+        `sent=False` when the upstream certainly did not take the attempt (back-pressure), so it
+        does not count as one.
+        """
+
+    @abstractmethod
+    async def mark_running(self, job_id: str, started_at: float | None = None) -> bool:
+        """A submitted job runs; `started_at` when the upstream says when it began (else now)."""
+
+    @abstractmethod
+    async def set_queue_info(self, updates: dict[str, dict[str, Any] | None]) -> None:
+        """Upstream queue position / estimates for jobs not finished, all at once."""
+
+    @abstractmethod
+    async def succeed(self, job_id: str, result_sha: str, result_meta: dict[str, Any]) -> bool: ...
+
+    @abstractmethod
+    async def fail(self, job_id: str, error: str) -> bool: ...
+
+    @abstractmethod
+    async def cancel(
+        self, job_id: str, reason: str = "cancelled by user", *, tell_upstream: bool = True
+    ) -> Job | None:
+        """Cancel a job that has not finished; final at once, whatever its upstream says later.
+
+        Returns the job as it is after the call (unchanged if it had already finished), or None.
+        """
+
+    @abstractmethod
+    async def cancel_sent(self, job_id: str) -> None:
+        """The job's upstream was told to stop its task."""
+
+    @abstractmethod
+    async def retry(self, job_id: str) -> Job | None:
+        """A failed or cancelled job goes back to the queue as a new run (same parameters)."""
+
+    @abstractmethod
+    async def resume(self, job_id: str, upstream: str, task_id: str) -> bool:
+        """A failed or cancelled job whose upstream took its task back (the cloud's resume):
+        `submitted` again on the same upstream task, as a new run, without a new submission.
+
+        Only if the job is still finished on that upstream task (a second retry sent meanwhile
+        did nothing to it).
+        """
+
+    @abstractmethod
+    async def move(self, job_id: str, upstream: str, reason: str, *, stray: bool) -> bool:
+        """Take a job back from `upstream` into the gateway's queue (node dead, or too slow to
+        start it). With `stray`, its task there is remembered, to be cancelled when the node
+        answers again. Only if the job is still on that upstream and not finished."""
+
+    @abstractmethod
+    async def expire_files(self, finished_before: float, grace: float = 3600.0) -> list[str]:
+        """Mark finished jobs older than the cutoff as expired; return blobs nothing else needs.
+
+        Blobs recorded within `grace` seconds are kept: they may belong to a request that is
+        still being accepted."""
+
+    @abstractmethod
+    async def purge_files(self, job_ids: list[str], actor: str, target: str) -> list[str]:
+        """Mark these finished jobs' files deleted; return the blobs no kept job needs any more.
+
+        A portrait shared with a job whose files are kept stays. Unlike the retention sweep, a
+        blob recorded a moment ago is not spared: a purge is someone asking for their files to be
+        gone now.
+        """
+
+    # -- batches (the dashboard) ----------------------------------------------------------------
+
+    @abstractmethod
+    async def create_batch(
+        self,
+        batch_id: str,
+        specs: list[BatchJobSpec],
+        *,
+        batch: dict[str, Any] | None = None,
+        owner: str | None = None,
+    ) -> list[Job] | None:
+        """Queue jobs in a batch, all at once: every job or none.
+
+        With `batch` (name, task, mode, form) a new dashboard batch is recorded too; when a batch
+        with that id exists already (a second click on "Create"), nothing is added: None.
+        """
+
+    # -- the node registry ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def save_node(
+        self, name: str, *, url: str, capacity: int, tasks: Iterable[str] | None, source: str
+    ) -> None:
+        """Add a node, or replace its URL, capacity and task types (a removed node comes back).
+
+        Whether it is drained is left as it was: a drained node stays drained until undrained.
+        """
+
+    @abstractmethod
+    async def set_node_flags(
+        self, name: str, *, drained: bool | None = None, removed: bool | None = None
+    ) -> None:
+        """Drain/undrain or remove a node. A record is made for an upstream not in the registry
+        yet (a cloud account), so that its drained flag outlives a restart too."""
+
+    @abstractmethod
+    async def delete_node(self, name: str) -> None: ...
+
+    @abstractmethod
+    async def add_stray(self, node: str, task_id: str, job_id: str) -> None:
+        """A task on `node` that no job owns any more (its job was retried while the attempt
+        was in flight): cancelled there before the node gets anything new."""
+
+    @abstractmethod
+    async def drop_stray(self, node: str, task_id: str) -> None: ...
+
+    # -- API keys, sessions, quotas, audit (auth.py) --------------------------------------------
+
+    @abstractmethod
+    async def create_key(self, key: dict[str, Any], actor: str) -> dict[str, Any]:
+        """Insert a key (`key` holds every field but the timestamps). Names are unique among
+        keys that are not revoked, so `keys revoke NAME` means one key (else KeyNameTaken)."""
+
+    @abstractmethod
+    async def revoke_key(
+        self, key_id: str, actor: str, *, keep_admin: bool = False
+    ) -> dict[str, Any] | None:
+        """Revoke a key and end its dashboard sessions. None when no such key is active.
+
+        With `keep_admin`, refuse (AdminKeyNeeded) to revoke the key in X2V_ADMIN_KEY or the
+        last active admin key. The check is made with the revoke, atomically, so two revokes at
+        once cannot each leave the other's key as the last one and both pass.
+        """
+
+    @abstractmethod
+    async def create_session(self, id_hash: str, key_id: str, csrf: str, expires_at: float) -> None: ...
+
+    @abstractmethod
+    async def delete_session(self, id_hash: str) -> None: ...
+
+    @abstractmethod
+    async def reserve_jobs(self, key_id: str, day: str, n: int, quota: int | None) -> int | None:
+        """Count `n` more jobs for a key today, unless that goes over `quota`: the new total, or
+        None (nothing counted). Check and count are atomic, so two requests at once cannot both
+        take the last job of a quota."""
+
+    @abstractmethod
+    async def release_jobs(self, key_id: str, day: str, n: int) -> None:
+        """Give back jobs counted by `reserve_jobs` for a request that was then refused."""
+
+    @abstractmethod
+    async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...

@@ -1,0 +1,168 @@
+"""What can be read from the store, whatever the backend: `Reads`.
+
+A caller gets a `Reads` from `await store.read(fn)` (several reads and the work on their rows in
+one hop, off the event loop) or `store.read_blocking(fn)`; every read is also a coroutine on the
+store itself (`await store.get(job_id)`). What comes back is the store's records (records.py), or
+plain dicts of a key's, a node's, a blob's or an audit entry's fields: never a backend's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from .records import BatchItem, Inflight, Job, Lane
+
+
+class Reads(Protocol):
+    """The store's reads, each on one consistent view of the store."""
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def jobs_by_id(self, ids: list[str]) -> list[Job]:
+        """These jobs, oldest first."""
+        ...
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[str] = (),
+        batch_id: str | None = None,
+        task: str | None = None,
+        owner: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        """Newest first; `before_seq` is the cursor (the `seq` of the last job of the previous page)."""
+        ...
+
+    def active(self, upstream: str | None = None) -> list[Job]:
+        """Jobs handed to an upstream and not finished (optionally: to this one)."""
+        ...
+
+    def inflight_counts(self) -> dict[str, int]:
+        """Jobs handed to each upstream and not finished."""
+        ...
+
+    def cancel_pending(self) -> list[Job]:
+        """Cancelled jobs whose upstream task has not been told to stop yet."""
+        ...
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Every job, by state."""
+        ...
+
+    def owner_counts(self, owner: str | None) -> dict[str, int]:
+        """Jobs by state: all of them, or one owner's. Costs the same with a million jobs."""
+        ...
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """A job's timeline: {at, state, detail}, oldest first."""
+        ...
+
+    def recent_run_times(self, limit: int = 5000) -> list[tuple[str, str, float]]:
+        """(upstream, task, seconds from started to finished) of the latest successes."""
+        ...
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    def blob(self, sha256: str) -> dict[str, Any] | None:
+        """A stored file's record: {sha256, size, kind, created_at}."""
+        ...
+
+    def blob_sizes(self, shas: Iterable[str]) -> dict[str, int]: ...
+
+    # -- the queue ------------------------------------------------------------------------------
+
+    def queue_position(self, job: Job) -> int | None:
+        """1-based place of a queued job in the gateway's own queue (priority, then age); its
+        cost does not grow with the length of the queue."""
+        ...
+
+    def queue_positions(self, jobs: Iterable[Job]) -> dict[str, int]:
+        """1-based places in the gateway's queue of the queued jobs among `jobs`."""
+        ...
+
+    def queue_lanes(self, tasks: Iterable[str], *, batches_per_owner: int = 64) -> list[Lane]:
+        """The queue's lanes for these task types: one per (task, priority, owner, batch), each
+        with the `seq` of its oldest job. Costs a few lookups per lane, not a read of the queue."""
+        ...
+
+    def lane_jobs(self, lane: Lane, after_seq: int, limit: int) -> list[Job]:
+        """Queued jobs of one lane, oldest first, after `after_seq`."""
+        ...
+
+    def inflight(self) -> list[Inflight]:
+        """Every job handed to an upstream and not finished, in a few columns."""
+        ...
+
+    def count_pinned(self, upstream: str) -> int:
+        """Queued jobs that only this upstream may run."""
+        ...
+
+    # -- batches --------------------------------------------------------------------------------
+
+    def batch(self, batch_id: str) -> dict[str, Any] | None:
+        """A batch made in the dashboard (API batches have no record, only a `batch_id`)."""
+        ...
+
+    def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
+        """Batches (made in the dashboard or through the API) with a job among the last
+        `window` jobs (of `owner`, if given), the most recently active first. Bounded: it never
+        reads more jobs than the window, however many the store holds."""
+        ...
+
+    def batch_counts(self, batch_id: str, owner: str | None = None) -> dict[str, int]:
+        """A batch's jobs by state (only `owner`'s, if given: a batch id is not unique across keys)."""
+        ...
+
+    def batch_created_at(self, batch_id: str, owner: str | None = None) -> float | None:
+        """When the batch's first job was accepted."""
+        ...
+
+    def batch_items(
+        self, batch_id: str, *, after_seq: int = 0, limit: int = 200, owner: str | None = None,
+    ) -> list[BatchItem]:
+        """A batch's jobs (`owner`'s, if given) in the order they were made; `after_seq` is the cursor."""
+        ...
+
+    def batch_item(self, job_id: str) -> BatchItem | None: ...
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node of the registry, removed ones included."""
+        ...
+
+    def stray_tasks(self, node: str) -> list[str]:
+        """Tasks on `node` that no job owns any more, to cancel there, oldest first."""
+        ...
+
+    # -- keys, sessions, quotas, audit ----------------------------------------------------------
+
+    def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
+        """The key with this hash, revoked or not."""
+        ...
+
+    def key(self, key_id: str) -> dict[str, Any] | None: ...
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Every key, revoked ones included, oldest first."""
+        ...
+
+    def session(self, id_hash: str) -> tuple[dict[str, Any], str, float] | None:
+        """(the key, the CSRF token, when it expires) of a session that has not expired, of a
+        key not revoked."""
+        ...
+
+    def jobs_used(self, key_id: str, day: str) -> int: ...
+
+    def concurrency_limits(self) -> dict[str, int]:
+        """Owner (key id) -> most of its jobs on upstreams at once, for keys that have a limit."""
+        ...
+
+    def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
+        """Audit entries, newest first; `before_id` is the cursor."""
+        ...

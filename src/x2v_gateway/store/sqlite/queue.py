@@ -1,0 +1,121 @@
+"""The queue in SQLite: a queued job's place, and what dispatch planning reads (lanes, jobs in flight)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+from ..records import QUEUED, Inflight, Job, Lane
+from .connections import Rows
+from .jobs import row_to_job
+from .schema import QUEUE_BLOCK_SEQS
+
+_RANK_WHOLE_QUEUE_FROM = 32
+OWNER_KEY = "coalesce(owner, '')"
+BATCH_KEY = "coalesce(batch_id, '')"
+
+
+class QueueReads(Rows):
+    """Places in the queue, its lanes, and the jobs in flight."""
+
+    def queue_position(self, job: Job) -> int | None:
+        if job.state != QUEUED:
+            return None
+        # The blocks of higher priority, the blocks of its priority before its own, then the
+        # jobs ahead of it in its own block: at most QUEUE_BLOCK_SEQS entries of the queue index.
+        block = job.seq // QUEUE_BLOCK_SEQS
+        (ahead,) = self.conn.execute(
+            "SELECT coalesce((SELECT sum(n) FROM queue_blocks WHERE priority > :p), 0)"
+            " + coalesce((SELECT sum(n) FROM queue_blocks WHERE priority = :p AND block < :b), 0)"
+            " + (SELECT count(*) FROM jobs WHERE state = 'queued' AND priority = :p"
+            "    AND seq >= :first AND seq < :seq)",
+            {"p": job.priority, "b": block, "first": block * QUEUE_BLOCK_SEQS, "seq": job.seq},
+        ).fetchone()
+        return ahead + 1
+
+    def queue_positions(self, jobs: Iterable[Job]) -> dict[str, int]:
+        queued = [job for job in jobs if job.state == QUEUED]
+        if len(queued) <= _RANK_WHOLE_QUEUE_FROM:
+            # One block count per queued job on the page (at most 1024 index entries each): a
+            # page of 50 at 10,000 queued costs 2.3 ms where ranking the whole queue in one pass
+            # cost 14 ms, and it does not grow with the queue.
+            return {job.id: self.queue_position(job) for job in queued}
+        # A page of hundreds of queued jobs: one pass over the queue index costs less than a
+        # block count each (a 500-job page during a burst spent ~25 ms on those).
+        seqs = {job.seq: job.id for job in queued}
+        rows = self.conn.execute(
+            "SELECT seq, pos FROM (SELECT seq, row_number() OVER (ORDER BY priority DESC, seq)"
+            " AS pos FROM jobs WHERE state = 'queued')"
+            f" WHERE seq IN ({','.join('?' * len(seqs))})",
+            tuple(seqs),
+        )
+        return {seqs[seq]: pos for seq, pos in rows}
+
+    def queue_lanes(self, tasks: Iterable[str], *, batches_per_owner: int = 64) -> list[Lane]:
+        conn = self.conn
+        lanes: list[Lane] = []
+        for task in tasks:
+            for priority in _distinct(conn, "priority", "task = ?", (task,)):
+                where, args = "task = ? AND priority = ?", (task, priority)
+                for owner in _distinct(conn, OWNER_KEY, where, args):
+                    found = _skip_batches(
+                        conn, (*args, owner), batches_per_owner + 1
+                    )
+                    if len(found) > batches_per_owner:
+                        found = conn.execute(
+                            f"SELECT {BATCH_KEY}, min(seq) FROM jobs WHERE state = 'queued'"
+                            f" AND {where} AND {OWNER_KEY} = ? GROUP BY {BATCH_KEY}",
+                            (*args, owner),
+                        ).fetchall()
+                    lanes += [Lane(task, priority, owner, batch, seq) for batch, seq in found]
+        return lanes
+
+    def lane_jobs(self, lane: Lane, after_seq: int, limit: int) -> list[Job]:
+        rows = self.conn.execute(
+            f"SELECT * FROM jobs WHERE state = 'queued' AND task = ? AND priority = ?"
+            f" AND {OWNER_KEY} = ? AND {BATCH_KEY} = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (lane.task, lane.priority, lane.owner, lane.batch, after_seq, limit),
+        ).fetchall()
+        return [row_to_job(r) for r in rows]
+
+    def inflight(self) -> list[Inflight]:
+        rows = self.conn.execute(
+            f"SELECT id, upstream, task, state, {OWNER_KEY}, {BATCH_KEY}, submitted_at,"
+            " started_at FROM jobs WHERE state IN ('submitted', 'running') ORDER BY seq"
+        )
+        return [Inflight(*row) for row in rows]
+
+    def count_pinned(self, upstream: str) -> int:
+        (n,) = self.conn.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'queued' AND pinned = ?", (upstream,)
+        ).fetchone()
+        return n
+
+
+def _distinct(conn: sqlite3.Connection, column: str, where: str, args: tuple) -> list[Any]:
+    """Distinct values of an indexed column among queued jobs, one index seek each."""
+    values: list[Any] = []
+    base = f"SELECT {column} FROM jobs WHERE state = 'queued' AND {where}"
+    row = conn.execute(f"{base} ORDER BY {column} LIMIT 1", args).fetchone()
+    while row is not None:
+        values.append(row[0])
+        row = conn.execute(
+            f"{base} AND {column} > ? ORDER BY {column} LIMIT 1", (*args, row[0])
+        ).fetchone()
+    return values
+
+
+def _skip_batches(conn: sqlite3.Connection, args: tuple, limit: int) -> list[tuple[str, int]]:
+    """(batch key, oldest seq) of each batch of one (task, priority, owner), up to `limit`."""
+    base = (
+        f"SELECT {BATCH_KEY}, seq FROM jobs WHERE state = 'queued' AND task = ?"
+        f" AND priority = ? AND {OWNER_KEY} = ?"
+    )
+    order = f" ORDER BY {BATCH_KEY}, seq LIMIT 1"
+    found: list[tuple[str, int]] = []
+    row = conn.execute(base + order, args).fetchone()
+    while row is not None and len(found) < limit:
+        found.append((row[0], row[1]))
+        row = conn.execute(f"{base} AND {BATCH_KEY} > ?{order}", (*args, row[0])).fetchone()
+    return found

@@ -1,0 +1,208 @@
+"""The SQLite schema: migrations, applied in order when the store opens (append only)."""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("x2v_gateway")
+
+
+@migrations()
+def m001_jobs(db: Database) -> None:
+    db["jobs"].create(
+        {
+            "seq": int, "id": str, "task": str, "state": str, "params": str, "inputs": str,
+            "upstream": str, "upstream_task_id": str, "run": int, "attempts": int,
+            "priority": int, "batch_id": str, "owner": str,
+            "created_at": float, "updated_at": float, "submitted_at": float,
+            "started_at": float, "finished_at": float, "error": str,
+            "result_sha": str, "result_meta": str, "queue_info": str,
+            "idempotency_key": str, "request_hash": str, "pinned": str,
+            "cancel_pending": int, "files_expired": int,
+        },
+        pk="seq",
+        not_null={"id", "task", "state", "params", "inputs", "created_at", "updated_at"},
+        defaults={"run": 0, "attempts": 0, "priority": 0, "cancel_pending": 0, "files_expired": 0},
+    )
+    db["jobs"].create_index(["id"], unique=True)
+    db["jobs"].create_index(["idempotency_key"], unique=True)
+    # The dispatcher's hot query: the next queued jobs, by priority then age.
+    db.execute("CREATE INDEX idx_jobs_queue ON jobs (state, priority DESC, seq)")
+    db["jobs"].create_index(["upstream", "state"])
+    db["jobs"].create_index(["batch_id", "seq"])
+    db["jobs"].create_index(["finished_at"])
+    db["blobs"].create(
+        {"sha256": str, "size": int, "kind": str, "created_at": float}, pk="sha256"
+    )
+    db["job_events"].create(
+        {"id": int, "job_id": str, "at": float, "state": str, "detail": str}, pk="id"
+    )
+    db["job_events"].create_index(["job_id", "id"])
+
+
+@migrations()
+def m002_dashboard_batches(db: Database) -> None:
+    # A batch made in the dashboard: its name and the form it came from, and for each of its
+    # jobs the file names the user dropped (the jobs themselves only know blob hashes).
+    db["batches"].create(
+        {"id": str, "name": str, "task": str, "mode": str, "owner": str, "created_at": float,
+         "form": str},
+        pk="id", not_null={"created_at"},
+    )
+    db["batches"].create_index(["created_at"])
+    db["batch_jobs"].create(
+        {"job_id": str, "batch_id": str, "position": int, "files": str, "retry_of": str},
+        pk="job_id", not_null={"batch_id", "position", "files"},
+    )
+    db["batch_jobs"].create_index(["batch_id", "position"])
+    # Partial: almost every row has no retry_of, and a full index on it looks useless to the
+    # query planner (after ANALYZE it scans the table instead, for each row of a batch page).
+    db.execute("CREATE INDEX idx_batch_jobs_retry_of ON batch_jobs (retry_of) WHERE retry_of IS NOT NULL")
+    # The dashboard's reads: counts of one batch by state (covered by this index, so a batch
+    # of 10,000 jobs is counted without touching its rows), and the jobs list filtered by state
+    # or task, newest first, which otherwise walks every row to find a rare state.
+    db.execute("CREATE INDEX idx_jobs_batch_state ON jobs (batch_id, state)")
+    db.execute("CREATE INDEX idx_jobs_state_seq ON jobs (state, seq)")
+    db.execute("CREATE INDEX idx_jobs_task_seq ON jobs (task, seq)")
+
+
+@migrations()
+def m003_nodes(db: Database) -> None:
+    # The node registry: nodes from X2V_NODES are copied here at start; nodes added, drained or
+    # removed through the admin API live only here. `removed` keeps a settings node removed
+    # across restarts; `source` says who decides its URL ("settings" or "api").
+    db["nodes"].create(
+        {"name": str, "url": str, "capacity": int, "tasks": str, "drained": int, "removed": int,
+         "source": str, "created_at": float, "updated_at": float},
+        pk="name", not_null={"created_at", "updated_at"},
+        defaults={"capacity": 1, "drained": 0, "removed": 0},
+    )
+    # Tasks a job was moved away from while its node could not be told: each is cancelled on
+    # that node when it answers again, so a moved job never runs there as well.
+    db["stray_tasks"].create(
+        {"node": str, "task_id": str, "job_id": str, "created_at": float},
+        pk=("node", "task_id"),
+    )
+    # Fair dispatch walks the queue lane by lane (task, priority, owner, batch), skipping from
+    # one lane to the next through this index instead of reading every queued row.
+    db.execute(
+        "CREATE INDEX idx_jobs_lanes ON jobs"
+        " (state, task, priority, coalesce(owner, ''), coalesce(batch_id, ''), seq)"
+    )
+    # Every node's follow loop asks for unsent cancels; without this, each ask reads every job.
+    db.execute("CREATE INDEX idx_jobs_cancel_pending ON jobs (cancel_pending) WHERE cancel_pending = 1")
+
+
+@migrations()
+def m010_keys(db: Database) -> None:
+    # API keys. Only the sha256 of a key is kept: a generated key holds 256 random bits, so a
+    # plain hash cannot be reversed or guessed and needs no salt or slow hash. `prefix` (the
+    # first characters of a generated key) lets a person tell keys apart in `keys list`.
+    db["api_keys"].create(
+        {"id": str, "name": str, "key_hash": str, "prefix": str, "admin": int,
+         "daily_quota": int, "max_concurrent": int, "rate_per_min": float, "source": str,
+         "created_at": float, "created_by": str, "revoked_at": float, "revoked_by": str},
+        pk="id", not_null={"name", "key_hash", "created_at"}, defaults={"admin": 0},
+    )
+    db["api_keys"].create_index(["key_hash"], unique=True)
+    # Dashboard sign-ins: the cookie's sha256, the key it acts for, its CSRF token.
+    db["sessions"].create(
+        {"id_hash": str, "key_id": str, "csrf": str, "created_at": float, "expires_at": float},
+        pk="id_hash", not_null={"key_id", "csrf", "expires_at"},
+    )
+    db["sessions"].create_index(["key_id"])
+    # Jobs accepted per key and UTC day, for daily quotas (retries of a job count too).
+    db["key_usage"].create({"key_id": str, "day": str, "jobs": int}, pk=("key_id", "day"))
+    db["audit"].create(
+        {"id": int, "at": float, "actor": str, "action": str, "target": str, "detail": str},
+        pk="id", not_null={"at", "actor", "action"},
+    )
+    # A key's own jobs, newest first, without reading everyone else's.
+    db.execute("CREATE INDEX idx_jobs_owner_seq ON jobs (owner, seq)")
+
+
+@migrations()
+def m020_hot_path_indexes(db: Database) -> None:
+    # The jobs handed to an upstream: read once per node per poll tick, per dispatch round and
+    # per look at a queued job. Partial, so they hold only those few rows, however many finished
+    # jobs the store keeps (without them each read walked the whole table).
+    db.execute("CREATE INDEX idx_jobs_inflight ON jobs (seq) WHERE state IN ('submitted', 'running')")
+    db.execute(
+        "CREATE INDEX idx_jobs_inflight_upstream ON jobs (upstream, seq)"
+        " WHERE state IN ('submitted', 'running')"
+    )
+    # Jobs by owner and state, kept by triggers: the dashboard's and /metrics' counts are then a
+    # read of a few rows instead of a count of a million (owner '' for jobs without one).
+    db.execute(
+        "CREATE TABLE job_counts (owner TEXT NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,"
+        " PRIMARY KEY (owner, state)) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO job_counts SELECT coalesce(owner, ''), state, count(*) FROM jobs GROUP BY 1, 2"
+    )
+    add = (
+        "INSERT INTO job_counts VALUES (coalesce(new.owner, ''), new.state, 1)"
+        " ON CONFLICT (owner, state) DO UPDATE SET n = n + 1;"
+    )
+    remove = "UPDATE job_counts SET n = n - 1 WHERE owner = coalesce(old.owner, '') AND state = old.state;"
+    db.execute(f"CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs BEGIN {add} END")
+    db.execute(f"CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN {remove} END")
+    db.execute(
+        "CREATE TRIGGER jobs_count_update AFTER UPDATE OF state, owner ON jobs"
+        f" WHEN old.state IS NOT new.state OR old.owner IS NOT new.owner BEGIN {remove} {add} END"
+    )
+
+
+# Queued jobs are counted in blocks of this many `seq`s (see m021_queue_blocks).
+QUEUE_BLOCK_SEQS = 1024
+
+
+@migrations()
+def m021_queue_blocks(db: Database) -> None:
+    # A queued job's place in the queue is asked on every GET of it. Counting the jobs ahead of
+    # it in the queue index walks one index entry per job ahead: 0.56 ms half-way down a queue
+    # of 10,000, 5 ms at 100,000. Queued jobs counted per (priority, block of 1024 seqs), kept by
+    # triggers, make it a sum over the blocks ahead plus a count inside its own block, at most
+    # 1024 entries however long the queue. Empty blocks are dropped, so the blocks ahead are
+    # never more than the queued jobs (and usually ~1/1000 of them).
+    db.execute(
+        "CREATE TABLE queue_blocks (priority INTEGER NOT NULL, block INTEGER NOT NULL,"
+        " n INTEGER NOT NULL, PRIMARY KEY (priority, block)) WITHOUT ROWID"
+    )
+    db.execute(
+        f"INSERT INTO queue_blocks SELECT priority, seq / {QUEUE_BLOCK_SEQS}, count(*) FROM jobs"
+        " WHERE state = 'queued' GROUP BY 1, 2"
+    )
+    add = (
+        f"INSERT INTO queue_blocks VALUES (new.priority, new.seq / {QUEUE_BLOCK_SEQS}, 1)"
+        " ON CONFLICT (priority, block) DO UPDATE SET n = n + 1;"
+    )
+    where = f"priority = old.priority AND block = old.seq / {QUEUE_BLOCK_SEQS}"
+    remove = f"UPDATE queue_blocks SET n = n - 1 WHERE {where}; DELETE FROM queue_blocks WHERE {where} AND n <= 0;"
+    db.execute(f"CREATE TRIGGER jobs_queue_insert AFTER INSERT ON jobs WHEN new.state = 'queued' BEGIN {add} END")
+    db.execute(f"CREATE TRIGGER jobs_queue_delete AFTER DELETE ON jobs WHEN old.state = 'queued' BEGIN {remove} END")
+    db.execute(
+        "CREATE TRIGGER jobs_queue_leave AFTER UPDATE OF state, priority ON jobs"
+        f" WHEN old.state = 'queued' AND (new.state IS NOT 'queued' OR new.priority IS NOT old.priority)"
+        f" BEGIN {remove} END"
+    )
+    db.execute(
+        "CREATE TRIGGER jobs_queue_enter AFTER UPDATE OF state, priority ON jobs"
+        f" WHEN new.state = 'queued' AND (old.state IS NOT 'queued' OR new.priority IS NOT old.priority)"
+        f" BEGIN {add} END"
+    )
+
+
+
+@migrations()
+def m022_session_expiry(db: Database) -> None:
+    # Each sign-in first deletes the sessions that have expired; without this it read them all.
+    db.execute("CREATE INDEX idx_sessions_expires_at ON sessions (expires_at)")
+
+
+@migrations()
+def m023_owner_state(db: Database) -> None:
+    # A key's jobs in one state, newest first (its failed jobs, its queue): without it the
+    # owner's whole history was read to find a few of them.
+    db.execute("CREATE INDEX idx_jobs_owner_state_seq ON jobs (owner, state, seq)")
