@@ -626,6 +626,16 @@ class Reads:
         ).fetchall()
         return [_row_to_job(r) for r in rows]
 
+    def lane_heads(self, lane: Lane, after_seq: int, limit: int) -> list[QueuedJob]:
+        """`lane_jobs` in the few columns a dispatch round weighs (no JSON): a round at a start
+        places thousands of jobs, and building each whole `Job` cost more than the placing."""
+        rows = self.conn.execute(
+            f"SELECT id, seq, task, pinned FROM jobs WHERE state = 'queued' AND task = ? AND priority = ?"
+            f" AND {_OWNER_KEY} = ? AND {_BATCH_KEY} = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (lane.task, lane.priority, lane.owner, lane.batch, after_seq, limit),
+        )
+        return [QueuedJob(*row) for row in rows]
+
     def inflight(self) -> list[Inflight]:
         """Every job handed to an upstream and not finished, in a few columns (no JSON)."""
         rows = self.conn.execute(
@@ -1461,6 +1471,15 @@ class Lane(NamedTuple):
     owner: str  # '' for none
     batch: str  # '' for none
     head_seq: int
+
+
+class QueuedJob(NamedTuple):
+    """A queued job as a dispatch round weighs it (`Reads.lane_heads`)."""
+
+    id: str
+    seq: int
+    task: str
+    pinned: str | None
 
 
 class Inflight(NamedTuple):
