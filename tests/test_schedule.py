@@ -144,3 +144,14 @@ async def test_live_run_never_exceeds_slots_and_serves_owners_in_turn(store, tmp
     first_half = {job_id for _, job_id in order[:18]}
     assert set(bob) <= first_half
     assert all(n.log for n in nodes)
+
+
+async def test_a_key_at_its_cap_on_jobs_at_once_waits_while_others_go(store, tmp_path):
+    await store.create_key({"id": "capped", "name": "capped", "key_hash": "h" * 64, "prefix": "x",
+                            "admin": False, "daily_quota": None, "max_concurrent": 1,
+                            "rate_per_min": None, "source": "test"}, "test")
+    capped = await queue(store, 3, owner="capped")
+    free = await queue(store, 3, owner="free")
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=4))
+    chosen = [job_id for job_id, _ in await planned(dispatcher)]
+    assert sorted(chosen) == sorted([capped[0], *free])
