@@ -224,6 +224,13 @@ class Scheduler:
             return [], [states[name] for name in free]
 
         # Nodes, per task type, by when a job sent now would be finished there.
+        durations: dict[tuple[str, str], float] = {}
+
+        def duration(name: str, task: str) -> float:
+            if (found := durations.get((name, task))) is None:
+                found = durations[(name, task)] = self._duration(name, task)
+            return found
+
         backlog = {n: self._backlog(states[n], on_node.get(n, ()), snap.wall, snap.collecting) for n in free}
         version: Counter[str] = Counter()
         nodes_for: dict[str, list[tuple[float, int, str, int]]] = defaultdict(list)
@@ -231,7 +238,7 @@ class Scheduler:
         def offer(name: str) -> None:
             state = states[name]
             for task in state.upstream.tasks:
-                finish = backlog[name] + self._duration(name, task) / state.capacity
+                finish = backlog[name] + duration(name, task) / state.capacity
                 heapq.heappush(nodes_for[task], (finish, len(on_node.get(name, ())), name, version[name]))
 
         for name in free:
@@ -266,7 +273,7 @@ class Scheduler:
             total_free -= 1
             owner_load[cursor.lane.owner] += 1
             lane_load[(cursor.lane.owner, cursor.lane.batch)] += 1
-            backlog[name] += self._duration(name, job.task) / state.capacity
+            backlog[name] += duration(name, job.task) / state.capacity
             version[name] += 1
             if free[name] > 0:
                 offer(name)
