@@ -95,7 +95,6 @@ class Dispatcher:
         for task in list(ctx.tasks):
             task.cancel()
         await asyncio.gather(*ctx.tasks, return_exceptions=True)
-        self._scheduler.close()
         for state in self.states.values():
             await state.upstream.aclose()
 

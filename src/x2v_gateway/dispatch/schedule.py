@@ -10,12 +10,10 @@ stays here, free to go anywhere. A slot can also be kept for a job whose upload 
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..store import QUEUED, RUNNING, Inflight, Job, Lane, QueuedJob, Reads
@@ -39,7 +37,7 @@ class _LaneCursor:
 
 @dataclass
 class _Snapshot:
-    """What a dispatch round takes from the event loop's side before it runs on the planning thread."""
+    """What a dispatch round takes from the event loop's side before it runs on a reader thread."""
 
     states: dict[str, UpstreamState]  # the upstreams accepting jobs now
     unclaimed: Counter[str]
@@ -106,15 +104,6 @@ class Scheduler:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        # Rounds run on a thread of their own (with its own connection to the store): on the
-        # store's reader threads a round waited behind the follow loops' reads, one per node
-        # and second, 1,000 of them at a gateway's start.
-        self._planner: ThreadPoolExecutor | None = None
-
-    def close(self) -> None:
-        if self._planner is not None:
-            self._planner.shutdown(wait=True)
-            self._planner = None
 
     # -- slots for arriving uploads -------------------------------------------------------------
 
@@ -173,12 +162,12 @@ class Scheduler:
 
     async def plan(self) -> list[tuple[QueuedJob, UpstreamState]]:
         """Which queued jobs go to which nodes now: every free slot, fairly, fastest node first.
+        Each job in a few columns: its submission reads the whole row.
 
-        The whole round runs on the planning thread in one hop (`_plan_round`): its reads (the jobs
+        The whole round runs on a reader thread in one hop (`_plan_round`): its reads (the jobs
         in flight, a few columns each; the queue's lanes, one index seek per lane; the first jobs
         of the lanes it takes from, no more than the free slots) and the placing. The event loop
         only takes a snapshot of what this process holds in memory and records the outcome.
-        Each job comes in a few columns (`QueuedJob`): its submission reads the whole row.
         """
         ctx = self.ctx
         now = time.monotonic()
@@ -191,11 +180,7 @@ class Scheduler:
         )
         if not snapshot.states:
             return []
-        if self._planner is None:
-            self._planner = ThreadPoolExecutor(1, thread_name_prefix="x2v-plan")
-        plan, idle = await asyncio.get_running_loop().run_in_executor(
-            self._planner, ctx.store.read_blocking, lambda r: self._plan_round(r, snapshot)
-        )
+        plan, idle = await ctx.store.read(lambda r: self._plan_round(r, snapshot))
         plan = [(job, state) for job, state in plan if not state.removed]  # none removed meanwhile
         now = time.monotonic()
         for _, state in plan:
@@ -206,7 +191,7 @@ class Scheduler:
         return plan
 
     def _plan_round(self, r: Reads, snap: _Snapshot) -> tuple[list[tuple[QueuedJob, UpstreamState]], list[UpstreamState]]:
-        """A dispatch round, on the planning thread: the jobs placed, and the nodes left with a free slot."""
+        """A dispatch round, on a reader thread: the jobs placed, and the nodes left with a free slot."""
         inflight, limits = r.inflight(), r.concurrency_limits()
         in_flight = {row.id for row in inflight}
         pending = [r.get(job_id) for job_id in snap.submitting - in_flight] if limits else []

@@ -13,7 +13,7 @@ TIMINGS_KEPT = 20
 class Timings:
     """Measured run times per node and task type: what ETAs and routing are computed from.
 
-    Read by dispatch rounds on their own thread while the event loop records: a lock keeps a
+    Read by dispatch rounds on a reader thread while the event loop records: a lock keeps a
     record from changing the dicts under a read that walks them."""
 
     def __init__(self) -> None:
