@@ -7,24 +7,22 @@ In one run, on 127.0.0.1, with demo nodes whose every job takes `--job-seconds`:
 1. the gateway (default settings: look-ahead 1, 1 s polls) runs the jobs;
 2. the same jobs through `multiserver_baseline.py`, a faithful copy of LightX2V's
    `scripts/server/post_multi_servers.py` loop (status every 3 s, task polls every 0.5 s);
-3. the gateway again, with one node SIGKILLed in the middle of the run;
-4. dispatch time (`Dispatcher.plan`, on a real store) with up to 1,000 nodes and 50,000 queued
-   jobs, when every slot is free (a start) and when one is (steady state).
+3. the gateway again, with one node SIGKILLed in the middle of the run.
+
+Dispatch planning at scale (1,000 nodes, 50,000 queued, a history, the loops live) is
+`bench/plan.py`.
 
 Utilisation is the nodes' own busy time (each task's `start_time`..`end_time` from the node's
 `GET /v1/tasks/`) over nodes x makespan; makespan runs from the first submission to the last
 task's end. The idle gap is the time between one task's end and the next one's start on a node.
-`--skip-baseline`, `--skip-kill`, `--skip-scale` leave parts out.
+`--skip-baseline`, `--skip-kill` leave parts out.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import math
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -204,89 +202,6 @@ def run_baseline(nodes: list[NodeProcess], jobs: int) -> dict:
     return result
 
 
-# -- dispatch time at scale ----------------------------------------------------------------------
-
-
-def fill_store(path: Path, queued: int) -> None:
-    """`queued` jobs in a real store: 3 API keys, 10 batches of each, some without a batch,
-    two task types, 1 % at a higher priority."""
-    from x2v_gateway.store import JobStore
-
-    JobStore(path).close()  # migrations
-    conn = sqlite3.connect(path)
-    now = time.time()
-    rows = []
-    for i in range(queued):
-        batch = None if i % 10 == 0 else f"batch{(i // 500) % 10}"
-        rows.append((f"j{i:07d}", "s2v" if i % 4 == 0 else "t2v", json.dumps({"prompt": "p", "seed": i}),
-                     "{}", 5 if i % 100 == 0 else 0, batch, f"key{i % 3}", now, now))
-    conn.executemany(
-        "INSERT INTO jobs (id, task, state, params, inputs, priority, batch_id, owner, created_at,"
-        " updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)", rows,
-    )
-    conn.commit()
-    conn.close()
-
-
-def time_plan(path: Path, node_count: int, *, busy: bool, repeat: int) -> float:
-    """Median seconds of one `Dispatcher.plan()` over `node_count` nodes (1 + look-ahead 1 slots
-    each): with every slot free, or (busy) with all but one slot taken by jobs in flight."""
-    from x2v_gateway.blobs import BlobStore
-    from x2v_gateway.dispatch import Dispatcher, Notifier
-    from x2v_gateway.metrics import Metrics
-    from x2v_gateway.store import JobStore
-    from x2v_gateway.upstream.selfhosted import SelfHostedNode
-
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE jobs SET state = 'queued', upstream = NULL WHERE state != 'queued'")
-    if busy:
-        # Every node full but the last, which has one free slot: the state after a job ends.
-        taken = [(f"n{k // 2}", k) for k in range(2 * node_count - 1)]
-        ids = [r[0] for r in conn.execute(
-            "SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?", (len(taken),))]
-        conn.executemany(
-            "UPDATE jobs SET state = 'running', upstream = ?, started_at = ? WHERE id = ?",
-            [(node, time.time(), job_id) for (node, _), job_id in zip(taken, ids)],
-        )
-    conn.commit()
-    conn.close()
-    store = JobStore(path)
-    client = httpx.AsyncClient()  # never used: plan() reads the store only
-    upstreams = [SelfHostedNode(f"n{i}", f"http://127.0.0.1:9/{i}", slots=2, client=client)
-                 for i in range(node_count)]
-    dispatcher = Dispatcher(store, BlobStore(path.parent / "blobs"), upstreams, Notifier(),
-                            Metrics())
-
-    async def plans() -> tuple[list, list[float]]:
-        times = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            plan = await dispatcher.plan()
-            times.append(time.perf_counter() - started)
-        return plan, times
-
-    plan, times = asyncio.run(plans())
-    assert len(plan) == (1 if busy else 2 * node_count), len(plan)
-    store.close()
-    asyncio.run(client.aclose())
-    return median(times)
-
-
-def run_scale(root: Path) -> list[tuple[int, int, float, float]]:
-    rows = []
-    for queued in (5_000, 50_000):
-        path = root / f"scale-{queued}" / "gateway.db"
-        path.parent.mkdir()
-        fill_store(path, queued)
-        for node_count in (10, 100, 1000):
-            fill = time_plan(path, node_count, busy=False, repeat=3)
-            steady = time_plan(path, node_count, busy=True, repeat=20)
-            rows.append((node_count, queued, fill, steady))
-            print(f"  {node_count:>5} nodes {queued:>6} queued: every slot free {fill * 1000:7.1f} ms,"
-                  f" one slot free {steady * 1000:6.2f} ms", flush=True)
-    return rows
-
-
 def report(name: str, r: dict, ideal: float) -> None:
     print(f"{name}: {r['states']}; makespan {r['makespan']:.1f} s (ideal {ideal:.0f} s),"
           f" utilisation {r['utilisation'] * 100:.1f} %, idle gap median {r['gap_median'] * 1000:.0f} ms"
@@ -301,7 +216,6 @@ def main() -> None:
     parser.add_argument("--job-seconds", type=float, default=2.0)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-kill", action="store_true")
-    parser.add_argument("--skip-scale", action="store_true")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="x2v-bench-pool-"))
     ideal = math.ceil(args.jobs / args.nodes) * args.job_seconds
@@ -323,9 +237,6 @@ def main() -> None:
     finally:
         for node in nodes:
             node.stop()
-    if not args.skip_scale:
-        print("dispatch time (Dispatcher.plan on a real store, median):", flush=True)
-        run_scale(root)
     shutil.rmtree(root, ignore_errors=True)
 
 

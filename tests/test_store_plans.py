@@ -79,6 +79,8 @@ def _lanes(r: Reads, h: History) -> None:
     assert lanes
     r.lane_jobs(lanes[0], 0, 10)
     r.lane_jobs(lanes[-1], lanes[-1].head_seq, 10)
+    r.lane_heads(lanes[0], 0, 10)
+    r.lane_heads(lanes[-1], lanes[-1].head_seq, 10)
 
 
 def _batch_items(r: Reads, h: History) -> None:
@@ -110,6 +112,7 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     )),
     "queue_lanes": _reads(_lanes),
     "lane_jobs": _reads(_lanes),
+    "lane_heads": _reads(_lanes),
     "inflight": _reads(lambda r, h: r.inflight()),
     "count_pinned": _reads(lambda r, h: r.count_pinned(h.node)),
     "batch": _reads(lambda r, h: r.batch(h.dashboard_batch)),

@@ -24,7 +24,7 @@ from typing import Any
 from ..blobs import BlobStore
 from ..metrics import Metrics
 from ..notify import Notifier
-from ..store import Inflight, Job, JobStore
+from ..store import QUEUED, Inflight, Job, JobStore, QueuedJob
 from ..upstream.base import SubmitRequest, Upstream, UpstreamError
 from .collect import Collector, Retention
 from .follow import Follower
@@ -228,9 +228,19 @@ class Dispatcher:
             for job, state in plan:
                 ctx.submitting.add(job.id)
                 ctx.unclaimed[state.name] += 1
-                self.spawn(self._submitter.submit(job, state))
+                self.spawn(self._submit_planned(job.id, state))
 
-    async def plan(self) -> list[tuple[Job, UpstreamState]]:
+    async def _submit_planned(self, job_id: str, state: UpstreamState) -> None:
+        """Read the whole job a round placed (the round weighs a few columns) and submit it."""
+        job = await self.store.get(job_id)
+        if job is None or job.state != QUEUED:
+            # Cancelled or purged since the round read it: its slot is free again.
+            self._ctx.unclaimed[state.name] -= 1
+            self._ctx.submitting.discard(job_id)
+            return
+        await self._submitter.submit(job, state)
+
+    async def plan(self) -> list[tuple[QueuedJob, UpstreamState]]:
         """Which queued jobs go to which nodes now (see `schedule.Scheduler.plan`)."""
         return await self._scheduler.plan()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 from collections import deque
 
 # Run times kept per node and task type; their median is the node's typical time.
@@ -10,21 +11,30 @@ TIMINGS_KEPT = 20
 
 
 class Timings:
-    """Measured run times per node and task type: what ETAs and routing are computed from."""
+    """Measured run times per node and task type: what ETAs and routing are computed from.
+
+    Read by dispatch rounds on a reader thread while the event loop records: a lock keeps a
+    record from changing the dicts under a read that walks them."""
 
     def __init__(self) -> None:
         self._runs: dict[tuple[str, str], deque[float]] = {}
         self._typical: dict[tuple[str, str], float | None] = {}
+        self._lock = threading.Lock()
 
     def record(self, node: str, task: str, seconds: float) -> None:
         if seconds <= 0:
             return
-        self._runs.setdefault((node, task), deque(maxlen=TIMINGS_KEPT)).append(seconds)
-        self._typical.pop((node, task), None)
-        self._typical.pop(("", task), None)
+        with self._lock:
+            self._runs.setdefault((node, task), deque(maxlen=TIMINGS_KEPT)).append(seconds)
+            self._typical.pop((node, task), None)
+            self._typical.pop(("", task), None)
 
     def typical(self, node: str, task: str) -> float | None:
         """The median run time of this task type on this node; else on any node; else None."""
+        with self._lock:
+            return self._typical_of(node, task)
+
+    def _typical_of(self, node: str, task: str) -> float | None:
         for key in ((node, task), ("", task)):
             if key not in self._typical:
                 if key[0]:
@@ -39,15 +49,18 @@ class Timings:
     def quickest(self, node: str, task: str) -> float | None:
         """The shortest recent run of this task type on this node (else on any node), or None:
         the earliest a run of it can be expected to end, for whoever waits for that end."""
-        runs = self._runs.get((node, task)) or [
-            s for (_, t), d in self._runs.items() if t == task for s in d
-        ]
-        return min(runs) if runs else None
+        with self._lock:
+            runs = self._runs.get((node, task)) or [
+                s for (_, t), d in self._runs.items() if t == task for s in d
+            ]
+            return min(runs) if runs else None
 
     def recent(self, node: str) -> dict[str, list[float]]:
-        return {task: list(runs) for (n, task), runs in self._runs.items() if n == node and runs}
+        with self._lock:
+            return {task: list(runs) for (n, task), runs in self._runs.items() if n == node and runs}
 
     def forget(self, node: str) -> None:
-        for key in [k for k in self._runs if k[0] == node]:
-            del self._runs[key]
-        self._typical.clear()
+        with self._lock:
+            for key in [k for k in self._runs if k[0] == node]:
+                del self._runs[key]
+            self._typical.clear()

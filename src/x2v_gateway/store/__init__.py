@@ -26,6 +26,7 @@ from .records import (
     Job,
     KeyNameTaken,
     Lane,
+    QueuedJob,
     new_job_id,
 )
 from .sqlite import SqliteStore
@@ -35,5 +36,5 @@ JobStore.default_backend = SqliteStore
 __all__ = [
     "ACTIVE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "STATES", "SUBMITTED", "SUCCEEDED",
     "TERMINAL", "AdminKeyNeeded", "BatchItem", "BatchJobSpec", "IdempotencyConflict", "Inflight",
-    "Job", "JobStore", "KeyNameTaken", "Lane", "Memo", "Reads", "new_job_id",
+    "Job", "JobStore", "KeyNameTaken", "Lane", "Memo", "QueuedJob", "Reads", "new_job_id",
 ]

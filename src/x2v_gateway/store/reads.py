@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from .records import BatchItem, Inflight, Job, Lane
+from .records import BatchItem, Inflight, Job, Lane, QueuedJob
 
 
 class Reads(Protocol):
@@ -92,6 +92,11 @@ class Reads(Protocol):
 
     def lane_jobs(self, lane: Lane, after_seq: int, limit: int) -> list[Job]:
         """Queued jobs of one lane, oldest first, after `after_seq`."""
+        ...
+
+    def lane_heads(self, lane: Lane, after_seq: int, limit: int) -> list[QueuedJob]:
+        """`lane_jobs` in the few columns a dispatch round weighs (no JSON): a round at a start
+        places thousands of jobs, and building each whole `Job` cost more than the placing."""
         ...
 
     def inflight(self) -> list[Inflight]:

@@ -95,6 +95,15 @@ class Lane(NamedTuple):
     head_seq: int
 
 
+class QueuedJob(NamedTuple):
+    """A queued job as a dispatch round weighs it (`Reads.lane_heads`)."""
+
+    id: str
+    seq: int
+    task: str
+    pinned: str | None
+
+
 class Inflight(NamedTuple):
     """A job handed to an upstream and not finished, in the few columns dispatch planning reads."""
 

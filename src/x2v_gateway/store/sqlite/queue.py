@@ -6,7 +6,7 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
-from ..records import QUEUED, Inflight, Job, Lane
+from ..records import QUEUED, Inflight, Job, Lane, QueuedJob
 from .connections import Rows
 from .jobs import row_to_job
 from .schema import QUEUE_BLOCK_SEQS
@@ -78,6 +78,14 @@ class QueueReads(Rows):
             (lane.task, lane.priority, lane.owner, lane.batch, after_seq, limit),
         ).fetchall()
         return [row_to_job(r) for r in rows]
+
+    def lane_heads(self, lane: Lane, after_seq: int, limit: int) -> list[QueuedJob]:
+        rows = self.conn.execute(
+            f"SELECT id, seq, task, pinned FROM jobs WHERE state = 'queued' AND task = ? AND priority = ?"
+            f" AND {OWNER_KEY} = ? AND {BATCH_KEY} = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (lane.task, lane.priority, lane.owner, lane.batch, after_seq, limit),
+        )
+        return [QueuedJob(*row) for row in rows]
 
     def inflight(self) -> list[Inflight]:
         rows = self.conn.execute(

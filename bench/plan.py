@@ -1,0 +1,189 @@
+"""Dispatch planning with 1,000 nodes and 50,000 queued jobs, the dispatcher's loops live.
+
+    .venv/bin/python bench/plan.py [--nodes 1000] [--queued 50000] [--history 200000]
+        [--base /path/to/other/checkout/src]
+
+A real store holds `--history` finished jobs (the realistic case: most of a gateway's jobs are
+done) and `--queued` queued ones of 3 keys, 30 batches plus unbatched jobs, 2 task types and 2
+priorities. The real Dispatcher starts on it with `--nodes` in-memory nodes (tests/
+memory_upstream.py: no HTTP, so the gateway's own cost is what is measured), 2 slots each, its
+follow, dispatch and retention loops all running. Measured:
+
+- a start: the first dispatch round, every slot free (2 x nodes jobs placed), three times;
+- steady state: the rounds while runs of 5-15 s end and free slots one by one, for `--steady`
+  seconds;
+- the event loop's longest stall meanwhile (a 5 ms ticker's worst lateness): planning that runs
+  on the loop shows there.
+
+With `--base`, the same measurement runs first on that checkout's sources (in a subprocess),
+then on this one's, and both are printed side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def fill_store(path: Path, queued: int, history: int) -> None:
+    from x2v_gateway.store import JobStore
+
+    JobStore(path).close()  # migrations
+    conn = sqlite3.connect(path)
+    now = time.time()
+    rows = []
+    for i in range(history):
+        done = now - 86400 + i * 0.1
+        rows.append((f"h{i:07d}", "t2v", "succeeded" if i % 20 else "failed", '{"prompt": "p"}', "{}", 0,
+                     None, f"key{i % 3}", done - 30, done, f"n{i % 1000}", done - 20, done))
+    conn.executemany(
+        "INSERT INTO jobs (id, task, state, params, inputs, priority, batch_id, owner, created_at,"
+        " updated_at, upstream, started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    rows = []
+    for i in range(queued):
+        batch = None if i % 10 == 0 else f"batch{(i // 500) % 30}"
+        rows.append((f"j{i:07d}", "s2v" if i % 4 == 0 else "t2v", json.dumps({"prompt": "p", "seed": i}),
+                     "{}", 5 if i % 100 == 0 else 0, batch, f"key{i % 3}", now, now))
+    conn.executemany(
+        "INSERT INTO jobs (id, task, state, params, inputs, priority, batch_id, owner, created_at,"
+        " updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)", rows,
+    )
+    conn.commit()
+    conn.close()
+
+
+async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -> dict:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from memory_upstream import MemoryUpstream
+
+    from x2v_gateway.blobs import BlobStore
+    from x2v_gateway.dispatch import Dispatcher, Notifier
+    from x2v_gateway.metrics import Metrics
+    from x2v_gateway.store import JobStore
+
+    rng = random.Random(1)
+    upstreams = [MemoryUpstream(f"n{i}", tasks=frozenset({"t2v", "s2v"}), slots=2,
+                                seconds=rng.uniform(5, 15)) for i in range(nodes)]
+    store = JobStore(path)
+    dispatcher = Dispatcher(store, BlobStore(path.parent / "blobs"), upstreams, Notifier(), Metrics())
+    rounds: list[tuple[float, int]] = []
+    plan = dispatcher.plan
+
+    async def timed_plan():
+        started = time.perf_counter()
+        result = await plan()
+        rounds.append((time.perf_counter() - started, len(result)))
+        return result
+
+    dispatcher.plan = timed_plan  # type: ignore[method-assign]
+    stall = 0.0
+
+    async def ticker() -> None:
+        nonlocal stall
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            stall = max(stall, time.perf_counter() - before - 0.005)
+
+    tick = asyncio.ensure_future(ticker())
+    await dispatcher.start()
+    deadline = time.monotonic() + 120
+    while not rounds or rounds[0][1] == 0:
+        assert time.monotonic() < deadline, "no dispatch round placed anything"
+        await asyncio.sleep(0.01)
+    first, placed = rounds[0]
+    start_stall = stall
+    steady_rounds: list[float] = []
+    if not first_only:
+        await asyncio.sleep(2)  # the first round's submissions settle
+        stall, mark = 0.0, len(rounds)
+        await asyncio.sleep(steady)
+        steady_rounds = [t for t, n in rounds[mark:] if n > 0]
+    await dispatcher.stop()
+    tick.cancel()
+    store.close()
+    return {"first": first, "placed": placed, "start_stall": start_stall, "steady": steady_rounds,
+            "steady_stall": stall}
+
+
+def measure(template: Path, nodes: int, steady: float) -> dict:
+    """Three starts (a fresh copy of the store each), then a steady run on the last."""
+    firsts, placed, stalls = [], 0, []
+    result: dict = {}
+    for attempt in range(3):
+        work = Path(tempfile.mkdtemp(prefix="plan-run-"))
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                if (template.parent / (template.name + suffix)).exists():
+                    shutil.copy(template.parent / (template.name + suffix), work / (template.name + suffix))
+            result = asyncio.run(_measure(work / template.name, nodes, steady, first_only=attempt < 2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        firsts.append(result["first"])
+        stalls.append(result["start_stall"])
+        placed = result["placed"]
+    return {"first_ms": statistics.median(firsts) * 1000, "placed": placed,
+            "start_stall_ms": statistics.median(stalls) * 1000,
+            "steady_ms": statistics.median(result["steady"]) * 1000 if result["steady"] else None,
+            "steady_p95_ms": (sorted(result["steady"])[int(0.95 * (len(result["steady"]) - 1))] * 1000
+                              if result["steady"] else None),
+            "steady_rounds": len(result["steady"]), "steady_stall_ms": result["steady_stall"] * 1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--queued", type=int, default=50_000)
+    parser.add_argument("--history", type=int, default=200_000)
+    parser.add_argument("--steady", type=float, default=20.0, help="seconds of steady state")
+    parser.add_argument("--base", help="src directory of the checkout to compare with")
+    parser.add_argument("--store", help=argparse.SUPPRESS)  # a filled store (the subprocess)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.store:
+        print(json.dumps(measure(Path(args.store), args.nodes, args.steady)))
+        return
+    root = Path(tempfile.mkdtemp(prefix="plan-bench-"))
+    try:
+        template = root / "gateway.db"
+        fill_store(template, args.queued, args.history)
+        results = {}
+        sources = ([("base", args.base)] if args.base else []) + [("this", str(HERE.parent / "src"))]
+        for label, src in sources:
+            out = subprocess.run(
+                [sys.executable, __file__, "--store", str(template), "--nodes", str(args.nodes),
+                 "--steady", str(args.steady)],
+                env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                check=True,
+            )
+            results[label] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{args.nodes} nodes, {args.queued} queued, {args.history} finished (medians):")
+        for key, name in (("first_ms", "a start: first round"), ("start_stall_ms", "  loop's longest stall"),
+                          ("steady_ms", "steady rounds"), ("steady_p95_ms", "  p95"),
+                          ("steady_stall_ms", "  loop's longest stall")):
+            row = "  ".join(f"{label}: {results[label][key]:8.1f} ms" for label in results
+                            if results[label][key] is not None)
+            print(f"  {name:<24} {row}")
+        print("  placed at a start: " + ", ".join(f"{k} {v['placed']}" for k, v in results.items())
+              + "; steady rounds: " + ", ".join(f"{k} {v['steady_rounds']}" for k, v in results.items()))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

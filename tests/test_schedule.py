@@ -1,0 +1,157 @@
+"""The scheduler in-process: the real Dispatcher on a real SQLite file, in-memory upstreams.
+
+Fast (no process, no HTTP): who goes first (priority, then fairness between keys and batches,
+then age), where a job goes (task types, pins, the node expected to finish first), and that no
+node ever holds more than its slots while the dispatcher's loops run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from memory_upstream import MemoryUpstream
+from x2v_gateway.blobs import BlobStore
+from x2v_gateway.dispatch import Dispatcher, Notifier
+from x2v_gateway.metrics import Metrics
+from x2v_gateway.store import JobStore
+from x2v_gateway.upstream.base import Capabilities
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    store = JobStore(tmp_path / "gateway.db")
+    yield store
+    store.close()
+
+
+def make_dispatcher(store: JobStore, tmp_path: Path, *nodes: MemoryUpstream, poll: float = 1.0) -> Dispatcher:
+    return Dispatcher(store, BlobStore(tmp_path / "blobs"), list(nodes), Notifier(), Metrics(),
+                      poll_interval=poll)
+
+
+async def queue(store: JobStore, n: int = 1, *, task: str = "t2v", owner: str | None = None,
+                batch: str | None = None, priority: int = 0, pinned: str | None = None) -> list[str]:
+    ids = []
+    for i in range(n):
+        job, _ = await store.create_job(task=task, params={"prompt": f"p{i}"}, inputs={},
+                                        priority=priority, batch_id=batch, owner=owner, pinned=pinned)
+        ids.append(job.id)
+    return ids
+
+
+async def planned(dispatcher: Dispatcher) -> list[tuple[str, str]]:
+    return [(job.id, state.name) for job, state in await dispatcher.plan()]
+
+
+async def test_a_big_batch_starves_neither_another_batch_nor_a_colleagues_job(store, tmp_path):
+    big = await queue(store, 200, owner="alice", batch="big")
+    small = await queue(store, 2, owner="alice", batch="small")
+    colleague = await queue(store, 1, owner="bob")
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=4))
+    chosen = [job_id for job_id, _ in await planned(dispatcher)]
+    assert colleague[0] in chosen
+    assert small[0] in chosen
+    assert set(chosen) - set(colleague) - set(small) <= set(big)
+    assert len(chosen) == 4
+
+
+async def test_higher_priority_first_then_the_oldest(store, tmp_path):
+    old = await queue(store, 3, owner="alice")
+    urgent = await queue(store, 1, owner="alice", priority=5)
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=2))
+    assert [job_id for job_id, _ in await planned(dispatcher)] == [urgent[0], old[0]]
+
+
+async def test_a_job_goes_to_the_node_expected_to_finish_it_first(store, tmp_path):
+    jobs = await queue(store, 2)
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("slow", slots=2), MemoryUpstream("fast", slots=2))
+    dispatcher.timings.record("slow", "t2v", 20.0)
+    dispatcher.timings.record("fast", "t2v", 2.0)
+    # The second job too: behind the first on the fast node it ends at 4 s, not 20.
+    assert await planned(dispatcher) == [(jobs[0], "fast"), (jobs[1], "fast")]
+
+
+async def test_without_run_times_the_emptiest_node_wins(store, tmp_path):
+    await queue(store, 2)
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=2), MemoryUpstream("b", slots=2))
+    assert sorted(name for _, name in await planned(dispatcher)) == ["a", "b"]
+
+
+async def test_a_job_goes_only_to_a_node_that_runs_its_task_type(store, tmp_path):
+    t2v = await queue(store, 2, task="t2v")
+    s2v = await queue(store, 2, task="s2v")
+    await queue(store, 1, task="i2v")  # nobody runs it: it waits
+    dispatcher = make_dispatcher(
+        store, tmp_path, MemoryUpstream("t", tasks=frozenset({"t2v"}), slots=4),
+        MemoryUpstream("s", tasks=frozenset({"s2v"}), slots=4),
+    )
+    assert sorted(await planned(dispatcher)) == sorted(
+        [(t2v[0], "t"), (t2v[1], "t"), (s2v[0], "s"), (s2v[1], "s")]
+    )
+
+
+async def test_a_pinned_job_waits_for_its_node_and_lets_others_pass(store, tmp_path):
+    pinned = await queue(store, 1, pinned="b")
+    others = await queue(store, 2)
+    a, b = MemoryUpstream("a", slots=2), MemoryUpstream("b", slots=1)
+    dispatcher = make_dispatcher(store, tmp_path, a, b)
+    dispatcher.states["b"].drained = True  # gets nothing new
+    assert await planned(dispatcher) == [(others[0], "a"), (others[1], "a")]
+    dispatcher.states["b"].drained = False
+    assert (pinned[0], "b") in await planned(dispatcher)
+
+
+async def test_a_slot_kept_for_an_arriving_upload_is_not_planned_and_never_jumps_the_queue(store, tmp_path):
+    node = MemoryUpstream("a", slots=1, capabilities=Capabilities(chooses_task_id=True, forwards_uploads=True))
+    dispatcher = make_dispatcher(store, tmp_path, node)
+    dispatcher.states["a"].up = True
+    state = await dispatcher.reserve_for_upload("t2v", None, None)
+    assert state is not None and state.name == "a"
+    await queue(store, 1)
+    assert await planned(dispatcher) == []  # its only slot is kept
+    assert await dispatcher.reservation_blocks(state)
+    dispatcher.unreserve(state)
+    assert len(await planned(dispatcher)) == 1
+    # A queued job that could take the slot: an upload does not get it first.
+    assert await dispatcher.reserve_for_upload("t2v", None, None) is None
+
+
+async def test_live_run_never_exceeds_slots_and_serves_owners_in_turn(store, tmp_path):
+    nodes = [MemoryUpstream(f"n{i}", slots=2, seconds=0.02) for i in range(3)]
+    alice = await queue(store, 30, owner="alice", batch="b1")
+    bob = await queue(store, 6, owner="bob")
+    dispatcher = make_dispatcher(store, tmp_path, *nodes, poll=0.02)
+    await dispatcher.start()
+    try:
+        deadline = time.monotonic() + 20
+        while sum(len(n.log) for n in nodes) < 36 or any(n.held() for n in nodes):
+            assert time.monotonic() < deadline, "the jobs did not all run"
+            await asyncio.sleep(0.02)
+    finally:
+        await dispatcher.stop()
+    assert all(n.most_held <= n.slots for n in nodes)
+    runs = Counter(job_id for n in nodes for job_id in n.jobs)
+    assert set(runs) == set(alice + bob) and set(runs.values()) == {1}
+    # Bob's 6 jobs do not wait behind alice's batch of 30: all of them go out in the first half.
+    order = sorted((t.arrived, t.job_id) for n in nodes for t in n.log)
+    first_half = {job_id for _, job_id in order[:18]}
+    assert set(bob) <= first_half
+    assert all(n.log for n in nodes)
+
+
+async def test_a_key_at_its_cap_on_jobs_at_once_waits_while_others_go(store, tmp_path):
+    await store.create_key({"id": "capped", "name": "capped", "key_hash": "h" * 64, "prefix": "x",
+                            "admin": False, "daily_quota": None, "max_concurrent": 1,
+                            "rate_per_min": None, "source": "test"}, "test")
+    capped = await queue(store, 3, owner="capped")
+    free = await queue(store, 3, owner="free")
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=4))
+    chosen = [job_id for job_id, _ in await planned(dispatcher)]
+    assert sorted(chosen) == sorted([capped[0], *free])
