@@ -127,7 +127,7 @@ def test_submit_a_folder_downloads_each_video_with_a_manifest_and_shows_progress
 
     # The bars as the terminal showed them: uploads, jobs and downloads, each at its end.
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", run.stderr)
-    assert re.search(r"uploads\s+━+\s+[\d.]+/[\d.]+ MB · 2/2 jobs", screen), screen
+    assert re.search(r"uploads\s+━+\s+[\d.]+ kB/[\d.]+ kB · 2/2 jobs", screen), screen
     assert re.search(r"jobs\s+━+\s+2/2 finished: 2 succeeded", screen), screen
     assert re.search(r"downloads\s+━+\s+2/2 videos in videos", screen), screen
     batch_id = re.fullmatch(r"batch (b\w+): 2 succeeded; videos and videos/manifest.csv\n", run.stdout)[1]
@@ -267,13 +267,17 @@ def test_watch_download_cancel_and_retry(gateway, api, tmp_path):
     assert again.json()["id"] == one["id"] and again.json()["state"] in ("queued", "submitted", "running", "succeeded")
     until(lambda: api.get(f"/api/v1/jobs/{one['id']}").json()["state"] == "succeeded", what="the retried job")
 
-    # The last of 8 jobs waits in the gateway's queue while the demo node runs the first ones.
-    running = client(gateway, "submit", "--task", "t2v", "--prompt", "cancel the last one", "--seeds", "1-8",
+    # The last of 20 jobs waits in the gateway's queue while the demo node runs the first ones.
+    running = client(gateway, "submit", "--task", "t2v", "--prompt", "cancel the last one", "--seeds", "1-20",
                      "--no-wait", "--json", cwd=tmp_path)
     job = running.json()["jobs"][-1]["id"]
+    early = client(gateway, "download", running.json()["batch_id"], "early", "--no-wait", "--json", cwd=tmp_path)
+    assert early.code == 6, early.stderr  # some jobs have not finished
+    assert early.json()["counts"]["queued"] >= 1
     stopped = client(gateway, "cancel", job, cwd=tmp_path)
     assert stopped.code == 0 and stopped.stdout == f"job {job}: cancelled\n", stopped.stdout
     assert client(gateway, "cancel", "jnothing", cwd=tmp_path).code == 5
+    assert client(gateway, "cancel", running.json()["batch_id"], cwd=tmp_path).code == 0  # frees the node
 
 
 def test_client_knows_the_gateways_job_fields_and_manifest_columns():

@@ -31,7 +31,7 @@ Exit codes:
   3    the gateway does not answer (not running, wrong X2V_URL)
   4    no key, or the gateway refused it (X2V_KEY)
   5    the gateway refused a request (an unknown job or batch, an input it cannot take)
-  6    --no-wait, and some jobs have not finished yet
+  6    download --no-wait, and some jobs have not finished yet
   130  interrupted (Ctrl-C): run the same command again to go on"""
 
 
@@ -110,12 +110,10 @@ def _human(answer: dict[str, Any]) -> str:
 
 
 def _outcome(outcome: Outcome, display: Display) -> tuple[Outcome, int]:
-    from .api import OK
-
     for job in outcome.jobs:
         if job["state"] == "failed" and display.progress is None:  # else said above the bars
             click.echo(f"x2v-gateway: job {job['id']} failed: {job.get('error') or 'no reason given'}", err=True)
-    return outcome, outcome.code if outcome.waited else OK
+    return outcome, outcome.code
 
 
 def _set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -147,7 +145,7 @@ def _set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
 @click.option("--seeds", help="grid: seeds, e.g. 1,2,10-12")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: videos, manifest.csv and the journal a second run resumes from."
-                   " Default: ./<first PATH's name>-videos")
+                   " Default: ./<first PATH's name>-videos, or ./<batch id> without PATHS")
 @click.option("--parallel", type=click.IntRange(1, 16), default=2, show_default=True, help="Uploads at once")
 @click.option("--no-wait", is_flag=True, help="Return once every job is submitted; fetch later with `download`")
 @_gateway_options
@@ -173,7 +171,6 @@ def submit(
       BATCH=$(x2v-gateway submit portraits/ --no-wait --json | jq -r .batch_id)
     """
     from .plan import collect, plan_jobs
-    from .results import ResultsFolder
     from .run import submit_batch
 
     inputs = collect(list(paths))
@@ -186,8 +183,9 @@ def submit(
         prompts = [line.strip() for line in prompts_file.read_text(errors="replace").splitlines() if line.strip()]
     planned = plan_jobs(inputs, task=task, mode=mode, base=base, prompts=prompts, seeds=seeds)
     named = paths[0] if paths else prompts_file
-    folder = ResultsFolder(out or Path(f"{(named.resolve().stem if named else 'x2v')}-videos"))
-    return _outcome(submit_batch(api, planned, folder, display, parallel=parallel, wait=not no_wait), display)
+    if out is None and named is not None:
+        out = Path(f"{named.resolve().stem}-videos")
+    return _outcome(submit_batch(api, planned, out, display, parallel=parallel, wait=not no_wait), display)
 
 
 @click.command(epilog=EXIT_CODES)

@@ -137,7 +137,10 @@ class ResultsFolder:
         self._append(entry)
 
     def write_manifest(self, jobs: list[dict[str, Any]]) -> None:
-        """manifest.csv: a line per job, written whole and then renamed (never half a file)."""
+        """manifest.csv: a line per job, in the order of the inputs (then of the batch, for jobs
+        this folder did not make), written whole and then renamed (never half a file)."""
+        order = {job["id"]: n for n, job in enumerate(jobs)}
+        jobs = sorted(jobs, key=lambda j: (self.jobs.get(j["id"], {}).get("number", len(jobs)), order[j["id"]]))
         part = self.path / (MANIFEST + ".part")
         with part.open("w", newline="") as out:
             writer = csv.DictWriter(out, fieldnames=MANIFEST_FIELDS)

@@ -87,9 +87,16 @@ class Uploads:
                 raise future.exception()  # type: ignore[misc]
 
     def detail(self) -> str:
-        mb = 1024 * 1024
-        text = f"{self.sent / mb:.1f}/{self.total_bytes / mb:.1f} MB · {self.made + self.replayed}/{self.jobs} jobs"
+        text = f"{_size(self.sent)}/{_size(self.total_bytes)} · {self.made + self.replayed}/{self.jobs} jobs"
         return text + (f" ({self.replayed} made before)" if self.replayed else "")
+
+
+def _size(n: int) -> str:
+    """`36 kB`, `1.2 MB`, `2.0 GB`."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.0f} kB"
 
 
 @dataclass
@@ -99,7 +106,7 @@ class Outcome:
     batch_id: str
     jobs: list[dict[str, Any]]
     folder: ResultsFolder | None = None
-    waited: bool = True
+    submitted_only: bool = False  # `submit --no-wait`: its jobs are not expected to have finished
 
     @property
     def counts(self) -> dict[str, int]:
@@ -109,6 +116,8 @@ class Outcome:
     @property
     def code(self) -> int:
         counts = self.counts
+        if self.submitted_only:
+            return OK
         if any(counts[s] for s in STATES if s not in TERMINAL):
             return UNFINISHED
         return SOME_FAILED if counts["failed"] or counts["cancelled"] else OK
@@ -159,8 +168,13 @@ def follow(
     fetching: dict[str, tuple[str, Future]] = {}  # job id -> (result sha256, its download)
     failed_noted: set[str] = set()
     got = 0
+    snapshot: list[dict[str, Any]] | None = None  # without `wait`: the jobs as they were at first
     try:
         for jobs in poll(api, batch_id, interval):
+            if snapshot is not None:
+                jobs = snapshot  # read again only to pace the wait for the downloads
+            elif not wait:
+                snapshot = jobs
             if uploads is not None:
                 uploads.check()
                 assert folder is not None
@@ -195,11 +209,11 @@ def follow(
                 wanted = sum(job["state"] == "succeeded" and bool(job.get("result")) for job in jobs)
                 display.bar("downloads", wanted, now, f"{now}/{wanted} videos in {folder.path}")
             submitting = uploads is not None and not uploads.done()
-            fetched = all(f.done() for _, f in fetching.values())
+            fetched = got == len(fetching)  # as the bar shows it: the last one drawn is the end
             if not submitting and fetched and (not wait or done == total):
                 if folder is not None:
                     folder.write_manifest(jobs)
-                return Outcome(batch_id, jobs, folder, wait)
+                return Outcome(batch_id, jobs, folder)
     finally:
         if downloader is not None:
             downloader.shutdown(wait=False, cancel_futures=True)
@@ -218,16 +232,21 @@ def _fetch(api: GatewayAPI, folder: ResultsFolder, job: dict[str, Any], name: st
 
 
 def submit_batch(
-    api: GatewayAPI, planned: list[PlannedJob], folder: ResultsFolder, display: Display, *,
+    api: GatewayAPI, planned: list[PlannedJob], out: Path | None, display: Display, *,
     parallel: int, wait: bool, interval: float = 0.5,
 ) -> Outcome:
-    """Submit the jobs this folder has not made yet, and (with `wait`) follow the batch to its
-    end, downloading each video as it is ready. A job is never made twice: one made in an earlier
-    run is in the folder's journal, and one whose answer was lost is found by its
-    Idempotency-Key (the gateway answers with the job it made)."""
+    """Submit the jobs the output folder has not made yet, and (with `wait`) follow the batch to
+    its end, downloading each video as it is ready. A job is never made twice: one made in an
+    earlier run is in the folder's journal, and one whose answer was lost is found by its
+    Idempotency-Key (the gateway answers with the job it made).
+
+    The folder keeps the batch it was first used for (jobs added to the inputs later join it);
+    without one (`out` None), the folder is named for the batch."""
     me = api.me()  # the URL and the key work, before anything is read or sent
     fingerprint(planned)
-    batch_id = folder.batch_id or derive_batch_id(planned, str(me.get("id", "")))
+    folder = ResultsFolder(out) if out is not None else None
+    batch_id = (folder and folder.batch_id) or derive_batch_id(planned, str(me.get("id", "")))
+    folder = folder or ResultsFolder(Path(batch_id))
     folder.start(batch_id, api.url)
     todo = [(job, key) for job, key in zip(planned, idempotency_keys(planned, batch_id)) if key not in folder.made]
     uploads = Uploads(total_bytes=sum(job.upload_bytes for job, _ in todo), jobs=len(planned))
@@ -253,7 +272,7 @@ def submit_batch(
                 uploads.check()
                 display.bar("uploads", uploads.total_bytes, uploads.sent, uploads.detail())
                 jobs = [job for job in api.batch_jobs(batch_id) if job["id"] in folder.jobs]
-                return Outcome(batch_id, jobs, folder, waited=False)
+                return Outcome(batch_id, jobs, folder, submitted_only=True)
             return follow(api, batch_id, display, folder=folder, uploads=uploads, expected=len(planned),
                           interval=interval)
         finally:
