@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gateway_proc import GatewayProcess, free_port, until
-from media import make_png, make_wav
+from media import make_big_wav, make_png, make_wav
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +278,41 @@ def test_watch_download_cancel_and_retry(gateway, api, tmp_path):
     assert stopped.code == 0 and stopped.stdout == f"job {job}: cancelled\n", stopped.stdout
     assert client(gateway, "cancel", "jnothing", cwd=tmp_path).code == 5
     assert client(gateway, "cancel", running.json()["batch_id"], cwd=tmp_path).code == 0  # frees the node
+
+
+def test_a_large_input_streams_from_disk_and_the_video_to_disk(gateway, tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    make_png(folder / "face.png", color=(10, 200, 10))
+    make_big_wav(folder / "voice.wav", 64)
+    # The client is the only child of this small process: its peak memory is the children's.
+    measured = subprocess.run(
+        [sys.executable, "-c", (
+            "import resource, subprocess, sys\n"
+            "code = subprocess.run([sys.executable, '-m', 'x2v_gateway.cli', 'submit', 'big', '-q'], stdout=subprocess.DEVNULL).returncode\n"
+            "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)\n"
+        )], cwd=tmp_path, env=_env(gateway), capture_output=True, text=True, timeout=120,
+    )
+    code, peak_mb = map(int, measured.stdout.split())
+    assert code == 0, measured.stderr
+    assert len(list((tmp_path / "big-videos").glob("*.mp4"))) == 1
+    # Whole in memory, the 64 MiB file alone would take the client past 100 MB.
+    assert peak_mb < 75, f"the client peaked at {peak_mb} MB uploading a 64 MiB file"
+
+
+def test_ctrl_c_stops_at_once_and_says_how_to_go_on(gateway, api, tmp_path):
+    made = client(gateway, "submit", "--task", "t2v", "--prompt", "interrupt me", "--seeds", "1-12",
+                  "--no-wait", "--json", cwd=tmp_path)
+    batch_id = made.json()["batch_id"]
+    polls = gateway.log().count(f"batch_id={batch_id}")
+    proc = subprocess.Popen([sys.executable, "-m", "x2v_gateway.cli", "watch", batch_id, "--quiet"], cwd=tmp_path,
+                            env=_env(gateway), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    until(lambda: gateway.log().count(f"batch_id={batch_id}") > polls, what="the watch's first look at the batch")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130, stderr
+    assert "interrupted; run the same command again to go on" in stderr and "Traceback" not in stderr
+    assert client(gateway, "cancel", batch_id, cwd=tmp_path).code == 0
 
 
 def test_client_knows_the_gateways_job_fields_and_manifest_columns():

@@ -261,23 +261,25 @@ def submit_batch(
         else:
             uploads.replayed += 1
 
-    with ThreadPoolExecutor(parallel, thread_name_prefix="upload") as pool:
-        uploads.futures = [pool.submit(submit_one, job, key) for job, key in todo]
-        try:
-            if not wait:
-                while not uploads.done():
-                    uploads.check()
-                    display.bar("uploads", uploads.total_bytes, uploads.sent, uploads.detail())
-                    time.sleep(0.2)
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="upload")
+    uploads.futures = [pool.submit(submit_one, job, key) for job, key in todo]
+    try:
+        if not wait:
+            while not uploads.done():
                 uploads.check()
                 display.bar("uploads", uploads.total_bytes, uploads.sent, uploads.detail())
-                jobs = [job for job in api.batch_jobs(batch_id) if job["id"] in folder.jobs]
-                return Outcome(batch_id, jobs, folder, submitted_only=True)
-            return follow(api, batch_id, display, folder=folder, uploads=uploads, expected=len(planned),
-                          interval=interval)
-        finally:
-            for future in uploads.futures:
-                future.cancel()
+                time.sleep(0.2)
+            uploads.check()
+            display.bar("uploads", uploads.total_bytes, uploads.sent, uploads.detail())
+            jobs = [job for job in api.batch_jobs(batch_id) if job["id"] in folder.jobs]
+            return Outcome(batch_id, jobs, folder, submitted_only=True)
+        return follow(api, batch_id, display, folder=folder, uploads=uploads, expected=len(planned),
+                      interval=interval)
+    finally:
+        # Not waited for here: on Ctrl-C the command ends at once (a job an upload in flight
+        # makes is found by its key next time); on a refusal the uploads in flight still end,
+        # and record their jobs, before the process exits.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def download_batch(api: GatewayAPI, batch_id: str, out: Path, display: Display, *, wait: bool) -> Outcome:
