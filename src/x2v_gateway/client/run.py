@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .api import OK, SOME_FAILED, TERMINAL, UNFINISHED, ClientError, GatewayAPI, poll
+from .api import OK, SOME_FAILED, TERMINAL, UNFINISHED, UNREACHABLE, ClientError, GatewayAPI, poll
 from .plan import PlannedJob, derive_batch_id, fingerprint, idempotency_keys
 from .results import ResultsFolder
 
@@ -156,6 +156,56 @@ def _jobs_detail(jobs: list[dict[str, Any]], total: int) -> str:
     return text + (f" · {busy} running, {waiting} queued" if busy or waiting else "")
 
 
+class Downloads:
+    """The videos being fetched into a folder: one per succeeded job, and again when a retry of
+    the job made a new one (its sha256 changed); a video already in the folder is kept."""
+
+    def __init__(self, api: GatewayAPI, folder: ResultsFolder) -> None:
+        self.api, self.folder = api, folder
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="download")
+        self._asked: dict[str, tuple[str, Future]] = {}  # job id -> (its video's sha256, the download)
+
+    def take(self, jobs: list[dict[str, Any]]) -> None:
+        for position, job in enumerate(jobs, start=1):
+            result = job.get("result")
+            if job["state"] != "succeeded" or not result:
+                continue
+            if job["id"] in self._asked and self._asked[job["id"]][0] == result["sha256"]:
+                continue
+            name = self.folder.video_name(job, position)
+            future = _done() if self.folder.has_video(job, name) else self._pool.submit(self._fetch, job, name)
+            self._asked[job["id"]] = (result["sha256"], future)
+
+    def _fetch(self, job: dict[str, Any], name: str) -> None:
+        for attempt in range(3):
+            try:
+                self.api.download(job, self.folder.path / name)
+                break
+            except ClientError as exc:
+                # A connection that broke off, or bytes that arrived damaged: worth two more tries.
+                if exc.code != UNREACHABLE or attempt == 2:
+                    raise
+                time.sleep(1.0 + attempt)
+        self.folder.record_video(job, name)
+
+    def check(self) -> int:
+        """How many have ended; the first that failed stops the command, with its reason."""
+        ended = 0
+        for _, future in self._asked.values():
+            if future.done():
+                if future.exception() is not None:
+                    raise future.exception()  # type: ignore[misc]
+                ended += 1
+        return ended
+
+    @property
+    def asked(self) -> int:
+        return len(self._asked)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def follow(
     api: GatewayAPI, batch_id: str, display: Display, *, folder: ResultsFolder | None = None,
     uploads: Uploads | None = None, expected: int | None = None, wait: bool = True,
@@ -164,8 +214,7 @@ def follow(
     """Follow the batch until every job has finished (or, without `wait`, once), downloading
     each video into `folder` as its job succeeds. With `uploads`, only the jobs `folder` made
     are followed, and the batch is read until every submit has returned."""
-    downloader = ThreadPoolExecutor(2, thread_name_prefix="download") if folder is not None else None
-    fetching: dict[str, tuple[str, Future]] = {}  # job id -> (result sha256, its download)
+    downloads = Downloads(api, folder) if folder is not None else None
     failed_noted: set[str] = set()
     got = 0
     snapshot: list[dict[str, Any]] | None = None  # without `wait`: the jobs as they were at first
@@ -187,36 +236,23 @@ def follow(
                 if job["state"] == "failed" and job["id"] not in failed_noted:
                     failed_noted.add(job["id"])
                     display.note(f"failed: {job['id']}: {job.get('error') or 'no reason given'}")
-            if folder is not None and downloader is not None:
-                for position, job in enumerate(jobs, start=1):
-                    result = job.get("result")
-                    if job["state"] != "succeeded" or not result:
-                        continue
-                    if job["id"] in fetching and fetching[job["id"]][0] == result["sha256"]:
-                        continue  # asked for already (a retried job has a new video: fetched again)
-                    name = folder.video_name(job, position)
-                    if folder.has_video(job, name):
-                        fetching[job["id"]] = (result["sha256"], _done())
-                    else:
-                        fetching[job["id"]] = (result["sha256"], downloader.submit(_fetch, api, folder, job, name))
-                for _, future in fetching.values():
-                    if future.done() and future.exception() is not None:
-                        raise future.exception()  # type: ignore[misc]
-                now = sum(f.done() for _, f in fetching.values())
+            if folder is not None and downloads is not None:
+                downloads.take(jobs)
+                now = downloads.check()
                 if now != got or done == len(jobs):
                     folder.write_manifest(jobs)
                     got = now
-                wanted = sum(job["state"] == "succeeded" and bool(job.get("result")) for job in jobs)
-                display.bar("downloads", wanted, now, f"{now}/{wanted} videos in {folder.path}")
+                display.bar("downloads", downloads.asked, now, f"{now}/{downloads.asked} videos in {folder.path}")
             submitting = uploads is not None and not uploads.done()
-            fetched = got == len(fetching)  # as the bar shows it: the last one drawn is the end
+            # As the bars show it: the last frame drawn is the state the command ends on.
+            fetched = downloads is None or got == downloads.asked
             if not submitting and fetched and (not wait or done == total):
                 if folder is not None:
                     folder.write_manifest(jobs)
                 return Outcome(batch_id, jobs, folder)
     finally:
-        if downloader is not None:
-            downloader.shutdown(wait=False, cancel_futures=True)
+        if downloads is not None:
+            downloads.close()
     raise AssertionError("unreachable")
 
 
@@ -224,11 +260,6 @@ def _done() -> Future:
     future: Future = Future()
     future.set_result(None)
     return future
-
-
-def _fetch(api: GatewayAPI, folder: ResultsFolder, job: dict[str, Any], name: str) -> None:
-    api.download(job, folder.path / name)
-    folder.record_video(job, name)
 
 
 def submit_batch(
