@@ -202,6 +202,39 @@ def test_manifest_rows_with_a_failed_job_answer_json_and_exit_1(gateway, tmp_pat
     assert "failed" in run.stderr  # and people are told which, on stderr
 
 
+def test_pairs_by_file_name_and_a_jsonl_manifest_form_the_jobs_the_dashboard_would(gateway, api, tmp_path):
+    faces, voices = tmp_path / "faces", tmp_path / "voices"
+    portraits(faces, 2, audio=False, shade=100)
+    voices.mkdir()
+    for i, seconds in enumerate((0.4, 0.6)):
+        make_wav(voices / f"FACE{i:02d}.wav", seconds=seconds)
+    paired = client(gateway, "submit", "faces", "voices", "--mode", "pair", "--set", "infer_steps=4",
+                    "--no-wait", "--json", cwd=tmp_path)
+    assert paired.code == 0, paired.stderr
+    jobs = batch_jobs(api, paired.json()["batch_id"])
+    pairs = {(j["inputs"]["image"]["sha256"], j["inputs"]["audio"]["sha256"]) for j in jobs}
+    assert pairs == {(sha256(faces / f"face{i:02d}.png"), sha256(voices / f"FACE{i:02d}.wav")) for i in range(2)}
+    assert {j["params"]["infer_steps"] for j in jobs} == {4}
+
+    (tmp_path / "rows.jsonl").write_text(
+        '{"image": "face00.png", "prompt": "left", "target_shape": [64, 96], "seed": 3}\n'
+        '{"image": "face01.png", "prompt": "right", "priority": 5}\n'
+    )
+    rows = client(gateway, "submit", "rows.jsonl", "faces", "--task", "i2v", "--no-wait", "--json", cwd=tmp_path)
+    assert rows.code == 0, rows.stderr
+    by_prompt = {j["params"]["prompt"]: j for j in batch_jobs(api, rows.json()["batch_id"])}
+    assert by_prompt["left"]["params"]["target_shape"] == [64, 96] and by_prompt["left"]["params"]["seed"] == 3
+    assert by_prompt["right"]["priority"] == 5 and by_prompt["left"]["task"] == "i2v"
+    for batch_id in (paired.json()["batch_id"], rows.json()["batch_id"]):
+        assert client(gateway, "watch", batch_id, "-q", cwd=tmp_path).code == 0
+
+    unknown = tmp_path / "bad.jsonl"
+    unknown.write_text('{"image": "face00.png", "steps": 4}\n{"image": "nothere.png"}\n')
+    bad = client(gateway, "submit", "bad.jsonl", "faces", "--task", "i2v", cwd=tmp_path)
+    assert bad.code == 2, bad.stderr
+    assert "line 1: unknown key(s) 'steps'" in bad.stderr and "line 2: nothere.png is neither" in bad.stderr
+
+
 def test_bad_usage_unreachable_gateway_and_refused_key_have_their_own_exit_codes(gateway, tmp_path):
     portraits(tmp_path / "in", 1, shade=120)
 
