@@ -249,8 +249,12 @@ def test_bad_usage_unreachable_gateway_and_refused_key_have_their_own_exit_codes
     bad = client(gateway, "submit", "in", "--url", "not a url", cwd=tmp_path)
     assert bad.code == 2 and "--url" in bad.stderr, bad.stderr
 
-    gone = client(gateway, "submit", "in", cwd=tmp_path, X2V_URL=f"http://127.0.0.1:{free_port()}")
-    assert gone.code == 3 and "does not answer" in gone.stderr, gone.stderr
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    for args in (["submit", "in"], ["watch", "b1234567890"], ["cancel", "j1234567890"]):
+        started = time.monotonic()
+        gone = client(gateway, *args, cwd=tmp_path, X2V_URL=nowhere)
+        assert gone.code == 3 and "does not answer" in gone.stderr, gone.stderr
+        assert time.monotonic() - started < 20, "a gateway that never answered was waited for"
     refused = client(gateway, "submit", "in", cwd=tmp_path, X2V_KEY="x2v_" + "0" * 43)
     assert refused.code == 4 and "X2V_KEY" in refused.stderr, refused.stderr
     nokey = client(gateway, "watch", "b1234567890", cwd=tmp_path, X2V_KEY="")

@@ -75,10 +75,16 @@ class GatewayAPI:
         if not key:
             raise ClientError("no API key: set X2V_KEY (or pass --key); `keys create` on the gateway makes one",
                               AUTH_REFUSED)
+        if not key.isascii() or not key.isprintable():
+            raise ClientError("X2V_KEY / --key: an API key is printable ASCII; check what was pasted", USAGE)
         self.url = url.rstrip("/")
+        self._me: dict[str, Any] | None = None
+        # Until the gateway has answered once, it is not waited for: a wrong URL is said at once
+        # (exit 3), while an outage in the middle of a run is waited out.
+        self._answered = False
         try:
-            # A JSON request may block for a while (a busy gateway); an upload may take long
-            # between its chunks on a slow link: `write` and `read` wait per chunk, not in all.
+            # httpx's timeouts are per step (connect, each chunk written, each chunk read), not
+            # for the whole request: a 2 GB upload on a slow link is fine, a silent gateway is not.
             self.http = httpx.Client(
                 base_url=self.url, headers={"Authorization": f"Bearer {key}"},
                 timeout=httpx.Timeout(timeout, connect=10.0),
@@ -93,18 +99,17 @@ class GatewayAPI:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _send(
-        self, method: str, path: str, *, retry: bool = True, patience: float = PATIENCE_SECONDS, **kwargs: Any,
-    ) -> httpx.Response:
+    def _send(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
         """One request, repeated while the gateway is unreachable, busy or rate-limiting (when
-        `retry`, for up to `patience` seconds); a refusal is a ClientError with the gateway's
-        own message."""
-        give_up = time.monotonic() + patience
+        `retry`, for up to PATIENCE_SECONDS); a refusal is a ClientError with the gateway's own
+        message."""
+        give_up = time.monotonic() + (PATIENCE_SECONDS if self._answered else 0)
         attempt = 0
         while True:
             attempt += 1
             try:
                 response = self.http.request(method, path, **kwargs)
+                self._answered = True
             except httpx.TransportError as exc:
                 if retry and time.monotonic() < give_up:
                     self._pause(attempt, None, give_up)
@@ -130,12 +135,11 @@ class GatewayAPI:
         return self._send("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
 
     def me(self) -> dict[str, Any]:
-        """The key's own record: checks the URL and the key before any upload. A gateway that
-        does not answer now is said at once (a wrong URL), not waited for as a mid-run outage is."""
-        return self._send("GET", "/api/v1/me", patience=0).json()
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.get(f"/api/v1/jobs/{job_id}")
+        """The key's own record (read once): `submit` checks the URL and the key with it before
+        it reads a file."""
+        if self._me is None:
+            self._me = self.get("/api/v1/me")
+        return self._me
 
     def batch_jobs(self, batch_id: str) -> list[dict[str, Any]]:
         """Every job of the batch this key may see, oldest first, a page of 500 at a time."""
