@@ -181,6 +181,28 @@ def test_a_killed_client_run_again_submits_nothing_twice_and_downloads_nothing_t
     assert len(list((tmp_path / "out").glob("*.mp4"))) == 6
 
 
+def test_a_gateway_killed_and_restarted_mid_run_is_waited_for(gateway, api, tmp_path):
+    portraits(tmp_path / "in", 6, shade=160)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "x2v_gateway.cli", "submit", "in", "--prompt", "outage", "--json", "-q"],
+        cwd=tmp_path, env=_env(gateway), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        until(lambda: list((tmp_path / "in-videos").glob("*.mp4")), timeout=60, what="a first video")
+        assert proc.poll() is None, "the client ended before the gateway went away"
+        gateway.kill()
+        time.sleep(1)
+        gateway.start()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    answer = json.loads(stdout)
+    assert answer["counts"]["succeeded"] == 6
+    assert len(batch_jobs(api, answer["batch_id"])) == 6
+    assert len(list((tmp_path / "in-videos").glob("*.mp4"))) == 6
+
+
 def test_manifest_rows_with_a_failed_job_answer_json_and_exit_1(gateway, tmp_path):
     assets = portraits(tmp_path / "assets", 2, shade=80)
     (tmp_path / "jobs.csv").write_text(
@@ -200,6 +222,10 @@ def test_manifest_rows_with_a_failed_job_answer_json_and_exit_1(gateway, tmp_pat
         rows = {r["number"]: r for r in csv.DictReader(f)}
     assert (rows["1"]["seed"], rows["2"]["seed"], rows["2"]["state"]) == ("7", "8", "failed")
     assert "failed" in run.stderr  # and people are told which, on stderr
+
+    retried = client(gateway, "retry", answer["batch_id"], "--json", cwd=tmp_path)
+    assert retried.code == 0 and retried.json()["retried"] == [by_number[2]["id"]], retried.stdout
+    assert client(gateway, "watch", answer["batch_id"], cwd=tmp_path).code == 1  # it fails again
 
 
 def test_pairs_by_file_name_and_a_jsonl_manifest_form_the_jobs_the_dashboard_would(gateway, api, tmp_path):
