@@ -28,9 +28,10 @@ from gateway_proc import GatewayProcess, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-# `./dev` commands that serve until stopped: checked with `--help` (the command exists and `./dev`
+# `./dev` commands that serve until stopped, and the client's (they need a gateway with jobs:
+# tests/test_client.py runs them for real): checked with `--help` (the command exists and `./dev`
 # hands it over); the rest run for real.
-SERVING = {"serve", "demo-node"}
+SERVING = {"serve", "demo-node", "submit", "watch", "download", "cancel", "retry"}
 # `./dev` commands of its own, not the CLI's.
 DEV_ONLY = {"test", "bench"}
 READY = "x2v-gateway is ready."

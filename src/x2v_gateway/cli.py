@@ -312,5 +312,13 @@ def revoke_key(key: str, env_file: str) -> None:
                    f" you make one with `{cli_command()} keys create --admin --name NAME`.", err=True)
 
 
+# -- the client: submit, watch, download, cancel, retry (client/) --------------------------------
+
+from .client import COMMANDS as _CLIENT_COMMANDS  # noqa: E402 (registered after the server's)
+
+for _command in _CLIENT_COMMANDS:
+    main.add_command(_command)
+
+
 if __name__ == "__main__":
     main()

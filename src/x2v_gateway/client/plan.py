@@ -1,0 +1,337 @@
+"""Forming jobs from local files, the four ways the dashboard's batch form does.
+
+`x2v-gateway submit` reads a folder, files or a CSV/JSONL manifest and makes the jobs the batch
+form would make from the same files (`batches.py` plans the form on the gateway): every image ×
+every audio, images and audio paired by file name, one job per manifest row, or input sets ×
+prompts × seeds. Everything here is local: a mistake is found before a byte is uploaded, and
+each job gets a fingerprint of its content, from which the Idempotency-Key that makes a second
+run of the same command safe is derived.
+
+Parameter values are sent as text, as the form sends them, and checked by the gateway (a 422
+names the field); only the names are checked here.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus"})
+MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
+TASKS = ("s2v", "i2v", "t2v")  # the batch form's task types
+MODES = ("each", "pair", "manifest", "grid")
+# The gateway's GenerationParams fields (models.py); tests/test_client.py keeps the two equal.
+# The client does not import the server's models: it runs on laptops against remote gateways.
+PARAMS = (
+    "prompt", "negative_prompt", "seed", "infer_steps", "target_shape", "target_video_length",
+    "video_duration", "target_fps", "num_fragments", "resize_mode", "sr_ratio",
+    "use_prompt_enhancer", "lora_name", "lora_strength",
+)
+# What `--set` may give besides them: every job of the run goes to `upstream` / uses `model`.
+JOB_FIELDS = (*PARAMS, "priority", "upstream", "model")
+MANIFEST_COLUMNS = ("image", "audio", *PARAMS, "priority")
+
+
+class PlanError(Exception):
+    """Jobs cannot be formed; each problem says what to fix. Nothing was uploaded."""
+
+    def __init__(self, problems: list[str], option: str | None = None) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+        self.option = option
+
+
+@dataclass
+class PlannedJob:
+    """One job to submit: its multipart fields (text) and files (role -> local path)."""
+
+    number: int
+    source: str  # where it came from: "face.png + voice.wav", "manifest line 3"
+    fields: dict[str, str]
+    files: dict[str, Path] = field(default_factory=dict)
+    fingerprint: str = ""  # of task, fields and file contents: equal jobs, equal fingerprints
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files.values())
+
+
+@dataclass
+class Inputs:
+    """The files named on the command line, sorted into images, audio and a manifest."""
+
+    images: list[Path] = field(default_factory=list)
+    audios: list[Path] = field(default_factory=list)
+    manifest: Path | None = None
+    skipped: list[Path] = field(default_factory=list)  # files in a folder that are neither
+
+    @property
+    def files(self) -> list[Path]:
+        return self.images + self.audios
+
+
+def collect(paths: list[Path]) -> Inputs:
+    """Sort the given paths (a folder: its files, not its subfolders) by file name suffix."""
+    found = Inputs()
+    manifests: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            given = False
+        elif path.is_file():
+            entries, given = [path], True
+        else:
+            raise PlanError([f"{path}: no such file or folder"], "PATHS")
+        for entry in entries:
+            suffix = entry.suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                found.images.append(entry)
+            elif suffix in AUDIO_SUFFIXES:
+                found.audios.append(entry)
+            elif suffix in MANIFEST_SUFFIXES:
+                manifests.append(entry)
+            elif given:
+                raise PlanError([f"{entry}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))}), audio"
+                                 f" ({', '.join(sorted(AUDIO_SUFFIXES))}) or a .csv/.jsonl manifest"], "PATHS")
+            else:
+                found.skipped.append(entry)
+    if len(manifests) > 1:
+        raise PlanError([f"more than one manifest: {', '.join(map(str, manifests))}; give one"], "PATHS")
+    found.manifest = manifests[0] if manifests else None
+    return found
+
+
+def plan_jobs(
+    inputs: Inputs, *, task: str, mode: str | None, base: dict[str, str],
+    prompts: list[str] | None = None, seeds: str | None = None,
+) -> list[PlannedJob]:
+    """The jobs these inputs make in `mode` (None: manifest when one is given, grid when prompts
+    or seeds are, else every image × every audio); raises PlanError listing every problem."""
+    if mode is None:
+        mode = "manifest" if inputs.manifest else "grid" if (prompts or seeds) else "each"
+    if mode == "manifest" and inputs.manifest is None:
+        raise PlanError(["--mode manifest needs a .csv or .jsonl manifest among PATHS"], "--mode")
+    if mode != "manifest" and inputs.manifest is not None:
+        raise PlanError([f"{inputs.manifest} is a manifest: use --mode manifest, or leave it out"], "--mode")
+    if (prompts or seeds) and mode != "grid":
+        raise PlanError(["--prompts and --seeds form a prompt × seed grid: use them with --mode grid"], "--mode")
+    if mode == "pair" and task != "s2v":
+        raise PlanError(["pairing by file name is for s2v jobs (an image and an audio each)"], "--mode")
+    errors: list[str] = []
+    rows: list[tuple[str, dict[str, Path], dict[str, Any]]]
+    if mode == "each":
+        rows = [(_source(s), s, {}) for s in _input_sets(task, inputs, errors)]
+    elif mode == "pair":
+        rows = [(_source(s), s, {}) for s in _paired(inputs, errors)]
+    elif mode == "grid":
+        sets = _input_sets(task, inputs, errors)
+        seed_list = _seeds(seeds or "")
+        rows = [
+            (_source(s), s, {"prompt": line, "seed": "" if seed is None else str(seed)})
+            for s, line, seed in itertools.product(sets, prompts or [base.get("prompt", "")], seed_list)
+        ]
+    else:
+        assert inputs.manifest is not None
+        rows = _manifest_rows(task, inputs, errors)
+    if errors:
+        raise PlanError(errors)
+    jobs = []
+    for number, (source, files, overrides) in enumerate(rows, start=1):
+        values = {**base, **{k: _text(v) for k, v in overrides.items() if v is not None and _text(v) != ""}}
+        fields = {"task": task, **{k: v for k, v in values.items() if v != ""}}
+        jobs.append(PlannedJob(number, source, fields, files))
+    if task == "t2v":
+        missing = [j.source for j in jobs if not j.fields.get("prompt", "").strip()]
+        if missing:
+            raise PlanError([f"t2v jobs render their prompt: give --prompt (or a prompt for {', '.join(missing[:3])})"],
+                            "--prompt")
+    return jobs
+
+
+def _input_sets(task: str, inputs: Inputs, errors: list[str]) -> list[dict[str, Path]]:
+    """Every image with every audio (s2v), every image (i2v), nothing (t2v)."""
+    if task == "t2v":
+        if inputs.files:
+            errors.append("t2v jobs take no files: leave out the images and audio, or choose --task s2v or i2v")
+        return [{}]
+    if not inputs.images:
+        errors.append("no image among PATHS: give a folder with images, or image files")
+    if task == "i2v":
+        if inputs.audios:
+            errors.append("i2v jobs take no audio: leave out the audio files, or choose --task s2v")
+        return [{"image": i} for i in inputs.images]
+    if not inputs.audios:
+        errors.append("no audio among PATHS: s2v jobs need an image and an audio each")
+    return [{"image": i, "audio": a} for i, a in itertools.product(inputs.images, inputs.audios)]
+
+
+def _paired(inputs: Inputs, errors: list[str]) -> list[dict[str, Path]]:
+    """Images and audio matched by file name without extension: face01.png + face01.wav."""
+    groups: dict[str, dict[str, list[Path]]] = {}
+    for role, paths in (("image", inputs.images), ("audio", inputs.audios)):
+        for path in paths:
+            groups.setdefault(path.stem.lower(), {}).setdefault(role, []).append(path)
+    if not groups:
+        errors.append("no files: give images and audio files whose names match, like face01.png and face01.wav")
+    sets = []
+    for stem, roles in groups.items():
+        images, audios = roles.get("image", []), roles.get("audio", [])
+        if len(images) > 1 or len(audios) > 1:
+            errors.append(f"{', '.join(p.name for p in images + audios)}: several files are named {stem!r}; rename or remove one")
+        elif not images:
+            errors.append(f"no image named {stem}.* to go with {audios[0].name}: add one, or leave the audio out")
+        elif not audios:
+            errors.append(f"no audio named {stem}.* to go with {images[0].name}: add one, or leave the image out")
+        else:
+            sets.append({"image": images[0], "audio": audios[0]})
+    return sets
+
+
+def _seeds(text: str) -> list[int | None]:
+    """`1, 2, 10-12` -> [1, 2, 10, 11, 12]; empty -> one job with a random seed."""
+    seeds: list[int | None] = []
+    for part in re.findall(r"[^,\s]+", text):
+        if m := re.fullmatch(r"(\d{1,10})-(\d{1,10})", part):
+            first, last = int(m.group(1)), int(m.group(2))
+            if last < first:
+                raise PlanError([f"--seeds: {part} runs backwards; write it as {last}-{first}"], "--seeds")
+            seeds += range(first, last + 1)
+        elif part.isdigit() and len(part) <= 10:
+            seeds.append(int(part))
+        else:
+            raise PlanError([f"--seeds: {part[:40]} is not a seed; write numbers separated by commas, or a range like 1-8"],
+                            "--seeds")
+    return seeds or [None]
+
+
+def _manifest_rows(task: str, inputs: Inputs, errors: list[str]) -> list[tuple[str, dict[str, Path], dict[str, Any]]]:
+    """One job per manifest row; its image and audio cells name files among PATHS or next to the
+    manifest (as typed, then ignoring case: spreadsheets like to change case)."""
+    manifest = inputs.manifest
+    assert manifest is not None
+    by_name = {p.name: p for p in inputs.files}
+    by_lower = {p.name.lower(): p for p in inputs.files}
+    needed = {"s2v": ("image", "audio"), "i2v": ("image",), "t2v": ()}[task]
+    rows = []
+    for where, values in _read_manifest(manifest, errors):
+        files: dict[str, Path] = {}
+        for role in ("image", "audio"):
+            name = str(values.pop(role, "") or "").strip()
+            if not name:
+                if role in needed:
+                    errors.append(f"{where}: no {role}; {task} jobs need " + " and ".join(needed))
+                continue
+            if role not in needed:
+                errors.append(f"{where}: {task} jobs take no {role}; empty the {role} cell, or choose another --task")
+                continue
+            path = by_name.get(name) or by_lower.get(name.lower()) or manifest.parent / name
+            if not path.is_file():
+                errors.append(f"{where}: {name} is neither among PATHS nor next to the manifest")
+                continue
+            files[role] = path
+        rows.append((f"{manifest.name} {where}", files, values))
+    return rows
+
+
+def _read_manifest(path: Path, errors: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, values) per row of a CSV (with a header) or JSONL manifest."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError([f"{path}: cannot be read as UTF-8 text ({exc})"], "PATHS") from None
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if not text.strip():
+        errors.append(f"{path.name} is empty: write CSV (with a header) or JSONL rows")
+    elif text.lstrip().startswith("{"):
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                values = json.loads(line)
+            except ValueError as exc:
+                errors.append(f"line {number}: not valid JSON ({exc.args[0].split(':')[0]})")
+                continue
+            if not isinstance(values, dict):
+                errors.append(f"line {number}: each line must be a JSON object like {{\"image\": \"face.png\"}}")
+                continue
+            unknown = sorted(set(values) - set(MANIFEST_COLUMNS))
+            if unknown:
+                errors.append(f"line {number}: unknown key(s) {', '.join(map(repr, unknown))}; keys can be: "
+                              + ", ".join(MANIFEST_COLUMNS))
+            rows.append((f"line {number}", values))
+    else:
+        reader = csv.DictReader(io.StringIO(text.strip() + "\n"), skipinitialspace=True)
+        header = [(h or "").strip().lower() for h in reader.fieldnames or []]
+        unknown = [h for h in header if h not in MANIFEST_COLUMNS]
+        if unknown:
+            errors.append(f"{path.name}: the header names columns it cannot have: {', '.join(map(repr, unknown))};"
+                          " columns can be: " + ", ".join(MANIFEST_COLUMNS))
+            return []
+        reader.fieldnames = header
+        for row in reader:
+            if None in row:
+                errors.append(f"line {reader.line_num}: more cells than the header names; check the commas")
+                continue
+            rows.append((f"line {reader.line_num}", {k: (v or "").strip() for k, v in row.items()}))
+        if not rows and not errors:
+            errors.append(f"{path.name} has a header but no rows")
+    return rows
+
+
+def _text(value: Any) -> str:
+    """A manifest or option value as the form field the gateway reads: [480, 832] -> `480,832`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value).strip()
+
+
+def _source(files: dict[str, Path]) -> str:
+    return " + ".join(p.name for p in files.values()) or "prompt only"
+
+
+# -- what makes a second run of the same command safe --------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(jobs: list[PlannedJob]) -> None:
+    """Give each job the hash of what it asks for: task, fields and its files' contents (each
+    file read once, however many jobs use it)."""
+    hashes: dict[Path, str] = {}
+    for job in jobs:
+        contents = {role: hashes.setdefault(path, file_sha256(path)) for role, path in job.files.items()}
+        job.fingerprint = hashlib.sha256(json.dumps([job.fields, contents], sort_keys=True).encode()).hexdigest()
+
+
+def derive_batch_id(jobs: list[PlannedJob], owner: str) -> str:
+    """The same inputs, sent with the same key, make the same batch id: `b` + 32 hex digits."""
+    digest = hashlib.sha256(json.dumps([owner, sorted(j.fingerprint for j in jobs)]).encode())
+    return "b" + digest.hexdigest()[:32]
+
+
+def idempotency_keys(jobs: list[PlannedJob], batch_id: str) -> list[str]:
+    """A key per job, from its batch, its content and how many equal jobs came before it (two
+    equal rows are two jobs; adding a file to the folder changes no other job's key)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for job in jobs:
+        nth = seen[job.fingerprint] = seen.get(job.fingerprint, 0) + 1
+        digest = hashlib.sha256(f"{batch_id}:{job.fingerprint}:{nth}".encode()).hexdigest()
+        keys.append(f"x2v-cli-{digest[:48]}")
+    return keys
