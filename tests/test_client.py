@@ -381,7 +381,7 @@ def test_ctrl_c_stops_at_once_and_says_how_to_go_on(gateway, api, tmp_path):
 def test_client_knows_the_gateways_job_fields_and_manifest_columns():
     from x2v_gateway.batch_plan import MANIFEST_COLUMNS
     from x2v_gateway.client import plan
-    from x2v_gateway.models import GenerationParams
+    from x2v_gateway.schemas import GenerationParams
 
     assert plan.PARAMS == GenerationParams.__struct_fields__
     assert plan.MANIFEST_COLUMNS == MANIFEST_COLUMNS

@@ -518,7 +518,7 @@ def test_dashboard_batch_for_the_cloud_only_needs_a_prompt(tmp_path):
     import asyncio
 
     from x2v_gateway.app import Gateway
-    from x2v_gateway.models import ApiError
+    from x2v_gateway.schemas import ApiError
     from x2v_gateway.settings import load_settings
     from x2v_gateway.store import BatchJobSpec
 

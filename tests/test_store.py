@@ -106,7 +106,7 @@ def test_retention_keeps_a_blob_that_a_live_job_still_uses(store):
 def test_a_finished_job_read_again_shows_every_later_change(store):
     """Finished jobs' rows and views are kept for list pages (store.Memo): a change made without
     touching updated_at (the cancel delivered, the files expired) must still show."""
-    from x2v_gateway.models import job_view
+    from x2v_gateway.schemas import job_view
 
     def listed():
         job = run(store.read(lambda r: r.list_jobs(limit=1)))[0]

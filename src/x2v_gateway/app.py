@@ -31,7 +31,7 @@ from .inputs import PublicOnlyTransport
 from .jobs import JobService
 from .node_registry import NodeRegistry
 from .metrics import Metrics
-from .models import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
+from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
 from .routes import access, dashboard
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController

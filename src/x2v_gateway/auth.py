@@ -49,7 +49,7 @@ from litestar.utils.scope.state import ScopeState
 from markupsafe import escape
 
 from .inputs import declared_size
-from .models import ApiError, ErrorBody, ErrorResponse
+from .schemas import ApiError, ErrorBody, ErrorResponse
 from .settings import cli_command
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .auth import Caller
 from .blobs import BlobStore
-from .models import iso
+from .schemas import iso
 from .reads import batch_summary, every_item
 from .store import BatchItem, JobStore
 

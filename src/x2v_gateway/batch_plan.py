@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from .blobs import BlobStore
-from .models import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params
+from .schemas import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params
 from .store import BatchJobSpec, JobStore
 
 TASKS = ("s2v", "i2v", "t2v")

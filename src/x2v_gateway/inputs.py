@@ -30,7 +30,7 @@ from python_multipart.multipart import Field, MultipartParser, parse_form, parse
 
 from .blobs import BlobStore, BlobTooLarge, BlobWriter
 from .checker import CHECKER, MediaError
-from .models import INPUT_ROLES, ApiError, JobRequest, field_problem
+from .schemas import INPUT_ROLES, ApiError, JobRequest, field_problem
 from .store import JobStore
 
 if TYPE_CHECKING:

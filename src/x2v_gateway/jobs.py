@@ -32,7 +32,7 @@ from .inputs import (
     IncomingFile, check_free_space, discard, fetch_input, job_from_form, job_from_json, keep_files,
     read_limited, read_multipart, urlencoded_fields,
 )
-from .models import (
+from .schemas import (
     INPUT_ROLES, PROMPT_REQUIRED, TASK_INPUTS, ApiError, JobRequest, generation_params,
 )
 from .reads import batch_summary, every_item, find_item, find_job

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .dispatch import Dispatcher, UpstreamState
-from .models import ApiError
+from .schemas import ApiError
 from .settings import VIDEO_TASKS, Settings, SettingsError, parse_nodes
 from .store import JobStore
 from .upstream import Upstream, self_hosted_node

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .auth import Caller
-from .models import ApiError
+from .schemas import ApiError
 from .store import TERMINAL, BatchItem, Job, JobStore, Reads
 
 T = TypeVar("T")

@@ -28,7 +28,7 @@ AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".o
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
 TASKS = ("s2v", "i2v", "t2v")  # the batch form's task types
 MODES = ("each", "pair", "manifest", "grid")
-# The gateway's GenerationParams fields (models.py); tests/test_client.py keeps the two equal.
+# The gateway's GenerationParams fields (schemas.py); tests/test_client.py keeps the two equal.
 # The client does not import the server's models: it runs on laptops against remote gateways.
 PARAMS = (
     "prompt", "negative_prompt", "seed", "infer_steps", "target_shape", "target_video_length",

@@ -25,7 +25,7 @@ from ..auth import (
     sign_in_page,
 )
 from ..inputs import read_form
-from ..models import MAX_SQLITE_INT, ApiError, errors, iso
+from ..schemas import MAX_SQLITE_INT, ApiError, errors, iso
 from ..reads import cut_page
 from ..settings import Settings
 from ..store import AdminKeyNeeded, JobStore, KeyNameTaken

@@ -21,7 +21,7 @@ from ..blobs import BlobStore
 from ..dispatch import Dispatcher
 from ..inputs import declared_size
 from ..jobs import JobService
-from ..models import MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
+from ..schemas import MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
 from ..reads import cut_page, find_job, visible
 from ..store import STATES, Inflight, Job, JobStore, Reads
 from ..upstream.base import UpstreamError

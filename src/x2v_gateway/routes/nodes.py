@@ -20,7 +20,7 @@ from msgspec import Meta
 
 from ..auth import Caller
 from ..dispatch import Dispatcher, UpstreamState
-from ..models import TaskType, errors
+from ..schemas import TaskType, errors
 from ..node_registry import NodeRegistry
 from ..store import JobStore
 

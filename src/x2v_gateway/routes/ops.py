@@ -9,7 +9,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from ..dispatch import Dispatcher
 from ..metrics import Metrics
-from ..models import errors
+from ..schemas import errors
 from ..store import JobStore
 
 

@@ -23,7 +23,7 @@ from litestar.response import Redirect, Template
 from litestar.types import Guard
 
 from ...auth import LimitError
-from ...models import ApiError, plain
+from ...schemas import ApiError, plain
 from ...reads import NotFound
 from . import actions, feed, pages
 from .templating import setup_templates, static_files, templates_dir

@@ -17,7 +17,7 @@ from ...batch_plan import Upload
 from ...dispatch import Dispatcher
 from ...inputs import declared_size, read_form
 from ...jobs import JobService
-from ...models import ApiError
+from ...schemas import ApiError
 from ...node_registry import NodeRegistry
 from ...reads import find_item
 from ...store import Job, JobStore

@@ -18,7 +18,7 @@ from ...batch_plan import MANIFEST_COLUMNS, MAX_BATCH_JOBS, new_batch_id
 from ...blobs import BlobStore
 from ...dispatch import Dispatcher
 from ...jobs import JobService
-from ...models import MAX_SQLITE_INT, ApiError
+from ...schemas import MAX_SQLITE_INT, ApiError
 from ...reads import batch_summary, find_item
 from ...settings import Settings
 from ...store import JobStore

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from litestar.params import QueryParameter
 
 from ...auth import Caller
-from ...models import TASK_INPUTS, ApiError
+from ...schemas import TASK_INPUTS, ApiError
 from ...reads import BatchSummary, cut_page, read_batch_summary
 from ...store import STATES, BatchItem, Job, JobStore, Reads
 

@@ -16,7 +16,7 @@ from markupsafe import Markup
 
 from ...auth import Caller
 from ...batch_plan import LABELS, MODES, RESIZE_MODES, TASKS
-from ...models import iso
+from ...schemas import iso
 from ...store import STATES, TERMINAL
 
 if TYPE_CHECKING:
