@@ -23,7 +23,8 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.template.config import TemplateConfig
 
-from .auth import Auth, AuthMiddleware, LimitError, caller, limit_error_response
+from .auth import Auth, LimitError, caller, limit_error_response
+from .auth_middleware import AuthMiddleware
 from .blobs import BlobStore
 from .checker import CHECKER
 from .dispatch import Dispatcher, Notifier

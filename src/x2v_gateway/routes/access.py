@@ -19,11 +19,9 @@ from ..auth import (
     SIGN_IN_FIELD,
     Auth,
     Caller,
-    safe_next,
     same_secret,
-    session_cookie_kwargs,
-    sign_in_page,
 )
+from ..auth_middleware import safe_next, session_cookie_kwargs, sign_in_page
 from ..inputs import read_form
 from ..schemas import MAX_SQLITE_INT, ApiError, errors, iso
 from ..reads import cut_page
