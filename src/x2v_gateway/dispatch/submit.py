@@ -143,13 +143,20 @@ class Submitter:
             return
         if now.run != job.run:
             if reached and landed:
-                # A stray: recorded, so that neither a failed request nor a crash leaves it
-                # running, and cancelled by the follow loop before the upstream gets anything new.
+                # A stray, cancelled at once: the follow loop's next status call may come after
+                # the task has run. Recorded first, so that neither a failed request nor a crash
+                # leaves it running; if the cancel fails, the follow loop sends it again before
+                # the upstream gets anything new.
                 await self.ctx.store.add_stray(state.name, landed, job.id)
-                state.strays = True
-                state.plan.poke.set()
-                log.info("job %s: task %s, of its run before the retry, is left to cancel on %s",
-                         job.id, landed, state.name)
+                try:
+                    await self.ctx.call(state, "cancel", lambda: state.upstream.cancel(landed))
+                except UpstreamError:
+                    state.strays = True
+                    state.plan.poke.set()
+                else:
+                    await self.ctx.store.drop_stray(state.name, landed)
+                    log.info("job %s: task %s, of its run before the retry, cancelled on %s",
+                             job.id, landed, state.name)
             return
         if now.cancel_pending:
             if reached:
