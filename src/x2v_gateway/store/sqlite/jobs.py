@@ -30,10 +30,12 @@ _FINISHED_JOBS = Memo(10_000)
 
 
 def row_to_job(row: sqlite3.Row | dict[str, Any]) -> Job:
-    finished = row["state"] in TERMINAL
-    key = tuple(row.values()) if isinstance(row, dict) else tuple(row)
-    if finished and (job := _FINISHED_JOBS.get(key)) is not None:
-        return job
+    # Only a finished job is kept: a job in flight changes, and its key would be work for nothing.
+    key = None
+    if row["state"] in TERMINAL:
+        key = tuple(row.values()) if isinstance(row, dict) else tuple(row)
+        if (job := _FINISHED_JOBS.get(key)) is not None:
+            return job
     data = dict(row)
     for column in _JSON_COLUMNS:
         if data[column] is not None:
@@ -41,7 +43,7 @@ def row_to_job(row: sqlite3.Row | dict[str, Any]) -> Job:
     for column in _BOOL_COLUMNS:
         data[column] = bool(data[column])
     job = Job(**data)
-    if finished:
+    if key is not None:
         _FINISHED_JOBS.put(key, job)
     return job
 
