@@ -9,6 +9,7 @@ import pytest
 
 from gateway_proc import GatewayProcess
 from media import make_png, make_wav
+from pg_cluster import PostgresCluster
 
 
 def pytest_configure(config) -> None:
@@ -56,6 +57,24 @@ def cleanup():
     yield things.append
     for thing in reversed(things):
         thing.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A PostgreSQL server for this test process (each pytest-xdist worker starts its own),
+    started the first time a test asks for it."""
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path):
+    """Where a store lives, once for each backend: a SQLite file, or a fresh PostgreSQL
+    database with the gateway's schema (`JobStore(location)` opens either)."""
+    if request.param == "sqlite":
+        return tmp_path / "gateway.db"
+    return request.getfixturevalue("pg_cluster").new_database()
 
 
 @pytest.fixture(scope="session")
