@@ -125,6 +125,8 @@ def _where(settings: Settings, gateway: Gateway) -> str:
         ("upstreams", upstreams),
         ("data", str(settings.data_dir.resolve())),
     ]
+    if settings.database_url:
+        rows.append(("store", f"PostgreSQL, {settings.database_shown}"))
     return "\nx2v-gateway is ready.\n" + "".join(f"  {name:<10} {value}\n" for name, value in rows) + "\n"
 
 
@@ -164,7 +166,7 @@ def _open_auth(env_file: str):  # -> tuple[Auth, JobStore]
     except SettingsError as exc:
         click.echo(f"x2v-gateway: {exc}", err=True)
         sys.exit(2)
-    store = JobStore(settings.db_path)
+    store = JobStore(settings.store_location)
     return Auth(settings, store), store
 
 

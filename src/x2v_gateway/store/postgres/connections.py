@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import IsolationLevel, errors
 from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import ConnectionPool
 
+from ...settings import redact_url
 from ..base import JobStore
 from .schema import apply_migrations
 
@@ -44,15 +44,6 @@ AFTER_NEWEST = 2**63 - 1
 
 def timestamp() -> float:
     return time.time()
-
-
-def redact(url: str) -> str:
-    """A database URL fit for a log line: its password replaced."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def rows(conn: psycopg.Connection, sql: str, args: Any = ()) -> list[dict[str, Any]]:
@@ -112,7 +103,7 @@ class PostgresThreads(JobStore):
         self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="x2v-store-reader")
 
     def __repr__(self) -> str:
-        return f"PostgresStore({redact(self.url)!r})"
+        return f"PostgresStore({redact_url(self.url)!r})"
 
     def read_blocking(self, fn: Callable[[Reads], T]) -> T:
         with self._read_pool.connection() as conn:
