@@ -321,6 +321,10 @@ from .client import COMMANDS as _CLIENT_COMMANDS  # noqa: E402 (registered after
 for _command in _CLIENT_COMMANDS:
     main.add_command(_command)
 
+from .store_cli import migrate_store_command  # noqa: E402
+
+main.add_command(migrate_store_command)
+
 
 if __name__ == "__main__":
     main()
