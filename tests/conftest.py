@@ -36,6 +36,7 @@ FILE_SECONDS = {
     "test_demo_node.py": 20, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
     "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
     "test_postgres_gateway.py": 14, "test_migrate_store.py": 5,
+    "test_store_plans_postgres.py": 14,
 }
 
 

@@ -23,7 +23,7 @@ import psycopg
 
 from .base import JobStore
 
-CHUNK = 1000
+CHUNK = 5000
 
 
 @dataclass(frozen=True)
@@ -147,31 +147,26 @@ def _chunks(src: sqlite3.Connection, table: Table) -> Iterator[tuple[list[tuple]
 
 
 def _write_chunk(dst: psycopg.Connection, table: Table, columns: list[str], chunk: list[tuple]) -> int:
-    """Upsert one chunk (history: insert what is missing); how many rows were new."""
+    """Upsert one chunk (history: insert what is missing); how many rows were new.
+
+    The rows go in with COPY into a scratch table, then one INSERT … SELECT: a million jobs
+    copy in minutes, where a statement per row took many times longer.
+    """
     flags = [columns.index(c) for c in table.flags]
-    rows: list[list[Any]] = []
-    for row in chunk:
-        values = list(row)
-        for i in flags:
-            values[i] = None if values[i] is None else bool(values[i])
-        rows.append(values)
+    names = ", ".join(columns)
+    dst.execute(f"CREATE TEMP TABLE IF NOT EXISTS incoming_{table.name} (LIKE {table.name}) ON COMMIT DELETE ROWS")
+    with dst.cursor().copy(f"COPY incoming_{table.name} ({names}) FROM STDIN") as copy:
+        for row in chunk:
+            values = list(row)
+            for i in flags:
+                values[i] = None if values[i] is None else bool(values[i])
+            copy.write_row(values)
     key = ", ".join(table.key)
-    if table.history:
-        conflict = "DO NOTHING"
-    else:
-        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in table.key)
-        conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
-    placeholders = ", ".join(["%s"] * len(columns))
-    added = 0
-    with dst.cursor() as cur:
-        # xmax = 0: the row was inserted, not updated (a row skipped by DO NOTHING returns none).
-        cur.executemany(
-            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})"
-            f" ON CONFLICT ({key}) {conflict} RETURNING (xmax = 0)",
-            rows, returning=True,
-        )
-        while True:
-            found = cur.fetchone()
-            added += bool(found and found[0])
-            if not cur.nextset():
-                return added
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in table.key)
+    conflict = f"DO UPDATE SET {updates}" if updates and not table.history else "DO NOTHING"
+    # xmax = 0: the row was inserted, not updated (a row skipped by DO NOTHING returns none).
+    return dst.execute(
+        f"WITH written AS (INSERT INTO {table.name} ({names}) SELECT {names} FROM incoming_{table.name}"
+        f" ORDER BY {key} ON CONFLICT ({key}) {conflict} RETURNING (xmax = 0) AS new)"
+        " SELECT count(*) FILTER (WHERE new) FROM written"
+    ).fetchone()[0]

@@ -12,12 +12,15 @@ from ..sqlite.batches import row_to_item
 from .connections import PgRows, PostgresThreads, one, rows, timestamp, tuples, value
 
 # A job with its place in its dashboard batch, and the job retried as a new run of it, if any.
+# The LIMIT keeps the lateral join a lookup per job of the page: joined whole, the planner
+# hashed every batch's rows for a page of 500 jobs.
 _ITEM_SQL = (
     "SELECT jobs.*, bj.position AS bj_position, bj.files AS bj_files,"
     " bj.retry_of AS bj_retry_of,"
     " (SELECT r.job_id FROM batch_jobs r WHERE r.retry_of = jobs.id"
     "  ORDER BY r.position DESC LIMIT 1) AS bj_retried_as"
-    " FROM jobs LEFT JOIN batch_jobs bj ON bj.job_id = jobs.id"
+    " FROM jobs LEFT JOIN LATERAL (SELECT position, files, retry_of FROM batch_jobs"
+    "  WHERE batch_jobs.job_id = jobs.id LIMIT 1) bj ON true"
 )
 # pg_advisory_xact_lock's first key for "adding jobs to a batch" (the second: the batch id's hash).
 _BATCH_LOCK = 0x7832
