@@ -1,5 +1,5 @@
 """The gateway as a real process on PostgreSQL (X2V_DATABASE_URL): a job end to end, a SIGKILL
-survived, and what replicas share (the store): keys, sessions and daily quotas."""
+survived, and what replicas share (the store): keys, sessions, daily quotas and rate limits."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_jobs_survive_gateway_sigkill_on_postgresql_with_one_submission_each(tmp
         node.stop()
 
 
-def test_two_replicas_share_keys_sessions_and_a_daily_quota(tmp_path, pg_cluster):
+def test_two_replicas_share_keys_sessions_a_daily_quota_and_a_rate_limit(tmp_path, pg_cluster):
     url = pg_cluster.new_database()
     node = NodeProcess(tmp_path / "node", job_seconds=0.2).start()
     a = GatewayProcess(tmp_path / "a", nodes=f"n1={node.url}", X2V_DATABASE_URL=url).start()
@@ -75,6 +75,13 @@ def test_two_replicas_share_keys_sessions_and_a_daily_quota(tmp_path, pg_cluster
             assert over.status_code == 429 and over.json()["error"]["field"] == "quota"
             assert on_b.post("/api/v1/jobs", json={"task": "t2v", "prompt": "four"}).status_code == 429
             assert on_b.get("/api/v1/me").json()["jobs_today"] == 2
+        # A rate limit holds across replicas too: three requests a minute, wherever they land.
+        with a.client() as admin:
+            limited = remember_secret(admin.post("/api/v1/keys", json={"name": "chatty", "rate_per_min": 3}).json()["key"])
+        with a.client(key=limited) as on_a, b.client(key=limited) as on_b:
+            answers = [client.get("/api/v1/jobs?limit=1") for client in (on_a, on_b, on_a, on_b)]
+            assert [r.status_code for r in answers] == [200, 200, 200, 429]
+            assert answers[3].json()["error"]["field"] == "rate"
         # A dashboard sign-in made on one replica is good on the other.
         cookie = a.sign_in(key)
         with b.client(key=None) as browser:

@@ -163,6 +163,19 @@ class KeyWrites(PostgresThreads):
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
         await self._write(lambda conn: audit(conn, actor, action, target, detail))
 
+    async def take_request(self, key_id: str, per_minute: float) -> float:
+        # One statement: the bucket's row lock orders two replicas' requests of one key, each
+        # refilling from the other's time and count.
+        capacity = max(1.0, per_minute)
+        refill = "least(%(cap)s, b.tokens + greatest(0, %(now)s - b.at) * %(rate)s / 60)"
+        tokens, taken = await self._write(lambda conn: conn.execute(
+            "INSERT INTO rate_buckets AS b (key_id, tokens, at, taken) VALUES (%(key)s, %(cap)s - 1, %(now)s, true)"
+            f" ON CONFLICT (key_id) DO UPDATE SET tokens = {refill} - CASE WHEN {refill} >= 1 THEN 1 ELSE 0 END,"
+            f" taken = {refill} >= 1, at = greatest(b.at, %(now)s) RETURNING tokens, taken",
+            {"key": key_id, "cap": capacity, "now": timestamp(), "rate": per_minute},
+        ).fetchone())
+        return 0.0 if taken else (1 - tokens) * 60 / per_minute
+
 
 def audit(conn: psycopg.Connection, actor: str, action: str, target: str, detail: str) -> None:
     changed(

@@ -6,7 +6,8 @@ and the others find it done.
 
 The first migration is the SQLite schema's m001–m023 in one step; every later SQLite migration
 (m024 on) gets its counterpart here under the same name, so that both backends hold the same
-tables. JSON columns stay text (the records are built from rows by the same code as SQLite's);
+tables. What only PostgreSQL keeps (state SQLite's store holds in memory, because one process
+uses it) has migrations named pg001 on. JSON columns stay text (the records are built from rows by the same code as SQLite's);
 flags are booleans; times are seconds since the epoch (double precision), as in SQLite.
 """
 
@@ -215,6 +216,20 @@ CREATE TABLE queue_blocks (
 );
 {triggers}
 """.replace("{triggers}", _COUNT_TRIGGERS))
+
+
+@migration
+def pg001_rate_buckets(conn: psycopg.Connection) -> None:
+    # A key's rate limit as one token bucket every replica takes from (SQLite's store keeps its
+    # buckets in memory: one process serves its API). Seconds since the epoch: replicas' clocks,
+    # unlike their monotonic ones, agree.
+    _run(conn, """
+CREATE TABLE rate_buckets (
+    key_id text PRIMARY KEY,
+    tokens double precision NOT NULL,
+    at double precision NOT NULL,
+    taken boolean NOT NULL
+)""")
 
 
 def _count_trigger(name: str, tables: str, changes: str) -> str:
