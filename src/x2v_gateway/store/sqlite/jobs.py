@@ -350,6 +350,8 @@ class JobWrites(SqliteThreads):
         )
 
     async def expire_files(self, finished_before: float, grace: float = 3600.0) -> list[str]:
+        from .pipelines import pipeline_blobs  # a pipeline's joined video is kept like a job's
+
         def write(conn: sqlite3.Connection) -> list[str]:
             conn.execute(
                 "UPDATE jobs SET files_expired = 1 WHERE files_expired = 0"
@@ -358,7 +360,7 @@ class JobWrites(SqliteThreads):
             )
             # Blobs recorded within the grace period are kept too: they may belong to a request
             # that is still being accepted.
-            live = _blobs_of(conn, "files_expired = 0", ())
+            live = _blobs_of(conn, "files_expired = 0", ()) | pipeline_blobs(conn, finished_before)
             doomed = [
                 sha for (sha,) in conn.execute(
                     "SELECT sha256 FROM blobs WHERE created_at < ?", (timestamp() - grace,)
@@ -396,6 +398,8 @@ class JobWrites(SqliteThreads):
         return await self._write(write)
 
     async def purge_files(self, job_ids: list[str], actor: str, target: str) -> list[str]:
+        from .pipelines import pipeline_blobs  # a pipeline's joined video is kept like a job's
+
         def write(conn: sqlite3.Connection) -> list[str]:
             mine: set[str] = set()
             for start in range(0, len(job_ids), 500):  # SQLite's limit on bound parameters
@@ -403,7 +407,8 @@ class JobWrites(SqliteThreads):
                 these = f"id IN ({','.join('?' * len(chunk))}) AND state IN {TERMINAL_SQL}"
                 mine |= _blobs_of(conn, these, chunk)
                 conn.execute(f"UPDATE jobs SET files_expired = 1 WHERE {these}", chunk)
-            doomed = sorted(mine - _blobs_of(conn, "files_expired = 0", ())) if mine else []
+            kept = _blobs_of(conn, "files_expired = 0", ()) | pipeline_blobs(conn, 0.0)
+            doomed = sorted(mine - kept) if mine else []
             conn.executemany("DELETE FROM blobs WHERE sha256 = ?", [(s,) for s in doomed])
             audit(conn, actor, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
             return doomed
