@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import time
 import wave
 from pathlib import Path
@@ -268,6 +273,35 @@ def test_pipeline_survives_gateway_sigkill_and_repeats_no_finished_step(tmp_path
             assert probe_video(video).duration == pytest.approx(3.0, abs=0.07)
     finally:
         gateway.stop()
+
+
+def test_cli_submits_a_document_naming_local_files_and_downloads_the_video(gateway, media, tmp_path):
+    shutil.copy(media["face"], tmp_path / "face.png")
+    shutil.copy(media["voice"], tmp_path / "voice.wav")
+    (tmp_path / "story.json").write_text(json.dumps({"scenes": [
+        {"task": "t2v", "prompt": "a title card", "duration": 1},
+        {"task": "s2v", "prompt": "hello", "image": "face.png", "audio": "voice.wav"},
+    ]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("X2V_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "x2v_gateway.cli", "pipeline", "submit", "story.json", "--json"],
+        cwd=tmp_path, env={**env, "X2V_URL": gateway.url, "X2V_KEY": gateway.admin_key},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["state"] == "succeeded" and [s["task"] for s in answer["steps"]] == ["t2v", "s2v"]
+    info = probe_video(tmp_path / "story.mp4")
+    assert info.has_audio and info.duration == pytest.approx(2.5, abs=0.07)
+    assert gateway.admin_key not in done.stdout + done.stderr
+
+    (tmp_path / "bad.json").write_text(json.dumps({"scenes": [{"task": "i2v", "image": "nope.png", "duration": 1}]}))
+    refused = subprocess.run(
+        [sys.executable, "-m", "x2v_gateway.cli", "pipeline", "submit", "bad.json"],
+        cwd=tmp_path, env={**env, "X2V_URL": gateway.url, "X2V_KEY": gateway.admin_key},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode == 2 and "scenes[0].image" in refused.stderr
 
 
 # -- in-process: planning cuts, splitting, joining -----------------------------------------------

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from ..schemas import PROMPT_REQUIRED, TASK_INPUTS, ApiError, GenerationParams, Seed, generation_params, plain
+from ..schemas import TASK_INPUTS, ApiError, GenerationParams, Seed, generation_params, plain
 from ..store import PipelineStep
 
 MAX_SCENES = 50

@@ -19,6 +19,7 @@ from ..records import (
 )
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .keys import audit
+from .pipeline_files import pipeline_blobs
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 _JSON_COLUMNS = ("params", "inputs", "result_meta", "queue_info")
@@ -350,8 +351,6 @@ class JobWrites(SqliteThreads):
         )
 
     async def expire_files(self, finished_before: float, grace: float = 3600.0) -> list[str]:
-        from .pipelines import pipeline_blobs  # a pipeline's joined video is kept like a job's
-
         def write(conn: sqlite3.Connection) -> list[str]:
             conn.execute(
                 "UPDATE jobs SET files_expired = 1 WHERE files_expired = 0"
@@ -398,8 +397,6 @@ class JobWrites(SqliteThreads):
         return await self._write(write)
 
     async def purge_files(self, job_ids: list[str], actor: str, target: str) -> list[str]:
-        from .pipelines import pipeline_blobs  # a pipeline's joined video is kept like a job's
-
         def write(conn: sqlite3.Connection) -> list[str]:
             mine: set[str] = set()
             for start in range(0, len(job_ids), 500):  # SQLite's limit on bound parameters
