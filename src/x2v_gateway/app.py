@@ -31,11 +31,13 @@ from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
 from .jobs import JobService
 from .node_registry import NodeRegistry
+from .pipelines import PipelineService
 from .metrics import Metrics
 from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
 from .routes import access, dashboard
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
+from .routes.pipelines import PipelinesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .settings import Settings, load_settings
 from .store import JobStore
@@ -115,6 +117,7 @@ class Gateway:
         self.jobs = JobService(
             settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
         )
+        self.pipelines = PipelineService(settings, self.store, self.blobs, self.jobs, self.notifier, self.auth)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each
@@ -122,7 +125,7 @@ class Gateway:
         services: dict[str, Any] = {
             "settings": self.settings, "store": self.store, "blobs": self.blobs, "jobs": self.jobs,
             "auth": self.auth, "dispatcher": self.dispatcher, "notifier": self.notifier,
-            "registry": self.registry, "metrics": self.metrics,
+            "registry": self.registry, "metrics": self.metrics, "pipelines": self.pipelines,
         }
         provided = {name: Provide(_given(service), use_cache=True, sync_to_thread=False)
                     for name, service in services.items()}
@@ -158,12 +161,14 @@ class Gateway:
         await self.auth.bootstrap()
         await self.registry.save_settings()
         await self.dispatcher.start()
+        await self.pipelines.start()
         log.info("upstreams: %s", ", ".join(
             f"{s.upstream.name} ({s.upstream.kind}, {s.upstream.base_url})"
             for s in self.dispatcher.states.values()
         ))
 
     async def stop(self) -> None:
+        await self.pipelines.stop()
         await self.dispatcher.stop()
         await self.http.aclose()
         if self.demo_node is not None:
@@ -240,7 +245,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         # Logging is set up above from X2V_LOG_LEVEL; Litestar's own default would reset it.
         logging_config=None,
         route_handlers=[
-            JobsController, BatchesController, ModelsController, NodesController, *OPS_ROUTES,
+            JobsController, BatchesController, ModelsController, NodesController, PipelinesController, *OPS_ROUTES,
             # The dashboard: pages under /ui (one Router: the place for sign-in and CSRF guards),
             # its static files, and / landing on it.
             dashboard.router(), dashboard.static_files(), dashboard.root,

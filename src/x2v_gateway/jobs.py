@@ -305,6 +305,39 @@ class JobService:
             job = await self.store.get(job.id) or job
         return job
 
+    # -- pipeline steps (pipelines/) ------------------------------------------------------------
+
+    async def keep_inputs(self, values: dict[str, str], owner: str | None) -> dict[str, str]:
+        """Inputs given as http(s) URLs, data URLs or base64 (role -> value): fetched, checked
+        by their content as `owner`'s and kept. Role -> sha256; all or nothing."""
+        files: list[IncomingFile] = []
+        max_bytes = self.settings.max_file_mb * 1024 * 1024
+        try:
+            for role, value in values.items():
+                files.append(await fetch_input(role, value, self.blobs, self.http, max_bytes=max_bytes))
+        except BaseException:
+            discard(files)
+            raise
+        return {role: s.sha256 for role, s in (await keep_files(files, self.store, owner)).items()}
+
+    async def submit_step(
+        self, pipeline_id: str, n: int, *, task: str, params: dict[str, Any], inputs: dict[str, str],
+        priority: int, owner: str | None,
+    ) -> Job | None:
+        """Queue a pipeline step's job, an ordinary job in the pipeline's batch (the step's
+        own if it has one already). None when the pipeline has ended. Counted against the
+        owner's quota when the pipeline was accepted."""
+        made = await self.store.create_step_job(
+            pipeline_id, n, task=task, params=params, inputs=inputs, priority=priority, owner=owner,
+        )
+        if made is None:
+            return None
+        job, created = made
+        if created:
+            self.notifier.changed(job.id)
+            self.dispatcher.wake()
+        return job
+
     # -- changing a job -------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, who: Caller, *, purge: bool = False) -> Job:

@@ -68,6 +68,8 @@ class Settings:
     node_tasks: dict[str, frozenset[str]] = field(default_factory=dict)
     node_capacity: dict[str, int] = field(default_factory=dict)
     start_deadline: float = 300.0
+    # A pipeline's s2v audio longer than this is split at its silences into parts (pipelines/).
+    speech_part_seconds: float = 30.0
 
     @property
     def db_path(self) -> Path:
@@ -245,6 +247,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_MIN_FREE_DISK_MB": ("min_free_disk_mb", _int(0, 1024 * 1024 * 1024), "New jobs get 507 while the data directory's disk has less free space than this, in MiB (0: no check)"),
     "X2V_MEDIA_CHECKERS": ("media_checkers", _int(1, 32), "Helper processes that check uploaded files and results (Pillow, PyAV), one file each at a time; one API key uses at most all but one of them"),
     "X2V_MAX_IMAGE_MEGAPIXELS": ("max_image_megapixels", _float(0.1, 1000), "Largest image accepted, in megapixels (width × height / 1,000,000); larger ones get 422 before they are decoded"),
+    "X2V_SPEECH_PART_SECONDS": ("speech_part_seconds", _float(2, 600), "Longest audio a node takes in one s2v task: a pipeline's s2v scene with longer audio is split at its silences into parts of at most this many seconds, run in parallel and joined"),
 }
 
 CLOUD_SETTINGS = {

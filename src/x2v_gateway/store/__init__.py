@@ -7,6 +7,7 @@ them, in `sqlite/`; a second backend is one more module that implements `JobStor
 
 from .base import JobStore
 from .memo import Memo
+from .pipeline_records import Pipeline, PipelineStep, new_pipeline_id
 from .reads import Reads
 from .records import (
     ACTIVE,
@@ -36,5 +37,6 @@ JobStore.default_backend = SqliteStore
 __all__ = [
     "ACTIVE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "STATES", "SUBMITTED", "SUCCEEDED",
     "TERMINAL", "AdminKeyNeeded", "BatchItem", "BatchJobSpec", "IdempotencyConflict", "Inflight",
-    "Job", "JobStore", "KeyNameTaken", "Lane", "Memo", "QueuedJob", "Reads", "new_job_id",
+    "Job", "JobStore", "KeyNameTaken", "Lane", "Memo", "Pipeline", "PipelineStep", "QueuedJob", "Reads",
+    "new_job_id", "new_pipeline_id",
 ]

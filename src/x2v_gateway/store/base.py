@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from .reads import Reads
+from .pipeline_records import Pipeline
 from .records import BatchJobSpec, Job
 
 T = TypeVar("T")
@@ -95,6 +96,9 @@ class JobStore(ABC):
     jobs_used = _off_loop(Reads.jobs_used)
     concurrency_limits = _off_loop(Reads.concurrency_limits)
     audit_log = _off_loop(Reads.audit_log)
+    pipeline = _off_loop(Reads.pipeline)
+    pipelines = _off_loop(Reads.pipelines)
+    running_pipelines = _off_loop(Reads.running_pipelines)
 
     # -- a job's life ---------------------------------------------------------------------------
 
@@ -221,6 +225,32 @@ class JobStore(ABC):
         With `batch` (name, task, mode, form) a new dashboard batch is recorded too; when a batch
         with that id exists already (a second click on "Create"), nothing is added: None.
         """
+
+    # -- pipelines (pipelines/) -----------------------------------------------------------------
+
+    @abstractmethod
+    async def create_pipeline(self, pipeline: Pipeline) -> None:
+        """Record a new pipeline (`running`) with its steps, none of them a job yet."""
+
+    @abstractmethod
+    async def create_step_job(
+        self, pipeline_id: str, n: int, *, task: str, params: dict[str, Any], inputs: dict[str, str],
+        priority: int = 0, owner: str | None = None,
+    ) -> tuple[Job, bool] | None:
+        """Queue step `n`'s job (batch: the pipeline) and record it on the step, in one
+        transaction: (job, created). A step that has its job already gets that one back, so a
+        pipeline advanced twice (an event and the start-up sweep) makes no second job. None for
+        a pipeline that has ended (succeeded, cancelled) or no such step."""
+
+    @abstractmethod
+    async def set_pipeline_state(
+        self, pipeline_id: str, state: str, error: str | None = None, *, only_from: tuple[str, ...],
+    ) -> bool:
+        """Move a pipeline to `state` (with `error`, or none) if it is in one of `only_from`."""
+
+    @abstractmethod
+    async def finish_pipeline(self, pipeline_id: str, result_sha: str, meta: dict[str, Any]) -> bool:
+        """A running pipeline's joined video is stored: it succeeded."""
 
     # -- the node registry ----------------------------------------------------------------------
 

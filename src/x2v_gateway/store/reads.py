@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from .pipeline_records import Pipeline
 from .records import BatchItem, Inflight, Job, Lane, QueuedJob
 
 
@@ -134,6 +135,22 @@ class Reads(Protocol):
         ...
 
     def batch_item(self, job_id: str) -> BatchItem | None: ...
+
+    # -- pipelines ------------------------------------------------------------------------------
+
+    def pipeline(self, pipeline_id: str) -> Pipeline | None:
+        """A pipeline with its steps."""
+        ...
+
+    def pipelines(
+        self, *, owner: str | None = None, before_seq: int | None = None, limit: int = 50,
+    ) -> list[Pipeline]:
+        """Pipelines (`owner`'s, if given) with their steps, newest first; `before_seq` is the cursor."""
+        ...
+
+    def running_pipelines(self) -> list[str]:
+        """The ids of the pipelines still under way, oldest first (the start-up sweep)."""
+        ...
 
     # -- nodes ----------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from ..records import (
 )
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .keys import audit
+from .pipeline_files import pipeline_blobs
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 _JSON_COLUMNS = ("params", "inputs", "result_meta", "queue_info")
@@ -358,7 +359,7 @@ class JobWrites(SqliteThreads):
             )
             # Blobs recorded within the grace period are kept too: they may belong to a request
             # that is still being accepted.
-            live = _blobs_of(conn, "files_expired = 0", ())
+            live = _blobs_of(conn, "files_expired = 0", ()) | pipeline_blobs(conn, finished_before)
             doomed = [
                 sha for (sha,) in conn.execute(
                     "SELECT sha256 FROM blobs WHERE created_at < ?", (timestamp() - grace,)
@@ -403,7 +404,8 @@ class JobWrites(SqliteThreads):
                 these = f"id IN ({','.join('?' * len(chunk))}) AND state IN {TERMINAL_SQL}"
                 mine |= _blobs_of(conn, these, chunk)
                 conn.execute(f"UPDATE jobs SET files_expired = 1 WHERE {these}", chunk)
-            doomed = sorted(mine - _blobs_of(conn, "files_expired = 0", ())) if mine else []
+            kept = _blobs_of(conn, "files_expired = 0", ()) | pipeline_blobs(conn, 0.0)
+            doomed = sorted(mine - kept) if mine else []
             conn.executemany("DELETE FROM blobs WHERE sha256 = ?", [(s,) for s in doomed])
             audit(conn, actor, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
             return doomed

@@ -206,3 +206,27 @@ def m023_owner_state(db: Database) -> None:
     # A key's jobs in one state, newest first (its failed jobs, its queue): without it the
     # owner's whole history was read to find a few of them.
     db.execute("CREATE INDEX idx_jobs_owner_state_seq ON jobs (owner, state, seq)")
+
+
+@migrations()
+def m028_pipelines(db: Database) -> None:
+    # A pipeline: one finished video from several steps (pipelines/). Its state and its steps
+    # live here, so that a restart picks it up where it was; each step becomes an ordinary job
+    # (`job_id`), made in the same transaction that records it, so none is ever made twice.
+    db["pipelines"].create(
+        {"seq": int, "id": str, "owner": str, "name": str, "state": str, "output": str,
+         "priority": int, "created_at": float, "updated_at": float, "finished_at": float,
+         "error": str, "result_sha": str, "result_meta": str, "files_expired": int},
+        pk="seq", not_null={"id", "state", "output", "created_at", "updated_at"},
+        defaults={"priority": 0, "files_expired": 0},
+    )
+    db["pipelines"].create_index(["id"], unique=True)
+    db.execute("CREATE INDEX idx_pipelines_owner_seq ON pipelines (owner, seq)")
+    # The start-up sweep's read: the pipelines still under way.
+    db.execute("CREATE INDEX idx_pipelines_running ON pipelines (seq) WHERE state = 'running'")
+    db["pipeline_steps"].create(
+        {"pipeline_id": str, "n": int, "scene": int, "segment": int, "kind": str, "task": str,
+         "params": str, "inputs": str, "needs": str, "seconds": float, "audio": str, "job_id": str},
+        pk=("pipeline_id", "n"), not_null={"kind", "task", "params", "inputs", "needs"},
+    )
+    db.execute("CREATE UNIQUE INDEX idx_pipeline_steps_job ON pipeline_steps (job_id) WHERE job_id IS NOT NULL")
