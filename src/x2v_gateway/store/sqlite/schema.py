@@ -206,3 +206,15 @@ def m023_owner_state(db: Database) -> None:
     # A key's jobs in one state, newest first (its failed jobs, its queue): without it the
     # owner's whole history was read to find a few of them.
     db.execute("CREATE INDEX idx_jobs_owner_state_seq ON jobs (owner, state, seq)")
+
+
+@migrations()
+def m030_foreign_ids(db: Database) -> None:
+    # Ids the compatible surfaces' clients chose or were given (a LightX2V client's own
+    # `task_id`, its `save_result_path` file name), each naming a gateway job, per key.
+    db.execute(
+        "CREATE TABLE foreign_ids (owner TEXT NOT NULL, surface TEXT NOT NULL,"
+        " foreign_id TEXT NOT NULL, job_id TEXT NOT NULL, created_at REAL NOT NULL,"
+        " PRIMARY KEY (owner, surface, foreign_id))"
+    )
+    db.execute("CREATE INDEX idx_foreign_ids_job ON foreign_ids (job_id)")
