@@ -31,7 +31,6 @@ from ..compat import (
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
-from ..reads import visible
 from ..settings import Settings
 from ..store import Job, JobStore, Reads
 from .files import ranged_file
