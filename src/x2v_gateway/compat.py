@@ -60,6 +60,8 @@ def error_response(
     if which is None:
         return None
     if which == OPENAI:
+        # OpenAI's APIs refuse a bad value with 400 `invalid_request_error`, never 422.
+        status = 400 if status == 422 else status
         body: Any = {"error": {
             "message": message, "type": _OPENAI_TYPES.get(status, "invalid_request_error"),
             "param": field, "code": _OPENAI_CODES.get(status),
