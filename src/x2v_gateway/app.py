@@ -23,10 +23,11 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.template.config import TemplateConfig
 
-from .auth import Auth, LimitError, caller, limit_error_response
+from .auth import Auth, LimitError, caller
 from .auth_middleware import AuthMiddleware
 from .blobs import BlobStore
 from .checker import CHECKER
+from .compat import error_response, surface
 from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
 from .jobs import JobService
@@ -34,7 +35,7 @@ from .node_registry import NodeRegistry
 from .pipelines import PipelineService
 from .metrics import Metrics
 from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
-from .routes import access, dashboard
+from .routes import access, dashboard, lightx2v_api, openai_api
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
 from .routes.pipelines import PipelinesController
@@ -183,29 +184,41 @@ def _given(service: Any) -> Callable[[], Any]:
     return provide
 
 
-def _error(status: int, message: str, field: str | None = None) -> Response[ErrorResponse]:
-    return Response(ErrorResponse(ErrorBody(status, message, field)), status_code=status)
+def _error(request: Request, status: int, message: str, field: str | None = None,
+           headers: dict[str, str] | None = None) -> Response:
+    # A compatible surface's clients get the shape they read (compat.py); the rest, the API's.
+    return error_response(request.url.path, status, message, field, headers) or Response(
+        ErrorResponse(ErrorBody(status, message, field)), status_code=status, headers=headers,
+    )
 
 
-def _api_error(request: Request, exc: ApiError) -> Response[ErrorResponse]:
-    return _error(exc.status, exc.message, exc.field)
+def _api_error(request: Request, exc: ApiError) -> Response:
+    return _error(request, exc.status, exc.message, exc.field)
 
 
-def _validation_error(request: Request, exc: ValidationException) -> Response[ErrorResponse]:
+def _limit_error(request: Request, exc: LimitError) -> Response:
+    return _error(request, exc.status, exc.message, exc.field, {"retry-after": str(exc.retry_after)})
+
+
+def _validation_error(request: Request, exc: ValidationException) -> Response:
     extra = exc.extra if isinstance(exc.extra, list) else []
     first = extra[0] if extra and isinstance(extra[0], dict) else {}
     field = first.get("key")
     message = f"{field} {plain(str(first.get('message')))}" if field else exc.detail
-    return _error(400, message, field)
+    # FastAPI (the compatible surfaces' model) says 422 for a query parameter out of range.
+    return _error(request, 422 if surface(request.url.path) else 400, message, field)
 
 
-def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
-    return _error(exc.status_code, exc.detail)
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    headers = {"allow": exc.headers["allow"]} if exc.headers and "allow" in exc.headers else None
+    if exc.status_code == 405 and surface(request.url.path):
+        return _error(request, 405, "Method Not Allowed", headers=headers)
+    return _error(request, exc.status_code, exc.detail, headers=headers)
 
 
-def _internal_error(request: Request, exc: Exception) -> Response[ErrorResponse]:
+def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _error(500, "internal error; the gateway logged the details")
+    return _error(request, 500, "internal error; the gateway logged the details")
 
 
 # Swagger UI, served from the gateway's own /static (static/VENDORED.md): Litestar's default loads
@@ -251,6 +264,8 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             dashboard.router(), dashboard.static_files(), dashboard.root,
             # Sign-in and sign-out, API keys, the audit log (auth.py decides who may call what).
             *access.ROUTES,
+            # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's.
+            *lightx2v_api.ROUTES, *openai_api.ROUTES,
         ],
         # Every request: who is calling, may they, CSRF for sessions, the key's rate limit.
         middleware=[AuthMiddleware()],
@@ -269,7 +284,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         ),
         lifespan=[lifespan],
         exception_handlers={
-            LimitError: limit_error_response,
+            LimitError: _limit_error,
             ApiError: _api_error,
             ValidationException: _validation_error,
             HTTPException: _http_error,

@@ -104,6 +104,38 @@ class JobService:
             job = await self.wait(job, wait)
         return job, created
 
+    async def submit_read(
+        self, who: Caller, request: JobRequest, files: list[IncomingFile] | None = None, *,
+        wait: float | None = None,
+    ) -> Job:
+        """A job a compatible surface (routes/lightx2v_api.py, openai_api.py, seed_services.py)
+        has read already, with its uploaded `files` (roles image, audio, last_frame): checked,
+        kept and queued as `who`'s, counted against its quota, exactly like `submit`'s."""
+        files = files or []
+        try:
+            self._check_free_space()
+            for role in {f.role for f in files}:
+                if getattr(request, role):
+                    raise ApiError(400, f"{role} was sent both as a file and as text", role)
+            async with self.auth.counting_jobs(who):
+                job, _ = await self._submit(request, files, None, who.owner)
+        except BaseException:
+            discard(files)  # nothing once they are kept: the writers are committed
+            raise
+        return await self.wait(job, wait) if wait else job
+
+    async def read_upload(
+        self, content_type: str, body: AsyncIterator[bytes], *, size: int | None, roles: dict[str, str],
+    ) -> tuple[dict[str, str], list[IncomingFile]]:
+        """A compatible surface's multipart body: its text fields, and its files (part name ->
+        job input role by `roles`) on disk, within the upload limits."""
+        if not content_type.startswith("multipart/form-data"):
+            raise ApiError(415, "send this request as multipart/form-data", "Content-Type")
+        if size is not None and size > self.settings.max_upload_mb * 1024 * 1024:
+            raise ApiError(413, f"request body is larger than the {self.settings.max_upload_mb} MiB allowed")
+        self._check_free_space(size or 0)
+        return await read_multipart(content_type, body, self.blobs, roles=roles, **self._upload_limits())
+
     async def _submit_json(
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:

@@ -55,6 +55,8 @@ class Settings:
     # Access control (auth.py): the bootstrap admin key, never in a repr, a log line or an error.
     admin_key: str = field(default="", repr=False)
     metrics_open: bool = False
+    # The key (id or name) requests without credentials on the compatible surfaces act as.
+    headerless_key: str = ""
     private_urls: bool = False
     cors_origins: tuple[str, ...] = ()
     session_hours: float = 12.0
@@ -241,6 +243,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_ADMIN_KEY": ("admin_key", _admin_key, "An admin API key for a new deployment (at least 24 characters); it works while this variable holds it. Unset and no key made yet: the first start makes one and shows it once"),
     "X2V_PRIVATE_URLS": ("private_urls", _bool, "`true`: input URLs may point at private, loopback and link-local addresses. Default: public addresses only, so a key cannot make the gateway read internal services"),
     "X2V_METRICS_OPEN": ("metrics_open", _bool, "`true`: `/metrics` answers without a key (for a scraper on a private network). Default: it needs an admin key"),
+    "X2V_HEADERLESS_KEY": ("headerless_key", _text, "The API key (its id or name) that requests without an `Authorization` header act as on the compatible routes (the LightX2V server API, the OpenAI routes, the replaced services), for clients written to send none; only on a network where everyone who can reach the gateway may use that key. Empty: those routes need a key like every other"),
     "X2V_CORS_ORIGINS": ("cors_origins", _origins, "Browser origins allowed to call the API (CORS), comma-separated, e.g. `https://app.example.com`. Empty: CORS off"),
     "X2V_SESSION_HOURS": ("session_hours", _float(0.1, 24 * 90), "Hours a dashboard sign-in lasts"),
     "X2V_MAX_FILE_MB": ("max_file_mb", _int(1, 1024 * 1024), "Largest single input file accepted (upload, URL or base64), in MiB"),

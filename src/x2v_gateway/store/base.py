@@ -99,6 +99,8 @@ class JobStore(ABC):
     pipeline = _off_loop(Reads.pipeline)
     pipelines = _off_loop(Reads.pipelines)
     running_pipelines = _off_loop(Reads.running_pipelines)
+    foreign_job = _off_loop(Reads.foreign_job)
+    foreign_ids = _off_loop(Reads.foreign_ids)
 
     # -- a job's life ---------------------------------------------------------------------------
 
@@ -317,3 +319,12 @@ class JobStore(ABC):
 
     @abstractmethod
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
+
+    # -- foreign ids (the compatible surfaces, routes/compat) -----------------------------------
+
+    @abstractmethod
+    async def save_foreign_id(
+        self, owner: str, surface: str, foreign_id: str, job_id: str, *, replace: bool = False,
+    ) -> bool:
+        """Name a job as a client of `surface` knows it, per key. False when the name is taken
+        (unless `replace`: then the newest job has it, as a file written again on a node)."""

@@ -188,3 +188,13 @@ class Reads(Protocol):
     def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
         """Audit entries, newest first; `before_id` is the cursor."""
         ...
+
+    # -- foreign ids (the compatible surfaces, routes/compat) -----------------------------------
+
+    def foreign_job(self, owner: str, surface: str, foreign_id: str) -> str | None:
+        """The job a client of `surface` named `foreign_id` (a LightX2V `task_id`, a file name)."""
+        ...
+
+    def foreign_ids(self, owner: str, surface: str, job_ids: list[str]) -> dict[str, str]:
+        """job id -> the name its client gave it on `surface`, for those of `job_ids` that have one."""
+        ...

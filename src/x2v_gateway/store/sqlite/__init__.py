@@ -1,13 +1,14 @@
 """The store in one SQLite file: `SqliteStore`, made of one module per idea.
 
 `connections` (threads and connections), `schema` (migrations), `jobs`, `queue`, `batches`,
-`nodes`, `keys`, `pipelines`: each holds the SQL of its idea, reads and writes.
+`nodes`, `keys`, `pipelines`, `foreign`: each holds the SQL of its idea, reads and writes.
 """
 
 from __future__ import annotations
 
 from .batches import BatchReads, BatchWrites
 from .connections import READER_THREADS
+from .foreign import ForeignReads, ForeignWrites
 from .jobs import JobReads, JobWrites
 from .keys import KeyReads, KeyWrites
 from .nodes import NodeReads, NodeWrites
@@ -17,7 +18,7 @@ from .queue import QueueReads
 __all__ = ["READER_THREADS", "SqliteReads", "SqliteStore"]
 
 
-class SqliteReads(JobReads, QueueReads, BatchReads, NodeReads, KeyReads, PipelineReads):
+class SqliteReads(JobReads, QueueReads, BatchReads, NodeReads, KeyReads, PipelineReads, ForeignReads):
     """The store's reads on one SQLite connection: `Reads` (store/reads.py).
 
     The store runs them on a reader thread; the writer uses them inside its transactions too
@@ -25,7 +26,7 @@ class SqliteReads(JobReads, QueueReads, BatchReads, NodeReads, KeyReads, Pipelin
     """
 
 
-class SqliteStore(JobWrites, BatchWrites, NodeWrites, KeyWrites, PipelineWrites):
+class SqliteStore(JobWrites, BatchWrites, NodeWrites, KeyWrites, PipelineWrites, ForeignWrites):
     """Jobs, nodes and keys in one SQLite file (WAL), never read or written on the event loop."""
 
     _reads = SqliteReads

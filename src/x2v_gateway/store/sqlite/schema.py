@@ -230,3 +230,15 @@ def m028_pipelines(db: Database) -> None:
         pk=("pipeline_id", "n"), not_null={"kind", "task", "params", "inputs", "needs"},
     )
     db.execute("CREATE UNIQUE INDEX idx_pipeline_steps_job ON pipeline_steps (job_id) WHERE job_id IS NOT NULL")
+
+
+@migrations()
+def m030_foreign_ids(db: Database) -> None:
+    # Ids the compatible surfaces' clients chose or were given (a LightX2V client's own
+    # `task_id`, its `save_result_path` file name), each naming a gateway job, per key.
+    db.execute(
+        "CREATE TABLE foreign_ids (owner TEXT NOT NULL, surface TEXT NOT NULL,"
+        " foreign_id TEXT NOT NULL, job_id TEXT NOT NULL, created_at REAL NOT NULL,"
+        " PRIMARY KEY (owner, surface, foreign_id))"
+    )
+    db.execute("CREATE INDEX idx_foreign_ids_job ON foreign_ids (job_id)")
