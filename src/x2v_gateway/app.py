@@ -88,7 +88,7 @@ class Gateway:
     def __init__(self, settings: Settings, upstreams: list[Upstream] | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(settings.db_path)
+        self.store = JobStore(settings.store_location)
         self.blobs = BlobStore(settings.blob_dir)
         self.notifier = Notifier()
         self.metrics = Metrics()

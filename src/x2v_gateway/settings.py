@@ -72,14 +72,34 @@ class Settings:
     start_deadline: float = 300.0
     # A pipeline's s2v audio longer than this is split at its silences into parts (pipelines/).
     speech_part_seconds: float = 30.0
+    # PostgreSQL instead of the SQLite file (several replicas); its password never in a repr.
+    database_url: str = field(default="", repr=False)
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "gateway.db"
 
     @property
+    def store_location(self) -> Path | str:
+        """What `JobStore(...)` opens: the PostgreSQL URL when one is set, else the SQLite file."""
+        return self.database_url or self.db_path
+
+    @property
+    def database_shown(self) -> str:
+        """X2V_DATABASE_URL fit for a page or a log line: its password hidden."""
+        return redact_url(self.database_url)
+
+    @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password (if any) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _int(lo: int, hi: int) -> Callable[[str, str], int]:
@@ -131,6 +151,17 @@ def _admin_key(name: str, raw: str) -> str:
         raise SettingsError(
             f"{name} must be at least 24 characters without spaces; make one with"
             " `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return raw
+
+
+def _database_url(name: str, raw: str) -> str:
+    # The URL may hold a password: an error names the variable, never the value.
+    parts = urlsplit(raw)
+    if parts.scheme not in {"postgresql", "postgres"} or not parts.path.strip("/"):
+        raise SettingsError(
+            f"{name} must be a PostgreSQL URL with a database name,"
+            " postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
         )
     return raw
 
@@ -222,6 +253,7 @@ def parse_node_capacity(name: str, raw: str) -> dict[str, int]:
 # name -> (Settings field, parser, description for the README). Order is the README's order.
 SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_DATA_DIR": ("data_dir", _path, "Where the SQLite file and the blob store live"),
+    "X2V_DATABASE_URL": ("database_url", _database_url, "A PostgreSQL database (`postgresql://USER:PASSWORD@HOST:PORT/DATABASE`) for the job store instead of the SQLite file in X2V_DATA_DIR, so that several gateway replicas share it; its schema is made and migrated at start. Empty: SQLite"),
     "X2V_HOST": ("host", _text, "Address the gateway listens on"),
     "X2V_PORT": ("port", _int(1, 65535), "Port the gateway listens on"),
     "X2V_NODES": ("nodes", parse_nodes, "Self-hosted LightX2V nodes: comma-separated base URLs, each optionally `name=url`. Empty: a built-in demo node is started"),

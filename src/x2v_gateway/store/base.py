@@ -7,9 +7,9 @@ their rows) in one hop. Every state change is conditional, so a finished job can
 again: a job cancelled by its user stays cancelled even when its node later reports it completed.
 
 A backend implements the abstract methods and the reads of `Reads` (SQLite: `store/sqlite/`);
-nothing else names it. `JobStore(path)` opens the default backend, as `Path(...)` makes a
-`PosixPath`: today a SQLite file. A second backend (PostgreSQL for several replicas) is one more
-module, and the line in `store/__init__.py` that picks it.
+nothing else names it. `JobStore(location)` opens the backend for the location, as `Path(...)`
+makes a `PosixPath`: a SQLite file for a path, PostgreSQL (`store/postgres/`, for several
+replicas) for a `postgresql://` URL; `store/__init__.py` picks it.
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ def _off_loop(read: Callable[Concatenate[Reads, P], T]) -> Callable[Concatenate[
 class JobStore(ABC):
     """Jobs, nodes, keys and their history, never read or written on the event loop."""
 
-    # What `JobStore(location)` opens (store/__init__.py sets it: SQLite).
-    default_backend: ClassVar[type[JobStore]]
+    # What `JobStore(location)` opens: a backend for the location (store/__init__.py sets it:
+    # PostgreSQL for a postgresql:// URL, else a SQLite file).
+    backend_for: ClassVar[Callable[[Any], type[JobStore]]]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> JobStore:
-        return super().__new__(JobStore.default_backend if cls is JobStore else cls)
+        return super().__new__(JobStore.backend_for(args[0] if args else None) if cls is JobStore else cls)
 
     # -- reading --------------------------------------------------------------------------------
 
