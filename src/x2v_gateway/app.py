@@ -34,7 +34,11 @@ from .node_registry import NodeRegistry
 from .metrics import Metrics
 from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
 from .routes import access, dashboard
+from .posters import Posters
+from .routes import events
 from .routes.api import BatchesController, JobsController, ModelsController
+from .routes.posters import job_poster
+from .streams import StreamSlots
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .settings import Settings, load_settings
@@ -115,6 +119,8 @@ class Gateway:
         self.jobs = JobService(
             settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
         )
+        self.posters = Posters(self.store, self.blobs)
+        self.streams = StreamSlots(settings.event_streams)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each
@@ -122,7 +128,8 @@ class Gateway:
         services: dict[str, Any] = {
             "settings": self.settings, "store": self.store, "blobs": self.blobs, "jobs": self.jobs,
             "auth": self.auth, "dispatcher": self.dispatcher, "notifier": self.notifier,
-            "registry": self.registry, "metrics": self.metrics,
+            "registry": self.registry, "metrics": self.metrics, "posters": self.posters,
+            "streams": self.streams,
         }
         provided = {name: Provide(_given(service), use_cache=True, sync_to_thread=False)
                     for name, service in services.items()}
@@ -241,6 +248,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         logging_config=None,
         route_handlers=[
             JobsController, BatchesController, ModelsController, NodesController, *OPS_ROUTES,
+            *events.ROUTES, job_poster,  # event streams (SSE); poster frames
             # The dashboard: pages under /ui (one Router: the place for sign-in and CSRF guards),
             # its static files, and / landing on it.
             dashboard.router(), dashboard.static_files(), dashboard.root,
@@ -255,8 +263,9 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
-            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range", "Prefer", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range",
+                            "Preference-Applied", "X2V-Wait"],
         ) if settings.cors_origins else None,
         template_config=TemplateConfig(
             directory=dashboard.templates_dir(), engine=JinjaTemplateEngine,

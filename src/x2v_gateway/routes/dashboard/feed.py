@@ -3,7 +3,6 @@ job's new row as HTML (the htmx SSE extension swaps it in). Nothing polls."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -113,33 +112,23 @@ class Feed:
 
 
 async def _event_stream(feed: Feed) -> AsyncIterator[ServerSentEventMessage]:
-    notifier = feed.notifier
-    queue = notifier.subscribe()
-    try:
+    with feed.notifier.listen() as changes:
         # `retry`: how long the browser waits before it reconnects after the stream breaks.
         yield ServerSentEventMessage(data=None, comment="live", retry=3000)
         if await feed.stale():
             yield ServerSentEventMessage(event="resync", data="")
         last = 0.0
         while True:
-            try:
-                first = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
-            except TimeoutError:
+            ids = await changes.next(HEARTBEAT_SECONDS, COALESCE_SECONDS, last + feed.min_interval)
+            if not ids:
                 # Keeps proxies from closing an idle stream, and shows a dead one to the browser.
                 yield ServerSentEventMessage(data=None, comment="keep-alive")
                 if feed.view == "nodes":  # node health changes without any job changing
                     yield ServerSentEventMessage(event="changed", data="")
                 continue
-            await asyncio.sleep(max(COALESCE_SECONDS, feed.min_interval - (time.monotonic() - last)))
-            ids = {first}
-            while not queue.empty():
-                ids.add(queue.get_nowait())
             for message in await feed.messages(ids):
                 yield message
             last = time.monotonic()
-    finally:
-        notifier.unsubscribe(queue)
-
 
 
 @get("/events", include_in_schema=False)
