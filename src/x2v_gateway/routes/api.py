@@ -149,10 +149,10 @@ _PREFER = HeaderParameter(name="Prefer", required=False, description=(
     " that cannot be read is ignored"
 ))
 _WAIT_HEADERS = [
-    ResponseHeader(name="Preference-Applied", documentation_only=True, required=False, description=(
+    ResponseHeader(name="Preference-Applied", value="wait=60", documentation_only=True, required=False, description=(
         "`wait=N`: the `Prefer: wait` honoured, N the seconds allowed (at most X2V_MAX_WAIT)"
     )),
-    ResponseHeader(name="X2V-Wait", documentation_only=True, required=False, description=(
+    ResponseHeader(name="X2V-Wait", value="timeout", documentation_only=True, required=False, description=(
         "`timeout`: the wait ended before the job did; the body is the job as it is, not finished"
     )),
 ]

@@ -3,7 +3,9 @@ See streams.py for what they send; here they are parsed, opened, and documented.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
+
+import msgspec
 
 from litestar import Response, get
 from litestar.di import NamedDependency
@@ -32,9 +34,18 @@ _DESCRIPTION = (
 )
 
 
+class StreamEvent(msgspec.Struct, omit_defaults=True):
+    """One event of a stream, as an SSE client reads it (keep-alive comments aside)."""
+
+    event: Literal["state", "progress"] | None = None
+    data: str | None = None  # a JSON object
+    id: str | None = None  # `state` events only: resume after it with Last-Event-ID
+    retry: int | None = None  # milliseconds an EventSource waits before it reconnects
+
+
 def _responses(ends: str) -> dict[int, ResponseSpec]:
     return {
-        200: ResponseSpec(str, media_type="text/event-stream", generate_examples=False,
+        200: ResponseSpec(StreamEvent, media_type="text/event-stream", generate_examples=False,
                           description=f"{_DESCRIPTION} {ends}"),
         204: ResponseSpec(None, description="Finished, and nothing after `Last-Event-ID`: an EventSource stops reconnecting"),
         **errors(400, 404, 429),
