@@ -4,6 +4,7 @@ gets exactly what it missed, sees only its own jobs, and is told when a wait end
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -11,6 +12,10 @@ import httpx
 import pytest
 
 from gateway_proc import GatewayProcess, remember_secret, wait_for
+from x2v_gateway.auth import Caller
+from x2v_gateway.notify import Notifier
+from x2v_gateway.store import BatchJobSpec, JobStore
+from x2v_gateway.streams import REPLAY_PART, EventStream, Scope
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -283,3 +288,33 @@ def test_malformed_prefer_is_ignored_as_rfc_7240_says(gateway):
             assert "preference-applied" not in response.headers
             assert "x2v-wait" not in response.headers
         wait_for(client, job["id"], FINAL)
+
+
+# -- in-process: a long replay ------------------------------------------------------------------
+
+
+def test_a_long_replay_is_sent_whole_without_waiting_for_a_change(tmp_path):
+    """6,000 missed events (more than one part of a replay) come at once, in order, on a real
+    SQLite store; nothing changes meanwhile, so a replay that waited for a change would stall."""
+    async def replay() -> list[int]:
+        store = JobStore(tmp_path / "gateway.db")
+        try:
+            spec = BatchJobSpec(task="t2v", params={"prompt": "x"}, inputs={}, files={})
+            await store.create_batch("long", [spec] * 6000, owner="k1")
+            who = Caller(key_id="k1", name="one key", admin=False)
+            stream = EventStream(Scope(who, batch_id="long"), store, Notifier(), None, 60.0, 0)
+            assert await stream.opening()
+            ids: list[int] = []
+            messages = stream.messages(lambda: None)
+            async for message in messages:
+                if message.event == "state":
+                    ids.append(int(message.id))
+                if len(ids) == 6000:
+                    break
+            await messages.aclose()
+            return ids
+        finally:
+            store.close()
+
+    ids = asyncio.run(asyncio.wait_for(replay(), 20))
+    assert 6000 > REPLAY_PART and ids == sorted(ids) and len(set(ids)) == 6000

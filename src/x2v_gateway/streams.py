@@ -35,6 +35,8 @@ from .store import TERMINAL, Job, JobStore, Reads
 GATHER_SECONDS = 0.25
 # Events read from the store per query: a long replay is sent a page at a time.
 PAGE = 500
+# Events read and sent per turn of a long replay (a reconnection after a day away, say).
+REPLAY_PART = 10 * PAGE
 # Changed jobs looked at per wake-up for `progress` events: they are only hints, and a burst of
 # thousands of changes must not cost every open stream thousands of reads.
 PROGRESS_JOBS = 200
@@ -145,12 +147,14 @@ class EventStream:
                 while not ended:
                     # What the scope was before the events are read: if it had finished then, every
                     # event up to its end is among them.
-                    finished, events = await self.store.read(
+                    finished, (events, more) = await self.store.read(
                         lambda r: (self.scope.finished(r), self._all_after(r))
                     )
                     for event in events:
                         yield _state_message(event)
                         self.after = event["id"]
+                    if more:
+                        continue  # a long replay: its next part at once
                     if finished:
                         break
                     for message in await self._progress_messages(ids):
@@ -162,14 +166,18 @@ class EventStream:
         finally:
             give_back()
 
-    def _all_after(self, r: Reads) -> list[dict[str, Any]]:
+    def _all_after(self, r: Reads) -> tuple[list[dict[str, Any]], bool]:
+        """The events after the last one sent, up to REPLAY_PART of them; True: there are more.
+        A long replay is sent a part at a time, so that memory stays bounded."""
         events, after = [], self.after
         while page := self.scope.events_after(r, after):
             events += page
             after = page[-1]["id"]
-            if len(page) < PAGE or len(events) >= 10 * PAGE:
-                break  # the rest on the next turn: a replay is sent as it is read
-        return events
+            if len(page) < PAGE:
+                return events, False
+            if len(events) >= REPLAY_PART:
+                return events, True
+        return events, False
 
     async def _progress_messages(self, ids: set[str]) -> list[ServerSentEventMessage]:
         """Where the jobs that changed now stand in a queue; for a job's own stream, also when
