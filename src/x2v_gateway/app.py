@@ -31,17 +31,20 @@ from .compat import error_response, surface
 from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
 from .jobs import JobService
+from .metrics import Metrics
 from .node_registry import NodeRegistry
 from .pipelines import PipelineService
-from .metrics import Metrics
-from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
-from .routes import access, dashboard, lightx2v_api, openai_api
+from .posters import Posters
+from .routes import access, dashboard, events, lightx2v_api, openai_api
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
-from .routes.pipelines import PipelinesController
 from .routes.ops import ROUTES as OPS_ROUTES
+from .routes.pipelines import PipelinesController
+from .routes.posters import job_poster
+from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
 from .settings import Settings, load_settings
 from .store import JobStore
+from .streams import StreamSlots
 from .upstream import Upstream, cloud_account, self_hosted_node
 
 log = logging.getLogger("x2v_gateway")
@@ -119,6 +122,8 @@ class Gateway:
             settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
         )
         self.pipelines = PipelineService(settings, self.store, self.blobs, self.jobs, self.notifier, self.auth)
+        self.posters = Posters(self.store, self.blobs)
+        self.streams = StreamSlots(settings.event_streams)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each
@@ -127,6 +132,7 @@ class Gateway:
             "settings": self.settings, "store": self.store, "blobs": self.blobs, "jobs": self.jobs,
             "auth": self.auth, "dispatcher": self.dispatcher, "notifier": self.notifier,
             "registry": self.registry, "metrics": self.metrics, "pipelines": self.pipelines,
+            "posters": self.posters, "streams": self.streams,
         }
         provided = {name: Provide(_given(service), use_cache=True, sync_to_thread=False)
                     for name, service in services.items()}
@@ -259,6 +265,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         logging_config=None,
         route_handlers=[
             JobsController, BatchesController, ModelsController, NodesController, PipelinesController, *OPS_ROUTES,
+            *events.ROUTES, job_poster,  # event streams (SSE); poster frames
             # The dashboard: pages under /ui (one Router: the place for sign-in and CSRF guards),
             # its static files, and / landing on it.
             dashboard.router(), dashboard.static_files(), dashboard.root,
@@ -275,8 +282,9 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
-            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range", "Prefer", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range",
+                            "Preference-Applied", "X2V-Wait"],
         ) if settings.cors_origins else None,
         template_config=TemplateConfig(
             directory=dashboard.templates_dir(), engine=JinjaTemplateEngine,

@@ -48,6 +48,8 @@ class Settings:
     form_threshold_mb: int = 16
     forward_uploads: bool = True
     max_wait: float = 600.0
+    event_streams: int = 8
+    event_keepalive: float = 15.0
     max_file_mb: int = 2048
     min_free_disk_mb: int = 1024
     media_checkers: int = 2
@@ -268,7 +270,9 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_MAX_JSON_MB": ("max_json_mb", _int(1, 4096), "Largest JSON request body accepted (base64 inputs included), in MiB"),
     "X2V_FORM_THRESHOLD_MB": ("form_threshold_mb", _int(0, 1024 * 1024), "Inputs larger than this go to a node through its multipart `/form` route instead of base64 JSON"),
     "X2V_FORWARD_UPLOADS": ("forward_uploads", _bool, "`true`: a multipart upload over `X2V_FORM_THRESHOLD_MB` whose `task` comes before its files is sent on to a node with a free slot while it arrives (still kept and checked first). `false`: every upload is received whole, then sent"),
-    "X2V_MAX_WAIT": ("max_wait", _float(0, 86400), "Longest `wait` a client may ask `POST /api/v1/jobs` to block for, in seconds"),
+    "X2V_MAX_WAIT": ("max_wait", _float(0, 86400), "Longest wait (`?wait=` or `Prefer: wait=`) a client may ask `POST /api/v1/jobs` or `GET /api/v1/jobs/{id}` to block for, in seconds"),
+    "X2V_EVENT_STREAMS": ("event_streams", _int(1, 1000), "Event streams (`GET .../events`) one API key may hold open at once; one more gets 429"),
+    "X2V_EVENT_KEEPALIVE": ("event_keepalive", _float(0.1, 300), "Seconds between keep-alive comments on a quiet event stream, so that proxies do not close it"),
     "X2V_DEMO_NODE_PORT": ("demo_node_port", _int(0, 65535), "Port of the built-in demo node (0: any free port)"),
     "X2V_DEMO_JOB_SECONDS": ("demo_job_seconds", _float(0, 3600), "Minimum seconds each demo-node job takes"),
     "X2V_LOG_LEVEL": ("log_level", _log_level, "DEBUG, INFO, WARNING or ERROR"),

@@ -74,6 +74,8 @@ class JobStore(ABC):
     counts_by_state = _off_loop(Reads.counts_by_state)
     owner_counts = _off_loop(Reads.owner_counts)
     events = _off_loop(Reads.events)
+    events_after = _off_loop(Reads.events_after)
+    newest_event_id = _off_loop(Reads.newest_event_id)
     recent_run_times = _off_loop(Reads.recent_run_times)
     blob = _off_loop(Reads.blob)
     blob_sizes = _off_loop(Reads.blob_sizes)
@@ -163,6 +165,11 @@ class JobStore(ABC):
 
     @abstractmethod
     async def fail(self, job_id: str, error: str) -> bool: ...
+
+    @abstractmethod
+    async def set_poster(self, job_id: str, result_sha: str, poster_sha: str) -> bool:
+        """A succeeded job's poster frame, made after it finished (`result_meta["poster"]`).
+        Only while it still has that video and its files: False otherwise."""
 
     @abstractmethod
     async def cancel(

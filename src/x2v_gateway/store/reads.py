@@ -63,6 +63,19 @@ class Reads(Protocol):
         """A job's timeline: {at, state, detail}, oldest first."""
         ...
 
+    def events_after(
+        self, after_id: int, *, job_id: str | None = None, batch_id: str | None = None,
+        owner: str | None = None, limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """State changes with an id above `after_id` (of one job, one batch, one owner: each
+        given narrows), oldest first: {id, job_id, at, state, detail, batch_id}. Ids only grow,
+        so an event stream resumes from the last one it sent (`Last-Event-ID`)."""
+        ...
+
+    def newest_event_id(self) -> int:
+        """The id of the latest state change of any job (0: none yet): a live stream starts after it."""
+        ...
+
     def recent_run_times(self, limit: int = 5000) -> list[tuple[str, str, float]]:
         """(upstream, task, seconds from started to finished) of the latest successes."""
         ...

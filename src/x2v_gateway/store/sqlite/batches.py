@@ -118,9 +118,10 @@ class BatchWrites(SqliteThreads):
                  for n, (job_id, s) in enumerate(zip(ids, specs), start=1)],
             )
             conn.executemany(
-                "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, 'queued', ?)",
-                [(job_id, now, f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted")
-                 for job_id, s in zip(ids, specs)],
+                "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id)"
+                " VALUES (?, ?, 'queued', ?, ?, ?)",
+                [(job_id, now, f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted",
+                  owner, batch_id) for job_id, s in zip(ids, specs)],
             )
             return True
 

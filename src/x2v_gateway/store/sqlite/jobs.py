@@ -144,6 +144,28 @@ class JobReads(Rows):
         )
         return [dict(r) for r in rows]
 
+    def events_after(
+        self, after_id: int, *, job_id: str | None = None, batch_id: str | None = None,
+        owner: str | None = None, limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        # The most selective filter picks the index (the job's timeline, the batch's events, the
+        # owner's, else the events' own ids); the unary + keeps SQLite on it for the others.
+        where, args = ["id > ?"], [after_id]
+        lead = next((c for c, v in (("job_id", job_id), ("batch_id", batch_id), ("owner", owner)) if v), None)
+        for column, value in (("job_id", job_id), ("batch_id", batch_id), ("owner", owner)):
+            if value is not None:
+                where.append(f"{'' if column == lead else '+'}{column} = ?")
+                args.append(value)
+        rows = self.conn.execute(
+            "SELECT id, job_id, at, state, detail, batch_id FROM job_events WHERE "
+            + " AND ".join(where) + " ORDER BY id LIMIT ?",
+            (*args, limit),
+        )
+        return [dict(r) for r in rows]
+
+    def newest_event_id(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM job_events").fetchone()[0]
+
     def blob(self, sha256: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
         return dict(row) if row else None
@@ -290,6 +312,14 @@ class JobWrites(SqliteThreads):
              now, now, job_id),
         )
 
+    async def set_poster(self, job_id: str, result_sha: str, poster_sha: str) -> bool:
+        # updated_at is left alone: a poster is not a change of the job that anyone waits for.
+        return await self._execute(
+            "UPDATE jobs SET result_meta = json_set(coalesce(result_meta, '{}'), '$.poster', ?)"
+            " WHERE id = ? AND state = 'succeeded' AND result_sha = ? AND files_expired = 0",
+            (poster_sha, job_id, result_sha),
+        ) == 1
+
     async def cancel(
         self, job_id: str, reason: str = "cancelled by user", *, tell_upstream: bool = True
     ) -> Job | None:
@@ -417,10 +447,13 @@ def _blobs_of(conn: sqlite3.Connection, where: str, args: Iterable[Any]) -> set[
     """The inputs and results of the jobs `where` selects. A blob may serve many jobs (one
     portrait, 100 voice-overs): it goes only when no job that keeps its files refers to it."""
     blobs: set[str] = set()
-    for inputs, result in conn.execute(f"SELECT inputs, result_sha FROM jobs WHERE {where}", tuple(args)):
+    rows = conn.execute(
+        f"SELECT inputs, result_sha, json_extract(result_meta, '$.poster') FROM jobs WHERE {where}",
+        tuple(args),
+    )
+    for inputs, result, poster in rows:
         blobs.update(json.loads(inputs).values())
-        if result:
-            blobs.add(result)
+        blobs.update(sha for sha in (result, poster) if sha)
     return blobs
 
 
@@ -439,7 +472,9 @@ def transition(
 
 
 def record_event(conn: sqlite3.Connection, job_id: str, state: str, detail: str) -> None:
+    # The job's owner and batch go with the event: the event streams replay by them.
     conn.execute(
-        "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)",
-        (job_id, timestamp(), state, detail),
+        "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id)"
+        " SELECT ?, ?, ?, ?, owner, batch_id FROM jobs WHERE id = ?",
+        (job_id, timestamp(), state, detail, job_id),
     )

@@ -194,7 +194,6 @@ def m021_queue_blocks(db: Database) -> None:
     )
 
 
-
 @migrations()
 def m022_session_expiry(db: Database) -> None:
     # Each sign-in first deletes the sessions that have expired; without this it read them all.
@@ -206,6 +205,22 @@ def m023_owner_state(db: Database) -> None:
     # A key's jobs in one state, newest first (its failed jobs, its queue): without it the
     # owner's whole history was read to find a few of them.
     db.execute("CREATE INDEX idx_jobs_owner_state_seq ON jobs (owner, state, seq)")
+
+
+@migrations()
+def m026_event_streams(db: Database) -> None:
+    # The event streams (GET .../events) replay a batch's or a key's state changes after a
+    # Last-Event-ID. Each event carries its job's owner and batch (neither ever changes), so a
+    # replay reads just the events it sends, through these indexes, not every job of the batch
+    # or key joined to its timeline. Partial: most events have no batch.
+    db.execute("ALTER TABLE job_events ADD COLUMN owner TEXT")
+    db.execute("ALTER TABLE job_events ADD COLUMN batch_id TEXT")
+    db.execute(
+        "UPDATE job_events SET (owner, batch_id) ="
+        " (SELECT owner, batch_id FROM jobs WHERE jobs.id = job_events.job_id)"
+    )
+    db.execute("CREATE INDEX idx_job_events_owner ON job_events (owner, id) WHERE owner IS NOT NULL")
+    db.execute("CREATE INDEX idx_job_events_batch ON job_events (batch_id, id) WHERE batch_id IS NOT NULL")
 
 
 @migrations()
