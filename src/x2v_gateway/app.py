@@ -34,12 +34,15 @@ from .node_registry import NodeRegistry
 from .metrics import Metrics
 from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
 from .routes import access, dashboard
+from .routes import webhooks as webhook_routes
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .settings import Settings, load_settings
 from .store import JobStore
 from .upstream import Upstream, cloud_account, self_hosted_node
+from .webhook_worker import WebhookWorker
+from .webhooks import JobWebhooks
 
 log = logging.getLogger("x2v_gateway")
 ALL_TASKS = tuple(TASK_INPUTS)
@@ -112,9 +115,12 @@ class Gateway:
             transport=None if settings.private_urls else PublicOnlyTransport(),
         )
         self.auth = Auth(settings, self.store)
+        self.webhooks = JobWebhooks(self.store, private_ok=settings.private_urls)
         self.jobs = JobService(
             settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
+            self.webhooks,
         )
+        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each
@@ -122,7 +128,7 @@ class Gateway:
         services: dict[str, Any] = {
             "settings": self.settings, "store": self.store, "blobs": self.blobs, "jobs": self.jobs,
             "auth": self.auth, "dispatcher": self.dispatcher, "notifier": self.notifier,
-            "registry": self.registry, "metrics": self.metrics,
+            "registry": self.registry, "metrics": self.metrics, "webhooks": self.webhooks,
         }
         provided = {name: Provide(_given(service), use_cache=True, sync_to_thread=False)
                     for name, service in services.items()}
@@ -158,12 +164,14 @@ class Gateway:
         await self.auth.bootstrap()
         await self.registry.save_settings()
         await self.dispatcher.start()
+        await self.webhook_worker.start()
         log.info("upstreams: %s", ", ".join(
             f"{s.upstream.name} ({s.upstream.kind}, {s.upstream.base_url})"
             for s in self.dispatcher.states.values()
         ))
 
     async def stop(self) -> None:
+        await self.webhook_worker.stop()
         await self.dispatcher.stop()
         await self.http.aclose()
         if self.demo_node is not None:
@@ -246,6 +254,8 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             dashboard.router(), dashboard.static_files(), dashboard.root,
             # Sign-in and sign-out, API keys, the audit log (auth.py decides who may call what).
             *access.ROUTES,
+            # A job's webhook deliveries, keys' webhook secrets and defaults.
+            *webhook_routes.ROUTES,
         ],
         # Every request: who is calling, may they, CSRF for sessions, the key's rate limit.
         middleware=[AuthMiddleware()],

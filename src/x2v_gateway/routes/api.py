@@ -210,12 +210,14 @@ class JobsController(Controller):
         self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
         who: NamedDependency[Caller], job_id: FromPath[str],
     ) -> JobView:
-        def read(r: Reads) -> tuple[Job, _FullViewReads]:  # one hop, not two
+        def read(r: Reads) -> tuple[Job, _FullViewReads, int]:  # one hop, not two
             job = visible(r.get(job_id), job_id, who)
-            return job, _full_view_reads(r, job)
+            return job, _full_view_reads(r, job), r.pending_deliveries(job.id)
 
-        job, reads = await store.read(read)
-        return _full_view(dispatcher, job, reads)
+        job, reads, pending = await store.read(read)
+        view = _full_view(dispatcher, job, reads)
+        view.webhooks_pending = pending
+        return view
 
     @delete(
         "/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files",

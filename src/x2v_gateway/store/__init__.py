@@ -24,6 +24,7 @@ from .records import (
     IdempotencyConflict,
     Inflight,
     Job,
+    JobWebhook,
     KeyNameTaken,
     Lane,
     QueuedJob,
@@ -36,5 +37,5 @@ JobStore.default_backend = SqliteStore
 __all__ = [
     "ACTIVE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "STATES", "SUBMITTED", "SUCCEEDED",
     "TERMINAL", "AdminKeyNeeded", "BatchItem", "BatchJobSpec", "IdempotencyConflict", "Inflight",
-    "Job", "JobStore", "KeyNameTaken", "Lane", "Memo", "QueuedJob", "Reads", "new_job_id",
+    "Job", "JobStore", "JobWebhook", "KeyNameTaken", "Lane", "Memo", "QueuedJob", "Reads", "new_job_id",
 ]

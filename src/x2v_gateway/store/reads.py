@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from .records import BatchItem, Inflight, Job, Lane, QueuedJob
+from .records import BatchItem, Inflight, Job, JobWebhook, Lane, QueuedJob
 
 
 class Reads(Protocol):
@@ -170,4 +170,43 @@ class Reads(Protocol):
 
     def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
         """Audit entries, newest first; `before_id` is the cursor."""
+        ...
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def job_webhook(self, job_id: str) -> JobWebhook | None: ...
+
+    def webhook_events(self, limit: int = 200) -> tuple[list[dict[str, Any]], int]:
+        """Job events after the webhook cursor whose job has a webhook, oldest first: {id,
+        job_id, at, state, detail, batch_id, owner, webhook}; and the cursor once they are
+        recorded (past events of jobs without one too). Costs a few lookups per new event."""
+        ...
+
+    def batch_last_event(self, batch_id: str, owner: str | None) -> int | None:
+        """The id of the newest job event of `owner`'s batch when all its jobs have finished;
+        None while one has not."""
+        ...
+
+    def batch_webhooks(self, batch_id: str, owner: str | None) -> list[JobWebhook]:
+        """The different webhooks among the batch's jobs that want `batch.finished`."""
+        ...
+
+    def due_deliveries(self, now: float, limit: int, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Pending deliveries due by `now`, the most overdue first, except those in `skip`."""
+        ...
+
+    def next_delivery_at(self) -> float | None:
+        """When the next pending delivery is due (None: nothing pending)."""
+        ...
+
+    def job_deliveries(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        """A job's deliveries, oldest first, without their payloads."""
+        ...
+
+    def pending_deliveries(self, job_id: str) -> int:
+        """A job's deliveries neither delivered nor given up."""
+        ...
+
+    def webhook_secrets(self, key_id: str) -> list[str]:
+        """The secrets that sign a key's deliveries now (two during a rotation); never shown."""
         ...
