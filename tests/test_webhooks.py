@@ -53,7 +53,7 @@ class Receiver:
                         "path": self.path, "headers": dict(self.headers.items()), "body": body,
                         "at": time.monotonic(),
                     })
-                    plan = receiver.plans.get(self.path) or []
+                    plan = receiver.plans.get(self.path.split("?")[0]) or []
                     answer = plan.pop(0) if plan else 200
                 if answer == "slow":
                     time.sleep(2.5)
@@ -405,3 +405,68 @@ def test_private_target_is_refused_before_anything_is_sent():
             asyncio.run(check_url(url, private_ok=False))
         assert refused.value.field == "webhook_url" and "private or local" in refused.value.message
     assert asyncio.run(check_url("http://127.0.0.1:9/x", private_ok=True)) == "http://127.0.0.1:9/x"
+
+
+# -- the dashboard --------------------------------------------------------------------------------
+
+
+def test_batch_form_webhook_sends_each_job_and_the_batch_finishing(gateway, receiver):
+    key, secret = make_key(gateway, "hooks-form")
+    with gateway.client(key=key) as client:  # the form's own route, as the browser posts it
+        bad = client.post("/ui/batches", data={
+            "task": "t2v", "mode": "grid", "prompts": "a\nb", "webhook_url": "gopher://x/",
+        })
+        assert bad.status_code == 422 and "webhook_url must be an http:// or https:// URL" in bad.text
+        made = client.post("/ui/batches", data={
+            "task": "t2v", "mode": "grid", "prompts": "a red kite\na blue kite", "name": "kites",
+            "webhook_url": receiver.url("/form"), "webhook_events": "succeeded,batch.finished",
+        })
+        assert made.status_code == 200, made.text
+        batch_id = made.headers["hx-redirect"].rsplit("/", 1)[-1]
+        got = receiver.wait("/form", 3)
+        messages = sorted((verify(secret, r) for r in got), key=lambda m: m["type"])
+        assert [m["type"] for m in messages] == ["batch.finished", "job.succeeded", "job.succeeded"]
+        assert messages[0]["data"] == {
+            "batch_id": batch_id, "name": "kites", "jobs": 2,
+            "counts": {"queued": 0, "submitted": 0, "running": 0, "succeeded": 2, "failed": 0, "cancelled": 0},
+        }
+        assert {m["data"]["batch_id"] for m in messages[1:]} == {batch_id}
+
+
+def test_job_page_shows_deliveries_and_their_retries(gateway, receiver):
+    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, LAPTOP, shot
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium (./dev test installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    key, _ = make_key(gateway, "hooks-page")
+    # Two attempts that time out, then an answer: the page is open before the first ends.
+    receiver.plans["/page"] = ["slow", "slow"]
+    cookie = gateway.sign_in(key)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=LAPTOP)
+            context.add_cookies([{"name": "x2v_session", "value": cookie, "url": gateway.url}])
+            page = context.new_page()
+            with gateway.client(key=key) as api:
+                job = api.post("/api/v1/jobs", json={
+                    "task": "t2v", "prompt": "a page", "webhook_url": receiver.url("/page?token=hidden-in-page"),
+                }).json()
+            page.goto(f"{gateway.url}/ui/jobs/{job['id']}")
+            section = page.locator("#job-webhooks")
+            expect(section.get_by_role("heading", name="Webhooks")).to_be_visible()
+            expect(section).to_contain_text(f"http://127.0.0.1:{receiver.port}/page?token=***")
+            row = section.locator("tbody tr")
+            expect(row).to_have_count(1)
+            expect(row).to_contain_text("job.succeeded")
+            # Delivered at the third attempt: the section refreshes itself until then.
+            expect(row.locator("td").nth(1)).to_have_text("3", timeout=30_000)
+            expect(row.locator("td").nth(2)).to_have_text("200")
+            shot(page, "job-webhooks")
+            with gateway.responses_path.open("a", encoding="utf-8") as seen:
+                seen.write(page.content())
+            assert "hidden-in-page" not in page.content()
+        finally:
+            browser.close()

@@ -49,19 +49,29 @@ class JobDeliveries(msgspec.Struct):
 )
 async def job_webhooks(store: NamedDependency[JobStore], who: NamedDependency[Caller], job_id: FromPath[str]) -> JobDeliveries:
     def read(r: Reads) -> JobDeliveries:
-        job = visible(r.get(job_id), job_id, who)
-        hook = r.job_webhook(job.id)
+        found = webhook_section(r, visible(r.get(job_id), job_id, who).id)
         return JobDeliveries(
-            webhook=JobWebhookView(**describe_webhook(hook)) if hook else None,
-            deliveries=[_delivery(d) for d in r.job_deliveries(job.id)],
+            webhook=JobWebhookView(**found["webhook"]) if found["webhook"] else None,
+            deliveries=[_delivery(d) for d in found["deliveries"]],
         )
 
     return await store.read(read)
 
 
+def webhook_section(r: Reads, job_id: str) -> dict:
+    """A job's webhook and deliveries as they may be shown (the API, the job's page): URLs
+    without their secrets."""
+    hook = r.job_webhook(job_id)
+    deliveries = [{**d, "url": redact(d["url"])} for d in r.job_deliveries(job_id)]
+    return {
+        "webhook": describe_webhook(hook) if hook else None, "deliveries": deliveries,
+        "pending": sum(1 for d in deliveries if not d["delivered_at"] and not d["gave_up_at"]),
+    }
+
+
 def _delivery(row: dict) -> DeliveryView:
     return DeliveryView(
-        id=row["id"], type=row["type"], url=redact(row["url"]), created_at=iso(row["created_at"]),
+        id=row["id"], type=row["type"], url=row["url"], created_at=iso(row["created_at"]),
         attempts=row["attempts"], last_attempt_at=iso(row["last_attempt_at"]),
         last_status=row["last_status"], last_error=row["last_error"],
         next_attempt_at=None if row["delivered_at"] or row["gave_up_at"] else iso(row["next_attempt_at"]),
