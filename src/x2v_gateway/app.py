@@ -264,7 +264,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         # so browsers on those origins need no credentials mode.
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
             expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range"],
         ) if settings.cors_origins else None,

@@ -99,7 +99,7 @@ async def _rotate(store: JobStore, hooks: JobWebhooks, key_id: str, who: Caller,
 @post(
     "/api/v1/me/webhook-secret", tags=["webhooks"], status_code=201,
     summary="A new webhook signing secret for this key; the secret is in this answer only",
-    responses=errors(400, 404),
+    responses=errors(400, 403, 404),
 )
 async def my_webhook_secret(
     store: NamedDependency[JobStore], webhooks: NamedDependency[JobWebhooks], who: NamedDependency[Caller],

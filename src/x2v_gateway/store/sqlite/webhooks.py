@@ -49,15 +49,20 @@ class WebhookReads(Rows):
         webhook (`webhook`), its batch and owner; and the cursor once these are recorded."""
         (cursor,) = self.conn.execute("SELECT event_id FROM webhook_cursor").fetchone()
         (newest,) = self.conn.execute("SELECT coalesce(max(id), 0) FROM job_events").fetchone()
-        # Walks the new events by id (a few lookups each), however many jobs have webhooks.
+        # Walks the new events by id (a few lookups each), however many jobs have webhooks:
+        # CROSS JOIN keeps SQLite from walking every job's webhook instead, whatever it guesses.
         rows = self.conn.execute(
             "SELECT e.id, e.job_id, e.at, e.state, e.detail, w.url, w.events, w.key_id,"
             " j.batch_id, j.owner FROM job_events e"
-            " JOIN job_webhooks w ON w.job_id = e.job_id JOIN jobs j ON j.id = e.job_id"
+            " CROSS JOIN job_webhooks w ON w.job_id = e.job_id CROSS JOIN jobs j ON j.id = e.job_id"
             " WHERE e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?",
             (cursor, newest, limit),
         ).fetchall()
-        events = [{**dict(r), "webhook": _webhook(r)} for r in rows]
+        events = [
+            {"id": r["id"], "job_id": r["job_id"], "at": r["at"], "state": r["state"], "detail": r["detail"],
+             "batch_id": r["batch_id"], "owner": r["owner"], "webhook": _webhook(r)}
+            for r in rows
+        ]
         return events, (rows[-1]["id"] if len(rows) == limit else newest)
 
     def batch_last_event(self, batch_id: str, owner: str | None) -> int | None:
