@@ -36,6 +36,7 @@ from .node_registry import NodeRegistry
 from .pipelines import PipelineService
 from .posters import Posters
 from .routes import access, dashboard, events, lightx2v_api, openai_api
+from .routes import webhooks as webhook_routes
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
@@ -46,6 +47,8 @@ from .settings import Settings, load_settings
 from .store import JobStore
 from .streams import StreamSlots
 from .upstream import Upstream, cloud_account, self_hosted_node
+from .webhook_worker import WebhookWorker
+from .webhooks import JobWebhooks
 
 log = logging.getLogger("x2v_gateway")
 ALL_TASKS = tuple(TASK_INPUTS)
@@ -118,12 +121,15 @@ class Gateway:
             transport=None if settings.private_urls else PublicOnlyTransport(),
         )
         self.auth = Auth(settings, self.store)
+        self.webhooks = JobWebhooks(self.store, private_ok=settings.private_urls)
         self.jobs = JobService(
             settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
+            self.webhooks,
         )
         self.pipelines = PipelineService(settings, self.store, self.blobs, self.jobs, self.notifier, self.auth)
         self.posters = Posters(self.store, self.blobs)
         self.streams = StreamSlots(settings.event_streams)
+        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each
@@ -133,6 +139,7 @@ class Gateway:
             "auth": self.auth, "dispatcher": self.dispatcher, "notifier": self.notifier,
             "registry": self.registry, "metrics": self.metrics, "pipelines": self.pipelines,
             "posters": self.posters, "streams": self.streams,
+            "webhooks": self.webhooks,
         }
         provided = {name: Provide(_given(service), use_cache=True, sync_to_thread=False)
                     for name, service in services.items()}
@@ -169,6 +176,7 @@ class Gateway:
         await self.registry.save_settings()
         await self.dispatcher.start()
         await self.pipelines.start()
+        await self.webhook_worker.start()
         log.info("upstreams: %s", ", ".join(
             f"{s.upstream.name} ({s.upstream.kind}, {s.upstream.base_url})"
             for s in self.dispatcher.states.values()
@@ -176,6 +184,7 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.pipelines.stop()
+        await self.webhook_worker.stop()
         await self.dispatcher.stop()
         await self.http.aclose()
         if self.demo_node is not None:
@@ -273,6 +282,8 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             *access.ROUTES,
             # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's.
             *lightx2v_api.ROUTES, *openai_api.ROUTES,
+            # A job's webhook deliveries, keys' webhook secrets and defaults.
+            *webhook_routes.ROUTES,
         ],
         # Every request: who is calling, may they, CSRF for sessions, the key's rate limit.
         middleware=[AuthMiddleware()],
@@ -281,7 +292,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         # so browsers on those origins need no credentials mode.
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range", "Prefer", "Last-Event-ID"],
             expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range",
                             "Preference-Applied", "X2V-Wait"],

@@ -76,6 +76,11 @@ class Settings:
     speech_part_seconds: float = 30.0
     # PostgreSQL instead of the SQLite file (several replicas); its password never in a repr.
     database_url: str = field(default="", repr=False)
+    # Webhooks (webhooks.py, webhook_worker.py).
+    webhook_retry_hours: float = 24.0
+    webhook_first_retry: float = 5.0
+    webhook_timeout: float = 10.0
+    webhook_concurrency: int = 8
 
     @property
     def db_path(self) -> Path:
@@ -287,6 +292,10 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_MEDIA_CHECKERS": ("media_checkers", _int(1, 32), "Helper processes that check uploaded files and results (Pillow, PyAV), one file each at a time; one API key uses at most all but one of them"),
     "X2V_MAX_IMAGE_MEGAPIXELS": ("max_image_megapixels", _float(0.1, 1000), "Largest image accepted, in megapixels (width × height / 1,000,000); larger ones get 422 before they are decoded"),
     "X2V_SPEECH_PART_SECONDS": ("speech_part_seconds", _float(2, 600), "Longest audio a node takes in one s2v task: a pipeline's s2v scene with longer audio is split at its silences into parts of at most this many seconds, run in parallel and joined"),
+    "X2V_WEBHOOK_RETRY_HOURS": ("webhook_retry_hours", _float(0.001, 24 * 30), "Hours a webhook delivery is retried (each retry waits longer) before the gateway gives up on it"),
+    "X2V_WEBHOOK_FIRST_RETRY": ("webhook_first_retry", _float(0.05, 3600), "Seconds before a failed webhook delivery is tried again; each later retry waits twice as long as the one before (with jitter), at most an hour"),
+    "X2V_WEBHOOK_TIMEOUT": ("webhook_timeout", _float(0.5, 300), "Seconds a webhook receiver has to answer one delivery, connecting included"),
+    "X2V_WEBHOOK_CONCURRENCY": ("webhook_concurrency", _int(1, 256), "Webhook deliveries in flight at once, across every receiver"),
 }
 
 CLOUD_SETTINGS = {

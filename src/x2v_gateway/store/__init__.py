@@ -25,6 +25,7 @@ from .records import (
     IdempotencyConflict,
     Inflight,
     Job,
+    JobWebhook,
     KeyNameTaken,
     Lane,
     QueuedJob,
@@ -53,6 +54,6 @@ JobStore.backend_for = staticmethod(_backend_for)
 __all__ = [
     "ACTIVE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "STATES", "SUBMITTED", "SUCCEEDED",
     "TERMINAL", "AdminKeyNeeded", "BatchItem", "BatchJobSpec", "IdempotencyConflict", "Inflight",
-    "Job", "JobStore", "KeyNameTaken", "Lane", "Memo", "Pipeline", "PipelineStep", "QueuedJob", "Reads",
+    "Job", "JobStore", "JobWebhook", "KeyNameTaken", "Lane", "Memo", "Pipeline", "PipelineStep", "QueuedJob", "Reads",
     "is_database_url", "new_job_id", "new_pipeline_id",
 ]

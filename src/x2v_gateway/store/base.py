@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from .reads import Reads
 from .pipeline_records import Pipeline
-from .records import BatchJobSpec, Job
+from .records import BatchJobSpec, Job, JobWebhook
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -104,6 +104,7 @@ class JobStore(ABC):
     running_pipelines = _off_loop(Reads.running_pipelines)
     foreign_job = _off_loop(Reads.foreign_job)
     foreign_ids = _off_loop(Reads.foreign_ids)
+    job_deliveries = _off_loop(Reads.job_deliveries)
 
     # -- a job's life ---------------------------------------------------------------------------
 
@@ -124,8 +125,10 @@ class JobStore(ABC):
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         pinned: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a queued job; with an Idempotency-Key already used, return that job instead.
+        """Insert a queued job (with its `webhook`, in the same transaction); with an
+        Idempotency-Key already used, return that job instead.
 
         Returns (job, created). Raises IdempotencyConflict when the key came with another request.
         """
@@ -229,8 +232,9 @@ class JobStore(ABC):
         *,
         batch: dict[str, Any] | None = None,
         owner: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> list[Job] | None:
-        """Queue jobs in a batch, all at once: every job or none.
+        """Queue jobs in a batch, all at once: every job or none, each with `webhook`.
 
         With `batch` (name, task, mode, form) a new dashboard batch is recorded too; when a batch
         with that id exists already (a second click on "Create"), nothing is added: None.
@@ -336,3 +340,35 @@ class JobStore(ABC):
     ) -> bool:
         """Name a job as a client of `surface` knows it, per key. False when the name is taken
         (unless `replace`: then the newest job has it, as a file written again on a node)."""
+
+    # -- webhooks (webhooks.py, webhook_worker.py) ----------------------------------------------
+
+    @abstractmethod
+    async def record_deliveries(self, deliveries: list[dict[str, Any]], cursor: int) -> int:
+        """Record deliveries (`webhook_deliveries` columns: id, event_id, type, job_id, url,
+        key_id, payload, created_at), each due at once, and move the event cursor to `cursor`, in
+        one transaction. A delivery already recorded for its (event_id, type, url) is left as it
+        was, with its id: a crash between reading events and recording them only redoes it.
+        Returns how many were new."""
+
+    @abstractmethod
+    async def delivery_attempted(
+        self, delivery_id: str, *, at: float, status: int | None, error: str | None,
+        next_attempt_at: float | None,
+    ) -> None:
+        """One attempt's outcome: delivered (a 2xx `status`), or failed and due again at
+        `next_attempt_at` (None: given up). A delivery no longer pending is left alone."""
+
+    @abstractmethod
+    async def set_key_webhook(
+        self, key_id: str, url: str | None, events: tuple[str, ...] | None, actor: str,
+    ) -> bool:
+        """A key's default webhook for its jobs that name none (url None: no default); audited.
+        False: no such key."""
+
+    @abstractmethod
+    async def set_webhook_secret(
+        self, key_id: str, secret: str, actor: str, *, previous_until: float | None,
+    ) -> bool:
+        """A key's new signing secret; audited (never the secret). With `previous_until`, the
+        secret it replaces signs too until then (a rotation). False: no such key."""

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from .pipeline_records import Pipeline
-from .records import BatchItem, Inflight, Job, Lane, QueuedJob
+from .records import BatchItem, Inflight, Job, JobWebhook, Lane, QueuedJob
 
 
 class Reads(Protocol):
@@ -210,4 +210,43 @@ class Reads(Protocol):
 
     def foreign_ids(self, owner: str, surface: str, job_ids: list[str]) -> dict[str, str]:
         """job id -> the name its client gave it on `surface`, for those of `job_ids` that have one."""
+        ...
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def job_webhook(self, job_id: str) -> JobWebhook | None: ...
+
+    def webhook_events(self, limit: int = 200) -> tuple[list[dict[str, Any]], int]:
+        """Job events after the webhook cursor whose job has a webhook, oldest first: {id,
+        job_id, at, state, detail, batch_id, owner, webhook}; and the cursor once they are
+        recorded (past events of jobs without one too). Costs a few lookups per new event."""
+        ...
+
+    def batch_last_event(self, batch_id: str, owner: str | None) -> int | None:
+        """The id of the newest job event of `owner`'s batch when all its jobs have finished;
+        None while one has not."""
+        ...
+
+    def batch_webhooks(self, batch_id: str, owner: str | None) -> list[JobWebhook]:
+        """The different webhooks among the batch's jobs that want `batch.finished`."""
+        ...
+
+    def due_deliveries(self, now: float, limit: int, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Pending deliveries due by `now`, the most overdue first, except those in `skip`."""
+        ...
+
+    def next_delivery_at(self) -> float | None:
+        """When the next pending delivery is due (None: nothing pending)."""
+        ...
+
+    def job_deliveries(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        """A job's deliveries, oldest first, without their payloads."""
+        ...
+
+    def pending_deliveries(self, job_id: str) -> int:
+        """A job's deliveries neither delivered nor given up."""
+        ...
+
+    def webhook_secrets(self, key_id: str) -> list[str]:
+        """The secrets that sign a key's deliveries now (two during a rotation); never shown."""
         ...

@@ -15,11 +15,12 @@ from typing import Any
 from ..memo import Memo
 from ..records import (
     CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, TERMINAL, IdempotencyConflict, Job,
-    new_job_id,
+    JobWebhook, new_job_id,
 )
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .keys import audit
 from .pipeline_files import pipeline_blobs
+from .webhooks import insert_webhooks
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 _JSON_COLUMNS = ("params", "inputs", "result_meta", "queue_info")
@@ -216,6 +217,7 @@ class JobWrites(SqliteThreads):
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         pinned: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> tuple[Job, bool]:
         job_id = new_job_id()
 
@@ -237,6 +239,7 @@ class JobWrites(SqliteThreads):
                 (job_id, task, json.dumps(params), json.dumps(inputs), priority, batch_id,
                  owner, now, now, idempotency_key, request_hash, pinned),
             )
+            insert_webhooks(conn, [job_id], webhook)
             record_event(conn, job_id, QUEUED, "accepted")
             return job_id, True
 

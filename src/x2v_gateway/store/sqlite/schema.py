@@ -257,3 +257,46 @@ def m030_foreign_ids(db: Database) -> None:
         " PRIMARY KEY (owner, surface, foreign_id))"
     )
     db.execute("CREATE INDEX idx_foreign_ids_job ON foreign_ids (job_id)")
+
+
+@migrations()
+def m024_webhooks(db: Database) -> None:
+    # A job's webhook, fixed when it is accepted (its own, or its key's default then): the URL,
+    # the events it wants (comma-separated) and the key whose secret signs its deliveries.
+    db["job_webhooks"].create(
+        {"job_id": str, "url": str, "events": str, "key_id": str},
+        pk="job_id", not_null={"url", "events"},
+    )
+    # One row per message to send, recorded before its first attempt: `id` is the stable
+    # `webhook-id` every attempt carries, `payload` the body every attempt sends. A job event
+    # turned into deliveries a second time (a crash between the two steps) adds none: unique per
+    # event, type and URL.
+    db["webhook_deliveries"].create(
+        {"id": str, "event_id": int, "type": str, "job_id": str, "url": str, "key_id": str,
+         "payload": str, "created_at": float, "attempts": int, "next_attempt_at": float,
+         "last_attempt_at": float, "last_status": int, "last_error": str,
+         "delivered_at": float, "gave_up_at": float},
+        pk="id", not_null={"event_id", "type", "url", "payload", "created_at"},
+        defaults={"attempts": 0},
+    )
+    db.execute("CREATE UNIQUE INDEX idx_webhook_deliveries_event ON webhook_deliveries (event_id, type, url)")
+    db["webhook_deliveries"].create_index(["job_id", "created_at"])
+    # The worker's question, many times a minute: what is due. Only pending rows are indexed.
+    db.execute(
+        "CREATE INDEX idx_webhook_deliveries_due ON webhook_deliveries (next_attempt_at)"
+        " WHERE delivered_at IS NULL AND gave_up_at IS NULL"
+    )
+    # The last job event turned into deliveries. Starts at the newest event: jobs made before
+    # webhooks existed have none to send.
+    db.execute("CREATE TABLE webhook_cursor (id INTEGER PRIMARY KEY CHECK (id = 1), event_id INTEGER NOT NULL)")
+    db.execute("INSERT INTO webhook_cursor VALUES (1, (SELECT coalesce(max(id), 0) FROM job_events))")
+
+
+@migrations()
+def m025_key_webhooks(db: Database) -> None:
+    # A key's default webhook (for its jobs that name none) and its signing secrets. The secret
+    # is kept as it is (the gateway signs with it; unlike the key, it is not a password) and is
+    # shown once, when made. During a rotation the previous secret signs too, until `_until`.
+    for column in ("webhook_url", "webhook_events", "webhook_secret", "webhook_secret_previous"):
+        db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
+    db.execute("ALTER TABLE api_keys ADD COLUMN webhook_secret_previous_until FLOAT")
