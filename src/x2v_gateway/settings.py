@@ -68,6 +68,8 @@ class Settings:
     node_tasks: dict[str, frozenset[str]] = field(default_factory=dict)
     node_capacity: dict[str, int] = field(default_factory=dict)
     start_deadline: float = 300.0
+    replica_id: str = ""
+    replica_lease: float = 6.0
 
     @property
     def db_path(self) -> Path:
@@ -105,6 +107,12 @@ def _float(lo: float, hi: float) -> Callable[[str, str], float]:
 
 
 def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _replica_id(name: str, raw: str) -> str:
+    if len(raw) > 200 or not raw.isprintable():
+        raise SettingsError(f"{name} must be at most 200 printable characters")
     return raw
 
 
@@ -245,6 +253,8 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_MIN_FREE_DISK_MB": ("min_free_disk_mb", _int(0, 1024 * 1024 * 1024), "New jobs get 507 while the data directory's disk has less free space than this, in MiB (0: no check)"),
     "X2V_MEDIA_CHECKERS": ("media_checkers", _int(1, 32), "Helper processes that check uploaded files and results (Pillow, PyAV), one file each at a time; one API key uses at most all but one of them"),
     "X2V_MAX_IMAGE_MEGAPIXELS": ("max_image_megapixels", _float(0.1, 1000), "Largest image accepted, in megapixels (width × height / 1,000,000); larger ones get 422 before they are decoded"),
+    "X2V_REPLICA_ID": ("replica_id", _replica_id, "This gateway's name among replicas sharing one store (dispatch/replicas.py); the jobs it sends name it. Default `hostname:pid`. Give each replica its own, stable across its restarts"),
+    "X2V_REPLICA_LEASE": ("replica_lease", _float(2, 300), "Seconds a replica's lease lasts without renewal (renewed every second): a replica silent this long has its jobs in flight taken over by another"),
 }
 
 CLOUD_SETTINGS = {

@@ -104,7 +104,7 @@ class Health:
         if not (state.gone or long_down):
             return
         moved = 0
-        for job in await ctx.store.active(state.name):
+        for job in await ctx.store.active(state.name, ctx.replica):
             if job.id in ctx.submitting or job.id in ctx.collecting:
                 continue
             why = (

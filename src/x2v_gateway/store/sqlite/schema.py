@@ -206,3 +206,20 @@ def m023_owner_state(db: Database) -> None:
     # A key's jobs in one state, newest first (its failed jobs, its queue): without it the
     # owner's whole history was read to find a few of them.
     db.execute("CREATE INDEX idx_jobs_owner_state_seq ON jobs (owner, state, seq)")
+
+
+@migrations()
+def m032_replicas(db: Database) -> None:
+    # Gateway replicas sharing this store (dispatch/replicas.py): each holds a lease it renews,
+    # and each job in flight names the replica that follows it, so a replica that dies has its
+    # jobs taken over by another one, and only by one.
+    db.execute(
+        "CREATE TABLE replicas (id TEXT PRIMARY KEY, started_at REAL NOT NULL,"
+        " expires_at REAL NOT NULL) WITHOUT ROWID"
+    )
+    db.execute("ALTER TABLE jobs ADD COLUMN replica TEXT")
+    # A replica's jobs in flight (and those whose cancel it owes): read on each take-over.
+    db.execute(
+        "CREATE INDEX idx_jobs_replica ON jobs (replica)"
+        " WHERE state IN ('submitted', 'running') OR cancel_pending = 1"
+    )
