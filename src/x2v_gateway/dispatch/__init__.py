@@ -63,7 +63,6 @@ class Dispatcher:
             start_deadline=start_deadline, reconcile_grace=reconcile_grace,
             replica=replica_id or default_replica_id(),
         )
-        self.replicas = Replicas(ctx, replica_lease)
         self.store, self.blobs, self.notifier, self.metrics = store, blobs, notifier, metrics
         self.poll_interval = poll_interval
         self.states: dict[str, UpstreamState] = ctx.states
@@ -73,6 +72,7 @@ class Dispatcher:
         self._collector = Collector(ctx)
         self._retention = Retention(ctx, retention_hours)
         self._follower = Follower(ctx, Health(ctx), self._submitter, self._collector)
+        self.replicas = Replicas(ctx, replica_lease, self._submitter.send_cancel)
         # Held while free slots are counted and filled: by a dispatch round, by an upload's
         # reservation.
         self._planning = asyncio.Lock()
@@ -179,7 +179,10 @@ class Dispatcher:
         when it can."""
         ctx = self._ctx
         job = await self.store.get(job_id)
-        if job is not None and job.cancel_pending and job_id not in ctx.submitting:
+        if (
+            job is not None and job.cancel_pending and job_id not in ctx.submitting
+            and job.replica in (None, ctx.replica)  # else its replica sends it (store.retry: a stray)
+        ):
             # What the cancelled run left upstream is stopped first (found, if its id was never
             # learned): a new run must not leave it running, and a resume needs its id.
             await self._submitter.send_cancel(job)

@@ -30,8 +30,9 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from ..store import Job
 from .state import Context
 
 log = logging.getLogger("x2v_gateway.dispatch")
@@ -81,10 +82,12 @@ class Replicas:
     """This replica's lease, its take-overs, and the changes made by the others."""
 
     def __init__(
-        self, ctx: Context, lease: float, on_lost: Callable[[], None] = _stop_this_process
+        self, ctx: Context, lease: float, send_cancel: Callable[[Job], Awaitable[None]],
+        on_lost: Callable[[], None] = _stop_this_process,
     ) -> None:
         self.ctx = ctx
         self.lease = lease
+        self.send_cancel = send_cancel
         self.on_lost = on_lost
         self.others = 0  # other replicas with a lease, at the last heartbeat
         self.lost = False
@@ -103,7 +106,7 @@ class Replicas:
 
     async def stop(self) -> None:
         if not self.lost:
-            await self.ctx.store.leave(self.id)
+            await self.ctx.store.leave(self.id, GONE_AFTER)
 
     async def beat(self) -> None:
         ctx = self.ctx
@@ -153,3 +156,11 @@ class Replicas:
                 ctx.notifier.changed(job_id)
             if changed:
                 ctx.wake()  # a job queued, or a slot freed, by another replica
+                await self._deliver_cancels(set(changed))
+
+    async def _deliver_cancels(self, changed: set[str]) -> None:
+        """A job of this replica's cancelled through another: its stop request goes out now,
+        not at the follow loop's next round (seconds away while its node runs a long job)."""
+        for job in await self.ctx.store.cancel_pending():
+            if job.id in changed and job.replica == self.id:
+                self.ctx.spawn(self.send_cancel(job))

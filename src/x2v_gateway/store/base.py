@@ -291,9 +291,9 @@ class JobStore(ABC):
         """
 
     @abstractmethod
-    async def leave(self, replica: str) -> None:
-        """A replica stops: its lease ends now, so the others take its jobs over at their next
-        heartbeat."""
+    async def leave(self, replica: str, grace: float = 2.0) -> None:
+        """A replica stops: its lease ends in `grace` seconds (a request it was making when it
+        stopped may still be in a node's hands), and the others take its jobs over then."""
 
     # -- API keys, sessions, quotas, audit (auth.py) --------------------------------------------
 

@@ -50,10 +50,12 @@ class ReplicaWrites(SqliteThreads):
             (replica, now, now + lease),
         )
 
-    async def leave(self, replica: str) -> None:
-        # Expired rather than deleted: its jobs stay its own until a replica takes them over,
-        # which the others do at their next look.
-        await self._execute("UPDATE replicas SET expires_at = 0 WHERE id = ?", (replica,))
+    async def leave(self, replica: str, grace: float = 2.0) -> None:
+        # Ending rather than deleted: its jobs stay its own until a replica takes them over,
+        # which the others do at their first heartbeat after `grace`.
+        await self._execute(
+            "UPDATE replicas SET expires_at = min(expires_at, ?) WHERE id = ?", (timestamp() + grace, replica)
+        )
 
     async def heartbeat(self, replica: str, lease: float, gone: Iterable[str] = ()) -> list[str] | None:
         gone = [g for g in gone if g != replica]
