@@ -42,7 +42,12 @@ def row_to_job(row: sqlite3.Row | dict[str, Any]) -> Job:
             data[column] = json.loads(data[column])
     for column in _BOOL_COLUMNS:
         data[column] = bool(data[column])
-    job = Job(**data)
+    try:
+        job = Job(**data)
+    except TypeError:
+        # A column a later release added (its replicas migrated the file while this one still
+        # runs, during an upgrade one replica at a time): not this release's business.
+        job = Job(**{name: value for name, value in data.items() if name in Job.__struct_fields__})
     if key is not None:
         _FINISHED_JOBS.put(key, job)
     return job
