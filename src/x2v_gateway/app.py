@@ -110,6 +110,7 @@ class Gateway:
             start_deadline=settings.start_deadline,
             # Before concluding that an unanswered submission never arrived.
             reconcile_grace=2 * settings.request_timeout,
+            replica_id=settings.replica_id or None, replica_lease=settings.replica_lease,
         )
         # The registry's nodes come with their capacity, task types and drained flag.
         self.registry.attach(self.dispatcher, nodes)

@@ -81,6 +81,8 @@ class Settings:
     webhook_first_retry: float = 5.0
     webhook_timeout: float = 10.0
     webhook_concurrency: int = 8
+    replica_id: str = ""
+    replica_lease: float = 6.0
 
     @property
     def db_path(self) -> Path:
@@ -136,6 +138,12 @@ def _float(lo: float, hi: float) -> Callable[[str, str], float]:
 
 
 def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _replica_id(name: str, raw: str) -> str:
+    if len(raw) > 200 or not raw.isprintable():
+        raise SettingsError(f"{name} must be at most 200 printable characters")
     return raw
 
 
@@ -296,6 +304,8 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_WEBHOOK_FIRST_RETRY": ("webhook_first_retry", _float(0.05, 3600), "Seconds before a failed webhook delivery is tried again; each later retry waits twice as long as the one before (with jitter), at most an hour"),
     "X2V_WEBHOOK_TIMEOUT": ("webhook_timeout", _float(0.5, 300), "Seconds a webhook receiver has to answer one delivery, connecting included"),
     "X2V_WEBHOOK_CONCURRENCY": ("webhook_concurrency", _int(1, 256), "Webhook deliveries in flight at once, across every receiver"),
+    "X2V_REPLICA_ID": ("replica_id", _replica_id, "This gateway's name among replicas sharing one store (dispatch/replicas.py); the jobs it sends name it. Default `hostname:pid`. Give each replica its own, stable across its restarts"),
+    "X2V_REPLICA_LEASE": ("replica_lease", _float(2, 300), "Seconds a replica's lease lasts without renewal (renewed every second): a replica silent this long has its jobs in flight taken over by another"),
 }
 
 CLOUD_SETTINGS = {

@@ -105,6 +105,8 @@ class JobStore(ABC):
     foreign_job = _off_loop(Reads.foreign_job)
     foreign_ids = _off_loop(Reads.foreign_ids)
     job_deliveries = _off_loop(Reads.job_deliveries)
+    replicas = _off_loop(Reads.replicas)
+    changes_since = _off_loop(Reads.changes_since)
 
     # -- a job's life ---------------------------------------------------------------------------
 
@@ -134,11 +136,24 @@ class JobStore(ABC):
         """
 
     @abstractmethod
-    async def claim(self, job_id: str, upstream: str, task_id: str) -> bool:
-        """Record a submission attempt *before* it is sent: queued -> submitted on `upstream`.
+    async def claim(
+        self, job_id: str, upstream: str, task_id: str, *, replica: str | None = None,
+        slots: int | None = None, off_node: Iterable[str] = (),
+    ) -> bool:
+        """Record a submission attempt *before* it is sent: queued -> submitted on `upstream`,
+        followed by `replica`.
 
         Because the record comes first, a crash at any later point leaves a job that says where
         it may be, and the restart asks that upstream before anything is sent again.
+
+        With `slots`, only if `upstream` then holds fewer than `slots` jobs in flight, not
+        counting `off_node` (jobs the caller knows have left the node: finished there, their
+        video being copied). Check and claim are one atomic step across every replica: SQLite
+        gets it from BEGIN IMMEDIATE (one writer per file); PostgreSQL must lock the upstream
+        first (`pg_advisory_xact_lock(hashtext(upstream))`, or `SELECT ... FOR UPDATE` of its
+        `nodes` row) and count inside that transaction, and lock the job row with
+        `FOR UPDATE SKIP LOCKED` so that two replicas placing the same job do not wait on each
+        other: the second simply gets False.
         """
 
     @abstractmethod
@@ -294,6 +309,35 @@ class JobStore(ABC):
 
     @abstractmethod
     async def drop_stray(self, node: str, task_id: str) -> None: ...
+
+    # -- gateway replicas (dispatch/replicas.py) -------------------------------------------------
+
+    @abstractmethod
+    async def join(self, replica: str, lease: float) -> None:
+        """A replica starts: its lease row, valid `lease` seconds (made, or renewed when a
+        replica of that id restarts; the jobs that name it are its own again)."""
+
+    @abstractmethod
+    async def heartbeat(self, replica: str, lease: float, gone: Iterable[str] = ()) -> list[str] | None:
+        """Renew `replica`'s lease for `lease` seconds, and take over the jobs of dead replicas:
+        those whose lease has run out, those in `gone` (known dead: a process of this host that
+        no longer exists), and any job held by no replica with a lease. One transaction.
+
+        A job is held while it is `submitted` or `running`, or cancelled with its stop request
+        still owed (`cancel_pending`). Taken over, it names `replica`, whose follow loops then
+        resolve it against the node's task list, exactly as a restarted gateway does: nothing is
+        sent again before the node is asked. The dead replicas' rows are removed.
+
+        Returns the ids of the jobs taken over, or None when `replica` has no lease row any more
+        (another replica took its jobs over: it must stop sending and following them). On
+        PostgreSQL: the dead rows are read with `FOR UPDATE SKIP LOCKED`, so two replicas that
+        notice one death at once do not both take its jobs, and neither waits for the other.
+        """
+
+    @abstractmethod
+    async def leave(self, replica: str, grace: float = 2.0) -> None:
+        """A replica stops: its lease ends in `grace` seconds (a request it was making when it
+        stopped may still be in a node's hands), and the others take its jobs over then."""
 
     # -- API keys, sessions, quotas, audit (auth.py) --------------------------------------------
 

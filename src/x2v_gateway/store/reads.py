@@ -39,8 +39,9 @@ class Reads(Protocol):
         """Newest first; `before_seq` is the cursor (the `seq` of the last job of the previous page)."""
         ...
 
-    def active(self, upstream: str | None = None) -> list[Job]:
-        """Jobs handed to an upstream and not finished (optionally: to this one)."""
+    def active(self, upstream: str | None = None, replica: str | None = None) -> list[Job]:
+        """Jobs handed to an upstream and not finished (optionally: to this one, followed by
+        this gateway replica)."""
         ...
 
     def inflight_counts(self) -> dict[str, int]:
@@ -173,6 +174,24 @@ class Reads(Protocol):
 
     def stray_tasks(self, node: str) -> list[str]:
         """Tasks on `node` that no job owns any more, to cancel there, oldest first."""
+        ...
+
+    # -- gateway replicas (dispatch/replicas.py) -------------------------------------------------
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Every replica with a lease row: {id, started_at, expires_at} (wall times)."""
+        ...
+
+    def changes_since(self, cursor: int | None, limit: int = 1000) -> tuple[int, list[str]]:
+        """The jobs that changed (a `job_events` row, by any replica) after `cursor`, at most
+        `limit` events' worth, each id once: (the new cursor, job ids). `cursor` None: (the
+        cursor of now, []).
+
+        Polled about twice a second by every replica while others are alive, so it must cost
+        an index seek when nothing changed (SQLite: a range of the events' primary key).
+        PostgreSQL may serve it the same way, woken early by LISTEN/NOTIFY (a NOTIFY per
+        committed event, `pg_notify('x2v_jobs', job_id)`) rather than polled.
+        """
         ...
 
     # -- keys, sessions, quotas, audit ----------------------------------------------------------

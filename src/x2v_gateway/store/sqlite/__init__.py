@@ -1,7 +1,7 @@
 """The store in one SQLite file: `SqliteStore`, made of one module per idea.
 
 `connections` (threads and connections), `schema` (migrations), `jobs`, `queue`, `batches`,
-`nodes`, `keys`, `pipelines`, `foreign`, `webhooks`: each holds the SQL of its idea, reads and writes.
+`nodes`, `keys`, `pipelines`, `foreign`, `webhooks`, `replicas`: each holds the SQL of its idea, reads and writes.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from .nodes import NodeReads, NodeWrites
 from .pipelines import PipelineReads, PipelineWrites
 from .queue import QueueReads
 from .webhooks import WebhookReads, WebhookWrites
+from .replicas import ReplicaReads, ReplicaWrites
 
 __all__ = ["READER_THREADS", "SqliteReads", "SqliteStore"]
 
 
 class SqliteReads(JobReads, QueueReads, BatchReads, NodeReads, KeyReads, PipelineReads, ForeignReads,
-                  WebhookReads):
+                  WebhookReads, ReplicaReads):
     """The store's reads on one SQLite connection: `Reads` (store/reads.py).
 
     The store runs them on a reader thread; the writer uses them inside its transactions too
@@ -29,7 +30,7 @@ class SqliteReads(JobReads, QueueReads, BatchReads, NodeReads, KeyReads, Pipelin
 
 
 class SqliteStore(JobWrites, BatchWrites, NodeWrites, KeyWrites, PipelineWrites, ForeignWrites,
-                  WebhookWrites):
+                  WebhookWrites, ReplicaWrites):
     """Jobs, nodes and keys in one SQLite file (WAL), never read or written on the event loop."""
 
     _reads = SqliteReads

@@ -300,3 +300,20 @@ def m025_key_webhooks(db: Database) -> None:
     for column in ("webhook_url", "webhook_events", "webhook_secret", "webhook_secret_previous"):
         db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
     db.execute("ALTER TABLE api_keys ADD COLUMN webhook_secret_previous_until FLOAT")
+
+
+@migrations()
+def m032_replicas(db: Database) -> None:
+    # Gateway replicas sharing this store (dispatch/replicas.py): each holds a lease it renews,
+    # and each job in flight names the replica that follows it, so a replica that dies has its
+    # jobs taken over by another one, and only by one.
+    db.execute(
+        "CREATE TABLE replicas (id TEXT PRIMARY KEY, started_at REAL NOT NULL,"
+        " expires_at REAL NOT NULL) WITHOUT ROWID"
+    )
+    db.execute("ALTER TABLE jobs ADD COLUMN replica TEXT")
+    # A replica's jobs in flight (and those whose cancel it owes): read on each take-over.
+    db.execute(
+        "CREATE INDEX idx_jobs_replica ON jobs (replica)"
+        " WHERE state IN ('submitted', 'running') OR cancel_pending = 1"
+    )
