@@ -7,6 +7,7 @@ them, in `sqlite/` (the default: one file) and `postgres/` (several replicas, on
 
 from .base import JobStore
 from .memo import Memo
+from .pipeline_records import Pipeline, PipelineStep, new_pipeline_id
 from .reads import Reads
 from .records import (
     ACTIVE,
@@ -24,6 +25,7 @@ from .records import (
     IdempotencyConflict,
     Inflight,
     Job,
+    JobWebhook,
     KeyNameTaken,
     Lane,
     QueuedJob,
@@ -51,6 +53,7 @@ JobStore.backend_for = staticmethod(_backend_for)
 
 __all__ = [
     "ACTIVE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "STATES", "SUBMITTED", "SUCCEEDED",
-    "TERMINAL", "AdminKeyNeeded", "is_database_url", "BatchItem", "BatchJobSpec", "IdempotencyConflict", "Inflight",
-    "Job", "JobStore", "KeyNameTaken", "Lane", "Memo", "QueuedJob", "Reads", "new_job_id",
+    "TERMINAL", "AdminKeyNeeded", "BatchItem", "BatchJobSpec", "IdempotencyConflict", "Inflight",
+    "Job", "JobStore", "JobWebhook", "KeyNameTaken", "Lane", "Memo", "Pipeline", "PipelineStep", "QueuedJob", "Reads",
+    "is_database_url", "new_job_id", "new_pipeline_id",
 ]

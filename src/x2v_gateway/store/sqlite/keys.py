@@ -74,10 +74,13 @@ class KeyWrites(SqliteThreads):
                                    " first or choose another name")
             conn.execute(
                 "INSERT INTO api_keys (id, name, key_hash, prefix, admin, daily_quota,"
-                " max_concurrent, rate_per_min, source, created_at, created_by)"
+                " max_concurrent, rate_per_min, source, created_at, created_by, webhook_url,"
+                " webhook_events, webhook_secret)"
                 " VALUES (:id, :name, :key_hash, :prefix, :admin, :daily_quota, :max_concurrent,"
-                " :rate_per_min, :source, :created_at, :created_by)",
-                {**key, "admin": int(key["admin"]), "created_at": timestamp(), "created_by": actor},
+                " :rate_per_min, :source, :created_at, :created_by, :webhook_url, :webhook_events,"
+                " :webhook_secret)",
+                {"webhook_url": None, "webhook_events": None, "webhook_secret": None, **key,
+                 "admin": int(key["admin"]), "created_at": timestamp(), "created_by": actor},
             )
             audit(conn, actor, "key.create", key["id"], key_summary(key))
 
@@ -174,6 +177,10 @@ class KeyWrites(SqliteThreads):
 def key_row(row: Any) -> dict[str, Any]:
     data = dict(row)
     data["admin"] = bool(data["admin"])
+    # A key's webhook secrets never leave the store in its row (only `webhook_secrets` reads
+    # them, to sign): a row printed, logged or shown cannot hold one.
+    data["has_webhook_secret"] = bool(data.pop("webhook_secret", None))
+    data.pop("webhook_secret_previous", None)
     return data
 
 
