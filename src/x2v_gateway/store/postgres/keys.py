@@ -75,10 +75,13 @@ class KeyWrites(PostgresThreads):
                                    " first or choose another name")
             conn.execute(
                 "INSERT INTO api_keys (id, name, key_hash, prefix, admin, daily_quota,"
-                " max_concurrent, rate_per_min, source, created_at, created_by)"
+                " max_concurrent, rate_per_min, source, created_at, created_by, webhook_url,"
+                " webhook_events, webhook_secret)"
                 " VALUES (%(id)s, %(name)s, %(key_hash)s, %(prefix)s, %(admin)s, %(daily_quota)s,"
-                " %(max_concurrent)s, %(rate_per_min)s, %(source)s, %(created_at)s, %(created_by)s)",
-                {**key, "admin": bool(key["admin"]), "created_at": timestamp(), "created_by": actor},
+                " %(max_concurrent)s, %(rate_per_min)s, %(source)s, %(created_at)s, %(created_by)s,"
+                " %(webhook_url)s, %(webhook_events)s, %(webhook_secret)s)",
+                {"webhook_url": None, "webhook_events": None, "webhook_secret": None, **key,
+                 "admin": bool(key["admin"]), "created_at": timestamp(), "created_by": actor},
             )
             audit(conn, actor, "key.create", key["id"], key_summary(key))
 
