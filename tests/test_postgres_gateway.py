@@ -4,6 +4,7 @@ survived, and what replicas share (the store): keys, sessions, daily quotas and 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
 
@@ -13,9 +14,13 @@ from x2v_gateway.store import JobStore
 
 
 def test_demo_job_runs_end_to_end_with_the_store_in_postgresql(tmp_path, pg_cluster):
-    url = pg_cluster.new_database()
+    # With a password in the URL (the test cluster trusts local users, so it is never checked):
+    # it must be in no log line and no answer (tests/test_secrets.py reads them all).
+    password = remember_secret("pg-" + secrets.token_urlsafe(16))
+    url = pg_cluster.new_database().replace("x2v@", f"x2v:{password}@")
     gateway = GatewayProcess(tmp_path / "data", X2V_DATABASE_URL=url, X2V_DEMO_JOB_SECONDS="0.2").start()
     try:
+        assert "store      PostgreSQL, postgresql://x2v:***@127.0.0.1" in gateway.log()
         with gateway.client() as client:
             job_id = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "a cat"}).json()["id"]
             job = wait_for(client, job_id, {"succeeded", "failed"})
@@ -24,6 +29,7 @@ def test_demo_job_runs_end_to_end_with_the_store_in_postgresql(tmp_path, pg_clus
             assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
     finally:
         gateway.stop()
+    assert password not in gateway.log()
     # The job is in PostgreSQL, and no SQLite file was made beside the blobs.
     store = JobStore(url)
     try:
