@@ -63,6 +63,24 @@ def test_jobs_survive_gateway_sigkill_on_postgresql_with_one_submission_each(tmp
         node.stop()
 
 
+def test_the_gateway_works_on_across_a_database_restart(tmp_path, pg_cluster):
+    gateway = GatewayProcess(
+        tmp_path / "data", X2V_DATABASE_URL=pg_cluster.new_database(), X2V_DEMO_JOB_SECONDS="0.2"
+    ).start()
+    try:
+        with gateway.client() as client:
+            before = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "before"}).json()["id"]
+            assert wait_for(client, before, {"succeeded", "failed"})["state"] == "succeeded"
+            pg_cluster.restart()  # every pooled connection is cut
+            after = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "after"})
+            assert after.status_code == 201, after.text
+            assert wait_for(client, after.json()["id"], {"succeeded", "failed"})["state"] == "succeeded"
+            assert client.get(f"/api/v1/jobs/{before}").json()["state"] == "succeeded"
+            assert client.get("/readyz").status_code == 200
+    finally:
+        gateway.stop()
+
+
 def test_two_replicas_share_keys_sessions_a_daily_quota_and_a_rate_limit(tmp_path, pg_cluster):
     url = pg_cluster.new_database()
     node = NodeProcess(tmp_path / "node", job_seconds=0.2).start()
