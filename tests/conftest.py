@@ -12,6 +12,14 @@ from media import make_png, make_wav
 from pg_cluster import PostgresCluster
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--store", choices=("sqlite", "postgresql"), default="sqlite",
+        help="where every test gateway keeps its store: its SQLite file (default), or a PostgreSQL"
+             " database of the test process's own cluster (the suite run on PostgreSQL)",
+    )
+
+
 def pytest_configure(config) -> None:
     # The run's directory, where every process lists the secrets and files tests/test_secrets.py
     # checks (gateway_proc.py). ./dev test makes it, for its two pytest runs; for a plain `pytest`
@@ -71,6 +79,21 @@ def pg_cluster():
     cluster = PostgresCluster().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gateways_on_postgresql(request):
+    """With --store=postgresql, every gateway process gets a PostgreSQL database (gateway_proc.py)."""
+    if request.config.getoption("--store") != "postgresql":
+        yield
+        return
+    import gateway_proc
+
+    cluster = request.getfixturevalue("pg_cluster")
+    databases: dict[Path, str] = {}
+    gateway_proc.database_for = lambda data_dir: databases.setdefault(data_dir.resolve(), cluster.new_database())
+    yield
+    gateway_proc.database_for = None
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
