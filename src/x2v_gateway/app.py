@@ -32,17 +32,17 @@ from .inputs import PublicOnlyTransport
 from .jobs import JobService
 from .node_registry import NodeRegistry
 from .metrics import Metrics
-from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
+from .schemas import ApiError, ErrorBody, ErrorResponse, plain
 from .routes import access, dashboard
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .settings import Settings, load_settings
 from .store import JobStore
+from .tasks import NODE_TASKS
 from .upstream import Upstream, cloud_account, self_hosted_node
 
 log = logging.getLogger("x2v_gateway")
-ALL_TASKS = tuple(TASK_INPUTS)
 
 
 class DemoNode:
@@ -57,7 +57,7 @@ class DemoNode:
                 port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self._server = build_demo_server(
-            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=ALL_TASKS,
+            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=sorted(NODE_TASKS),
         )
         # Its polls would flood the gateway's terminal; the start-up block says where it is.
         quiet_in_process_server()

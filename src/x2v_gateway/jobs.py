@@ -197,6 +197,8 @@ class JobService:
                 raise ApiError(422, f"{role} is required for {request.task} jobs", role)
         for role in present - set(needed):
             raise ApiError(422, f"{role} is not used by {request.task} jobs", role)
+        if request.i2i_denoise_strength is not None and request.task != "i2i":
+            raise ApiError(422, f"i2i_denoise_strength is for i2i jobs, not {request.task}", "i2i_denoise_strength")
         if request.upstream is not None and request.upstream not in self.dispatcher.states:
             raise ApiError(422, f"no upstream named {request.upstream!r}; known: "
                            + ", ".join(self.dispatcher.states), "upstream")

@@ -38,6 +38,13 @@ class MediaError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class ImageInfo:
+    format: str  # the extension its content is: png, jpg, webp...
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class VideoInfo:
     duration: float
     width: int
@@ -220,4 +227,42 @@ def duration_seconds(
     return None
 
 
-INSPECTORS = {"image": inspect_image, "last_frame": inspect_image, "audio": inspect_audio}
+def probe_image(path: Path, max_pixels: int = 40_000_000) -> ImageInfo:
+    """What an image result holds; MediaError when it does not decode, every pixel (an upstream
+    that sent a truncated PNG must not make a job succeed)."""
+    kind = inspect_image(path, max_pixels)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return ImageInfo(kind, image.width, image.height)
+
+
+# A driving video (animate) longer than this is refused: a model animates seconds, not hours.
+MAX_INPUT_VIDEO_SECONDS = 600.0
+_VIDEO_EXT = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "webm", "avi": "avi"}
+
+
+def inspect_video(path: Path, max_pixels: int = 40_000_000) -> str:
+    """Check that `path` is a playable video of a bounded length and frame size (the driving
+    video of an animate job); return its extension."""
+    import av
+
+    try:
+        info = probe_video(path)
+        with av.open(str(path)) as container:
+            name = container.format.name
+    except MediaError:
+        raise
+    except (ValueError, av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise MediaError(f"is not a playable video ({str(exc)[:80] or type(exc).__name__})") from None
+    if info.duration > MAX_INPUT_VIDEO_SECONDS:
+        raise MediaError(f"is {info.duration:.0f} s long; a video input may last at most"
+                         f" {MAX_INPUT_VIDEO_SECONDS:.0f} s")
+    if info.width * info.height > max_pixels:
+        raise MediaError(f"has {info.width}x{info.height} frames; frames may have at most"
+                         f" {max_pixels / 1e6:g} megapixels")
+    return _VIDEO_EXT.get(name, name.split(",")[0])
+
+
+INSPECTORS = {"image": inspect_image, "last_frame": inspect_image, "audio": inspect_audio,
+              "video": inspect_video}
