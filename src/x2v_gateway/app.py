@@ -34,7 +34,8 @@ from .node_registry import NodeRegistry
 from .metrics import Metrics
 from .schemas import ApiError, ErrorBody, ErrorResponse, plain
 from .routes import access, dashboard
-from .routes.api import BatchesController, JobsController, ModelsController
+from .routes.api import JobsController, ModelsController
+from .routes.batches import BatchesController
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .settings import Settings, load_settings

@@ -363,31 +363,3 @@ class ModelsController(Controller):
     @get("/", summary="Models each upstream runs; a job may name one with `model` (hosted cloud)", responses=errors())
     async def list_models(self, dispatcher: NamedDependency[Dispatcher]) -> ModelList:
         return await upstream_models(dispatcher)
-
-
-class BatchCancelled(msgspec.Struct):
-    batch_id: str
-    jobs: int  # the batch's jobs this key may touch
-    cancelled: int  # of them, those that had not finished (and the cancel ended)
-    purged: bool
-    files_removed: int
-
-
-class BatchesController(Controller):
-    path = "/api/v1/batches"
-    tags = ["jobs"]
-
-    @delete(
-        "/{batch_id:str}", status_code=200,
-        summary="Cancel a batch's unfinished jobs; with purge=true, also delete their files",
-        responses=errors(400, 403, 404),
-    )
-    async def cancel_batch(
-        self,
-        jobs: NamedDependency[JobService],
-        who: NamedDependency[Caller],
-        batch_id: FromPath[str],
-        purge: Annotated[bool, QueryParameter(description="Delete the jobs' inputs and videos now")] = False,
-    ) -> BatchCancelled:
-        done = await jobs.cancel_batch(batch_id, who, purge=purge)
-        return BatchCancelled(batch_id, done.jobs, done.cancelled, purge, done.files_removed)

@@ -113,6 +113,13 @@ class Reads(Protocol):
         """A batch made in the dashboard (API batches have no record, only a `batch_id`)."""
         ...
 
+    def list_batches(
+        self, *, owner: str | None = None, before: tuple[float, str] | None = None, limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Batches (rows of the batches table: the dashboard's and the API's), newest first;
+        `owner`'s only unless None; those made before `before` (created_at, id)."""
+        ...
+
     def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
         """Batches (made in the dashboard or through the API) with a job among the last
         `window` jobs (of `owner`, if given), the most recently active first. Bounded: it never

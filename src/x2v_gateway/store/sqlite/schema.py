@@ -206,3 +206,9 @@ def m023_owner_state(db: Database) -> None:
     # A key's jobs in one state, newest first (its failed jobs, its queue): without it the
     # owner's whole history was read to find a few of them.
     db.execute("CREATE INDEX idx_jobs_owner_state_seq ON jobs (owner, state, seq)")
+
+
+@migrations()
+def m027_batches_by_owner(db: Database) -> None:
+    # GET /api/v1/batches: a key's own batches, newest first, a page at a time.
+    db.execute("CREATE INDEX idx_batches_owner_created ON batches (owner, created_at, id)")
