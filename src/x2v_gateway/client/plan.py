@@ -37,7 +37,7 @@ PARAMS = (
 )
 # What `--set` may give besides them: every job of the run goes to `upstream` / uses `model`.
 JOB_FIELDS = (*PARAMS, "priority", "upstream", "model")
-MANIFEST_COLUMNS = ("image", "audio", *PARAMS, "priority")
+MANIFEST_COLUMNS = ("image", "audio", "last_frame", *PARAMS, "priority")
 
 
 class PlanError(Exception):
@@ -223,7 +223,7 @@ def _manifest_rows(task: str, inputs: Inputs, errors: list[str]) -> list[tuple[s
     rows = []
     for where, values in _read_manifest(manifest, errors):
         files: dict[str, Path] = {}
-        for role in ("image", "audio"):
+        for role in ("image", "audio", "last_frame"):  # last_frame: no --task here takes one
             name = str(values.pop(role, "") or "").strip()
             if not name:
                 if role in needed:
