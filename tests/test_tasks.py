@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -247,3 +248,68 @@ def test_batch_zip_holds_images_under_their_own_extension(demo, media):
     names = sorted(archive.namelist())
     assert names == ["0001.png", "0002.mp4", "manifest.csv"], names
     Image.open(io.BytesIO(archive.read("0001.png"))).load()
+
+
+# -- the demo node's image routes, as the real server answers -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    with NodeProcess(tmp_path_factory.mktemp("image-node")) as started:
+        yield started
+
+
+def _finished(client: httpx.Client, task_id: str) -> dict:
+    for _ in range(200):
+        status = client.get(f"/v1/tasks/{task_id}/status").json()
+        if status["status"] in ("completed", "failed"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} did not finish: {status}")
+
+
+def test_demo_node_image_route_answers_as_the_real_server(node):
+    with httpx.Client(base_url=node.url) as client:
+        submitted = client.post("/v1/tasks/image/", json={"prompt": "a bridge", "aspect_ratio": "1:1"})
+        assert submitted.status_code == 200
+        body = submitted.json()
+        assert body["task_status"] == "pending" and body["save_result_path"] == body["task_id"]
+        status = _finished(client, body["task_id"])
+        assert status["status"] == "completed" and status["save_result_path"] == f"{body['task_id']}.png"
+        result = client.get(f"/v1/tasks/{body['task_id']}/result")
+        assert result.headers["content-type"] == "image/png"
+        assert result.headers["content-disposition"] == f'attachment; filename="{body["task_id"]}.png"'
+        assert image_of(result).size == (320, 320)
+        assert client.get(f"/v1/files/download/{body['task_id']}.png").content == result.content
+
+        # Without its trailing slash the route matches DELETE /v1/tasks/{task_id}: 405.
+        bare = client.post("/v1/tasks/image", json={"prompt": "x"})
+        assert (bare.status_code, bare.headers["allow"]) == (405, "DELETE")
+        wrong = client.post("/v1/tasks/image/", json={"prompt": "x", "aspect_ratio": 169, "i2i_denoise_strength": "x"})
+        assert wrong.status_code == 422
+        assert [(e["loc"], e["type"]) for e in wrong.json()["detail"]] == [
+            (["body", "aspect_ratio"], "string_type"), (["body", "i2i_denoise_strength"], "float_parsing"),
+        ]
+        # The image form takes no image at all (t2i), and defaults the seed to 42.
+        form = client.post("/v1/tasks/image/form", data={"prompt": "from a form"})
+        assert form.status_code == 200, form.text
+        assert _finished(client, form.json()["task_id"])["status"] == "completed"
+    sent = {s["task_id"]: s for s in node.submissions()}[form.json()["task_id"]]
+    assert sent["route"] == "/v1/tasks/image/form" and sent["request"]["seed"] == 42
+    assert sent["request"]["aspect_ratio"] == "16:9"
+
+
+def test_cloud_progress_is_the_finished_stages_of_a_multi_stage_task():
+    """Neither upstream reports a percentage; a multi_stage cloud task's subtasks say which of its
+    stages have finished, which the adapter reports as progress (cloud.md §5's shape)."""
+    from x2v_gateway.upstream.cloud import _to_status
+
+    def task(*states: str) -> dict:
+        return {"status": "RUNNING", "subtasks": [
+            {"status": s, "worker_name": w, "estimated_running_secs": 3600}
+            for s, w in zip(states, ("text_encoder", "dit", "vae_decoder"))
+        ]}
+
+    assert _to_status(task("SUCCEED", "RUNNING", "CREATED"), ()).progress == pytest.approx(1 / 3)
+    assert _to_status(task("SUCCEED", "SUCCEED", "PENDING"), ()).progress == pytest.approx(2 / 3)
+    assert _to_status(task("RUNNING"), ()).progress is None  # single_stage: nothing to say

@@ -16,7 +16,7 @@ from markupsafe import Markup
 
 from ...auth import Caller
 from ...batch_plan import LABELS, MODES, RESIZE_MODES, TASK_LABELS, TASKS
-from ...tasks import makes
+from ...tasks import TASK_INPUTS, makes
 from ...schemas import iso
 from ...store import STATES, TERMINAL
 
@@ -52,7 +52,7 @@ def setup_templates(engine: JinjaTemplateEngine) -> None:
     env.globals.update(
         static=lambda name: f"/static/{name}?v={versions.get(name, '0')}",
         STATES=STATES, TASKS=TASKS, MODES=MODES, LABELS=LABELS, RESIZE_MODES=RESIZE_MODES,
-        TERMINAL=TERMINAL, makes=makes, TASK_LABELS=TASK_LABELS,
+        TERMINAL=TERMINAL, makes=makes, TASK_LABELS=TASK_LABELS, ALL_TASKS=tuple(TASK_INPUTS),
     )
     env.filters.update(when=_when, seconds=_seconds, size=_size, params_text=_params_text, eta=_eta)
     engine.register_template_callable("signed_in", _signed_in)
