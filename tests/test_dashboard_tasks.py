@@ -10,7 +10,8 @@ import pytest
 
 from gateway_proc import GatewayProcess, wait_for
 from media import make_png
-from test_dashboard import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, playwright_api, sign_in
+# The browser and a signed-in page (on this module's gateway), as test_dashboard.py makes them.
+from test_dashboard import ADMIN_KEY, CHROMIUM, browser, page, playwright_api  # noqa: F401 (fixtures)
 from x2v_gateway.batch_plan import Upload, plan_batch
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (./dev test installs it)")
@@ -22,22 +23,6 @@ def gateway(tmp_path_factory) -> GatewayProcess:
     gw = GatewayProcess(root / "data", X2V_DEMO_JOB_SECONDS="0.3", X2V_ADMIN_KEY=ADMIN_KEY).start()
     yield gw
     gw.stop()
-
-
-@pytest.fixture(scope="module")
-def page(gateway):
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = sign_in(browser, gateway)
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        yield page
-        with gateway.responses_path.open("a", encoding="utf-8") as seen:
-            seen.write(page.content())
-        context.close()
-        browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, page, tmp_path):

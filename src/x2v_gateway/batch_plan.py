@@ -289,7 +289,7 @@ def _input_sets(task: str, uploads: list[Upload], errors: list[str]) -> list[dic
     return [{"image": i, "audio": a} for i, a in itertools.product(images, audios)]
 
 
-def _paired(uploads: list[Upload], errors: list[str]) -> list[tuple[dict[str, Upload], list[str]]]:
+def _paired(uploads: list[Upload], errors: list[str]) -> _Pairs:
     """Images and audio matched by file name without extension: face01.png + face01.wav."""
     groups: dict[str, dict[str, list[Upload]]] = {}
     for upload in uploads:
@@ -297,25 +297,42 @@ def _paired(uploads: list[Upload], errors: list[str]) -> list[tuple[dict[str, Up
     if not groups:
         errors.append("Add images and audio files whose names match, like face01.png and face01.wav")
     _jobs_of("Files", [("file name", len(groups))])
+    return _matched(
+        {stem: (roles.get("image", []), roles.get("audio", [])) for stem, roles in groups.items()},
+        ("image", "audio"),
+        lambda stem, audio: f"no image named {stem}.* to go with {audio.name}: add one, or remove the audio",
+        lambda stem, image: f"no audio named {stem}.* to go with {image.name}: add one, or remove the image",
+    )
+
+
+_Pairs = list[tuple[dict[str, Upload], list[str]]]
+
+
+def _matched(
+    groups: dict[str, tuple[list[Upload], list[Upload]]], roles: tuple[str, str],
+    no_first: Callable[[str, Upload], str], no_second: Callable[[str, Upload], str],
+) -> _Pairs:
+    """Files grouped by a shared name, as the inputs of one job each (`roles`), with what is
+    wrong with a group: two files where one belongs, or a missing half (`no_first`/`no_second`
+    say what to add, given the half that is there)."""
     sets = []
-    for stem, roles in groups.items():
-        images, audios = roles.get("image", []), roles.get("audio", [])
+    for stem, (firsts, seconds) in groups.items():
         problems = []
-        if len(images) > 1 or len(audios) > 1:
-            names = ", ".join(u.name for u in images + audios)
+        if len(firsts) > 1 or len(seconds) > 1:
+            names = ", ".join(u.name for u in firsts + seconds)
             problems.append(f"{names}: several files are named {stem!r}; rename or remove one")
-        if not images:
-            problems.append(f"no image named {stem}.* to go with {audios[0].name}: add one, or remove the audio")
-        if not audios:
-            problems.append(f"no audio named {stem}.* to go with {images[0].name}: add one, or remove the image")
-        chosen = {"image": images[0]} if images else {}
-        if audios:
-            chosen["audio"] = audios[0]
+        if not firsts:
+            problems.append(no_first(stem, seconds[0]))
+        if not seconds:
+            problems.append(no_second(stem, firsts[0]))
+        chosen = {roles[0]: firsts[0]} if firsts else {}
+        if seconds:
+            chosen[roles[1]] = seconds[0]
         sets.append((chosen, problems))
     return sets
 
 
-def _frame_pairs(uploads: list[Upload], errors: list[str]) -> list[tuple[dict[str, Upload], list[str]]]:
+def _frame_pairs(uploads: list[Upload], errors: list[str]) -> _Pairs:
     """flf2v: each first frame with its last one, by file name (`shot_first.png` or `shot.png`
     with `shot_last.png`)."""
     firsts: dict[str, list[Upload]] = {}
@@ -332,22 +349,13 @@ def _frame_pairs(uploads: list[Upload], errors: list[str]) -> list[tuple[dict[st
             firsts.setdefault((first.group(1) if first else stem).lower(), []).append(upload)
     if not uploads:
         errors.append("Add first and last frames whose names match, like shot01_first.png and shot01_last.png")
-    _jobs_of("Files", [("frame pair", len(firsts.keys() | lasts.keys()))])
-    sets = []
-    for stem in sorted(firsts.keys() | lasts.keys()):
-        first, last = firsts.get(stem, []), lasts.get(stem, [])
-        problems = []
-        if len(first) > 1 or len(last) > 1:
-            problems.append(", ".join(u.name for u in first + last) + f": several frames for {stem!r}; rename or remove one")
-        if not first:
-            problems.append(f"no first frame for {last[0].name}: add {stem}_first.png (or {stem}.png), or remove it")
-        if not last:
-            problems.append(f"no last frame for {first[0].name}: add {stem}_last.png, or remove it")
-        chosen = {"image": first[0]} if first else {}
-        if last:
-            chosen["last_frame"] = last[0]
-        sets.append((chosen, problems))
-    return sets
+    stems = sorted(firsts.keys() | lasts.keys())
+    _jobs_of("Files", [("frame pair", len(stems))])
+    return _matched(
+        {stem: (firsts.get(stem, []), lasts.get(stem, [])) for stem in stems}, ("image", "last_frame"),
+        lambda stem, last: f"no first frame for {last.name}: add {stem}_first.png (or {stem}.png), or remove it",
+        lambda stem, first: f"no last frame for {first.name}: add {stem}_last.png, or remove it",
+    )
 
 
 def _grid_rows(
