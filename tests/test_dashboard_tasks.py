@@ -25,7 +25,13 @@ def gateway(tmp_path_factory) -> GatewayProcess:
     gw.stop()
 
 
-def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, page, tmp_path):
+@pytest.fixture
+def tab(request):
+    """test_dashboard's signed-in `page`, on this module's gateway."""
+    return request.getfixturevalue("page")
+
+
+def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, tab, tmp_path):
     frames = [
         make_png(tmp_path / "shot1_first.png", (160, 120), color=(200, 40, 40)),
         make_png(tmp_path / "shot1_last.png", (160, 120), color=(40, 40, 200)),
@@ -33,23 +39,23 @@ def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, pa
         make_png(tmp_path / "shot2-last.png", (160, 120), color=(160, 160, 40)),
     ]
     expect = playwright_api.expect
-    page.goto(gateway.url + "/ui/batches/new")
-    page.get_by_label("Task type").select_option("flf2v")
-    page.get_by_label("Prompt", exact=True).fill("the light changes")
-    page.get_by_label("Drop images and audio files here, or choose them").set_input_files([str(f) for f in frames])
-    expect(page.locator("#uploads li.ok")).to_have_count(4)
-    page.locator("#mode-pair").check()
-    page.get_by_role("button", name="Preview the jobs").click()
-    expect(page.locator("#preview tbody tr.ok")).to_have_count(2)
-    expect(page.locator("#preview-title")).to_have_text("Preview: 2 jobs")
-    rows = page.locator("#preview tbody tr")
+    tab.goto(gateway.url + "/ui/batches/new")
+    tab.get_by_label("Task type").select_option("flf2v")
+    tab.get_by_label("Prompt", exact=True).fill("the light changes")
+    tab.get_by_label("Drop images and audio files here, or choose them").set_input_files([str(f) for f in frames])
+    expect(tab.locator("#uploads li.ok")).to_have_count(4)
+    tab.locator("#mode-pair").check()
+    tab.get_by_role("button", name="Preview the jobs").click()
+    expect(tab.locator("#preview tbody tr.ok")).to_have_count(2)
+    expect(tab.locator("#preview-title")).to_have_text("Preview: 2 jobs")
+    rows = tab.locator("#preview tbody tr")
     expect(rows.nth(0).locator("td[data-label='First frame']")).to_have_text("shot1_first.png")
     expect(rows.nth(0).locator("td[data-label='Last frame']")).to_have_text("shot1_last.png")
     expect(rows.nth(1).locator("td[data-label='Last frame']")).to_have_text("shot2-last.png")
-    page.get_by_role("button", name="Create the batch: 2 jobs").click()
-    page.wait_for_url("**/ui/batches/b*")
-    batch_id = page.url.rsplit("/", 1)[-1]
-    expect(page.locator("#summary .progress-text")).to_contain_text("2 of 2", timeout=30_000)
+    tab.get_by_role("button", name="Create the batch: 2 jobs").click()
+    tab.wait_for_url("**/ui/batches/b*")
+    batch_id = tab.url.rsplit("/", 1)[-1]
+    expect(tab.locator("#summary .progress-text")).to_contain_text("2 of 2", timeout=30_000)
 
     with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         jobs = client.get("/api/v1/jobs", params={"batch_id": batch_id}).json()["jobs"]
@@ -57,26 +63,26 @@ def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, pa
         assert all(set(j["inputs"]) == {"image", "last_frame"} for j in jobs)
         job_id = jobs[0]["id"]
     # The job page shows both frames.
-    page.goto(f"{gateway.url}/ui/jobs/{job_id}")
-    expect(page.locator("#input-last-frame")).to_be_visible()
-    assert page.evaluate("document.querySelector('#input-last-frame').naturalWidth") > 0
+    tab.goto(f"{gateway.url}/ui/jobs/{job_id}")
+    expect(tab.locator("#input-last-frame")).to_be_visible()
+    assert tab.evaluate("document.querySelector('#input-last-frame').naturalWidth") > 0
 
 
-def test_an_image_job_page_shows_the_image(gateway, page):
+def test_an_image_job_page_shows_the_image(gateway, tab):
     with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
         job = client.post("/api/v1/jobs?wait=60", json={"task": "t2i", "prompt": "a quiet harbour"}).json()
         assert wait_for(client, job["id"], {"succeeded"})["result"]["kind"] == "image"
-    page.goto(f"{gateway.url}/ui/jobs/{job['id']}")
-    image = page.locator("#result-image")
+    tab.goto(f"{gateway.url}/ui/jobs/{job['id']}")
+    image = tab.locator("#result-image")
     playwright_api.expect(image).to_be_visible()
-    assert page.locator("#result-video").count() == 0
-    size = page.evaluate("""async () => {
+    assert tab.locator("#result-video").count() == 0
+    size = tab.evaluate("""async () => {
         const img = document.querySelector('#result-image');
         if (!img.complete) await new Promise((ok, fail) => { img.onload = ok; img.onerror = fail; });
         return [img.naturalWidth, img.naturalHeight];
     }""")
     assert size[0] > size[1] > 0
-    link = page.get_by_role("link", name="Download the image")
+    link = tab.get_by_role("link", name="Download the image")
     assert link.get_attribute("download") == f"{job['id']}.png"
 
 
