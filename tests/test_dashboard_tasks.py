@@ -70,8 +70,12 @@ def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, ta
 
 def test_an_image_job_page_shows_the_image(gateway, tab):
     with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
-        job = client.post("/api/v1/jobs?wait=60", json={"task": "t2i", "prompt": "a quiet harbour"}).json()
+        batch = client.post("/api/v1/batches", json={"jobs": [{"task": "t2i", "prompt": "a quiet harbour"}]}).json()
+        (job,) = batch["jobs"]
         assert wait_for(client, job["id"], {"succeeded"})["result"]["kind"] == "image"
+    # The batch's page offers its images.
+    tab.goto(f"{gateway.url}/ui/batches/{batch['id']}")
+    playwright_api.expect(tab.locator("#download-zip")).to_have_text("Download all (1 image + manifest.csv)")
     tab.goto(f"{gateway.url}/ui/jobs/{job['id']}")
     image = tab.locator("#result-image")
     playwright_api.expect(image).to_be_visible()
