@@ -313,3 +313,39 @@ def test_cloud_progress_is_the_finished_stages_of_a_multi_stage_task():
     assert _to_status(task("SUCCEED", "RUNNING", "CREATED"), ()).progress == pytest.approx(1 / 3)
     assert _to_status(task("SUCCEED", "SUCCEED", "PENDING"), ()).progress == pytest.approx(2 / 3)
     assert _to_status(task("RUNNING"), ()).progress is None  # single_stage: nothing to say
+
+
+def test_nodes_are_routed_image_tasks_by_their_model_class_and_settings():
+    from x2v_gateway.settings import SettingsError, load_settings
+    from x2v_gateway.upstream.selfhosted import tasks_for_model
+
+    assert tasks_for_model("qwen_image") == {"t2i", "i2i"}
+    assert tasks_for_model("z_image_turbo") == {"t2i", "i2i"}
+    assert tasks_for_model("wan2.1") == {"t2v", "i2v", "flf2v"}
+    assert tasks_for_model("seko_talk") == {"s2v"}
+    assert tasks_for_model("hunyuan3d") == frozenset()  # 3D: nothing the gateway sends fits
+    env = {"X2V_NODES": "a=http://127.0.0.1:9,b=http://127.0.0.1:10", "X2V_NODE_TASKS": "a=t2i+i2i,b=t2v"}
+    assert load_settings(env, env_file=None).node_tasks == {"a": {"t2i", "i2i"}, "b": {"t2v"}}
+    # A self-hosted server has no route for animate; the cloud's models are set per task type.
+    with pytest.raises(SettingsError, match="animate"):
+        load_settings({**env, "X2V_NODE_TASKS": "a=animate"}, env_file=None)
+    assert load_settings({"LIGHTX2V_MODELS": "t2i=qwen-image-fast"}, env_file=None).cloud_models == {"t2i": "qwen-image-fast"}
+
+
+def test_image_jobs_go_to_the_node_that_runs_image_tasks(tmp_path):
+    with NodeProcess(tmp_path / "img") as images, NodeProcess(tmp_path / "vid") as videos:
+        gateway = GatewayProcess(
+            tmp_path / "data", nodes=f"img={images.url},vid={videos.url}", X2V_NODE_TASKS="img=t2i+i2i,vid=t2v",
+        ).start()
+        try:
+            with gateway.client() as client:
+                t2i = client.post("/api/v1/jobs", json={"task": "t2i", "prompt": "still"}).json()
+                t2v = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "moving"}).json()
+                assert wait_for(client, t2i["id"], {"succeeded"})["upstream"] == "img"
+                assert wait_for(client, t2v["id"], {"succeeded"})["upstream"] == "vid"
+                refused = client.post("/api/v1/jobs", json={"task": "i2v", "prompt": "x", "image": "aGk="})
+                assert refused.status_code == 422 and refused.json()["error"]["field"] == "task"
+        finally:
+            gateway.stop()
+    assert [s["route"] for s in images.submissions()] == ["/v1/tasks/image/"]
+    assert [s["route"] for s in videos.submissions()] == ["/v1/tasks/video/"]
