@@ -143,3 +143,18 @@ def test_batches_are_listed_newest_first_a_page_at_a_time_each_key_its_own(gatew
     assert alice.get(f"/api/v1/batches/{mine}").status_code == 404
     assert alice.get(f"/api/v1/batches/{mine}/zip").status_code == 404
     assert alice.get("/api/v1/batches", params={"cursor": "bm9wZQ"}).json()["error"]["field"] == "cursor"
+
+
+def test_the_client_downloads_a_batch_of_images_and_videos_under_their_own_extensions(gateway, admin, tmp_path):
+    from test_client import client as run_client
+
+    made = admin.post("/api/v1/batches", json={"jobs": [
+        {"task": "t2i", "prompt": "a still"}, {"task": "t2v", "prompt": "a clip"},
+    ]}).json()
+    out = tmp_path / "out"
+    done = run_client(gateway, "download", made["id"], str(out), "--quiet", cwd=tmp_path)
+    assert done.code == 0, done.stderr
+    first, second = (job["id"] for job in made["jobs"])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        f"0001_{first}.png", f"0002_{second}.mp4", "manifest.csv",
+    ]
