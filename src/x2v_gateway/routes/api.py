@@ -232,15 +232,17 @@ class JobsController(Controller):
         wait: Annotated[float | None, _WAIT_QUERY] = None,
         prefer: Annotated[str | None, _PREFER] = None,
     ) -> Response[JobView]:
-        def read(r: Reads) -> tuple[Job, _FullViewReads]:  # one hop, not two
+        def read(r: Reads) -> tuple[Job, _FullViewReads, int]:  # one hop, not two
             job = visible(r.get(job_id), job_id, who)
-            return job, _full_view_reads(r, job)
+            return job, _full_view_reads(r, job), r.pending_deliveries(job.id)
 
         seconds, headers = waited(wait, prefer_wait(prefer), jobs.settings.max_wait)
         if seconds:
             await jobs.wait(await find_job(store, job_id, who), seconds)
-        job, reads = await store.read(read)
-        return Response(_full_view(dispatcher, job, reads), headers=headers | wait_outcome(seconds, job))
+        job, reads, pending = await store.read(read)
+        view = _full_view(dispatcher, job, reads)
+        view.webhooks_pending = pending
+        return Response(view, headers=headers | wait_outcome(seconds, job))
 
     @delete(
         "/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files",

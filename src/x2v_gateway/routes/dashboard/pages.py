@@ -24,6 +24,7 @@ from ...settings import Settings
 from ...store import JobStore
 from ..files import ranged_file
 from ..nodes import node_views
+from ..webhooks import webhook_section
 from .rows import BATCH_PAGE_ROWS, job_context, list_filters, read_batch_page, read_jobs_page, recent
 from .templating import off_loop_page
 
@@ -126,8 +127,20 @@ async def jobs_rows(
 @get("/jobs/{job_id:str}", include_in_schema=False)
 async def job_page(store: NamedDependency[JobStore], who: NamedDependency[Caller], job_id: FromPath[str]) -> Template:
     job = (await find_item(store, job_id, who)).job
-    inputs = await store.read(lambda r: {role: r.blob(sha) for role, sha in job.inputs.items()})
-    return Template("job.html", context={**await job_context(store, job), "inputs": inputs, "since": time.time()})
+    inputs, hooks = await store.read(lambda r: (
+        {role: r.blob(sha) for role, sha in job.inputs.items()}, webhook_section(r, job.id),
+    ))
+    return Template("job.html", context={
+        **await job_context(store, job), "inputs": inputs, "hooks": hooks, "since": time.time(),
+    })
+
+
+@get("/jobs/{job_id:str}/webhooks", include_in_schema=False)
+async def job_webhooks(store: NamedDependency[JobStore], who: NamedDependency[Caller], job_id: FromPath[str]) -> Template:
+    """The job page's webhook deliveries, fetched again while some are pending."""
+    job = (await find_item(store, job_id, who)).job
+    hooks = await store.read(lambda r: webhook_section(r, job.id))
+    return Template("partials/job_webhooks.html", context={"job": job, "hooks": hooks})
 
 
 @get("/jobs/{job_id:str}/live", include_in_schema=False)
@@ -181,5 +194,5 @@ async def nodes_page(
 
 ROUTES = [
     home, recent_batches, new_batch, batch_page, batch_summary_fragment, batch_videos,
-    jobs_page, jobs_rows, job_page, job_live, retry_form, job_input, nodes_page,
+    jobs_page, jobs_rows, job_page, job_live, retry_form, job_input, nodes_page, job_webhooks,
 ]
