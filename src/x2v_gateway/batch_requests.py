@@ -12,10 +12,10 @@ again answers the batch made before; a different request with it gets 409.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 from msgspec import Meta
@@ -27,7 +27,7 @@ from .inputs import (
     job_from_json, read_limited,
 )
 from .reads import every_item
-from .schemas import INPUT_ROLES, ApiError, JobRequest, field_problem, generation_params
+from .schemas import INPUT_ROLES, ApiError, JobRequest, WebhookEvent, field_problem, generation_params
 from .store import BatchJobSpec, Job
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     jobs: Annotated[list[msgspec.Raw], Meta(min_length=1, max_length=MAX_API_BATCH_JOBS)]
     name: Annotated[str, Meta(max_length=200)] | None = None
+    # One webhook for every job of the batch, as the dashboard's batch form gives one.
+    webhook_url: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
+    webhook_events: Annotated[list[WebhookEvent], Meta(max_length=12)] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,8 @@ class MadeBatch:
     created: bool  # False: an Idempotency-Key replay
 
 
-def read_batch(raw: bytes) -> tuple[str | None, list[JobRequest]]:
-    """The batch's name and jobs, every job decoded and checked against the schema."""
+def read_batch(raw: bytes) -> tuple[BatchRequest, list[JobRequest]]:
+    """The batch and its jobs, every job decoded and checked against the schema."""
     try:
         body = msgspec.json.decode(raw, type=BatchRequest)
     except msgspec.ValidationError as exc:
@@ -71,8 +74,11 @@ def read_batch(raw: bytes) -> tuple[str | None, list[JobRequest]]:
             request = job_from_json(bytes(item))
             if request.batch_id is not None:
                 raise ApiError(422, "batch_id is given by the batch; leave it out", "batch_id")
+            for field in ("webhook_url", "webhook_events"):
+                if getattr(request, field) is not None:
+                    raise ApiError(422, f"{field} is the batch's, for all its jobs: set it beside `jobs`", field)
         requests.append(request)
-    return (body.name or "").strip() or None, requests
+    return body, requests
 
 
 @contextmanager
@@ -89,14 +95,15 @@ def _item(index: int) -> Iterator[None]:
 
 
 async def create_batch(
-    service: JobService, who: Caller, body: Any, *, idempotency_key: str | None,
+    service: JobService, who: Caller, stream: AsyncIterator[bytes], *, idempotency_key: str | None,
 ) -> MadeBatch:
     """Read, check and queue a batch sent as JSON, for `who` (see the module's docstring)."""
     settings = service.settings
     mb = settings.max_json_mb
-    raw = await read_limited(body, mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
+    raw = await read_limited(stream, mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
                              " allowed; send large files by URL, or split the batch")
-    name, requests = read_batch(raw)
+    body, requests = read_batch(raw)
+    name = (body.name or "").strip() or None
     digest = hashlib.sha256(raw).hexdigest()
     if idempotency_key:
         batch_id = "b" + hashlib.sha256(f"{who.owner}:{idempotency_key}".encode()).hexdigest()[:32]
@@ -108,12 +115,13 @@ async def create_batch(
         with _item(index):
             service.check_job(request)
             await service.check_cloud_model(request)
+    webhook = await service.webhooks.for_job(body.webhook_url, body.webhook_events, who.owner)
 
     async with service.auth.counting_jobs(who, len(requests)) as count:
         specs = await _fetch_and_keep(service, requests, who.owner)
         tasks = {spec.task for spec in specs}
         jobs = await service.submit_batch(
-            batch_id, specs, owner=who.owner,
+            batch_id, specs, owner=who.owner, webhook=webhook,
             batch={"name": name, "task": tasks.pop() if len(tasks) == 1 else None, "mode": "api",
                    "form": {"request_sha256": digest, "jobs": len(specs)}},
         )

@@ -15,6 +15,9 @@ from .store import Job, Memo
 
 from .tasks import INPUT_ROLES, PROMPT_REQUIRED, TASK_INPUTS, TaskType, makes, media_type  # noqa: F401 (re-exported)
 
+# What a webhook may be sent for (webhooks.py).
+WebhookEvent = Literal["queued", "started", "succeeded", "failed", "cancelled", "batch.finished"]
+
 # SQLite keeps integers in 64 bits and its driver raises on a larger one: every integer a client
 # sends that reaches the store (cursors, paging) is checked against this first.
 MAX_SQLITE_INT = 2**63 - 1
@@ -70,6 +73,10 @@ class JobRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
     upstream: Annotated[str, Meta(max_length=100)] | None = None
     # A hosted-cloud model (`GET /api/v1/models`); kept in the job's params as `model_cls`.
     model: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    # Where the job's events are POSTed, signed (webhooks.py); none: the key's default, if any.
+    webhook_url: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
+    # Which events (in a form: comma-separated); none: succeeded, failed, cancelled, batch.finished.
+    webhook_events: Annotated[list[WebhookEvent], Meta(max_length=12)] | None = None
 
 
 PARAM_FIELDS = tuple(GenerationParams.__struct_fields__)
@@ -215,6 +222,7 @@ class ResultRef(msgspec.Struct):
     duration: float | None = None
     width: int | None = None
     height: int | None = None
+    poster_url: str | None = None  # a JPEG of its first frame
 
 
 class QueueInfo(msgspec.Struct, omit_defaults=True):
@@ -254,6 +262,8 @@ class JobView(msgspec.Struct, kw_only=True):
     events: list[Event] | None = None
     # How far the upstream says the job has got, 0 to 1, where it says (see `RemoteStatus`).
     progress: float | None = None
+    # Webhook deliveries of the job not yet made nor given up (`GET /api/v1/jobs/{id}` only).
+    webhooks_pending: int | None = None
 
 
 class JobList(msgspec.Struct):
@@ -294,6 +304,7 @@ def job_view(
             url=f"/api/v1/jobs/{job.id}/{kind}", sha256=job.result_sha, size=meta.get("size"),
             kind=kind, media_type=media_type(meta.get("format"), job.task),
             duration=meta.get("duration"), width=meta.get("width"), height=meta.get("height"),
+            poster_url=f"/api/v1/jobs/{job.id}/poster",
         )
     queue = None
     upstream_info = dict(job.queue_info or {})

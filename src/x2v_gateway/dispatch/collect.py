@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 
 from ..checker import CHECKER
+from ..posters import keep_poster, poster_tmp
 from ..store import Job
 from ..tasks import makes
 from ..upstream.base import Unavailable, UnknownTask, UpstreamError
@@ -40,22 +41,26 @@ class Collector:
         upstream = state.upstream
         kind = makes(job.task)
         dest = ctx.blobs.tmp_dir / f"result-{job.id}-{uuid.uuid4().hex[:8]}"
+        poster = poster_tmp(ctx.blobs, job.id)
         try:
             await ctx.call(
                 state, "result", lambda: upstream.fetch_result(job.upstream_task_id, dest, kind=kind)
             )
             meta: dict[str, object]
             if kind == "image":
-                picture = await CHECKER.probe_image(dest)
+                picture = await CHECKER.probe_image(dest, poster=poster)  # a thumbnail: its poster
                 meta = {"format": picture.format, "width": picture.width, "height": picture.height}
                 said = f"a {picture.width}x{picture.height} {picture.format} image"
             else:
-                info = await CHECKER.probe_video(dest)
+                # The check decodes the first frame: it is kept as the job's poster on the way.
+                info = await CHECKER.probe_video(dest, poster=poster)
                 meta = {"format": "mp4", "duration": info.duration, "width": info.width, "height": info.height}
                 said = f"{info.duration:.1f} s of video"
             sha, size = await asyncio.to_thread(ctx.blobs.adopt, dest)
             await ctx.store.record_blob(sha, size, str(meta["format"]))
             meta["size"] = size
+            if poster_sha := await keep_poster(ctx.store, ctx.blobs, poster):
+                meta["poster"] = poster_sha
             # Conditional: a job cancelled while its result was downloading stays cancelled.
             if await ctx.store.succeed(job.id, sha, meta):
                 ctx.metrics.jobs_finished.labels("succeeded").inc()
@@ -79,6 +84,7 @@ class Collector:
             await self._failed(job, exc)
         finally:
             dest.unlink(missing_ok=True)
+            poster.unlink(missing_ok=True)
             ctx.collecting.pop(job.id, None)
             ctx.notifier.changed(job.id)
             ctx.wake()

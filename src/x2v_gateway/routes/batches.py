@@ -23,7 +23,7 @@ from ..batch_requests import MAX_API_BATCH_JOBS
 from ..blobs import BlobStore
 from ..jobs import JobService
 from ..reads import BatchSummary, batch_summary, read_batch_summary
-from ..schemas import MAX_SQLITE_INT, ApiError, JobRequest, JobView, errors, iso
+from ..schemas import MAX_SQLITE_INT, ApiError, JobRequest, JobView, WebhookEvent, errors, iso
 from ..store import JobStore, Reads
 from .api import _openapi_schema, _views
 
@@ -34,6 +34,8 @@ class _BatchBody(msgspec.Struct):
 
     jobs: list[JobRequest]
     name: str | None = None
+    webhook_url: str | None = None  # every job's webhook (jobs themselves may not name one)
+    webhook_events: list[WebhookEvent] | None = None
 
 
 @dataclass
