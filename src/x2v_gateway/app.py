@@ -34,7 +34,7 @@ from .jobs import JobService
 from .node_registry import NodeRegistry
 from .metrics import Metrics
 from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
-from .routes import access, dashboard, lightx2v_api, openai_api
+from .routes import access, dashboard, lightx2v_api, openai_api, seed_services
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
@@ -259,8 +259,8 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             dashboard.router(), dashboard.static_files(), dashboard.root,
             # Sign-in and sign-out, API keys, the audit log (auth.py decides who may call what).
             *access.ROUTES,
-            # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's.
-            *lightx2v_api.ROUTES, *openai_api.ROUTES,
+            # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's, the services the gateway replaces.
+            *lightx2v_api.ROUTES, *openai_api.ROUTES, *seed_services.ROUTES,
         ],
         # Every request: who is calling, may they, CSRF for sessions, the key's rate limit.
         middleware=[AuthMiddleware()],
