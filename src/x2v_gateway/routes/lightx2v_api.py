@@ -26,7 +26,7 @@ from litestar.params import FromPath, HeaderParameter
 from ..auth import Caller
 from ..blobs import BlobStore
 from ..compat import (
-    job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
+    LIGHTX2V, errors, file_responses, job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
 )
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
@@ -280,7 +280,8 @@ EXCEPTIONS = {_Pydantic: _pydantic_error, _Duplicate: _duplicate_error, _NotFoun
 @post(["/v1/tasks/video/", "/v1/tasks/"], status_code=200, request_max_body_size=None,
       summary="LightX2V: submit a video task (JSON)", tags=["LightX2V server API"],
       description="The LightX2V server's `VideoTaskRequest`; inputs as http(s) URLs, base64 or data URLs."
-      " `POST /v1/tasks/` is the server's deprecated alias.", exception_handlers=EXCEPTIONS)
+      " `POST /v1/tasks/` is the server's deprecated alias.", exception_handlers=EXCEPTIONS,
+      responses=errors(LIGHTX2V, 400, 403, 413, 422, 503, 507))
 async def submit_video(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
@@ -303,7 +304,7 @@ _FORM_FILES = {"image_file": "image", "last_frame_file": "last_frame", "audio_fi
       description="`image_file` (required), `last_frame_file`, `audio_file`, and the text fields"
       " `prompt`, `negative_prompt`, `save_result_path`, `use_prompt_enhancer`, `num_fragments`,"
       " `infer_steps`, `target_video_length`, `seed` (default 42), `video_duration`, `target_fps`.",
-      exception_handlers=EXCEPTIONS)
+      exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 400, 403, 413, 415, 422, 503, 507))
 async def submit_video_form(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     who: NamedDependency[Caller],
@@ -329,13 +330,13 @@ async def submit_video_form(
 
 
 @get("/v1/tasks/{task_id:str}/status", summary="LightX2V: a task's status", tags=["LightX2V server API"],
-     exception_handlers=EXCEPTIONS)
+     exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 404, 422))
 async def task_status(store: NamedDependency[JobStore], who: NamedDependency[Caller], task_id: FromPath[str]) -> TaskStatusView:
     return await _task_status(store, who, task_id)
 
 
 @get("/v1/tasks/", summary="LightX2V: every task of this key (the newest 1000), keyed by task id, oldest first",
-     tags=["LightX2V server API"])
+     tags=["LightX2V server API"], responses=errors(LIGHTX2V))
 async def list_tasks(store: NamedDependency[JobStore], who: NamedDependency[Caller]) -> dict[str, TaskStatusView]:
     def read(r: Reads) -> dict[str, TaskStatusView]:  # up to 1000 jobs: on a reader thread
         jobs = list(reversed(r.list_jobs(owner=who.sees, limit=LISTED)))
@@ -345,7 +346,7 @@ async def list_tasks(store: NamedDependency[JobStore], who: NamedDependency[Call
 
 
 @delete("/v1/tasks/{task_id:str}", status_code=200, summary="LightX2V: cancel a task (always 200)",
-        tags=["LightX2V server API"])
+        tags=["LightX2V server API"], responses=errors(LIGHTX2V, 403, 422))
 async def stop_task(
     jobs: NamedDependency[JobService], store: NamedDependency[JobStore], who: NamedDependency[Caller],
     task_id: FromPath[str],
@@ -358,7 +359,8 @@ async def stop_task(
 
 
 @get("/v1/tasks/{task_id:str}/result", summary="LightX2V: a completed task's file (supports Range)",
-     tags=["LightX2V server API"], media_type="video/mp4", exception_handlers=EXCEPTIONS)
+     tags=["LightX2V server API"], media_type="video/mp4", exception_handlers=EXCEPTIONS,
+     responses=file_responses(LIGHTX2V, 404, 422))
 async def task_result(
     store: NamedDependency[JobStore], blobs: NamedDependency[BlobStore], who: NamedDependency[Caller],
     task_id: FromPath[str], range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
@@ -380,7 +382,8 @@ def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Re
 
 
 @get("/v1/files/download/{file_path:path}", summary="LightX2V: a result file by its name",
-     tags=["LightX2V server API"], media_type="video/mp4", exception_handlers=EXCEPTIONS)
+     tags=["LightX2V server API"], media_type="video/mp4", exception_handlers=EXCEPTIONS,
+     responses=file_responses(LIGHTX2V, 403, 404, 422))
 async def download_file(
     store: NamedDependency[JobStore], blobs: NamedDependency[BlobStore], who: NamedDependency[Caller],
     file_path: FromPath[str], range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
@@ -419,7 +422,7 @@ class ServiceStatus(msgspec.Struct):
 
 
 @get("/v1/service/status", summary="LightX2V: idle when the pool would start a task now",
-     tags=["LightX2V server API"])
+     tags=["LightX2V server API"], responses=errors(LIGHTX2V))
 async def service_status(
     store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher], who: NamedDependency[Caller],
 ) -> ServiceStatus:
@@ -453,7 +456,7 @@ class ServiceMetadata(msgspec.Struct):
     model_path: str
 
 
-@get("/v1/service/metadata", summary="LightX2V: the pool's model class", tags=["LightX2V server API"])
+@get("/v1/service/metadata", summary="LightX2V: the pool's model class", tags=["LightX2V server API"], responses=errors(LIGHTX2V))
 async def service_metadata(dispatcher: NamedDependency[Dispatcher]) -> ServiceMetadata:
     # One model across the pool is named; a mixed pool is no model class a client could plan
     # for. Nodes' model paths are theirs: none is shown.

@@ -21,7 +21,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from ..auth import Caller
 from ..blobs import BlobStore
-from ..compat import job_request, result_path
+from ..compat import OPENAI, errors, file_responses, job_request, result_path
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
@@ -179,7 +179,8 @@ async def _read_create(request: Request, jobs: JobService, settings: Settings) -
 @post("/v1/videos", status_code=200, request_max_body_size=None, tags=["OpenAI-compatible"],
       summary="OpenAI: create a video (`prompt`, `model`, `seconds`, `size`, `input_reference`)",
       description="multipart/form-data (as the `openai` SDK sends it) or JSON; `input_reference` an"
-      " image file, or `{\"image_url\": ...}` (an http(s) or data URL).")
+      " image file, or `{\"image_url\": ...}` (an http(s) or data URL).",
+      responses=errors(OPENAI, 400, 403, 413, 415, 507))
 async def create_video(
     request: Request, jobs: NamedDependency[JobService], dispatcher: NamedDependency[Dispatcher],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
@@ -201,7 +202,8 @@ async def create_video(
     return view
 
 
-@get("/v1/videos/{video_id:str}", tags=["OpenAI-compatible"], summary="OpenAI: a video's status")
+@get("/v1/videos/{video_id:str}", tags=["OpenAI-compatible"], summary="OpenAI: a video's status",
+     responses=errors(OPENAI, 400, 404))
 async def retrieve_video(
     store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
     settings: NamedDependency[Settings], who: NamedDependency[Caller], video_id: FromPath[str],
@@ -209,7 +211,8 @@ async def retrieve_video(
     return video_view(await find_job(store, video_id, who), dispatcher, settings)
 
 
-@get("/v1/videos", tags=["OpenAI-compatible"], summary="OpenAI: this key's videos, newest first")
+@get("/v1/videos", tags=["OpenAI-compatible"], summary="OpenAI: this key's videos, newest first",
+     responses=errors(OPENAI, 400, 404))
 async def list_videos(
     store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
@@ -227,7 +230,7 @@ async def list_videos(
 
 
 @get("/v1/videos/{video_id:str}/content", tags=["OpenAI-compatible"], media_type="video/mp4",
-     summary="OpenAI: a completed video's MP4 (supports Range)")
+     summary="OpenAI: a completed video's MP4 (supports Range)", responses=file_responses(OPENAI, 400, 404))
 async def video_content(
     store: NamedDependency[JobStore], blobs: NamedDependency[BlobStore], who: NamedDependency[Caller],
     video_id: FromPath[str],
@@ -245,7 +248,8 @@ async def video_content(
 
 
 @delete("/v1/videos/{video_id:str}", status_code=200, tags=["OpenAI-compatible"],
-        summary="OpenAI: delete a video (cancel it if unfinished, and delete its files)")
+        summary="OpenAI: delete a video (cancel it if unfinished, and delete its files)",
+        responses=errors(OPENAI, 400, 403, 404))
 async def delete_video(jobs: NamedDependency[JobService], who: NamedDependency[Caller], video_id: FromPath[str]) -> VideoDeleted:
     job = await jobs.cancel(video_id, who, purge=True)
     return VideoDeleted(job.id, "video.deleted", True)

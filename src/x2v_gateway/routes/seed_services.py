@@ -23,7 +23,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, QueryParameter
 
 from ..auth import Caller
-from ..compat import job_request, naive_local, renaming, truth, whole_number
+from ..compat import S2V_SERVICE, T2V_SERVICE, errors, job_request, naive_local, renaming, truth, whole_number
 from ..inputs import discard, declared_size, read_limited
 from ..jobs import JobService
 from ..reads import NotFound, find_job
@@ -70,7 +70,8 @@ async def _find(store: JobStore, who: Caller, task_id: str) -> Job:
 
 
 @post("/api/submit", status_code=200, request_max_body_size=None, tags=["Replaced services"],
-      summary="S2V batch service: submit one s2v task (multipart); `wait_for_completion` blocks until it ends")
+      summary="S2V batch service: submit one s2v task (multipart); `wait_for_completion` blocks until it ends",
+      responses=errors(S2V_SERVICE, 400, 403, 413, 415, 422, 507))
 async def s2v_submit(
     request: Request, jobs: NamedDependency[JobService], settings: NamedDependency[Settings],
     who: NamedDependency[Caller],
@@ -105,14 +106,16 @@ async def s2v_submit(
     return {"task_id": job.id, "status": S2V_STATUS[job.state] if wait else "CREATED"}
 
 
-@get("/api/task/{task_id:str}", tags=["Replaced services"], summary="S2V batch service: one task")
+@get("/api/task/{task_id:str}", tags=["Replaced services"], summary="S2V batch service: one task",
+     responses=errors(S2V_SERVICE, 404, 422))
 async def s2v_task_status(
     request: Request, store: NamedDependency[JobStore], who: NamedDependency[Caller], task_id: FromPath[str],
 ) -> dict[str, Any]:
     return s2v_task(request, await _find(store, who, task_id))
 
 
-@get("/api/tasks", tags=["Replaced services"], summary="S2V batch service: this key's tasks, newest first")
+@get("/api/tasks", tags=["Replaced services"], summary="S2V batch service: this key's tasks, newest first",
+     responses=errors(S2V_SERVICE, 422))
 async def s2v_tasks(
     request: Request, store: NamedDependency[JobStore], who: NamedDependency[Caller],
     limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
@@ -127,7 +130,7 @@ async def s2v_tasks(
 
 
 @delete("/api/task/{task_id:str}", status_code=200, tags=["Replaced services"],
-        summary="S2V batch service: cancel a task")
+        summary="S2V batch service: cancel a task", responses=errors(S2V_SERVICE, 403, 404, 422))
 async def s2v_cancel(
     jobs: NamedDependency[JobService], store: NamedDependency[JobStore], who: NamedDependency[Caller],
     task_id: FromPath[str],
@@ -195,7 +198,8 @@ async def _request_id(request: Request, settings: Settings) -> str:
 
 
 @post("/video/submit", status_code=202, request_max_body_size=None, tags=["Replaced services"],
-      summary="Wan2.1 T2V service: submit (`prompt`, `image_size`, `num_frames`, `guidance_scale`, `infer_steps`, `seed`)")
+      summary="Wan2.1 T2V service: submit (`prompt`, `image_size`, `num_frames`, `guidance_scale`, `infer_steps`, `seed`)",
+      responses=errors(T2V_SERVICE, 403, 413, 422, 507))
 async def t2v_submit(
     request: Request, jobs: NamedDependency[JobService], settings: NamedDependency[Settings],
     who: NamedDependency[Caller],
@@ -209,7 +213,8 @@ async def t2v_submit(
     return {"requestId": job.id}
 
 
-@post("/video/status", status_code=200, tags=["Replaced services"], summary="Wan2.1 T2V service: a request's status")
+@post("/video/status", status_code=200, tags=["Replaced services"], summary="Wan2.1 T2V service: a request's status",
+      responses=errors(T2V_SERVICE, 403, 404, 413, 422))
 async def t2v_status(
     request: Request, store: NamedDependency[JobStore], settings: NamedDependency[Settings],
     who: NamedDependency[Caller],
@@ -235,7 +240,8 @@ async def _t2v_cancel(request: Request, jobs: JobService, store: JobStore, setti
     return {"status": "Succeed"}
 
 
-@post("/video/cancel", status_code=200, tags=["Replaced services"], summary="Wan2.1 T2V service: cancel a request")
+@post("/video/cancel", status_code=200, tags=["Replaced services"], summary="Wan2.1 T2V service: cancel a request",
+      responses=errors(T2V_SERVICE, 403, 404, 413, 422))
 async def t2v_cancel(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
@@ -244,7 +250,8 @@ async def t2v_cancel(
 
 
 @delete("/video/cancel", status_code=200, tags=["Replaced services"],
-        summary="Wan2.1 T2V service: cancel a request (the DELETE its Postman guide shows)")
+        summary="Wan2.1 T2V service: cancel a request (the DELETE its Postman guide shows)",
+        responses=errors(T2V_SERVICE, 403, 404, 413, 422))
 async def t2v_cancel_delete(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
