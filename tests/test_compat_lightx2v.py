@@ -147,6 +147,11 @@ def test_check_status_py_answers_in_the_servers_shapes(gateway):
     assert unknown.status_code == 404 and unknown.json() == {"detail": "Task not found"}
     metadata = requests.get(f"{gateway.url}/v1/service/metadata").json()
     assert set(metadata) == {"nproc_per_node", "model_cls", "model_path"}
+    queue = requests.get(f"{gateway.url}/v1/tasks/queue/status").json()
+    assert set(queue) == {"is_processing", "current_task", "pending_count", "active_count", "queue_size",
+                          "queue_available"}
+    # The header-less key opens the compatible routes only: the gateway's own API still needs a key.
+    assert requests.get(f"{gateway.url}/api/v1/jobs").status_code == 401
 
 
 def test_cancel_answers_as_the_server_and_stays_cancelled(gateway):
@@ -232,3 +237,23 @@ def test_post_multi_servers_logic_spreads_tasks_over_the_pool(gateway):
     for thread in threads:
         thread.join(timeout=60)
     assert results == [True, True, True]
+
+
+def test_a_task_survives_a_gateway_sigkill_and_is_found_by_its_task_id(tmp_path, media):
+    gw = GatewayProcess(tmp_path / "data", X2V_DEMO_JOB_SECONDS="1.5", X2V_HEADERLESS_KEY=HEADERLESS,
+                        X2V_REQUEST_TIMEOUT="2").start()
+    try:
+        with gw.client() as admin:
+            remember_secret(admin.post("/api/v1/keys", json={"name": HEADERLESS}).json()["key"])
+        message = {"task_id": "durable-0001", "prompt": "survive", "save_result_path": "durable.mp4",
+                   "image_path": base64.b64encode(media["face"].read_bytes()).decode()}
+        assert requests.post(f"{gw.url}/v1/tasks/video/", json=message).status_code == 200
+        gw.kill()
+        gw.start()
+        done = _wait_done(gw.url, "durable-0001")
+        assert done["save_result_path"] == "durable.mp4"
+        assert requests.get(f"{gw.url}/v1/files/download/durable.mp4").content[4:8] == b"ftyp"
+        again = requests.post(f"{gw.url}/v1/tasks/video/", json=message)
+        assert again.status_code == 503  # the id is kept too
+    finally:
+        gw.stop()

@@ -122,7 +122,8 @@ def _decode(raw: bytes) -> VideoTask:
     if not isinstance(doc, dict):
         raise _Pydantic("model_attributes_type", [], "Input should be a valid dictionary or object to extract fields from")
     try:
-        return msgspec.convert(doc, VideoTask)
+        # Lax, as pydantic is: "42" is a fine seed.
+        return msgspec.convert(doc, VideoTask, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
         field = message.rsplit("$.", 1)[-1].split("[")[0].rstrip("`") if "$." in message else None
@@ -426,6 +427,10 @@ class ServiceStatus(msgspec.Struct):
 async def service_status(
     store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher], who: NamedDependency[Caller],
 ) -> ServiceStatus:
+    return await _service(store, dispatcher, who)
+
+
+async def _service(store: JobStore, dispatcher: Dispatcher, who: Caller) -> ServiceStatus:
     # "idle" is what LightX2V's multi-server script waits for before it sends the next task:
     # a GPU in the pool would start one now (nothing waits in the gateway's queue, and some
     # node with room is up).
@@ -450,6 +455,30 @@ async def service_status(
     )
 
 
+class QueueStatus(msgspec.Struct):
+    is_processing: bool
+    current_task: str | None
+    pending_count: int
+    active_count: int
+    queue_size: int
+    queue_available: int
+
+
+@get("/v1/tasks/queue/status", summary="LightX2V: this key's tasks in flight against the pool's slots",
+     tags=["LightX2V server API"], responses=errors(LIGHTX2V))
+async def queue_status(
+    store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher], who: NamedDependency[Caller],
+) -> QueueStatus:
+    service = await _service(store, dispatcher, who)
+    active = service.pending_tasks + len(service.active_tasks)
+    return QueueStatus(
+        is_processing=bool(service.active_tasks), current_task=service.current_task,
+        pending_count=service.pending_tasks, active_count=active, queue_size=service.queue_size,
+        # The gateway's own queue takes every task: room is never short, only the pool's slots.
+        queue_available=max(0, service.queue_size - active),
+    )
+
+
 class ServiceMetadata(msgspec.Struct):
     nproc_per_node: int
     model_cls: str
@@ -464,5 +493,5 @@ async def service_metadata(dispatcher: NamedDependency[Dispatcher]) -> ServiceMe
     return ServiceMetadata(1, models.pop() if len(models) == 1 else "x2v-gateway", "")
 
 
-ROUTES = [submit_video, submit_video_form, task_status, list_tasks, stop_task, task_result,
+ROUTES = [submit_video, submit_video_form, queue_status, task_status, list_tasks, stop_task, task_result,
           download_file, service_status, service_metadata]
