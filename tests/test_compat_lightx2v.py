@@ -15,19 +15,14 @@ import time
 import pytest
 import requests
 
-from gateway_proc import GatewayProcess, remember_secret
+from gateway_proc import GatewayProcess, headerless_gateway
 
 HEADERLESS = "lightx2v-clients"
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lx")
-    gw = GatewayProcess(root / "data", X2V_DEMO_JOB_SECONDS="0.5", X2V_HEADERLESS_KEY=HEADERLESS).start()
-    with gw.client() as admin:
-        made = admin.post("/api/v1/keys", json={"name": HEADERLESS})
-        assert made.status_code == 201, made.text
-        gw.headerless_key = remember_secret(made.json()["key"])
+    gw = headerless_gateway(tmp_path_factory.mktemp("lx") / "data", HEADERLESS, X2V_DEMO_JOB_SECONDS="0.5")
     yield gw
     gw.stop()
 
@@ -240,11 +235,8 @@ def test_post_multi_servers_logic_spreads_tasks_over_the_pool(gateway):
 
 
 def test_a_task_survives_a_gateway_sigkill_and_is_found_by_its_task_id(tmp_path, media):
-    gw = GatewayProcess(tmp_path / "data", X2V_DEMO_JOB_SECONDS="1.5", X2V_HEADERLESS_KEY=HEADERLESS,
-                        X2V_REQUEST_TIMEOUT="2").start()
+    gw = headerless_gateway(tmp_path / "data", HEADERLESS, X2V_DEMO_JOB_SECONDS="1.5", X2V_REQUEST_TIMEOUT="2")
     try:
-        with gw.client() as admin:
-            remember_secret(admin.post("/api/v1/keys", json={"name": HEADERLESS}).json()["key"])
         message = {"task_id": "durable-0001", "prompt": "survive", "save_result_path": "durable.mp4",
                    "image_path": base64.b64encode(media["face"].read_bytes()).decode()}
         assert requests.post(f"{gw.url}/v1/tasks/video/", json=message).status_code == 200

@@ -11,20 +11,16 @@ import time
 import pytest
 import requests
 
-from gateway_proc import GatewayProcess, remember_secret
+from gateway_proc import headerless_gateway, remember_secret
 
 HEADERLESS = "s2v-page"
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seeds")
     # The S2V service had no authentication: its clients send no header (X2V_HEADERLESS_KEY).
-    gw = GatewayProcess(root / "data", X2V_DEMO_JOB_SECONDS="0.5", X2V_HEADERLESS_KEY=HEADERLESS).start()
+    gw = headerless_gateway(tmp_path_factory.mktemp("seeds") / "data", HEADERLESS, X2V_DEMO_JOB_SECONDS="0.5")
     with gw.client() as admin:
-        made = admin.post("/api/v1/keys", json={"name": HEADERLESS})
-        assert made.status_code == 201, made.text
-        gw.headerless_key = remember_secret(made.json()["key"])
         user = admin.post("/api/v1/keys", json={"name": "t2v-user"})
         gw.user_key = remember_secret(user.json()["key"])
     yield gw

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, delete, get, post
+from litestar import Request, delete, get, post, route
 from litestar.di import NamedDependency
 from litestar.params import FromPath, QueryParameter
 
@@ -232,7 +232,13 @@ async def t2v_status(
     return answer
 
 
-async def _t2v_cancel(request: Request, jobs: JobService, store: JobStore, settings: Settings, who: Caller) -> dict[str, str]:
+@route("/video/cancel", http_method=["POST", "DELETE"], status_code=200, tags=["Replaced services"],
+       summary="Wan2.1 T2V service: cancel a request (POST, or the DELETE its Postman guide shows)",
+       responses=errors(T2V_SERVICE, 403, 404, 413, 422))
+async def t2v_cancel(
+    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
+    settings: NamedDependency[Settings], who: NamedDependency[Caller],
+) -> dict[str, str]:
     job = await _find(store, who, await _request_id(request, settings))
     if job.state in ("succeeded", "failed"):
         return {"status": "Failed", "reason": f"the request has already {'succeeded' if job.state == 'succeeded' else 'failed'}"}
@@ -240,23 +246,4 @@ async def _t2v_cancel(request: Request, jobs: JobService, store: JobStore, setti
     return {"status": "Succeed"}
 
 
-@post("/video/cancel", status_code=200, tags=["Replaced services"], summary="Wan2.1 T2V service: cancel a request",
-      responses=errors(T2V_SERVICE, 403, 404, 413, 422))
-async def t2v_cancel(
-    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
-    settings: NamedDependency[Settings], who: NamedDependency[Caller],
-) -> dict[str, str]:
-    return await _t2v_cancel(request, jobs, store, settings, who)
-
-
-@delete("/video/cancel", status_code=200, tags=["Replaced services"],
-        summary="Wan2.1 T2V service: cancel a request (the DELETE its Postman guide shows)",
-        responses=errors(T2V_SERVICE, 403, 404, 413, 422))
-async def t2v_cancel_delete(
-    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
-    settings: NamedDependency[Settings], who: NamedDependency[Caller],
-) -> dict[str, str]:
-    return await _t2v_cancel(request, jobs, store, settings, who)
-
-
-ROUTES = [s2v_submit, s2v_task_status, s2v_tasks, s2v_cancel, t2v_submit, t2v_status, t2v_cancel, t2v_cancel_delete]
+ROUTES = [s2v_submit, s2v_task_status, s2v_tasks, s2v_cancel, t2v_submit, t2v_status, t2v_cancel]
