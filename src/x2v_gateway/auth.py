@@ -359,12 +359,13 @@ class Auth:
     async def _insert_key(
         self, key_hash: str, *, name: str, prefix: str, admin: bool, source: str, actor: str,
         daily_quota: int | None = None, max_concurrent: int | None = None,
-        rate_per_min: float | None = None,
+        rate_per_min: float | None = None, webhook: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         row = await self.store.create_key({
             "id": "k" + secrets.token_hex(4), "name": name, "key_hash": key_hash,
             "prefix": prefix, "admin": admin, "daily_quota": daily_quota,
             "max_concurrent": max_concurrent, "rate_per_min": rate_per_min, "source": source,
+            **(webhook or {}),
         }, actor)
         self.note(actor, "key.create", row["id"], f"name={name} admin={admin}")
         return row
@@ -372,13 +373,15 @@ class Auth:
     async def create_key(
         self, *, name: str, actor: str, source: str, admin: bool = False,
         daily_quota: int | None = None, max_concurrent: int | None = None,
-        rate_per_min: float | None = None,
+        rate_per_min: float | None = None, webhook: dict[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """A new key: (the key, to show once; its row). Raises store.KeyNameTaken."""
+        """A new key: (the key, to show once; its row). Raises store.KeyNameTaken. `webhook`:
+        its webhook columns (webhooks.new_key_webhook: the secret, a default webhook)."""
         key = new_key()
         row = await self._insert_key(
             hash_secret(key), name=name, prefix=key[:12], admin=admin, source=source, actor=actor,
             daily_quota=daily_quota, max_concurrent=max_concurrent, rate_per_min=rate_per_min,
+            webhook=webhook,
         )
         return key, row
 

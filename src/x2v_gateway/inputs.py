@@ -256,6 +256,8 @@ def _form_value(name: str, value: str) -> Any:
         if value.startswith("["):
             return json.loads(value)
         return [int(v) for v in re.split(r"[,x× ]+", value) if v]
+    if name == "webhook_events":
+        return [v.strip() for v in value.split(",") if v.strip()]
     return value
 
 
