@@ -33,6 +33,7 @@ from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
 from ..settings import Settings
 from ..store import Job, JobStore, Reads
+from .api import body_operation, struct_schema
 from .files import ranged_file
 
 TASK_IDS = "lightx2v-task"  # foreign ids: a client's own task_id -> job
@@ -79,6 +80,21 @@ class VideoTask(msgspec.Struct, kw_only=True):
 _PARAMS = ("prompt", "negative_prompt", "infer_steps", "seed", "target_shape", "num_fragments",
            "target_video_length", "video_duration", "target_fps", "resize_mode", "sr_ratio",
            "use_prompt_enhancer", "lora_name", "lora_strength")
+
+
+class VideoForm(msgspec.Struct, kw_only=True):
+    """`/v1/tasks/video/form`'s text fields, with the server's defaults (its files: _FORM_FILES)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    save_result_path: str = ""
+    use_prompt_enhancer: bool = False
+    num_fragments: int = 1
+    infer_steps: int = 5
+    target_video_length: int = 81
+    seed: int = 42
+    video_duration: int = 5
+    target_fps: int = 16
 
 
 class Submitted(msgspec.Struct):
@@ -279,6 +295,7 @@ EXCEPTIONS = {_Pydantic: _pydantic_error, _Duplicate: _duplicate_error, _NotFoun
 
 
 @post(["/v1/tasks/video/", "/v1/tasks/"], status_code=200, request_max_body_size=None,
+      operation_class=body_operation("LightX2V's `VideoTaskRequest`", {"application/json": struct_schema(VideoTask)}),
       summary="LightX2V: submit a video task (JSON)", tags=["LightX2V server API"],
       description="The LightX2V server's `VideoTaskRequest`; inputs as http(s) URLs, base64 or data URLs."
       " `POST /v1/tasks/` is the server's deprecated alias.", exception_handlers=EXCEPTIONS,
@@ -301,6 +318,9 @@ _FORM_FILES = {"image_file": "image", "last_frame_file": "last_frame", "audio_fi
 
 
 @post("/v1/tasks/video/form", status_code=200, request_max_body_size=None,
+      operation_class=body_operation("The form, `image_file` required", {
+          "multipart/form-data": struct_schema(VideoForm, ("image_file", "last_frame_file", "audio_file")),
+      }),
       summary="LightX2V: submit a video task (multipart upload)", tags=["LightX2V server API"],
       description="`image_file` (required), `last_frame_file`, `audio_file`, and the text fields"
       " `prompt`, `negative_prompt`, `save_result_path`, `use_prompt_enhancer`, `num_fragments`,"

@@ -29,6 +29,7 @@ from ..reads import find_job
 from ..schemas import ApiError
 from ..settings import Settings
 from ..store import Job, JobStore
+from .api import body_operation, struct_schema
 from .files import ranged_file
 
 STATUS = {"queued": "queued", "submitted": "queued", "running": "in_progress",
@@ -37,6 +38,24 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # LightX2V's video models render 16 frames a second, plus the first frame (81 frames: 5 s).
 FPS = 16
 OPENAI_MODEL = "sora-2"  # what the answer names when the request named none
+
+
+class VideoCreate(msgspec.Struct, kw_only=True):
+    """`POST /v1/videos` (`input_reference`: a file in a multipart form, or an object in JSON)."""
+
+    prompt: str
+    model: str | None = None
+    seconds: str | None = None
+    size: str | None = None
+
+
+class ImageReference(msgspec.Struct, kw_only=True):
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+class VideoCreateJson(VideoCreate, kw_only=True):
+    input_reference: ImageReference | None = None
 
 
 class VideoError(msgspec.Struct):
@@ -177,6 +196,10 @@ async def _read_create(request: Request, jobs: JobService, settings: Settings) -
 
 
 @post("/v1/videos", status_code=200, request_max_body_size=None, tags=["OpenAI-compatible"],
+      operation_class=body_operation("A video to make", {
+          "multipart/form-data": struct_schema(VideoCreate, ("input_reference",)),
+          "application/json": struct_schema(VideoCreateJson),
+      }),
       summary="OpenAI: create a video (`prompt`, `model`, `seconds`, `size`, `input_reference`)",
       description="multipart/form-data (as the `openai` SDK sends it) or JSON; `input_reference` an"
       " image file, or `{\"image_url\": ...}` (an http(s) or data URL).",

@@ -30,6 +30,7 @@ from ..reads import NotFound, find_job
 from ..schemas import ApiError
 from ..settings import Settings
 from ..store import Job, JobStore, Reads
+from .api import body_operation, struct_schema
 
 # -- the S2V batch web service ---------------------------------------------------------------------
 
@@ -40,6 +41,23 @@ CLOUD_STATUS = {"queued": "PENDING", "submitted": "PENDING", "running": "RUNNING
                 "succeeded": "SUCCEED", "failed": "FAILED", "cancelled": "CANCEL"}
 DEFAULT_MODEL, DEFAULT_STAGE = "SekoTalk", "single_stage"
 MAX_OFFSET = 10_000  # a page starts at most this far down the list (it is read from the top)
+
+
+class S2VForm(msgspec.Struct, kw_only=True):
+    """`POST /api/submit`'s text fields (its files: `image`, `audio`)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    cfg_scale: int = 5
+    duration: int = 7
+    seed: int | None = None
+    model_cls: str = DEFAULT_MODEL
+    stage: str = DEFAULT_STAGE
+    wait_for_completion: bool = False
+
+
+class RequestId(msgspec.Struct):
+    requestId: str  # noqa: N815 (the service's own name)
 
 
 def result_url(request: Request, job: Job) -> str:
@@ -70,6 +88,10 @@ async def _find(store: JobStore, who: Caller, task_id: str) -> Job:
 
 
 @post("/api/submit", status_code=200, request_max_body_size=None, tags=["Replaced services"],
+      operation_class=body_operation("The task", {
+          "multipart/form-data": struct_schema(S2VForm, ("image", "audio")),
+          "application/x-www-form-urlencoded": struct_schema(S2VForm),
+      }),
       summary="S2V batch service: submit one s2v task (multipart); `wait_for_completion` blocks until it ends",
       responses=errors(S2V_SERVICE, 400, 403, 413, 415, 422, 507))
 async def s2v_submit(
@@ -198,6 +220,7 @@ async def _request_id(request: Request, settings: Settings) -> str:
 
 
 @post("/video/submit", status_code=202, request_max_body_size=None, tags=["Replaced services"],
+      operation_class=body_operation("The request", {"application/json": struct_schema(T2VSubmit)}),
       summary="Wan2.1 T2V service: submit (`prompt`, `image_size`, `num_frames`, `guidance_scale`, `infer_steps`, `seed`)",
       responses=errors(T2V_SERVICE, 403, 413, 422, 507))
 async def t2v_submit(
@@ -213,7 +236,8 @@ async def t2v_submit(
     return {"requestId": job.id}
 
 
-@post("/video/status", status_code=200, tags=["Replaced services"], summary="Wan2.1 T2V service: a request's status",
+@post("/video/status", status_code=200, tags=["Replaced services"],
+      operation_class=body_operation("Which request", {"application/json": struct_schema(RequestId)}), summary="Wan2.1 T2V service: a request's status",
       responses=errors(T2V_SERVICE, 403, 404, 413, 422))
 async def t2v_status(
     request: Request, store: NamedDependency[JobStore], settings: NamedDependency[Settings],
@@ -233,6 +257,7 @@ async def t2v_status(
 
 
 @route("/video/cancel", http_method=["POST", "DELETE"], status_code=200, tags=["Replaced services"],
+       operation_class=body_operation("Which request", {"application/json": struct_schema(RequestId)}),
        summary="Wan2.1 T2V service: cancel a request (POST, or the DELETE its Postman guide shows)",
        responses=errors(T2V_SERVICE, 403, 404, 413, 422))
 async def t2v_cancel(
