@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from gateway_proc import GatewayProcess, headerless_gateway
+from gateway_proc import GatewayProcess, headerless_gateway, remember_secret
 
 HEADERLESS = "lightx2v-clients"
 
@@ -249,3 +249,14 @@ def test_a_task_survives_a_gateway_sigkill_and_is_found_by_its_task_id(tmp_path,
         assert again.status_code == 503  # the id is kept too
     finally:
         gw.stop()
+
+
+def test_a_bearer_keys_rate_limit_is_a_fastapi_429(gateway):
+    with gateway.client() as admin:
+        made = admin.post("/api/v1/keys", json={"name": "lx-slow", "rate_per_min": 1})
+    key = remember_secret(made.json()["key"])
+    headers = {"Authorization": f"Bearer {key}"}
+    assert requests.get(f"{gateway.url}/v1/tasks/", headers=headers).status_code == 200
+    refused = requests.get(f"{gateway.url}/v1/tasks/", headers=headers)
+    assert refused.status_code == 429 and "rate limit" in refused.json()["detail"]
+    assert int(refused.headers["retry-after"]) > 0

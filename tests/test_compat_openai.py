@@ -8,7 +8,7 @@ import warnings
 import openai
 import pytest
 
-from gateway_proc import GatewayProcess
+from gateway_proc import GatewayProcess, remember_secret
 
 # The SDK marks the Videos API deprecated (OpenAI's own service shuts it down); the gateway's
 # routes stay, and the tests call them as written.
@@ -91,3 +91,15 @@ def test_refusals_are_openai_errors_the_sdk_raises(client, gateway):
     with openai.OpenAI(api_key="x2v_not_a_key", base_url=f"{gateway.url}/v1", max_retries=0) as wrong:
         with pytest.raises(openai.AuthenticationError):
             wrong.videos.list()
+
+
+def test_the_keys_daily_quota_holds_and_the_sdk_raises_rate_limit(gateway):
+    with gateway.client() as admin:
+        made = admin.post("/api/v1/keys", json={"name": "openai-quota", "daily_quota": 1})
+    key = remember_secret(made.json()["key"])
+    with openai.OpenAI(api_key=key, base_url=f"{gateway.url}/v1", max_retries=0) as limited:
+        limited.videos.create(prompt="the one video of the day")
+        with pytest.raises(openai.RateLimitError) as refused:
+            limited.videos.create(prompt="one too many")
+    assert "daily quota" in refused.value.body["message"]
+    assert int(refused.value.response.headers["retry-after"]) > 0
