@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import posixpath
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -32,9 +32,12 @@ from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
 from ..settings import Settings
+from ..schemas import PARAM_FIELDS
 from ..store import Job, JobStore, Reads
 from .api import body_operation, struct_schema
 from .files import ranged_file
+
+T = TypeVar("T")
 
 TASK_IDS = "lightx2v-task"  # foreign ids: a client's own task_id -> job
 FILES = "lightx2v-file"  # foreign ids: a save_result_path's file name -> job
@@ -47,8 +50,8 @@ INPUT_FIELDS = {"image_path": "image", "audio_path": "audio", "last_frame_path":
 NAMES = {role: name for name, role in INPUT_FIELDS.items()}
 
 
-class VideoTask(msgspec.Struct, kw_only=True):
-    """`VideoTaskRequest` as the server reads it: every field optional, unknown ones ignored.
+class BaseTask(msgspec.Struct, kw_only=True):
+    """`BaseTaskRequest` as the server reads it: every field optional, unknown ones ignored.
     None marks a field the client did not set: the node's model config decides it then."""
 
     task_id: str = ""
@@ -57,13 +60,22 @@ class VideoTask(msgspec.Struct, kw_only=True):
     image_path: str = ""
     last_frame_path: str = ""
     image_mask_path: str = ""
-    audio_path: str = ""
-    video_path: str = ""
     save_result_path: str = ""
     presigned_url: str = ""
     infer_steps: int | None = None
     seed: int | None = None
     target_shape: list[int] | None = None
+    use_prompt_enhancer: bool | None = None
+    reuse: bool | None = None
+    lora_name: str | None = None
+    lora_strength: float | None = None
+
+
+class VideoTask(BaseTask, kw_only=True):
+    """`VideoTaskRequest` (`POST /v1/tasks/video/`)."""
+
+    audio_path: str = ""
+    video_path: str = ""
     num_fragments: int | None = None
     target_video_length: int | None = None
     video_duration: int | None = None
@@ -71,15 +83,13 @@ class VideoTask(msgspec.Struct, kw_only=True):
     resize_mode: str | None = None
     sr_ratio: float | None = None
     talk_objects: list[Any] | None = None
-    use_prompt_enhancer: bool | None = None
-    reuse: bool | None = None
-    lora_name: str | None = None
-    lora_strength: float | None = None
 
 
-_PARAMS = ("prompt", "negative_prompt", "infer_steps", "seed", "target_shape", "num_fragments",
-           "target_video_length", "video_duration", "target_fps", "resize_mode", "sr_ratio",
-           "use_prompt_enhancer", "lora_name", "lora_strength")
+class ImageTask(BaseTask, kw_only=True):
+    """`ImageTaskRequest` (`POST /v1/tasks/image/`): an image (i2i) or none (t2i) in, a PNG out."""
+
+    aspect_ratio: str | None = None
+    i2i_denoise_strength: float | None = None
 
 
 class VideoForm(msgspec.Struct, kw_only=True):
@@ -118,9 +128,11 @@ class TaskStatusView(msgspec.Struct):
     save_result_path: str | None
 
 
-def _task_type(has: set[str]) -> str:
+def _task_type(task: BaseTask, has: set[str]) -> str:
     """LightX2V requests carry no task type (a node runs the one it was started with): the
-    inputs say which job this is."""
+    route and the inputs say which job this is."""
+    if isinstance(task, ImageTask):
+        return "i2i" if "image" in has else "t2i"
     if "image" in has and "audio" in has:
         return "s2v"
     if "image" in has and "last_frame" in has:
@@ -128,7 +140,7 @@ def _task_type(has: set[str]) -> str:
     return "i2v" if "image" in has else "t2v"
 
 
-def _decode(raw: bytes) -> VideoTask:
+def _decode(raw: bytes, struct: type[T]) -> T:
     if not raw.strip():
         raise _Pydantic("missing", [], "Field required")
     try:
@@ -139,7 +151,7 @@ def _decode(raw: bytes) -> VideoTask:
         raise _Pydantic("model_attributes_type", [], "Input should be a valid dictionary or object to extract fields from")
     try:
         # Lax, as pydantic is: "42" is a fine seed.
-        return msgspec.convert(doc, VideoTask, strict=False)
+        return msgspec.convert(doc, struct, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
         field = message.rsplit("$.", 1)[-1].split("[")[0].rstrip("`") if "$." in message else None
@@ -158,19 +170,19 @@ def _pydantic_error(request: Request, exc: _Pydantic) -> Response:
     return Response({"detail": exc.detail}, status_code=422)
 
 
-def _job_values(task: VideoTask, uploaded: set[str]) -> dict[str, Any]:
+def _job_values(task: BaseTask, uploaded: set[str]) -> dict[str, Any]:
     """The gateway job a LightX2V request describes (inputs still as the client gave them)."""
     for name, what in (("video_path", "a video input"), ("image_mask_path", "a mask"),
                        ("talk_objects", "several speakers")):
-        if getattr(task, name):
+        if getattr(task, name, None):
             raise _field_error(name, f"{name}: the gateway does not pass {what} on to nodes")
     values: dict[str, Any] = {}
-    for name in _PARAMS:
+    for name in task.__struct_fields__:
         value = getattr(task, name)
-        if value not in (None, "", []):
+        if name in PARAM_FIELDS and value not in (None, "", []):
             values[name] = value
     for name, role in INPUT_FIELDS.items():
-        value = getattr(task, name)
+        value = getattr(task, name, "")
         if not value:
             continue
         if not value.startswith(("http://", "https://", "data:")) and looks_like_server_path(value):
@@ -178,7 +190,7 @@ def _job_values(task: VideoTask, uploaded: set[str]) -> dict[str, Any]:
                                " read; send the file as base64, a data URL or an http(s) URL, or"
                                " upload it to /v1/tasks/video/form")
         values[role] = value
-    values["task"] = _task_type(uploaded | {role for role in INPUT_FIELDS.values() if role in values})
+    values["task"] = _task_type(task, uploaded | {role for role in INPUT_FIELDS.values() if role in values})
     return values
 
 
@@ -186,15 +198,15 @@ def _field_error(field: str, message: str) -> _Pydantic:
     return _Pydantic("value_error", [field], message)
 
 
-def _file_name(task_id: str, save_result_path: str, ext: str = ".mp4") -> str:
+def _file_name(task_id: str, save_result_path: str, ext: str) -> str:
     """The file a node would write: `save_result_path`'s name (default: the task id), with
-    `.mp4` added when it has no extension; the status then reports this name."""
+    `.mp4` (`.png` for an image) added when it has no extension; the status reports this name."""
     name = posixpath.basename((save_result_path or task_id).replace("\\", "/")) or task_id
     return name if posixpath.splitext(name)[1] else name + ext
 
 
 async def _accept(
-    jobs: JobService, store: JobStore, who: Caller, task: VideoTask, values: dict[str, Any],
+    jobs: JobService, store: JobStore, who: Caller, task: BaseTask, values: dict[str, Any],
     files: list[IncomingFile],
 ) -> Submitted:
     """Queue the job, under the client's own task_id when it chose one."""
@@ -216,8 +228,8 @@ async def _accept(
         # Another request took this task_id a moment earlier: as the node would, refuse this one.
         await jobs.cancel(job.id, who)
         raise _Duplicate(chosen)
-    name = _file_name(task_id, task.save_result_path)
-    if name != f"{job.id}.mp4":
+    name = _file_name(task_id, task.save_result_path, _ext(job))
+    if name != f"{job.id}{_ext(job)}":
         # A later task writing the same file on a node replaces it: the newest job has the name.
         await store.save_foreign_id(who.owner, FILES, name, job.id, replace=True)
     return Submitted(task_id, "pending", task.save_result_path or task_id)
@@ -246,9 +258,13 @@ async def _find(store: JobStore, who: Caller, task_id: str) -> Job | None:
     return await store.read(read)
 
 
+def _ext(job: Job) -> str:
+    return ".png" if job.task in ("t2i", "i2i") else ".mp4"
+
+
 def _status(job: Job, task_id: str, file_name: str | None) -> TaskStatusView:
     state = STATUS[job.state]
-    name = file_name or f"{job.id}.mp4"
+    name = file_name or f"{job.id}{_ext(job)}"
     if state != "completed" and file_name is None:
         name = task_id  # the request's value until the node has written the file
     error = "Task cancelled by user" if job.state == "cancelled" else job.error
@@ -307,7 +323,7 @@ async def submit_video(
     mb = settings.max_json_mb
     raw = await read_limited(request.stream(), mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
                              " allowed; send large files to /v1/tasks/video/form")
-    task = _decode(raw)
+    task = _decode(raw, VideoTask)
     return await _accept(jobs, store, who, task, _job_values(task, set()), [])
 
 
@@ -391,7 +407,7 @@ async def task_result(
         raise _NotFound("Task not completed")
     job = await _find(store, who, task_id)
     assert job is not None
-    return _file(job, blobs, view.save_result_path or f"{job.id}.mp4", range_header)
+    return _file(job, blobs, view.save_result_path or f"{job.id}{_ext(job)}", range_header)
 
 
 def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Response:
