@@ -35,7 +35,7 @@ from .metrics import Metrics
 from .node_registry import NodeRegistry
 from .pipelines import PipelineService
 from .posters import Posters
-from .routes import access, dashboard, events, lightx2v_api, openai_api, seed_services
+from .routes import access, dashboard, events, lightx2v_api, openai_api, openai_images, seed_services
 from .routes import webhooks as webhook_routes
 from .routes.api import BatchesController, JobsController, ModelsController
 from .routes.nodes import NodesController
@@ -282,7 +282,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             # Sign-in and sign-out, API keys, the audit log (auth.py decides who may call what).
             *access.ROUTES,
             # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's, the services the gateway replaces.
-            *lightx2v_api.ROUTES, *openai_api.ROUTES, *seed_services.ROUTES,
+            *lightx2v_api.ROUTES, *openai_api.ROUTES, *openai_images.ROUTES, *seed_services.ROUTES,
             # A job's webhook deliveries, keys' webhook secrets and defaults.
             *webhook_routes.ROUTES,
         ],

@@ -68,7 +68,9 @@ class OpenAIError(msgspec.Struct):
 
 
 _MEANINGS = {**ERROR_MEANINGS, 405: "This method is not allowed on this path",
-             503: "A task with this task_id exists already (the LightX2V server's answer)"}
+             500: "The job failed (a synchronous image route: `message` is its error)",
+             503: "A task with this task_id exists already (the LightX2V server's answer)",
+             504: "The job did not end within X2V_MAX_WAIT seconds; it was cancelled"}
 
 
 def errors(which: str, *statuses: int) -> dict[int, ResponseSpec]:

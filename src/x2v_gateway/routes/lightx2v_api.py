@@ -320,10 +320,16 @@ async def submit_video(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
 ) -> Submitted:
+    return await _submit_json(request, jobs, store, settings, who, VideoTask)
+
+
+async def _submit_json(
+    request: Request, jobs: JobService, store: JobStore, settings: Settings, who: Caller, struct: type[BaseTask],
+) -> Submitted:
     mb = settings.max_json_mb
     raw = await read_limited(request.stream(), mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
-                             " allowed; send large files to /v1/tasks/video/form")
-    task = _decode(raw, VideoTask)
+                             " allowed; send large files to the /form route")
+    task = _decode(raw, struct)
     return await _accept(jobs, store, who, task, _job_values(task, set()), [])
 
 
@@ -346,24 +352,69 @@ async def submit_video_form(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     who: NamedDependency[Caller],
 ) -> Submitted:
+    return await _submit_form(request, jobs, store, who, VideoTask, _FORM_FILES, _FORM_DEFAULTS, image_required=True)
+
+
+async def _submit_form(
+    request: Request, jobs: JobService, store: JobStore, who: Caller, struct: type[BaseTask],
+    roles: dict[str, str], defaults: dict[str, int], *, image_required: bool, **text: str,
+) -> Submitted:
+    """A form route: its files, its text fields, and every number with the server's default."""
     fields, files = await jobs.read_upload(
-        request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
-        roles=_FORM_FILES,
+        request.headers.get("content-type", ""), request.stream(), size=declared_size(request), roles=roles,
     )
     try:
-        if "image" not in {f.role for f in files}:
+        if image_required and "image" not in {f.role for f in files}:
             raise _Pydantic("missing", ["image_file"], "Field required")
-        task = VideoTask(
+        task = struct(
             prompt=fields.get("prompt", ""), negative_prompt=fields.get("negative_prompt", ""),
             save_result_path=fields.get("save_result_path", ""),
             use_prompt_enhancer=truth("use_prompt_enhancer", fields.get("use_prompt_enhancer")),
-            **{name: whole_number(name, fields.get(name), default) for name, default in _FORM_DEFAULTS.items()},
+            **{name: whole_number(name, fields.get(name), default) for name, default in defaults.items()},
+            **{name: fields.get(name) or default for name, default in text.items()},
         )
         values = _job_values(task, {f.role for f in files})
     except BaseException:
         discard(files)
         raise
     return await _accept(jobs, store, who, task, values, files)
+
+
+class ImageForm(msgspec.Struct, kw_only=True):
+    """`/v1/tasks/image/form`'s text fields, with the server's defaults (its file: `image_file`)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    save_result_path: str = ""
+    use_prompt_enhancer: bool = False
+    infer_steps: int = 5
+    seed: int = 42
+    aspect_ratio: str = "16:9"
+
+
+@post("/v1/tasks/image/", status_code=200, request_max_body_size=None,
+      operation_class=body_operation("LightX2V's `ImageTaskRequest`", {"application/json": struct_schema(ImageTask)}),
+      summary="LightX2V: submit an image task (JSON): t2i, or i2i with `image_path`", tags=["LightX2V server API"],
+      exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 400, 403, 413, 422, 503, 507))
+async def submit_image(
+    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
+    settings: NamedDependency[Settings], who: NamedDependency[Caller],
+) -> Submitted:
+    return await _submit_json(request, jobs, store, settings, who, ImageTask)
+
+
+@post("/v1/tasks/image/form", status_code=200, request_max_body_size=None,
+      operation_class=body_operation("The form; with `image_file` an i2i task, else t2i", {
+          "multipart/form-data": struct_schema(ImageForm, ("image_file",)),
+      }),
+      summary="LightX2V: submit an image task (multipart upload)", tags=["LightX2V server API"],
+      exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 400, 403, 413, 415, 422, 503, 507))
+async def submit_image_form(
+    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
+    who: NamedDependency[Caller],
+) -> Submitted:
+    return await _submit_form(request, jobs, store, who, ImageTask, {"image_file": "image"},
+                              {"infer_steps": 5, "seed": 42}, image_required=False, aspect_ratio="16:9")
 
 
 @get("/v1/tasks/{task_id:str}/status", summary="LightX2V: a task's status", tags=["LightX2V server API"],
@@ -529,5 +580,5 @@ async def service_metadata(dispatcher: NamedDependency[Dispatcher]) -> ServiceMe
     return ServiceMetadata(1, models.pop() if len(models) == 1 else "x2v-gateway", "")
 
 
-ROUTES = [submit_video, submit_video_form, queue_status, task_status, list_tasks, stop_task, task_result,
+ROUTES = [submit_video, submit_video_form, submit_image, submit_image_form, queue_status, task_status, list_tasks, stop_task, task_result,
           download_file, service_status, service_metadata]
