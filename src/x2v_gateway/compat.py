@@ -200,7 +200,8 @@ def file_responses(which: str, *statuses: int, media_type: str = "video/mp4") ->
     """`responses=` of a route that streams a result: the whole file, a `Range` of it, a range
     past its end, and its refusals."""
     return {
-        200: ResponseSpec(bytes, media_type=media_type, generate_examples=False, description="The whole file"),
+        200: ResponseSpec(bytes, media_type=media_type, generate_examples=False,
+                          description="The whole file (`image/png` for an image task's)"),
         206: ResponseSpec(bytes, media_type=media_type, generate_examples=False,
                           description="The part the `Range` header asked for; `Content-Range` says which"),
         416: ResponseSpec(None, description="The `Range` starts past the end; `Content-Range: bytes */<size>`"),

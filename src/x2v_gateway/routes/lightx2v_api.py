@@ -447,7 +447,7 @@ async def stop_task(
 
 
 @get("/v1/tasks/{task_id:str}/result", summary="LightX2V: a completed task's file (supports Range)",
-     tags=["LightX2V server API"], media_type="video/mp4", exception_handlers=EXCEPTIONS,
+     tags=["LightX2V server API"], exception_handlers=EXCEPTIONS,
      responses=file_responses(LIGHTX2V, 404, 422))
 async def task_result(
     store: NamedDependency[JobStore], blobs: NamedDependency[BlobStore], who: NamedDependency[Caller],
@@ -470,7 +470,7 @@ def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Re
 
 
 @get("/v1/files/download/{file_path:path}", summary="LightX2V: a result file by its name",
-     tags=["LightX2V server API"], media_type="video/mp4", exception_handlers=EXCEPTIONS,
+     tags=["LightX2V server API"], exception_handlers=EXCEPTIONS,
      responses=file_responses(LIGHTX2V, 403, 404, 422))
 async def download_file(
     store: NamedDependency[JobStore], blobs: NamedDependency[BlobStore], who: NamedDependency[Caller],
