@@ -26,7 +26,7 @@ from litestar.params import FromPath, HeaderParameter
 from ..auth import Caller
 from ..blobs import BlobStore
 from ..compat import (
-    LIGHTX2V, errors, file_responses, job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
+    IMAGE_TASKS, LIGHTX2V, errors, file_responses, job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
 )
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
@@ -259,7 +259,7 @@ async def _find(store: JobStore, who: Caller, task_id: str) -> Job | None:
 
 
 def _ext(job: Job) -> str:
-    return ".png" if job.task in ("t2i", "i2i") else ".mp4"
+    return ".png" if job.task in IMAGE_TASKS else ".mp4"
 
 
 def _status(job: Job, task_id: str, file_name: str | None) -> TaskStatusView:

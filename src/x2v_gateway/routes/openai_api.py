@@ -21,7 +21,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from ..auth import Caller
 from ..blobs import BlobStore
-from ..compat import OPENAI, errors, file_responses, job_request, result_path
+from ..compat import IMAGE_TASKS, OPENAI, errors, file_responses, job_request, result_path
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
@@ -167,12 +167,15 @@ def video_view(job: Job, dispatcher: Dispatcher, settings: Settings) -> Video:
 
 
 def _progress(job: Job, dispatcher: Dispatcher) -> int:
-    """0 until it runs, 100 once done; while it runs, its time so far against the run time
-    measured for its task type on its node (at most 99: the end is seen, not guessed)."""
+    """0 until it runs, 100 once done; while it runs, what the upstream reports, else its time
+    so far against the run time measured for its task type on its node (at most 99: the end
+    is seen, not guessed)."""
     if job.finished:
         return 100
     if job.state != "running" or job.started_at is None or job.upstream is None:
         return 0
+    if (reported := (job.queue_info or {}).get("progress")) is not None:
+        return max(1, min(99, int(100 * reported)))  # the upstream says how far it has got
     recent = dispatcher.timings.recent(job.upstream).get(job.task)
     if not recent:
         return 0
@@ -247,8 +250,10 @@ async def list_videos(
         raise ApiError(400, "order: this gateway lists videos newest first (desc) only", "order")
     before = (await find_job(store, after, who)).seq if after else None
     page = await store.list_jobs(owner=who.sees, before_seq=before, limit=limit + 1)
-    data = [video_view(job, dispatcher, settings) for job in page[:limit]]
-    return VideoList("list", data, data[0].id if data else None, data[-1].id if data else None,
+    # Image jobs are no videos: left out, so a page may hold fewer; `last_id` is where it
+    # stopped reading, which is where the next page starts.
+    data = [video_view(job, dispatcher, settings) for job in page[:limit] if job.task not in IMAGE_TASKS]
+    return VideoList("list", data, data[0].id if data else None, page[:limit][-1].id if page else None,
                      len(page) > limit)
 
 
