@@ -190,6 +190,14 @@ def test_cancel_and_retry_of_one_step(api, media):
     assert first_job["run"] == 0 and first_job["attempts"] == 1  # the step that succeeded was not run again
     assert api.get(f"/api/v1/jobs/{second}").json()["run"] == 1
 
+    # A failed step's job retried through the jobs API moves its pipeline on just as well.
+    pipeline = api.post("/api/v1/pipelines", json=doc).json()
+    second = until(lambda: api.get(f"/api/v1/pipelines/{pipeline['id']}").json()["steps"][1]["job_id"])
+    api.delete(f"/api/v1/jobs/{second}")
+    wait_pipeline(api, pipeline["id"], {"failed"})
+    assert api.post(f"/api/v1/jobs/{second}/retry").status_code == 200
+    assert wait_pipeline(api, pipeline["id"], {"succeeded"})["error"] is None
+
     pipeline = api.post("/api/v1/pipelines", json={"scenes": [
         {"task": "i2v", "prompt": "a", "image": b64(media["face"]), "duration": 3},
         {"task": "i2v", "prompt": "b", "first_frame": "previous", "duration": 3},

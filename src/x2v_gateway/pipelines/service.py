@@ -32,6 +32,7 @@ from .media import MediaPool, join_clips, last_frame, split_speech
 from .plan import MAX_AUDIO_SECONDS, SCENE_INPUTS, check_scenes, output_size, parse_request, plan_steps
 
 log = logging.getLogger("x2v_gateway.pipelines")
+_JOIN_FAILED = "the clips could not be joined"
 
 
 class PipelineService:
@@ -62,8 +63,9 @@ class PipelineService:
     async def start(self) -> None:
         self._events = self.notifier.subscribe()
         self._spawn(self._listen())
-        # The sweep: a gateway killed mid-pipeline picks each one up where the store says it is.
-        for pipeline_id in await self.store.running_pipelines():
+        # The sweep: a gateway killed mid-pipeline picks each one up where the store says it is,
+        # and follows the jobs of those waiting for a retry.
+        for pipeline_id in await self.store.open_pipelines():
             self.kick(pipeline_id)
 
     async def stop(self) -> None:
@@ -180,6 +182,8 @@ class PipelineService:
         if pipeline is None or pipeline.finished:
             self._forget(pipeline, jobs)
             return
+        if pipeline.state == FAILED and (pipeline.error or "").startswith(_JOIN_FAILED):
+            return  # its clips are there and could not be joined: joining again would fail again
         for job_id in jobs:
             self._steps[job_id] = pipeline_id
         broken = [(s, jobs[s.job_id]) for s in pipeline.steps
@@ -190,7 +194,7 @@ class PipelineService:
             if pipeline.state != FAILED or pipeline.error != error:
                 await self.store.set_pipeline_state(pipeline_id, FAILED, error, only_from=(RUNNING, FAILED))
                 self.notifier.changed(pipeline_id)
-        elif pipeline.state == FAILED and pipeline.error and pipeline.error.startswith("step "):
+        elif pipeline.state == FAILED:
             # Its failed step was retried: under way again.
             await self.store.set_pipeline_state(pipeline_id, RUNNING, only_from=(FAILED,))
             self.notifier.changed(pipeline_id)
@@ -270,7 +274,7 @@ class PipelineService:
         except (ValueError, FileNotFoundError) as exc:
             log.warning("pipeline %s: the clips could not be joined (%s)", pipeline.id, exc)
             await self.store.set_pipeline_state(
-                pipeline.id, FAILED, f"the clips could not be joined: {exc}", only_from=(RUNNING,),
+                pipeline.id, FAILED, f"{_JOIN_FAILED}: {exc}", only_from=(RUNNING,),
             )
             self.notifier.changed(pipeline.id)
             return

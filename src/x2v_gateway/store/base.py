@@ -98,7 +98,7 @@ class JobStore(ABC):
     audit_log = _off_loop(Reads.audit_log)
     pipeline = _off_loop(Reads.pipeline)
     pipelines = _off_loop(Reads.pipelines)
-    running_pipelines = _off_loop(Reads.running_pipelines)
+    open_pipelines = _off_loop(Reads.open_pipelines)
 
     # -- a job's life ---------------------------------------------------------------------------
 

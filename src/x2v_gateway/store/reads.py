@@ -148,8 +148,9 @@ class Reads(Protocol):
         """Pipelines (`owner`'s, if given) with their steps, newest first; `before_seq` is the cursor."""
         ...
 
-    def running_pipelines(self) -> list[str]:
-        """The ids of the pipelines still under way, oldest first (the start-up sweep)."""
+    def open_pipelines(self) -> list[str]:
+        """The pipelines still under way or waiting for a failed step's retry, oldest first (the
+        start-up sweep: their jobs' changes move them on again)."""
         ...
 
     # -- nodes ----------------------------------------------------------------------------------

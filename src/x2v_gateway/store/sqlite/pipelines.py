@@ -31,8 +31,10 @@ class PipelineReads(Rows):
         ).fetchall()
         return self._with_steps(rows)
 
-    def running_pipelines(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM pipelines WHERE state = 'running' ORDER BY seq")]
+    def open_pipelines(self) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM pipelines WHERE state IN ('running', 'failed') ORDER BY seq"
+        )]
 
     def _with_steps(self, rows: list[sqlite3.Row]) -> list[Pipeline]:
         pipelines = []

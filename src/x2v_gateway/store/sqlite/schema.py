@@ -230,3 +230,11 @@ def m028_pipelines(db: Database) -> None:
         pk=("pipeline_id", "n"), not_null={"kind", "task", "params", "inputs", "needs"},
     )
     db.execute("CREATE UNIQUE INDEX idx_pipeline_steps_job ON pipeline_steps (job_id) WHERE job_id IS NOT NULL")
+
+
+@migrations()
+def m029_open_pipelines(db: Database) -> None:
+    # The start-up sweep reads failed pipelines too: a failed step's job retried on its own
+    # (`POST /api/v1/jobs/{id}/retry`) moves its pipeline on again.
+    db.execute("DROP INDEX idx_pipelines_running")
+    db.execute("CREATE INDEX idx_pipelines_open ON pipelines (seq) WHERE state IN ('running', 'failed')")
