@@ -4,6 +4,7 @@ joining in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -21,6 +22,7 @@ import av
 import pytest
 
 from gateway_proc import GatewayProcess, until
+from servers import NodeProcess
 from media import make_png, make_wav
 from x2v_gateway.demo.video import render_video
 from x2v_gateway.media import probe_video
@@ -257,35 +259,44 @@ def test_another_keys_pipeline_is_not_found(gateway, api):
     assert listed["pipelines"][0]["id"] == pipeline["id"] and listed["next_cursor"]
 
 
-def test_pipeline_survives_gateway_sigkill_and_repeats_no_finished_step(tmp_path, media):
-    # Each demo job takes 1.5 s, one at a time: the kill lands with one step done and the next running.
-    gateway = GatewayProcess(tmp_path / "data", X2V_DEMO_JOB_SECONDS="1.5").start()
+def test_pipeline_runs_in_parallel_across_nodes_and_survives_gateway_sigkill(tmp_path, media):
+    # Two nodes, one job at a time each, 1.5 s a job: the kill lands with steps done and others running.
+    nodes = [NodeProcess(tmp_path / name, job_seconds=1.5).start() for name in ("a", "b")]
+    gateway = GatewayProcess(tmp_path / "data", nodes=f"a={nodes[0].url},b={nodes[1].url}", X2V_LOOKAHEAD="0").start()
     try:
         with gateway.client() as api:
             doc = {"scenes": [
                 {"task": "i2v", "prompt": "one", "image": b64(media["face"]), "duration": 1},
-                {"task": "i2v", "prompt": "two", "first_frame": "previous", "duration": 1},
+                {"task": "i2v", "prompt": "two", "image": b64(media["face2"]), "duration": 1},
                 {"task": "i2v", "prompt": "three", "first_frame": "previous", "duration": 1},
+                {"task": "t2v", "prompt": "four", "duration": 1},
             ]}
             pipeline_id = api.post("/api/v1/pipelines", json=doc).json()["id"]
-            until(lambda: api.get(f"/api/v1/pipelines/{pipeline_id}").json()["steps"][1]["job_id"], timeout=60,
-                  what="the second step started")
-            before = api.get(f"/api/v1/pipelines/{pipeline_id}").json()
+
+            def some_done_some_running():
+                steps = api.get(f"/api/v1/pipelines/{pipeline_id}").json()["steps"]
+                states = [s["state"] for s in steps]
+                return steps if "succeeded" in states and {"queued", "submitted", "running"} & set(states) else None
+
+            before = until(some_done_some_running, timeout=60, what="a step done and another under way")
         gateway.kill()
         gateway.start()
         with gateway.client() as api:
             done = wait_pipeline(api, pipeline_id, {"succeeded", "failed"})
             assert done["state"] == "succeeded", done
-            assert done["steps"][0]["job_id"] == before["steps"][0]["job_id"]
-            assert done["steps"][1]["job_id"] == before["steps"][1]["job_id"]
+            for old, new in zip(before, done["steps"]):
+                assert old["job_id"] is None or old["job_id"] == new["job_id"]
             jobs = api.get("/api/v1/jobs", params={"batch_id": pipeline_id}).json()["jobs"]
-            assert len(jobs) == 3  # one job per step, none made twice
-            first = api.get(f"/api/v1/jobs/{done['steps'][0]['job_id']}").json()
-            assert first["attempts"] == 1 and first["run"] == 0
+            assert len(jobs) == 4  # one job per step, none made twice
+            assert all(j["attempts"] == 1 and j["run"] == 0 for j in jobs), jobs  # none sent twice
+            assert {j["upstream"] for j in jobs} == {"a", "b"}  # the pool shared the steps
             video = download(api, done["result"]["url"], tmp_path / "joined.mp4")
-            assert probe_video(video).duration == pytest.approx(3.0, abs=0.07)
+            assert probe_video(video).duration == pytest.approx(4.0, abs=0.07)
+            assert frames_of(video) == 64
     finally:
         gateway.stop()
+        for node in nodes:
+            node.stop()
 
 
 def test_cli_submits_a_document_naming_local_files_and_downloads_the_video(gateway, media, tmp_path):
@@ -364,3 +375,26 @@ def test_join_fits_every_clip_to_one_size_and_frame_rate_and_keeps_the_sound(tmp
     assert (probed.width, probed.height, probed.has_audio) == (240, 136, True)
     assert probed.duration == pytest.approx(3.25, abs=0.06)
     assert frames_of(tmp_path / "joined.mp4") == 65
+
+
+def test_retention_keeps_a_pipelines_video_until_its_own_time_is_up(tmp_path):
+    from x2v_gateway.store import JobStore, Pipeline, PipelineStep, new_pipeline_id
+
+    async def run() -> tuple[list[str], list[str], bool]:
+        store = JobStore(tmp_path / "gateway.db")
+        try:
+            pipeline = Pipeline(id=new_pipeline_id(), output={"fps": 16}, steps=[PipelineStep(
+                n=0, scene=0, kind="clip", task="t2v", params={"prompt": "x"}, inputs={}, needs={}, seconds=1.0,
+            )])
+            await store.create_pipeline(pipeline)
+            await store.record_blob("a" * 64, 10, "mp4")
+            assert await store.finish_pipeline(pipeline.id, "a" * 64, {"seconds": 1.0})
+            now = time.time()
+            kept = await store.expire_files(now - 60, grace=0)  # finished after the cutoff: kept
+            gone = await store.expire_files(now + 60, grace=0)  # finished before it: deleted
+            return kept, gone, (await store.pipeline(pipeline.id)).files_expired
+        finally:
+            store.close()
+
+    kept, gone, expired = asyncio.run(run())
+    assert "a" * 64 not in kept and "a" * 64 in gone and expired
