@@ -248,6 +248,16 @@ def test_speech_longer_than_a_pipeline_takes_is_refused(api, media, tmp_path):
     assert "600" in response.json()["error"]["message"]
 
 
+def test_idempotency_key_makes_one_pipeline_however_often_it_is_sent(api):
+    doc = {"scenes": [{"task": "t2v", "prompt": "once", "duration": 1}]}
+    first = api.post("/api/v1/pipelines", json=doc, headers={"Idempotency-Key": "story-1"})
+    again = api.post("/api/v1/pipelines", json=doc, headers={"Idempotency-Key": "story-1"})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
+    other = api.post("/api/v1/pipelines", json={**doc, "seed": 3}, headers={"Idempotency-Key": "story-1"})
+    assert other.status_code == 409 and other.json()["error"]["field"] == "Idempotency-Key"
+
+
 def test_another_keys_pipeline_is_not_found(gateway, api):
     pipeline = api.post("/api/v1/pipelines", json={"scenes": [{"task": "t2v", "prompt": "mine", "duration": 1}]}).json()
     key = api.post("/api/v1/keys", json={"name": "someone-else"}).json()["key"]
@@ -318,6 +328,13 @@ def test_cli_submits_a_document_naming_local_files_and_downloads_the_video(gatew
     info = probe_video(tmp_path / "story.mp4")
     assert info.has_audio and info.duration == pytest.approx(2.5, abs=0.07)
     assert gateway.admin_key not in done.stdout + done.stderr
+    # Run again (say after a Ctrl-C): the same pipeline, not a second one.
+    again = subprocess.run(
+        [sys.executable, "-m", "x2v_gateway.cli", "pipeline", "submit", "story.json", "--json", "--no-wait"],
+        cwd=tmp_path, env={**env, "X2V_URL": gateway.url, "X2V_KEY": gateway.admin_key},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert json.loads(again.stdout)["id"] == answer["id"]
 
     (tmp_path / "bad.json").write_text(json.dumps({"scenes": [{"task": "i2v", "image": "nope.png", "duration": 1}]}))
     refused = subprocess.run(

@@ -10,12 +10,15 @@ the same file however often they are made, kept by their content.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from ..auth import Auth, Caller
 from ..blobs import BlobStore
@@ -26,7 +29,7 @@ from ..notify import Notifier
 from ..reads import NotFound
 from ..schemas import ApiError
 from ..settings import Settings
-from ..store import Job, JobStore, Pipeline, PipelineStep, new_pipeline_id
+from ..store import IdempotencyConflict, Job, JobStore, Pipeline, PipelineStep, new_pipeline_id
 from ..store.pipeline_records import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from .media import MediaPool, join_clips, last_frame, split_speech
 from .plan import MAX_AUDIO_SECONDS, SCENE_INPUTS, check_scenes, output_size, parse_request, plan_steps
@@ -112,8 +115,12 @@ class PipelineService:
 
     # -- accepting a pipeline -------------------------------------------------------------------
 
-    async def submit(self, who: Caller, content_type: str, body: AsyncIterator[bytes], *, size: int | None) -> Pipeline:
-        """A pipeline from its JSON document, counted against `who`'s quota as one job per step."""
+    async def submit(
+        self, who: Caller, content_type: str, body: AsyncIterator[bytes], *, size: int | None,
+        idempotency_key: str | None = None,
+    ) -> tuple[Pipeline, bool]:
+        """A pipeline from its JSON document, counted against `who`'s quota as one job per step:
+        (pipeline, created). An `idempotency_key` used before gets the pipeline it made."""
         if content_type and not content_type.startswith("application/json"):
             raise ApiError(415, "send a pipeline as application/json", "Content-Type")
         mb = self.settings.max_json_mb
@@ -121,6 +128,13 @@ class PipelineService:
             raise ApiError(413, f"request body is larger than the {mb} MiB allowed")
         check_free_space(self.blobs, self.settings.min_free_disk_mb * 1024 * 1024, size or 0)
         request = parse_request(await read_limited(body, mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB allowed"))
+        # Each key has its own Idempotency-Keys; the request is compared as it was read, not as typed.
+        key = f"{who.owner}:{idempotency_key}" if idempotency_key else None
+        fingerprint = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
+        if key is not None and (found := await self.store.pipeline_for_key(key)) is not None:
+            if found[1] != fingerprint:
+                raise _reused(idempotency_key)
+            return await self._made(found[0]), False
         size_wh = output_size(request)
         check_scenes(request, self.jobs.runnable_tasks(), self.jobs.prompt_missing)
         inputs = []
@@ -135,13 +149,23 @@ class PipelineService:
         pipeline = Pipeline(
             id=new_pipeline_id(), owner=who.owner, name=request.name, priority=request.priority,
             output={"fps": request.output.fps, "size": size_wh}, steps=steps,
+            idempotency_key=key, request_hash=fingerprint,
         )
-        async with self.auth.counting_jobs(who, len(steps)):
-            await self.store.create_pipeline(pipeline)
+        async with self.auth.counting_jobs(who, len(steps)) as count:
+            try:
+                made_id = await self.store.create_pipeline(pipeline)
+            except IdempotencyConflict:
+                raise _reused(idempotency_key) from None
+            if made_id != pipeline.id:  # the same request, sent twice at once: made by the other
+                count.refund()
+                return await self._made(made_id), False
         log.info("pipeline %s accepted: %d scenes, %d steps", pipeline.id, len(request.scenes), len(steps))
         self.kick(pipeline.id)
-        made = await self.store.pipeline(pipeline.id)
-        assert made is not None
+        return await self._made(pipeline.id), True
+
+    async def _made(self, pipeline_id: str) -> Pipeline:
+        made = await self.store.pipeline(pipeline_id)
+        assert made is not None  # pipelines are never deleted
         return made
 
     async def _split_speech(self, request: Any, inputs: list[dict[str, str]]) -> dict[int, dict[str, Any]]:
@@ -324,3 +348,7 @@ class PipelineService:
         await self.jobs.retry(step.job_id, who)
         self.kick(pipeline_id)
         return await self.find(pipeline_id, who)
+
+
+def _reused(idempotency_key: str | None) -> ApiError:
+    return ApiError(409, "this Idempotency-Key was already used for a different pipeline", "Idempotency-Key")

@@ -54,17 +54,26 @@ class PipelinesController(Controller):
         response_headers=[ResponseHeader(
             name="Location", value="/api/v1/pipelines/{id}", documentation_only=True, description="The pipeline's URL",
         )],
-        responses=errors(400, 403, 413, 415, 422, 507),
+        responses={
+            200: ResponseSpec(PipelineView, generate_examples=False, description=(
+                "An earlier request with this Idempotency-Key made the pipeline; `Idempotent-Replayed: true`"
+            )),
+            **errors(400, 403, 409, 413, 415, 422, 507),
+        },
     )
     async def create_pipeline(
         self, request: Request, pipelines: NamedDependency[PipelineService], store: NamedDependency[JobStore],
         who: NamedDependency[Caller],
+        idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", max_length=200)] = None,
     ) -> Response[PipelineView]:
-        pipeline = await pipelines.submit(
+        pipeline, created = await pipelines.submit(
             who, request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
+            idempotency_key=idempotency_key,
         )
-        return Response(await view(store, pipeline), status_code=201,
-                        headers={"location": f"/api/v1/pipelines/{pipeline.id}"})
+        headers = {"location": f"/api/v1/pipelines/{pipeline.id}"}
+        if not created:
+            headers["idempotent-replayed"] = "true"
+        return Response(await view(store, pipeline), status_code=201 if created else 200, headers=headers)
 
     @get("/", summary="List pipelines, newest first", responses=errors(400))
     async def list_pipelines(

@@ -99,6 +99,7 @@ class JobStore(ABC):
     pipeline = _off_loop(Reads.pipeline)
     pipelines = _off_loop(Reads.pipelines)
     open_pipelines = _off_loop(Reads.open_pipelines)
+    pipeline_for_key = _off_loop(Reads.pipeline_for_key)
 
     # -- a job's life ---------------------------------------------------------------------------
 
@@ -229,8 +230,11 @@ class JobStore(ABC):
     # -- pipelines (pipelines/) -----------------------------------------------------------------
 
     @abstractmethod
-    async def create_pipeline(self, pipeline: Pipeline) -> None:
-        """Record a new pipeline (`running`) with its steps, none of them a job yet."""
+    async def create_pipeline(self, pipeline: Pipeline) -> str:
+        """Record a new pipeline (`running`) with its steps, none of them a job yet; its id.
+
+        With an `idempotency_key` already used: that pipeline's id, nothing recorded (or
+        IdempotencyConflict when it came with another request)."""
 
     @abstractmethod
     async def create_step_job(

@@ -59,7 +59,7 @@ async def create_pipeline(
     text = {k: str(v) for k, v in form.items() if isinstance(v, str)}
     try:
         doc = await _document(form, text)
-        pipeline = await pipelines.submit(who, "application/json", _once(json.dumps(doc).encode()), size=None)
+        pipeline, _ = await pipelines.submit(who, "application/json", _once(json.dumps(doc).encode()), size=None)
     except ApiError as exc:
         if exc.status not in (413, 422):
             raise

@@ -238,3 +238,9 @@ def m029_open_pipelines(db: Database) -> None:
     # (`POST /api/v1/jobs/{id}/retry`) moves its pipeline on again.
     db.execute("DROP INDEX idx_pipelines_running")
     db.execute("CREATE INDEX idx_pipelines_open ON pipelines (seq) WHERE state IN ('running', 'failed')")
+    # `Idempotency-Key` on POST /api/v1/pipelines, as for jobs: a repeated request gets the
+    # pipeline the first one made.
+    db.execute("ALTER TABLE pipelines ADD COLUMN idempotency_key TEXT")
+    db.execute("ALTER TABLE pipelines ADD COLUMN request_hash TEXT")
+    db.execute("CREATE UNIQUE INDEX idx_pipelines_idempotency ON pipelines (idempotency_key)"
+               " WHERE idempotency_key IS NOT NULL")
