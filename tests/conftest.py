@@ -34,7 +34,7 @@ FILE_SECONDS = {
     "test_failover.py": 89, "test_resilience.py": 82, "test_forward.py": 79, "test_pool.py": 75,
     "test_cloud_gateway.py": 52, "test_auth.py": 43, "test_dashboard.py": 43, "test_api.py": 41,
     "test_demo_node.py": 20, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
-    "test_first_run.py": 12, "test_pipelines.py": 40, "test_pipeline_dashboard.py": 13, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
+    "test_first_run.py": 12, "test_pipelines.py": 40, "test_pipeline_dashboard.py": 13, "test_pipeline_replicas.py": 27, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
     "test_postgres_gateway.py": 14, "test_migrate_store.py": 5,
     "test_store_plans_postgres.py": 14,
     "test_events.py": 18, "test_gallery.py": 14, "test_posters.py": 5,

@@ -35,6 +35,10 @@ from .media import MediaPool, join_clips, last_frame, split_speech
 from .plan import MAX_AUDIO_SECONDS, SCENE_INPUTS, check_scenes, output_size, parse_request, plan_steps
 
 log = logging.getLogger("x2v_gateway.pipelines")
+# Seconds between looks at the store for open pipelines this process does not follow: one that
+# another replica accepted and stopped following (it died), or one whose jobs' changes this
+# process missed (a subscriber's queue full). Those it follows move on with their jobs' changes.
+SWEEP_SECONDS = 5.0
 _JOIN_FAILED = "the clips could not be joined"
 
 
@@ -68,8 +72,22 @@ class PipelineService:
         self._spawn(self._listen())
         # The sweep: a gateway killed mid-pipeline picks each one up where the store says it is,
         # and follows the jobs of those waiting for a retry.
+        await self._sweep(everything=True)
+        self._spawn(self._sweep_loop())
+
+    async def _sweep(self, *, everything: bool = False) -> None:
+        followed = set(self._steps.values())
         for pipeline_id in await self.store.open_pipelines():
-            self.kick(pipeline_id)
+            if everything or pipeline_id not in followed:
+                self.kick(pipeline_id)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                await self._sweep()
+            except Exception:
+                log.exception("pipelines: the sweep failed; trying again in %g s", SWEEP_SECONDS)
 
     async def stop(self) -> None:
         if self._events is not None:
