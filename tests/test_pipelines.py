@@ -415,3 +415,27 @@ def test_retention_keeps_a_pipelines_video_until_its_own_time_is_up(tmp_path):
 
     kept, gone, expired = asyncio.run(run())
     assert "a" * 64 not in kept and "a" * 64 in gone and expired
+
+
+def test_a_scene_with_an_image_prompt_waits_for_the_image_made_first():
+    from x2v_gateway.pipelines.plan import check_scenes, parse_request, plan_steps
+    from x2v_gateway.schemas import ApiError
+
+    request = parse_request(json.dumps({"scenes": [
+        {"task": "t2v", "prompt": "a title", "duration": 2},
+        {"task": "s2v", "prompt": "she speaks", "image_prompt": "a portrait of a storyteller", "audio": "x"},
+    ], "seed": 5}).encode())
+    no_prompt_needed = lambda task, prompt: None  # noqa: E731
+    check_scenes(request, {"t2v", "s2v", "t2i"}, no_prompt_needed)
+    with pytest.raises(ApiError) as refused:
+        check_scenes(request, {"t2v", "s2v"}, no_prompt_needed)
+    assert refused.value.field == "scenes[1].image_prompt"
+    speech = {1: {"seconds": 10.0, "parts": [[0.0, 5.0, "p0"], [5.0, 10.0, "p1"]]}}
+    steps = plan_steps(request, [{}, {"audio": "whole"}], speech)
+    assert [(s.kind, s.task) for s in steps] == [("clip", "t2v"), ("image", "t2i"), ("clip", "s2v"), ("clip", "s2v")]
+    assert steps[1].params == {"prompt": "a portrait of a storyteller", "seed": 5}
+    # Both parts of the speech start from the one portrait made first, with the same seed.
+    assert steps[2].needs == steps[3].needs == {"image": {"step": 1, "take": "output"}}
+    assert [s.inputs["audio"] for s in steps[2:]] == ["p0", "p1"]
+    assert {s.params["seed"] for s in steps} == {5}
+    assert [s.audio for s in steps[2:]] == [{"sha256": "whole", "offset": 0.0}, {"sha256": "whole", "offset": 5.0}]
