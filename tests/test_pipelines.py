@@ -439,3 +439,30 @@ def test_a_scene_with_an_image_prompt_waits_for_the_image_made_first():
     assert [s.inputs["audio"] for s in steps[2:]] == ["p0", "p1"]
     assert {s.params["seed"] for s in steps} == {5}
     assert [s.audio for s in steps[2:]] == [{"sha256": "whole", "offset": 0.0}, {"sha256": "whole", "offset": 5.0}]
+
+
+def test_a_hung_media_helper_is_stopped_and_the_next_work_gets_a_new_one():
+    from x2v_gateway.pipelines.media import MediaPool
+
+    async def run() -> tuple[str, int]:
+        pool = MediaPool()
+        try:
+            with pytest.raises(ValueError, match="longer than 0.5 s") as hung:
+                await pool.run(time.sleep, 30, timeout=0.5)
+            return str(hung.value), await pool.run(len, "four", timeout=30)
+        finally:
+            pool.close()
+
+    started = time.monotonic()
+    _, answer = asyncio.run(run())
+    assert answer == 4 and time.monotonic() - started < 20
+
+
+def test_a_pipeline_over_the_keys_daily_quota_is_refused_before_its_inputs_are_fetched(gateway, api, media):
+    key = api.post("/api/v1/keys", json={"name": "two-a-day", "daily_quota": 2}).json()["key"]
+    doc = {"scenes": [{"task": "i2v", "prompt": "x", "image": b64(media["face"]), "duration": 1}] * 3}
+    with gateway.client(key=key) as limited:
+        refused = limited.post("/api/v1/pipelines", json=doc)
+        assert refused.status_code == 429 and refused.json()["error"]["field"] == "quota"
+        assert limited.get("/api/v1/me").json()["jobs_today"] == 0  # nothing counted
+        assert limited.post("/api/v1/pipelines", json={"scenes": doc["scenes"][:2]}).status_code == 201

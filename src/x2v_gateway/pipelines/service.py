@@ -31,7 +31,7 @@ from ..schemas import ApiError
 from ..settings import Settings
 from ..store import IdempotencyConflict, Job, JobStore, Pipeline, PipelineStep, new_pipeline_id
 from ..store.pipeline_records import CANCELLED, FAILED, RUNNING, SUCCEEDED
-from .media import MediaPool, join_clips, last_frame, split_speech
+from .media import MediaPool, join_clips, join_timeout, last_frame, split_speech
 from .plan import MAX_AUDIO_SECONDS, SCENE_INPUTS, check_scenes, output_size, parse_request, plan_steps
 
 log = logging.getLogger("x2v_gateway.pipelines")
@@ -155,6 +155,30 @@ class PipelineService:
             return await self._made(found[0]), False
         size_wh = output_size(request)
         check_scenes(request, self.jobs.runnable_tasks(), self.jobs.prompt_missing)
+        # A job per scene at least is counted before any input is fetched: a key out of quota
+        # costs no download and no split. The steps beyond (speech parts, images) once planned.
+        async with self.auth.counting_jobs(who, len(request.scenes)) as count:
+            steps = await self._plan(request, who)
+            pipeline = Pipeline(
+                id=new_pipeline_id(), owner=who.owner, name=request.name, priority=request.priority,
+                output={"fps": request.output.fps, "size": size_wh}, steps=steps,
+                idempotency_key=key, request_hash=fingerprint,
+            )
+            async with self.auth.counting_jobs(who, len(steps) - len(request.scenes)) as more:
+                try:
+                    made_id = await self.store.create_pipeline(pipeline)
+                except IdempotencyConflict:
+                    raise _reused(idempotency_key) from None
+                if made_id != pipeline.id:  # the same request, sent twice at once: made by the other
+                    count.refund()
+                    more.refund()
+                    return await self._made(made_id), False
+        log.info("pipeline %s accepted: %d scenes, %d steps", pipeline.id, len(request.scenes), len(steps))
+        self.kick(pipeline.id)
+        return await self._made(pipeline.id), True
+
+    async def _plan(self, request: Any, who: Caller) -> list[PipelineStep]:
+        """The inputs fetched, checked and kept, the speech split: the pipeline's steps."""
         inputs = []
         for i, scene in enumerate(request.scenes):
             values = {role: getattr(scene, role) for role in SCENE_INPUTS if getattr(scene, role)}
@@ -163,23 +187,7 @@ class PipelineService:
             except ApiError as exc:
                 raise ApiError(exc.status, f"scenes[{i}].{exc.message}", f"scenes[{i}].{exc.field or 'inputs'}") from None
         speech = await self._split_speech(request, inputs)
-        steps = plan_steps(request, inputs, speech)
-        pipeline = Pipeline(
-            id=new_pipeline_id(), owner=who.owner, name=request.name, priority=request.priority,
-            output={"fps": request.output.fps, "size": size_wh}, steps=steps,
-            idempotency_key=key, request_hash=fingerprint,
-        )
-        async with self.auth.counting_jobs(who, len(steps)) as count:
-            try:
-                made_id = await self.store.create_pipeline(pipeline)
-            except IdempotencyConflict:
-                raise _reused(idempotency_key) from None
-            if made_id != pipeline.id:  # the same request, sent twice at once: made by the other
-                count.refund()
-                return await self._made(made_id), False
-        log.info("pipeline %s accepted: %d scenes, %d steps", pipeline.id, len(request.scenes), len(steps))
-        self.kick(pipeline.id)
-        return await self._made(pipeline.id), True
+        return plan_steps(request, inputs, speech)
 
     async def _made(self, pipeline_id: str) -> Pipeline:
         made = await self.store.pipeline(pipeline_id)
@@ -310,7 +318,10 @@ class PipelineService:
         dest = self.blobs.tmp_dir / f"pipeline-{pipeline.id}-{uuid.uuid4().hex[:8]}.mp4"
         log.info("pipeline %s: joining %d clips", pipeline.id, len(parts))
         try:
-            info = await self.media.run(join_clips, parts, dest, pipeline.output["fps"], pipeline.output.get("size"))
+            info = await self.media.run(
+                join_clips, parts, dest, pipeline.output["fps"], pipeline.output.get("size"),
+                timeout=join_timeout(parts, pipeline.output.get("size")),
+            )
             await CHECKER.probe_video(dest)
             sha, size = await asyncio.to_thread(self.blobs.adopt, dest)
         except (ValueError, FileNotFoundError) as exc:
