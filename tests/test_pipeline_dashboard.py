@@ -44,7 +44,7 @@ def test_a_pipeline_made_in_the_form_runs_live_to_its_video(chromium, gateway, m
     page.get_by_label("Scene 2 task").select_option("i2v")
     page.get_by_label("Scene 2 prompt").fill("a face")
     page.get_by_label("Scene 2 seconds").fill("1")
-    page.get_by_label("Scene 2 image").set_input_files(str(media["face"]))
+    page.get_by_label("Scene 2 image", exact=True).set_input_files(str(media["face"]))
     page.get_by_label("Scene 3 task").select_option("i2v")
     page.get_by_label("Scene 3 prompt").fill("the face goes on")
     page.get_by_label("Scene 3 seconds").fill("1.5")
