@@ -7,19 +7,9 @@ from pathlib import Path
 import pytest
 
 from gateway_proc import GatewayProcess
-from test_dashboard import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, sign_in
-
-playwright_api = pytest.importorskip("playwright.sync_api")
+from test_dashboard import ADMIN_KEY, CHROMIUM, browser, sign_in  # noqa: F401 (browser: a fixture)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (./dev test installs it)")
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +20,8 @@ def gateway(tmp_path_factory) -> GatewayProcess:
     gw.stop()
 
 
-def test_a_pipeline_made_in_the_form_runs_live_to_its_video(chromium, gateway, media):
-    context = sign_in(chromium, gateway)
+def test_a_pipeline_made_in_the_form_runs_live_to_its_video(browser, gateway, media):  # noqa: F811
+    context = sign_in(browser, gateway)
     page = context.new_page()
     page.goto(gateway.url + "/ui/pipelines")
     # A scene without its seconds: the form says so and keeps what was typed.
