@@ -95,7 +95,7 @@ class PipelinesController(Controller):
         return await view(store, await pipelines.find(pipeline_id, who))
 
     @delete("/{pipeline_id:str}", status_code=200, summary="Cancel a pipeline and its unfinished steps",
-            responses=errors(400, 404))
+            responses=errors(400, 403, 404))
     async def cancel_pipeline(
         self, pipelines: NamedDependency[PipelineService], store: NamedDependency[JobStore],
         who: NamedDependency[Caller], pipeline_id: FromPath[str],
@@ -104,7 +104,7 @@ class PipelinesController(Controller):
 
     @post("/{pipeline_id:str}/steps/{n:int}/retry", status_code=200,
           summary="Run one failed or cancelled step again (the others stay as they are)",
-          responses=errors(400, 404, 409, 410, 429))
+          responses=errors(400, 403, 404, 409, 410))
     async def retry_step(
         self, pipelines: NamedDependency[PipelineService], store: NamedDependency[JobStore],
         who: NamedDependency[Caller], pipeline_id: FromPath[str], n: FromPath[int],
