@@ -37,7 +37,7 @@ FILE_SECONDS = {
     "test_first_run.py": 12, "test_pipelines.py": 40, "test_pipeline_dashboard.py": 13, "test_pipeline_replicas.py": 27, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
     "test_postgres_gateway.py": 14, "test_migrate_store.py": 5,
     "test_store_plans_postgres.py": 14,
-    "test_events.py": 18, "test_gallery.py": 14, "test_posters.py": 5,
+    "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
     "test_webhooks.py": 50,
     "test_replicas.py": 70, "test_replica_store.py": 2,
 }
