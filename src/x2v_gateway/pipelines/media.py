@@ -9,6 +9,7 @@ No numpy here (the gateway does not ship it): samples are handled as bytes and `
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import wave
@@ -75,9 +76,27 @@ class MediaPool:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _plain_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """What a helper's work raises comes back to the gateway as ValueError (or FileNotFoundError
+    for a file that is gone): FFmpeg's own exceptions do not all survive the trip between
+    processes, and one that does not would break the pool."""
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as exc:
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+    return run
+
+
 # -- splitting a long speech ---------------------------------------------------------------------
 
 
+@_plain_errors
 def split_speech(audio: Path, out_dir: Path, max_seconds: float, max_total: float) -> dict[str, Any]:
     """Where to cut `audio` so that no part is longer than `max_seconds`, cutting at its quietest
     moments; with more than one part, each written as a WAV in `out_dir`.
@@ -190,6 +209,7 @@ def _wav(path: Path, rate: int) -> wave.Wave_write:
 # -- a clip's last frame -------------------------------------------------------------------------
 
 
+@_plain_errors
 def last_frame(video: Path, dest: Path) -> None:
     """The last picture of `video`, as a PNG at `dest` (the next scene's first frame)."""
     import av
@@ -223,6 +243,7 @@ def join_timeout(parts: list[dict[str, Any]], size: list[int] | None) -> float:
     return 300.0 + 2.0 * sum(p["seconds"] for p in parts) * max(1.0, pixels / (640 * 360))
 
 
+@_plain_errors
 def join_clips(parts: list[dict[str, Any]], dest: Path, fps: int, size: list[int] | None) -> dict[str, Any]:
     """Join clips into one H.264/AAC MP4 at `dest`: each part is {"video": path, "seconds": its
     span, "audio": path or None, "offset": seconds into that audio}. Every clip is fitted into

@@ -279,7 +279,16 @@ class PipelineService:
         inputs = dict(step.inputs)
         for role, need in step.needs.items():
             earlier = jobs[pipeline.steps[need["step"]].job_id or ""]
-            inputs[role] = await self._derive(earlier, need["take"])
+            try:
+                inputs[role] = await self._derive(earlier, need["take"])
+            except (ValueError, FileNotFoundError) as exc:
+                # The earlier step's output is gone (expired, purged) or unreadable: the step
+                # cannot start, and the pipeline says why instead of waiting for ever.
+                error = f"step {step.n + 1} could not take its {role} from step {need['step'] + 1}: {exc}"
+                log.warning("pipeline %s: %s", pipeline.id, error)
+                await self.store.set_pipeline_state(pipeline.id, FAILED, error, only_from=(RUNNING, FAILED))
+                self.notifier.changed(pipeline.id)
+                return
         job = await self.jobs.submit_step(
             pipeline.id, step.n, task=step.task, params=step.params, inputs=inputs,
             priority=pipeline.priority, owner=pipeline.owner,
