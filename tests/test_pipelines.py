@@ -130,7 +130,7 @@ def test_a_scene_starts_from_the_last_frame_of_the_one_before(api, media, tmp_pa
     response = api.post("/api/v1/pipelines", json=doc)
     assert response.status_code == 201, response.text
     first = response.json()["steps"]
-    assert first[1]["state"] == "waiting" and first[1]["takes"] == {"image": "step 0's last frame"}
+    assert first[1]["state"] == "waiting" and first[1]["takes"] == {"image": "steps[0]'s last frame"}
     pipeline = wait_pipeline(api, response.json()["id"], {"succeeded", "failed"})
     assert pipeline["state"] == "succeeded", pipeline
     clip = download(api, pipeline["steps"][0]["result"]["url"], tmp_path / "first.mp4")
@@ -183,7 +183,7 @@ def test_cancel_and_retry_of_one_step(api, media):
     second = until(lambda: api.get(f"/api/v1/pipelines/{pipeline['id']}").json()["steps"][1]["job_id"])
     api.delete(f"/api/v1/jobs/{second}")  # one step's job cancelled by hand: that step failed
     failed = wait_pipeline(api, pipeline["id"], {"failed"})
-    assert "step 2" in failed["error"] and failed["steps"][1]["state"] == "cancelled"
+    assert failed["error"].startswith("steps[1] (scenes[1]) cancelled") and failed["steps"][1]["state"] == "cancelled"
     until(lambda: api.get(f"/api/v1/pipelines/{pipeline['id']}").json()["steps"][0]["state"] == "succeeded")
     retried = api.post(f"/api/v1/pipelines/{pipeline['id']}/steps/1/retry")
     assert retried.status_code == 200, retried.text

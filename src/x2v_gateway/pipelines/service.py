@@ -240,7 +240,7 @@ class PipelineService:
                   if s.job_id and jobs[s.job_id].state in ("failed", "cancelled")]
         if broken:
             step, job = broken[0]
-            error = f"step {step.n + 1} (scene {step.scene + 1}) {job.state}: {job.error or 'no reason given'}"
+            error = f"steps[{step.n}] (scenes[{step.scene}]) {job.state}: {job.error or 'no reason given'}"
             if pipeline.state != FAILED or pipeline.error != error:
                 await self.store.set_pipeline_state(pipeline_id, FAILED, error, only_from=(RUNNING, FAILED))
                 self.notifier.changed(pipeline_id)
@@ -284,7 +284,7 @@ class PipelineService:
             except (ValueError, FileNotFoundError) as exc:
                 # The earlier step's output is gone (expired, purged) or unreadable: the step
                 # cannot start, and the pipeline says why instead of waiting for ever.
-                error = f"step {step.n + 1} could not take its {role} from step {need['step'] + 1}: {exc}"
+                error = f"steps[{step.n}] could not take its {role} from steps[{need['step']}]: {exc}"
                 log.warning("pipeline %s: %s", pipeline.id, error)
                 await self.store.set_pipeline_state(pipeline.id, FAILED, error, only_from=(RUNNING, FAILED))
                 self.notifier.changed(pipeline.id)

@@ -23,7 +23,7 @@ class StepView(msgspec.Struct, kw_only=True):
     kind: str  # "clip" (a span of the video) | "image" (made for a later step)
     task: str
     seconds: float | None  # its span of the finished video
-    # What it takes from earlier steps: role -> "step N's last frame" / "step N's output".
+    # What it takes from earlier steps: role -> "steps[N]'s last frame" / "steps[N]'s output".
     takes: dict[str, str]
     job_id: str | None
     # The job's state, or "waiting" (for an earlier step's output).
@@ -82,7 +82,7 @@ def pipeline_view(pipeline: Pipeline, jobs: dict[str, Job]) -> PipelineView:
             )
         steps.append(StepView(
             n=step.n, scene=step.scene, segment=step.segment, kind=step.kind, task=step.task, seconds=step.seconds,
-            takes={role: f"step {need['step']}'s " + ("last frame" if need["take"] == "last_frame" else "output")
+            takes={role: f"steps[{need['step']}]'s " + ("last frame" if need["take"] == "last_frame" else "output")
                    for role, need in step.needs.items()},
             job_id=step.job_id, state=job.state if job is not None else "waiting",
             error=job.error if job is not None else None, result=result,

@@ -111,7 +111,7 @@ class PipelineWrites(SqliteThreads):
                 (job_id, task, json.dumps(params), json.dumps(inputs), priority, pipeline_id,
                  owner, now, now),
             )
-            record_event(conn, job_id, "queued", f"accepted (step {n + 1} of pipeline {pipeline_id})")
+            record_event(conn, job_id, "queued", f"accepted (steps[{n}] of pipeline {pipeline_id})")
             conn.execute(
                 "UPDATE pipeline_steps SET job_id = ? WHERE pipeline_id = ? AND n = ?", (job_id, pipeline_id, n)
             )
