@@ -101,7 +101,8 @@ class JobStore(ABC):
     audit_log = _off_loop(Reads.audit_log)
     pipeline = _off_loop(Reads.pipeline)
     pipelines = _off_loop(Reads.pipelines)
-    running_pipelines = _off_loop(Reads.running_pipelines)
+    open_pipelines = _off_loop(Reads.open_pipelines)
+    pipeline_for_key = _off_loop(Reads.pipeline_for_key)
     foreign_job = _off_loop(Reads.foreign_job)
     foreign_ids = _off_loop(Reads.foreign_ids)
     job_deliveries = _off_loop(Reads.job_deliveries)
@@ -258,8 +259,11 @@ class JobStore(ABC):
     # -- pipelines (pipelines/) -----------------------------------------------------------------
 
     @abstractmethod
-    async def create_pipeline(self, pipeline: Pipeline) -> None:
-        """Record a new pipeline (`running`) with its steps, none of them a job yet."""
+    async def create_pipeline(self, pipeline: Pipeline) -> str:
+        """Record a new pipeline (`running`) with its steps, none of them a job yet; its id.
+
+        With an `idempotency_key` already used: that pipeline's id, nothing recorded (or
+        IdempotencyConflict when it came with another request)."""
 
     @abstractmethod
     async def create_step_job(

@@ -169,8 +169,13 @@ class Reads(Protocol):
         """Pipelines (`owner`'s, if given) with their steps, newest first; `before_seq` is the cursor."""
         ...
 
-    def running_pipelines(self) -> list[str]:
-        """The ids of the pipelines still under way, oldest first (the start-up sweep)."""
+    def pipeline_for_key(self, idempotency_key: str) -> tuple[str, str | None] | None:
+        """(id, request hash) of the pipeline made with this Idempotency-Key (owner-scoped), if any."""
+        ...
+
+    def open_pipelines(self) -> list[str]:
+        """The pipelines still under way or waiting for a failed step's retry, oldest first (the
+        start-up sweep: their jobs' changes move them on again)."""
         ...
 
     # -- nodes ----------------------------------------------------------------------------------
