@@ -470,3 +470,47 @@ def test_job_page_shows_deliveries_and_their_retries(gateway, receiver):
             assert "hidden-in-page" not in page.content()
         finally:
             browser.close()
+
+
+def test_jobs_of_a_batch_finishing_together_make_one_batch_finished(tmp_path):
+    """Events read in one round, on a real store: the batch's last event alone sends it; a job
+    of it run again makes the batch busy, and its end finishes the batch again."""
+    import asyncio
+
+    from x2v_gateway.store import JobStore, JobWebhook
+    from x2v_gateway.webhook_worker import _read_round
+
+    async def scenario() -> list[list[str]]:
+        store = JobStore(tmp_path / "store.db")
+        rounds = []
+
+        async def round_() -> None:
+            found = await store.read(lambda r: _read_round(r, 8, []))
+            await store.record_deliveries(found.deliveries, found.cursor)
+            rounds.append(sorted(d["type"] for d in found.deliveries))
+
+        try:
+            hook = JobWebhook("http://127.0.0.1:9/b", ("succeeded", "batch.finished"), "k1")
+            ids = [(await store.create_job(task="t2v", params={}, inputs={}, batch_id="b", owner="k1",
+                                           webhook=hook))[0].id for _ in range(3)]
+            # Another key's batch of the same name is another batch: its queued job does not count.
+            await store.create_job(task="t2v", params={}, inputs={}, batch_id="b", owner="k2")
+            await store.succeed(ids[0], "0" * 64, {})
+            await store.succeed(ids[1], "0" * 64, {})
+            await store.fail(ids[2], "node lost it")
+            await round_()
+            await store.retry(ids[2])
+            await round_()
+            await store.succeed(ids[2], "0" * 64, {})
+            await round_()
+            await round_()  # nothing new: nothing sent twice
+        finally:
+            store.close()
+        return rounds
+
+    assert asyncio.run(scenario()) == [
+        ["batch.finished", "job.succeeded", "job.succeeded"],
+        [],  # the retried job is queued (not in the filter), and the batch is busy again
+        ["batch.finished", "job.succeeded"],
+        [],
+    ]
