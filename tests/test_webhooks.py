@@ -183,6 +183,11 @@ def test_failing_receiver_gets_retries_with_growing_gaps_and_the_same_id(gateway
         assert gaps[0] >= FIRST_RETRY * 0.5 - 0.05 and gaps[2] >= FIRST_RETRY * 2 - 0.05, gaps
         (shown,) = deliveries(api, job["id"], all_delivered(1))
         assert shown["attempts"] == 4 and shown["last_status"] == 200 and shown["next_attempt_at"] is None
+    with gateway.client() as admin:
+        metrics = admin.get("/metrics").text
+    counted = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("x2v_webhook_attempts_total{")}
+    assert counted["failed"] >= 3 and counted["delivered"] >= 1, counted
 
 
 def test_receiver_that_does_not_answer_in_time_is_tried_again(gateway, receiver):
@@ -317,6 +322,10 @@ def test_private_webhook_target_is_refused_when_urls_must_be_public(tmp_path, re
             me = admin.get("/api/v1/me").json()
             patched = admin.patch(f"/api/v1/keys/{me['id']}", json={"webhook_url": receiver.url("/private")})
             assert patched.status_code == 422 and patched.json()["error"]["field"] == "webhook_url"
+            # X2V_ADMIN_KEY's key has no secret until it asks for one: nothing could sign its webhooks.
+            assert not me["has_webhook_secret"]
+            patched = admin.patch(f"/api/v1/keys/{me['id']}", json={"webhook_url": "https://1.1.1.1/hook"})
+            assert patched.status_code == 409 and "webhook-secret" in patched.json()["error"]["message"]
             made = admin.post("/api/v1/keys", json={"name": "hooks-public2", "webhook_url": "http://10.1.2.3/"})
             assert made.status_code == 422 and made.json()["error"]["field"] == "webhook_url"
     finally:

@@ -120,7 +120,7 @@ class Gateway:
             settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
             self.webhooks,
         )
-        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier)
+        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier, self.metrics)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each

@@ -28,6 +28,7 @@ import msgspec
 
 from .dispatch import Notifier
 from .inputs import NotPublic, PublicOnlyTransport
+from .metrics import Metrics
 from .schemas import iso, job_view
 from .settings import Settings
 from .store import JobStore, JobWebhook, Reads
@@ -55,10 +56,11 @@ class WebhookWorker:
     """Turns job events into signed webhook deliveries and makes them; started and stopped with
     the gateway."""
 
-    def __init__(self, settings: Settings, store: JobStore, notifier: Notifier) -> None:
+    def __init__(self, settings: Settings, store: JobStore, notifier: Notifier, metrics: Metrics) -> None:
         self.settings = settings
         self.store = store
         self.notifier = notifier
+        self.metrics = metrics
         self.http = httpx.AsyncClient(
             # The whole attempt is bounded by asyncio.timeout below; these bound each step.
             timeout=settings.webhook_timeout,
@@ -149,7 +151,7 @@ class WebhookWorker:
                             read += len(chunk)
                             if read >= MAX_ANSWER_BYTES:
                                 break
-            except TimeoutError:
+            except (TimeoutError, httpx.TimeoutException):
                 status, error = None, f"no answer within {self.settings.webhook_timeout:g} s"
             except NotPublic as exc:
                 error = f"{str(exc).split(';')[0]}; webhooks go to public addresses only"
@@ -168,6 +170,8 @@ class WebhookWorker:
         await self.store.delivery_attempted(
             row["id"], at=started, status=status, error=error, next_attempt_at=next_at,
         )
+        outcome = "delivered" if delivered else "failed" if next_at is not None else "given_up"
+        self.metrics.webhook_attempts.labels(outcome).inc()
 
 
 class _Round(msgspec.Struct):
