@@ -523,3 +523,48 @@ def test_jobs_of_a_batch_finishing_together_make_one_batch_finished(tmp_path):
         ["batch.finished", "job.succeeded"],
         [],
     ]
+
+
+def test_a_name_that_now_resolves_to_a_private_address_is_refused_at_delivery(tmp_path, receiver):
+    """Accepted as public, the target's name later points inside the network (DNS rebinding): the
+    attempt is refused before anything is sent, and retried later (the name may change back)."""
+    import asyncio
+
+    from x2v_gateway.dispatch import Notifier
+    from x2v_gateway.inputs import PublicOnlyTransport
+    from x2v_gateway.metrics import Metrics
+    from x2v_gateway.settings import Settings
+    from x2v_gateway.store import JobStore, JobWebhook
+    from x2v_gateway.webhook_worker import WebhookWorker
+
+    async def rebound(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]  # where the receiver listens
+
+    async def scenario() -> dict:
+        store = JobStore(tmp_path / "store.db")
+        worker = WebhookWorker(Settings(data_dir=tmp_path), store, Notifier(), Metrics(),
+                               transport=PublicOnlyTransport(resolve=rebound))
+        try:
+            await store.create_key({"id": "k1", "name": "k1", "key_hash": "h", "prefix": "", "admin": False,
+                                    "daily_quota": None, "max_concurrent": None, "rate_per_min": None,
+                                    "source": "test", "webhook_secret": "whsec_" + "A" * 32}, "test")
+            url = f"http://hooks.example.com:{receiver.port}/rebound"
+            job, _ = await store.create_job(task="t2v", params={}, inputs={}, owner="k1",
+                                            webhook=JobWebhook(url, ("queued",), "k1"))
+            for _ in range(50):
+                await worker.round()
+                found = await store.job_deliveries(job.id)
+                if found and found[0]["attempts"]:
+                    return found[0]
+                await asyncio.sleep(0.05)
+            raise AssertionError("no attempt was made")
+        finally:
+            await worker.stop()
+            store.close()
+
+    attempted = asyncio.run(scenario())
+    assert attempted["last_error"] == (
+        "hooks.example.com is a private or local address; webhooks go to public addresses only"
+    )
+    assert attempted["next_attempt_at"] and not attempted["gave_up_at"]
+    assert receiver.at("/rebound") == []

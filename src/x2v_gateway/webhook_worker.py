@@ -56,7 +56,12 @@ class WebhookWorker:
     """Turns job events into signed webhook deliveries and makes them; started and stopped with
     the gateway."""
 
-    def __init__(self, settings: Settings, store: JobStore, notifier: Notifier, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, store: JobStore, notifier: Notifier, metrics: Metrics,
+        *, transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`transport`: how attempts reach receivers (default: public addresses only, unless
+        X2V_PRIVATE_URLS; a test gives one that resolves names its own way)."""
         self.settings = settings
         self.store = store
         self.notifier = notifier
@@ -65,7 +70,7 @@ class WebhookWorker:
             # The whole attempt is bounded by asyncio.timeout below; these bound each step.
             timeout=settings.webhook_timeout,
             follow_redirects=False,  # a redirect is an answer that is not 2xx: retried, never followed
-            transport=None if settings.private_urls else PublicOnlyTransport(),
+            transport=transport or (None if settings.private_urls else PublicOnlyTransport()),
             headers={"user-agent": USER_AGENT},
         )
         self._inflight: dict[str, asyncio.Task[None]] = {}
