@@ -216,8 +216,14 @@ def test_events_filter_and_a_batch_finishing_once(gateway, receiver):
             "task": "t2v", "prompt": f"scene {n}", "batch_id": "hooks-b1", "webhook_url": receiver.url("/batch"),
             "webhook_events": ["batch.finished"],
         }).json() for n in range(3)]
-        for job in [quiet, *jobs]:
+        # A multipart form says the same, its events comma-separated.
+        form = api.post("/api/v1/jobs", data={
+            "task": "t2v", "prompt": "a form", "webhook_url": receiver.url("/multipart"),
+            "webhook_events": "started, succeeded",
+        }, files={"x": ("", b"")}).json()
+        for job in [quiet, form, *jobs]:
             wait_for(api, job["id"], {"succeeded"})
+        assert [verify(secret, r)["type"] for r in receiver.wait("/multipart", 2)] == ["job.started", "job.succeeded"]
         (finished,) = receiver.wait("/batch", 1)
         message = verify(secret, finished)
         assert message["type"] == "batch.finished"
@@ -226,6 +232,18 @@ def test_events_filter_and_a_batch_finishing_once(gateway, receiver):
         time.sleep(1.0)  # no second batch.finished, and nothing for the successful job
         assert len(receiver.at("/batch")) == 1 and receiver.at("/failures") == []
         assert api.get(f"/api/v1/jobs/{quiet['id']}/webhooks").json()["deliveries"] == []
+
+
+def test_a_replay_with_another_webhook_is_a_conflict(gateway, receiver):
+    key, _ = make_key(gateway, "hooks-idem")
+    body = {"task": "t2v", "prompt": "once", "webhook_url": receiver.url("/idem")}
+    with gateway.client(key=key) as api:
+        first = api.post("/api/v1/jobs", json=body, headers={"Idempotency-Key": "idem-1"})
+        again = api.post("/api/v1/jobs", json=body, headers={"Idempotency-Key": "idem-1"})
+        other = api.post("/api/v1/jobs", json={**body, "webhook_url": receiver.url("/idem2")},
+                         headers={"Idempotency-Key": "idem-1"})
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
+    assert again.json()["id"] == first.json()["id"]
 
 
 def test_key_default_webhook_is_used_when_a_job_names_none(gateway, receiver, tmp_path):

@@ -5,7 +5,7 @@ a webhook (job_events is the durable record of every state change), keeps those 
 filter wants, builds each message's body (the job as `GET /api/v1/jobs/{id}` shows it), and
 finds the deliveries that are due. It then records the new deliveries and moves the cursor in one
 transaction: a delivery exists, with its stable id and body, before anything is sent, and a crash
-at any point only redoes work (at least once, never never). Due deliveries are attempted at most
+at any point only redoes work (at least once, never lost). Due deliveries are attempted at most
 `X2V_WEBHOOK_CONCURRENCY` at once, each bounded in time (`X2V_WEBHOOK_TIMEOUT`, connecting
 included) and in what is read of the answer, so a slow receiver holds one slot and nothing else.
 A failed attempt is tried again after `X2V_WEBHOOK_FIRST_RETRY` seconds, then twice as long each
