@@ -152,7 +152,7 @@ class Caller:
     daily_quota: int | None = None
     max_concurrent: int | None = None
     rate_per_min: float | None = None
-    via: str = "key"  # "key" | "session"
+    via: str = "key"  # "key" | "session" | "headerless" (X2V_HEADERLESS_KEY)
     csrf: str | None = None  # the session's CSRF token
 
     @classmethod
@@ -415,6 +415,21 @@ class Auth:
             return None
         who = Caller.from_row(row)
         self.callers.put(key_hash, who)
+        return who
+
+    async def headerless(self) -> Caller | None:
+        """The caller a request without credentials on a compatible surface acts as: the key
+        `X2V_HEADERLESS_KEY` names (id or name), if it is active. Looked up like a key (cached
+        for a few seconds; a revoke in this process ends it at once)."""
+        name = self.settings.headerless_key
+        cache_key = "headerless:" + name
+        if (who := self.callers.get(cache_key)) is not None:
+            return who
+        row = await self.find_key(name)
+        if row is None or row["revoked_at"] is not None:
+            return None
+        who = Caller.from_row(row, via="headerless")
+        self.callers.put(cache_key, who)
         return who
 
     # -- dashboard sessions ---------------------------------------------------------------------

@@ -125,6 +125,8 @@ def _where(settings: Settings, gateway: Gateway) -> str:
         ("upstreams", upstreams),
         ("data", str(settings.data_dir.resolve())),
     ]
+    if settings.database_url:
+        rows.append(("store", f"PostgreSQL, {settings.database_shown}"))
     return "\nx2v-gateway is ready.\n" + "".join(f"  {name:<10} {value}\n" for name, value in rows) + "\n"
 
 
@@ -164,7 +166,7 @@ def _open_auth(env_file: str):  # -> tuple[Auth, JobStore]
     except SettingsError as exc:
         click.echo(f"x2v-gateway: {exc}", err=True)
         sys.exit(2)
-    store = JobStore(settings.db_path)
+    store = JobStore(settings.store_location)
     return Auth(settings, store), store
 
 
@@ -400,6 +402,10 @@ from .client import COMMANDS as _CLIENT_COMMANDS  # noqa: E402 (registered after
 
 for _command in _CLIENT_COMMANDS:
     main.add_command(_command)
+
+from .store_cli import migrate_store_command  # noqa: E402
+
+main.add_command(migrate_store_command)
 
 
 if __name__ == "__main__":

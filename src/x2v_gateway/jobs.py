@@ -107,6 +107,38 @@ class JobService:
             job = await self.wait(job, wait)
         return job, created
 
+    async def submit_read(
+        self, who: Caller, request: JobRequest, files: list[IncomingFile] | None = None, *,
+        wait: float | None = None,
+    ) -> Job:
+        """A job a compatible surface (routes/lightx2v_api.py, openai_api.py, seed_services.py)
+        has read already, with its uploaded `files` (roles image, audio, last_frame): checked,
+        kept and queued as `who`'s, counted against its quota, exactly like `submit`'s."""
+        files = files or []
+        try:
+            self._check_free_space()
+            for role in {f.role for f in files}:
+                if getattr(request, role):
+                    raise ApiError(400, f"{role} was sent both as a file and as text", role)
+            async with self.auth.counting_jobs(who):
+                job, _ = await self._submit(request, files, None, who.owner)
+        except BaseException:
+            discard(files)  # nothing once they are kept: the writers are committed
+            raise
+        return await self.wait(job, wait) if wait else job
+
+    async def read_upload(
+        self, content_type: str, body: AsyncIterator[bytes], *, size: int | None, roles: dict[str, str],
+    ) -> tuple[dict[str, str], list[IncomingFile]]:
+        """A compatible surface's multipart body: its text fields, and its files (part name ->
+        job input role by `roles`) on disk, within the upload limits."""
+        if not content_type.startswith("multipart/form-data"):
+            raise ApiError(415, "send this request as multipart/form-data", "Content-Type")
+        if size is not None and size > self.settings.max_upload_mb * 1024 * 1024:
+            raise ApiError(413, f"request body is larger than the {self.settings.max_upload_mb} MiB allowed")
+        self._check_free_space(size or 0)
+        return await read_multipart(content_type, body, self.blobs, roles=roles, **self._upload_limits())
+
     async def _submit_json(
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:
@@ -309,6 +341,39 @@ class JobService:
                 break
             await self.notifier.wait(job.id, remaining)
             job = await self.store.get(job.id) or job
+        return job
+
+    # -- pipeline steps (pipelines/) ------------------------------------------------------------
+
+    async def keep_inputs(self, values: dict[str, str], owner: str | None) -> dict[str, str]:
+        """Inputs given as http(s) URLs, data URLs or base64 (role -> value): fetched, checked
+        by their content as `owner`'s and kept. Role -> sha256; all or nothing."""
+        files: list[IncomingFile] = []
+        max_bytes = self.settings.max_file_mb * 1024 * 1024
+        try:
+            for role, value in values.items():
+                files.append(await fetch_input(role, value, self.blobs, self.http, max_bytes=max_bytes))
+        except BaseException:
+            discard(files)
+            raise
+        return {role: s.sha256 for role, s in (await keep_files(files, self.store, owner)).items()}
+
+    async def submit_step(
+        self, pipeline_id: str, n: int, *, task: str, params: dict[str, Any], inputs: dict[str, str],
+        priority: int, owner: str | None,
+    ) -> Job | None:
+        """Queue a pipeline step's job, an ordinary job in the pipeline's batch (the step's
+        own if it has one already). None when the pipeline has ended. Counted against the
+        owner's quota when the pipeline was accepted."""
+        made = await self.store.create_step_job(
+            pipeline_id, n, task=task, params=params, inputs=inputs, priority=priority, owner=owner,
+        )
+        if made is None:
+            return None
+        job, created = made
+        if created:
+            self.notifier.changed(job.id)
+            self.dispatcher.wake()
         return job
 
     # -- changing a job -------------------------------------------------------------------------

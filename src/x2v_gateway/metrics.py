@@ -70,6 +70,10 @@ class Metrics:
             "x2v_jobs_moved", "Jobs taken back from a node and queued again",
             ["upstream", "reason"], registry=self.registry,
         )
+        self.jobs_taken_over = Counter(
+            "x2v_jobs_taken_over", "Jobs in flight this replica took over from a replica that stopped",
+            registry=self.registry,
+        )
         self.dispatch_lag = Histogram(
             "x2v_dispatch_lag_seconds",
             "From a node slot seen free (its job finished or left) to the next job sent there,"

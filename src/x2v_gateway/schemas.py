@@ -227,6 +227,7 @@ class ResultRef(msgspec.Struct):
     duration: float | None = None
     width: int | None = None
     height: int | None = None
+    poster_url: str | None = None  # a JPEG of its first frame
 
 
 class QueueInfo(msgspec.Struct, omit_defaults=True):
@@ -304,6 +305,7 @@ def job_view(
         result = ResultRef(
             url=f"/api/v1/jobs/{job.id}/video", sha256=job.result_sha, size=meta.get("size"),
             duration=meta.get("duration"), width=meta.get("width"), height=meta.get("height"),
+            poster_url=f"/api/v1/jobs/{job.id}/poster",
         )
     queue = None
     if queue_position is not None:

@@ -18,8 +18,8 @@ are declared but answer 404 `{"detail":"Not Found"}`; `/docs` is a short HTML pa
 Swagger UI, and there is no `/openapi.json`; there is no Prometheus metrics port.
 
 Two additions that are not part of the upstream API, both for tests: every accepted submission
-is appended to `<data_dir>/submissions.jsonl` (task_id, time, route, and the request fields the
-runner would get), so a test can count and inspect what reached the node across restarts; and
+is appended to `<data_dir>/submissions.jsonl` (task_id, time, route, the request fields the
+runner would get, and `held`: the tasks pending or running once it was accepted), so a test can count and inspect what reached the node across restarts; and
 a write to a `save_result_path` outside `outputs/` is refused (the task still completes, as the
 real stub did).
 

@@ -42,6 +42,9 @@ class Task:
     end_time: datetime | None = None
     error: str | None = None
     error_type: str | None = None
+    # Tasks the node held (pending or running) once this one was accepted, itself included:
+    # journalled, so a test can tell whether the node was ever given more than its slots.
+    held: int = 0
 
     def as_status(self) -> dict[str, Any]:
         # Naive local ISO timestamps, exactly as FastAPI encodes upstream's datetime.now().
@@ -80,6 +83,7 @@ class TaskBoard:
                 raise Refused(f"Task queue is full (max {self.max_queue_size} tasks)")
             task = Task(task_id=task_id, request=request, save_result_path=save_result_path)
             self._tasks[task_id] = task
+            task.held = self._active_count()
             self._total += 1
             self._evict_old_tasks()
             self._wakeup.notify()

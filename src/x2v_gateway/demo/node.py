@@ -272,10 +272,10 @@ class DemoNodeApp(App):
         # Upstream's BaseTaskRequest: an empty save_result_path becomes the task id.
         save_result_path = values.get("save_result_path") or task_id
         try:
-            self.board.create(task_id, values, save_result_path)
+            task = self.board.create(task_id, values, save_result_path)
         except Refused as exc:
             return json_response(503, {"detail": str(exc)})
-        self._journal_submission(task_id, route, values)
+        self._journal_submission(task_id, route, values, task.held)
         queue = self.board.queue_status()
         log.info(
             "accepted task %s via POST %s (%d of %d active)",
@@ -288,7 +288,7 @@ class DemoNodeApp(App):
             200, {"task_id": task_id, "task_status": "pending", "save_result_path": save_result_path}
         )
 
-    def _journal_submission(self, task_id: str, route: str, request: dict[str, Any]) -> None:
+    def _journal_submission(self, task_id: str, route: str, request: dict[str, Any], held: int) -> None:
         # The request as the runner would get it, long strings (base64 inputs) shortened.
         shown = {
             key: f"{value[:64]}...({len(value)} chars)"
@@ -301,6 +301,7 @@ class DemoNodeApp(App):
             "time": datetime.now().isoformat(),
             "route": route,
             "request": shown,
+            "held": held,
         }
         line = json.dumps(entry, ensure_ascii=False)
         with self._journal_lock, self.journal.open("a", encoding="utf-8") as journal:

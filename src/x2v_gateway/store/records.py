@@ -45,6 +45,9 @@ class Job(msgspec.Struct, kw_only=True):
     pinned: str | None = None  # the upstream the user asked for, if any
     cancel_pending: bool = False
     files_expired: bool = False
+    # The gateway replica that sent it and follows it while it is on an upstream (see
+    # dispatch/replicas.py); another takes it over when that one's lease runs out.
+    replica: str | None = None
 
     @property
     def finished(self) -> bool:

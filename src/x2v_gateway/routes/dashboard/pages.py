@@ -55,17 +55,23 @@ async def new_batch(jobs: NamedDependency[JobService], settings: NamedDependency
     })
 
 
-@get(["/batches/{batch_id:str}", "/batches/{batch_id:str}/rows"], include_in_schema=False)
+# A batch's page, and the parts of it fetched again as jobs are added or retried.
+_BATCH_PARTS = {"rows": "partials/batch_rows.html", "gallery": "partials/gallery_tiles.html"}
+
+
+@get(["/batches/{batch_id:str}", "/batches/{batch_id:str}/rows", "/batches/{batch_id:str}/gallery"], include_in_schema=False)
 async def batch_page(
     request: HTMXRequest, store: NamedDependency[JobStore], who: NamedDependency[Caller], batch_id: FromPath[str],
     after: Annotated[int, QueryParameter(ge=0, le=MAX_SQLITE_INT)] = 0,
+    view: Annotated[str, QueryParameter(pattern=r"^(table|gallery)$")] = "table",
 ) -> Response:
-    """A page of a batch, or (`/rows`, fetched again as jobs are added or retried) its rows alone."""
+    """A page of a batch as a table or a gallery of its videos; or (`/rows`, `/gallery`) its
+    rows or tiles alone."""
     summary, rows, next_after = await store.read(lambda r: read_batch_page(r, who, batch_id, after))
-    template = "partials/batch_rows.html" if request.url.path.endswith("/rows") else "batch.html"
+    template = _BATCH_PARTS.get(request.url.path.rsplit("/", 1)[-1], "batch.html")
     return await off_loop_page(request, template, {
         "s": summary, "rows": rows, "after": after, "next_after": next_after,
-        "page_rows": BATCH_PAGE_ROWS, "since": time.time(),
+        "page_rows": BATCH_PAGE_ROWS, "since": time.time(), "gallery": view == "gallery",
     })
 
 

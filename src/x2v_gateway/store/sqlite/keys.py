@@ -14,15 +14,15 @@ class KeyReads(Rows):
 
     def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
-        return _key_row(row) if row else None
+        return key_row(row) if row else None
 
     def key(self, key_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-        return _key_row(row) if row else None
+        return key_row(row) if row else None
 
     def keys(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
-        return [_key_row(r) for r in rows]
+        return [key_row(r) for r in rows]
 
     def session(self, id_hash: str) -> tuple[dict[str, Any], str, float] | None:
         row = self.conn.execute(
@@ -35,7 +35,7 @@ class KeyReads(Rows):
             return None
         data = dict(row)
         csrf, expires_at = data.pop("session_csrf"), data.pop("session_expires_at")
-        return _key_row(data), csrf, expires_at
+        return key_row(data), csrf, expires_at
 
     def jobs_used(self, key_id: str, day: str) -> int:
         row = self.conn.execute(
@@ -82,7 +82,7 @@ class KeyWrites(SqliteThreads):
                 {"webhook_url": None, "webhook_events": None, "webhook_secret": None, **key,
                  "admin": int(key["admin"]), "created_at": timestamp(), "created_by": actor},
             )
-            audit(conn, actor, "key.create", key["id"], _key_summary(key))
+            audit(conn, actor, "key.create", key["id"], key_summary(key))
 
         await self._write(write)
         return await self.read(lambda r: r.key(key["id"]))
@@ -174,7 +174,7 @@ class KeyWrites(SqliteThreads):
         await self._write(write)
 
 
-def _key_row(row: Any) -> dict[str, Any]:
+def key_row(row: Any) -> dict[str, Any]:
     data = dict(row)
     data["admin"] = bool(data["admin"])
     # A key's webhook secrets never leave the store in its row (only `webhook_secrets` reads
@@ -184,7 +184,7 @@ def _key_row(row: Any) -> dict[str, Any]:
     return data
 
 
-def _key_summary(key: dict[str, Any]) -> str:
+def key_summary(key: dict[str, Any]) -> str:
     """A key's settings for the audit log: never its hash, never the key."""
     parts = [f"name={key['name']}", f"admin={bool(key['admin'])}"]
     for column in ("daily_quota", "max_concurrent", "rate_per_min"):

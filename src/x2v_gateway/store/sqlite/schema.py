@@ -194,7 +194,6 @@ def m021_queue_blocks(db: Database) -> None:
     )
 
 
-
 @migrations()
 def m022_session_expiry(db: Database) -> None:
     # Each sign-in first deletes the sessions that have expired; without this it read them all.
@@ -206,6 +205,58 @@ def m023_owner_state(db: Database) -> None:
     # A key's jobs in one state, newest first (its failed jobs, its queue): without it the
     # owner's whole history was read to find a few of them.
     db.execute("CREATE INDEX idx_jobs_owner_state_seq ON jobs (owner, state, seq)")
+
+
+@migrations()
+def m026_event_streams(db: Database) -> None:
+    # The event streams (GET .../events) replay a batch's or a key's state changes after a
+    # Last-Event-ID. Each event carries its job's owner and batch (neither ever changes), so a
+    # replay reads just the events it sends, through these indexes, not every job of the batch
+    # or key joined to its timeline. Partial: most events have no batch.
+    db.execute("ALTER TABLE job_events ADD COLUMN owner TEXT")
+    db.execute("ALTER TABLE job_events ADD COLUMN batch_id TEXT")
+    db.execute(
+        "UPDATE job_events SET (owner, batch_id) ="
+        " (SELECT owner, batch_id FROM jobs WHERE jobs.id = job_events.job_id)"
+    )
+    db.execute("CREATE INDEX idx_job_events_owner ON job_events (owner, id) WHERE owner IS NOT NULL")
+    db.execute("CREATE INDEX idx_job_events_batch ON job_events (batch_id, id) WHERE batch_id IS NOT NULL")
+
+
+@migrations()
+def m028_pipelines(db: Database) -> None:
+    # A pipeline: one finished video from several steps (pipelines/). Its state and its steps
+    # live here, so that a restart picks it up where it was; each step becomes an ordinary job
+    # (`job_id`), made in the same transaction that records it, so none is ever made twice.
+    db["pipelines"].create(
+        {"seq": int, "id": str, "owner": str, "name": str, "state": str, "output": str,
+         "priority": int, "created_at": float, "updated_at": float, "finished_at": float,
+         "error": str, "result_sha": str, "result_meta": str, "files_expired": int},
+        pk="seq", not_null={"id", "state", "output", "created_at", "updated_at"},
+        defaults={"priority": 0, "files_expired": 0},
+    )
+    db["pipelines"].create_index(["id"], unique=True)
+    db.execute("CREATE INDEX idx_pipelines_owner_seq ON pipelines (owner, seq)")
+    # The start-up sweep's read: the pipelines still under way.
+    db.execute("CREATE INDEX idx_pipelines_running ON pipelines (seq) WHERE state = 'running'")
+    db["pipeline_steps"].create(
+        {"pipeline_id": str, "n": int, "scene": int, "segment": int, "kind": str, "task": str,
+         "params": str, "inputs": str, "needs": str, "seconds": float, "audio": str, "job_id": str},
+        pk=("pipeline_id", "n"), not_null={"kind", "task", "params", "inputs", "needs"},
+    )
+    db.execute("CREATE UNIQUE INDEX idx_pipeline_steps_job ON pipeline_steps (job_id) WHERE job_id IS NOT NULL")
+
+
+@migrations()
+def m030_foreign_ids(db: Database) -> None:
+    # Ids the compatible surfaces' clients chose or were given (a LightX2V client's own
+    # `task_id`, its `save_result_path` file name), each naming a gateway job, per key.
+    db.execute(
+        "CREATE TABLE foreign_ids (owner TEXT NOT NULL, surface TEXT NOT NULL,"
+        " foreign_id TEXT NOT NULL, job_id TEXT NOT NULL, created_at REAL NOT NULL,"
+        " PRIMARY KEY (owner, surface, foreign_id))"
+    )
+    db.execute("CREATE INDEX idx_foreign_ids_job ON foreign_ids (job_id)")
 
 
 @migrations()
@@ -249,3 +300,20 @@ def m025_key_webhooks(db: Database) -> None:
     for column in ("webhook_url", "webhook_events", "webhook_secret", "webhook_secret_previous"):
         db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
     db.execute("ALTER TABLE api_keys ADD COLUMN webhook_secret_previous_until FLOAT")
+
+
+@migrations()
+def m032_replicas(db: Database) -> None:
+    # Gateway replicas sharing this store (dispatch/replicas.py): each holds a lease it renews,
+    # and each job in flight names the replica that follows it, so a replica that dies has its
+    # jobs taken over by another one, and only by one.
+    db.execute(
+        "CREATE TABLE replicas (id TEXT PRIMARY KEY, started_at REAL NOT NULL,"
+        " expires_at REAL NOT NULL) WITHOUT ROWID"
+    )
+    db.execute("ALTER TABLE jobs ADD COLUMN replica TEXT")
+    # A replica's jobs in flight (and those whose cancel it owes): read on each take-over.
+    db.execute(
+        "CREATE INDEX idx_jobs_replica ON jobs (replica)"
+        " WHERE state IN ('submitted', 'running') OR cancel_pending = 1"
+    )
