@@ -512,7 +512,7 @@ def test_jobs_of_a_batch_finishing_together_make_one_batch_finished(tmp_path):
         rounds = []
 
         async def round_() -> None:
-            found = await store.read(lambda r: _read_round(r, 8, []))
+            found = await store.read(_read_round)
             await store.record_deliveries(found.deliveries, found.cursor)
             rounds.append(sorted(d["type"] for d in found.deliveries))
 
@@ -586,3 +586,29 @@ def test_a_name_that_now_resolves_to_a_private_address_is_refused_at_delivery(tm
     )
     assert attempted["next_attempt_at"] and not attempted["gave_up_at"]
     assert receiver.at("/rebound") == []
+
+
+def test_replicas_sharing_a_store_send_each_message_once(tmp_path, receiver):
+    from collections import Counter
+
+    from replica_cluster import Cluster
+
+    cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=0.1, **HOOK_SETTINGS).start()
+    try:
+        key, secret = make_key(cluster.replicas[0], "hooks-replicas")
+        ids = []
+        for n in range(12):  # half through each replica
+            with cluster.replicas[n % 2].client(key=key) as api:
+                ids.append(api.post("/api/v1/jobs", json={
+                    "task": "t2v", "prompt": f"replica {n}", "webhook_url": receiver.url("/replicas"),
+                    "webhook_events": ["queued", "succeeded"],
+                }).json()["id"])
+        got = receiver.wait("/replicas", 24)
+        time.sleep(1.5)  # anything sent twice would have come by now
+        got = receiver.at("/replicas")
+        sent = Counter(r["headers"]["webhook-id"] for r in got)
+        assert len(sent) == 24 and set(sent.values()) == {1}, sent.most_common(3)
+        messages = Counter((m["data"]["id"], m["type"]) for m in (verify(secret, r) for r in got))
+        assert set(messages) == {(i, t) for i in ids for t in ("job.queued", "job.succeeded")}
+    finally:
+        cluster.stop()

@@ -2,11 +2,12 @@
 
 Each round, in one hop to a reader thread, it reads the job events after its cursor whose job has
 a webhook (job_events is the durable record of every state change), keeps those the webhook's
-filter wants, builds each message's body (the job as `GET /api/v1/jobs/{id}` shows it), and
-finds the deliveries that are due. It then records the new deliveries and moves the cursor in one
-transaction: a delivery exists, with its stable id and body, before anything is sent, and a crash
+filter wants, and builds each message's body (the job as `GET /api/v1/jobs/{id}` shows it). It
+then records the new deliveries and moves the cursor in one transaction: a delivery exists, with its stable id and body, before anything is sent, and a crash
 at any point only redoes work (at least once, never lost). Due deliveries are attempted at most
-`X2V_WEBHOOK_CONCURRENCY` at once, each bounded in time (`X2V_WEBHOOK_TIMEOUT`, connecting
+`X2V_WEBHOOK_CONCURRENCY` at once, each taken with a lease (replicas sharing the store never
+attempt one together; one an attempt left unfinished is due again when the lease ends), each
+bounded in time (`X2V_WEBHOOK_TIMEOUT`, connecting
 included) and in what is read of the answer, so a slow receiver holds one slot and nothing else.
 A failed attempt is tried again after `X2V_WEBHOOK_FIRST_RETRY` seconds, then twice as long each
 time (with jitter, at most an hour), until `X2V_WEBHOOK_RETRY_HOURS` after the event.
@@ -50,6 +51,9 @@ MIN_ROUND_GAP = 0.2
 # process: none today, but cheap).
 IDLE_ROUND_GAP = 2.0
 USER_AGENT = "x2v-gateway-webhooks"
+# A delivery taken for an attempt is due again this long after the attempt's timeout, should the
+# attempt never be recorded (the gateway killed meanwhile).
+LEASE_MARGIN = 5.0
 
 
 class WebhookWorker:
@@ -119,20 +123,35 @@ class WebhookWorker:
 
     async def round(self) -> float:
         """Record new deliveries, start the due ones; the seconds until the next is due."""
-        free = self.settings.webhook_concurrency - len(self._inflight)
-        found = await self.store.read(lambda r: _read_round(r, free, list(self._inflight)))
+        found = await self.store.read(_read_round)
         if found.deliveries or found.cursor != self._cursor:
             await self.store.record_deliveries(found.deliveries, found.cursor)
             self._cursor = found.cursor
-        if found.deliveries or found.more:
-            self._wake.set()  # new deliveries are due now; more events wait
-        for row in found.due:
-            task = asyncio.create_task(self._attempt(row, found.secrets.get(row["key_id"] or "", [])))
-            self._inflight[row["id"]] = task
-            task.add_done_callback(lambda _, key=row["id"]: self._done(key))
+        if found.more:
+            self._wake.set()  # more events wait
+        now = time.time()
+        free = self.settings.webhook_concurrency - len(self._inflight)
+        due = found.deliveries or (found.next_at is not None and found.next_at <= now)
+        if free > 0 and due:
+            await self._start(now, free)
+            found.next_at = await self.store.read(lambda r: r.next_delivery_at())
         if found.next_at is None:
             return IDLE_ROUND_GAP
         return min(IDLE_ROUND_GAP, max(0.0, found.next_at - time.time()))
+
+    async def _start(self, now: float, free: int) -> None:
+        """Take the due deliveries (a lease: past it, one an attempt left unfinished is due
+        again) and attempt each, signed with its key's secrets."""
+        lease = now + self.settings.webhook_timeout + LEASE_MARGIN
+        rows = await self.store.claim_deliveries(now, free, lease)
+        if not rows:
+            return
+        keys = {row["key_id"] for row in rows if row["key_id"]}
+        secrets = await self.store.read(lambda r: {key: r.webhook_secrets(key) for key in keys})
+        for row in rows:
+            task = asyncio.create_task(self._attempt(row, secrets.get(row["key_id"] or "", [])))
+            self._inflight[row["id"]] = task
+            task.add_done_callback(lambda _, key=row["id"]: self._done(key))
 
     def _done(self, delivery_id: str) -> None:
         self._inflight.pop(delivery_id, None)
@@ -183,19 +202,13 @@ class _Round(msgspec.Struct):
     deliveries: list[dict[str, Any]]
     cursor: int
     more: bool
-    due: list[dict[str, Any]]
-    secrets: dict[str, list[str]]
     next_at: float | None
 
 
-def _read_round(r: Reads, free: int, inflight: list[str]) -> _Round:
-    """On a reader thread: the new events' deliveries, and the due ones with their secrets."""
+def _read_round(r: Reads) -> _Round:
+    """On a reader thread: the new events' deliveries, and when the next recorded one is due."""
     events, cursor = r.webhook_events(EVENTS_PER_ROUND)
-    deliveries = _deliveries(r, events)
-    now = time.time()
-    due = r.due_deliveries(now, free, inflight) if free > 0 else []
-    secrets = {key: r.webhook_secrets(key) for key in {d["key_id"] for d in due if d["key_id"]}}
-    return _Round(deliveries, cursor, len(events) == EVENTS_PER_ROUND, due, secrets, r.next_delivery_at())
+    return _Round(_deliveries(r, events), cursor, len(events) == EVENTS_PER_ROUND, r.next_delivery_at())
 
 
 def _deliveries(r: Reads, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
