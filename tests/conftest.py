@@ -38,7 +38,7 @@ FILE_SECONDS = {
     "test_postgres_gateway.py": 14, "test_migrate_store.py": 5,
     "test_store_plans_postgres.py": 14,
     "test_events.py": 18, "test_gallery.py": 14, "test_posters.py": 5,
-    "test_webhooks.py": 80,
+    "test_webhooks.py": 60,
     "test_replicas.py": 70, "test_replica_store.py": 2,
 }
 

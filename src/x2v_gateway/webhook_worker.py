@@ -78,19 +78,21 @@ class WebhookWorker:
             headers={"user-agent": USER_AGENT},
         )
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # a job changed: new events to record, maybe
+        self._due = asyncio.Event()  # deliveries recorded, or a slot freed: attempt what is due
         self._cursor: int | None = None  # the cursor as last written
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         changes = self.notifier.subscribe()
         self._tasks = [
-            asyncio.create_task(self._run(), name="webhooks"),
+            asyncio.create_task(self._record_loop(), name="webhooks-record"),
+            asyncio.create_task(self._send_loop(), name="webhooks-send"),
             asyncio.create_task(self._listen(changes), name="webhooks-listen"),
         ]
 
     async def stop(self) -> None:
-        # Attempts cut short stay due: the next start makes them again.
+        # Attempts cut short stay due: the next start makes them again once their lease ends.
         for task in [*self._tasks, *self._inflight.values()]:
             task.cancel()
         for task in [*self._tasks, *self._inflight.values()]:
@@ -98,64 +100,81 @@ class WebhookWorker:
                 await task
         await self.http.aclose()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     async def _listen(self, changes: asyncio.Queue[str]) -> None:
         try:
             while True:
                 await changes.get()
-                self._wake.set()
+                self._changed.set()
         finally:
             self.notifier.unsubscribe(changes)
 
-    async def _run(self) -> None:
+    async def _record_loop(self) -> None:
+        while True:
+            more = False
+            try:
+                more = await self.record()
+            except Exception:  # the store busy, a bug: the next round tries again
+                log.exception("recording webhook deliveries failed")
+            await asyncio.sleep(MIN_ROUND_GAP)
+            if not more:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), IDLE_ROUND_GAP)
+            self._changed.clear()
+
+    async def _send_loop(self) -> None:
         while True:
             delay = IDLE_ROUND_GAP
             try:
-                delay = await self.round()
-            except Exception:  # the store busy, a bug: the next round tries again
-                log.exception("webhook round failed")
-            await asyncio.sleep(MIN_ROUND_GAP)
+                delay = await self.send()
+            except Exception:
+                log.exception("starting webhook deliveries failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, delay - MIN_ROUND_GAP))
-            self._wake.clear()
+                await asyncio.wait_for(self._due.wait(), delay)
+            self._due.clear()
 
-    async def round(self) -> float:
-        """Record new deliveries, start the due ones; the seconds until the next is due."""
+    async def round(self) -> None:
+        """Record what new job events make, then start what is due (the two loops' work, once)."""
+        await self.record()
+        await self.send()
+
+    async def record(self) -> bool:
+        """Turn new job events into deliveries; True when more events wait."""
         found = await self.store.read(_read_round)
         if found.deliveries or found.cursor != self._cursor:
             await self.store.record_deliveries(found.deliveries, found.cursor)
             self._cursor = found.cursor
-        if found.more:
-            self._wake.set()  # more events wait
-        now = time.time()
-        free = self.settings.webhook_concurrency - len(self._inflight)
-        due = found.deliveries or (found.next_at is not None and found.next_at <= now)
-        if free > 0 and due:
-            await self._start(now, free)
-            found.next_at = await self.store.read(lambda r: r.next_delivery_at())
-        if found.next_at is None:
-            return IDLE_ROUND_GAP
-        return min(IDLE_ROUND_GAP, max(0.0, found.next_at - time.time()))
+        if found.deliveries:
+            self._due.set()
+        return found.more
 
-    async def _start(self, now: float, free: int) -> None:
+    async def send(self) -> float:
+        """Start due deliveries in the free slots; the seconds until the next one is due."""
+        free = self.settings.webhook_concurrency - len(self._inflight)
+        if free > 0 and await self._start(time.time(), free) == free:
+            return 0.0  # every slot taken: maybe more are due
+        next_at = await self.store.read(lambda r: r.next_delivery_at())
+        if next_at is None:
+            return IDLE_ROUND_GAP
+        return min(IDLE_ROUND_GAP, max(0.0, next_at - time.time()))
+
+    async def _start(self, now: float, free: int) -> int:
         """Take the due deliveries (a lease: past it, one an attempt left unfinished is due
-        again) and attempt each, signed with its key's secrets."""
+        again) and attempt each, signed with its key's secrets; how many were taken."""
         lease = now + self.settings.webhook_timeout + LEASE_MARGIN
         rows = await self.store.claim_deliveries(now, free, lease)
         if not rows:
-            return
+            return 0
         keys = {row["key_id"] for row in rows if row["key_id"]}
         secrets = await self.store.read(lambda r: {key: r.webhook_secrets(key) for key in keys})
         for row in rows:
             task = asyncio.create_task(self._attempt(row, secrets.get(row["key_id"] or "", [])))
             self._inflight[row["id"]] = task
             task.add_done_callback(lambda _, key=row["id"]: self._done(key))
+        return len(rows)
 
     def _done(self, delivery_id: str) -> None:
         self._inflight.pop(delivery_id, None)
-        self._wake.set()
+        self._due.set()  # a slot is free
 
     async def _attempt(self, row: dict[str, Any], secrets: list[str]) -> None:
         """One attempt at one delivery, and its outcome recorded."""
