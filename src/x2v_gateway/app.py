@@ -131,7 +131,7 @@ class Gateway:
         self.pipelines = PipelineService(settings, self.store, self.blobs, self.jobs, self.notifier, self.auth)
         self.posters = Posters(self.store, self.blobs)
         self.streams = StreamSlots(settings.event_streams)
-        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier)
+        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier, self.metrics)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each

@@ -400,6 +400,13 @@ class JobStore(ABC):
         Returns how many were new."""
 
     @abstractmethod
+    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
+        """Take up to `limit` pending deliveries due by `now` (whole rows, the most overdue
+        first) for an attempt, atomically: each is due again only at `until`, so that replicas
+        sharing the store never attempt one at the same time, and one a crash cut short is
+        attempted again once `until` has passed."""
+
+    @abstractmethod
     async def delivery_attempted(
         self, delivery_id: str, *, at: float, status: int | None, error: str | None,
         next_attempt_at: float | None,

@@ -262,10 +262,6 @@ class Reads(Protocol):
         """The different webhooks among the batch's jobs that want `batch.finished`."""
         ...
 
-    def due_deliveries(self, now: float, limit: int, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
-        """Pending deliveries due by `now`, the most overdue first, except those in `skip`."""
-        ...
-
     def next_delivery_at(self) -> float | None:
         """When the next pending delivery is due (None: nothing pending)."""
         ...
