@@ -1,6 +1,6 @@
-"""The store's side of several replicas: two stores on one real SQLite file, as two gateway
-processes have (each its own connections and writer thread). A PostgreSQL store must pass these
-too: they are the contract dispatch/replicas.py relies on."""
+"""The store's side of several replicas: two stores on one real SQLite file, and on one real
+PostgreSQL database, as two gateway processes have (each its own connections and threads): the
+contract dispatch/replicas.py relies on, whichever the backend."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from x2v_gateway.store import JobStore
 
 
 @pytest.fixture
-def stores(tmp_path):
-    a, b = JobStore(tmp_path / "gateway.db"), JobStore(tmp_path / "gateway.db")
+def stores(store_location):
+    # Once on one SQLite file, once on one PostgreSQL database (conftest.py, store_location).
+    a, b = JobStore(store_location), JobStore(store_location)
     yield a, b
     a.close()
     b.close()

@@ -1,5 +1,6 @@
 """Several gateway replicas sharing one SQLite file: any of them takes any request, no node gets
 more than its slots, a replica SIGKILLed has its jobs taken over, and none reaches a node twice.
+tests/test_replicas_postgres.py runs these same tests on one PostgreSQL database.
 
 The long chaos round (500 jobs, 10 kills) is `bench/replicas.py --chaos`.
 """
@@ -10,12 +11,19 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from replica_cluster import Cluster, run_chaos
 
 
-def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others_changes(tmp_path):
-    cluster = Cluster(tmp_path, job_seconds=0.5).start()
+@pytest.fixture
+def database_url() -> str:
+    """The replicas' store: here their shared SQLite file (test_replicas_postgres.py: PostgreSQL)."""
+    return ""
+
+
+def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others_changes(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=0.5, database_url=database_url).start()
     try:
         ids = cluster.submit(40)
         # A client waiting on one replica hears of a change made through another within a second.
@@ -55,8 +63,8 @@ def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others
         cluster.stop()
 
 
-def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_path):
-    cluster = Cluster(tmp_path, job_seconds=4.0).start()
+def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=4.0, database_url=database_url).start()
     try:
         ids = cluster.submit(14)
         # Wait until the busiest replica follows jobs that run, and some that only just went out.
@@ -91,8 +99,8 @@ def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_pa
         cluster.stop()
 
 
-def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(tmp_path):
-    cluster = Cluster(tmp_path, job_seconds=1.0).start()
+def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=1.0, database_url=database_url).start()
     try:
         outcome = run_chaos(cluster, jobs=60, kills=3, seed=15, spread=12.0, gap=(1.0, 3.0), timeout=180)
         ids = outcome["ids"]

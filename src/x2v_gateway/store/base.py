@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
+from .buckets import TokenBuckets
 from .reads import Reads
 from .pipeline_records import Pipeline
 from .records import BatchJobSpec, Job, JobWebhook
@@ -379,6 +380,16 @@ class JobStore(ABC):
 
     @abstractmethod
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
+
+    async def take_request(self, key_id: str, per_minute: float) -> float:
+        """One request against a key's rate limit: 0 when it may go now, else the seconds until
+        one may (a token bucket: `per_minute` a minute, in bursts of up to a minute's worth).
+
+        Kept in this process's memory here, which is right for a store only this process uses
+        (SQLite); a store that replicas share overrides it, so a key's limit holds across them.
+        """
+        buckets = self.__dict__.setdefault("_token_buckets", TokenBuckets())
+        return buckets.take(key_id, per_minute)
 
     # -- foreign ids (the compatible surfaces, routes/compat) -----------------------------------
 

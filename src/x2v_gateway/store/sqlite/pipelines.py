@@ -52,7 +52,7 @@ class PipelineReads(Rows):
             steps = self.conn.execute(
                 "SELECT * FROM pipeline_steps WHERE pipeline_id = ? ORDER BY n", (data["id"],)
             ).fetchall()
-            pipelines.append(Pipeline(**data, steps=[_row_to_step(s) for s in steps]))
+            pipelines.append(Pipeline(**data, steps=[row_to_step(s) for s in steps]))
         return pipelines
 
 
@@ -144,7 +144,7 @@ class PipelineWrites(SqliteThreads):
         ) == 1
 
 
-def _row_to_step(row: sqlite3.Row) -> PipelineStep:
+def row_to_step(row: sqlite3.Row) -> PipelineStep:
     data = dict(row)
     data.pop("pipeline_id")
     for column in _JSON_STEP:
