@@ -216,3 +216,14 @@ def until(check, timeout: float = 30.0, what: str = "condition"):
         assert time.monotonic() < deadline, f"{what} not met in {timeout} s"
         time.sleep(0.05)
     return value
+
+
+def headerless_gateway(data_dir: Path, key_name: str, **settings: str) -> GatewayProcess:
+    """A started gateway whose compatible routes take header-less requests as the key
+    `key_name` (X2V_HEADERLESS_KEY), made here; `.headerless_key` holds it."""
+    gateway = GatewayProcess(data_dir, X2V_HEADERLESS_KEY=key_name, **settings).start()
+    with gateway.client() as admin:
+        made = admin.post("/api/v1/keys", json={"name": key_name})
+        assert made.status_code == 201, made.text
+        gateway.headerless_key = remember_secret(made.json()["key"])
+    return gateway

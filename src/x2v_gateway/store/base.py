@@ -102,7 +102,8 @@ class JobStore(ABC):
     audit_log = _off_loop(Reads.audit_log)
     pipeline = _off_loop(Reads.pipeline)
     pipelines = _off_loop(Reads.pipelines)
-    running_pipelines = _off_loop(Reads.running_pipelines)
+    open_pipelines = _off_loop(Reads.open_pipelines)
+    pipeline_for_key = _off_loop(Reads.pipeline_for_key)
     foreign_job = _off_loop(Reads.foreign_job)
     foreign_ids = _off_loop(Reads.foreign_ids)
     job_deliveries = _off_loop(Reads.job_deliveries)
@@ -259,8 +260,11 @@ class JobStore(ABC):
     # -- pipelines (pipelines/) -----------------------------------------------------------------
 
     @abstractmethod
-    async def create_pipeline(self, pipeline: Pipeline) -> None:
-        """Record a new pipeline (`running`) with its steps, none of them a job yet."""
+    async def create_pipeline(self, pipeline: Pipeline) -> str:
+        """Record a new pipeline (`running`) with its steps, none of them a job yet; its id.
+
+        With an `idempotency_key` already used: that pipeline's id, nothing recorded (or
+        IdempotencyConflict when it came with another request)."""
 
     @abstractmethod
     async def create_step_job(
@@ -405,6 +409,13 @@ class JobStore(ABC):
         one transaction. A delivery already recorded for its (event_id, type, url) is left as it
         was, with its id: a crash between reading events and recording them only redoes it.
         Returns how many were new."""
+
+    @abstractmethod
+    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
+        """Take up to `limit` pending deliveries due by `now` (whole rows, the most overdue
+        first) for an attempt, atomically: each is due again only at `until`, so that replicas
+        sharing the store never attempt one at the same time, and one a crash cut short is
+        attempted again once `until` has passed."""
 
     @abstractmethod
     async def delivery_attempted(
