@@ -326,6 +326,21 @@ CREATE UNIQUE INDEX idx_pipeline_steps_job ON pipeline_steps (job_id) WHERE job_
 
 
 @migration
+def m027_batches_by_owner(conn: psycopg.Connection) -> None:
+    _run(conn, "CREATE INDEX idx_batches_owner_created ON batches (owner, created_at, id)")
+
+
+@migration
+def m029_open_pipelines(conn: psycopg.Connection) -> None:
+    # As SQLite's m029: the start-up sweep reads failed pipelines too; Idempotency-Key on pipelines.
+    _run(conn, """
+DROP INDEX idx_pipelines_running;
+CREATE INDEX idx_pipelines_open ON pipelines (seq) WHERE state IN ('running', 'failed');
+ALTER TABLE pipelines ADD COLUMN idempotency_key text, ADD COLUMN request_hash text;
+CREATE UNIQUE INDEX idx_pipelines_idempotency ON pipelines (idempotency_key) WHERE idempotency_key IS NOT NULL""")
+
+
+@migration
 def m030_foreign_ids(conn: psycopg.Connection) -> None:
     _run(conn, """
 CREATE TABLE foreign_ids (
