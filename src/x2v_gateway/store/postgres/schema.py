@@ -33,13 +33,14 @@ def migration(fn: Migration) -> Migration:
 
 def apply_migrations(conn: psycopg.Connection) -> list[str]:
     """Apply the migrations not applied yet (`conn` in autocommit mode): their names."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS x2v_migrations"
-        " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-    )
     applied: list[str] = []
+    # The lock first: two CREATE TABLE IF NOT EXISTS at once can still both try to create it.
     conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS x2v_migrations"
+            " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
         done = {name for (name,) in conn.execute("SELECT name FROM x2v_migrations").fetchall()}
         for name, fn in MIGRATIONS:
             if name in done:
