@@ -30,8 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import median, percentile  # first: it puts tests/ on the path
 import gateway_proc
-from common import median, percentile
 from pool import node_tasks, pool_figures
 from replica_cluster import Cluster, run_chaos
 
