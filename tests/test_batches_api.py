@@ -81,6 +81,7 @@ def test_a_batch_from_one_request_runs_and_downloads_as_a_zip(alice, media):
     ([{"task": "t2v", "prompt": "ok", "batch_id": "mine"}], 422, "jobs[0].batch_id"),
     ([{"task": "t2v", "prompt": "ok"}, 7], 422, "jobs[1]"),
     ([{"task": "t2v", "prompt": "ok", "infer_steps": 900}], 422, "jobs[0].infer_steps"),
+    ([{"task": "t2v", "prompt": "ok", "webhook_url": "https://hooks.example.com/x"}], 422, "jobs[0].webhook_url"),
     ([], 422, "jobs"),
     ([{"task": "t2v", "prompt": "x"}] * 2001, 422, "jobs"),
 ])
@@ -90,6 +91,13 @@ def test_a_bad_job_refuses_the_whole_batch_naming_its_index_and_field(alice, job
     assert response.status_code == status, response.text
     assert response.json()["error"]["field"] == field
     assert job_count(alice) == before  # nothing of it was made
+
+
+def test_the_batch_webhook_is_checked_as_a_jobs_is(alice):
+    response = alice.post("/api/v1/batches", json={
+        "webhook_url": "http://127.0.0.1:9/hook", "jobs": [{"task": "t2v", "prompt": "ok"}],
+    })
+    assert response.status_code == 422 and response.json()["error"]["field"] == "webhook_url", response.text
 
 
 def test_an_input_that_is_not_what_it_claims_refuses_the_batch_after_fetching(alice, media):
