@@ -53,7 +53,7 @@ MAX_BATCH_JOBS = 2000
 MAX_BATCH_FILES = 2 * MAX_BATCH_JOBS
 # The form's parameters besides prompt and seed (the "usual" ones); a manifest may set any
 # generation parameter.
-FORM_PARAMS = ("infer_steps", "target_shape", "video_duration", "target_fps", "resize_mode")
+FORM_PARAMS = ("infer_steps", "target_shape", "video_duration", "target_fps", "resize_mode", "aspect_ratio")
 LABELS = {
     "prompt": "Prompt", "negative_prompt": "Negative prompt", "seed": "Seed",
     "infer_steps": "Steps", "target_shape": "Size (height,width)",
@@ -61,6 +61,7 @@ LABELS = {
     "resize_mode": "Resize mode", "priority": "Priority", "target_video_length": "Frames",
     "num_fragments": "Fragments", "sr_ratio": "Super-resolution ratio",
     "use_prompt_enhancer": "Prompt enhancer", "lora_name": "LoRA", "lora_strength": "LoRA strength",
+    "aspect_ratio": "Image shape (width:height)", "i2i_denoise_strength": "Denoise strength (i2i)",
 }
 RESIZE_MODES = ("adaptive", "keep_ratio_fixed_area", "fixed_min_area", "fixed_max_area",
                 "fixed_shape", "fixed_min_side")
