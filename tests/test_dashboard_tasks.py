@@ -47,7 +47,7 @@ def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, ta
     tab.locator("#mode-pair").check()
     tab.get_by_role("button", name="Preview the jobs").click()
     expect(tab.locator("#preview tbody tr.ok")).to_have_count(2)
-    expect(tab.locator("#preview-title")).to_have_text("Preview: 2 jobs")
+    expect(tab.locator("#preview-title")).to_have_text("Preview: 2 jobs: one per first and last frame")
     rows = tab.locator("#preview tbody tr")
     expect(rows.nth(0).locator("td[data-label='First frame']")).to_have_text("shot1_first.png")
     expect(rows.nth(0).locator("td[data-label='Last frame']")).to_have_text("shot1_last.png")

@@ -196,7 +196,7 @@ def plan_batch(
     for job in jobs:
         if why := prompt_missing(task, job.params.get("prompt")):
             job.errors.append(f"Prompt: required, {why}")
-    return BatchPlan(task=task, mode=mode, jobs=jobs, errors=errors, summary=_plan_summary(mode, uploads, jobs))
+    return BatchPlan(task=task, mode=mode, jobs=jobs, errors=errors, summary=_plan_summary(task, mode, uploads, jobs))
 
 class TooMany(Exception):
     """A count in the form is over what a batch holds; said before anything that big is built."""
@@ -493,10 +493,12 @@ def _source(inputs: dict[str, Upload]) -> str:
     return " + ".join(u.name for u in inputs.values()) or "prompt only"
 
 
-def _plan_summary(mode: str, uploads: list[Upload], jobs: list[PlannedJob]) -> str:
+def _plan_summary(task: str, mode: str, uploads: list[Upload], jobs: list[PlannedJob]) -> str:
     """The preview's title: `6 jobs: 2 images × 3 audio files`."""
     n = len(jobs)
     jobs_text = f"{n} job" + ("" if n == 1 else "s")
+    if task == "flf2v" and mode in ("each", "pair"):
+        return f"{jobs_text}: one per first and last frame"
     if mode == "each":
         images = sum(1 for u in uploads if u.role == "image")
         audios = sum(1 for u in uploads if u.role == "audio")
