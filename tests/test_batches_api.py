@@ -166,3 +166,4 @@ def test_the_client_downloads_a_batch_of_images_and_videos_under_their_own_exten
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         f"0001_{first}.png", f"0002_{second}.mp4", "manifest.csv",
     ]
+
