@@ -55,12 +55,12 @@ class Cluster:
 
     def __init__(
         self, root: Path, *, replicas: int = 3, nodes: int = 4, job_seconds: float = 0.5,
-        **settings: str,
+        node_class: type[NodeProcess] = NodeProcess, **settings: str,
     ) -> None:
         self.root = root
         # max_queue_size well above the slots: a node given too much accepts it, and says so.
         self.nodes = [
-            NodeProcess(root / f"node{i}", job_seconds=job_seconds, max_queue_size=10, tasks="t2v")
+            node_class(root / f"node{i}", job_seconds=job_seconds, max_queue_size=10, tasks="t2v")
             for i in range(nodes)
         ]
         spec = ",".join(f"n{i}={n.url}" for i, n in enumerate(self.nodes))
