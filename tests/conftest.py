@@ -9,6 +9,7 @@ import pytest
 
 from gateway_proc import GatewayProcess
 from media import make_png, make_wav
+from pg_cluster import PostgresCluster
 
 
 def pytest_configure(config) -> None:
@@ -34,6 +35,10 @@ FILE_SECONDS = {
     "test_cloud_gateway.py": 52, "test_auth.py": 43, "test_dashboard.py": 43, "test_api.py": 41,
     "test_demo_node.py": 20, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
     "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
+    "test_postgres_gateway.py": 14, "test_migrate_store.py": 5,
+    "test_store_plans_postgres.py": 14,
+    "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
+    "test_webhooks.py": 50,
     "test_replicas.py": 135, "test_replica_store.py": 2,
 }
 
@@ -57,6 +62,24 @@ def cleanup():
     yield things.append
     for thing in reversed(things):
         thing.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A PostgreSQL server for this test process (each pytest-xdist worker starts its own),
+    started the first time a test asks for it."""
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path):
+    """Where a store lives, once for each backend: a SQLite file, or a fresh PostgreSQL
+    database with the gateway's schema (`JobStore(location)` opens either)."""
+    if request.param == "sqlite":
+        return tmp_path / "gateway.db"
+    return request.getfixturevalue("pg_cluster").new_database()
 
 
 @pytest.fixture(scope="session")

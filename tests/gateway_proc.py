@@ -170,8 +170,9 @@ class _TeeStream(httpx.SyncByteStream):
 
 
 class CapturingTransport(httpx.HTTPTransport):
-    """Keeps every JSON, HTML and text body a test reads, except `POST /api/v1/keys`: the one
-    answer that holds a key by design (it is shown once, when made)."""
+    """Keeps every JSON, HTML and text body a test reads, except `POST /api/v1/keys` and
+    `POST .../webhook-secret`: the answers that hold a key or a webhook secret by design (each is
+    shown once, when made)."""
 
     def __init__(self, sink: Path) -> None:
         super().__init__()
@@ -181,6 +182,8 @@ class CapturingTransport(httpx.HTTPTransport):
         response = super().handle_request(request)
         if request.method == "POST" and request.url.path.rstrip("/") == "/api/v1/keys":
             return response
+        if request.method == "POST" and request.url.path.endswith("/webhook-secret"):
+            return response  # a new webhook signing secret, shown once by design too
         if response.headers.get("content-type", "").startswith(("application/json", "text/")):
             title = f"{request.method} {request.url.path} -> {response.status_code}"
             response.stream = _TeeStream(response.stream, self._sink, title)

@@ -152,7 +152,7 @@ class Caller:
     daily_quota: int | None = None
     max_concurrent: int | None = None
     rate_per_min: float | None = None
-    via: str = "key"  # "key" | "session"
+    via: str = "key"  # "key" | "session" | "headerless" (X2V_HEADERLESS_KEY)
     csrf: str | None = None  # the session's CSRF token
 
     @classmethod
@@ -359,12 +359,13 @@ class Auth:
     async def _insert_key(
         self, key_hash: str, *, name: str, prefix: str, admin: bool, source: str, actor: str,
         daily_quota: int | None = None, max_concurrent: int | None = None,
-        rate_per_min: float | None = None,
+        rate_per_min: float | None = None, webhook: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         row = await self.store.create_key({
             "id": "k" + secrets.token_hex(4), "name": name, "key_hash": key_hash,
             "prefix": prefix, "admin": admin, "daily_quota": daily_quota,
             "max_concurrent": max_concurrent, "rate_per_min": rate_per_min, "source": source,
+            **(webhook or {}),
         }, actor)
         self.note(actor, "key.create", row["id"], f"name={name} admin={admin}")
         return row
@@ -372,13 +373,15 @@ class Auth:
     async def create_key(
         self, *, name: str, actor: str, source: str, admin: bool = False,
         daily_quota: int | None = None, max_concurrent: int | None = None,
-        rate_per_min: float | None = None,
+        rate_per_min: float | None = None, webhook: dict[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """A new key: (the key, to show once; its row). Raises store.KeyNameTaken."""
+        """A new key: (the key, to show once; its row). Raises store.KeyNameTaken. `webhook`:
+        its webhook columns (webhooks.new_key_webhook: the secret, a default webhook)."""
         key = new_key()
         row = await self._insert_key(
             hash_secret(key), name=name, prefix=key[:12], admin=admin, source=source, actor=actor,
             daily_quota=daily_quota, max_concurrent=max_concurrent, rate_per_min=rate_per_min,
+            webhook=webhook,
         )
         return key, row
 
@@ -412,6 +415,21 @@ class Auth:
             return None
         who = Caller.from_row(row)
         self.callers.put(key_hash, who)
+        return who
+
+    async def headerless(self) -> Caller | None:
+        """The caller a request without credentials on a compatible surface acts as: the key
+        `X2V_HEADERLESS_KEY` names (id or name), if it is active. Looked up like a key (cached
+        for a few seconds; a revoke in this process ends it at once)."""
+        name = self.settings.headerless_key
+        cache_key = "headerless:" + name
+        if (who := self.callers.get(cache_key)) is not None:
+            return who
+        row = await self.find_key(name)
+        if row is None or row["revoked_at"] is not None:
+            return None
+        who = Caller.from_row(row, via="headerless")
+        self.callers.put(cache_key, who)
         return who
 
     # -- dashboard sessions ---------------------------------------------------------------------

@@ -10,9 +10,7 @@ files' hashes, all in one transaction. Nothing here knows about HTTP, and nothin
 from __future__ import annotations
 
 import base64
-import csv
 import functools
-import io
 import itertools
 import json
 import re
@@ -24,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from . import manifest
 from .blobs import BlobStore
 from .schemas import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params
 from .store import BatchJobSpec, JobStore
@@ -349,83 +348,19 @@ def _seeds(text: str) -> list[int | None]:
 
 def _manifest_jobs(task: str, text: str, uploads: list[Upload], errors: list[str]) -> list[_Row]:
     """One job per manifest row, its image and audio cells looked up among the uploaded files."""
-    # Names are matched as typed first, then ignoring case: spreadsheets like to change case.
+    try:
+        rows, problems = manifest.read_rows(text, MANIFEST_COLUMNS, MAX_BATCH_JOBS)
+    except manifest.TooManyRows as exc:
+        raise TooMany("Manifest", str(exc)) from None
+    errors += [f"The manifest {problem}" for problem in problems]
     by_name = {u.name: u for u in uploads}
-    by_lower = {u.name.lower(): u for u in uploads}
-    needed = TASK_INPUTS[task]
-    rows: list[_Row] = []
-    for where, values, problems in _manifest_rows(text, errors):
-        inputs: dict[str, Upload] = {}
-        for role in ("image", "audio"):
-            name = str(values.pop(role, "") or "").strip()
-            if not name:
-                if role in needed:
-                    problems.append(f"no {role}: {task} jobs need " + " and ".join(needed))
-                continue
-            if role not in needed:
-                problems.append(f"{task} jobs take no {role}: empty the {role} cell, or choose another task type")
-                continue
-            upload = by_name.get(name) or by_lower.get(name.lower())
-            if upload is None:
-                problems.append(f"{name} is not among the uploaded files: add it, or fix the name")
-                continue
-            inputs[role] = upload
-        overrides = {k: v for k, v in values.items() if k in MANIFEST_COLUMNS}
-        rows.append((where, inputs, overrides, problems))
-    return rows
-
-
-def _manifest_rows(text: str, errors: list[str]) -> list[tuple[str, dict[str, Any], list[str]]]:
-    """(where, values, problems) per row of a CSV (with a header) or JSONL manifest."""
-    if not text.strip():
-        errors.append("The manifest is empty: paste CSV or JSONL rows, or load a manifest file")
-        return []
-    rows: list[tuple[str, dict[str, Any], list[str]]] = []
-    if text.lstrip().startswith("{"):
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            _check_room(rows)
-            where = f"line {number}"
-            try:
-                values = json.loads(line)
-            except ValueError as exc:
-                rows.append((where, {}, [f"not valid JSON ({exc.args[0].split(':')[0]}): fix this line"]))
-                continue
-            if not isinstance(values, dict):
-                rows.append((where, {}, ["each line must be a JSON object like {\"image\": \"face.png\"}"]))
-                continue
-            unknown = sorted(set(values) - set(MANIFEST_COLUMNS))
-            problems = [f"unknown key {k!r}; keys can be: " + ", ".join(MANIFEST_COLUMNS) for k in unknown]
-            rows.append((where, values, problems))
-        return rows
-    reader = csv.DictReader(io.StringIO(text.strip() + "\n"), skipinitialspace=True)
-    header = [(h or "").strip().lower() for h in reader.fieldnames or []]
-    unknown = [h for h in header if h not in MANIFEST_COLUMNS]
-    if unknown:
-        errors.append(
-            "The manifest's first line names columns; these are not ones it can have: "
-            + ", ".join(repr(h) for h in unknown) + ". Columns can be: " + ", ".join(MANIFEST_COLUMNS)
-        )
-        return []
-    reader.fieldnames = header
-    for row in reader:
-        _check_room(rows)
-        where = f"line {reader.line_num}"
-        problems = []
-        if None in row:  # more cells than the header has
-            problems.append(f"{len(header) + len(row[None])} cells but the header names {len(header)}: check the commas")
-            del row[None]
-        rows.append((where, {k: (v or "").strip() for k, v in row.items()}, problems))
-    if not rows:
-        errors.append("The manifest has a header but no rows")
-    return rows
-
-
-def _check_room(rows: list[Any]) -> None:
-    """Refuse a manifest at its first row past the cap, before reading the rest of it."""
-    if len(rows) >= MAX_BATCH_JOBS:
-        raise TooMany("Manifest", f"more than {MAX_BATCH_JOBS} rows, a job each")
+    missing = "{name} is not among the uploaded files: add it, or fix the name"
+    jobs: list[_Row] = []
+    for row in rows:
+        inputs = manifest.take_files(row, task, TASK_INPUTS[task], by_name, missing)
+        overrides = {k: v for k, v in row.values.items() if k in MANIFEST_COLUMNS}
+        jobs.append((row.where, inputs, overrides, row.problems))
+    return jobs
 
 
 def _checked_job(number: int, row: _Row, base: dict[str, str]) -> PlannedJob:

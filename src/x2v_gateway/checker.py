@@ -46,6 +46,8 @@ def _serve(conn: Connection) -> None:  # the helper process
         except (EOFError, OSError):
             return  # the gateway is gone
         try:
+            if "poster" in options:
+                options["poster"] = Path(options["poster"])
             reply: tuple[str, Any] = ("ok", checks[name](Path(path), **options))
         except FileNotFoundError as exc:
             reply = ("missing", str(exc))
@@ -158,9 +160,10 @@ class MediaChecker:
         options = {"max_pixels": int(self.max_megapixels * 1_000_000)} if role in ("image", "last_frame") else {}
         return await self._check(role, path, options, owner)
 
-    async def probe_video(self, path: Path, owner: str | None = None) -> VideoInfo:
-        """What a video holds; ValueError when it is not a playable video (see media.probe_video)."""
-        return await self._check("video", path, {}, owner)
+    async def probe_video(self, path: Path, owner: str | None = None, *, poster: Path | None = None) -> VideoInfo:
+        """What a video holds; ValueError when it is not a playable video (see media.probe_video).
+        With `poster`, its first frame is written there as a JPEG, if it can be."""
+        return await self._check("video", path, {"poster": str(poster)} if poster else {}, owner)
 
     @property
     def pid(self) -> int | None:

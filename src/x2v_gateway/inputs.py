@@ -72,12 +72,15 @@ def check_free_space(blobs: BlobStore, min_free_bytes: int, incoming: int = 0) -
 async def read_multipart(
     content_type: str, body: AsyncIterator[bytes], blobs: BlobStore, *, max_bytes: int,
     max_file_bytes: int | None = None, min_free_bytes: int = 0, forward: UploadForward | None = None,
+    roles: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], list[IncomingFile]]:
     """Parse a multipart body as it streams in: text fields into a dict, files onto disk.
 
     Over `max_bytes` in all, over `max_file_bytes` in one file: 413, and nothing is kept.
-    With `forward`, the files are also copied on to a node as they arrive.
+    With `forward`, the files are also copied on to a node as they arrive. `roles` names the
+    file parts a client of another API sends (`image_file` -> `image`); default: the roles.
     """
+    roles = roles or {role: role for role in INPUT_ROLES}
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
@@ -108,14 +111,14 @@ async def read_multipart(
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         part["name"] = name
         if b"filename" in disposition:
-            if name not in INPUT_ROLES:
+            if name not in roles:
                 # 422, as an unknown text field gets: both are a field this API does not know.
                 raise ApiError(422, f"{name} is not a file field this API knows; files go in "
-                               + ", ".join(INPUT_ROLES), name)
-            if any(f.role == name for f in files):
+                               + ", ".join(roles), name)
+            if any(f.role == roles[name] for f in files):
                 raise ApiError(400, f"{name} was sent twice", name)
             part["writer"] = blobs.writer(limit=max_file_bytes)
-            files.append(IncomingFile(name, part["writer"]))
+            files.append(IncomingFile(roles[name], part["writer"]))
             if forward is not None:
                 forward.file_begins(name, fields)
 
@@ -253,6 +256,8 @@ def _form_value(name: str, value: str) -> Any:
         if value.startswith("["):
             return json.loads(value)
         return [int(v) for v in re.split(r"[,x× ]+", value) if v]
+    if name == "webhook_events":
+        return [v.strip() for v in value.split(",") if v.strip()]
     return value
 
 

@@ -171,12 +171,22 @@ def inspect_audio(path: Path) -> str:
     return _AUDIO_EXT.get(name, name.split(",")[0])
 
 
-def probe_video(path: Path) -> VideoInfo:
+# A poster frame is at most this many pixels on its longer side: enough for a gallery tile or a
+# table thumbnail on a high-density screen, and a JPEG of some 20-60 KB.
+POSTER_MAX_SIDE = 640
+POSTER_QUALITY = 80
+
+
+def probe_video(path: Path, poster: Path | None = None) -> VideoInfo:
     """What a video file holds; ValueError if it is not a playable video.
 
     Playable means: a container FFmpeg can open, a video stream, a duration above zero and a
     first frame that decodes (a truncated upload can have valid headers and no pictures).
     A missing file raises FileNotFoundError, not ValueError.
+
+    With `poster`, that first frame is also written there as a JPEG (at most POSTER_MAX_SIDE
+    pixels a side), from the same decode: the result's check and its poster cost one read. A
+    frame that cannot be saved leaves no file, and the video is no less playable.
     """
     import av
 
@@ -199,12 +209,24 @@ def probe_video(path: Path) -> VideoInfo:
             raise ValueError(f"video does not decode: {exc}") from exc
         if frame is None:
             raise ValueError("video stream has no frames")
+        if poster is not None:
+            save_poster(frame, poster)
         return VideoInfo(
             duration=duration,
             width=frame.width,
             height=frame.height,
             has_audio=bool(container.streams.audio),
         )
+
+
+def save_poster(frame: av.VideoFrame, dest: Path) -> None:
+    """`frame` as a JPEG at `dest`, scaled down to POSTER_MAX_SIDE; nothing when it cannot be."""
+    try:
+        image = frame.to_image()
+        image.thumbnail((POSTER_MAX_SIDE, POSTER_MAX_SIDE))
+        image.save(dest, "JPEG", quality=POSTER_QUALITY, optimize=True)
+    except Exception:  # an odd pixel format, a full disk: the video has no poster, nothing worse
+        dest.unlink(missing_ok=True)
 
 
 def duration_seconds(

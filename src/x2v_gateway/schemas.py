@@ -14,6 +14,8 @@ from msgspec import inspect as mi
 from .store import Job, Memo
 
 TaskType = Literal["s2v", "i2v", "t2v", "flf2v"]
+# What a webhook may be sent for (webhooks.py).
+WebhookEvent = Literal["queued", "started", "succeeded", "failed", "cancelled", "batch.finished"]
 
 # Which inputs each task type needs; any other input is a mistake worth telling the user about.
 TASK_INPUTS: dict[str, tuple[str, ...]] = {
@@ -78,6 +80,10 @@ class JobRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
     upstream: Annotated[str, Meta(max_length=100)] | None = None
     # A hosted-cloud model (`GET /api/v1/models`); kept in the job's params as `model_cls`.
     model: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    # Where the job's events are POSTed, signed (webhooks.py); none: the key's default, if any.
+    webhook_url: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
+    # Which events (in a form: comma-separated); none: succeeded, failed, cancelled, batch.finished.
+    webhook_events: Annotated[list[WebhookEvent], Meta(max_length=12)] | None = None
 
 
 PARAM_FIELDS = tuple(GenerationParams.__struct_fields__)
@@ -221,6 +227,7 @@ class ResultRef(msgspec.Struct):
     duration: float | None = None
     width: int | None = None
     height: int | None = None
+    poster_url: str | None = None  # a JPEG of its first frame
 
 
 class QueueInfo(msgspec.Struct, omit_defaults=True):
@@ -258,6 +265,8 @@ class JobView(msgspec.Struct, kw_only=True):
     queue: QueueInfo | None
     files_expired: bool
     events: list[Event] | None = None
+    # Webhook deliveries of the job not yet made nor given up (`GET /api/v1/jobs/{id}` only).
+    webhooks_pending: int | None = None
 
 
 class JobList(msgspec.Struct):
@@ -296,6 +305,7 @@ def job_view(
         result = ResultRef(
             url=f"/api/v1/jobs/{job.id}/video", sha256=job.result_sha, size=meta.get("size"),
             duration=meta.get("duration"), width=meta.get("width"), height=meta.get("height"),
+            poster_url=f"/api/v1/jobs/{job.id}/poster",
         )
     queue = None
     if queue_position is not None:

@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 
 from ..checker import CHECKER
+from ..posters import keep_poster, poster_tmp
 from ..store import Job
 from ..upstream.base import Unavailable, UnknownTask, UpstreamError
 from .state import Context, UpstreamState
@@ -38,14 +39,18 @@ class Collector:
         ctx = self.ctx
         upstream = state.upstream
         dest = ctx.blobs.tmp_dir / f"result-{job.id}-{uuid.uuid4().hex[:8]}"
+        poster = poster_tmp(ctx.blobs, job.id)
         try:
             await ctx.call(
                 state, "result", lambda: upstream.fetch_result(job.upstream_task_id, dest)
             )
-            info = await CHECKER.probe_video(dest)
+            # The check decodes the first frame: it is kept as the job's poster on the way.
+            info = await CHECKER.probe_video(dest, poster=poster)
             sha, size = await asyncio.to_thread(ctx.blobs.adopt, dest)
             await ctx.store.record_blob(sha, size, "mp4")
             meta = {"size": size, "duration": info.duration, "width": info.width, "height": info.height}
+            if poster_sha := await keep_poster(ctx.store, ctx.blobs, poster):
+                meta["poster"] = poster_sha
             # Conditional: a job cancelled while its video was downloading stays cancelled.
             if await ctx.store.succeed(job.id, sha, meta):
                 ctx.metrics.jobs_finished.labels("succeeded").inc()
@@ -69,6 +74,7 @@ class Collector:
             await self._failed(job, exc)
         finally:
             dest.unlink(missing_ok=True)
+            poster.unlink(missing_ok=True)
             ctx.collecting.pop(job.id, None)
             ctx.notifier.changed(job.id)
             ctx.wake()

@@ -26,6 +26,7 @@ from ..reads import cut_page, find_job, visible
 from ..store import STATES, Inflight, Job, JobStore, Reads
 from ..upstream.base import UpstreamError
 from .files import ranged_file
+from .prefer import prefer_wait, wait_outcome, waited
 
 
 async def view(store: JobStore, job: Job) -> JobView:
@@ -140,6 +141,23 @@ class _SubmitOperation(Operation):
         )
 
 
+_WAIT_QUERY = QueryParameter(name="wait", ge=0, description=(
+    "Seconds to block until the job finishes (at most X2V_MAX_WAIT); wins over `Prefer: wait`"
+))
+_PREFER = HeaderParameter(name="Prefer", required=False, description=(
+    "RFC 7240: `wait=N` blocks up to N seconds until the job finishes, like `?wait=`. A Prefer"
+    " that cannot be read is ignored"
+))
+_WAIT_HEADERS = [
+    ResponseHeader(name="Preference-Applied", value="wait=60", documentation_only=True, required=False, description=(
+        "`wait=N`: the `Prefer: wait` honoured, N the seconds allowed (at most X2V_MAX_WAIT)"
+    )),
+    ResponseHeader(name="X2V-Wait", value="timeout", documentation_only=True, required=False, description=(
+        "`timeout`: the wait ended before the job did; the body is the job as it is, not finished"
+    )),
+]
+
+
 class JobsController(Controller):
     path = "/api/v1/jobs"
     tags = ["jobs"]
@@ -153,7 +171,7 @@ class JobsController(Controller):
         response_description="The job was made; `Location` is its URL",
         response_headers=[ResponseHeader(
             name="Location", value="/api/v1/jobs/{id}", documentation_only=True, description="The job's URL",
-        )],
+        ), *_WAIT_HEADERS],
         responses={
             200: ResponseSpec(JobView, generate_examples=False, description=(
                 "An earlier request with this Idempotency-Key made the job; `Idempotent-Replayed: true`"
@@ -167,14 +185,16 @@ class JobsController(Controller):
         jobs: NamedDependency[JobService],
         store: NamedDependency[JobStore],
         who: NamedDependency[Caller],
-        wait: Annotated[float | None, QueryParameter(name="wait", ge=0, description="Seconds to block until the job finishes")] = None,
+        wait: Annotated[float | None, _WAIT_QUERY] = None,
+        prefer: Annotated[str | None, _PREFER] = None,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", max_length=200)] = None,
     ) -> Response[JobView]:
+        seconds, headers = waited(wait, prefer_wait(prefer), jobs.settings.max_wait)
         job, created = await jobs.submit(
             who, request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
-            idempotency_key=idempotency_key, wait=wait,
+            idempotency_key=idempotency_key, wait=seconds,
         )
-        headers = {"location": f"/api/v1/jobs/{job.id}"}
+        headers |= {"location": f"/api/v1/jobs/{job.id}", **wait_outcome(seconds, job)}
         if not created:
             headers["idempotent-replayed"] = "true"
         return Response(await view(store, job), status_code=201 if created else 200, headers=headers)
@@ -205,17 +225,24 @@ class JobsController(Controller):
 
         return await store.read(page)
 
-    @get("/{job_id:str}", summary="One job, with its timeline", responses=errors(400, 404))
+    @get("/{job_id:str}", summary="One job, with its timeline", responses=errors(400, 404), response_headers=_WAIT_HEADERS)
     async def get_job(
         self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
-        who: NamedDependency[Caller], job_id: FromPath[str],
-    ) -> JobView:
-        def read(r: Reads) -> tuple[Job, _FullViewReads]:  # one hop, not two
+        jobs: NamedDependency[JobService], who: NamedDependency[Caller], job_id: FromPath[str],
+        wait: Annotated[float | None, _WAIT_QUERY] = None,
+        prefer: Annotated[str | None, _PREFER] = None,
+    ) -> Response[JobView]:
+        def read(r: Reads) -> tuple[Job, _FullViewReads, int]:  # one hop, not two
             job = visible(r.get(job_id), job_id, who)
-            return job, _full_view_reads(r, job)
+            return job, _full_view_reads(r, job), r.pending_deliveries(job.id)
 
-        job, reads = await store.read(read)
-        return _full_view(dispatcher, job, reads)
+        seconds, headers = waited(wait, prefer_wait(prefer), jobs.settings.max_wait)
+        if seconds:
+            await jobs.wait(await find_job(store, job_id, who), seconds)
+        job, reads, pending = await store.read(read)
+        view = _full_view(dispatcher, job, reads)
+        view.webhooks_pending = pending
+        return Response(view, headers=headers | wait_outcome(seconds, job))
 
     @delete(
         "/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files",

@@ -32,12 +32,14 @@ def _stream_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
 _RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$", re.ASCII)
 
 
-def ranged_file(path: Path, range_header: str | None, *, media_type: str, filename: str) -> Response:
+def ranged_file(
+    path: Path, range_header: str | None, *, media_type: str, filename: str, disposition: str = "inline",
+) -> Response:
     """A file response that honours a single `Range: bytes=a-b`, so a browser can seek."""
     size = path.stat().st_size
     headers = {
         "accept-ranges": "bytes",
-        "content-disposition": f'inline; filename="{filename}"',
+        "content-disposition": f'{disposition}; filename="{filename}"',
     }
     match = _RANGE.match(range_header.strip()) if range_header else None
     if not match or match.groups() == ("", ""):

@@ -7,9 +7,9 @@ their rows) in one hop. Every state change is conditional, so a finished job can
 again: a job cancelled by its user stays cancelled even when its node later reports it completed.
 
 A backend implements the abstract methods and the reads of `Reads` (SQLite: `store/sqlite/`);
-nothing else names it. `JobStore(path)` opens the default backend, as `Path(...)` makes a
-`PosixPath`: today a SQLite file. A second backend (PostgreSQL for several replicas) is one more
-module, and the line in `store/__init__.py` that picks it.
+nothing else names it. `JobStore(location)` opens the backend for the location, as `Path(...)`
+makes a `PosixPath`: a SQLite file for a path, PostgreSQL (`store/postgres/`, for several
+replicas) for a `postgresql://` URL; `store/__init__.py` picks it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from .reads import Reads
-from .records import BatchJobSpec, Job
+from .pipeline_records import Pipeline
+from .records import BatchJobSpec, Job, JobWebhook
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -40,11 +41,12 @@ def _off_loop(read: Callable[Concatenate[Reads, P], T]) -> Callable[Concatenate[
 class JobStore(ABC):
     """Jobs, nodes, keys and their history, never read or written on the event loop."""
 
-    # What `JobStore(location)` opens (store/__init__.py sets it: SQLite).
-    default_backend: ClassVar[type[JobStore]]
+    # What `JobStore(location)` opens: a backend for the location (store/__init__.py sets it:
+    # PostgreSQL for a postgresql:// URL, else a SQLite file).
+    backend_for: ClassVar[Callable[[Any], type[JobStore]]]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> JobStore:
-        return super().__new__(JobStore.default_backend if cls is JobStore else cls)
+        return super().__new__(JobStore.backend_for(args[0] if args else None) if cls is JobStore else cls)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -72,6 +74,8 @@ class JobStore(ABC):
     counts_by_state = _off_loop(Reads.counts_by_state)
     owner_counts = _off_loop(Reads.owner_counts)
     events = _off_loop(Reads.events)
+    events_after = _off_loop(Reads.events_after)
+    newest_event_id = _off_loop(Reads.newest_event_id)
     recent_run_times = _off_loop(Reads.recent_run_times)
     blob = _off_loop(Reads.blob)
     blob_sizes = _off_loop(Reads.blob_sizes)
@@ -95,6 +99,12 @@ class JobStore(ABC):
     jobs_used = _off_loop(Reads.jobs_used)
     concurrency_limits = _off_loop(Reads.concurrency_limits)
     audit_log = _off_loop(Reads.audit_log)
+    pipeline = _off_loop(Reads.pipeline)
+    pipelines = _off_loop(Reads.pipelines)
+    running_pipelines = _off_loop(Reads.running_pipelines)
+    foreign_job = _off_loop(Reads.foreign_job)
+    foreign_ids = _off_loop(Reads.foreign_ids)
+    job_deliveries = _off_loop(Reads.job_deliveries)
     replicas = _off_loop(Reads.replicas)
     changes_since = _off_loop(Reads.changes_since)
 
@@ -117,8 +127,10 @@ class JobStore(ABC):
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         pinned: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a queued job; with an Idempotency-Key already used, return that job instead.
+        """Insert a queued job (with its `webhook`, in the same transaction); with an
+        Idempotency-Key already used, return that job instead.
 
         Returns (job, created). Raises IdempotencyConflict when the key came with another request.
         """
@@ -173,6 +185,11 @@ class JobStore(ABC):
 
     @abstractmethod
     async def fail(self, job_id: str, error: str) -> bool: ...
+
+    @abstractmethod
+    async def set_poster(self, job_id: str, result_sha: str, poster_sha: str) -> bool:
+        """A succeeded job's poster frame, made after it finished (`result_meta["poster"]`).
+        Only while it still has that video and its files: False otherwise."""
 
     @abstractmethod
     async def cancel(
@@ -232,12 +249,39 @@ class JobStore(ABC):
         *,
         batch: dict[str, Any] | None = None,
         owner: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> list[Job] | None:
-        """Queue jobs in a batch, all at once: every job or none.
+        """Queue jobs in a batch, all at once: every job or none, each with `webhook`.
 
         With `batch` (name, task, mode, form) a new dashboard batch is recorded too; when a batch
         with that id exists already (a second click on "Create"), nothing is added: None.
         """
+
+    # -- pipelines (pipelines/) -----------------------------------------------------------------
+
+    @abstractmethod
+    async def create_pipeline(self, pipeline: Pipeline) -> None:
+        """Record a new pipeline (`running`) with its steps, none of them a job yet."""
+
+    @abstractmethod
+    async def create_step_job(
+        self, pipeline_id: str, n: int, *, task: str, params: dict[str, Any], inputs: dict[str, str],
+        priority: int = 0, owner: str | None = None,
+    ) -> tuple[Job, bool] | None:
+        """Queue step `n`'s job (batch: the pipeline) and record it on the step, in one
+        transaction: (job, created). A step that has its job already gets that one back, so a
+        pipeline advanced twice (an event and the start-up sweep) makes no second job. None for
+        a pipeline that has ended (succeeded, cancelled) or no such step."""
+
+    @abstractmethod
+    async def set_pipeline_state(
+        self, pipeline_id: str, state: str, error: str | None = None, *, only_from: tuple[str, ...],
+    ) -> bool:
+        """Move a pipeline to `state` (with `error`, or none) if it is in one of `only_from`."""
+
+    @abstractmethod
+    async def finish_pipeline(self, pipeline_id: str, result_sha: str, meta: dict[str, Any]) -> bool:
+        """A running pipeline's joined video is stored: it succeeded."""
 
     # -- the node registry ----------------------------------------------------------------------
 
@@ -333,3 +377,44 @@ class JobStore(ABC):
 
     @abstractmethod
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
+
+    # -- foreign ids (the compatible surfaces, routes/compat) -----------------------------------
+
+    @abstractmethod
+    async def save_foreign_id(
+        self, owner: str, surface: str, foreign_id: str, job_id: str, *, replace: bool = False,
+    ) -> bool:
+        """Name a job as a client of `surface` knows it, per key. False when the name is taken
+        (unless `replace`: then the newest job has it, as a file written again on a node)."""
+
+    # -- webhooks (webhooks.py, webhook_worker.py) ----------------------------------------------
+
+    @abstractmethod
+    async def record_deliveries(self, deliveries: list[dict[str, Any]], cursor: int) -> int:
+        """Record deliveries (`webhook_deliveries` columns: id, event_id, type, job_id, url,
+        key_id, payload, created_at), each due at once, and move the event cursor to `cursor`, in
+        one transaction. A delivery already recorded for its (event_id, type, url) is left as it
+        was, with its id: a crash between reading events and recording them only redoes it.
+        Returns how many were new."""
+
+    @abstractmethod
+    async def delivery_attempted(
+        self, delivery_id: str, *, at: float, status: int | None, error: str | None,
+        next_attempt_at: float | None,
+    ) -> None:
+        """One attempt's outcome: delivered (a 2xx `status`), or failed and due again at
+        `next_attempt_at` (None: given up). A delivery no longer pending is left alone."""
+
+    @abstractmethod
+    async def set_key_webhook(
+        self, key_id: str, url: str | None, events: tuple[str, ...] | None, actor: str,
+    ) -> bool:
+        """A key's default webhook for its jobs that name none (url None: no default); audited.
+        False: no such key."""
+
+    @abstractmethod
+    async def set_webhook_secret(
+        self, key_id: str, secret: str, actor: str, *, previous_until: float | None,
+    ) -> bool:
+        """A key's new signing secret; audited (never the secret). With `previous_until`, the
+        secret it replaces signs too until then (a rotation). False: no such key."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from .records import BatchItem, Inflight, Job, Lane, QueuedJob
+from .pipeline_records import Pipeline
+from .records import BatchItem, Inflight, Job, JobWebhook, Lane, QueuedJob
 
 
 class Reads(Protocol):
@@ -61,6 +62,19 @@ class Reads(Protocol):
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """A job's timeline: {at, state, detail}, oldest first."""
+        ...
+
+    def events_after(
+        self, after_id: int, *, job_id: str | None = None, batch_id: str | None = None,
+        owner: str | None = None, limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """State changes with an id above `after_id` (of one job, one batch, one owner: each
+        given narrows), oldest first: {id, job_id, at, state, detail, batch_id}. Ids only grow,
+        so an event stream resumes from the last one it sent (`Last-Event-ID`)."""
+        ...
+
+    def newest_event_id(self) -> int:
+        """The id of the latest state change of any job (0: none yet): a live stream starts after it."""
         ...
 
     def recent_run_times(self, limit: int = 5000) -> list[tuple[str, str, float]]:
@@ -136,6 +150,22 @@ class Reads(Protocol):
 
     def batch_item(self, job_id: str) -> BatchItem | None: ...
 
+    # -- pipelines ------------------------------------------------------------------------------
+
+    def pipeline(self, pipeline_id: str) -> Pipeline | None:
+        """A pipeline with its steps."""
+        ...
+
+    def pipelines(
+        self, *, owner: str | None = None, before_seq: int | None = None, limit: int = 50,
+    ) -> list[Pipeline]:
+        """Pipelines (`owner`'s, if given) with their steps, newest first; `before_seq` is the cursor."""
+        ...
+
+    def running_pipelines(self) -> list[str]:
+        """The ids of the pipelines still under way, oldest first (the start-up sweep)."""
+        ...
+
     # -- nodes ----------------------------------------------------------------------------------
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -189,4 +219,53 @@ class Reads(Protocol):
 
     def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
         """Audit entries, newest first; `before_id` is the cursor."""
+        ...
+
+    # -- foreign ids (the compatible surfaces, routes/compat) -----------------------------------
+
+    def foreign_job(self, owner: str, surface: str, foreign_id: str) -> str | None:
+        """The job a client of `surface` named `foreign_id` (a LightX2V `task_id`, a file name)."""
+        ...
+
+    def foreign_ids(self, owner: str, surface: str, job_ids: list[str]) -> dict[str, str]:
+        """job id -> the name its client gave it on `surface`, for those of `job_ids` that have one."""
+        ...
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def job_webhook(self, job_id: str) -> JobWebhook | None: ...
+
+    def webhook_events(self, limit: int = 200) -> tuple[list[dict[str, Any]], int]:
+        """Job events after the webhook cursor whose job has a webhook, oldest first: {id,
+        job_id, at, state, detail, batch_id, owner, webhook}; and the cursor once they are
+        recorded (past events of jobs without one too). Costs a few lookups per new event."""
+        ...
+
+    def batch_last_event(self, batch_id: str, owner: str | None) -> int | None:
+        """The id of the newest job event of `owner`'s batch when all its jobs have finished;
+        None while one has not."""
+        ...
+
+    def batch_webhooks(self, batch_id: str, owner: str | None) -> list[JobWebhook]:
+        """The different webhooks among the batch's jobs that want `batch.finished`."""
+        ...
+
+    def due_deliveries(self, now: float, limit: int, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Pending deliveries due by `now`, the most overdue first, except those in `skip`."""
+        ...
+
+    def next_delivery_at(self) -> float | None:
+        """When the next pending delivery is due (None: nothing pending)."""
+        ...
+
+    def job_deliveries(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        """A job's deliveries, oldest first, without their payloads."""
+        ...
+
+    def pending_deliveries(self, job_id: str) -> int:
+        """A job's deliveries neither delivered nor given up."""
+        ...
+
+    def webhook_secrets(self, key_id: str) -> list[str]:
+        """The secrets that sign a key's deliveries now (two during a rotation); never shown."""
         ...

@@ -88,6 +88,14 @@ class BatchItem(msgspec.Struct):
     retried_as: str | None = None
 
 
+class JobWebhook(NamedTuple):
+    """Where a job's events are sent (webhooks.py): fixed when the job is accepted."""
+
+    url: str
+    events: tuple[str, ...]
+    key_id: str | None  # whose secret signs the deliveries
+
+
 class Lane(NamedTuple):
     """Queued jobs that share a task type, a priority, an owner and a batch."""
 

@@ -6,9 +6,10 @@ import json
 import sqlite3
 from typing import Any
 
-from ..records import STATES, BatchItem, BatchJobSpec, Job, new_job_id
+from ..records import STATES, BatchItem, BatchJobSpec, Job, JobWebhook, new_job_id
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .jobs import row_to_job
+from .webhooks import insert_webhooks
 
 # A job with its place in its dashboard batch, and the job retried as a new run of it, if any.
 _ITEM_SQL = (
@@ -66,11 +67,11 @@ class BatchReads(Rows):
             f"{_ITEM_SQL} WHERE jobs.batch_id = ? AND jobs.seq > ?{mine} ORDER BY jobs.seq LIMIT ?",
             (batch_id, after_seq, *args, limit),
         ).fetchall()
-        return [_row_to_item(r) for r in rows]
+        return [row_to_item(r) for r in rows]
 
     def batch_item(self, job_id: str) -> BatchItem | None:
         row = self.conn.execute(_ITEM_SQL + " WHERE jobs.id = ?", (job_id,)).fetchone()
-        return _row_to_item(row) if row else None
+        return row_to_item(row) if row else None
 
 
 class BatchWrites(SqliteThreads):
@@ -83,6 +84,7 @@ class BatchWrites(SqliteThreads):
         *,
         batch: dict[str, Any] | None = None,
         owner: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> list[Job] | None:
         """Queue jobs in a batch, all in one transaction: every job or none.
 
@@ -117,10 +119,12 @@ class BatchWrites(SqliteThreads):
                 [(job_id, batch_id, last + n, json.dumps(s.files), s.retry_of)
                  for n, (job_id, s) in enumerate(zip(ids, specs), start=1)],
             )
+            insert_webhooks(conn, ids, webhook)
             conn.executemany(
-                "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, 'queued', ?)",
-                [(job_id, now, f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted")
-                 for job_id, s in zip(ids, specs)],
+                "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id)"
+                " VALUES (?, ?, 'queued', ?, ?, ?)",
+                [(job_id, now, f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted",
+                  owner, batch_id) for job_id, s in zip(ids, specs)],
             )
             return True
 
@@ -135,7 +139,7 @@ def _owned(owner: str | None, column: str = "owner") -> tuple[str, list[str]]:
     return ("", []) if owner is None else (f" AND +{column} = ?", [owner])
 
 
-def _row_to_item(row: sqlite3.Row) -> BatchItem:
+def row_to_item(row: sqlite3.Row) -> BatchItem:
     data = dict(row)
     extra = {k: data.pop(k) for k in [k for k in data if k.startswith("bj_")]}
     job = row_to_job(data)

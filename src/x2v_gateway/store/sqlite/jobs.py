@@ -15,10 +15,12 @@ from typing import Any
 from ..memo import Memo
 from ..records import (
     CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, TERMINAL, IdempotencyConflict, Job,
-    new_job_id,
+    JobWebhook, new_job_id,
 )
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .keys import audit
+from .pipeline_files import pipeline_blobs
+from .webhooks import insert_webhooks
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 _JSON_COLUMNS = ("params", "inputs", "result_meta", "queue_info")
@@ -151,6 +153,28 @@ class JobReads(Rows):
         )
         return [dict(r) for r in rows]
 
+    def events_after(
+        self, after_id: int, *, job_id: str | None = None, batch_id: str | None = None,
+        owner: str | None = None, limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        # The most selective filter picks the index (the job's timeline, the batch's events, the
+        # owner's, else the events' own ids); the unary + keeps SQLite on it for the others.
+        where, args = ["id > ?"], [after_id]
+        lead = next((c for c, v in (("job_id", job_id), ("batch_id", batch_id), ("owner", owner)) if v), None)
+        for column, value in (("job_id", job_id), ("batch_id", batch_id), ("owner", owner)):
+            if value is not None:
+                where.append(f"{'' if column == lead else '+'}{column} = ?")
+                args.append(value)
+        rows = self.conn.execute(
+            "SELECT id, job_id, at, state, detail, batch_id FROM job_events WHERE "
+            + " AND ".join(where) + " ORDER BY id LIMIT ?",
+            (*args, limit),
+        )
+        return [dict(r) for r in rows]
+
+    def newest_event_id(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM job_events").fetchone()[0]
+
     def blob(self, sha256: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
         return dict(row) if row else None
@@ -201,6 +225,7 @@ class JobWrites(SqliteThreads):
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         pinned: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> tuple[Job, bool]:
         job_id = new_job_id()
 
@@ -222,6 +247,7 @@ class JobWrites(SqliteThreads):
                 (job_id, task, json.dumps(params), json.dumps(inputs), priority, batch_id,
                  owner, now, now, idempotency_key, request_hash, pinned),
             )
+            insert_webhooks(conn, [job_id], webhook)
             record_event(conn, job_id, QUEUED, "accepted")
             return job_id, True
 
@@ -315,6 +341,14 @@ class JobWrites(SqliteThreads):
              now, now, job_id),
         )
 
+    async def set_poster(self, job_id: str, result_sha: str, poster_sha: str) -> bool:
+        # updated_at is left alone: a poster is not a change of the job that anyone waits for.
+        return await self._execute(
+            "UPDATE jobs SET result_meta = json_set(coalesce(result_meta, '{}'), '$.poster', ?)"
+            " WHERE id = ? AND state = 'succeeded' AND result_sha = ? AND files_expired = 0",
+            (poster_sha, job_id, result_sha),
+        ) == 1
+
     async def cancel(
         self, job_id: str, reason: str = "cancelled by user", *, tell_upstream: bool = True
     ) -> Job | None:
@@ -384,7 +418,7 @@ class JobWrites(SqliteThreads):
             )
             # Blobs recorded within the grace period are kept too: they may belong to a request
             # that is still being accepted.
-            live = _blobs_of(conn, "files_expired = 0", ())
+            live = _blobs_of(conn, "files_expired = 0", ()) | pipeline_blobs(conn, finished_before)
             doomed = [
                 sha for (sha,) in conn.execute(
                     "SELECT sha256 FROM blobs WHERE created_at < ?", (timestamp() - grace,)
@@ -429,7 +463,8 @@ class JobWrites(SqliteThreads):
                 these = f"id IN ({','.join('?' * len(chunk))}) AND state IN {TERMINAL_SQL}"
                 mine |= _blobs_of(conn, these, chunk)
                 conn.execute(f"UPDATE jobs SET files_expired = 1 WHERE {these}", chunk)
-            doomed = sorted(mine - _blobs_of(conn, "files_expired = 0", ())) if mine else []
+            kept = _blobs_of(conn, "files_expired = 0", ()) | pipeline_blobs(conn, 0.0)
+            doomed = sorted(mine - kept) if mine else []
             conn.executemany("DELETE FROM blobs WHERE sha256 = ?", [(s,) for s in doomed])
             audit(conn, actor, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
             return doomed
@@ -441,10 +476,13 @@ def _blobs_of(conn: sqlite3.Connection, where: str, args: Iterable[Any]) -> set[
     """The inputs and results of the jobs `where` selects. A blob may serve many jobs (one
     portrait, 100 voice-overs): it goes only when no job that keeps its files refers to it."""
     blobs: set[str] = set()
-    for inputs, result in conn.execute(f"SELECT inputs, result_sha FROM jobs WHERE {where}", tuple(args)):
+    rows = conn.execute(
+        f"SELECT inputs, result_sha, json_extract(result_meta, '$.poster') FROM jobs WHERE {where}",
+        tuple(args),
+    )
+    for inputs, result, poster in rows:
         blobs.update(json.loads(inputs).values())
-        if result:
-            blobs.add(result)
+        blobs.update(sha for sha in (result, poster) if sha)
     return blobs
 
 
@@ -463,7 +501,9 @@ def transition(
 
 
 def record_event(conn: sqlite3.Connection, job_id: str, state: str, detail: str) -> None:
+    # The job's owner and batch go with the event: the event streams replay by them.
     conn.execute(
-        "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)",
-        (job_id, timestamp(), state, detail),
+        "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id)"
+        " SELECT ?, ?, ?, ?, owner, batch_id FROM jobs WHERE id = ?",
+        (job_id, timestamp(), state, detail, job_id),
     )
