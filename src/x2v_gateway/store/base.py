@@ -146,7 +146,9 @@ class JobStore(ABC):
         followed by `replica`.
 
         Because the record comes first, a crash at any later point leaves a job that says where
-        it may be, and the restart asks that upstream before anything is sent again.
+        it may be, and the restart asks that upstream before anything is sent again. With
+        `replica`, only while that replica has a lease row (`join`): one whose jobs another
+        replica took over claims nothing more.
 
         With `slots`, only if `upstream` then holds fewer than `slots` jobs in flight, not
         counting `off_node` (jobs the caller knows have left the node: finished there, their
