@@ -35,7 +35,7 @@ from .metrics import Metrics
 from .node_registry import NodeRegistry
 from .pipelines import PipelineService
 from .posters import Posters
-from .routes import access, dashboard, events, lightx2v_api, openai_api
+from .routes import access, dashboard, events, lightx2v_api, openai_api, openai_images, seed_services
 from .routes import webhooks as webhook_routes
 from .routes.api import JobsController, ModelsController
 from .routes.batches import BatchesController
@@ -131,7 +131,7 @@ class Gateway:
         self.pipelines = PipelineService(settings, self.store, self.blobs, self.jobs, self.notifier, self.auth)
         self.posters = Posters(self.store, self.blobs)
         self.streams = StreamSlots(settings.event_streams)
-        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier)
+        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier, self.metrics)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each
@@ -282,8 +282,8 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             dashboard.router(), dashboard.static_files(), dashboard.root,
             # Sign-in and sign-out, API keys, the audit log (auth.py decides who may call what).
             *access.ROUTES,
-            # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's.
-            *lightx2v_api.ROUTES, *openai_api.ROUTES,
+            # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's, the services the gateway replaces.
+            *lightx2v_api.ROUTES, *openai_api.ROUTES, *openai_images.ROUTES, *seed_services.ROUTES,
             # A job's webhook deliveries, keys' webhook secrets and defaults.
             *webhook_routes.ROUTES,
         ],

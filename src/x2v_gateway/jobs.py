@@ -131,8 +131,11 @@ class JobService:
     async def read_upload(
         self, content_type: str, body: AsyncIterator[bytes], *, size: int | None, roles: dict[str, str],
     ) -> tuple[dict[str, str], list[IncomingFile]]:
-        """A compatible surface's multipart body: its text fields, and its files (part name ->
-        job input role by `roles`) on disk, within the upload limits."""
+        """A compatible surface's form: its text fields, and its files (part name -> job input
+        role by `roles`) on disk, within the upload limits. A URL-encoded form (FastAPI's `Form`
+        reads those too) has text fields only."""
+        if content_type.startswith("application/x-www-form-urlencoded"):
+            return await self._read_urlencoded(body), []
         if not content_type.startswith("multipart/form-data"):
             raise ApiError(415, "send this request as multipart/form-data", "Content-Type")
         if size is not None and size > self.settings.max_upload_mb * 1024 * 1024:
@@ -176,6 +179,9 @@ class JobService:
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:
         """A plain HTML form post (no files): inputs, if any, are URLs or base64 text."""
+        return await self._submit_form(await self._read_urlencoded(body), [], idempotency_key, owner)
+
+    async def _read_urlencoded(self, body: AsyncIterator[bytes]) -> dict[str, str]:
         mb = self.settings.max_json_mb
         raw = await read_limited(body, mb * 1024 * 1024, f"form body is larger than the {mb} MiB allowed")
         fields: dict[str, str] = {}
@@ -183,7 +189,7 @@ class JobService:
             if name in fields:
                 raise ApiError(400, f"{name} was sent twice", name)
             fields[name] = value
-        return await self._submit_form(fields, [], idempotency_key, owner)
+        return fields
 
     async def _submit_form(
         self,

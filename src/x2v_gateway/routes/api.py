@@ -117,8 +117,30 @@ def _openapi_schema(node: dict[str, Any], defs: dict[str, Any]) -> Schema:
 
 
 def _job_request_schema() -> Schema:
-    schema = msgspec.json.schema(JobRequest)
-    return _openapi_schema(schema, schema.get("$defs", {}))
+    return struct_schema(JobRequest)
+
+
+def struct_schema(struct: type, files: tuple[str, ...] = ()) -> Schema:
+    """A msgspec struct's JSON Schema as an OpenAPI `Schema`; `files`: multipart file fields."""
+    schema = msgspec.json.schema(struct)
+    found = _openapi_schema(schema, schema.get("$defs", {}))
+    for name in files:
+        found.properties = {**(found.properties or {}), name: Schema(type=OpenAPIType.STRING, format="binary")}
+    return found
+
+
+def body_operation(description: str, content: dict[str, Schema]) -> type[Operation]:
+    """The `operation_class` of a handler that reads its body raw: what it accepts, per media
+    type (the compatible surfaces' routes)."""
+
+    @dataclass
+    class _BodyOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(required=True, description=description, content={
+                media: OpenAPIMediaType(schema=schema) for media, schema in content.items()
+            })
+
+    return _BodyOperation
 
 
 @dataclass

@@ -169,8 +169,13 @@ class Reads(Protocol):
         """Pipelines (`owner`'s, if given) with their steps, newest first; `before_seq` is the cursor."""
         ...
 
-    def running_pipelines(self) -> list[str]:
-        """The ids of the pipelines still under way, oldest first (the start-up sweep)."""
+    def pipeline_for_key(self, idempotency_key: str) -> tuple[str, str | None] | None:
+        """(id, request hash) of the pipeline made with this Idempotency-Key (owner-scoped), if any."""
+        ...
+
+    def open_pipelines(self) -> list[str]:
+        """The pipelines still under way or waiting for a failed step's retry, oldest first (the
+        start-up sweep: their jobs' changes move them on again)."""
         ...
 
     # -- nodes ----------------------------------------------------------------------------------
@@ -255,10 +260,6 @@ class Reads(Protocol):
 
     def batch_webhooks(self, batch_id: str, owner: str | None) -> list[JobWebhook]:
         """The different webhooks among the batch's jobs that want `batch.finished`."""
-        ...
-
-    def due_deliveries(self, now: float, limit: int, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
-        """Pending deliveries due by `now`, the most overdue first, except those in `skip`."""
         ...
 
     def next_delivery_at(self) -> float | None:
