@@ -200,3 +200,22 @@ def test_store_lists_batches_a_page_at_a_time_and_keeps_a_batch_jobs_pin(store_l
     assert [b["id"] for b in mine] == ["b2"] and [b["id"] for b in rest] == ["b0"]
     assert [b["id"] for b in everyone] == ["b2", "b1", "b0"] and mine[0]["form"] == {}
     assert pinned == "gpu1"
+
+
+def test_the_client_submits_image_tasks_and_keeps_their_images(gateway, media, tmp_path):
+    from test_client import client as run_client
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red kite\na blue kite\n")
+    stills = run_client(gateway, "submit", "--task", "t2i", "--prompts", str(prompts), "--seeds", "1",
+                        "--out", str(tmp_path / "stills"), "--quiet", cwd=tmp_path)
+    assert stills.code == 0, stills.stderr
+    assert sorted(p.suffix for p in (tmp_path / "stills").iterdir() if p.is_file() and not p.name.startswith(".")) == [
+        ".csv", ".png", ".png",
+    ]
+    edits = run_client(gateway, "submit", "--task", "i2i", str(media["face"]), "--prompt", "as a sketch",
+                       "--out", str(tmp_path / "edits"), "--quiet", cwd=tmp_path)
+    assert edits.code == 0, edits.stderr
+    assert (tmp_path / "edits" / "0001_face.png").is_file()
+    none = run_client(gateway, "submit", "--task", "t2i", "--out", str(tmp_path / "none"), cwd=tmp_path)
+    assert none.code == 2 and "t2i jobs render their prompt" in none.stderr
