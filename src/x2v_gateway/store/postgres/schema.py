@@ -389,3 +389,13 @@ _COUNT_TRIGGERS = ";\n".join([
         f"{_OLD} UNION ALL {_NEW}",
     ),
 ])
+
+
+@migration
+def m029_open_pipelines(conn: psycopg.Connection) -> None:
+    # As SQLite's m029: the start-up sweep reads failed pipelines too, and POST
+    # /api/v1/pipelines takes an Idempotency-Key (NULLs are distinct: a plain UNIQUE will do).
+    _run(conn, """
+DROP INDEX idx_pipelines_running;
+CREATE INDEX idx_pipelines_open ON pipelines (seq) WHERE state IN ('running', 'failed');
+ALTER TABLE pipelines ADD COLUMN idempotency_key text UNIQUE, ADD COLUMN request_hash text""")
