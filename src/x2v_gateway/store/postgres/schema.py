@@ -395,3 +395,13 @@ _COUNT_TRIGGERS = ";\n".join([
 def m027_batches_by_owner(conn: psycopg.Connection) -> None:
     # GET /api/v1/batches: a key's own batches, newest first, a page at a time (as SQLite's m027).
     conn.execute("CREATE INDEX idx_batches_owner_created ON batches (owner, created_at, id)")
+
+
+@migration
+def m029_open_pipelines(conn: psycopg.Connection) -> None:
+    # As SQLite's m029: the start-up sweep reads failed pipelines too, and POST
+    # /api/v1/pipelines takes an Idempotency-Key (NULLs are distinct: a plain UNIQUE will do).
+    _run(conn, """
+DROP INDEX idx_pipelines_running;
+CREATE INDEX idx_pipelines_open ON pipelines (seq) WHERE state IN ('running', 'failed');
+ALTER TABLE pipelines ADD COLUMN idempotency_key text UNIQUE, ADD COLUMN request_hash text""")
