@@ -202,7 +202,8 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
         "id": "msg_plans", "event_id": 1, "type": "job.failed", "job_id": h.finished_id,
         "url": "http://hooks.example/x", "key_id": h.owner, "payload": "{}", "created_at": 1.0,
     }], 1)),
-    "claim_deliveries": lambda s, h: run(s.claim_deliveries(2.0, 8, 30.0)),
+    "due_deliveries": _reads(lambda r, h: (r.due_deliveries(2.0, 200), r.due_deliveries(2.0, 200, ["http://a/"]))),
+    "claim_deliveries": lambda s, h: run(s.claim_deliveries(["msg_plans", "msg_none"], 2.0, 30.0)),
     "delivery_attempted": lambda s, h: run(s.delivery_attempted(
         "msg_plans", at=3.0, status=500, error="answered 500", next_attempt_at=9.0,
     )),
