@@ -461,7 +461,7 @@ def test_batch_form_webhook_sends_each_job_and_the_batch_finishing(gateway, rece
 
 
 def test_job_page_shows_deliveries_and_their_retries(gateway, receiver):
-    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, LAPTOP, shot
+    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, LAPTOP, SCREENSHOTS
 
     if not Path(CHROMIUM).exists():
         pytest.skip("needs Debian's chromium (./dev test installs it)")
@@ -491,7 +491,8 @@ def test_job_page_shows_deliveries_and_their_retries(gateway, receiver):
             # Delivered at the third attempt: the section refreshes itself until then.
             expect(row.locator("td").nth(1)).to_have_text("3", timeout=30_000)
             expect(row.locator("td").nth(2)).to_have_text("200")
-            shot(page, "job-webhooks")
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            section.screenshot(path=str(SCREENSHOTS / "job-webhooks.png"))
             with gateway.responses_path.open("a", encoding="utf-8") as seen:
                 seen.write(page.content())
             assert "hidden-in-page" not in page.content()
