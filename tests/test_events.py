@@ -49,7 +49,8 @@ class Events:
                     return event
                 continue
             if line.startswith(":"):
-                return {"comment": line[1:].strip()}
+                event["comment"] = line[1:].strip()
+                continue
             name, _, value = line.partition(":")
             event[name] = value[1:] if value.startswith(" ") else value
         return None
@@ -222,6 +223,19 @@ def test_open_streams_per_key_are_limited(gateway):
         again.close()
         for stream in streams:
             stream.close()
+
+
+def test_a_revoked_keys_stream_ends(gateway):
+    with gateway.client() as admin:
+        made = admin.post("/api/v1/keys", json={"name": f"frank-{time.monotonic_ns()}"}).json()
+        frank = remember_secret(made["key"])
+        with gateway.client(key=frank) as client, Events(client, "/api/v1/events") as stream:
+            assert stream.next()["comment"] == "x2v-gateway events"
+            assert admin.delete(f"/api/v1/keys/{made['info']['id']}").status_code == 200
+            started = time.monotonic()
+            while (event := stream.next()) is not None:  # keep-alives until it is noticed
+                assert event.get("comment") == "keep-alive"
+            assert time.monotonic() - started < 5
 
 
 def test_key_stream_resumes_across_a_gateway_restart(tmp_path):

@@ -35,23 +35,24 @@ from .metrics import Metrics
 from .node_registry import NodeRegistry
 from .pipelines import PipelineService
 from .posters import Posters
-from .routes import access, dashboard, events, lightx2v_api, openai_api
+from .routes import access, dashboard, events, lightx2v_api, openai_api, openai_images, seed_services
 from .routes import webhooks as webhook_routes
-from .routes.api import BatchesController, JobsController, ModelsController
+from .routes.api import JobsController, ModelsController
+from .routes.batches import BatchesController
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .routes.pipelines import PipelinesController
 from .routes.posters import job_poster
-from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
+from .schemas import ApiError, ErrorBody, ErrorResponse, plain
 from .settings import Settings, load_settings
 from .store import JobStore
 from .streams import StreamSlots
+from .tasks import NODE_TASKS
 from .upstream import Upstream, cloud_account, self_hosted_node
 from .webhook_worker import WebhookWorker
 from .webhooks import JobWebhooks
 
 log = logging.getLogger("x2v_gateway")
-ALL_TASKS = tuple(TASK_INPUTS)
 
 
 class DemoNode:
@@ -66,7 +67,7 @@ class DemoNode:
                 port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self._server = build_demo_server(
-            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=ALL_TASKS,
+            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=sorted(NODE_TASKS),
         )
         # Its polls would flood the gateway's terminal; the start-up block says where it is.
         quiet_in_process_server()
@@ -281,8 +282,8 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             dashboard.router(), dashboard.static_files(), dashboard.root,
             # Sign-in and sign-out, API keys, the audit log (auth.py decides who may call what).
             *access.ROUTES,
-            # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's.
-            *lightx2v_api.ROUTES, *openai_api.ROUTES,
+            # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's, the services the gateway replaces.
+            *lightx2v_api.ROUTES, *openai_api.ROUTES, *openai_images.ROUTES, *seed_services.ROUTES,
             # A job's webhook deliveries, keys' webhook secrets and defaults.
             *webhook_routes.ROUTES,
         ],

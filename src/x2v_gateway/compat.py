@@ -20,9 +20,10 @@ from typing import Any
 
 import msgspec
 from litestar import Response
+from litestar.openapi.datastructures import ResponseSpec
 
 from .blobs import BlobStore
-from .schemas import ApiError, JobRequest, field_problem
+from .schemas import ERROR_MEANINGS, ApiError, JobRequest, field_problem
 from .store import Job
 
 LIGHTX2V = "lightx2v"
@@ -45,6 +46,45 @@ def surface(path: str) -> str | None:
         if path.startswith(prefix) and (prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"):
             return name
     return None
+
+
+class FastApiError(msgspec.Struct):
+    """A FastAPI service's refusal: a message, or (422) pydantic's list of what is wrong where."""
+
+    detail: str | list[dict[str, Any]]
+
+
+class OpenAIErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(msgspec.Struct):
+    """OpenAI's refusal, which its SDK raises as `openai.BadRequestError` and so on."""
+
+    error: OpenAIErrorBody
+
+
+_MEANINGS = {**ERROR_MEANINGS, 405: "This method is not allowed on this path",
+             500: "The job failed (a synchronous image route: `message` is its error)",
+             503: "A task with this task_id exists already (the LightX2V server's answer)",
+             504: "The job did not end within X2V_MAX_WAIT seconds; it was cancelled"}
+
+
+def errors(which: str, *statuses: int) -> dict[int, ResponseSpec]:
+    """`responses=` of a compatible route: its refusals in its surface's shape, with the 401 and
+    429 the auth middleware can give any of them, and 400 (OpenAI's: 400 where others say 422)."""
+    body = OpenAIError if which == OPENAI else FastApiError
+    # 400 on every route: Litestar documents one of its own for any route with parameters.
+    codes = {400, 401, 429, *statuses}
+    if which == OPENAI and 422 in codes:
+        codes = (codes - {422}) | {400}
+    return {
+        code: ResponseSpec(body, description=_MEANINGS[code], generate_examples=False)
+        for code in sorted(codes)
+    }
 
 
 _OPENAI_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error",
@@ -74,6 +114,10 @@ def error_response(
     else:
         body = {"detail": message}
     return Response(body, status_code=status, headers=headers)
+
+
+# The task types whose job makes an image (h-tasks' `tasks.makes` says the same once merged).
+IMAGE_TASKS = frozenset({"t2i", "i2i"})
 
 
 def naive_local(ts: float | None) -> str | None:
@@ -154,3 +198,16 @@ def looks_like_server_path(value: str) -> bool:
 
 
 _FILE_NAME = re.compile(r"[\w.\-/]{1,1024}\.[A-Za-z0-9]{2,5}")
+
+
+def file_responses(which: str, *statuses: int, media_type: str = "video/mp4") -> dict[int, ResponseSpec]:
+    """`responses=` of a route that streams a result: the whole file, a `Range` of it, a range
+    past its end, and its refusals."""
+    return {
+        200: ResponseSpec(bytes, media_type=media_type, generate_examples=False,
+                          description="The whole file (`image/png` for an image task's)"),
+        206: ResponseSpec(bytes, media_type=media_type, generate_examples=False,
+                          description="The part the `Range` header asked for; `Content-Range` says which"),
+        416: ResponseSpec(None, description="The `Range` starts past the end; `Content-Range: bytes */<size>`"),
+        **errors(which, *statuses),
+    }

@@ -184,6 +184,10 @@ class EventStream:
         others moved (its place in the gateway's queue moves as jobs ahead of it leave)."""
         scope = self.scope
         wanted = [scope.job_id] if scope.job_id else sorted(ids)[:PROGRESS_JOBS]
+        if scope.job_id and scope.job_id not in ids:
+            last = self._progress.get(scope.job_id)
+            if last is None or last["state"] != "queued":
+                wanted = []  # another job changed: only a place in the gateway's queue can move
         if not wanted:
             return []
 

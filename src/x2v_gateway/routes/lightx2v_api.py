@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import posixpath
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -26,14 +26,18 @@ from litestar.params import FromPath, HeaderParameter
 from ..auth import Caller
 from ..blobs import BlobStore
 from ..compat import (
-    job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
+    IMAGE_TASKS, LIGHTX2V, errors, file_responses, job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
 )
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
 from ..settings import Settings
+from ..schemas import PARAM_FIELDS
 from ..store import Job, JobStore, Reads
+from .api import body_operation, struct_schema
 from .files import ranged_file
+
+T = TypeVar("T")
 
 TASK_IDS = "lightx2v-task"  # foreign ids: a client's own task_id -> job
 FILES = "lightx2v-file"  # foreign ids: a save_result_path's file name -> job
@@ -46,8 +50,8 @@ INPUT_FIELDS = {"image_path": "image", "audio_path": "audio", "last_frame_path":
 NAMES = {role: name for name, role in INPUT_FIELDS.items()}
 
 
-class VideoTask(msgspec.Struct, kw_only=True):
-    """`VideoTaskRequest` as the server reads it: every field optional, unknown ones ignored.
+class BaseTask(msgspec.Struct, kw_only=True):
+    """`BaseTaskRequest` as the server reads it: every field optional, unknown ones ignored.
     None marks a field the client did not set: the node's model config decides it then."""
 
     task_id: str = ""
@@ -56,13 +60,22 @@ class VideoTask(msgspec.Struct, kw_only=True):
     image_path: str = ""
     last_frame_path: str = ""
     image_mask_path: str = ""
-    audio_path: str = ""
-    video_path: str = ""
     save_result_path: str = ""
     presigned_url: str = ""
     infer_steps: int | None = None
     seed: int | None = None
     target_shape: list[int] | None = None
+    use_prompt_enhancer: bool | None = None
+    reuse: bool | None = None
+    lora_name: str | None = None
+    lora_strength: float | None = None
+
+
+class VideoTask(BaseTask, kw_only=True):
+    """`VideoTaskRequest` (`POST /v1/tasks/video/`)."""
+
+    audio_path: str = ""
+    video_path: str = ""
     num_fragments: int | None = None
     target_video_length: int | None = None
     video_duration: int | None = None
@@ -70,15 +83,28 @@ class VideoTask(msgspec.Struct, kw_only=True):
     resize_mode: str | None = None
     sr_ratio: float | None = None
     talk_objects: list[Any] | None = None
-    use_prompt_enhancer: bool | None = None
-    reuse: bool | None = None
-    lora_name: str | None = None
-    lora_strength: float | None = None
 
 
-_PARAMS = ("prompt", "negative_prompt", "infer_steps", "seed", "target_shape", "num_fragments",
-           "target_video_length", "video_duration", "target_fps", "resize_mode", "sr_ratio",
-           "use_prompt_enhancer", "lora_name", "lora_strength")
+class ImageTask(BaseTask, kw_only=True):
+    """`ImageTaskRequest` (`POST /v1/tasks/image/`): an image (i2i) or none (t2i) in, a PNG out."""
+
+    aspect_ratio: str | None = None
+    i2i_denoise_strength: float | None = None
+
+
+class VideoForm(msgspec.Struct, kw_only=True):
+    """`/v1/tasks/video/form`'s text fields, with the server's defaults (its files: _FORM_FILES)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    save_result_path: str = ""
+    use_prompt_enhancer: bool = False
+    num_fragments: int = 1
+    infer_steps: int = 5
+    target_video_length: int = 81
+    seed: int = 42
+    video_duration: int = 5
+    target_fps: int = 16
 
 
 class Submitted(msgspec.Struct):
@@ -102,9 +128,11 @@ class TaskStatusView(msgspec.Struct):
     save_result_path: str | None
 
 
-def _task_type(has: set[str]) -> str:
+def _task_type(task: BaseTask, has: set[str]) -> str:
     """LightX2V requests carry no task type (a node runs the one it was started with): the
-    inputs say which job this is."""
+    route and the inputs say which job this is."""
+    if isinstance(task, ImageTask):
+        return "i2i" if "image" in has else "t2i"
     if "image" in has and "audio" in has:
         return "s2v"
     if "image" in has and "last_frame" in has:
@@ -112,7 +140,7 @@ def _task_type(has: set[str]) -> str:
     return "i2v" if "image" in has else "t2v"
 
 
-def _decode(raw: bytes) -> VideoTask:
+def _decode(raw: bytes, struct: type[T]) -> T:
     if not raw.strip():
         raise _Pydantic("missing", [], "Field required")
     try:
@@ -122,7 +150,8 @@ def _decode(raw: bytes) -> VideoTask:
     if not isinstance(doc, dict):
         raise _Pydantic("model_attributes_type", [], "Input should be a valid dictionary or object to extract fields from")
     try:
-        return msgspec.convert(doc, VideoTask)
+        # Lax, as pydantic is: "42" is a fine seed.
+        return msgspec.convert(doc, struct, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
         field = message.rsplit("$.", 1)[-1].split("[")[0].rstrip("`") if "$." in message else None
@@ -141,19 +170,19 @@ def _pydantic_error(request: Request, exc: _Pydantic) -> Response:
     return Response({"detail": exc.detail}, status_code=422)
 
 
-def _job_values(task: VideoTask, uploaded: set[str]) -> dict[str, Any]:
+def _job_values(task: BaseTask, uploaded: set[str]) -> dict[str, Any]:
     """The gateway job a LightX2V request describes (inputs still as the client gave them)."""
     for name, what in (("video_path", "a video input"), ("image_mask_path", "a mask"),
                        ("talk_objects", "several speakers")):
-        if getattr(task, name):
+        if getattr(task, name, None):
             raise _field_error(name, f"{name}: the gateway does not pass {what} on to nodes")
     values: dict[str, Any] = {}
-    for name in _PARAMS:
+    for name in task.__struct_fields__:
         value = getattr(task, name)
-        if value not in (None, "", []):
+        if name in PARAM_FIELDS and value not in (None, "", []):
             values[name] = value
     for name, role in INPUT_FIELDS.items():
-        value = getattr(task, name)
+        value = getattr(task, name, "")
         if not value:
             continue
         if not value.startswith(("http://", "https://", "data:")) and looks_like_server_path(value):
@@ -161,7 +190,7 @@ def _job_values(task: VideoTask, uploaded: set[str]) -> dict[str, Any]:
                                " read; send the file as base64, a data URL or an http(s) URL, or"
                                " upload it to /v1/tasks/video/form")
         values[role] = value
-    values["task"] = _task_type(uploaded | {role for role in INPUT_FIELDS.values() if role in values})
+    values["task"] = _task_type(task, uploaded | {role for role in INPUT_FIELDS.values() if role in values})
     return values
 
 
@@ -169,15 +198,15 @@ def _field_error(field: str, message: str) -> _Pydantic:
     return _Pydantic("value_error", [field], message)
 
 
-def _file_name(task_id: str, save_result_path: str, ext: str = ".mp4") -> str:
+def _file_name(task_id: str, save_result_path: str, ext: str) -> str:
     """The file a node would write: `save_result_path`'s name (default: the task id), with
-    `.mp4` added when it has no extension; the status then reports this name."""
+    `.mp4` (`.png` for an image) added when it has no extension; the status reports this name."""
     name = posixpath.basename((save_result_path or task_id).replace("\\", "/")) or task_id
     return name if posixpath.splitext(name)[1] else name + ext
 
 
 async def _accept(
-    jobs: JobService, store: JobStore, who: Caller, task: VideoTask, values: dict[str, Any],
+    jobs: JobService, store: JobStore, who: Caller, task: BaseTask, values: dict[str, Any],
     files: list[IncomingFile],
 ) -> Submitted:
     """Queue the job, under the client's own task_id when it chose one."""
@@ -199,8 +228,8 @@ async def _accept(
         # Another request took this task_id a moment earlier: as the node would, refuse this one.
         await jobs.cancel(job.id, who)
         raise _Duplicate(chosen)
-    name = _file_name(task_id, task.save_result_path)
-    if name != f"{job.id}.mp4":
+    name = _file_name(task_id, task.save_result_path, _ext(job))
+    if name != f"{job.id}{_ext(job)}":
         # A later task writing the same file on a node replaces it: the newest job has the name.
         await store.save_foreign_id(who.owner, FILES, name, job.id, replace=True)
     return Submitted(task_id, "pending", task.save_result_path or task_id)
@@ -229,9 +258,13 @@ async def _find(store: JobStore, who: Caller, task_id: str) -> Job | None:
     return await store.read(read)
 
 
+def _ext(job: Job) -> str:
+    return ".png" if job.task in IMAGE_TASKS else ".mp4"
+
+
 def _status(job: Job, task_id: str, file_name: str | None) -> TaskStatusView:
     state = STATUS[job.state]
-    name = file_name or f"{job.id}.mp4"
+    name = file_name or f"{job.id}{_ext(job)}"
     if state != "completed" and file_name is None:
         name = task_id  # the request's value until the node has written the file
     error = "Task cancelled by user" if job.state == "cancelled" else job.error
@@ -278,17 +311,25 @@ EXCEPTIONS = {_Pydantic: _pydantic_error, _Duplicate: _duplicate_error, _NotFoun
 
 
 @post(["/v1/tasks/video/", "/v1/tasks/"], status_code=200, request_max_body_size=None,
+      operation_class=body_operation("LightX2V's `VideoTaskRequest`", {"application/json": struct_schema(VideoTask)}),
       summary="LightX2V: submit a video task (JSON)", tags=["LightX2V server API"],
       description="The LightX2V server's `VideoTaskRequest`; inputs as http(s) URLs, base64 or data URLs."
-      " `POST /v1/tasks/` is the server's deprecated alias.", exception_handlers=EXCEPTIONS)
+      " `POST /v1/tasks/` is the server's deprecated alias.", exception_handlers=EXCEPTIONS,
+      responses=errors(LIGHTX2V, 400, 403, 413, 422, 503, 507))
 async def submit_video(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
 ) -> Submitted:
+    return await _submit_json(request, jobs, store, settings, who, VideoTask)
+
+
+async def _submit_json(
+    request: Request, jobs: JobService, store: JobStore, settings: Settings, who: Caller, struct: type[BaseTask],
+) -> Submitted:
     mb = settings.max_json_mb
     raw = await read_limited(request.stream(), mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
-                             " allowed; send large files to /v1/tasks/video/form")
-    task = _decode(raw)
+                             " allowed; send large files to the /form route")
+    task = _decode(raw, struct)
     return await _accept(jobs, store, who, task, _job_values(task, set()), [])
 
 
@@ -299,27 +340,38 @@ _FORM_FILES = {"image_file": "image", "last_frame_file": "last_frame", "audio_fi
 
 
 @post("/v1/tasks/video/form", status_code=200, request_max_body_size=None,
+      operation_class=body_operation("The form, `image_file` required", {
+          "multipart/form-data": struct_schema(VideoForm, ("image_file", "last_frame_file", "audio_file")),
+      }),
       summary="LightX2V: submit a video task (multipart upload)", tags=["LightX2V server API"],
       description="`image_file` (required), `last_frame_file`, `audio_file`, and the text fields"
       " `prompt`, `negative_prompt`, `save_result_path`, `use_prompt_enhancer`, `num_fragments`,"
       " `infer_steps`, `target_video_length`, `seed` (default 42), `video_duration`, `target_fps`.",
-      exception_handlers=EXCEPTIONS)
+      exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 400, 403, 413, 415, 422, 503, 507))
 async def submit_video_form(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     who: NamedDependency[Caller],
 ) -> Submitted:
+    return await _submit_form(request, jobs, store, who, VideoTask, _FORM_FILES, _FORM_DEFAULTS, image_required=True)
+
+
+async def _submit_form(
+    request: Request, jobs: JobService, store: JobStore, who: Caller, struct: type[BaseTask],
+    roles: dict[str, str], defaults: dict[str, int], *, image_required: bool, **text: str,
+) -> Submitted:
+    """A form route: its files, its text fields, and every number with the server's default."""
     fields, files = await jobs.read_upload(
-        request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
-        roles=_FORM_FILES,
+        request.headers.get("content-type", ""), request.stream(), size=declared_size(request), roles=roles,
     )
     try:
-        if "image" not in {f.role for f in files}:
+        if image_required and "image" not in {f.role for f in files}:
             raise _Pydantic("missing", ["image_file"], "Field required")
-        task = VideoTask(
+        task = struct(
             prompt=fields.get("prompt", ""), negative_prompt=fields.get("negative_prompt", ""),
             save_result_path=fields.get("save_result_path", ""),
             use_prompt_enhancer=truth("use_prompt_enhancer", fields.get("use_prompt_enhancer")),
-            **{name: whole_number(name, fields.get(name), default) for name, default in _FORM_DEFAULTS.items()},
+            **{name: whole_number(name, fields.get(name), default) for name, default in defaults.items()},
+            **{name: fields.get(name) or default for name, default in text.items()},
         )
         values = _job_values(task, {f.role for f in files})
     except BaseException:
@@ -328,14 +380,51 @@ async def submit_video_form(
     return await _accept(jobs, store, who, task, values, files)
 
 
+class ImageForm(msgspec.Struct, kw_only=True):
+    """`/v1/tasks/image/form`'s text fields, with the server's defaults (its file: `image_file`)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    save_result_path: str = ""
+    use_prompt_enhancer: bool = False
+    infer_steps: int = 5
+    seed: int = 42
+    aspect_ratio: str = "16:9"
+
+
+@post("/v1/tasks/image/", status_code=200, request_max_body_size=None,
+      operation_class=body_operation("LightX2V's `ImageTaskRequest`", {"application/json": struct_schema(ImageTask)}),
+      summary="LightX2V: submit an image task (JSON): t2i, or i2i with `image_path`", tags=["LightX2V server API"],
+      exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 400, 403, 413, 422, 503, 507))
+async def submit_image(
+    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
+    settings: NamedDependency[Settings], who: NamedDependency[Caller],
+) -> Submitted:
+    return await _submit_json(request, jobs, store, settings, who, ImageTask)
+
+
+@post("/v1/tasks/image/form", status_code=200, request_max_body_size=None,
+      operation_class=body_operation("The form; with `image_file` an i2i task, else t2i", {
+          "multipart/form-data": struct_schema(ImageForm, ("image_file",)),
+      }),
+      summary="LightX2V: submit an image task (multipart upload)", tags=["LightX2V server API"],
+      exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 400, 403, 413, 415, 422, 503, 507))
+async def submit_image_form(
+    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
+    who: NamedDependency[Caller],
+) -> Submitted:
+    return await _submit_form(request, jobs, store, who, ImageTask, {"image_file": "image"},
+                              {"infer_steps": 5, "seed": 42}, image_required=False, aspect_ratio="16:9")
+
+
 @get("/v1/tasks/{task_id:str}/status", summary="LightX2V: a task's status", tags=["LightX2V server API"],
-     exception_handlers=EXCEPTIONS)
+     exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 404, 422))
 async def task_status(store: NamedDependency[JobStore], who: NamedDependency[Caller], task_id: FromPath[str]) -> TaskStatusView:
     return await _task_status(store, who, task_id)
 
 
 @get("/v1/tasks/", summary="LightX2V: every task of this key (the newest 1000), keyed by task id, oldest first",
-     tags=["LightX2V server API"])
+     tags=["LightX2V server API"], responses=errors(LIGHTX2V))
 async def list_tasks(store: NamedDependency[JobStore], who: NamedDependency[Caller]) -> dict[str, TaskStatusView]:
     def read(r: Reads) -> dict[str, TaskStatusView]:  # up to 1000 jobs: on a reader thread
         jobs = list(reversed(r.list_jobs(owner=who.sees, limit=LISTED)))
@@ -345,7 +434,7 @@ async def list_tasks(store: NamedDependency[JobStore], who: NamedDependency[Call
 
 
 @delete("/v1/tasks/{task_id:str}", status_code=200, summary="LightX2V: cancel a task (always 200)",
-        tags=["LightX2V server API"])
+        tags=["LightX2V server API"], responses=errors(LIGHTX2V, 403, 422))
 async def stop_task(
     jobs: NamedDependency[JobService], store: NamedDependency[JobStore], who: NamedDependency[Caller],
     task_id: FromPath[str],
@@ -358,7 +447,8 @@ async def stop_task(
 
 
 @get("/v1/tasks/{task_id:str}/result", summary="LightX2V: a completed task's file (supports Range)",
-     tags=["LightX2V server API"], media_type="video/mp4", exception_handlers=EXCEPTIONS)
+     tags=["LightX2V server API"], exception_handlers=EXCEPTIONS,
+     responses=file_responses(LIGHTX2V, 404, 422))
 async def task_result(
     store: NamedDependency[JobStore], blobs: NamedDependency[BlobStore], who: NamedDependency[Caller],
     task_id: FromPath[str], range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
@@ -368,7 +458,7 @@ async def task_result(
         raise _NotFound("Task not completed")
     job = await _find(store, who, task_id)
     assert job is not None
-    return _file(job, blobs, view.save_result_path or f"{job.id}.mp4", range_header)
+    return _file(job, blobs, view.save_result_path or f"{job.id}{_ext(job)}", range_header)
 
 
 def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Response:
@@ -380,7 +470,8 @@ def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Re
 
 
 @get("/v1/files/download/{file_path:path}", summary="LightX2V: a result file by its name",
-     tags=["LightX2V server API"], media_type="video/mp4", exception_handlers=EXCEPTIONS)
+     tags=["LightX2V server API"], exception_handlers=EXCEPTIONS,
+     responses=file_responses(LIGHTX2V, 403, 404, 422))
 async def download_file(
     store: NamedDependency[JobStore], blobs: NamedDependency[BlobStore], who: NamedDependency[Caller],
     file_path: FromPath[str], range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
@@ -419,10 +510,14 @@ class ServiceStatus(msgspec.Struct):
 
 
 @get("/v1/service/status", summary="LightX2V: idle when the pool would start a task now",
-     tags=["LightX2V server API"])
+     tags=["LightX2V server API"], responses=errors(LIGHTX2V))
 async def service_status(
     store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher], who: NamedDependency[Caller],
 ) -> ServiceStatus:
+    return await _service(store, dispatcher, who)
+
+
+async def _service(store: JobStore, dispatcher: Dispatcher, who: Caller) -> ServiceStatus:
     # "idle" is what LightX2V's multi-server script waits for before it sends the next task:
     # a GPU in the pool would start one now (nothing waits in the gateway's queue, and some
     # node with room is up).
@@ -447,13 +542,37 @@ async def service_status(
     )
 
 
+class QueueStatus(msgspec.Struct):
+    is_processing: bool
+    current_task: str | None
+    pending_count: int
+    active_count: int
+    queue_size: int
+    queue_available: int
+
+
+@get("/v1/tasks/queue/status", summary="LightX2V: this key's tasks in flight against the pool's slots",
+     tags=["LightX2V server API"], responses=errors(LIGHTX2V))
+async def queue_status(
+    store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher], who: NamedDependency[Caller],
+) -> QueueStatus:
+    service = await _service(store, dispatcher, who)
+    active = service.pending_tasks + len(service.active_tasks)
+    return QueueStatus(
+        is_processing=bool(service.active_tasks), current_task=service.current_task,
+        pending_count=service.pending_tasks, active_count=active, queue_size=service.queue_size,
+        # The gateway's own queue takes every task: room is never short, only the pool's slots.
+        queue_available=max(0, service.queue_size - active),
+    )
+
+
 class ServiceMetadata(msgspec.Struct):
     nproc_per_node: int
     model_cls: str
     model_path: str
 
 
-@get("/v1/service/metadata", summary="LightX2V: the pool's model class", tags=["LightX2V server API"])
+@get("/v1/service/metadata", summary="LightX2V: the pool's model class", tags=["LightX2V server API"], responses=errors(LIGHTX2V))
 async def service_metadata(dispatcher: NamedDependency[Dispatcher]) -> ServiceMetadata:
     # One model across the pool is named; a mixed pool is no model class a client could plan
     # for. Nodes' model paths are theirs: none is shown.
@@ -461,5 +580,5 @@ async def service_metadata(dispatcher: NamedDependency[Dispatcher]) -> ServiceMe
     return ServiceMetadata(1, models.pop() if len(models) == 1 else "x2v-gateway", "")
 
 
-ROUTES = [submit_video, submit_video_form, task_status, list_tasks, stop_task, task_result,
+ROUTES = [submit_video, submit_video_form, submit_image, submit_image_form, queue_status, task_status, list_tasks, stop_task, task_result,
           download_file, service_status, service_metadata]

@@ -21,7 +21,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from ..auth import Caller
 from ..blobs import BlobStore
-from ..compat import job_request, result_path
+from ..compat import IMAGE_TASKS, OPENAI, errors, file_responses, job_request, result_path
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
@@ -29,6 +29,7 @@ from ..reads import find_job
 from ..schemas import ApiError
 from ..settings import Settings
 from ..store import Job, JobStore
+from .api import body_operation, struct_schema
 from .files import ranged_file
 
 STATUS = {"queued": "queued", "submitted": "queued", "running": "in_progress",
@@ -37,6 +38,24 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # LightX2V's video models render 16 frames a second, plus the first frame (81 frames: 5 s).
 FPS = 16
 OPENAI_MODEL = "sora-2"  # what the answer names when the request named none
+
+
+class VideoCreate(msgspec.Struct, kw_only=True):
+    """`POST /v1/videos` (`input_reference`: a file in a multipart form, or an object in JSON)."""
+
+    prompt: str
+    model: str | None = None
+    seconds: str | None = None
+    size: str | None = None
+
+
+class ImageReference(msgspec.Struct, kw_only=True):
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+class VideoCreateJson(VideoCreate, kw_only=True):
+    input_reference: ImageReference | None = None
 
 
 class VideoError(msgspec.Struct):
@@ -148,12 +167,15 @@ def video_view(job: Job, dispatcher: Dispatcher, settings: Settings) -> Video:
 
 
 def _progress(job: Job, dispatcher: Dispatcher) -> int:
-    """0 until it runs, 100 once done; while it runs, its time so far against the run time
-    measured for its task type on its node (at most 99: the end is seen, not guessed)."""
+    """0 until it runs, 100 once done; while it runs, what the upstream reports, else its time
+    so far against the run time measured for its task type on its node (at most 99: the end
+    is seen, not guessed)."""
     if job.finished:
         return 100
     if job.state != "running" or job.started_at is None or job.upstream is None:
         return 0
+    if (reported := (job.queue_info or {}).get("progress")) is not None:
+        return max(1, min(99, int(100 * reported)))  # the upstream says how far it has got
     recent = dispatcher.timings.recent(job.upstream).get(job.task)
     if not recent:
         return 0
@@ -177,9 +199,14 @@ async def _read_create(request: Request, jobs: JobService, settings: Settings) -
 
 
 @post("/v1/videos", status_code=200, request_max_body_size=None, tags=["OpenAI-compatible"],
+      operation_class=body_operation("A video to make", {
+          "multipart/form-data": struct_schema(VideoCreate, ("input_reference",)),
+          "application/json": struct_schema(VideoCreateJson),
+      }),
       summary="OpenAI: create a video (`prompt`, `model`, `seconds`, `size`, `input_reference`)",
       description="multipart/form-data (as the `openai` SDK sends it) or JSON; `input_reference` an"
-      " image file, or `{\"image_url\": ...}` (an http(s) or data URL).")
+      " image file, or `{\"image_url\": ...}` (an http(s) or data URL).",
+      responses=errors(OPENAI, 400, 403, 413, 415, 507))
 async def create_video(
     request: Request, jobs: NamedDependency[JobService], dispatcher: NamedDependency[Dispatcher],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
@@ -201,7 +228,8 @@ async def create_video(
     return view
 
 
-@get("/v1/videos/{video_id:str}", tags=["OpenAI-compatible"], summary="OpenAI: a video's status")
+@get("/v1/videos/{video_id:str}", tags=["OpenAI-compatible"], summary="OpenAI: a video's status",
+     responses=errors(OPENAI, 400, 404))
 async def retrieve_video(
     store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
     settings: NamedDependency[Settings], who: NamedDependency[Caller], video_id: FromPath[str],
@@ -209,7 +237,8 @@ async def retrieve_video(
     return video_view(await find_job(store, video_id, who), dispatcher, settings)
 
 
-@get("/v1/videos", tags=["OpenAI-compatible"], summary="OpenAI: this key's videos, newest first")
+@get("/v1/videos", tags=["OpenAI-compatible"], summary="OpenAI: this key's videos, newest first",
+     responses=errors(OPENAI, 400, 404))
 async def list_videos(
     store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
@@ -221,13 +250,15 @@ async def list_videos(
         raise ApiError(400, "order: this gateway lists videos newest first (desc) only", "order")
     before = (await find_job(store, after, who)).seq if after else None
     page = await store.list_jobs(owner=who.sees, before_seq=before, limit=limit + 1)
-    data = [video_view(job, dispatcher, settings) for job in page[:limit]]
-    return VideoList("list", data, data[0].id if data else None, data[-1].id if data else None,
+    # Image jobs are no videos: left out, so a page may hold fewer; `last_id` is where it
+    # stopped reading, which is where the next page starts.
+    data = [video_view(job, dispatcher, settings) for job in page[:limit] if job.task not in IMAGE_TASKS]
+    return VideoList("list", data, data[0].id if data else None, page[:limit][-1].id if page else None,
                      len(page) > limit)
 
 
 @get("/v1/videos/{video_id:str}/content", tags=["OpenAI-compatible"], media_type="video/mp4",
-     summary="OpenAI: a completed video's MP4 (supports Range)")
+     summary="OpenAI: a completed video's MP4 (supports Range)", responses=file_responses(OPENAI, 400, 404))
 async def video_content(
     store: NamedDependency[JobStore], blobs: NamedDependency[BlobStore], who: NamedDependency[Caller],
     video_id: FromPath[str],
@@ -245,7 +276,8 @@ async def video_content(
 
 
 @delete("/v1/videos/{video_id:str}", status_code=200, tags=["OpenAI-compatible"],
-        summary="OpenAI: delete a video (cancel it if unfinished, and delete its files)")
+        summary="OpenAI: delete a video (cancel it if unfinished, and delete its files)",
+        responses=errors(OPENAI, 400, 403, 404))
 async def delete_video(jobs: NamedDependency[JobService], who: NamedDependency[Caller], video_id: FromPath[str]) -> VideoDeleted:
     job = await jobs.cancel(video_id, who, purge=True)
     return VideoDeleted(job.id, "video.deleted", True)
