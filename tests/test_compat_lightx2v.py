@@ -1,6 +1,7 @@
 """The LightX2V server API over the pool, driven as LightX2V's own client scripts drive a node.
 
-The requests below are made exactly as `scripts/server/post.py`, `post_i2v.py`,
+`post_async_t2i_and_wait.py` runs as it is (tests/clients/lightx2v/, Apache-2.0, see NOTICE.md).
+The other requests are made exactly as `scripts/server/post.py`, `post_i2v.py`,
 `check_status.py`, `post_async_t2i_and_wait.py` and `post_multi_servers.py` of ModelTC/LightX2V
 (Apache-2.0) make them, with `requests` and no header: only the base URL is the gateway's. The
 gateway names the key such clients act as (X2V_HEADERLESS_KEY).
@@ -9,8 +10,11 @@ gateway names the key such clients act as (X2V_HEADERLESS_KEY).
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -301,3 +305,16 @@ def test_image_form_with_a_file_makes_an_i2i_job(gateway, media):
     with gateway.client() as admin:
         job = admin.get(f"/api/v1/jobs/{task_id}").json()
     assert job["task"] == "i2i" and job["params"]["seed"] == 42 and job["params"]["infer_steps"] == 5
+
+
+@needs_image_tasks
+def test_lightx2v_own_t2i_script_runs_unmodified_against_the_gateway(gateway, tmp_path):
+    script = Path(__file__).parent / "clients" / "lightx2v" / "post_async_t2i_and_wait.py"
+    output = tmp_path / "t2i_result.png"
+    run = subprocess.run(
+        [sys.executable, str(script), "--url", gateway.url, "--prompt", "a lighthouse at dusk",
+         "--infer_steps", "4", "--poll_interval", "0.2", "--timeout_seconds", "60", "--output", str(output)],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Task completed" in run.stdout and output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
