@@ -172,6 +172,13 @@ def test_cancel_answers_as_the_server_and_stays_cancelled(gateway):
     assert status["end_time"] is not None
     not_done = requests.get(f"{gateway.url}/v1/tasks/stop-me/result")
     assert not_done.status_code == 404 and not_done.json() == {"detail": "Task not completed"}
+    for index in range(3):
+        requests.post(f"{gateway.url}/v1/tasks/video/", json={"prompt": "all of these", "task_id": f"all-{index}"})
+    stopped_all = requests.delete(f"{gateway.url}/v1/tasks/all/running")
+    assert stopped_all.json() == {"stop_status": "success", "reason": "All tasks stopped successfully."}
+    states = [requests.get(f"{gateway.url}/v1/tasks/all-{i}/status").json()["status"] for i in range(3)]
+    # The first may have ended on a busy machine before the DELETE; the third waited behind it.
+    assert set(states) <= {"cancelled", "completed"} and states[2] == "cancelled"
     unknown = requests.delete(f"{gateway.url}/v1/tasks/no-such-task")
     assert unknown.status_code == 200
     assert unknown.json() == {"stop_status": "do_nothing", "reason": "Task not found or already completed."}

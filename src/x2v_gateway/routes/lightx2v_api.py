@@ -433,6 +433,23 @@ async def list_tasks(store: NamedDependency[JobStore], who: NamedDependency[Call
     return await store.read(read)
 
 
+@delete("/v1/tasks/all/running", status_code=200, summary="LightX2V: cancel every unfinished task of this key",
+        tags=["LightX2V server API"], responses=errors(LIGHTX2V, 403))
+async def stop_all_tasks(
+    jobs: NamedDependency[JobService], store: NamedDependency[JobStore], who: NamedDependency[Caller],
+) -> Stopped:
+    # This key's own tasks only, an admin's too: on a node "all" is one client's queue, not
+    # every key's work in the pool.
+    seen: set[str] = set()
+    while unfinished := [job for job in await store.list_jobs(
+        states=["queued", "submitted", "running"], owner=who.owner, limit=500,
+    ) if job.id not in seen]:
+        for job in unfinished:
+            seen.add(job.id)  # each asked once, whatever the cancel found
+            await jobs.cancel(job.id, who)
+    return Stopped("success", "All tasks stopped successfully.")
+
+
 @delete("/v1/tasks/{task_id:str}", status_code=200, summary="LightX2V: cancel a task (always 200)",
         tags=["LightX2V server API"], responses=errors(LIGHTX2V, 403, 422))
 async def stop_task(
@@ -581,4 +598,4 @@ async def service_metadata(dispatcher: NamedDependency[Dispatcher]) -> ServiceMe
 
 
 ROUTES = [submit_video, submit_video_form, submit_image, submit_image_form, queue_status, task_status, list_tasks, stop_task, task_result,
-          download_file, service_status, service_metadata]
+          stop_all_tasks, download_file, service_status, service_metadata]
