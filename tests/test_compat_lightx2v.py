@@ -325,3 +325,24 @@ def test_lightx2v_own_t2i_script_runs_unmodified_against_the_gateway(gateway, tm
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Task completed" in run.stdout and output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_image_tasks
+def test_post_sync_t2i_base64_py_gets_the_png_in_the_answer(gateway):
+    # scripts/server/post_sync_t2i_base64.py: request_t2i_sync, as written.
+    payload = {"prompt": "a red fox", "negative_prompt": "", "infer_steps": 4, "seed": 42, "aspect_ratio": "16:9",
+               "save_result_path": "", "use_prompt_enhancer": False}
+    endpoint = f"{gateway.url.rstrip('/')}/v1/tasks/image/sync?timeout_seconds={60}&poll_interval_seconds={0.5}"
+    response = requests.post(endpoint, json=payload, timeout=60 + 30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["content-disposition"] == 'inline; filename="result.png"'
+    assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sync_image_route_refuses_what_the_server_refuses_and_what_it_will_not_do(gateway):
+    url = f"{gateway.url}/v1/tasks/image/sync"
+    zero = requests.post(f"{url}?timeout_seconds=0", json={"prompt": "x"})
+    assert zero.status_code == 400 and zero.json() == {"detail": "timeout_seconds must be > 0"}
+    presigned = requests.post(url, json={"prompt": "x", "presigned_url": "https://bucket.example/put-here"})
+    assert presigned.status_code == 422 and presigned.json()["detail"][0]["loc"] == ["body", "presigned_url"]

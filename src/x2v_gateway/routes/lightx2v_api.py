@@ -14,6 +14,7 @@ store's foreign ids, like the `save_result_path` file name `/v1/files/download/`
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 import time
 from typing import Annotated, Any, TypeVar
@@ -21,7 +22,8 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from ..auth import Caller
 from ..blobs import BlobStore
@@ -32,7 +34,7 @@ from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
 from ..settings import Settings
-from ..schemas import PARAM_FIELDS
+from ..schemas import PARAM_FIELDS, ApiError
 from ..store import Job, JobStore, Reads
 from .api import body_operation, struct_schema
 from .files import ranged_file
@@ -208,7 +210,7 @@ def _file_name(task_id: str, save_result_path: str, ext: str) -> str:
 async def _accept(
     jobs: JobService, store: JobStore, who: Caller, task: BaseTask, values: dict[str, Any],
     files: list[IncomingFile],
-) -> Submitted:
+) -> tuple[Job, Submitted]:
     """Queue the job, under the client's own task_id when it chose one."""
     chosen = task.task_id.strip()
     try:
@@ -232,7 +234,7 @@ async def _accept(
     if name != f"{job.id}{_ext(job)}":
         # A later task writing the same file on a node replaces it: the newest job has the name.
         await store.save_foreign_id(who.owner, FILES, name, job.id, replace=True)
-    return Submitted(task_id, "pending", task.save_result_path or task_id)
+    return job, Submitted(task_id, "pending", task.save_result_path or task_id)
 
 
 class _Duplicate(Exception):
@@ -330,7 +332,7 @@ async def _submit_json(
     raw = await read_limited(request.stream(), mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
                              " allowed; send large files to the /form route")
     task = _decode(raw, struct)
-    return await _accept(jobs, store, who, task, _job_values(task, set()), [])
+    return (await _accept(jobs, store, who, task, _job_values(task, set()), []))[1]
 
 
 # The form route's fields, with the server's defaults: its form endpoints pass every field.
@@ -377,7 +379,44 @@ async def _submit_form(
     except BaseException:
         discard(files)
         raise
-    return await _accept(jobs, store, who, task, values, files)
+    return (await _accept(jobs, store, who, task, values, files))[1]
+
+
+@post("/v1/tasks/image/sync", status_code=200, request_max_body_size=None, media_type="image/png",
+      operation_class=body_operation("LightX2V's `ImageTaskRequest`", {"application/json": struct_schema(ImageTask)}),
+      summary="LightX2V: make an image and answer it (PNG) once made, within `timeout_seconds`",
+      tags=["LightX2V server API"], exception_handlers=EXCEPTIONS,
+      responses={200: ResponseSpec(bytes, media_type="image/png", generate_examples=False, description="The image"),
+                 **errors(LIGHTX2V, 400, 403, 409, 413, 422, 500, 503, 504, 507)})
+async def submit_image_sync(
+    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
+    blobs: NamedDependency[BlobStore], settings: NamedDependency[Settings], who: NamedDependency[Caller],
+    timeout_seconds: Annotated[int, QueryParameter(description="At most X2V_MAX_WAIT")] = 600,
+    poll_interval_seconds: Annotated[float, QueryParameter(description="Accepted; the gateway is told when the job ends")] = 0.5,
+) -> Response:
+    if timeout_seconds <= 0:
+        raise ApiError(400, "timeout_seconds must be > 0", "timeout_seconds")
+    if not poll_interval_seconds > 0:
+        raise ApiError(400, "poll_interval_seconds must be > 0", "poll_interval_seconds")
+    mb = settings.max_json_mb
+    task = _decode(await read_limited(request.stream(), mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB allowed"), ImageTask)
+    if task.presigned_url:
+        # The gateway does not PUT results to URLs its clients name: fetch the image from here.
+        raise _field_error("presigned_url", "presigned_url: the gateway answers the image itself and uploads it nowhere")
+    job, _ = await _accept(jobs, store, who, task, _job_values(task, set()), [])
+    job = await jobs.wait(job, min(timeout_seconds, settings.max_wait))
+    if job.state == "failed":
+        raise ApiError(500, job.error or "Task failed")
+    if job.state == "cancelled":
+        raise ApiError(409, "Task cancelled by user")
+    if job.state != "succeeded":
+        await jobs.cancel(job.id, who)
+        raise ApiError(504, f"Task {job.id} timed out after {timeout_seconds} seconds")
+    path = result_path(job, blobs)
+    if path is None:
+        raise ApiError(500, f"Task completed but its image is no longer stored: {job.id}")
+    return Response(await asyncio.to_thread(path.read_bytes), media_type="image/png",
+                    headers={"content-disposition": 'inline; filename="result.png"'})
 
 
 class ImageForm(msgspec.Struct, kw_only=True):
@@ -597,5 +636,5 @@ async def service_metadata(dispatcher: NamedDependency[Dispatcher]) -> ServiceMe
     return ServiceMetadata(1, models.pop() if len(models) == 1 else "x2v-gateway", "")
 
 
-ROUTES = [submit_video, submit_video_form, submit_image, submit_image_form, queue_status, task_status, list_tasks, stop_task, task_result,
+ROUTES = [submit_video, submit_video_form, submit_image, submit_image_form, submit_image_sync, queue_status, task_status, list_tasks, stop_task, task_result,
           stop_all_tasks, download_file, service_status, service_metadata]
