@@ -12,6 +12,14 @@ from media import make_png, make_wav
 from pg_cluster import PostgresCluster
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--store", choices=("sqlite", "postgresql"), default="sqlite",
+        help="where every test gateway keeps its store: its SQLite file (default), or a PostgreSQL"
+             " database of the test process's own cluster (the suite run on PostgreSQL)",
+    )
+
+
 def pytest_configure(config) -> None:
     # The run's directory, where every process lists the secrets and files tests/test_secrets.py
     # checks (gateway_proc.py). ./dev test makes it, for its two pytest runs; for a plain `pytest`
@@ -36,11 +44,13 @@ FILE_SECONDS = {
     "test_demo_node.py": 20, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
     "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
     "test_compat_lightx2v.py": 30, "test_compat_seeds.py": 6, "test_compat_openai.py": 4,
-    "test_postgres_gateway.py": 14, "test_migrate_store.py": 5,
+    "test_pipelines.py": 40, "test_pipeline_dashboard.py": 13, "test_pipeline_replicas.py": 27,
+    "test_postgres_gateway.py": 30, "test_migrate_store.py": 5,
     "test_store_plans_postgres.py": 14,
     "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
-    "test_webhooks.py": 50,
-    "test_replicas.py": 70, "test_replica_store.py": 2,
+    "test_webhooks.py": 60,
+    "test_replicas.py": 135, "test_replica_store.py": 2, "test_replicas_postgres.py": 100,
+    "test_tasks.py": 32, "test_batches_api.py": 7, "test_dashboard_tasks.py": 20,
 }
 
 
@@ -72,6 +82,21 @@ def pg_cluster():
     cluster = PostgresCluster().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gateways_on_postgresql(request):
+    """With --store=postgresql, every gateway process gets a PostgreSQL database (gateway_proc.py)."""
+    if request.config.getoption("--store") != "postgresql":
+        yield
+        return
+    import gateway_proc
+
+    cluster = request.getfixturevalue("pg_cluster")
+    databases: dict[Path, str] = {}
+    gateway_proc.database_for = lambda data_dir: databases.setdefault(data_dir.resolve(), cluster.new_database())
+    yield
+    gateway_proc.database_for = None
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,11 @@ def remember_secret(secret: str) -> str:
     return secret
 
 
+# `pytest --store=postgresql` (conftest.py): every gateway keeps its store in PostgreSQL, one
+# database per data dir (replicas sharing a data dir share it). Set by conftest.py then.
+database_for: Callable[[Path], str] | None = None
+
+
 class GatewayProcess:
     """`x2v-gateway serve` in a subprocess, with its own data dir and settings.
 
@@ -65,6 +71,7 @@ class GatewayProcess:
             "X2V_POLL_INTERVAL": "0.2",
             "X2V_LOG_LEVEL": "INFO",
             "X2V_ADMIN_KEY": ADMIN_KEY,
+            **({"X2V_DATABASE_URL": database_for(data_dir)} if database_for else {}),
             **settings,
         }
         self.admin_key = self.env["X2V_ADMIN_KEY"]

@@ -63,14 +63,22 @@ class PostgresCluster:
     def _run(self, *args: str) -> None:
         subprocess.run([*self._as, *args], check=True, capture_output=True, cwd=self.root)
 
-    def start(self) -> PostgresCluster:
-        self._run(_bin("initdb"), "-D", str(self.data), "-U", USER, "-A", "trust", "--no-sync",
-                  "--locale=C.UTF-8", "-E", "UTF8")
+    def _pg_ctl(self, action: str) -> None:
         options = (
             f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c synchronous_commit=off"
             " -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB"
         )
-        self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+        self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"),
+                  "-m", "fast", "-w", action)
+
+    def restart(self) -> None:
+        """A real restart of the server: every connection to it is cut."""
+        self._pg_ctl("restart")
+
+    def start(self) -> PostgresCluster:
+        self._run(_bin("initdb"), "-D", str(self.data), "-U", USER, "-A", "trust", "--no-sync",
+                  "--locale=C.UTF-8", "-E", "UTF8")
+        self._pg_ctl("start")
         # The template holds the gateway's schema: a test's database is a copy (tens of ms),
         # not a fresh run of every migration.
         with psycopg.connect(self.admin_url, autocommit=True) as conn:

@@ -1,4 +1,5 @@
-"""Several gateway replicas on one SQLite file, in front of several demo nodes, as real processes.
+"""Several gateway replicas on one SQLite file (or one PostgreSQL database: `database_url`), in
+front of several demo nodes, as real processes.
 
 Shared by tests/test_replicas.py and bench/replicas.py:
 
@@ -55,12 +56,15 @@ class Cluster:
 
     def __init__(
         self, root: Path, *, replicas: int = 3, nodes: int = 4, job_seconds: float = 0.5,
-        **settings: str,
+        database_url: str = "", node_class: type[NodeProcess] = NodeProcess, **settings: str,
     ) -> None:
         self.root = root
+        self.database_url = database_url
+        if database_url:
+            settings["X2V_DATABASE_URL"] = database_url
         # max_queue_size well above the slots: a node given too much accepts it, and says so.
         self.nodes = [
-            NodeProcess(root / f"node{i}", job_seconds=job_seconds, max_queue_size=10, tasks="t2v")
+            node_class(root / f"node{i}", job_seconds=job_seconds, max_queue_size=10, tasks="t2v")
             for i in range(nodes)
         ]
         spec = ",".join(f"n{i}={n.url}" for i, n in enumerate(self.nodes))
@@ -130,6 +134,8 @@ class Cluster:
     # -- what happened -------------------------------------------------------------------------
 
     def db(self) -> sqlite3.Connection:
+        if self.database_url:
+            return _PostgresReader(self.database_url)  # type: ignore[return-value]
         conn = sqlite3.connect(f"file:{self.data / 'gateway.db'}?mode=ro", uri=True, timeout=10)
         conn.execute("PRAGMA busy_timeout = 10000")
         return conn
@@ -192,6 +198,24 @@ class Cluster:
             with av.open(str(path)) as container:
                 assert next(container.decode(video=0), None) is not None, f"{job_id}: no frame"
             path.unlink()
+
+
+class _PostgresReader:
+    """The shared PostgreSQL database read as `Cluster.db()` reads the SQLite file (`?` marks)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, args=()):
+        return self.conn.execute(sql.replace("?", "%s"), args)
+
+    def __enter__(self) -> _PostgresReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.conn.close()
 
 
 def run_chaos(

@@ -4,6 +4,7 @@ joining in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -21,6 +22,7 @@ import av
 import pytest
 
 from gateway_proc import GatewayProcess, until
+from servers import NodeProcess
 from media import make_png, make_wav
 from x2v_gateway.demo.video import render_video
 from x2v_gateway.media import probe_video
@@ -128,7 +130,7 @@ def test_a_scene_starts_from_the_last_frame_of_the_one_before(api, media, tmp_pa
     response = api.post("/api/v1/pipelines", json=doc)
     assert response.status_code == 201, response.text
     first = response.json()["steps"]
-    assert first[1]["state"] == "waiting" and first[1]["takes"] == {"image": "step 0's last frame"}
+    assert first[1]["state"] == "waiting" and first[1]["takes"] == {"image": "steps[0]'s last frame"}
     pipeline = wait_pipeline(api, response.json()["id"], {"succeeded", "failed"})
     assert pipeline["state"] == "succeeded", pipeline
     clip = download(api, pipeline["steps"][0]["result"]["url"], tmp_path / "first.mp4")
@@ -181,7 +183,7 @@ def test_cancel_and_retry_of_one_step(api, media):
     second = until(lambda: api.get(f"/api/v1/pipelines/{pipeline['id']}").json()["steps"][1]["job_id"])
     api.delete(f"/api/v1/jobs/{second}")  # one step's job cancelled by hand: that step failed
     failed = wait_pipeline(api, pipeline["id"], {"failed"})
-    assert "step 2" in failed["error"] and failed["steps"][1]["state"] == "cancelled"
+    assert failed["error"].startswith("steps[1] (scenes[1]) cancelled") and failed["steps"][1]["state"] == "cancelled"
     until(lambda: api.get(f"/api/v1/pipelines/{pipeline['id']}").json()["steps"][0]["state"] == "succeeded")
     retried = api.post(f"/api/v1/pipelines/{pipeline['id']}/steps/1/retry")
     assert retried.status_code == 200, retried.text
@@ -189,6 +191,14 @@ def test_cancel_and_retry_of_one_step(api, media):
     first_job = api.get(f"/api/v1/jobs/{done['steps'][0]['job_id']}").json()
     assert first_job["run"] == 0 and first_job["attempts"] == 1  # the step that succeeded was not run again
     assert api.get(f"/api/v1/jobs/{second}").json()["run"] == 1
+
+    # A failed step's job retried through the jobs API moves its pipeline on just as well.
+    pipeline = api.post("/api/v1/pipelines", json=doc).json()
+    second = until(lambda: api.get(f"/api/v1/pipelines/{pipeline['id']}").json()["steps"][1]["job_id"])
+    api.delete(f"/api/v1/jobs/{second}")
+    wait_pipeline(api, pipeline["id"], {"failed"})
+    assert api.post(f"/api/v1/jobs/{second}/retry").status_code == 200
+    assert wait_pipeline(api, pipeline["id"], {"succeeded"})["error"] is None
 
     pipeline = api.post("/api/v1/pipelines", json={"scenes": [
         {"task": "i2v", "prompt": "a", "image": b64(media["face"]), "duration": 3},
@@ -225,12 +235,27 @@ def test_a_bad_pipeline_is_refused_naming_the_field(api, doc, field):
 
 
 def test_speech_longer_than_a_pipeline_takes_is_refused(api, media, tmp_path):
-    long = make_wav(tmp_path / "long.wav", seconds=601, rate=8000)
+    long = tmp_path / "long.wav"
+    with wave.open(str(long), "wb") as out:  # 601 s of silence, small: 2,000 samples a second
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(2000)
+        out.writeframes(bytes(601 * 2000 * 2))
     doc = {"scenes": [{"task": "s2v", "image": b64(media["face"]), "audio": b64(long)}]}
     response = api.post("/api/v1/pipelines", json=doc)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == "scenes[0].audio"
     assert "600" in response.json()["error"]["message"]
+
+
+def test_idempotency_key_makes_one_pipeline_however_often_it_is_sent(api):
+    doc = {"scenes": [{"task": "t2v", "prompt": "once", "duration": 1}]}
+    first = api.post("/api/v1/pipelines", json=doc, headers={"Idempotency-Key": "story-1"})
+    again = api.post("/api/v1/pipelines", json=doc, headers={"Idempotency-Key": "story-1"})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
+    other = api.post("/api/v1/pipelines", json={**doc, "seed": 3}, headers={"Idempotency-Key": "story-1"})
+    assert other.status_code == 409 and other.json()["error"]["field"] == "Idempotency-Key"
 
 
 def test_another_keys_pipeline_is_not_found(gateway, api):
@@ -244,35 +269,44 @@ def test_another_keys_pipeline_is_not_found(gateway, api):
     assert listed["pipelines"][0]["id"] == pipeline["id"] and listed["next_cursor"]
 
 
-def test_pipeline_survives_gateway_sigkill_and_repeats_no_finished_step(tmp_path, media):
-    # Each demo job takes 1.5 s, one at a time: the kill lands with one step done and the next running.
-    gateway = GatewayProcess(tmp_path / "data", X2V_DEMO_JOB_SECONDS="1.5").start()
+def test_pipeline_runs_in_parallel_across_nodes_and_survives_gateway_sigkill(tmp_path, media):
+    # Two nodes, one job at a time each, 1.5 s a job: the kill lands with steps done and others running.
+    nodes = [NodeProcess(tmp_path / name, job_seconds=1.5).start() for name in ("a", "b")]
+    gateway = GatewayProcess(tmp_path / "data", nodes=f"a={nodes[0].url},b={nodes[1].url}", X2V_LOOKAHEAD="0").start()
     try:
         with gateway.client() as api:
             doc = {"scenes": [
                 {"task": "i2v", "prompt": "one", "image": b64(media["face"]), "duration": 1},
-                {"task": "i2v", "prompt": "two", "first_frame": "previous", "duration": 1},
+                {"task": "i2v", "prompt": "two", "image": b64(media["face2"]), "duration": 1},
                 {"task": "i2v", "prompt": "three", "first_frame": "previous", "duration": 1},
+                {"task": "t2v", "prompt": "four", "duration": 1},
             ]}
             pipeline_id = api.post("/api/v1/pipelines", json=doc).json()["id"]
-            until(lambda: api.get(f"/api/v1/pipelines/{pipeline_id}").json()["steps"][1]["job_id"], timeout=60,
-                  what="the second step started")
-            before = api.get(f"/api/v1/pipelines/{pipeline_id}").json()
+
+            def some_done_some_running():
+                steps = api.get(f"/api/v1/pipelines/{pipeline_id}").json()["steps"]
+                states = [s["state"] for s in steps]
+                return steps if "succeeded" in states and {"queued", "submitted", "running"} & set(states) else None
+
+            before = until(some_done_some_running, timeout=60, what="a step done and another under way")
         gateway.kill()
         gateway.start()
         with gateway.client() as api:
             done = wait_pipeline(api, pipeline_id, {"succeeded", "failed"})
             assert done["state"] == "succeeded", done
-            assert done["steps"][0]["job_id"] == before["steps"][0]["job_id"]
-            assert done["steps"][1]["job_id"] == before["steps"][1]["job_id"]
+            for old, new in zip(before, done["steps"]):
+                assert old["job_id"] is None or old["job_id"] == new["job_id"]
             jobs = api.get("/api/v1/jobs", params={"batch_id": pipeline_id}).json()["jobs"]
-            assert len(jobs) == 3  # one job per step, none made twice
-            first = api.get(f"/api/v1/jobs/{done['steps'][0]['job_id']}").json()
-            assert first["attempts"] == 1 and first["run"] == 0
+            assert len(jobs) == 4  # one job per step, none made twice
+            assert all(j["attempts"] == 1 and j["run"] == 0 for j in jobs), jobs  # none sent twice
+            assert {j["upstream"] for j in jobs} == {"a", "b"}  # the pool shared the steps
             video = download(api, done["result"]["url"], tmp_path / "joined.mp4")
-            assert probe_video(video).duration == pytest.approx(3.0, abs=0.07)
+            assert probe_video(video).duration == pytest.approx(4.0, abs=0.07)
+            assert frames_of(video) == 64
     finally:
         gateway.stop()
+        for node in nodes:
+            node.stop()
 
 
 def test_cli_submits_a_document_naming_local_files_and_downloads_the_video(gateway, media, tmp_path):
@@ -294,6 +328,13 @@ def test_cli_submits_a_document_naming_local_files_and_downloads_the_video(gatew
     info = probe_video(tmp_path / "story.mp4")
     assert info.has_audio and info.duration == pytest.approx(2.5, abs=0.07)
     assert gateway.admin_key not in done.stdout + done.stderr
+    # Run again (say after a Ctrl-C): the same pipeline, not a second one.
+    again = subprocess.run(
+        [sys.executable, "-m", "x2v_gateway.cli", "pipeline", "submit", "story.json", "--json", "--no-wait"],
+        cwd=tmp_path, env={**env, "X2V_URL": gateway.url, "X2V_KEY": gateway.admin_key},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert json.loads(again.stdout)["id"] == answer["id"]
 
     (tmp_path / "bad.json").write_text(json.dumps({"scenes": [{"task": "i2v", "image": "nope.png", "duration": 1}]}))
     refused = subprocess.run(
@@ -351,3 +392,77 @@ def test_join_fits_every_clip_to_one_size_and_frame_rate_and_keeps_the_sound(tmp
     assert (probed.width, probed.height, probed.has_audio) == (240, 136, True)
     assert probed.duration == pytest.approx(3.25, abs=0.06)
     assert frames_of(tmp_path / "joined.mp4") == 65
+
+
+def test_retention_keeps_a_pipelines_video_until_its_own_time_is_up(tmp_path):
+    from x2v_gateway.store import JobStore, Pipeline, PipelineStep, new_pipeline_id
+
+    async def run() -> tuple[list[str], list[str], bool]:
+        store = JobStore(tmp_path / "gateway.db")
+        try:
+            pipeline = Pipeline(id=new_pipeline_id(), output={"fps": 16}, steps=[PipelineStep(
+                n=0, scene=0, kind="clip", task="t2v", params={"prompt": "x"}, inputs={}, needs={}, seconds=1.0,
+            )])
+            await store.create_pipeline(pipeline)
+            await store.record_blob("a" * 64, 10, "mp4")
+            assert await store.finish_pipeline(pipeline.id, "a" * 64, {"seconds": 1.0})
+            now = time.time()
+            kept = await store.expire_files(now - 60, grace=0)  # finished after the cutoff: kept
+            gone = await store.expire_files(now + 60, grace=0)  # finished before it: deleted
+            return kept, gone, (await store.pipeline(pipeline.id)).files_expired
+        finally:
+            store.close()
+
+    kept, gone, expired = asyncio.run(run())
+    assert "a" * 64 not in kept and "a" * 64 in gone and expired
+
+
+def test_a_scene_with_an_image_prompt_waits_for_the_image_made_first():
+    from x2v_gateway.pipelines.plan import check_scenes, parse_request, plan_steps
+    from x2v_gateway.schemas import ApiError
+
+    request = parse_request(json.dumps({"scenes": [
+        {"task": "t2v", "prompt": "a title", "duration": 2},
+        {"task": "s2v", "prompt": "she speaks", "image_prompt": "a portrait of a storyteller", "audio": "x"},
+    ], "seed": 5}).encode())
+    no_prompt_needed = lambda task, prompt: None  # noqa: E731
+    check_scenes(request, {"t2v", "s2v", "t2i"}, no_prompt_needed)
+    with pytest.raises(ApiError) as refused:
+        check_scenes(request, {"t2v", "s2v"}, no_prompt_needed)
+    assert refused.value.field == "scenes[1].image_prompt"
+    speech = {1: {"seconds": 10.0, "parts": [[0.0, 5.0, "p0"], [5.0, 10.0, "p1"]]}}
+    steps = plan_steps(request, [{}, {"audio": "whole"}], speech)
+    assert [(s.kind, s.task) for s in steps] == [("clip", "t2v"), ("image", "t2i"), ("clip", "s2v"), ("clip", "s2v")]
+    assert steps[1].params == {"prompt": "a portrait of a storyteller", "seed": 5}
+    # Both parts of the speech start from the one portrait made first, with the same seed.
+    assert steps[2].needs == steps[3].needs == {"image": {"step": 1, "take": "output"}}
+    assert [s.inputs["audio"] for s in steps[2:]] == ["p0", "p1"]
+    assert {s.params["seed"] for s in steps} == {5}
+    assert [s.audio for s in steps[2:]] == [{"sha256": "whole", "offset": 0.0}, {"sha256": "whole", "offset": 5.0}]
+
+
+def test_a_hung_media_helper_is_stopped_and_the_next_work_gets_a_new_one():
+    from x2v_gateway.pipelines.media import MediaPool
+
+    async def run() -> tuple[str, int]:
+        pool = MediaPool()
+        try:
+            with pytest.raises(ValueError, match="longer than 0.5 s") as hung:
+                await pool.run(time.sleep, 30, timeout=0.5)
+            return str(hung.value), await pool.run(len, "four", timeout=30)
+        finally:
+            pool.close()
+
+    started = time.monotonic()
+    _, answer = asyncio.run(run())
+    assert answer == 4 and time.monotonic() - started < 20
+
+
+def test_a_pipeline_over_the_keys_daily_quota_is_refused_before_its_inputs_are_fetched(gateway, api, media):
+    key = api.post("/api/v1/keys", json={"name": "two-a-day", "daily_quota": 2}).json()["key"]
+    doc = {"scenes": [{"task": "i2v", "prompt": "x", "image": b64(media["face"]), "duration": 1}] * 3}
+    with gateway.client(key=key) as limited:
+        refused = limited.post("/api/v1/pipelines", json=doc)
+        assert refused.status_code == 429 and refused.json()["error"]["field"] == "quota"
+        assert limited.get("/api/v1/me").json()["jobs_today"] == 0  # nothing counted
+        assert limited.post("/api/v1/pipelines", json={"scenes": doc["scenes"][:2]}).status_code == 201

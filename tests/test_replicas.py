@@ -1,5 +1,6 @@
 """Several gateway replicas sharing one SQLite file: any of them takes any request, no node gets
 more than its slots, a replica SIGKILLed has its jobs taken over, and none reaches a node twice.
+tests/test_replicas_postgres.py runs these same tests on one PostgreSQL database.
 
 The long chaos round (500 jobs, 10 kills) is `bench/replicas.py --chaos`.
 """
@@ -10,12 +11,21 @@ import threading
 import time
 
 import httpx
+import pytest
 
+from gateway_proc import until
 from replica_cluster import Cluster, run_chaos
+from servers import MisbehavingNode
 
 
-def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others_changes(tmp_path):
-    cluster = Cluster(tmp_path, job_seconds=0.5).start()
+@pytest.fixture
+def database_url() -> str:
+    """The replicas' store: here their shared SQLite file (test_replicas_postgres.py: PostgreSQL)."""
+    return ""
+
+
+def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others_changes(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=0.5, database_url=database_url).start()
     try:
         ids = cluster.submit(40)
         # A client waiting on one replica hears of a change made through another within a second.
@@ -55,8 +65,8 @@ def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others
         cluster.stop()
 
 
-def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_path):
-    cluster = Cluster(tmp_path, job_seconds=4.0).start()
+def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=4.0, database_url=database_url).start()
     try:
         ids = cluster.submit(14)
         # Wait until the busiest replica follows jobs that run, and some that only just went out.
@@ -91,8 +101,33 @@ def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_pa
         cluster.stop()
 
 
-def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(tmp_path):
-    cluster = Cluster(tmp_path, job_seconds=1.0).start()
+@pytest.mark.parametrize("node_has_it", [False, True], ids=["never-read", "task-made"])
+def test_replica_killed_with_its_submission_on_the_wire_has_it_resolved_against_the_node(tmp_path, node_has_it):
+    cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=1.0, node_class=MisbehavingNode).start()
+    (node,) = cluster.nodes
+    try:
+        # The node holds the next submission's connection without answering: before reading it
+        # (its sender's death drops it), or after making its task (only the answer is lost).
+        node.fault("hang", route="submit", seconds=25, phase="after" if node_has_it else "before")
+        (job_id,) = cluster.submit(1, prefix="on the wire")
+        until(lambda: node.faults()[0]["fired"], what="the submission reached the node")
+        with cluster.db() as conn:
+            (sender,) = conn.execute("SELECT replica FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        next(r for r in cluster.replicas if r.name == sender).kill()
+        node.clear_faults()
+        until(lambda: cluster.held_by(sender) == set() and cluster.states([job_id])["succeeded"],
+              timeout=30, what="the job taken over and finished")
+        assert cluster.sent() == {job_id: 1}  # the node made its task once, either way
+        with cluster.live()[0].client() as client:
+            job = client.get(f"/api/v1/jobs/{job_id}").json()
+        # Sent again only when the node had no such task.
+        assert job["state"] == "succeeded" and job["attempts"] == (1 if node_has_it else 2), job["events"]
+    finally:
+        cluster.stop()
+
+
+def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=1.0, database_url=database_url).start()
     try:
         outcome = run_chaos(cluster, jobs=60, kills=3, seed=15, spread=12.0, gap=(1.0, 3.0), timeout=180)
         ids = outcome["ids"]

@@ -260,3 +260,10 @@ def test_nothing_above_the_store_imports_sqlite():
             found += [f"{path.relative_to(package)}: {name}" for name in names
                       if name.split(".")[0] in ("sqlite3", "sqlite_utils") or "store.sqlite" in name]
     assert not found
+
+
+def test_a_keys_rate_limit_gives_a_minutes_burst_then_says_how_long_to_wait(store):
+    # Kept in memory for SQLite (one process), in a table replicas share for PostgreSQL.
+    waits = [run(store.take_request("k1", 3)) for _ in range(4)]
+    assert waits[:3] == [0.0, 0.0, 0.0] and 19 < waits[3] <= 20
+    assert run(store.take_request("k2", 3)) == 0.0  # each key its own bucket

@@ -183,6 +183,11 @@ def test_failing_receiver_gets_retries_with_growing_gaps_and_the_same_id(gateway
         assert gaps[0] >= FIRST_RETRY * 0.5 - 0.05 and gaps[2] >= FIRST_RETRY * 2 - 0.05, gaps
         (shown,) = deliveries(api, job["id"], all_delivered(1))
         assert shown["attempts"] == 4 and shown["last_status"] == 200 and shown["next_attempt_at"] is None
+    with gateway.client() as admin:
+        metrics = admin.get("/metrics").text
+    counted = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("x2v_webhook_attempts_total{")}
+    assert counted["failed"] >= 3 and counted["delivered"] >= 1, counted
 
 
 def test_receiver_that_does_not_answer_in_time_is_tried_again(gateway, receiver):
@@ -211,8 +216,14 @@ def test_events_filter_and_a_batch_finishing_once(gateway, receiver):
             "task": "t2v", "prompt": f"scene {n}", "batch_id": "hooks-b1", "webhook_url": receiver.url("/batch"),
             "webhook_events": ["batch.finished"],
         }).json() for n in range(3)]
-        for job in [quiet, *jobs]:
+        # A multipart form says the same, its events comma-separated.
+        form = api.post("/api/v1/jobs", data={
+            "task": "t2v", "prompt": "a form", "webhook_url": receiver.url("/multipart"),
+            "webhook_events": "started, succeeded",
+        }, files={"x": ("", b"")}).json()
+        for job in [quiet, form, *jobs]:
             wait_for(api, job["id"], {"succeeded"})
+        assert [verify(secret, r)["type"] for r in receiver.wait("/multipart", 2)] == ["job.started", "job.succeeded"]
         (finished,) = receiver.wait("/batch", 1)
         message = verify(secret, finished)
         assert message["type"] == "batch.finished"
@@ -221,6 +232,18 @@ def test_events_filter_and_a_batch_finishing_once(gateway, receiver):
         time.sleep(1.0)  # no second batch.finished, and nothing for the successful job
         assert len(receiver.at("/batch")) == 1 and receiver.at("/failures") == []
         assert api.get(f"/api/v1/jobs/{quiet['id']}/webhooks").json()["deliveries"] == []
+
+
+def test_a_replay_with_another_webhook_is_a_conflict(gateway, receiver):
+    key, _ = make_key(gateway, "hooks-idem")
+    body = {"task": "t2v", "prompt": "once", "webhook_url": receiver.url("/idem")}
+    with gateway.client(key=key) as api:
+        first = api.post("/api/v1/jobs", json=body, headers={"Idempotency-Key": "idem-1"})
+        again = api.post("/api/v1/jobs", json=body, headers={"Idempotency-Key": "idem-1"})
+        other = api.post("/api/v1/jobs", json={**body, "webhook_url": receiver.url("/idem2")},
+                         headers={"Idempotency-Key": "idem-1"})
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
+    assert again.json()["id"] == first.json()["id"]
 
 
 def test_key_default_webhook_is_used_when_a_job_names_none(gateway, receiver, tmp_path):
@@ -317,6 +340,10 @@ def test_private_webhook_target_is_refused_when_urls_must_be_public(tmp_path, re
             me = admin.get("/api/v1/me").json()
             patched = admin.patch(f"/api/v1/keys/{me['id']}", json={"webhook_url": receiver.url("/private")})
             assert patched.status_code == 422 and patched.json()["error"]["field"] == "webhook_url"
+            # X2V_ADMIN_KEY's key has no secret until it asks for one: nothing could sign its webhooks.
+            assert not me["has_webhook_secret"]
+            patched = admin.patch(f"/api/v1/keys/{me['id']}", json={"webhook_url": "https://1.1.1.1/hook"})
+            assert patched.status_code == 409 and "webhook-secret" in patched.json()["error"]["message"]
             made = admin.post("/api/v1/keys", json={"name": "hooks-public2", "webhook_url": "http://10.1.2.3/"})
             assert made.status_code == 422 and made.json()["error"]["field"] == "webhook_url"
     finally:
@@ -470,3 +497,118 @@ def test_job_page_shows_deliveries_and_their_retries(gateway, receiver):
             assert "hidden-in-page" not in page.content()
         finally:
             browser.close()
+
+
+def test_jobs_of_a_batch_finishing_together_make_one_batch_finished(tmp_path):
+    """Events read in one round, on a real store: the batch's last event alone sends it; a job
+    of it run again makes the batch busy, and its end finishes the batch again."""
+    import asyncio
+
+    from x2v_gateway.store import JobStore, JobWebhook
+    from x2v_gateway.webhook_worker import _read_round
+
+    async def scenario() -> list[list[str]]:
+        store = JobStore(tmp_path / "store.db")
+        rounds = []
+
+        async def round_() -> None:
+            found = await store.read(_read_round)
+            await store.record_deliveries(found.deliveries, found.cursor)
+            rounds.append(sorted(d["type"] for d in found.deliveries))
+
+        try:
+            hook = JobWebhook("http://127.0.0.1:9/b", ("succeeded", "batch.finished"), "k1")
+            ids = [(await store.create_job(task="t2v", params={}, inputs={}, batch_id="b", owner="k1",
+                                           webhook=hook))[0].id for _ in range(3)]
+            # Another key's batch of the same name is another batch: its queued job does not count.
+            await store.create_job(task="t2v", params={}, inputs={}, batch_id="b", owner="k2")
+            await store.succeed(ids[0], "0" * 64, {})
+            await store.succeed(ids[1], "0" * 64, {})
+            await store.fail(ids[2], "node lost it")
+            await round_()
+            await store.retry(ids[2])
+            await round_()
+            await store.succeed(ids[2], "0" * 64, {})
+            await round_()
+            await round_()  # nothing new: nothing sent twice
+        finally:
+            store.close()
+        return rounds
+
+    assert asyncio.run(scenario()) == [
+        ["batch.finished", "job.succeeded", "job.succeeded"],
+        [],  # the retried job is queued (not in the filter), and the batch is busy again
+        ["batch.finished", "job.succeeded"],
+        [],
+    ]
+
+
+def test_a_name_that_now_resolves_to_a_private_address_is_refused_at_delivery(tmp_path, receiver):
+    """Accepted as public, the target's name later points inside the network (DNS rebinding): the
+    attempt is refused before anything is sent, and retried later (the name may change back)."""
+    import asyncio
+
+    from x2v_gateway.dispatch import Notifier
+    from x2v_gateway.inputs import PublicOnlyTransport
+    from x2v_gateway.metrics import Metrics
+    from x2v_gateway.settings import Settings
+    from x2v_gateway.store import JobStore, JobWebhook
+    from x2v_gateway.webhook_worker import WebhookWorker
+
+    async def rebound(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]  # where the receiver listens
+
+    async def scenario() -> dict:
+        store = JobStore(tmp_path / "store.db")
+        worker = WebhookWorker(Settings(data_dir=tmp_path), store, Notifier(), Metrics(),
+                               transport=PublicOnlyTransport(resolve=rebound))
+        try:
+            await store.create_key({"id": "k1", "name": "k1", "key_hash": "h", "prefix": "", "admin": False,
+                                    "daily_quota": None, "max_concurrent": None, "rate_per_min": None,
+                                    "source": "test", "webhook_secret": "whsec_" + "A" * 32}, "test")
+            url = f"http://hooks.example.com:{receiver.port}/rebound"
+            job, _ = await store.create_job(task="t2v", params={}, inputs={}, owner="k1",
+                                            webhook=JobWebhook(url, ("queued",), "k1"))
+            for _ in range(50):
+                await worker.round()
+                found = await store.job_deliveries(job.id)
+                if found and found[0]["attempts"]:
+                    return found[0]
+                await asyncio.sleep(0.05)
+            raise AssertionError("no attempt was made")
+        finally:
+            await worker.stop()
+            store.close()
+
+    attempted = asyncio.run(scenario())
+    assert attempted["last_error"] == (
+        "hooks.example.com is a private or local address; webhooks go to public addresses only"
+    )
+    assert attempted["next_attempt_at"] and not attempted["gave_up_at"]
+    assert receiver.at("/rebound") == []
+
+
+def test_replicas_sharing_a_store_send_each_message_once(tmp_path, receiver):
+    from collections import Counter
+
+    from replica_cluster import Cluster
+
+    cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=0.1, **HOOK_SETTINGS).start()
+    try:
+        key, secret = make_key(cluster.replicas[0], "hooks-replicas")
+        ids = []
+        for n in range(12):  # half through each replica
+            with cluster.replicas[n % 2].client(key=key) as api:
+                ids.append(api.post("/api/v1/jobs", json={
+                    "task": "t2v", "prompt": f"replica {n}", "webhook_url": receiver.url("/replicas"),
+                    "webhook_events": ["queued", "succeeded"],
+                }).json()["id"])
+        got = receiver.wait("/replicas", 24)
+        time.sleep(1.5)  # anything sent twice would have come by now
+        got = receiver.at("/replicas")
+        sent = Counter(r["headers"]["webhook-id"] for r in got)
+        assert len(sent) == 24 and set(sent.values()) == {1}, sent.most_common(3)
+        messages = Counter((m["data"]["id"], m["type"]) for m in (verify(secret, r) for r in got))
+        assert set(messages) == {(i, t) for i in ids for t in ("job.queued", "job.succeeded")}
+    finally:
+        cluster.stop()

@@ -37,21 +37,22 @@ from .pipelines import PipelineService
 from .posters import Posters
 from .routes import access, dashboard, events, lightx2v_api, openai_api, openai_images, seed_services
 from .routes import webhooks as webhook_routes
-from .routes.api import BatchesController, JobsController, ModelsController
+from .routes.api import JobsController, ModelsController
+from .routes.batches import BatchesController
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
 from .routes.pipelines import PipelinesController
 from .routes.posters import job_poster
-from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
+from .schemas import ApiError, ErrorBody, ErrorResponse, plain
 from .settings import Settings, load_settings
 from .store import JobStore
 from .streams import StreamSlots
+from .tasks import NODE_TASKS
 from .upstream import Upstream, cloud_account, self_hosted_node
 from .webhook_worker import WebhookWorker
 from .webhooks import JobWebhooks
 
 log = logging.getLogger("x2v_gateway")
-ALL_TASKS = tuple(TASK_INPUTS)
 
 
 class DemoNode:
@@ -66,7 +67,7 @@ class DemoNode:
                 port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self._server = build_demo_server(
-            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=ALL_TASKS,
+            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=sorted(NODE_TASKS),
         )
         # Its polls would flood the gateway's terminal; the start-up block says where it is.
         quiet_in_process_server()
@@ -130,7 +131,7 @@ class Gateway:
         self.pipelines = PipelineService(settings, self.store, self.blobs, self.jobs, self.notifier, self.auth)
         self.posters = Posters(self.store, self.blobs)
         self.streams = StreamSlots(settings.event_streams)
-        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier)
+        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier, self.metrics)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each

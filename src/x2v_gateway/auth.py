@@ -205,29 +205,6 @@ def limit_error_response(request: Request, exc: LimitError) -> Response[ErrorRes
     )
 
 
-class RateLimiter:
-    """A token bucket per key: `rate` requests a minute, in bursts of up to a minute's worth.
-
-    In memory: one gateway process serves the API, and a restart forgetting the buckets only
-    gives every key one fresh minute.
-    """
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, monotonic time)
-
-    def take(self, key_id: str, per_minute: float) -> float:
-        """0 when one more request may go now; else the seconds until one may."""
-        now = time.monotonic()
-        capacity = max(1.0, per_minute)
-        tokens, at = self._buckets.get(key_id, (capacity, now))
-        tokens = min(capacity, tokens + (now - at) * per_minute / 60)
-        if tokens >= 1:
-            self._buckets[key_id] = (tokens - 1, now)
-            return 0.0
-        self._buckets[key_id] = (tokens, now)
-        return (1 - tokens) * 60 / per_minute
-
-
 def _utc_day(now: float | None = None) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(now))
 
@@ -298,7 +275,6 @@ class Auth:
     def __init__(self, settings: Settings, store: JobStore, *, callers: CallerCache | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.limiter = RateLimiter()
         self.callers = CallerCache() if callers is None else callers
 
     # -- start ----------------------------------------------------------------------------------
@@ -465,11 +441,11 @@ class Auth:
 
     # -- limits ---------------------------------------------------------------------------------
 
-    def rate_limited(self, who: Caller) -> float:
-        """0, or the seconds this caller must wait before its next request."""
+    async def rate_limited(self, who: Caller) -> float:
+        """0, or the seconds this caller must wait before its next request (on any replica)."""
         if who.rate_per_min is None:
             return 0.0
-        return self.limiter.take(who.key_id, who.rate_per_min)
+        return await self.store.take_request(who.key_id, who.rate_per_min)
 
     @asynccontextmanager
     async def counting_jobs(self, who: Caller, n: int = 1) -> AsyncIterator[JobCount]:

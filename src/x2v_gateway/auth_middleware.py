@@ -111,7 +111,7 @@ class AuthMiddleware(ASGIMiddleware):
         if refusal is None and who is not None:
             if need == "admin" and not who.admin:
                 refusal = self._refuse(request, 403, "this needs an admin key")
-            elif who.via in ("key", "headerless") and (wait := auth.rate_limited(who)):
+            elif who.via in ("key", "headerless") and (wait := await auth.rate_limited(who)):
                 limit = LimitError(
                     f"rate limit: this key may make {who.rate_per_min:g} requests a minute;"
                     f" try again in {math.ceil(wait)} s", "rate", wait,

@@ -249,6 +249,19 @@ def create_key(name: str, admin: bool, daily_quota: int | None, max_concurrent: 
     click.echo(f"Its webhook signing secret, shown this once too: {secret}", err=True)
 
 
+def _key_webhooks(auth, key: str):  # -> tuple[dict, JobWebhooks]
+    """The key named (by id or name) and the webhooks of its jobs; exits when there is none."""
+    import asyncio
+
+    from .webhooks import JobWebhooks
+
+    row = asyncio.run(auth.find_key(key))
+    if row is None:
+        click.echo(f"x2v-gateway: no key {key!r} (see `{cli_command()} keys list`)", err=True)
+        sys.exit(1)
+    return row, JobWebhooks(auth.store, private_ok=auth.settings.private_urls)
+
+
 @keys.command("update")
 @click.argument("key")
 @click.option("--webhook", help="Default webhook URL of its jobs that name none ('' removes it)")
@@ -262,17 +275,13 @@ def update_key(key: str, webhook: str | None, webhook_events: str | None, env_fi
     import asyncio
 
     from .schemas import ApiError
-    from .webhooks import JobWebhooks, set_key_default
+    from .webhooks import set_key_default
 
     if webhook is None:
         raise click.UsageError("say what to change: --webhook URL (or '' to remove it)")
     auth, store = _open_auth(env_file)
     try:
-        row = asyncio.run(auth.find_key(key))
-        if row is None:
-            click.echo(f"x2v-gateway: no key {key!r} (see `{cli_command()} keys list`)", err=True)
-            sys.exit(1)
-        hooks = JobWebhooks(store, private_ok=auth.settings.private_urls)
+        row, hooks = _key_webhooks(auth, key)
         asyncio.run(set_key_default(store, hooks, row["id"], webhook or None, webhook_events, _actor()))
     except ApiError as exc:
         _api_error_exit(exc)
@@ -293,15 +302,11 @@ def rotate_webhook_secret(key: str, keep_previous_hours: float, env_file: str) -
     """
     import asyncio
 
-    from .webhooks import JobWebhooks, rotate_secret
+    from .webhooks import rotate_secret
 
     auth, store = _open_auth(env_file)
     try:
-        row = asyncio.run(auth.find_key(key))
-        if row is None:
-            click.echo(f"x2v-gateway: no key {key!r} (see `{cli_command()} keys list`)", err=True)
-            sys.exit(1)
-        hooks = JobWebhooks(store, private_ok=auth.settings.private_urls)
+        row, hooks = _key_webhooks(auth, key)
         made = asyncio.run(rotate_secret(store, hooks, row["id"], _actor(), keep_previous_hours=keep_previous_hours))
     finally:
         store.close()

@@ -478,20 +478,26 @@ async def _resolve(host: str, port: int) -> list[str]:
 async def keep_files(files: list[IncomingFile], store: JobStore, owner: str | None = None) -> dict[str, StoredInput]:
     """Check each file by its content (as `owner`'s checks), then keep it. All or nothing."""
     try:
-        kinds = {}
-        for incoming in files:
-            if incoming.writer.size == 0:
-                raise ApiError(422, f"{incoming.role} is an empty file", incoming.role)
-            try:
-                kinds[incoming.role] = await CHECKER.inspect(incoming.role, incoming.writer.tmp_path, owner)
-            except MediaError as exc:
-                raise ApiError(422, f"{incoming.role} {exc}", incoming.role) from None
+        kinds = {incoming.role: await check_file(incoming, owner) for incoming in files}
     except BaseException:
         discard(files)
         raise
-    stored = {}
-    for incoming in files:
-        sha, size = await asyncio.to_thread(incoming.writer.commit)
-        await store.record_blob(sha, size, kinds[incoming.role])
-        stored[incoming.role] = StoredInput(sha, size, kinds[incoming.role])
-    return stored
+    return {incoming.role: await commit_file(incoming, kinds[incoming.role], store) for incoming in files}
+
+
+async def check_file(incoming: IncomingFile, owner: str | None = None) -> str:
+    """The kind (extension) of a file by its content; a 422 naming its field when it is not
+    what the field needs. Nothing is kept or discarded here."""
+    if incoming.writer.size == 0:
+        raise ApiError(422, f"{incoming.role} is an empty file", incoming.role)
+    try:
+        return await CHECKER.inspect(incoming.role, incoming.writer.tmp_path, owner)
+    except MediaError as exc:
+        raise ApiError(422, f"{incoming.role} {exc}", incoming.role) from None
+
+
+async def commit_file(incoming: IncomingFile, kind: str, store: JobStore) -> StoredInput:
+    """Keep a checked file in the blob store (once, by its content) and record it."""
+    sha, size = await asyncio.to_thread(incoming.writer.commit)
+    await store.record_blob(sha, size, kind)
+    return StoredInput(sha, size, kind)

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from .auth import CSRF_FIELD, Auth, Caller, LimitError
+from .batch_requests import MadeBatch, create_batch
 from .batch_plan import BatchPlan, find_uploads, listed_names, new_batch_id, plan_batch, retry_params
 from .blobs import BlobStore
 from .checker import CHECKER, MediaError
@@ -219,8 +220,8 @@ class JobService:
         uploaded = {f.role for f in files}
         max_bytes = self.settings.max_file_mb * 1024 * 1024
         try:
-            self._check_inputs(request, given=uploaded)
-            await self._check_cloud_model(request)
+            self.check_job(request, given=uploaded)
+            await self.check_cloud_model(request)
             webhook = await self.webhooks.for_job(request.webhook_url, request.webhook_events, owner)
             for role in INPUT_ROLES:
                 value = getattr(request, role)
@@ -231,7 +232,10 @@ class JobService:
             raise
         return await self._accept(request, files, idempotency_key, owner, forward, webhook)
 
-    def _check_inputs(self, request: JobRequest, given: set[str]) -> None:
+    def check_job(self, request: JobRequest, given: set[str] = frozenset()) -> None:
+        """A 422 naming the field for a job that cannot run: inputs its task lacks or does not
+        take (`given`: those uploaded as files), an unknown upstream, a task no upstream runs,
+        a missing prompt, a `model` where it cannot choose."""
         present = given | {role for role in INPUT_ROLES if getattr(request, role)}
         needed = TASK_INPUTS[request.task]
         for role in needed:
@@ -239,6 +243,8 @@ class JobService:
                 raise ApiError(422, f"{role} is required for {request.task} jobs", role)
         for role in present - set(needed):
             raise ApiError(422, f"{role} is not used by {request.task} jobs", role)
+        if request.i2i_denoise_strength is not None and request.task != "i2i":
+            raise ApiError(422, f"i2i_denoise_strength is for i2i jobs, not {request.task}", "i2i_denoise_strength")
         if request.upstream is not None and request.upstream not in self.dispatcher.states:
             raise ApiError(422, f"no upstream named {request.upstream!r}; known: "
                            + ", ".join(self.dispatcher.states), "upstream")
@@ -278,7 +284,7 @@ class JobService:
                     others.append(upstream.name)
         return clouds, others
 
-    async def _check_cloud_model(self, request: JobRequest) -> None:
+    async def check_cloud_model(self, request: JobRequest) -> None:
         """Refuse a model the cloud does not offer (named, or the default) before anything is uploaded."""
         clouds, _ = self.candidates(request.task, request.upstream)
         params = {"model_cls": request.model} if request.model else None
@@ -348,6 +354,12 @@ class JobService:
             await self.notifier.wait(job.id, remaining)
             job = await self.store.get(job.id) or job
         return job
+
+    async def create_batch_from_json(
+        self, who: Caller, body: AsyncIterator[bytes], *, idempotency_key: str | None,
+    ) -> MadeBatch:
+        """A batch of jobs sent as one JSON request (`POST /api/v1/batches`): all or none."""
+        return await create_batch(self, who, body, idempotency_key=idempotency_key)
 
     # -- pipeline steps (pipelines/) ------------------------------------------------------------
 
@@ -603,7 +615,7 @@ class JobService:
         else:
             spec = BatchJobSpec(
                 task=job.task, params=params, inputs=dict(job.inputs), files=files,
-                priority=job.priority, retry_of=job.id,
+                priority=job.priority, retry_of=job.id, pinned=job.pinned,
             )
             (new,) = await self.store.create_batch(job.batch_id, [spec], owner=job.owner, webhook=webhook) or []
         self.notifier.changed(new.id)

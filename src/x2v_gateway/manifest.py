@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-FILE_COLUMNS = ("image", "audio")  # cells that name a file; the other columns are parameters
+FILE_COLUMNS = ("image", "audio", "last_frame")  # cells that name a file; the other columns are parameters
 
 
 class TooManyRows(Exception):

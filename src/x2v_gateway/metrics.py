@@ -48,6 +48,10 @@ class Metrics:
         self.submissions = Counter(
             "x2v_submissions", "Jobs sent to an upstream", ["upstream"], registry=self.registry
         )
+        self.webhook_attempts = Counter(
+            "x2v_webhook_attempts", "Webhook delivery attempts, by outcome: delivered, failed (to be"
+            " retried), given_up", ["outcome"], registry=self.registry,
+        )
         self.jobs_finished = Counter(
             "x2v_jobs_finished", "Jobs that reached a final state", ["state"], registry=self.registry
         )

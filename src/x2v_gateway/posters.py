@@ -17,6 +17,7 @@ from .blobs import BlobStore
 from .checker import CHECKER, MediaError
 from .store import Job, JobStore
 from .store.memo import Memo
+from .tasks import makes
 
 # Backfills at once: each holds a media checker for a fraction of a second; uploads need them too.
 POSTER_MAKERS = 2
@@ -66,7 +67,10 @@ class Posters:
         tmp = poster_tmp(self.blobs, job.id)
         async with self._slots:
             try:
-                await CHECKER.probe_video(video, job.owner, poster=tmp)
+                if makes(job.task) == "image":  # its thumbnail
+                    await CHECKER.probe_image(video, job.owner, poster=tmp)
+                else:
+                    await CHECKER.probe_video(video, job.owner, poster=tmp)
                 sha = await keep_poster(self.store, self.blobs, tmp)
             except (MediaError, ValueError, FileNotFoundError):
                 sha = None

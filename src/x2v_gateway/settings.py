@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from .tasks import ALL_TASKS, NODE_TASKS
+
 
 class SettingsError(ValueError):
     """A setting has a value the gateway cannot use; the message names the variable."""
@@ -228,7 +230,6 @@ def parse_nodes(name: str, raw: str) -> tuple[NodeSpec, ...]:
     return tuple(nodes)
 
 
-VIDEO_TASKS = frozenset({"s2v", "i2v", "t2v", "flf2v"})
 
 
 def _node_pairs(name: str, raw: str) -> list[tuple[str, str]]:
@@ -248,11 +249,11 @@ def parse_node_tasks(name: str, raw: str) -> dict[str, frozenset[str]]:
     result = {}
     for node, value in _node_pairs(name, raw):
         tasks = frozenset(t.strip() for t in value.split("+") if t.strip())
-        unknown = tasks - VIDEO_TASKS
+        unknown = tasks - NODE_TASKS
         if unknown or not tasks:
             raise SettingsError(
                 f"{name}: {node} lists {', '.join(sorted(unknown)) or 'no task'}; task types are"
-                f" {', '.join(sorted(VIDEO_TASKS))}"
+                f" {', '.join(sorted(NODE_TASKS))}"
             )
         result[node] = tasks
     return result
@@ -329,8 +330,8 @@ def parse_cloud_models(name: str, raw: str) -> dict[str, str]:
     """`s2v=SekoTalk,t2v=self-forcing-dmd` -> the cloud model each task type runs on by default."""
     models = {}
     for task, model in _node_pairs(name, raw):
-        if task not in VIDEO_TASKS:
-            raise SettingsError(f"{name}: {task!r} is not a task type; task types are {', '.join(sorted(VIDEO_TASKS))}")
+        if task not in ALL_TASKS:
+            raise SettingsError(f"{name}: {task!r} is not a task type; task types are {', '.join(sorted(ALL_TASKS))}")
         models[task] = model
     return models
 

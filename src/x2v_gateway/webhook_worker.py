@@ -2,11 +2,12 @@
 
 Each round, in one hop to a reader thread, it reads the job events after its cursor whose job has
 a webhook (job_events is the durable record of every state change), keeps those the webhook's
-filter wants, builds each message's body (the job as `GET /api/v1/jobs/{id}` shows it), and
-finds the deliveries that are due. It then records the new deliveries and moves the cursor in one
-transaction: a delivery exists, with its stable id and body, before anything is sent, and a crash
-at any point only redoes work (at least once, never never). Due deliveries are attempted at most
-`X2V_WEBHOOK_CONCURRENCY` at once, each bounded in time (`X2V_WEBHOOK_TIMEOUT`, connecting
+filter wants, and builds each message's body (the job as `GET /api/v1/jobs/{id}` shows it). It
+then records the new deliveries and moves the cursor in one transaction: a delivery exists, with its stable id and body, before anything is sent, and a crash
+at any point only redoes work (at least once, never lost). Due deliveries are attempted at most
+`X2V_WEBHOOK_CONCURRENCY` at once, each taken with a lease (replicas sharing the store never
+attempt one together; one an attempt left unfinished is due again when the lease ends), each
+bounded in time (`X2V_WEBHOOK_TIMEOUT`, connecting
 included) and in what is read of the answer, so a slow receiver holds one slot and nothing else.
 A failed attempt is tried again after `X2V_WEBHOOK_FIRST_RETRY` seconds, then twice as long each
 time (with jitter, at most an hour), until `X2V_WEBHOOK_RETRY_HOURS` after the event.
@@ -28,6 +29,7 @@ import msgspec
 
 from .dispatch import Notifier
 from .inputs import NotPublic, PublicOnlyTransport
+from .metrics import Metrics
 from .schemas import iso, job_view
 from .settings import Settings
 from .store import JobStore, JobWebhook, Reads
@@ -49,37 +51,48 @@ MIN_ROUND_GAP = 0.2
 # process: none today, but cheap).
 IDLE_ROUND_GAP = 2.0
 USER_AGENT = "x2v-gateway-webhooks"
+# A delivery taken for an attempt is due again this long after the attempt's timeout, should the
+# attempt never be recorded (the gateway killed meanwhile).
+LEASE_MARGIN = 5.0
 
 
 class WebhookWorker:
     """Turns job events into signed webhook deliveries and makes them; started and stopped with
     the gateway."""
 
-    def __init__(self, settings: Settings, store: JobStore, notifier: Notifier) -> None:
+    def __init__(
+        self, settings: Settings, store: JobStore, notifier: Notifier, metrics: Metrics,
+        *, transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`transport`: how attempts reach receivers (default: public addresses only, unless
+        X2V_PRIVATE_URLS; a test gives one that resolves names its own way)."""
         self.settings = settings
         self.store = store
         self.notifier = notifier
+        self.metrics = metrics
         self.http = httpx.AsyncClient(
             # The whole attempt is bounded by asyncio.timeout below; these bound each step.
             timeout=settings.webhook_timeout,
             follow_redirects=False,  # a redirect is an answer that is not 2xx: retried, never followed
-            transport=None if settings.private_urls else PublicOnlyTransport(),
+            transport=transport or (None if settings.private_urls else PublicOnlyTransport()),
             headers={"user-agent": USER_AGENT},
         )
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # a job changed: new events to record, maybe
+        self._due = asyncio.Event()  # deliveries recorded, or a slot freed: attempt what is due
         self._cursor: int | None = None  # the cursor as last written
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         changes = self.notifier.subscribe()
         self._tasks = [
-            asyncio.create_task(self._run(), name="webhooks"),
+            asyncio.create_task(self._record_loop(), name="webhooks-record"),
+            asyncio.create_task(self._send_loop(), name="webhooks-send"),
             asyncio.create_task(self._listen(changes), name="webhooks-listen"),
         ]
 
     async def stop(self) -> None:
-        # Attempts cut short stay due: the next start makes them again.
+        # Attempts cut short stay due: the next start makes them again once their lease ends.
         for task in [*self._tasks, *self._inflight.values()]:
             task.cancel()
         for task in [*self._tasks, *self._inflight.values()]:
@@ -87,49 +100,81 @@ class WebhookWorker:
                 await task
         await self.http.aclose()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     async def _listen(self, changes: asyncio.Queue[str]) -> None:
         try:
             while True:
                 await changes.get()
-                self._wake.set()
+                self._changed.set()
         finally:
             self.notifier.unsubscribe(changes)
 
-    async def _run(self) -> None:
+    async def _record_loop(self) -> None:
+        while True:
+            more = False
+            try:
+                more = await self.record()
+            except Exception:  # the store busy, a bug: the next round tries again
+                log.exception("recording webhook deliveries failed")
+            await asyncio.sleep(MIN_ROUND_GAP)
+            if not more:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), IDLE_ROUND_GAP)
+            self._changed.clear()
+
+    async def _send_loop(self) -> None:
         while True:
             delay = IDLE_ROUND_GAP
             try:
-                delay = await self.round()
-            except Exception:  # the store busy, a bug: the next round tries again
-                log.exception("webhook round failed")
-            await asyncio.sleep(MIN_ROUND_GAP)
+                delay = await self.send()
+            except Exception:
+                log.exception("starting webhook deliveries failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, delay - MIN_ROUND_GAP))
-            self._wake.clear()
+                await asyncio.wait_for(self._due.wait(), delay)
+            self._due.clear()
 
-    async def round(self) -> float:
-        """Record new deliveries, start the due ones; the seconds until the next is due."""
-        free = self.settings.webhook_concurrency - len(self._inflight)
-        found = await self.store.read(lambda r: _read_round(r, free, list(self._inflight)))
+    async def round(self) -> None:
+        """Record what new job events make, then start what is due (the two loops' work, once)."""
+        await self.record()
+        await self.send()
+
+    async def record(self) -> bool:
+        """Turn new job events into deliveries; True when more events wait."""
+        found = await self.store.read(_read_round)
         if found.deliveries or found.cursor != self._cursor:
             await self.store.record_deliveries(found.deliveries, found.cursor)
             self._cursor = found.cursor
-        if found.deliveries or found.more:
-            self._wake.set()  # new deliveries are due now; more events wait
-        for row in found.due:
-            task = asyncio.create_task(self._attempt(row, found.secrets.get(row["key_id"] or "", [])))
+        if found.deliveries:
+            self._due.set()
+        return found.more
+
+    async def send(self) -> float:
+        """Start due deliveries in the free slots; the seconds until the next one is due."""
+        free = self.settings.webhook_concurrency - len(self._inflight)
+        if free > 0 and await self._start(time.time(), free) == free:
+            return 0.0  # every slot taken: maybe more are due
+        next_at = await self.store.read(lambda r: r.next_delivery_at())
+        if next_at is None:
+            return IDLE_ROUND_GAP
+        return min(IDLE_ROUND_GAP, max(0.0, next_at - time.time()))
+
+    async def _start(self, now: float, free: int) -> int:
+        """Take the due deliveries (a lease: past it, one an attempt left unfinished is due
+        again) and attempt each, signed with its key's secrets; how many were taken."""
+        lease = now + self.settings.webhook_timeout + LEASE_MARGIN
+        rows = await self.store.claim_deliveries(now, free, lease)
+        if not rows:
+            return 0
+        keys = {row["key_id"] for row in rows if row["key_id"]}
+        secrets = await self.store.read(lambda r: {key: r.webhook_secrets(key) for key in keys})
+        for row in rows:
+            task = asyncio.create_task(self._attempt(row, secrets.get(row["key_id"] or "", [])))
             self._inflight[row["id"]] = task
             task.add_done_callback(lambda _, key=row["id"]: self._done(key))
-        if found.next_at is None:
-            return IDLE_ROUND_GAP
-        return min(IDLE_ROUND_GAP, max(0.0, found.next_at - time.time()))
+        return len(rows)
 
     def _done(self, delivery_id: str) -> None:
         self._inflight.pop(delivery_id, None)
-        self._wake.set()
+        self._due.set()  # a slot is free
 
     async def _attempt(self, row: dict[str, Any], secrets: list[str]) -> None:
         """One attempt at one delivery, and its outcome recorded."""
@@ -149,7 +194,7 @@ class WebhookWorker:
                             read += len(chunk)
                             if read >= MAX_ANSWER_BYTES:
                                 break
-            except TimeoutError:
+            except (TimeoutError, httpx.TimeoutException):
                 status, error = None, f"no answer within {self.settings.webhook_timeout:g} s"
             except NotPublic as exc:
                 error = f"{str(exc).split(';')[0]}; webhooks go to public addresses only"
@@ -168,25 +213,21 @@ class WebhookWorker:
         await self.store.delivery_attempted(
             row["id"], at=started, status=status, error=error, next_attempt_at=next_at,
         )
+        outcome = "delivered" if delivered else "failed" if next_at is not None else "given_up"
+        self.metrics.webhook_attempts.labels(outcome).inc()
 
 
 class _Round(msgspec.Struct):
     deliveries: list[dict[str, Any]]
     cursor: int
     more: bool
-    due: list[dict[str, Any]]
-    secrets: dict[str, list[str]]
     next_at: float | None
 
 
-def _read_round(r: Reads, free: int, inflight: list[str]) -> _Round:
-    """On a reader thread: the new events' deliveries, and the due ones with their secrets."""
+def _read_round(r: Reads) -> _Round:
+    """On a reader thread: the new events' deliveries, and when the next recorded one is due."""
     events, cursor = r.webhook_events(EVENTS_PER_ROUND)
-    deliveries = _deliveries(r, events)
-    now = time.time()
-    due = r.due_deliveries(now, free, inflight) if free > 0 else []
-    secrets = {key: r.webhook_secrets(key) for key in {d["key_id"] for d in due if d["key_id"]}}
-    return _Round(deliveries, cursor, len(events) == EVENTS_PER_ROUND, due, secrets, r.next_delivery_at())
+    return _Round(_deliveries(r, events), cursor, len(events) == EVENTS_PER_ROUND, r.next_delivery_at())
 
 
 def _deliveries(r: Reads, events: list[dict[str, Any]]) -> list[dict[str, Any]]:

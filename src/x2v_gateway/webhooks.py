@@ -257,8 +257,17 @@ async def set_key_default(
     store: JobStore, hooks: JobWebhooks, key_id: str, url: str | None,
     events: Iterable[str] | str | None, actor: str,
 ) -> bool:
-    """Set (or, url None, remove) a key's default webhook; False: no such key."""
+    """Set (or, url None, remove) a key's default webhook; False: no such key. 409 for a key
+    with no signing secret yet: its jobs' deliveries could not be signed."""
     columns = await key_default(url, events, private_ok=hooks.private_ok)
+    row = await store.read(lambda r: r.key(key_id))
+    if row is None:
+        return False
+    if columns["webhook_url"] and not row["has_webhook_secret"]:
+        raise ApiError(
+            409, f"key {key_id} has no webhook signing secret yet: make one first"
+            f" (POST /api/v1/keys/{key_id}/webhook-secret)", "webhook_url",
+        )
     chosen = tuple(columns["webhook_events"].split(",")) if columns["webhook_url"] else None
     found = await store.set_key_webhook(key_id, columns["webhook_url"], chosen, actor)
     hooks.forget(key_id)

@@ -4,6 +4,7 @@ step, its finished video downloaded."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -85,7 +86,9 @@ def submit(api: GatewayAPI, display: Display, file: Path, out: Path | None, no_w
     """Submit a pipeline (one JSON document), follow its steps, and download its video.
 
     A scene's image, audio or last_frame may name a local file, relative to FILE: it is sent
-    inline. Everything else is as `POST /api/v1/pipelines` takes it (see the README).
+    inline. Everything else is as `POST /api/v1/pipelines` takes it (see the README). Run it
+    again after an interruption: it follows the pipeline the first run made (the document's
+    content is its Idempotency-Key) rather than making another.
 
     \b
     Examples:
@@ -95,8 +98,13 @@ def submit(api: GatewayAPI, display: Display, file: Path, out: Path | None, no_w
     from .api import OK, SOME_FAILED, UNFINISHED
 
     doc = read_document(file)
-    # Not repeated by itself: a second POST would be a second pipeline.
-    made = api._send("POST", "/api/v1/pipelines", json=doc, retry=False).json()
+    # The key is the document's content: the same command run again (after an interruption, a
+    # lost answer) follows the pipeline the first run made instead of making another.
+    body = json.dumps(doc, sort_keys=True).encode()
+    key = "pipeline-" + hashlib.sha256(body).hexdigest()[:40]
+    made = api._send("POST", "/api/v1/pipelines", content=body, headers={
+        "Content-Type": "application/json", "Idempotency-Key": key,
+    }).json()
     if no_wait:
         return PipelineOutcome(made, None, UNFINISHED), UNFINISHED
     done = follow(api, made["id"], display)

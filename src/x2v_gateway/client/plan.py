@@ -34,11 +34,11 @@ MODES = ("each", "pair", "manifest", "grid")
 PARAMS = (
     "prompt", "negative_prompt", "seed", "infer_steps", "target_shape", "target_video_length",
     "video_duration", "target_fps", "num_fragments", "resize_mode", "sr_ratio",
-    "use_prompt_enhancer", "lora_name", "lora_strength",
+    "use_prompt_enhancer", "lora_name", "lora_strength", "aspect_ratio", "i2i_denoise_strength",
 )
 # What `--set` may give besides them: every job of the run goes to `upstream` / uses `model`.
 JOB_FIELDS = (*PARAMS, "priority", "upstream", "model")
-MANIFEST_COLUMNS = ("image", "audio", *PARAMS, "priority")
+MANIFEST_COLUMNS = ("image", "audio", "last_frame", *PARAMS, "priority")
 
 
 class PlanError(Exception):

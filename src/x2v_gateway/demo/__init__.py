@@ -13,7 +13,11 @@ s2v, or a prompt card when there is no image. A prompt containing `FAIL` makes i
 with a RuntimeError, like the stub the contract was captured with. `job_seconds` makes every
 task take at least that long, for benchmarks.
 
-Not reproduced: the image routes (`/v1/tasks/image/...`, `/v1/images/...`) and SenseNova-Vision
+Image tasks go to `/v1/tasks/image/` and `/v1/tasks/image/form` as on the real server (their own
+fields, `aspect_ratio` and `i2i_denoise_strength`, the image form's optional `image_file`, and a
+`<id>.png` output served as `image/png`); "inference" is `image.render_image`.
+
+Not reproduced: the sync image route, the OpenAI routes (`/v1/images/...`) and SenseNova-Vision
 are declared but answer 404 `{"detail":"Not Found"}`; `/docs` is a short HTML page rather than
 Swagger UI, and there is no `/openapi.json`; there is no Prometheus metrics port.
 
@@ -25,7 +29,7 @@ real stub did).
 
 The package, by idea: `node` (the app: routes, handlers, processing thread, server), `board`
 (the tasks in memory), `validate` (pydantic-shaped 422s), `inputs` (base64 and URL inputs),
-`video` (the renderer), and `asgi`, the small ASGI toolkit the tests' doubles use too.
+`video` and `image` (the renderers), and `asgi`, the small ASGI toolkit the tests' doubles use too.
 
 Run one:
 

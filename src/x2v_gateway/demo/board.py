@@ -37,6 +37,7 @@ class Task:
     # The validated request fields the client set (JSON) or every form field (form).
     request: dict[str, Any]
     save_result_path: str
+    output: str = "video"  # or "image": what its route makes (`<id>.mp4` or `<id>.png`)
     status: TaskStatus = TaskStatus.PENDING
     start_time: datetime = field(default_factory=datetime.now)
     end_time: datetime | None = None
@@ -75,13 +76,13 @@ class TaskBoard:
         self._current: str | None = None
         self._total = self._completed = self._failed = 0
 
-    def create(self, task_id: str, request: dict[str, Any], save_result_path: str) -> Task:
+    def create(self, task_id: str, request: dict[str, Any], save_result_path: str, output: str = "video") -> Task:
         with self._wakeup:
             if task_id in self._tasks:
                 raise Refused(f"Task ID {task_id} already exists")
             if self._active_count() >= self.max_queue_size:
                 raise Refused(f"Task queue is full (max {self.max_queue_size} tasks)")
-            task = Task(task_id=task_id, request=request, save_result_path=save_result_path)
+            task = Task(task_id=task_id, request=request, save_result_path=save_result_path, output=output)
             self._tasks[task_id] = task
             task.held = self._active_count()
             self._total += 1

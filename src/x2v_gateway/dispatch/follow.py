@@ -294,6 +294,8 @@ class Follower:
             info["running_seconds"] = status.running_seconds
         elif typical is not None:
             info["running_seconds"] = round(typical, 1)
+        if status.progress is not None:
+            info["progress"] = round(status.progress, 3)  # shown as the job's `progress`
         return info or None
 
     async def _past_start_deadline(

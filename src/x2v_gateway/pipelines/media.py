@@ -9,6 +9,7 @@ No numpy here (the gateway does not ship it): samples are handled as bytes and `
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import wave
@@ -46,28 +47,56 @@ class MediaPool:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in the helper; ValueError if it fails or crashes the helper."""
+    async def run(self, fn: Callable[..., T], *args: Any, timeout: float = 120.0) -> T:
+        """`fn(*args)` in the helper; ValueError if it fails, crashes the helper, or takes more
+        than `timeout` seconds (the helper is killed: a file that hangs FFmpeg holds no pipeline
+        up for long)."""
         async with self._lock:  # one at a time; the others wait here, on the loop
             if self._pool is None:
                 # spawn, not fork: a fork of a process that runs threads and a loop is not safe.
                 self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+                return await asyncio.wait_for(
+                    asyncio.get_running_loop().run_in_executor(self._pool, fn, *args), timeout,
+                )
             except BrokenProcessPool:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+                self.close()
                 raise ValueError("the media helper crashed on this file") from None
+            except TimeoutError:
+                log.warning("pipelines: %s took longer than %g s; stopping its helper", fn.__name__, timeout)
+                self.close()
+                raise ValueError(f"took longer than {timeout:g} s") from None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            # The executor has no way to stop a running call: its process goes.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _plain_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """What a helper's work raises comes back to the gateway as ValueError (or FileNotFoundError
+    for a file that is gone): FFmpeg's own exceptions do not all survive the trip between
+    processes, and one that does not would break the pool."""
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as exc:
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+    return run
 
 
 # -- splitting a long speech ---------------------------------------------------------------------
 
 
+@_plain_errors
 def split_speech(audio: Path, out_dir: Path, max_seconds: float, max_total: float) -> dict[str, Any]:
     """Where to cut `audio` so that no part is longer than `max_seconds`, cutting at its quietest
     moments; with more than one part, each written as a WAV in `out_dir`.
@@ -180,6 +209,7 @@ def _wav(path: Path, rate: int) -> wave.Wave_write:
 # -- a clip's last frame -------------------------------------------------------------------------
 
 
+@_plain_errors
 def last_frame(video: Path, dest: Path) -> None:
     """The last picture of `video`, as a PNG at `dest` (the next scene's first frame)."""
     import av
@@ -206,6 +236,14 @@ def frame_counts(seconds: list[float], fps: int) -> list[int]:
     return counts
 
 
+def join_timeout(parts: list[dict[str, Any]], size: list[int] | None) -> float:
+    """Seconds a join may take: generous (a core encodes a 640x360 frame in a few ms), so that
+    only a hung one is stopped."""
+    pixels = size[0] * size[1] if size else 1280 * 720
+    return 300.0 + 2.0 * sum(p["seconds"] for p in parts) * max(1.0, pixels / (640 * 360))
+
+
+@_plain_errors
 def join_clips(parts: list[dict[str, Any]], dest: Path, fps: int, size: list[int] | None) -> dict[str, Any]:
     """Join clips into one H.264/AAC MP4 at `dest`: each part is {"video": path, "seconds": its
     span, "audio": path or None, "offset": seconds into that audio}. Every clip is fitted into

@@ -1,7 +1,8 @@
 """A pipeline as it is asked for (`PipelineRequest`, one JSON document) and the steps it becomes.
 
-Scenes are joined in order into one video. A scene's image may be a file, or the last frame of
-the scene before it (`"first_frame": "previous"`): that step then waits for the earlier one.
+Scenes are joined in order into one video. A scene's image may be a file, the last frame of the
+scene before it (`"first_frame": "previous"`), or an image made first from a prompt
+(`"image_prompt"`, a t2i step): the scene's steps then wait for the one that makes it.
 An s2v scene lasts as long as its audio; audio longer than a node takes in one task
 (`X2V_SPEECH_PART_SECONDS`) is split at its silences into parts, each a step of its own with
 the same portrait and seed, joined with the whole audio under them.
@@ -28,6 +29,8 @@ MAX_SCENE_SECONDS = 30.0
 MAX_VIDEO_SECONDS = 600.0  # the joined video
 MAX_AUDIO_SECONDS = 600.0  # every scene's audio, together
 MIN_SIDE, MAX_SIDE = 16, 4096
+# The task that makes a scene's image from its `image_prompt`.
+IMAGE_TASK = "t2i"
 # Parameters the pipeline sets from a scene's duration and the output's frame rate.
 _TIMING = ("target_video_length", "video_duration", "target_fps")
 SCENE_INPUTS = ("image", "audio", "last_frame")
@@ -45,6 +48,8 @@ class SceneRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
     last_frame: str | None = None
     # "previous": the image is the last frame of the scene before (continuity).
     first_frame: Literal["previous"] | None = None
+    # The image made first from this prompt (a t2i step): a generated first frame or portrait.
+    image_prompt: Annotated[str, Meta(min_length=1, max_length=4000)] | None = None
 
 
 class OutputRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -110,6 +115,14 @@ def check_scenes(request: PipelineRequest, runnable: set[str], prompt_missing: A
                                " and the pipeline output.fps", f"{at}.{name}")
         if scene.task not in runnable:
             raise ApiError(422, f"{at}.task: no configured upstream runs {scene.task} jobs", f"{at}.task")
+        if scene.image_prompt is not None:
+            if "image" not in TASK_INPUTS[scene.task]:
+                raise ApiError(422, f"{at}.image_prompt: a {scene.task} scene takes no image", f"{at}.image_prompt")
+            if scene.image or scene.first_frame:
+                raise ApiError(422, f"{at}: give one of image, first_frame and image_prompt", f"{at}.image_prompt")
+            if IMAGE_TASK not in runnable:
+                raise ApiError(422, f"{at}.image_prompt: no configured upstream runs {IMAGE_TASK} jobs,"
+                               " which make the image", f"{at}.image_prompt")
         if scene.first_frame is not None:
             if i == 0:
                 raise ApiError(422, f"{at}.first_frame: the first scene has no scene before it", f"{at}.first_frame")
@@ -117,7 +130,8 @@ def check_scenes(request: PipelineRequest, runnable: set[str], prompt_missing: A
                 raise ApiError(422, f"{at}.first_frame: a {scene.task} scene takes no image", f"{at}.first_frame")
             if scene.image:
                 raise ApiError(422, f"{at}: give image or first_frame, not both", f"{at}.image")
-        given = {role for role in SCENE_INPUTS if getattr(scene, role)} | ({"image"} if scene.first_frame else set())
+        made = scene.first_frame or scene.image_prompt
+        given = {role for role in SCENE_INPUTS if getattr(scene, role)} | ({"image"} if made else set())
         for role in TASK_INPUTS[scene.task]:
             if role not in given:
                 raise ApiError(422, f"{at}.{role} is required for {scene.task} scenes", f"{at}.{role}")
@@ -158,6 +172,15 @@ def plan_steps(
         if scene.first_frame == "previous":
             assert last_clip is not None  # check_scenes refused it for the first scene
             needs["image"] = {"step": last_clip, "take": "last_frame"}
+        elif scene.image_prompt is not None:
+            # A step of its own before the scene's clips, whose image they all start from.
+            image_params = {"prompt": scene.image_prompt, "seed": params["seed"]}
+            if scene.target_shape:
+                image_params["target_shape"] = scene.target_shape
+            steps.append(PipelineStep(
+                n=len(steps), scene=i, kind="image", task=IMAGE_TASK, params=image_params, inputs={}, needs={},
+            ))
+            needs["image"] = {"step": len(steps) - 1, "take": "output"}
         given = dict(inputs[i])
         if scene.task == "s2v":
             audio_sha = given["audio"]

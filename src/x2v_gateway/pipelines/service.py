@@ -10,12 +10,15 @@ the same file however often they are made, kept by their content.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from ..auth import Auth, Caller
 from ..blobs import BlobStore
@@ -26,12 +29,17 @@ from ..notify import Notifier
 from ..reads import NotFound
 from ..schemas import ApiError
 from ..settings import Settings
-from ..store import Job, JobStore, Pipeline, PipelineStep, new_pipeline_id
+from ..store import IdempotencyConflict, Job, JobStore, Pipeline, PipelineStep, new_pipeline_id
 from ..store.pipeline_records import CANCELLED, FAILED, RUNNING, SUCCEEDED
-from .media import MediaPool, join_clips, last_frame, split_speech
+from .media import MediaPool, join_clips, join_timeout, last_frame, split_speech
 from .plan import MAX_AUDIO_SECONDS, SCENE_INPUTS, check_scenes, output_size, parse_request, plan_steps
 
 log = logging.getLogger("x2v_gateway.pipelines")
+# Seconds between looks at the store for open pipelines this process does not follow: one that
+# another replica accepted and stopped following (it died), or one whose jobs' changes this
+# process missed (a subscriber's queue full). Those it follows move on with their jobs' changes.
+SWEEP_SECONDS = 5.0
+_JOIN_FAILED = "the clips could not be joined"
 
 
 class PipelineService:
@@ -62,9 +70,24 @@ class PipelineService:
     async def start(self) -> None:
         self._events = self.notifier.subscribe()
         self._spawn(self._listen())
-        # The sweep: a gateway killed mid-pipeline picks each one up where the store says it is.
-        for pipeline_id in await self.store.running_pipelines():
-            self.kick(pipeline_id)
+        # The sweep: a gateway killed mid-pipeline picks each one up where the store says it is,
+        # and follows the jobs of those waiting for a retry.
+        await self._sweep(everything=True)
+        self._spawn(self._sweep_loop())
+
+    async def _sweep(self, *, everything: bool = False) -> None:
+        followed = set(self._steps.values())
+        for pipeline_id in await self.store.open_pipelines():
+            if everything or pipeline_id not in followed:
+                self.kick(pipeline_id)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                await self._sweep()
+            except Exception:
+                log.exception("pipelines: the sweep failed; trying again in %g s", SWEEP_SECONDS)
 
     async def stop(self) -> None:
         if self._events is not None:
@@ -110,8 +133,12 @@ class PipelineService:
 
     # -- accepting a pipeline -------------------------------------------------------------------
 
-    async def submit(self, who: Caller, content_type: str, body: AsyncIterator[bytes], *, size: int | None) -> Pipeline:
-        """A pipeline from its JSON document, counted against `who`'s quota as one job per step."""
+    async def submit(
+        self, who: Caller, content_type: str, body: AsyncIterator[bytes], *, size: int | None,
+        idempotency_key: str | None = None,
+    ) -> tuple[Pipeline, bool]:
+        """A pipeline from its JSON document, counted against `who`'s quota as one job per step:
+        (pipeline, created). An `idempotency_key` used before gets the pipeline it made."""
         if content_type and not content_type.startswith("application/json"):
             raise ApiError(415, "send a pipeline as application/json", "Content-Type")
         mb = self.settings.max_json_mb
@@ -119,8 +146,39 @@ class PipelineService:
             raise ApiError(413, f"request body is larger than the {mb} MiB allowed")
         check_free_space(self.blobs, self.settings.min_free_disk_mb * 1024 * 1024, size or 0)
         request = parse_request(await read_limited(body, mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB allowed"))
+        # Each key has its own Idempotency-Keys; the request is compared as it was read, not as typed.
+        key = f"{who.owner}:{idempotency_key}" if idempotency_key else None
+        fingerprint = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
+        if key is not None and (found := await self.store.pipeline_for_key(key)) is not None:
+            if found[1] != fingerprint:
+                raise _reused(idempotency_key)
+            return await self._made(found[0]), False
         size_wh = output_size(request)
         check_scenes(request, self.jobs.runnable_tasks(), self.jobs.prompt_missing)
+        # A job per scene at least is counted before any input is fetched: a key out of quota
+        # costs no download and no split. The steps beyond (speech parts, images) once planned.
+        async with self.auth.counting_jobs(who, len(request.scenes)) as count:
+            steps = await self._plan(request, who)
+            pipeline = Pipeline(
+                id=new_pipeline_id(), owner=who.owner, name=request.name, priority=request.priority,
+                output={"fps": request.output.fps, "size": size_wh}, steps=steps,
+                idempotency_key=key, request_hash=fingerprint,
+            )
+            async with self.auth.counting_jobs(who, len(steps) - len(request.scenes)) as more:
+                try:
+                    made_id = await self.store.create_pipeline(pipeline)
+                except IdempotencyConflict:
+                    raise _reused(idempotency_key) from None
+                if made_id != pipeline.id:  # the same request, sent twice at once: made by the other
+                    count.refund()
+                    more.refund()
+                    return await self._made(made_id), False
+        log.info("pipeline %s accepted: %d scenes, %d steps", pipeline.id, len(request.scenes), len(steps))
+        self.kick(pipeline.id)
+        return await self._made(pipeline.id), True
+
+    async def _plan(self, request: Any, who: Caller) -> list[PipelineStep]:
+        """The inputs fetched, checked and kept, the speech split: the pipeline's steps."""
         inputs = []
         for i, scene in enumerate(request.scenes):
             values = {role: getattr(scene, role) for role in SCENE_INPUTS if getattr(scene, role)}
@@ -129,17 +187,11 @@ class PipelineService:
             except ApiError as exc:
                 raise ApiError(exc.status, f"scenes[{i}].{exc.message}", f"scenes[{i}].{exc.field or 'inputs'}") from None
         speech = await self._split_speech(request, inputs)
-        steps = plan_steps(request, inputs, speech)
-        pipeline = Pipeline(
-            id=new_pipeline_id(), owner=who.owner, name=request.name, priority=request.priority,
-            output={"fps": request.output.fps, "size": size_wh}, steps=steps,
-        )
-        async with self.auth.counting_jobs(who, len(steps)):
-            await self.store.create_pipeline(pipeline)
-        log.info("pipeline %s accepted: %d scenes, %d steps", pipeline.id, len(request.scenes), len(steps))
-        self.kick(pipeline.id)
-        made = await self.store.pipeline(pipeline.id)
-        assert made is not None
+        return plan_steps(request, inputs, speech)
+
+    async def _made(self, pipeline_id: str) -> Pipeline:
+        made = await self.store.pipeline(pipeline_id)
+        assert made is not None  # pipelines are never deleted
         return made
 
     async def _split_speech(self, request: Any, inputs: list[dict[str, str]]) -> dict[int, dict[str, Any]]:
@@ -180,17 +232,19 @@ class PipelineService:
         if pipeline is None or pipeline.finished:
             self._forget(pipeline, jobs)
             return
+        if pipeline.state == FAILED and (pipeline.error or "").startswith(_JOIN_FAILED):
+            return  # its clips are there and could not be joined: joining again would fail again
         for job_id in jobs:
             self._steps[job_id] = pipeline_id
         broken = [(s, jobs[s.job_id]) for s in pipeline.steps
                   if s.job_id and jobs[s.job_id].state in ("failed", "cancelled")]
         if broken:
             step, job = broken[0]
-            error = f"step {step.n + 1} (scene {step.scene + 1}) {job.state}: {job.error or 'no reason given'}"
+            error = f"steps[{step.n}] (scenes[{step.scene}]) {job.state}: {job.error or 'no reason given'}"
             if pipeline.state != FAILED or pipeline.error != error:
                 await self.store.set_pipeline_state(pipeline_id, FAILED, error, only_from=(RUNNING, FAILED))
                 self.notifier.changed(pipeline_id)
-        elif pipeline.state == FAILED and pipeline.error and pipeline.error.startswith("step "):
+        elif pipeline.state == FAILED:
             # Its failed step was retried: under way again.
             await self.store.set_pipeline_state(pipeline_id, RUNNING, only_from=(FAILED,))
             self.notifier.changed(pipeline_id)
@@ -225,7 +279,16 @@ class PipelineService:
         inputs = dict(step.inputs)
         for role, need in step.needs.items():
             earlier = jobs[pipeline.steps[need["step"]].job_id or ""]
-            inputs[role] = await self._derive(earlier, need["take"])
+            try:
+                inputs[role] = await self._derive(earlier, need["take"])
+            except (ValueError, FileNotFoundError) as exc:
+                # The earlier step's output is gone (expired, purged) or unreadable: the step
+                # cannot start, and the pipeline says why instead of waiting for ever.
+                error = f"steps[{step.n}] could not take its {role} from steps[{need['step']}]: {exc}"
+                log.warning("pipeline %s: %s", pipeline.id, error)
+                await self.store.set_pipeline_state(pipeline.id, FAILED, error, only_from=(RUNNING, FAILED))
+                self.notifier.changed(pipeline.id)
+                return
         job = await self.jobs.submit_step(
             pipeline.id, step.n, task=step.task, params=step.params, inputs=inputs,
             priority=pipeline.priority, owner=pipeline.owner,
@@ -264,13 +327,16 @@ class PipelineService:
         dest = self.blobs.tmp_dir / f"pipeline-{pipeline.id}-{uuid.uuid4().hex[:8]}.mp4"
         log.info("pipeline %s: joining %d clips", pipeline.id, len(parts))
         try:
-            info = await self.media.run(join_clips, parts, dest, pipeline.output["fps"], pipeline.output.get("size"))
+            info = await self.media.run(
+                join_clips, parts, dest, pipeline.output["fps"], pipeline.output.get("size"),
+                timeout=join_timeout(parts, pipeline.output.get("size")),
+            )
             await CHECKER.probe_video(dest)
             sha, size = await asyncio.to_thread(self.blobs.adopt, dest)
         except (ValueError, FileNotFoundError) as exc:
             log.warning("pipeline %s: the clips could not be joined (%s)", pipeline.id, exc)
             await self.store.set_pipeline_state(
-                pipeline.id, FAILED, f"the clips could not be joined: {exc}", only_from=(RUNNING,),
+                pipeline.id, FAILED, f"{_JOIN_FAILED}: {exc}", only_from=(RUNNING,),
             )
             self.notifier.changed(pipeline.id)
             return
@@ -320,3 +386,7 @@ class PipelineService:
         await self.jobs.retry(step.job_id, who)
         self.kick(pipeline_id)
         return await self.find(pipeline_id, who)
+
+
+def _reused(idempotency_key: str | None) -> ApiError:
+    return ApiError(409, "this Idempotency-Key was already used for a different pipeline", "Idempotency-Key")

@@ -11,7 +11,7 @@ from ..store import Job, JobStore, Pipeline, Reads
 
 
 class StepResult(msgspec.Struct):
-    url: str  # the step's output, downloaded as a job's
+    url: str  # the step's output (a video, or an image), downloaded as a job's
     sha256: str
     duration: float | None = None
 
@@ -20,9 +20,10 @@ class StepView(msgspec.Struct, kw_only=True):
     n: int
     scene: int
     segment: int | None
+    kind: str  # "clip" (a span of the video) | "image" (made for a later step)
     task: str
     seconds: float | None  # its span of the finished video
-    # What it takes from earlier steps: role -> "step N's last frame" / "step N's output".
+    # What it takes from earlier steps: role -> "steps[N]'s last frame" / "steps[N]'s output".
     takes: dict[str, str]
     job_id: str | None
     # The job's state, or "waiting" (for an earlier step's output).
@@ -76,12 +77,12 @@ def pipeline_view(pipeline: Pipeline, jobs: dict[str, Job]) -> PipelineView:
         result = None
         if job is not None and job.result_sha and not job.files_expired:
             result = StepResult(
-                url=f"/api/v1/jobs/{job.id}/video", sha256=job.result_sha,
+                url=f"/api/v1/jobs/{job.id}/{'image' if step.kind == 'image' else 'video'}", sha256=job.result_sha,
                 duration=(job.result_meta or {}).get("duration"),
             )
         steps.append(StepView(
-            n=step.n, scene=step.scene, segment=step.segment, task=step.task, seconds=step.seconds,
-            takes={role: f"step {need['step']}'s " + ("last frame" if need["take"] == "last_frame" else "output")
+            n=step.n, scene=step.scene, segment=step.segment, kind=step.kind, task=step.task, seconds=step.seconds,
+            takes={role: f"steps[{need['step']}]'s " + ("last frame" if need["take"] == "last_frame" else "output")
                    for role, need in step.needs.items()},
             job_id=step.job_id, state=job.state if job is not None else "waiting",
             error=job.error if job is not None else None, result=result,

@@ -21,7 +21,9 @@ from ..blobs import BlobStore
 from ..dispatch import Dispatcher
 from ..inputs import declared_size
 from ..jobs import JobService
-from ..schemas import MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
+from ..schemas import (
+    INPUT_ROLES, MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view, makes, media_type,
+)
 from ..reads import cut_page, find_job, visible
 from ..store import STATES, Inflight, Job, JobStore, Reads
 from ..upstream.base import UpstreamError
@@ -148,13 +150,13 @@ class _SubmitOperation(Operation):
     def __post_init__(self) -> None:
         json_schema = _job_request_schema()
         form_schema = _job_request_schema()
-        for role in ("image", "audio", "last_frame"):
+        for role in INPUT_ROLES:
             form_schema.properties[role] = Schema(type=OpenAPIType.STRING, format="binary")  # type: ignore[index]
         self.request_body = RequestBody(
             required=True,
             description=(
                 "A job as JSON (inputs as http(s) URLs, data URLs or base64) or as "
-                "multipart/form-data (the same fields as text, `image`, `audio` and `last_frame` as files)."
+                "multipart/form-data (the same fields as text, `image`, `audio`, `last_frame` and `video` as files)."
             ),
             content={
                 "application/json": OpenAPIMediaType(schema=json_schema),
@@ -311,15 +313,51 @@ class JobsController(Controller):
         job_id: FromPath[str],
         range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
     ) -> Response:
-        job = await find_job(store, job_id, who)
-        if job.files_expired:
-            raise ApiError(410, "this job's files have expired and were deleted")
-        if job.state != "succeeded" or not job.result_sha:
-            raise ApiError(404, f"this job has no video: it is {job.state}")
-        path = blobs.path(job.result_sha)
-        if not path.is_file():
-            raise ApiError(410, "this job's video is no longer stored")
-        return ranged_file(path, range_header, media_type="video/mp4", filename=f"{job.id}.mp4")
+        return await _result_file(store, blobs, who, job_id, "video", range_header)
+
+    @get(
+        "/{job_id:str}/image", summary="The finished image of a t2i or i2i job (supports Range)",
+        media_type="image/png",
+        responses={
+            200: ResponseSpec(bytes, media_type="image/png", generate_examples=False, description=(
+                "The whole image; `Content-Type` is its format (`image/png`, `image/jpeg`...)"
+            )),
+            206: ResponseSpec(bytes, media_type="image/png", generate_examples=False, description=(
+                "The part the `Range` header asked for; `Content-Range` says which"
+            )),
+            416: ResponseSpec(None, description="The `Range` starts past the end of the image"),
+            **errors(400, 404, 410),
+        },
+    )
+    async def get_image(
+        self,
+        store: NamedDependency[JobStore],
+        blobs: NamedDependency[BlobStore],
+        who: NamedDependency[Caller],
+        job_id: FromPath[str],
+        range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
+    ) -> Response:
+        return await _result_file(store, blobs, who, job_id, "image", range_header)
+
+
+async def _result_file(
+    store: JobStore, blobs: BlobStore, who: Caller, job_id: str, kind: str, range_header: str | None,
+) -> Response:
+    """A job's finished result, a `video` or an `image`, as the route of that kind serves it."""
+    job = await find_job(store, job_id, who)
+    made = makes(job.task)
+    if made != kind:
+        raise ApiError(404, f"this {job.task} job makes {made}s, not {kind}s: its result is at"
+                       f" /api/v1/jobs/{job.id}/{made}")
+    if job.files_expired:
+        raise ApiError(410, "this job's files have expired and were deleted")
+    if job.state != "succeeded" or not job.result_sha:
+        raise ApiError(404, f"this job has no {kind}: it is {job.state}")
+    path = blobs.path(job.result_sha)
+    if not path.is_file():
+        raise ApiError(410, f"this job's {kind} is no longer stored")
+    fmt = (job.result_meta or {}).get("format") or ("mp4" if kind == "video" else "png")
+    return ranged_file(path, range_header, media_type=media_type(fmt, job.task), filename=f"{job.id}.{fmt}")
 
 
 class ModelChoice(msgspec.Struct):
@@ -374,31 +412,3 @@ class ModelsController(Controller):
     @get("/", summary="Models each upstream runs; a job may name one with `model` (hosted cloud)", responses=errors())
     async def list_models(self, dispatcher: NamedDependency[Dispatcher]) -> ModelList:
         return await upstream_models(dispatcher)
-
-
-class BatchCancelled(msgspec.Struct):
-    batch_id: str
-    jobs: int  # the batch's jobs this key may touch
-    cancelled: int  # of them, those that had not finished (and the cancel ended)
-    purged: bool
-    files_removed: int
-
-
-class BatchesController(Controller):
-    path = "/api/v1/batches"
-    tags = ["jobs"]
-
-    @delete(
-        "/{batch_id:str}", status_code=200,
-        summary="Cancel a batch's unfinished jobs; with purge=true, also delete their files",
-        responses=errors(400, 403, 404),
-    )
-    async def cancel_batch(
-        self,
-        jobs: NamedDependency[JobService],
-        who: NamedDependency[Caller],
-        batch_id: FromPath[str],
-        purge: Annotated[bool, QueryParameter(description="Delete the jobs' inputs and videos now")] = False,
-    ) -> BatchCancelled:
-        done = await jobs.cancel_batch(batch_id, who, purge=purge)
-        return BatchCancelled(batch_id, done.jobs, done.cancelled, purge, done.files_removed)

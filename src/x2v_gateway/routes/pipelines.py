@@ -54,17 +54,26 @@ class PipelinesController(Controller):
         response_headers=[ResponseHeader(
             name="Location", value="/api/v1/pipelines/{id}", documentation_only=True, description="The pipeline's URL",
         )],
-        responses=errors(400, 403, 413, 415, 422, 507),
+        responses={
+            200: ResponseSpec(PipelineView, generate_examples=False, description=(
+                "An earlier request with this Idempotency-Key made the pipeline; `Idempotent-Replayed: true`"
+            )),
+            **errors(400, 403, 409, 413, 415, 422, 507),
+        },
     )
     async def create_pipeline(
         self, request: Request, pipelines: NamedDependency[PipelineService], store: NamedDependency[JobStore],
         who: NamedDependency[Caller],
+        idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", max_length=200)] = None,
     ) -> Response[PipelineView]:
-        pipeline = await pipelines.submit(
+        pipeline, created = await pipelines.submit(
             who, request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
+            idempotency_key=idempotency_key,
         )
-        return Response(await view(store, pipeline), status_code=201,
-                        headers={"location": f"/api/v1/pipelines/{pipeline.id}"})
+        headers = {"location": f"/api/v1/pipelines/{pipeline.id}"}
+        if not created:
+            headers["idempotent-replayed"] = "true"
+        return Response(await view(store, pipeline), status_code=201 if created else 200, headers=headers)
 
     @get("/", summary="List pipelines, newest first", responses=errors(400))
     async def list_pipelines(
@@ -86,7 +95,7 @@ class PipelinesController(Controller):
         return await view(store, await pipelines.find(pipeline_id, who))
 
     @delete("/{pipeline_id:str}", status_code=200, summary="Cancel a pipeline and its unfinished steps",
-            responses=errors(400, 404))
+            responses=errors(400, 403, 404))
     async def cancel_pipeline(
         self, pipelines: NamedDependency[PipelineService], store: NamedDependency[JobStore],
         who: NamedDependency[Caller], pipeline_id: FromPath[str],
@@ -95,7 +104,7 @@ class PipelinesController(Controller):
 
     @post("/{pipeline_id:str}/steps/{n:int}/retry", status_code=200,
           summary="Run one failed or cancelled step again (the others stay as they are)",
-          responses=errors(400, 404, 409, 410, 429))
+          responses=errors(400, 403, 404, 409, 410))
     async def retry_step(
         self, pipelines: NamedDependency[PipelineService], store: NamedDependency[JobStore],
         who: NamedDependency[Caller], pipeline_id: FromPath[str], n: FromPath[int],

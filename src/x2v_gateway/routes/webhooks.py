@@ -129,7 +129,7 @@ class KeyWebhookRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
 
 @patch(
     "/api/v1/keys/{key_id:str}", tags=["keys"], summary="Set or remove a key's default webhook (admins)",
-    responses=errors(400, 403, 404, 413, 422), request_max_body_size=16 * 1024,
+    responses=errors(400, 403, 404, 409, 413, 422), request_max_body_size=16 * 1024,
 )
 async def update_key(
     auth: NamedDependency[Auth], store: NamedDependency[JobStore], webhooks: NamedDependency[JobWebhooks],

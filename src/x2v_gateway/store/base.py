@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
+from .buckets import TokenBuckets
 from .reads import Reads
 from .pipeline_records import Pipeline
 from .records import BatchJobSpec, Job, JobWebhook
@@ -101,7 +102,8 @@ class JobStore(ABC):
     audit_log = _off_loop(Reads.audit_log)
     pipeline = _off_loop(Reads.pipeline)
     pipelines = _off_loop(Reads.pipelines)
-    running_pipelines = _off_loop(Reads.running_pipelines)
+    open_pipelines = _off_loop(Reads.open_pipelines)
+    pipeline_for_key = _off_loop(Reads.pipeline_for_key)
     foreign_job = _off_loop(Reads.foreign_job)
     foreign_ids = _off_loop(Reads.foreign_ids)
     job_deliveries = _off_loop(Reads.job_deliveries)
@@ -144,7 +146,9 @@ class JobStore(ABC):
         followed by `replica`.
 
         Because the record comes first, a crash at any later point leaves a job that says where
-        it may be, and the restart asks that upstream before anything is sent again.
+        it may be, and the restart asks that upstream before anything is sent again. With
+        `replica`, only while that replica has a lease row (`join`): one whose jobs another
+        replica took over claims nothing more.
 
         With `slots`, only if `upstream` then holds fewer than `slots` jobs in flight, not
         counting `off_node` (jobs the caller knows have left the node: finished there, their
@@ -258,8 +262,11 @@ class JobStore(ABC):
     # -- pipelines (pipelines/) -----------------------------------------------------------------
 
     @abstractmethod
-    async def create_pipeline(self, pipeline: Pipeline) -> None:
-        """Record a new pipeline (`running`) with its steps, none of them a job yet."""
+    async def create_pipeline(self, pipeline: Pipeline) -> str:
+        """Record a new pipeline (`running`) with its steps, none of them a job yet; its id.
+
+        With an `idempotency_key` already used: that pipeline's id, nothing recorded (or
+        IdempotencyConflict when it came with another request)."""
 
     @abstractmethod
     async def create_step_job(
@@ -376,6 +383,16 @@ class JobStore(ABC):
     @abstractmethod
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
 
+    async def take_request(self, key_id: str, per_minute: float) -> float:
+        """One request against a key's rate limit: 0 when it may go now, else the seconds until
+        one may (a token bucket: `per_minute` a minute, in bursts of up to a minute's worth).
+
+        Kept in this process's memory here, which is right for a store only this process uses
+        (SQLite); a store that replicas share overrides it, so a key's limit holds across them.
+        """
+        buckets = self.__dict__.setdefault("_token_buckets", TokenBuckets())
+        return buckets.take(key_id, per_minute)
+
     # -- foreign ids (the compatible surfaces, routes/compat) -----------------------------------
 
     @abstractmethod
@@ -394,6 +411,13 @@ class JobStore(ABC):
         one transaction. A delivery already recorded for its (event_id, type, url) is left as it
         was, with its id: a crash between reading events and recording them only redoes it.
         Returns how many were new."""
+
+    @abstractmethod
+    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
+        """Take up to `limit` pending deliveries due by `now` (whole rows, the most overdue
+        first) for an attempt, atomically: each is due again only at `until`, so that replicas
+        sharing the store never attempt one at the same time, and one a crash cut short is
+        attempted again once `until` has passed."""
 
     @abstractmethod
     async def delivery_attempted(

@@ -47,9 +47,16 @@ TABLES = (
     Table("sessions", ("id_hash",)),
     Table("key_usage", ("key_id", "day")),
     Table("audit", ("id",), history=True, serial="id"),
+    Table("job_webhooks", ("job_id",)),
+    Table("webhook_deliveries", ("id",)),
+    Table("webhook_cursor", ("id",)),
+    Table("pipelines", ("seq",), flags=("files_expired",), serial="seq"),
+    Table("pipeline_steps", ("pipeline_id", "n")),
+    Table("foreign_ids", ("owner", "surface", "foreign_id")),
 )
-# SQLite tables that are not copied: kept by triggers from the jobs, or SQLite's own.
-DERIVED = {"job_counts", "queue_blocks", "_sqlite_migrations"}
+# SQLite tables that are not copied: kept by triggers from the jobs, SQLite's own, and the
+# leases of the replicas that ran on the file (none runs once the store has moved).
+DERIVED = {"job_counts", "queue_blocks", "_sqlite_migrations", "replicas"}
 
 # Steps run after the store's copy, each given (settings, progress callback): where another
 # blob store (S3) adds the copy of the files. Each returns a line for the summary.

@@ -48,6 +48,8 @@ class Pipeline(msgspec.Struct, kw_only=True):
     result_sha: str | None = None
     result_meta: dict[str, Any] | None = None
     files_expired: bool = False
+    idempotency_key: str | None = None  # the owner's key, scoped: "<owner>:<key>"
+    request_hash: str | None = None
     steps: list[PipelineStep] = []
 
     @property

@@ -128,6 +128,13 @@ class Reads(Protocol):
         """A batch made in the dashboard (API batches have no record, only a `batch_id`)."""
         ...
 
+    def list_batches(
+        self, *, owner: str | None = None, before: tuple[float, str] | None = None, limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Batches (rows of the batches table: the dashboard's and the API's), newest first;
+        `owner`'s only unless None; those made before `before` (created_at, id)."""
+        ...
+
     def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
         """Batches (made in the dashboard or through the API) with a job among the last
         `window` jobs (of `owner`, if given), the most recently active first. Bounded: it never
@@ -162,8 +169,13 @@ class Reads(Protocol):
         """Pipelines (`owner`'s, if given) with their steps, newest first; `before_seq` is the cursor."""
         ...
 
-    def running_pipelines(self) -> list[str]:
-        """The ids of the pipelines still under way, oldest first (the start-up sweep)."""
+    def pipeline_for_key(self, idempotency_key: str) -> tuple[str, str | None] | None:
+        """(id, request hash) of the pipeline made with this Idempotency-Key (owner-scoped), if any."""
+        ...
+
+    def open_pipelines(self) -> list[str]:
+        """The pipelines still under way or waiting for a failed step's retry, oldest first (the
+        start-up sweep: their jobs' changes move them on again)."""
         ...
 
     # -- nodes ----------------------------------------------------------------------------------
@@ -248,10 +260,6 @@ class Reads(Protocol):
 
     def batch_webhooks(self, batch_id: str, owner: str | None) -> list[JobWebhook]:
         """The different webhooks among the batch's jobs that want `batch.finished`."""
-        ...
-
-    def due_deliveries(self, now: float, limit: int, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
-        """Pending deliveries due by `now`, the most overdue first, except those in `skip`."""
         ...
 
     def next_delivery_at(self) -> float | None:

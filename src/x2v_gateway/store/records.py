@@ -75,6 +75,7 @@ class BatchJobSpec(msgspec.Struct, kw_only=True):
     files: dict[str, str]  # role -> the file name the user gave it
     priority: int = 0
     retry_of: str | None = None
+    pinned: str | None = None  # the upstream it must run on (`upstream` of the API)
 
 
 class BatchItem(msgspec.Struct):

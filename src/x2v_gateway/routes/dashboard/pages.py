@@ -158,7 +158,7 @@ async def retry_form(store: NamedDependency[JobStore], who: NamedDependency[Call
 
 _MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
                 "wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
-                "m4a": "audio/mp4", "aac": "audio/aac", "webm": "audio/webm"}
+                "m4a": "audio/mp4", "aac": "audio/aac", "webm": "audio/webm", "mp4": "video/mp4"}
 
 
 @get("/jobs/{job_id:str}/inputs/{role:str}", include_in_schema=False)

@@ -7,9 +7,11 @@ from typing import Any
 
 import psycopg
 
-from ..records import STATES, BatchItem, BatchJobSpec, Job, new_job_id
+from ..records import STATES, BatchItem, BatchJobSpec, Job, JobWebhook, new_job_id
 from ..sqlite.batches import row_to_item
 from .connections import PgRows, PostgresThreads, one, rows, timestamp, tuples, value
+from .jobs import lock_events
+from .webhooks import insert_webhooks
 
 # A job with its place in its dashboard batch, and the job retried as a new run of it, if any.
 # The LIMIT keeps the lateral join a lookup per job of the page: joined whole, the planner
@@ -89,6 +91,7 @@ class BatchWrites(PostgresThreads):
         *,
         batch: dict[str, Any] | None = None,
         owner: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> list[Job] | None:
         ids = [new_job_id() for _ in specs]
 
@@ -127,10 +130,14 @@ class BatchWrites(PostgresThreads):
                     (ids, [batch_id] * len(ids), list(range(last + 1, last + 1 + len(ids))),
                      [json.dumps(s.files) for s in specs], [s.retry_of for s in specs]),
                 )
+                insert_webhooks(conn, ids, webhook)
+                lock_events(conn)  # the events last (jobs.record_event)
                 cur.execute(
-                    "INSERT INTO job_events (job_id, at, state, detail)"
-                    " SELECT job_id, %s, 'queued', detail FROM unnest(%s::text[], %s::text[]) AS e(job_id, detail)",
-                    (now, ids, [f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted" for s in specs]),
+                    "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id)"
+                    " SELECT job_id, %s, 'queued', detail, %s, %s"
+                    " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS e(job_id, detail, n) ORDER BY n",
+                    (now, owner, batch_id, ids,
+                     [f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted" for s in specs]),
                 )
             return True
 

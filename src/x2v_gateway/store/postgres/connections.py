@@ -40,6 +40,8 @@ WRITER_THREADS = 4
 # states in opposite orders) or failing serialization is run again, this many times at most.
 WRITE_ATTEMPTS = 6
 AFTER_NEWEST = 2**63 - 1
+# Seconds a read or write waits for a connection of its pool (the database down or full).
+POOL_TIMEOUT = 10.0
 
 
 def timestamp() -> float:
@@ -91,13 +93,16 @@ class PostgresThreads(JobStore):
         self.url = url
         with psycopg.connect(url, autocommit=True) as conn:
             apply_migrations(conn)
+        # check: a connection is pinged as it is handed out, so one broken by a database restart
+        # or a failover is replaced before a query fails on it (a write is never run twice: it
+        # may have committed before the connection broke). timeout: a thread waits this long
+        # for a connection, then the call fails (/readyz says not ready) rather than hanging.
+        pools = {"min_size": 1, "check": ConnectionPool.check_connection, "timeout": POOL_TIMEOUT, "open": True}
         self._read_pool = ConnectionPool(
-            url, min_size=1, max_size=READER_THREADS, configure=_configure_reader,
-            name="x2v-store-read", open=True,
+            url, max_size=READER_THREADS, configure=_configure_reader, name="x2v-store-read", **pools,
         )
         self._write_pool = ConnectionPool(
-            url, min_size=1, max_size=WRITER_THREADS, kwargs={"autocommit": True},
-            name="x2v-store-write", open=True,
+            url, max_size=WRITER_THREADS, kwargs={"autocommit": True}, name="x2v-store-write", **pools,
         )
         self._writers = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="x2v-store-writer")
         self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="x2v-store-reader")

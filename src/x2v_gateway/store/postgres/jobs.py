@@ -2,6 +2,10 @@
 
 Every state change is a conditional UPDATE, so a finished job can never be moved again, by this
 replica or another: PostgreSQL re-checks the condition on the row once a concurrent writer is done.
+
+A job's events are numbered in the order they commit (`record_event`), as SQLite's one writer
+numbers them: the event streams, the webhooks' cursor and the replicas' change feed read "every
+event after id N" and must never miss one that commits late with a lower id.
 """
 
 from __future__ import annotations
@@ -14,13 +18,22 @@ from typing import Any
 
 import psycopg
 
-from ..records import CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, IdempotencyConflict, Job, new_job_id
+from ..records import (
+    CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, IdempotencyConflict, Job, JobWebhook,
+    new_job_id,
+)
 # One way from a row to a `Job` for both backends: PostgreSQL keeps the same columns (JSON as text).
 from ..sqlite.jobs import row_to_job
-from .connections import AFTER_NEWEST, PgRows, PostgresThreads, changed, one, rows, timestamp, tuples
+from .connections import AFTER_NEWEST, PgRows, PostgresThreads, changed, one, rows, timestamp, tuples, value
+from .pipeline_files import pipeline_blobs
 from .keys import audit
+from .webhooks import insert_webhooks
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
+# pg_advisory_xact_lock's key for "numbering a job event" (see record_event).
+EVENTS_LOCK = 0x7832_7600_0003
+# pg_advisory_xact_lock's first key for "claiming a slot of an upstream" (the second: its name's hash).
+UPSTREAM_LOCK = 0x7833
 
 
 class JobReads(PgRows):
@@ -68,12 +81,15 @@ class JobReads(PgRows):
         sql = "SELECT * FROM jobs WHERE " + " AND ".join(where) + " ORDER BY seq DESC LIMIT %s"
         return rows(self.conn, sql, (*args, limit))
 
-    def active(self, upstream: str | None = None) -> list[Job]:
+    def active(self, upstream: str | None = None, replica: str | None = None) -> list[Job]:
         sql = "SELECT * FROM jobs WHERE state IN ('submitted', 'running')"
         args: tuple = ()
         if upstream is not None:
             sql += " AND upstream = %s"
             args = (upstream,)
+        if replica is not None:
+            sql += " AND replica = %s"
+            args += (replica,)
         return [row_to_job(r) for r in rows(self.conn, sql + " ORDER BY seq", args)]
 
     def inflight_counts(self) -> dict[str, int]:
@@ -101,6 +117,25 @@ class JobReads(PgRows):
         return rows(
             self.conn, "SELECT at, state, detail FROM job_events WHERE job_id = %s ORDER BY id", (job_id,)
         )
+
+    def events_after(
+        self, after_id: int, *, job_id: str | None = None, batch_id: str | None = None,
+        owner: str | None = None, limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        where, args = ["id > %s"], [after_id]
+        for column, wanted in (("job_id", job_id), ("batch_id", batch_id), ("owner", owner)):
+            if wanted is not None:
+                where.append(f"{column} = %s")
+                args.append(wanted)
+        return rows(
+            self.conn,
+            "SELECT id, job_id, at, state, detail, batch_id FROM job_events WHERE "
+            + " AND ".join(where) + " ORDER BY id LIMIT %s",
+            (*args, limit),
+        )
+
+    def newest_event_id(self) -> int:
+        return value(self.conn, "SELECT coalesce(max(id), 0) FROM job_events")
 
     def blob(self, sha256: str) -> dict[str, Any] | None:
         return one(self.conn, "SELECT * FROM blobs WHERE sha256 = %s", (sha256,))
@@ -147,6 +182,7 @@ class JobWrites(PostgresThreads):
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         pinned: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> tuple[Job, bool]:
         job_id = new_job_id()
 
@@ -167,6 +203,7 @@ class JobWrites(PostgresThreads):
                 if row["request_hash"] != request_hash:
                     raise IdempotencyConflict(idempotency_key)
                 return row["id"], False
+            insert_webhooks(conn, [job_id], webhook)
             record_event(conn, job_id, QUEUED, "accepted")
             return job_id, True
 
@@ -175,15 +212,40 @@ class JobWrites(PostgresThreads):
         assert job is not None
         return job, created
 
-    async def claim(self, job_id: str, upstream: str, task_id: str) -> bool:
-        now = timestamp()
-        return await self._transition(
-            (job_id, SUBMITTED, f"sent to {upstream}"),
-            "UPDATE jobs SET state = 'submitted', upstream = %s, upstream_task_id = %s,"
-            " attempts = attempts + 1, submitted_at = %s, updated_at = %s, queue_info = NULL"
-            " WHERE id = %s AND state = 'queued'",
-            (upstream, task_id, now, now, job_id),
-        )
+    async def claim(
+        self, job_id: str, upstream: str, task_id: str, *, replica: str | None = None,
+        slots: int | None = None, off_node: Iterable[str] = (),
+    ) -> bool:
+        left = list(off_node)
+
+        def write(conn: psycopg.Connection) -> bool:
+            now = timestamp()
+            if slots is not None:
+                # Replicas claiming a slot of one upstream take turns, and each counts the jobs
+                # there after the one before it committed: two that both saw the last free slot
+                # cannot both fill it.
+                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (UPSTREAM_LOCK, upstream))
+                held = value(
+                    conn,
+                    "SELECT count(*) FROM jobs WHERE upstream = %s AND state IN ('submitted', 'running')"
+                    " AND NOT (id = ANY(%s))",
+                    (upstream, left),
+                )
+                if held >= slots:
+                    return False
+            # SKIP LOCKED: a job another replica is placing right now is its own; this one gets
+            # False at once rather than waiting to find it taken.
+            if one(conn, "SELECT 1 AS x FROM jobs WHERE id = %s AND state = 'queued' FOR UPDATE SKIP LOCKED", (job_id,)) is None:
+                return False
+            return transition(
+                conn, (job_id, SUBMITTED, f"sent to {upstream}"),
+                "UPDATE jobs SET state = 'submitted', upstream = %s, upstream_task_id = %s, replica = %s,"
+                " attempts = attempts + 1, submitted_at = %s, updated_at = %s, queue_info = NULL"
+                " WHERE id = %s AND state = 'queued'",
+                (upstream, task_id, replica, now, now, job_id),
+            )
+
+        return await self._write(write)
 
     async def set_upstream_task_id(self, job_id: str, task_id: str, *, run: int | None = None) -> bool:
         return await self._execute(
@@ -244,6 +306,15 @@ class JobWrites(PostgresThreads):
             (state, error, result_sha, json.dumps(result_meta) if result_meta else None,
              now, now, job_id),
         )
+
+    async def set_poster(self, job_id: str, result_sha: str, poster_sha: str) -> bool:
+        # updated_at is left alone: a poster is not a change of the job that anyone waits for.
+        return await self._execute(
+            "UPDATE jobs SET result_meta = jsonb_set(coalesce(result_meta, '{}')::jsonb, '{poster}',"
+            " to_jsonb(%s::text))::text"
+            " WHERE id = %s AND state = 'succeeded' AND result_sha = %s AND NOT files_expired",
+            (poster_sha, job_id, result_sha),
+        ) == 1
 
     async def cancel(
         self, job_id: str, reason: str = "cancelled by user", *, tell_upstream: bool = True
@@ -318,7 +389,7 @@ class JobWrites(PostgresThreads):
             )
             # Blobs recorded within the grace period are kept too: they may belong to a request
             # that is still being accepted.
-            live = _blobs_of(conn, "NOT files_expired", ())
+            live = _blobs_of(conn, "NOT files_expired", ()) | pipeline_blobs(conn, finished_before)
             doomed = [
                 sha for (sha,) in tuples(conn, "SELECT sha256 FROM blobs WHERE created_at < %s", (timestamp() - grace,))
                 if sha not in live
@@ -361,7 +432,8 @@ class JobWrites(PostgresThreads):
             these = f"id = ANY(%s) AND state IN {TERMINAL_SQL}"
             mine = _blobs_of(conn, these, (job_ids,))
             conn.execute(f"UPDATE jobs SET files_expired = true WHERE {these}", (job_ids,))
-            doomed = sorted(mine - _blobs_of(conn, "NOT files_expired", ())) if mine else []
+            kept = _blobs_of(conn, "NOT files_expired", ()) | pipeline_blobs(conn, 0.0)
+            doomed = sorted(mine - kept) if mine else []
             conn.execute("DELETE FROM blobs WHERE sha256 = ANY(%s)", (doomed,))
             audit(conn, actor, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
             return doomed
@@ -373,10 +445,10 @@ def _blobs_of(conn: psycopg.Connection, where: str, args: Any) -> set[str]:
     """The inputs and results of the jobs `where` selects. A blob may serve many jobs (one
     portrait, 100 voice-overs): it goes only when no job that keeps its files refers to it."""
     blobs: set[str] = set()
-    for inputs, result in tuples(conn, f"SELECT inputs, result_sha FROM jobs WHERE {where}", args):
+    found = tuples(conn, f"SELECT inputs, result_sha, result_meta::jsonb ->> 'poster' FROM jobs WHERE {where}", args)
+    for inputs, result, poster in found:
         blobs.update(json.loads(inputs).values())
-        if result:
-            blobs.add(result)
+        blobs.update(sha for sha in (result, poster) if sha)
     return blobs
 
 
@@ -392,8 +464,21 @@ def transition(conn: psycopg.Connection, event: tuple[str, str, str], sql: str, 
     return moved
 
 
+def lock_events(conn: psycopg.Connection) -> None:
+    """Number this transaction's job events after every other's, in commit order: the lock is
+    held until commit, so an event with a lower id is never committed after a higher one.
+
+    Taken just before the events are written, as the transaction's last step: holding it, a
+    transaction waits for nothing else, so it cannot deadlock with one waiting for it."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
+
+
 def record_event(conn: psycopg.Connection, job_id: str, state: str, detail: str) -> None:
+    """A job's timeline event, with its owner and batch (the event streams replay by them).
+    The last statement of its transaction (`lock_events`)."""
+    lock_events(conn)
     conn.execute(
-        "INSERT INTO job_events (job_id, at, state, detail) VALUES (%s, %s, %s, %s)",
-        (job_id, timestamp(), state, detail),
+        "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id)"
+        " SELECT %s, %s, %s, %s, owner, batch_id FROM jobs WHERE id = %s",
+        (job_id, timestamp(), state, detail, job_id),
     )

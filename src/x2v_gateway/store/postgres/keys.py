@@ -75,10 +75,13 @@ class KeyWrites(PostgresThreads):
                                    " first or choose another name")
             conn.execute(
                 "INSERT INTO api_keys (id, name, key_hash, prefix, admin, daily_quota,"
-                " max_concurrent, rate_per_min, source, created_at, created_by)"
+                " max_concurrent, rate_per_min, source, created_at, created_by, webhook_url,"
+                " webhook_events, webhook_secret)"
                 " VALUES (%(id)s, %(name)s, %(key_hash)s, %(prefix)s, %(admin)s, %(daily_quota)s,"
-                " %(max_concurrent)s, %(rate_per_min)s, %(source)s, %(created_at)s, %(created_by)s)",
-                {**key, "admin": bool(key["admin"]), "created_at": timestamp(), "created_by": actor},
+                " %(max_concurrent)s, %(rate_per_min)s, %(source)s, %(created_at)s, %(created_by)s,"
+                " %(webhook_url)s, %(webhook_events)s, %(webhook_secret)s)",
+                {"webhook_url": None, "webhook_events": None, "webhook_secret": None, **key,
+                 "admin": bool(key["admin"]), "created_at": timestamp(), "created_by": actor},
             )
             audit(conn, actor, "key.create", key["id"], key_summary(key))
 
@@ -162,6 +165,19 @@ class KeyWrites(PostgresThreads):
 
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
         await self._write(lambda conn: audit(conn, actor, action, target, detail))
+
+    async def take_request(self, key_id: str, per_minute: float) -> float:
+        # One statement: the bucket's row lock orders two replicas' requests of one key, each
+        # refilling from the other's time and count.
+        capacity = max(1.0, per_minute)
+        refill = "least(%(cap)s, b.tokens + greatest(0, %(now)s - b.at) * %(rate)s / 60)"
+        tokens, taken = await self._write(lambda conn: conn.execute(
+            "INSERT INTO rate_buckets AS b (key_id, tokens, at, taken) VALUES (%(key)s, %(cap)s - 1, %(now)s, true)"
+            f" ON CONFLICT (key_id) DO UPDATE SET tokens = {refill} - CASE WHEN {refill} >= 1 THEN 1 ELSE 0 END,"
+            f" taken = {refill} >= 1, at = greatest(b.at, %(now)s) RETURNING tokens, taken",
+            {"key": key_id, "cap": capacity, "now": timestamp(), "rate": per_minute},
+        ).fetchone())
+        return 0.0 if taken else (1 - tokens) * 60 / per_minute
 
 
 def audit(conn: psycopg.Connection, actor: str, action: str, target: str, detail: str) -> None:

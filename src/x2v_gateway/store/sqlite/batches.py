@@ -44,6 +44,25 @@ class BatchReads(Rows):
         )
         return [r[0] for r in rows]
 
+    def list_batches(
+        self, *, owner: str | None = None, before: tuple[float, str] | None = None, limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if before is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args += list(before)
+        sql = "SELECT * FROM batches" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self.conn.execute(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit))
+        found = []
+        for row in rows:
+            data = dict(row)
+            data["form"] = json.loads(data["form"]) if data["form"] else {}
+            found.append(data)
+        return found
+
     def batch_counts(self, batch_id: str, owner: str | None = None) -> dict[str, int]:
         mine, args = _owned(owner)
         counts = dict.fromkeys(STATES, 0)
@@ -109,9 +128,9 @@ class BatchWrites(SqliteThreads):
             ).fetchone()
             conn.executemany(
                 "INSERT INTO jobs (id, task, state, params, inputs, priority, batch_id, owner,"
-                " created_at, updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, pinned) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(job_id, s.task, json.dumps(s.params), json.dumps(s.inputs), s.priority,
-                  batch_id, owner, now, now) for job_id, s in zip(ids, specs)],
+                  batch_id, owner, now, now, s.pinned) for job_id, s in zip(ids, specs)],
             )
             conn.executemany(
                 "INSERT INTO batch_jobs (job_id, batch_id, position, files, retry_of)"

@@ -7,7 +7,7 @@ import sqlite3
 from typing import Any
 
 from ..pipeline_records import CANCELLED, RUNNING, SUCCEEDED, Pipeline, PipelineStep
-from ..records import Job, new_job_id
+from ..records import IdempotencyConflict, Job, new_job_id
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .jobs import record_event
 
@@ -31,8 +31,16 @@ class PipelineReads(Rows):
         ).fetchall()
         return self._with_steps(rows)
 
-    def running_pipelines(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM pipelines WHERE state = 'running' ORDER BY seq")]
+    def pipeline_for_key(self, idempotency_key: str) -> tuple[str, str | None] | None:
+        row = self.conn.execute(
+            "SELECT id, request_hash FROM pipelines WHERE idempotency_key = ?", (idempotency_key,)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def open_pipelines(self) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM pipelines WHERE state IN ('running', 'failed') ORDER BY seq"
+        )]
 
     def _with_steps(self, rows: list[sqlite3.Row]) -> list[Pipeline]:
         pipelines = []
@@ -44,21 +52,29 @@ class PipelineReads(Rows):
             steps = self.conn.execute(
                 "SELECT * FROM pipeline_steps WHERE pipeline_id = ? ORDER BY n", (data["id"],)
             ).fetchall()
-            pipelines.append(Pipeline(**data, steps=[_row_to_step(s) for s in steps]))
+            pipelines.append(Pipeline(**data, steps=[row_to_step(s) for s in steps]))
         return pipelines
 
 
 class PipelineWrites(SqliteThreads):
     """A pipeline made, its steps' jobs made, its state moved: each in one transaction."""
 
-    async def create_pipeline(self, pipeline: Pipeline) -> None:
-        def write(conn: sqlite3.Connection) -> None:
+    async def create_pipeline(self, pipeline: Pipeline) -> str:
+        def write(conn: sqlite3.Connection) -> str:
+            if pipeline.idempotency_key is not None:
+                row = conn.execute(
+                    "SELECT id, request_hash FROM pipelines WHERE idempotency_key = ?", (pipeline.idempotency_key,)
+                ).fetchone()
+                if row is not None:
+                    if row["request_hash"] != pipeline.request_hash:
+                        raise IdempotencyConflict(pipeline.idempotency_key)
+                    return row["id"]
             now = timestamp()
             conn.execute(
-                "INSERT INTO pipelines (id, owner, name, state, output, priority, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                "INSERT INTO pipelines (id, owner, name, state, output, priority, created_at, updated_at,"
+                " idempotency_key, request_hash) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
                 (pipeline.id, pipeline.owner, pipeline.name, json.dumps(pipeline.output),
-                 pipeline.priority, now, now),
+                 pipeline.priority, now, now, pipeline.idempotency_key, pipeline.request_hash),
             )
             conn.executemany(
                 "INSERT INTO pipeline_steps (pipeline_id, n, scene, segment, kind, task, params,"
@@ -67,8 +83,9 @@ class PipelineWrites(SqliteThreads):
                   json.dumps(s.inputs), json.dumps(s.needs), s.seconds,
                   json.dumps(s.audio) if s.audio is not None else None) for s in pipeline.steps],
             )
+            return pipeline.id
 
-        await self._write(write)
+        return await self._write(write)
 
     async def create_step_job(
         self, pipeline_id: str, n: int, *, task: str, params: dict[str, Any], inputs: dict[str, str],
@@ -94,7 +111,7 @@ class PipelineWrites(SqliteThreads):
                 (job_id, task, json.dumps(params), json.dumps(inputs), priority, pipeline_id,
                  owner, now, now),
             )
-            record_event(conn, job_id, "queued", f"accepted (step {n + 1} of pipeline {pipeline_id})")
+            record_event(conn, job_id, "queued", f"accepted (steps[{n}] of pipeline {pipeline_id})")
             conn.execute(
                 "UPDATE pipeline_steps SET job_id = ? WHERE pipeline_id = ? AND n = ?", (job_id, pipeline_id, n)
             )
@@ -127,7 +144,7 @@ class PipelineWrites(SqliteThreads):
         ) == 1
 
 
-def _row_to_step(row: sqlite3.Row) -> PipelineStep:
+def row_to_step(row: sqlite3.Row) -> PipelineStep:
     data = dict(row)
     data.pop("pipeline_id")
     for column in _JSON_STEP:

@@ -317,3 +317,23 @@ def m032_replicas(db: Database) -> None:
         "CREATE INDEX idx_jobs_replica ON jobs (replica)"
         " WHERE state IN ('submitted', 'running') OR cancel_pending = 1"
     )
+
+
+@migrations()
+def m027_batches_by_owner(db: Database) -> None:
+    # GET /api/v1/batches: a key's own batches, newest first, a page at a time.
+    db.execute("CREATE INDEX idx_batches_owner_created ON batches (owner, created_at, id)")
+
+
+@migrations()
+def m029_open_pipelines(db: Database) -> None:
+    # The start-up sweep reads failed pipelines too: a failed step's job retried on its own
+    # (`POST /api/v1/jobs/{id}/retry`) moves its pipeline on again.
+    db.execute("DROP INDEX idx_pipelines_running")
+    db.execute("CREATE INDEX idx_pipelines_open ON pipelines (seq) WHERE state IN ('running', 'failed')")
+    # `Idempotency-Key` on POST /api/v1/pipelines, as for jobs: a repeated request gets the
+    # pipeline the first one made.
+    db.execute("ALTER TABLE pipelines ADD COLUMN idempotency_key TEXT")
+    db.execute("ALTER TABLE pipelines ADD COLUMN request_hash TEXT")
+    db.execute("CREATE UNIQUE INDEX idx_pipelines_idempotency ON pipelines (idempotency_key)"
+               " WHERE idempotency_key IS NOT NULL")

@@ -93,17 +93,6 @@ class WebhookReads(Rows):
         ).fetchall()
         return [_webhook(r) for r in rows]
 
-    def due_deliveries(self, now: float, limit: int, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
-        """Pending deliveries whose next attempt is due, the most overdue first (not those in
-        `skip`: being attempted now)."""
-        skip = list(skip)
-        rows = self.conn.execute(
-            f"SELECT * FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at LIMIT ?",
-            (now, limit + len(skip)),
-        ).fetchall()
-        return [dict(r) for r in rows if r["id"] not in skip][:limit]
-
     def next_delivery_at(self) -> float | None:
         (at,) = self.conn.execute(
             f"SELECT min(next_attempt_at) FROM webhook_deliveries WHERE {_PENDING}"
@@ -157,6 +146,25 @@ class WebhookWrites(SqliteThreads):
                 ).rowcount
             conn.execute("UPDATE webhook_cursor SET event_id = max(event_id, ?)", (cursor,))
             return added
+
+        return await self._write(write)
+
+    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
+        """Take up to `limit` due deliveries, the most overdue first, for an attempt: each is due
+        again only at `until` (a lease), so another replica sharing the store, or this one in its
+        next round, does not attempt it too; a crash mid-attempt leaves it due when that ends."""
+
+        def write(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = [dict(r) for r in conn.execute(
+                f"SELECT * FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now, limit),
+            )]
+            conn.executemany(
+                "UPDATE webhook_deliveries SET next_attempt_at = ? WHERE id = ?",
+                [(until, row["id"]) for row in rows],
+            )
+            return rows
 
         return await self._write(write)
 
