@@ -116,10 +116,6 @@ def error_response(
     return Response(body, status_code=status, headers=headers)
 
 
-# The task types whose job makes an image (h-tasks' `tasks.makes` says the same once merged).
-IMAGE_TASKS = frozenset({"t2i", "i2i"})
-
-
 def naive_local(ts: float | None) -> str | None:
     """A time as the FastAPI services print `datetime.now()`: local, naive, microseconds."""
     return None if ts is None else dt.datetime.fromtimestamp(ts).isoformat()

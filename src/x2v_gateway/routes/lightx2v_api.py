@@ -28,7 +28,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from ..auth import Caller
 from ..blobs import BlobStore
 from ..compat import (
-    IMAGE_TASKS, LIGHTX2V, errors, file_responses, job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
+    LIGHTX2V, errors, file_responses, job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
 )
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
@@ -36,6 +36,7 @@ from ..jobs import JobService
 from ..settings import Settings
 from ..schemas import PARAM_FIELDS, ApiError
 from ..store import Job, JobStore, Reads
+from ..tasks import IMAGE_TASKS
 from .api import body_operation, struct_schema
 from .files import ranged_file
 
