@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway_proc import GatewayProcess, headerless_gateway, remember_secret
+from gateway_proc import headerless_gateway, remember_secret
 from x2v_gateway.schemas import TASK_INPUTS
 
 # Image jobs (t2i, i2i) come with the task types of issue 16's first part: until this gateway
@@ -212,17 +212,6 @@ def test_bad_requests_get_fastapi_422s_naming_the_field(gateway):
     assert missing.status_code == 404 and missing.json() == {"detail": "File not found: does-not-exist.mp4"}
 
 
-def test_without_the_headerless_key_a_bearer_key_is_needed(tmp_path):
-    gw = GatewayProcess(tmp_path / "data").start()
-    try:
-        refused = requests.get(f"{gw.url}/v1/tasks/")
-        assert refused.status_code == 401 and "detail" in refused.json()
-        allowed = requests.get(f"{gw.url}/v1/tasks/", headers={"Authorization": f"Bearer {gw.admin_key}"})
-        assert allowed.status_code == 200
-    finally:
-        gw.stop()
-
-
 def test_post_multi_servers_logic_spreads_tasks_over_the_pool(gateway):
     # post_multi_servers.py's loop: wait for an idle server via /v1/service/status, one thread
     # per task posting to /v1/tasks/ and polling /status every 0.5 s until completed.
@@ -252,7 +241,7 @@ def test_post_multi_servers_logic_spreads_tasks_over_the_pool(gateway):
 
 
 def test_a_task_survives_a_gateway_sigkill_and_is_found_by_its_task_id(tmp_path, media):
-    gw = headerless_gateway(tmp_path / "data", HEADERLESS, X2V_DEMO_JOB_SECONDS="1.5", X2V_REQUEST_TIMEOUT="2")
+    gw = headerless_gateway(tmp_path / "data", HEADERLESS, X2V_DEMO_JOB_SECONDS="0.5", X2V_REQUEST_TIMEOUT="2")
     try:
         message = {"task_id": "durable-0001", "prompt": "survive", "save_result_path": "durable.mp4",
                    "image_path": base64.b64encode(media["face"].read_bytes()).decode()}

@@ -139,3 +139,12 @@ def test_sdk_edits_an_image_and_gets_a_url(client, gateway, media):
     assert base64.b64decode(as_b64.data[0].b64_json)[:4] == b"\x89PNG"
     with pytest.raises(openai.BadRequestError):
         client.images.edit(image=media["not_image"].open("rb"), prompt="not an image")
+
+
+def test_without_the_headerless_key_the_compatible_routes_need_a_bearer_key(gateway):
+    # This gateway sets no X2V_HEADERLESS_KEY (the default): a LightX2V client must send a key.
+    refused = httpx.get(f"{gateway.url}/v1/tasks/")
+    assert refused.status_code == 401 and "detail" in refused.json()
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+    allowed = httpx.get(f"{gateway.url}/v1/tasks/", headers={"Authorization": f"Bearer {gateway.admin_key}"})
+    assert allowed.status_code == 200
