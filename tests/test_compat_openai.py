@@ -148,3 +148,16 @@ def test_without_the_headerless_key_the_compatible_routes_need_a_bearer_key(gate
     assert refused.headers["www-authenticate"].startswith("Bearer")
     allowed = httpx.get(f"{gateway.url}/v1/tasks/", headers={"Authorization": f"Bearer {gateway.admin_key}"})
     assert allowed.status_code == 200
+
+
+def test_input_reference_as_an_image_url_object(client, gateway, media):
+    data_url = "data:image/png;base64," + base64.b64encode(media["face"].read_bytes()).decode()
+    # As JSON (the SDK's `videos.create` takes files only: its generic `post` sends the object).
+    video = client.post("/videos", body={"prompt": "from a data URL", "input_reference": {"image_url": data_url}},
+                        cast_to=openai.types.Video)
+    with gateway.client() as admin:
+        job = admin.get(f"/api/v1/jobs/{video.id}").json()
+    assert job["task"] == "i2v" and "image" in job["inputs"]
+    with pytest.raises(openai.BadRequestError) as no_files_api:
+        client.post("/videos", body={"prompt": "x", "input_reference": {"file_id": "file-123"}}, cast_to=openai.types.Video)
+    assert no_files_api.value.body["param"] == "input_reference"

@@ -151,3 +151,13 @@ def test_wan_t2v_service_needs_its_fields_and_a_valid_key(gateway):
     wrong_key = requests.post(f"{gateway.url}/video/status", headers={"Authorization": "Bearer x2v_wrong"},
                               json={"requestId": "nope"})
     assert wrong_key.status_code == 401 and "detail" in wrong_key.json()
+
+
+def test_s2v_service_model_cls_other_than_sekotalk_needs_the_cloud(gateway, media):
+    with media["face"].open("rb") as image, media["voice"].open("rb") as audio:
+        refused = requests.post(f"{gateway.url}/api/submit", data={"prompt": "x", "model_cls": "OtherTalk"},
+                                files={"image": image, "audio": audio})
+    # Only a hosted cloud chooses models; this gateway's demo node runs its own.
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "model_cls"]
+    staged = requests.post(f"{gateway.url}/api/submit", data={"prompt": "x", "stage": "multi_stage"})
+    assert staged.status_code == 422 and staged.json()["detail"][0]["loc"] == ["body", "stage"]
