@@ -10,6 +10,7 @@ gateway names the key such clients act as (X2V_HEADERLESS_KEY).
 from __future__ import annotations
 
 import base64
+import importlib.util
 import subprocess
 import sys
 import threading
@@ -37,21 +38,17 @@ def gateway(tmp_path_factory):
     gw.stop()
 
 
-def _wait_done(url: str, task_id: str, timeout: float = 60.0) -> dict:
-    """`wait_task_done` of post_async_t2i_and_wait.py, as written (poll /status until it ends)."""
-    status_url = f"{url.rstrip('/')}/v1/tasks/{task_id}/status"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        response = requests.get(status_url, timeout=15)
-        if response.status_code != 200:
-            raise RuntimeError(f"Get task status failed ({response.status_code}): {response.text}")
-        status = response.json()
-        if status.get("status") == "completed":
-            return status
-        if status.get("status") in ("failed", "cancelled"):
-            raise RuntimeError(f"Task ended with status={status.get('status')}, detail={status.get('error')}")
-        time.sleep(0.2)
-    raise TimeoutError(task_id)
+# LightX2V's own client functions, from the vendored script (tests/clients/lightx2v/).
+_spec = importlib.util.spec_from_file_location(
+    "post_async_t2i_and_wait", Path(__file__).parent / "clients" / "lightx2v" / "post_async_t2i_and_wait.py",
+)
+lightx2v_client = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lightx2v_client)
+
+
+def _wait_done(url: str, task_id: str) -> dict:
+    """Its `wait_task_done`: poll /status until completed (raises on failed or cancelled)."""
+    return lightx2v_client.wait_task_done(url, task_id, timeout_seconds=60, poll_interval=0.2)
 
 
 def test_post_py_renders_a_t2v_video_and_its_file_downloads_by_save_result_path(gateway):
