@@ -89,7 +89,8 @@ def test_s2v_service_refusals_are_fastapi_shaped(gateway, media):
     assert bad_duration.status_code == 422 and bad_duration.json()["detail"][0]["loc"] == ["body", "duration"]
     assert requests.get(f"{base}/api/task/nope").json() == {"detail": "Task not found"}
     assert requests.delete(f"{base}/api/task/nope").status_code == 404
-    assert requests.get(f"{base}/api/tasks?limit=0").status_code == 422
+    zero = requests.get(f"{base}/api/tasks?limit=0")
+    assert zero.status_code == 422 and zero.json()["detail"][0]["loc"] == ["query", "limit"]
     assert requests.get(f"{base}/api/tasks?offset=-1").status_code == 422
 
 
