@@ -46,7 +46,7 @@ FILE_SECONDS = {
     "test_compat_lightx2v.py": 35, "test_compat_openai.py": 15, "test_compat_seeds.py": 14,
     "test_pipelines.py": 40, "test_pipeline_dashboard.py": 21, "test_pipeline_replicas.py": 27,
     "test_postgres_gateway.py": 30, "test_migrate_store.py": 5,
-    "test_store_plans_postgres.py": 14,
+    "test_store_plans_postgres.py": 14, "test_store_postgres.py": 8,
     "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
     "test_webhooks.py": 60,
     "test_replicas.py": 135, "test_replica_store.py": 2, "test_replicas_postgres.py": 100,

@@ -38,6 +38,22 @@ class BatchReads(PgRows):
         data["form"] = json.loads(data["form"]) if data["form"] else {}
         return data
 
+    def list_batches(
+        self, *, owner: str | None = None, before: tuple[float, str] | None = None, limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = %s")
+            args.append(owner)
+        if before is not None:
+            where.append("(created_at, id) < (%s, %s)")
+            args += list(before)
+        sql = "SELECT * FROM batches" + (" WHERE " + " AND ".join(where) if where else "")
+        found = rows(self.conn, sql + " ORDER BY created_at DESC, id DESC LIMIT %s", (*args, limit))
+        for data in found:
+            data["form"] = json.loads(data["form"]) if data["form"] else {}
+        return found
+
     def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
         if owner is None:
             sql, args = "SELECT batch_id, seq FROM jobs ORDER BY seq DESC LIMIT %s", (window,)

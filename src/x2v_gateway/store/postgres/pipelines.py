@@ -34,12 +34,12 @@ class PipelineReads(PgRows):
         return self._with_steps(found)
 
     def pipeline_for_key(self, idempotency_key: str) -> tuple[str, str | None] | None:
-        row = one(self.conn, "SELECT id, request_hash FROM pipelines WHERE idempotency_key = %s", (idempotency_key,))
-        return (row["id"], row["request_hash"]) if row else None
+        found = tuples(self.conn, "SELECT id, request_hash FROM pipelines WHERE idempotency_key = %s", (idempotency_key,))
+        return found[0] if found else None
 
     def open_pipelines(self) -> list[str]:
         return [r[0] for r in tuples(
-            self.conn, "SELECT id FROM pipelines WHERE state IN ('running', 'failed') ORDER BY seq",
+            self.conn, "SELECT id FROM pipelines WHERE state IN ('running', 'failed') ORDER BY seq"
         )]
 
     def _with_steps(self, found: list[dict[str, Any]]) -> list[Pipeline]:
@@ -62,13 +62,14 @@ class PipelineWrites(PostgresThreads):
             inserted = conn.execute(
                 "INSERT INTO pipelines (id, owner, name, state, output, priority, created_at, updated_at,"
                 " idempotency_key, request_hash) VALUES (%s, %s, %s, 'running', %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (idempotency_key) DO NOTHING",
+                " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
                 (pipeline.id, pipeline.owner, pipeline.name, json.dumps(pipeline.output),
                  pipeline.priority, now, now, pipeline.idempotency_key, pipeline.request_hash),
             ).rowcount
             if not inserted:
-                row = one(conn, "SELECT id, request_hash FROM pipelines WHERE idempotency_key = %s",
-                          (pipeline.idempotency_key,))
+                row = one(
+                    conn, "SELECT id, request_hash FROM pipelines WHERE idempotency_key = %s", (pipeline.idempotency_key,)
+                )
                 assert row is not None
                 if row["request_hash"] != pipeline.request_hash:
                     raise IdempotencyConflict(pipeline.idempotency_key)
@@ -114,7 +115,7 @@ class PipelineWrites(PostgresThreads):
             conn.execute(
                 "UPDATE pipeline_steps SET job_id = %s WHERE pipeline_id = %s AND n = %s", (job_id, pipeline_id, n)
             )
-            record_event(conn, job_id, "queued", f"accepted (step {n + 1} of pipeline {pipeline_id})")
+            record_event(conn, job_id, "queued", f"accepted (steps[{n}] of pipeline {pipeline_id})")
             return job_id, True
 
         made = await self._write(write)
