@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--job-seconds", type=float, default=2.0)
+    parser.add_argument("--replicas", default="1,3", help="replica counts of the pool run, e.g. 1,3")
     parser.add_argument("--skip-pool", action="store_true")
     parser.add_argument("--skip-reads", action="store_true")
     parser.add_argument("--skip-death", action="store_true")
@@ -141,11 +142,11 @@ def _run(args: argparse.Namespace, root: Path, store: str) -> None:
 
     if not args.skip_pool:
         print(f"pool: {args.nodes} nodes x {args.jobs} jobs of {args.job_seconds:g} s", flush=True)
-        for replicas in (1, 3):
+        for replicas in (int(n) for n in args.replicas.split(",")):
             f = pool_run(root / f"pool-{replicas}", replicas, args.nodes, args.jobs, args.job_seconds)
             print(f"  {replicas} replica(s) on {store}: utilisation {100 * f['utilisation']:.1f} %,"
                   f" makespan {f['makespan']:.1f} s (ideal {args.jobs * args.job_seconds / args.nodes:.0f} s),"
-                  f" idle gap median {1000 * f['gap_median']:.0f} ms p95 {1000 * f['gap_p95']:.0f} ms,"
+                  f" idle gap median {1000 * f['gap_median']:.0f} ms p95 {1000 * f['gap_p95']:.0f} ms max {1000 * f['gap_max']:.0f} ms,"
                   f" first start {f['first_start']:.2f} s, jobs per node {f['per_node']},"
                   f" most held by a node {f['most_held']}, sent twice {f['sent_twice']}, {f['states']}",
                   flush=True)

@@ -57,7 +57,7 @@ class Cluster:
 
     def __init__(
         self, root: Path, *, replicas: int = 3, nodes: int = 4, job_seconds: float = 0.5,
-        database_url: str = "", **settings: str,
+        database_url: str = "", node_class: type[NodeProcess] = NodeProcess, **settings: str,
     ) -> None:
         self.root = root
         if not database_url and gateway_proc.database_for:  # pytest --store=postgresql
@@ -67,7 +67,7 @@ class Cluster:
             settings["X2V_DATABASE_URL"] = database_url
         # max_queue_size well above the slots: a node given too much accepts it, and says so.
         self.nodes = [
-            NodeProcess(root / f"node{i}", job_seconds=job_seconds, max_queue_size=10, tasks="t2v")
+            node_class(root / f"node{i}", job_seconds=job_seconds, max_queue_size=10, tasks="t2v")
             for i in range(nodes)
         ]
         spec = ",".join(f"n{i}={n.url}" for i, n in enumerate(self.nodes))

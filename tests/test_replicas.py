@@ -13,7 +13,9 @@ import time
 import httpx
 import pytest
 
+from gateway_proc import until
 from replica_cluster import Cluster, run_chaos
+from servers import MisbehavingNode
 
 
 @pytest.fixture
@@ -95,6 +97,31 @@ def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_pa
         with cluster.live()[0].client() as client:
             for job_id in held:
                 assert client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "succeeded"
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("node_has_it", [False, True], ids=["never-read", "task-made"])
+def test_replica_killed_with_its_submission_on_the_wire_has_it_resolved_against_the_node(tmp_path, node_has_it):
+    cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=1.0, node_class=MisbehavingNode).start()
+    (node,) = cluster.nodes
+    try:
+        # The node holds the next submission's connection without answering: before reading it
+        # (its sender's death drops it), or after making its task (only the answer is lost).
+        node.fault("hang", route="submit", seconds=25, phase="after" if node_has_it else "before")
+        (job_id,) = cluster.submit(1, prefix="on the wire")
+        until(lambda: node.faults()[0]["fired"], what="the submission reached the node")
+        with cluster.db() as conn:
+            (sender,) = conn.execute("SELECT replica FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        next(r for r in cluster.replicas if r.name == sender).kill()
+        node.clear_faults()
+        until(lambda: cluster.held_by(sender) == set() and cluster.states([job_id])["succeeded"],
+              timeout=30, what="the job taken over and finished")
+        assert cluster.sent() == {job_id: 1}  # the node made its task once, either way
+        with cluster.live()[0].client() as client:
+            job = client.get(f"/api/v1/jobs/{job_id}").json()
+        # Sent again only when the node had no such task.
+        assert job["state"] == "succeeded" and job["attempts"] == (1 if node_has_it else 2), job["events"]
     finally:
         cluster.stop()
 

@@ -234,6 +234,8 @@ class Dispatcher:
 
     async def _dispatch_once(self) -> None:
         ctx = self._ctx
+        if not ctx.running:
+            return  # stopping, or this replica's lease was taken over
         async with self._planning:
             started = time.perf_counter()
             plan = await self.plan()

@@ -146,7 +146,9 @@ class JobStore(ABC):
         followed by `replica`.
 
         Because the record comes first, a crash at any later point leaves a job that says where
-        it may be, and the restart asks that upstream before anything is sent again.
+        it may be, and the restart asks that upstream before anything is sent again. With
+        `replica`, only while that replica has a lease row (`join`): one whose jobs another
+        replica took over claims nothing more.
 
         With `slots`, only if `upstream` then holds fewer than `slots` jobs in flight, not
         counting `off_node` (jobs the caller knows have left the node: finished there, their
@@ -411,11 +413,11 @@ class JobStore(ABC):
         Returns how many were new."""
 
     @abstractmethod
-    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
-        """Take up to `limit` pending deliveries due by `now` (whole rows, the most overdue
-        first) for an attempt, atomically: each is due again only at `until`, so that replicas
-        sharing the store never attempt one at the same time, and one a crash cut short is
-        attempted again once `until` has passed."""
+    async def claim_deliveries(self, ids: list[str], now: float, until: float) -> list[dict[str, Any]]:
+        """Take these deliveries (`due_deliveries` found them) for an attempt, atomically: those
+        still pending and due by `now` (whole rows), each then due again only at `until`, so that
+        replicas sharing the store never attempt one at the same time, and one a crash cut short
+        is attempted again once `until` has passed."""
 
     @abstractmethod
     async def delivery_attempted(

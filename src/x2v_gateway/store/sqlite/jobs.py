@@ -267,6 +267,11 @@ class JobWrites(SqliteThreads):
             " WHERE id = ? AND state = 'queued'"
         )
         args: tuple = (upstream, task_id, replica, now, now, job_id)
+        if replica is not None:
+            # A replica whose lease another one took over claims nothing more (it may not know
+            # yet: it learns at its next heartbeat).
+            sql += " AND EXISTS (SELECT 1 FROM replicas WHERE id = ?)"
+            args += (replica,)
         if slots is not None:
             # The slot is taken here, in the transaction that claims the job (BEGIN IMMEDIATE:
             # one writer at a time across every process on this file), so two replicas that both
