@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway_proc import GatewayProcess
+from gateway_proc import GatewayProcess, remember_secret
 from media import make_png, make_wav
+from s3_server import SeaweedS3
 
 
 def pytest_configure(config) -> None:
@@ -70,6 +71,15 @@ def media(tmp_path_factory) -> dict[str, Path]:
         "voice": make_wav(root / "voice.wav", seconds=1.5),
         "not_image": not_image,
     }
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> SeaweedS3:
+    """A real S3 server (SeaweedFS) on loopback, started once per test process."""
+    server = SeaweedS3(tmp_path_factory.mktemp("s3"))
+    remember_secret(server.secret_access_key)
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture(scope="module")

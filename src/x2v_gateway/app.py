@@ -25,7 +25,7 @@ from litestar.template.config import TemplateConfig
 
 from .auth import Auth, LimitError, caller, limit_error_response
 from .auth_middleware import AuthMiddleware
-from .blobs import BlobStore
+from .blobs import open_blobs
 from .checker import CHECKER
 from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
@@ -86,7 +86,7 @@ class Gateway:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.db_path)
-        self.blobs = BlobStore(settings.blob_dir)
+        self.blobs = open_blobs(settings)
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.demo_node: DemoNode | None = None
@@ -156,6 +156,8 @@ class Gateway:
         CHECKER.configure(workers=self.settings.media_checkers, max_megapixels=self.settings.max_image_megapixels)
         CHECKER.warm()
         await self.auth.bootstrap()
+        await self.blobs.check()
+        log.info("blobs: kept in %s", self.blobs.describe())
         await self.registry.save_settings()
         await self.dispatcher.start()
         log.info("upstreams: %s", ", ".join(
@@ -166,6 +168,7 @@ class Gateway:
     async def stop(self) -> None:
         await self.dispatcher.stop()
         await self.http.aclose()
+        await self.blobs.aclose()
         if self.demo_node is not None:
             self.demo_node.stop()
         self.store.close()

@@ -486,7 +486,7 @@ async def keep_files(files: list[IncomingFile], store: JobStore, owner: str | No
         raise
     stored = {}
     for incoming in files:
-        sha, size = await asyncio.to_thread(incoming.writer.commit)
+        sha, size = await incoming.writer.commit()
         await store.record_blob(sha, size, kinds[incoming.role])
         stored[incoming.role] = StoredInput(sha, size, kinds[incoming.role])
     return stored

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import Counter
 
+from ..blobs import BlobStoreUnavailable
 from ..checker import CHECKER
 from ..store import Job
 from ..upstream.base import Unavailable, UnknownTask, UpstreamError
@@ -43,7 +44,7 @@ class Collector:
                 state, "result", lambda: upstream.fetch_result(job.upstream_task_id, dest)
             )
             info = await CHECKER.probe_video(dest)
-            sha, size = await asyncio.to_thread(ctx.blobs.adopt, dest)
+            sha, size = await ctx.blobs.adopt(dest)
             await ctx.store.record_blob(sha, size, "mp4")
             meta = {"size": size, "duration": info.duration, "width": info.width, "height": info.height}
             # Conditional: a job cancelled while its video was downloading stays cancelled.
@@ -67,6 +68,9 @@ class Collector:
                 await self._failed(job, exc)
         except (UpstreamError, ValueError) as exc:
             await self._failed(job, exc)
+        except BlobStoreUnavailable as exc:
+            # Not the job's fault: the video stays on its upstream and is fetched again next time.
+            log.warning("job %s: result waits for the blob store (%s)", job.id, exc.detail)
         finally:
             dest.unlink(missing_ok=True)
             ctx.collecting.pop(job.id, None)
@@ -103,8 +107,7 @@ class Retention:
     async def expire_files(self, now: float | None = None) -> int:
         keep = self.hours * 3600
         doomed = await self.ctx.store.expire_files((now or time.time()) - keep, grace=min(3600.0, keep))
-        for sha in doomed:
-            self.ctx.blobs.delete(sha)
+        await self.ctx.blobs.delete(doomed)
         if doomed:
             log.info("retention: removed %d files of jobs finished before the cutoff", len(doomed))
         return len(doomed)

@@ -25,7 +25,7 @@ from ..schemas import MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest
 from ..reads import cut_page, find_job, visible
 from ..store import STATES, Inflight, Job, JobStore, Reads
 from ..upstream.base import UpstreamError
-from .files import ranged_file
+from .files import blob_file
 
 
 async def view(store: JobStore, job: Job) -> JobView:
@@ -267,10 +267,10 @@ class JobsController(Controller):
             raise ApiError(410, "this job's files have expired and were deleted")
         if job.state != "succeeded" or not job.result_sha:
             raise ApiError(404, f"this job has no video: it is {job.state}")
-        path = blobs.path(job.result_sha)
-        if not path.is_file():
-            raise ApiError(410, "this job's video is no longer stored")
-        return ranged_file(path, range_header, media_type="video/mp4", filename=f"{job.id}.mp4")
+        return await blob_file(
+            blobs, job.result_sha, range_header, media_type="video/mp4", filename=f"{job.id}.mp4",
+            gone="this job's video is no longer stored",
+        )
 
 
 class ModelChoice(msgspec.Struct):

@@ -1,30 +1,29 @@
-"""Files over HTTP: a video or an input file, streamed off the event loop, with `Range` support."""
+"""Files over HTTP: a video or an input file, streamed from the blob store (off the event loop,
+or by ranged GETs from a bucket) with `Range` support, or a redirect to a presigned URL."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 from litestar import Response
-from litestar.response import Stream
+from litestar.response import Redirect, Stream
+
+from ..blobs import BlobStore, StoredBlob
+from ..schemas import ApiError
 
 
-def _stream_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
-    async def chunks() -> AsyncIterator[bytes]:
-        with path.open("rb") as handle:
-            handle.seek(start)
-            remaining = length
-            while remaining > 0:
-                # Off the event loop: a cold disk must not stall every other request.
-                chunk = await asyncio.to_thread(handle.read, min(256 * 1024, remaining))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                yield chunk
-
-    return chunks()
+async def blob_file(
+    blobs: BlobStore, sha256: str, range_header: str | None, *, media_type: str, filename: str, gone: str,
+) -> Response:
+    """A kept blob as a download (410 saying `gone` when it is no longer kept): a redirect to a
+    presigned URL where the store gives one (`X2V_S3_PRESIGN_MINUTES`), else served here."""
+    blob = await blobs.open(sha256)
+    if blob is None:
+        raise ApiError(410, gone)
+    if url := await blobs.download_url(sha256, filename, media_type):
+        # A presigned URL expires: no cache may keep the redirect longer than it works.
+        return Redirect(url, status_code=302, headers={"cache-control": "no-store"})
+    return ranged_file(blob, range_header, media_type=media_type, filename=filename)
 
 
 # At most 18 digits a side: a longer number is past any file, and `int()` refuses 4300+ digits.
@@ -32,9 +31,9 @@ def _stream_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
 _RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$", re.ASCII)
 
 
-def ranged_file(path: Path, range_header: str | None, *, media_type: str, filename: str) -> Response:
+def ranged_file(blob: StoredBlob, range_header: str | None, *, media_type: str, filename: str) -> Response:
     """A file response that honours a single `Range: bytes=a-b`, so a browser can seek."""
-    size = path.stat().st_size
+    size = blob.size
     headers = {
         "accept-ranges": "bytes",
         "content-disposition": f'inline; filename="{filename}"',
@@ -42,7 +41,7 @@ def ranged_file(path: Path, range_header: str | None, *, media_type: str, filena
     match = _RANGE.match(range_header.strip()) if range_header else None
     if not match or match.groups() == ("", ""):
         headers["content-length"] = str(size)
-        return Stream(_stream_file(path, 0, size), media_type=media_type, headers=headers)
+        return Stream(blob.chunks(), media_type=media_type, headers=headers)
     first, last = match.groups()
     if first == "":  # the last N bytes
         start, end = max(0, size - int(last)), size - 1
@@ -57,6 +56,6 @@ def ranged_file(path: Path, range_header: str | None, *, media_type: str, filena
     headers["content-range"] = f"bytes {start}-{end}/{size}"
     headers["content-length"] = str(end - start + 1)
     return Stream(
-        _stream_file(path, start, end - start + 1), media_type=media_type, headers=headers,
+        blob.chunks(start=start, length=end - start + 1), media_type=media_type, headers=headers,
         status_code=206,
     )
