@@ -13,7 +13,6 @@ import asyncio
 import json
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ class SeaweedS3:
     access_key_id: str = field(default_factory=lambda: "x2vtest" + secrets.token_hex(4))
     secret_access_key: str = field(default_factory=lambda: "s3-secret-" + secrets.token_urlsafe(24), repr=False)
     port: int = 0
+    ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     @property
@@ -51,6 +51,7 @@ class SeaweedS3:
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
             "filer.port.grpc", "s3.port", "s3.port.grpc",
         )}
+        self.ports = ports
         self.port = ports["s3.port"]
         command = [
             WEED, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
@@ -109,10 +110,11 @@ class SeaweedS3:
         }
 
     def stop(self) -> None:
+        # SIGKILL: its data is thrown away, and a SIGTERM takes it 10 s to act on.
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        # The unix sockets it makes beside its ports (it replaces stale ones when it starts).
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)

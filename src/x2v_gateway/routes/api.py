@@ -251,6 +251,10 @@ class JobsController(Controller):
             416: ResponseSpec(None, description=(
                 "The `Range` starts past the end of the video; `Content-Range: bytes */<size>` gives its size"
             )),
+            302: ResponseSpec(None, description=(
+                "With `X2V_S3_PRESIGN_MINUTES` set: a redirect (`Location`) to a presigned URL of the"
+                " video in the bucket, which honours `Range` too"
+            )),
             **errors(400, 404, 410),
         },
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from litestar import Response
-from litestar.response import Redirect, Stream
+from litestar.response import Stream
 
 from ..blobs import BlobStore, StoredBlob
 from ..schemas import ApiError
@@ -21,8 +21,9 @@ async def blob_file(
     if blob is None:
         raise ApiError(410, gone)
     if url := await blobs.download_url(sha256, filename, media_type):
-        # A presigned URL expires: no cache may keep the redirect longer than it works.
-        return Redirect(url, status_code=302, headers={"cache-control": "no-store"})
+        # A presigned URL expires: no cache may keep the redirect longer than it works. (A plain
+        # Response: Litestar's Redirect refuses the routes' video and audio media types.)
+        return Response(content=b"", status_code=302, headers={"location": url, "cache-control": "no-store"})
     return ranged_file(blob, range_header, media_type=media_type, filename=filename)
 
 
