@@ -7,18 +7,22 @@ import asyncio
 import hashlib
 import os
 import secrets
+import subprocess
+import sys
 
 import httpx
 import pytest
 
 from x2v_gateway.blobs import BlobStore, BlobStoreUnavailable, LocalBlobStore, S3BlobStore
+from x2v_gateway.blobs.migrate import copy_blobs
 from x2v_gateway.settings import S3Config
 
 
 def _s3(server, tmp_path, **options) -> S3BlobStore:
+    options.setdefault("prefix", f"unit-{secrets.token_hex(4)}")
     config = S3Config(
-        bucket=server.bucket, prefix=f"unit-{secrets.token_hex(4)}", endpoint=server.endpoint,
-        access_key_id=server.access_key_id, secret_access_key=server.secret_access_key, **options,
+        bucket=server.bucket, endpoint=server.endpoint, access_key_id=server.access_key_id,
+        secret_access_key=server.secret_access_key, **options,
     )
     return S3BlobStore(config, tmp_path / "spool")
 
@@ -142,3 +146,32 @@ def test_a_refused_key_is_a_503_that_names_no_secret(s3_server, tmp_path):
     assert config.secret_access_key not in f"{error.message} {error.detail}"
     assert "403" in error.detail or "Permission" in error.detail
     assert [p.name for p in blobs.tmp_dir.iterdir()] == []  # the spooled copy is not left behind
+
+
+def test_copying_a_local_store_into_a_bucket_copies_each_blob_once(s3_server, tmp_path):
+    local = BlobStore(tmp_path / "data" / "blobs")
+    data = [os.urandom(n) for n in (10, 70_000, 9 * 1024 * 1024)]
+
+    async def keep_all() -> list[str]:
+        return [(await (await _write(local, d)).commit())[0] for d in data]
+
+    shas = asyncio.run(keep_all())
+    prefix = f"moved-{secrets.token_hex(4)}"
+    target = _s3(s3_server, tmp_path, prefix=prefix)
+    seen = []
+    first = asyncio.run(copy_blobs(local, target, seen.append))
+    assert (first.total, first.copied, first.skipped, first.bytes_copied) == (3, 3, 0, sum(map(len, data)))
+    assert seen[-1].done == 3
+    assert {k.rsplit("/", 1)[-1] for k in s3_server.keys(prefix)} == set(shas)
+    assert [local.path(sha).read_bytes() for sha in shas] == data  # the local files stay
+
+    # Again, as the command a person runs twice: nothing is copied twice.
+    env = {**os.environ, "X2V_DATA_DIR": str(tmp_path / "data"), **s3_server.settings(prefix)}
+    again = subprocess.run(
+        [sys.executable, "-m", "x2v_gateway.cli", "copy-blobs", "--env-file", "/nonexistent"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "Copied 0 blobs (0.0 MB); 3 were in the bucket already." in again.stdout
+    assert "3/3 blobs" in again.stderr
+    assert s3_server.secret_access_key not in again.stdout + again.stderr

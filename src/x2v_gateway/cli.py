@@ -152,6 +152,53 @@ def demo_node(host: str, port: int, data_dir: Path, job_seconds: float, max_queu
     server.run()
 
 
+@main.command("copy-blobs")
+@click.option("--env-file", default=".env", show_default=True, help="Settings file read under the environment")
+def copy_blobs_command(env_file: str) -> None:
+    """Copy the data directory's blobs into the bucket X2V_BLOBS names (again: only what is missing).
+
+    Example: X2V_BLOBS=s3://x2v/blobs x2v-gateway copy-blobs
+    """
+    import asyncio
+    import time
+
+    from .blobs import BlobStoreUnavailable, LocalBlobStore, open_blobs
+    from .blobs.migrate import CopyProgress, copy_blobs
+
+    try:
+        settings = load_settings(env_file=env_file)
+    except SettingsError as exc:
+        click.echo(f"x2v-gateway: {exc}", err=True)
+        sys.exit(2)
+    if settings.s3 is None:
+        click.echo("x2v-gateway: X2V_BLOBS names no bucket (s3://bucket/prefix) to copy into", err=True)
+        sys.exit(2)
+    said = [0.0]
+
+    def progress(p: CopyProgress) -> None:
+        if p.done == p.total or time.monotonic() - said[0] >= 1:
+            said[0] = time.monotonic()
+            click.echo(f"  {p.done}/{p.total} blobs: {p.copied} copied ({p.bytes_copied / 1e6:,.1f} MB),"
+                       f" {p.skipped} there already", err=True)
+
+    async def run() -> CopyProgress:
+        source, target = LocalBlobStore(settings.blob_dir), open_blobs(settings)
+        try:
+            return await copy_blobs(source, target, progress)
+        finally:
+            await target.aclose()
+            await source.aclose()
+
+    click.echo(f"Copying {settings.blob_dir} into {settings.blobs} ...", err=True)
+    try:
+        done = asyncio.run(run())
+    except BlobStoreUnavailable as exc:
+        click.echo(f"x2v-gateway: {exc.detail}; run the command again to go on", err=True)
+        sys.exit(1)
+    click.echo(f"Copied {done.copied} blobs ({done.bytes_copied / 1e6:,.1f} MB); {done.skipped} were"
+               " in the bucket already.")
+
+
 # -- API keys -------------------------------------------------------------------------------------
 
 
