@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_proc import GatewayProcess
+from gateway_proc import GatewayProcess, until
 from media import make_png
 
 
@@ -122,3 +122,26 @@ def test_downloads_redirect_to_a_presigned_url_when_asked(s3_server, media, tmp_
     finally:
         gateway.stop()
     assert "blobs: kept in s3://" in gateway.log()
+
+
+def test_a_bucket_refusing_the_key_turns_uploads_away_without_a_trace_of_the_secret(s3_server, media, tmp_path):
+    wrong = "s3-wrong-secret-" + secrets.token_urlsafe(16)
+    settings = s3_server.settings(f"refused-{secrets.token_hex(4)}", X2V_S3_SECRET_ACCESS_KEY=wrong, X2V_LOG_LEVEL="DEBUG")
+    gateway = GatewayProcess(tmp_path / "data", **settings).start()  # starts anyway, and says so
+    try:
+        with gateway.client() as client:
+            files = {"image": media["face"].open("rb"), "audio": media["voice"].open("rb")}
+            refused = client.post("/api/v1/jobs", data={"task": "s2v", "prompt": "x"}, files=files)
+            assert refused.status_code == 503, refused.text
+            assert "file store" in refused.json()["error"]["message"]
+            assert wrong not in refused.text
+            # A text job needs no file to start; its video waits on the node, the job unfailed.
+            text = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "words only"}).json()
+            until(lambda: f"job {text['id']}: result waits for the blob store" in gateway.log(), what="a kept video")
+            assert client.get(f"/api/v1/jobs/{text['id']}").json()["state"] == "running"
+    finally:
+        gateway.stop()
+    log = gateway.log()
+    assert "the S3 blob store could not" in log and "the store does not answer yet" in log
+    assert wrong not in log
+    assert not list((tmp_path / "data" / "blobs" / "tmp").iterdir())  # nothing left half-kept

@@ -25,7 +25,7 @@ from litestar.template.config import TemplateConfig
 
 from .auth import Auth, LimitError, caller, limit_error_response
 from .auth_middleware import AuthMiddleware
-from .blobs import open_blobs
+from .blobs import BlobStoreUnavailable, open_blobs
 from .checker import CHECKER
 from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
@@ -156,8 +156,13 @@ class Gateway:
         CHECKER.configure(workers=self.settings.media_checkers, max_megapixels=self.settings.max_image_megapixels)
         CHECKER.warm()
         await self.auth.bootstrap()
-        await self.blobs.check()
         log.info("blobs: kept in %s", self.blobs.describe())
+        try:
+            await self.blobs.check()
+        except BlobStoreUnavailable:
+            # Not fatal: a replica may start before its bucket does. Until it answers, jobs with
+            # files get 503 and finished videos wait on their nodes.
+            log.warning("blobs: the store does not answer yet; jobs with files get 503 until it does")
         await self.registry.save_settings()
         await self.dispatcher.start()
         log.info("upstreams: %s", ", ".join(

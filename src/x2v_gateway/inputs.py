@@ -485,8 +485,12 @@ async def keep_files(files: list[IncomingFile], store: JobStore, owner: str | No
         discard(files)
         raise
     stored = {}
-    for incoming in files:
-        sha, size = await incoming.writer.commit()
+    for n, incoming in enumerate(files):
+        try:
+            sha, size = await incoming.writer.commit()
+        except BaseException:
+            discard(files[n + 1:])  # a bucket that failed one: the others' temporary files go too
+            raise
         await store.record_blob(sha, size, kinds[incoming.role])
         stored[incoming.role] = StoredInput(sha, size, kinds[incoming.role])
     return stored

@@ -3,8 +3,8 @@
 Through obstore (Rust's `object_store`): signing, hashing the payload and moving the bytes all
 happen outside the Python interpreter, so a gigabyte going up or down costs the event loop only
 the hand-offs. A file is uploaded from its temporary copy on local disk, where it was hashed and
-checked, in parts of `PART_BYTES`, at most `PARTS_AT_ONCE` at a time: the memory it takes is
-bounded whatever the file's size. Before a file is uploaded, a HEAD asks whether those bytes are
+checked, in parts of `PART_BYTES`, `PARTS_AT_ONCE` at a time: the memory it takes is bounded
+whatever the file's size. Before a file is uploaded, a HEAD asks whether those bytes are
 kept already (content addressing: one portrait used by 100 jobs is one object).
 
 No error from here carries the secret key: obstore's messages name the request (method, URL,
@@ -29,10 +29,13 @@ from .base import BlobStore, BlobStoreUnavailable, StoredBlob, check_sha
 
 log = logging.getLogger(__name__)
 
-# Multipart upload: parts of 8 MiB, 4 in flight (32 MiB of buffers at most per upload). S3 wants
-# parts of at least 5 MiB and at most 10,000 of them: 8 MiB parts carry objects up to 78 GiB.
+# Multipart upload: parts of 8 MiB, one in flight. S3 wants parts of at least 5 MiB and at most
+# 10,000 of them: 8 MiB parts carry objects up to 78 GiB. Measured with a 1 GB file into SeaweedFS
+# on loopback (obstore in a process of its own): one part at a time peaked at 71 MiB RSS whatever
+# the file's size and took 15.9 s; four at a time peaked at 87 MiB for 128 MB and 112 MiB for 1 GB
+# (growing with the file), and took 21.4 s.
 PART_BYTES = 8 * 1024 * 1024
-PARTS_AT_ONCE = 4
+PARTS_AT_ONCE = 1
 # Keys per DeleteObjects request (S3's own limit).
 _DELETE_BATCH = 1000
 
