@@ -22,9 +22,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import upload
 from common import GatewayProcess, NodeProcess, make_big_wav, make_png, median, rss_peak_mb
 from s3_server import SeaweedS3
 
@@ -43,7 +43,8 @@ async def put():
 started = time.perf_counter()
 asyncio.run(put())
 print(json.dumps({"seconds": time.perf_counter() - started,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+os._exit(0)  # Python's teardown after obstore aborts one exit in two (see cli._exit_past_obstore)
 """
 
 
@@ -71,34 +72,18 @@ def put_direct(s3: SeaweedS3, audio: Path) -> tuple[float, float]:
 def post_gateway(gateway: GatewayProcess, node: NodeProcess, image: Path, audio: Path) -> tuple[float, float]:
     """Seconds until the gateway accepted the job (kept in the bucket), and until the node had it."""
     vary(audio)
-    os.sync()
-    started = time.perf_counter()
-    with image.open("rb") as i, audio.open("rb") as a, gateway.client(timeout=900) as client:
-        response = client.post(
-            "/api/v1/jobs", data={"task": "s2v", "prompt": "bench"},
-            files={"image": ("face.png", i), "audio": ("voice.wav", a)},
-        )
-    response.raise_for_status()
-    accepted = time.perf_counter() - started
-    job_id = response.json()["id"]
-    # The node's /form route picks its own task id; the gateway's id is the save_result_path.
-    while not any(e["request"].get("save_result_path") == job_id for e in node.submissions()):
-        time.sleep(0.05)
-    return accepted, time.perf_counter() - started
+    return upload.post_gateway(gateway, node, image, audio)
 
 
-def empty(s3: SeaweedS3, node: NodeProcess) -> None:
-    """Every object and every node input of the last run deleted: gigabytes kept would slow the
-    next run's writes (and fill the disk)."""
+def empty(s3: SeaweedS3) -> None:
+    """Every object of the last run deleted: gigabytes kept would slow the next run's writes
+    (and fill the disk). `upload.quiet` does the same for the node's inputs."""
     import obstore
 
     store = s3.store()
     keys = [meta["path"] for batch in obstore.list(store) for meta in batch]
     if keys:
         obstore.delete(store, keys)
-    for path in (node.data_dir / "inputs").rglob("*"):
-        if path.is_file():
-            path.unlink()
 
 
 def main() -> None:
@@ -126,11 +111,11 @@ def main() -> None:
                 seconds, rss = put_direct(s3, audio)
                 direct.append(seconds)
                 direct_rss.append(rss)
-                empty(s3, node)
+                empty(s3)
                 a, n = post_gateway(gateway, node, image, audio)
                 accepted.append(a)
                 on_node.append(n)
-                empty(s3, node)
+                empty(s3)
             peak = rss_peak_mb(gateway.proc.pid)
         finally:
             gateway.stop()
