@@ -64,14 +64,13 @@ def serve(env_file: str) -> None:
         pass
     if not server.started:  # it could not listen (uvicorn logged why), as uvicorn.run exits
         sys.exit(3)
-    if settings.s3 is not None:
-        _exit_past_obstore(0)
 
 
 def _exit_past_obstore(code: int) -> None:
     """Exit now, skipping the interpreter's teardown: once obstore (the S3 client, blobs/s3.py)
     has run, Python's finalisation aborts with SIGABRT in about one exit in two (measured with
-    obstore 0.12), which a supervisor would report as a crash of a clean stop."""
+    obstore 0.12), which would report a finished command as a crash. (`serve` needs none of
+    this: uvicorn ends it with the SIGTERM it was stopped with, before any teardown.)"""
     import logging
     import os
 
