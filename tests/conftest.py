@@ -35,7 +35,7 @@ FILE_SECONDS = {
     "test_cloud_gateway.py": 52, "test_auth.py": 43, "test_dashboard.py": 43, "test_api.py": 41,
     "test_demo_node.py": 20, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
     "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
-    "test_blob_backends.py": 14, "test_blobs.py": 12,
+    "test_blob_backends.py": 40, "test_blobs.py": 12,
 }
 
 

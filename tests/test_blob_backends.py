@@ -148,3 +148,28 @@ def test_a_bucket_refusing_the_key_turns_uploads_away_without_a_trace_of_the_sec
     assert "the S3 blob store could not" in log and "the store does not answer yet" in log
     assert wrong not in log
     assert not list((tmp_path / "data" / "blobs" / "tmp").iterdir())  # nothing left half-kept
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_retention_deletes_a_finished_jobs_files_from_where_they_are_kept(kind, media, tmp_path, request):
+    # 0.002 h: files of jobs finished 7.2 s ago go, swept every 1.8 s.
+    settings = {"X2V_RETENTION_HOURS": "0.002"}
+    if kind == "s3":
+        server = request.getfixturevalue("s3_server")
+        prefix = f"retention-{secrets.token_hex(4)}"
+        settings.update(server.settings(prefix))
+        shas = lambda: {Path(k).name for k in server.keys(prefix)}  # noqa: E731
+    else:
+        shas = lambda: {p.name for p in (tmp_path / "data" / "blobs").glob("??/*")}  # noqa: E731
+    gateway = GatewayProcess(tmp_path / "data", **settings).start()
+    try:
+        with gateway.client() as client:
+            job = _s2v(client, media)
+            assert job["state"] == "succeeded", job
+            assert hashlib.sha256(media["face"].read_bytes()).hexdigest() in shas()
+            until(lambda: not shas(), timeout=40, what="the expired job's files deleted")
+            expired = client.get(f"/api/v1/jobs/{job['id']}").json()
+            assert expired["files_expired"] is True
+            assert client.get(job["result"]["url"]).status_code == 410
+    finally:
+        gateway.stop()
