@@ -10,6 +10,15 @@ import pytest
 from gateway_proc import GatewayProcess, remember_secret
 from media import make_png, make_wav
 from s3_server import SeaweedS3
+from pg_cluster import PostgresCluster
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--store", choices=("sqlite", "postgresql"), default="sqlite",
+        help="where every test gateway keeps its store: its SQLite file (default), or a PostgreSQL"
+             " database of the test process's own cluster (the suite run on PostgreSQL)",
+    )
 
 
 def pytest_configure(config) -> None:
@@ -36,6 +45,14 @@ FILE_SECONDS = {
     "test_demo_node.py": 20, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
     "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
     "test_blob_backends.py": 40, "test_blobs.py": 12,
+    "test_compat_lightx2v.py": 30, "test_compat_seeds.py": 6, "test_compat_openai.py": 4,
+    "test_pipelines.py": 40, "test_pipeline_dashboard.py": 13, "test_pipeline_replicas.py": 27,
+    "test_postgres_gateway.py": 30, "test_migrate_store.py": 5,
+    "test_store_plans_postgres.py": 14,
+    "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
+    "test_webhooks.py": 60,
+    "test_replicas.py": 135, "test_replica_store.py": 2, "test_replicas_postgres.py": 100,
+    "test_tasks.py": 32, "test_batches_api.py": 7, "test_dashboard_tasks.py": 20,
 }
 
 
@@ -58,6 +75,39 @@ def cleanup():
     yield things.append
     for thing in reversed(things):
         thing.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A PostgreSQL server for this test process (each pytest-xdist worker starts its own),
+    started the first time a test asks for it."""
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gateways_on_postgresql(request):
+    """With --store=postgresql, every gateway process gets a PostgreSQL database (gateway_proc.py)."""
+    if request.config.getoption("--store") != "postgresql":
+        yield
+        return
+    import gateway_proc
+
+    cluster = request.getfixturevalue("pg_cluster")
+    databases: dict[Path, str] = {}
+    gateway_proc.database_for = lambda data_dir: databases.setdefault(data_dir.resolve(), cluster.new_database())
+    yield
+    gateway_proc.database_for = None
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path):
+    """Where a store lives, once for each backend: a SQLite file, or a fresh PostgreSQL
+    database with the gateway's schema (`JobStore(location)` opens either)."""
+    if request.param == "sqlite":
+        return tmp_path / "gateway.db"
+    return request.getfixturevalue("pg_cluster").new_database()
 
 
 @pytest.fixture(scope="session")

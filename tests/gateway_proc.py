@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,11 @@ def remember_secret(secret: str) -> str:
     return secret
 
 
+# `pytest --store=postgresql` (conftest.py): every gateway keeps its store in PostgreSQL, one
+# database per data dir (replicas sharing a data dir share it). Set by conftest.py then.
+database_for: Callable[[Path], str] | None = None
+
+
 class GatewayProcess:
     """`x2v-gateway serve` in a subprocess, with its own data dir and settings.
 
@@ -65,6 +71,7 @@ class GatewayProcess:
             "X2V_POLL_INTERVAL": "0.2",
             "X2V_LOG_LEVEL": "INFO",
             "X2V_ADMIN_KEY": ADMIN_KEY,
+            **({"X2V_DATABASE_URL": database_for(data_dir)} if database_for else {}),
             **settings,
         }
         self.admin_key = self.env["X2V_ADMIN_KEY"]
@@ -170,8 +177,9 @@ class _TeeStream(httpx.SyncByteStream):
 
 
 class CapturingTransport(httpx.HTTPTransport):
-    """Keeps every JSON, HTML and text body a test reads, except `POST /api/v1/keys`: the one
-    answer that holds a key by design (it is shown once, when made)."""
+    """Keeps every JSON, HTML and text body a test reads, except `POST /api/v1/keys` and
+    `POST .../webhook-secret`: the answers that hold a key or a webhook secret by design (each is
+    shown once, when made)."""
 
     def __init__(self, sink: Path) -> None:
         super().__init__()
@@ -181,6 +189,8 @@ class CapturingTransport(httpx.HTTPTransport):
         response = super().handle_request(request)
         if request.method == "POST" and request.url.path.rstrip("/") == "/api/v1/keys":
             return response
+        if request.method == "POST" and request.url.path.endswith("/webhook-secret"):
+            return response  # a new webhook signing secret, shown once by design too
         if response.headers.get("content-type", "").startswith(("application/json", "text/")):
             title = f"{request.method} {request.url.path} -> {response.status_code}"
             response.stream = _TeeStream(response.stream, self._sink, title)
@@ -206,3 +216,14 @@ def until(check, timeout: float = 30.0, what: str = "condition"):
         assert time.monotonic() < deadline, f"{what} not met in {timeout} s"
         time.sleep(0.05)
     return value
+
+
+def headerless_gateway(data_dir: Path, key_name: str, **settings: str) -> GatewayProcess:
+    """A started gateway whose compatible routes take header-less requests as the key
+    `key_name` (X2V_HEADERLESS_KEY), made here; `.headerless_key` holds it."""
+    gateway = GatewayProcess(data_dir, X2V_HEADERLESS_KEY=key_name, **settings).start()
+    with gateway.client() as admin:
+        made = admin.post("/api/v1/keys", json={"name": key_name})
+        assert made.status_code == 201, made.text
+        gateway.headerless_key = remember_secret(made.json()["key"])
+    return gateway

@@ -121,7 +121,7 @@ def _insert_jobs(conn: sqlite3.Connection, seqs: range, first_queued: int, *, se
             1 if state == "cancelled" and n >= recent and n % 1000 == 0 else 0,
             1 if finished and n < recent else 0,
         ))
-        events.append((f"j{n:09d}", created, "queued", "accepted"))
+        events.append((f"j{n:09d}", created, "queued", "accepted", jobs[-1][11], batch))
     # The indexes are made again after the rows are in: sorting once costs a third of inserting
     # into each index row by row.
     indexes = conn.execute(
@@ -138,7 +138,9 @@ def _insert_jobs(conn: sqlite3.Connection, seqs: range, first_queued: int, *, se
     )
     conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)", batches)
     conn.executemany("INSERT INTO batch_jobs VALUES (?, ?, ?, ?, ?)", members)
-    conn.executemany("INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)", events)
+    conn.executemany(
+        "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id) VALUES (?, ?, ?, ?, ?, ?)", events,
+    )
     for _, sql in indexes:
         conn.execute(sql)
 

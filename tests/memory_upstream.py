@@ -123,7 +123,7 @@ class MemoryUpstream(Upstream):
             task.state, task.ended = RemoteState.CANCELLED, time.monotonic()
             self._advance()
 
-    async def fetch_result(self, task_id: str, dest: Path) -> None:
+    async def fetch_result(self, task_id: str, dest: Path, *, kind: str = "video") -> None:
         raise UnknownTask(f"{self.name} keeps no videos")
 
     async def find_task(self, request: SubmitRequest) -> str | None:

@@ -592,7 +592,10 @@ def test_a_short_admin_key_stops_start_up(tmp_path):
 def cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "x2v_gateway.cli", "keys", *args, "--env-file", "/nonexistent"],
-        env={"PATH": os.environ["PATH"], "X2V_DATA_DIR": str(gateway.data_dir)},
+        env={"PATH": os.environ["PATH"], "X2V_DATA_DIR": str(gateway.data_dir),
+             # The gateway's store, wherever it is (pytest --store=postgresql: a database), and
+             # the gateway's code (PYTHONPATH, when a checkout's sources are tested).
+             **{k: v for k, v in gateway.env.items() if k in ("X2V_DATABASE_URL", "PYTHONPATH")}},
         capture_output=True, text=True, timeout=60,
     )
 

@@ -378,13 +378,14 @@ def test_ctrl_c_stops_at_once_and_says_how_to_go_on(gateway, api, tmp_path):
     assert client(gateway, "cancel", batch_id, cwd=tmp_path).code == 0
 
 
-def test_client_knows_the_gateways_job_fields_and_manifest_columns():
+def test_client_knows_the_gateways_job_fields_manifest_columns_and_task_inputs():
     from x2v_gateway.batch_plan import MANIFEST_COLUMNS
     from x2v_gateway.client import plan
-    from x2v_gateway.schemas import GenerationParams
+    from x2v_gateway.schemas import TASK_INPUTS, GenerationParams
 
     assert plan.PARAMS == GenerationParams.__struct_fields__
     assert plan.MANIFEST_COLUMNS == MANIFEST_COLUMNS
+    assert plan.TASK_INPUTS == {task: TASK_INPUTS[task] for task in plan.TASKS}
 
 
 def test_every_client_command_has_examples_and_exit_codes_in_its_help(gateway, tmp_path):

@@ -227,7 +227,7 @@ def test_models_are_listed_and_a_job_may_choose_one(shared):
     choices = {(m["task"], m["model"]): m["default"] for m in cloud["models"]}
     assert choices[("s2v", "SekoTalk")] is True
     assert choices[("i2v", "wan2.2-I2V-A14B-distill")] is False
-    assert {m["task"] for m in cloud["models"]} == {"s2v", "i2v", "t2v", "flf2v"}  # not t2i, i2i, animate
+    assert {m["task"] for m in cloud["models"]} == {"s2v", "i2v", "t2v", "flf2v", "t2i", "i2i", "animate"}
     assert {m["stage"] for m in cloud["models"]} == {"single_stage"}
 
     job = submit(client, task="t2v", prompt="a fast one", model="self-forcing-dmd")

@@ -64,6 +64,8 @@ def test_three_alike_replicas_share_the_store_and_the_bucket_but_not_a_disk() ->
     replicas = _replicas()
     assert len(replicas) == 3
     environments = [_environment(s) for s in replicas.values()]
+    # Each its own name, stable across its restarts: its jobs in flight are its own to take back.
+    assert sorted(env.pop("X2V_REPLICA_ID") for env in environments) == sorted(replicas)
     assert all(env == environments[0] for env in environments), "the replicas must be configured alike"
     env = environments[0]
     assert (env["X2V_HOST"], env["X2V_PORT"]) == ("0.0.0.0", GATEWAY_PORT)

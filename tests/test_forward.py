@@ -332,7 +332,7 @@ def test_forwarded_form_fills_its_declared_length_or_is_sent_the_ordinary_way(tm
     async def scenario() -> str:
         adapter = SelfHostedNode("n1", node.url)
         try:
-            upload = adapter.open_form(length)
+            upload = adapter.open_form(length, "s2v")
             for role, (path, filename) in files.items():
                 upload.begin_file(role, filename)
                 upload.write(path.read_bytes())

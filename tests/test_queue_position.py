@@ -4,35 +4,35 @@ change, and read with work that does not grow with the length of the queue."""
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 
+import pytest
 from history import steps
-from test_store import run, store  # noqa: F401 (store: the fixture)
+from pg_cluster import raw_sql
+from test_store import run, store  # noqa: F401 (store: the fixture, on both backends)
 
-from x2v_gateway.store.sqlite import SqliteReads as Reads
+from x2v_gateway.store import JobStore
+from x2v_gateway.store.sqlite import SqliteReads
 
 
-def counted_position(conn: sqlite3.Connection, job_id: str) -> int | None:
-    """The position by its definition: queued jobs of higher priority, or of the same priority
-    and older, plus one."""
-    row = conn.execute("SELECT state, priority, seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None or row["state"] != "queued":
-        return None
-    (ahead,) = conn.execute(
-        "SELECT count(*) FROM jobs WHERE state = 'queued' AND (priority > ? OR (priority = ? AND seq < ?))",
-        (row["priority"], row["priority"], row["seq"]),
-    ).fetchone()
-    return ahead + 1
+def counted_positions(on: JobStore, ids: list[str]) -> dict[str, int]:
+    """Positions by their definition: queued jobs of higher priority, or of the same priority
+    and older, plus one (for the queued jobs among `ids`)."""
+    return dict(raw_sql(
+        on,
+        "SELECT j.id, 1 + (SELECT count(*) FROM jobs q WHERE q.state = 'queued' AND (q.priority > j.priority"
+        " OR (q.priority = j.priority AND q.seq < j.seq))) FROM jobs j"
+        f" WHERE j.state = 'queued' AND j.id IN ({', '.join('?' * len(ids))})",
+        tuple(ids),
+    ))
 
 
 def test_queue_position_is_right_after_every_kind_of_change(store):
     rng = random.Random(7)
     ids = [run(store.create_job(task="t2v", params={"prompt": str(i)}, inputs={}, priority=rng.choice((0, 0, 1, 5))))[0].id
            for i in range(300)]
-    conn = store._conn()
     # Jobs spread over many blocks of seqs, as in a store with history between them.
-    conn.execute(
+    raw_sql(store, 
         "INSERT INTO jobs (seq, id, task, state, params, inputs, created_at, updated_at)"
         " VALUES ((SELECT max(seq) FROM jobs) + 5000, 'jgap', 't2v', 'succeeded', '{}', '{}', 0, 0)"
     )
@@ -52,27 +52,35 @@ def test_queue_position_is_right_after_every_kind_of_change(store):
             run(store.mark_running(job_id))
             run(store.succeed(job_id, "0" * 64, {}))
         elif action == "priority":
-            conn.execute("UPDATE jobs SET priority = ? WHERE id = ?", (rng.randint(0, 9), job_id))
+            raw_sql(store, "UPDATE jobs SET priority = ? WHERE id = ?", (rng.randint(0, 9), job_id))
         elif action == "delete":
-            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            raw_sql(store, "DELETE FROM jobs WHERE id = ?", (job_id,))
         sample = rng.sample(ids, 20)
-        for other in sample:
-            found = Reads(conn).get(other)
-            shown = Reads(conn).queue_position(found) if found else None
-            assert shown == counted_position(conn, other), (action, other)
+        shown = store.read_blocking(lambda r: {
+            job.id: position for job in map(r.get, sample)
+            if job is not None and (position := r.queue_position(job)) is not None
+        })
+        assert shown == counted_positions(store, sample), action
         # A page of jobs (the list pages) gets the same places, a short page (a count per job)
         # and a long one (one ranking of the whole queue) alike.
         for size in (20, 120):
-            page = Reads(conn).jobs_by_id(rng.sample(ids, size))
-            expected = {j.id: counted_position(conn, j.id) for j in page if j.state == "queued"}
-            assert Reads(conn).queue_positions(page) == expected
+            page = store.read_blocking(lambda r: r.jobs_by_id(rng.sample(ids, size)))
+            assert run(store.queue_positions(page)) == counted_positions(store, [j.id for j in page])
 
 
-def test_queue_position_costs_the_same_at_the_end_of_a_long_queue(store):
+@pytest.fixture
+def sqlite_store(tmp_path):
+    s = JobStore(tmp_path / "gateway.db")
+    yield s
+    s.close()
+
+
+def test_queue_position_costs_the_same_at_the_end_of_a_long_queue(sqlite_store):
     """SQLite's own instruction count (a progress handler), not a clock: the last of 20,000
     queued jobs costs no more to place than the last of 2,000 (counting the jobs ahead of it
-    one by one cost ten times more)."""
-    conn = store._conn()
+    one by one cost ten times more). PostgreSQL runs the same SQL on the same triggers' blocks
+    (test_store_plans_postgres.py checks its plans)."""
+    conn = sqlite_store._conn()
     now = time.time()
 
     def last_position_cost(total: int) -> int:
@@ -83,10 +91,10 @@ def test_queue_position_costs_the_same_at_the_end_of_a_long_queue(store):
             ((f"j{total}-{i}", now, now) for i in range(total)),
         )
         conn.execute("COMMIT")
-        reads = Reads(conn)
+        reads = SqliteReads(conn)
         last = reads.get(f"j{total}-{total - 1}")
         position, cost = steps(conn, lambda: reads.queue_position(last))
-        assert position == counted_position(conn, last.id)
+        assert position == counted_positions(sqlite_store, [last.id])[last.id]
         conn.execute("DELETE FROM jobs")
         return cost
 

@@ -1,4 +1,5 @@
-"""The scheduler in-process: the real Dispatcher on a real SQLite file, in-memory upstreams.
+"""The scheduler in-process: the real Dispatcher on a real store (a SQLite file, a PostgreSQL
+database), in-memory upstreams.
 
 Fast (no process, no HTTP): who goes first (priority, then fairness between keys and batches,
 then age), where a job goes (task types, pins, the node expected to finish first), and that no
@@ -25,8 +26,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    store = JobStore(tmp_path / "gateway.db")
+def store(store_location):
+    # Each test once on SQLite, once on PostgreSQL (conftest.py, store_location).
+    store = JobStore(store_location)
     yield store
     store.close()
 

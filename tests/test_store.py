@@ -1,4 +1,5 @@
-"""The job store on a real SQLite file: transitions that must never go wrong."""
+"""The job store on a real SQLite file and a real PostgreSQL database: transitions that must
+never go wrong, whichever the backend."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import time
 
 import pytest
 
+from pg_cluster import raw_sql
 from x2v_gateway.store import IdempotencyConflict, JobStore
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "gateway.db")
+def store(store_location):
+    s = JobStore(store_location)
     yield s
     s.close()
 
@@ -97,7 +99,7 @@ def test_retention_keeps_a_blob_that_a_live_job_still_uses(store):
     run(store.claim(old.id, "n", old.id))
     run(store.fail(old.id, "x"))
     # Both blobs are older than the one-hour grace for requests still being accepted.
-    store._conn().execute("UPDATE blobs SET created_at = created_at - 7200")
+    raw_sql(store, "UPDATE blobs SET created_at = created_at - 7200")
     doomed = run(store.expire_files(time.time() + 1))
     assert doomed == [only_old]
     assert run(store.get(old.id)).files_expired
@@ -121,14 +123,14 @@ def test_a_finished_job_read_again_shows_every_later_change(store):
     assert first.cancel_pending and listed()[0] is first  # the second read is the kept one
     run(store.cancel_sent(job.id))
     assert not listed()[0].cancel_pending
-    store._conn().execute("UPDATE blobs SET created_at = created_at - 7200")
+    raw_sql(store, "UPDATE blobs SET created_at = created_at - 7200")
     run(store.expire_files(time.time() + 1))
     expired, expired_view = listed()
     assert expired.files_expired and expired_view.files_expired and not view.files_expired
 
 
 def test_finished_jobs_of_a_batch_are_each_their_own(store):
-    """A batch's rows are read with their batch columns (store/sqlite/batches.py, _row_to_item): each finished job
+    """A batch's rows are read with their batch columns (store/sqlite/batches.py, row_to_item): each finished job
     is kept under its own values, never another's."""
     from x2v_gateway.store import BatchJobSpec
 
@@ -161,7 +163,7 @@ def test_list_pages_hold_the_same_jobs_whichever_filters_pick_the_index(store):
         job = new_job(store, task=rng.choice(("t2v", "s2v")), owner=rng.choice(("alice", "bob", None)),
                       batch_id=rng.choice(("b1", "b2", None)))
         state = rng.choice(("queued", "succeeded", "failed", "cancelled", "running"))
-        store._conn().execute("UPDATE jobs SET state = ? WHERE id = ?", (state, job.id))
+        raw_sql(store, "UPDATE jobs SET state = ? WHERE id = ?", (state, job.id))
     every = sorted(run(store.list_jobs(limit=1000)), key=lambda j: -j.seq)
     assert len(every) == 120
     for states in ((), ("failed",), ("succeeded", "failed", "queued")):
@@ -191,13 +193,12 @@ def test_job_counts_follow_every_change_of_state_and_owner(store):
     run(store.retry(b.id))
     run(store.claim(c.id, "n1", c.id))
     run(store.requeue(c.id, "node forgot"))
-    conn = store._conn()
-    conn.execute("UPDATE jobs SET owner = 'carol' WHERE id = ?", (c.id,))
+    raw_sql(store, "UPDATE jobs SET owner = 'carol' WHERE id = ?", (c.id,))
     for owner in (None, "alice", "bob", "carol"):
         sql, args = "SELECT state, count(*) FROM jobs", ()
         if owner is not None:
             sql, args = sql + " WHERE owner = ?", (owner,)
-        counted = dict(conn.execute(sql + " GROUP BY state", args).fetchall())
+        counted = dict(raw_sql(store, sql + " GROUP BY state", args))
         shown = run(store.owner_counts(owner))
         assert {s: n for s, n in shown.items() if n} == counted, owner
 
@@ -225,3 +226,10 @@ def test_nothing_above_the_store_imports_sqlite():
             found += [f"{path.relative_to(package)}: {name}" for name in names
                       if name.split(".")[0] in ("sqlite3", "sqlite_utils") or "store.sqlite" in name]
     assert not found
+
+
+def test_a_keys_rate_limit_gives_a_minutes_burst_then_says_how_long_to_wait(store):
+    # Kept in memory for SQLite (one process), in a table replicas share for PostgreSQL.
+    waits = [run(store.take_request("k1", 3)) for _ in range(4)]
+    assert waits[:3] == [0.0, 0.0, 0.0] and 19 < waits[3] <= 20
+    assert run(store.take_request("k2", 3)) == 0.0  # each key its own bucket

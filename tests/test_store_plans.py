@@ -102,6 +102,13 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     "counts_by_state": _reads(lambda r, h: r.counts_by_state()),
     "owner_counts": _reads(lambda r, h: (r.owner_counts(None), r.owner_counts(h.owner))),
     "events": _reads(lambda r, h: r.events(h.finished_id)),
+    # An event stream's replay and each of its wake-ups: a job's, a batch's, a key's, everyone's.
+    "events_after": _reads(lambda r, h: (
+        r.events_after(0, job_id=h.finished_id), r.events_after(h.total // 2, batch_id=h.api_batch),
+        r.events_after(h.total // 2, batch_id=h.dashboard_batch, owner=h.owner),
+        r.events_after(h.total // 2, owner=h.owner), r.events_after(h.total - 10),
+    )),
+    "newest_event_id": _reads(lambda r, h: r.newest_event_id()),
     "recent_run_times": _reads(lambda r, h: r.recent_run_times()),
     "blob": _reads(lambda r, h: r.blob("ab" * 32)),
     "blob_sizes": _reads(lambda r, h: r.blob_sizes(["ab" * 32, "cd" * 32])),
@@ -146,6 +153,9 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     "mark_running": lambda s, h: run(s.mark_running(_claimed(s))),
     "set_queue_info": lambda s, h: run(s.set_queue_info({_claimed(s): {"position": 1}, h.finished_id: None})),
     "succeed": lambda s, h: run(s.succeed(_claimed(s), "ab" * 32, {"duration": 1.0})),
+    "set_poster": lambda s, h: (lambda job_id: (
+        run(s.succeed(job_id, "ab" * 32, {"duration": 1.0})), run(s.set_poster(job_id, "ab" * 32, "cd" * 32)),
+    ))(_claimed(s)),
     "fail": lambda s, h: _finished(s, "failed"),
     "cancel": lambda s, h: (run(s.cancel(_fresh(s))), _finished(s, "cancelled")),
     "cancel_sent": lambda s, h: run(s.cancel_sent(_finished(s, "cancelled"))),

@@ -23,26 +23,36 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.template.config import TemplateConfig
 
-from .auth import Auth, LimitError, caller, limit_error_response
+from .auth import Auth, LimitError, caller
 from .auth_middleware import AuthMiddleware
 from .blobs import BlobStoreUnavailable, open_blobs
 from .checker import CHECKER
+from .compat import error_response, surface
 from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
 from .jobs import JobService
-from .node_registry import NodeRegistry
 from .metrics import Metrics
-from .schemas import TASK_INPUTS, ApiError, ErrorBody, ErrorResponse, plain
-from .routes import access, dashboard
-from .routes.api import BatchesController, JobsController, ModelsController
+from .node_registry import NodeRegistry
+from .pipelines import PipelineService
+from .posters import Posters
+from .routes import access, dashboard, events, lightx2v_api, openai_api, openai_images, seed_services
+from .routes import webhooks as webhook_routes
+from .routes.api import JobsController, ModelsController
+from .routes.batches import BatchesController
 from .routes.nodes import NodesController
 from .routes.ops import ROUTES as OPS_ROUTES
+from .routes.pipelines import PipelinesController
+from .routes.posters import job_poster
+from .schemas import ApiError, ErrorBody, ErrorResponse, plain
 from .settings import Settings, load_settings
 from .store import JobStore
+from .streams import StreamSlots
+from .tasks import NODE_TASKS
 from .upstream import Upstream, cloud_account, self_hosted_node
+from .webhook_worker import WebhookWorker
+from .webhooks import JobWebhooks
 
 log = logging.getLogger("x2v_gateway")
-ALL_TASKS = tuple(TASK_INPUTS)
 
 
 class DemoNode:
@@ -57,7 +67,7 @@ class DemoNode:
                 port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self._server = build_demo_server(
-            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=ALL_TASKS,
+            "127.0.0.1", port, data_dir, job_seconds=job_seconds, tasks=sorted(NODE_TASKS),
         )
         # Its polls would flood the gateway's terminal; the start-up block says where it is.
         quiet_in_process_server()
@@ -85,7 +95,7 @@ class Gateway:
     def __init__(self, settings: Settings, upstreams: list[Upstream] | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(settings.db_path)
+        self.store = JobStore(settings.store_location)
         self.blobs = open_blobs(settings)
         self.notifier = Notifier()
         self.metrics = Metrics()
@@ -101,6 +111,7 @@ class Gateway:
             start_deadline=settings.start_deadline,
             # Before concluding that an unanswered submission never arrived.
             reconcile_grace=2 * settings.request_timeout,
+            replica_id=settings.replica_id or None, replica_lease=settings.replica_lease,
         )
         # The registry's nodes come with their capacity, task types and drained flag.
         self.registry.attach(self.dispatcher, nodes)
@@ -112,9 +123,15 @@ class Gateway:
             transport=None if settings.private_urls else PublicOnlyTransport(),
         )
         self.auth = Auth(settings, self.store)
+        self.webhooks = JobWebhooks(self.store, private_ok=settings.private_urls)
         self.jobs = JobService(
             settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
+            self.webhooks,
         )
+        self.pipelines = PipelineService(settings, self.store, self.blobs, self.jobs, self.notifier, self.auth)
+        self.posters = Posters(self.store, self.blobs)
+        self.streams = StreamSlots(settings.event_streams)
+        self.webhook_worker = WebhookWorker(settings, self.store, self.notifier, self.metrics)
 
     def dependencies(self) -> dict[str, Provide]:
         """What handlers are given, by parameter name (`jobs: NamedDependency[JobService]`): each
@@ -122,7 +139,9 @@ class Gateway:
         services: dict[str, Any] = {
             "settings": self.settings, "store": self.store, "blobs": self.blobs, "jobs": self.jobs,
             "auth": self.auth, "dispatcher": self.dispatcher, "notifier": self.notifier,
-            "registry": self.registry, "metrics": self.metrics,
+            "registry": self.registry, "metrics": self.metrics, "pipelines": self.pipelines,
+            "posters": self.posters, "streams": self.streams,
+            "webhooks": self.webhooks,
         }
         provided = {name: Provide(_given(service), use_cache=True, sync_to_thread=False)
                     for name, service in services.items()}
@@ -165,12 +184,16 @@ class Gateway:
             log.warning("blobs: the store does not answer yet; jobs with files get 503 until it does")
         await self.registry.save_settings()
         await self.dispatcher.start()
+        await self.pipelines.start()
+        await self.webhook_worker.start()
         log.info("upstreams: %s", ", ".join(
             f"{s.upstream.name} ({s.upstream.kind}, {s.upstream.base_url})"
             for s in self.dispatcher.states.values()
         ))
 
     async def stop(self) -> None:
+        await self.pipelines.stop()
+        await self.webhook_worker.stop()
         await self.dispatcher.stop()
         await self.http.aclose()
         await self.blobs.aclose()
@@ -186,29 +209,41 @@ def _given(service: Any) -> Callable[[], Any]:
     return provide
 
 
-def _error(status: int, message: str, field: str | None = None) -> Response[ErrorResponse]:
-    return Response(ErrorResponse(ErrorBody(status, message, field)), status_code=status)
+def _error(request: Request, status: int, message: str, field: str | None = None,
+           headers: dict[str, str] | None = None) -> Response:
+    # A compatible surface's clients get the shape they read (compat.py); the rest, the API's.
+    return error_response(request.url.path, status, message, field, headers) or Response(
+        ErrorResponse(ErrorBody(status, message, field)), status_code=status, headers=headers,
+    )
 
 
-def _api_error(request: Request, exc: ApiError) -> Response[ErrorResponse]:
-    return _error(exc.status, exc.message, exc.field)
+def _api_error(request: Request, exc: ApiError) -> Response:
+    return _error(request, exc.status, exc.message, exc.field)
 
 
-def _validation_error(request: Request, exc: ValidationException) -> Response[ErrorResponse]:
+def _limit_error(request: Request, exc: LimitError) -> Response:
+    return _error(request, exc.status, exc.message, exc.field, {"retry-after": str(exc.retry_after)})
+
+
+def _validation_error(request: Request, exc: ValidationException) -> Response:
     extra = exc.extra if isinstance(exc.extra, list) else []
     first = extra[0] if extra and isinstance(extra[0], dict) else {}
     field = first.get("key")
     message = f"{field} {plain(str(first.get('message')))}" if field else exc.detail
-    return _error(400, message, field)
+    # FastAPI (the compatible surfaces' model) says 422 for a query parameter out of range.
+    return _error(request, 422 if surface(request.url.path) else 400, message, field)
 
 
-def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
-    return _error(exc.status_code, exc.detail)
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    headers = {"allow": exc.headers["allow"]} if exc.headers and "allow" in exc.headers else None
+    if exc.status_code == 405 and surface(request.url.path):
+        return _error(request, 405, "Method Not Allowed", headers=headers)
+    return _error(request, exc.status_code, exc.detail, headers=headers)
 
 
-def _internal_error(request: Request, exc: Exception) -> Response[ErrorResponse]:
+def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _error(500, "internal error; the gateway logged the details")
+    return _error(request, 500, "internal error; the gateway logged the details")
 
 
 # Swagger UI, served from the gateway's own /static (static/VENDORED.md): Litestar's default loads
@@ -248,12 +283,17 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         # Logging is set up above from X2V_LOG_LEVEL; Litestar's own default would reset it.
         logging_config=None,
         route_handlers=[
-            JobsController, BatchesController, ModelsController, NodesController, *OPS_ROUTES,
+            JobsController, BatchesController, ModelsController, NodesController, PipelinesController, *OPS_ROUTES,
+            *events.ROUTES, job_poster,  # event streams (SSE); poster frames
             # The dashboard: pages under /ui (one Router: the place for sign-in and CSRF guards),
             # its static files, and / landing on it.
             dashboard.router(), dashboard.static_files(), dashboard.root,
             # Sign-in and sign-out, API keys, the audit log (auth.py decides who may call what).
             *access.ROUTES,
+            # The APIs existing clients speak, over the same jobs (compat.py): LightX2V's server API, OpenAI's, the services the gateway replaces.
+            *lightx2v_api.ROUTES, *openai_api.ROUTES, *openai_images.ROUTES, *seed_services.ROUTES,
+            # A job's webhook deliveries, keys' webhook secrets and defaults.
+            *webhook_routes.ROUTES,
         ],
         # Every request: who is calling, may they, CSRF for sessions, the key's rate limit.
         middleware=[AuthMiddleware()],
@@ -262,9 +302,10 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         # so browsers on those origins need no credentials mode.
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
-            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range", "Prefer", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Content-Range",
+                            "Preference-Applied", "X2V-Wait"],
         ) if settings.cors_origins else None,
         template_config=TemplateConfig(
             directory=dashboard.templates_dir(), engine=JinjaTemplateEngine,
@@ -272,7 +313,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
         ),
         lifespan=[lifespan],
         exception_handlers={
-            LimitError: limit_error_response,
+            LimitError: _limit_error,
             ApiError: _api_error,
             ValidationException: _validation_error,
             HTTPException: _http_error,

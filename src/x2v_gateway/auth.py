@@ -152,7 +152,7 @@ class Caller:
     daily_quota: int | None = None
     max_concurrent: int | None = None
     rate_per_min: float | None = None
-    via: str = "key"  # "key" | "session"
+    via: str = "key"  # "key" | "session" | "headerless" (X2V_HEADERLESS_KEY)
     csrf: str | None = None  # the session's CSRF token
 
     @classmethod
@@ -203,29 +203,6 @@ def limit_error_response(request: Request, exc: LimitError) -> Response[ErrorRes
         ErrorResponse(ErrorBody(exc.status, exc.message, exc.field)), status_code=exc.status,
         headers={"retry-after": str(exc.retry_after)},
     )
-
-
-class RateLimiter:
-    """A token bucket per key: `rate` requests a minute, in bursts of up to a minute's worth.
-
-    In memory: one gateway process serves the API, and a restart forgetting the buckets only
-    gives every key one fresh minute.
-    """
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, monotonic time)
-
-    def take(self, key_id: str, per_minute: float) -> float:
-        """0 when one more request may go now; else the seconds until one may."""
-        now = time.monotonic()
-        capacity = max(1.0, per_minute)
-        tokens, at = self._buckets.get(key_id, (capacity, now))
-        tokens = min(capacity, tokens + (now - at) * per_minute / 60)
-        if tokens >= 1:
-            self._buckets[key_id] = (tokens - 1, now)
-            return 0.0
-        self._buckets[key_id] = (tokens, now)
-        return (1 - tokens) * 60 / per_minute
 
 
 def _utc_day(now: float | None = None) -> str:
@@ -298,7 +275,6 @@ class Auth:
     def __init__(self, settings: Settings, store: JobStore, *, callers: CallerCache | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.limiter = RateLimiter()
         self.callers = CallerCache() if callers is None else callers
 
     # -- start ----------------------------------------------------------------------------------
@@ -359,12 +335,13 @@ class Auth:
     async def _insert_key(
         self, key_hash: str, *, name: str, prefix: str, admin: bool, source: str, actor: str,
         daily_quota: int | None = None, max_concurrent: int | None = None,
-        rate_per_min: float | None = None,
+        rate_per_min: float | None = None, webhook: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         row = await self.store.create_key({
             "id": "k" + secrets.token_hex(4), "name": name, "key_hash": key_hash,
             "prefix": prefix, "admin": admin, "daily_quota": daily_quota,
             "max_concurrent": max_concurrent, "rate_per_min": rate_per_min, "source": source,
+            **(webhook or {}),
         }, actor)
         self.note(actor, "key.create", row["id"], f"name={name} admin={admin}")
         return row
@@ -372,13 +349,15 @@ class Auth:
     async def create_key(
         self, *, name: str, actor: str, source: str, admin: bool = False,
         daily_quota: int | None = None, max_concurrent: int | None = None,
-        rate_per_min: float | None = None,
+        rate_per_min: float | None = None, webhook: dict[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """A new key: (the key, to show once; its row). Raises store.KeyNameTaken."""
+        """A new key: (the key, to show once; its row). Raises store.KeyNameTaken. `webhook`:
+        its webhook columns (webhooks.new_key_webhook: the secret, a default webhook)."""
         key = new_key()
         row = await self._insert_key(
             hash_secret(key), name=name, prefix=key[:12], admin=admin, source=source, actor=actor,
             daily_quota=daily_quota, max_concurrent=max_concurrent, rate_per_min=rate_per_min,
+            webhook=webhook,
         )
         return key, row
 
@@ -414,6 +393,21 @@ class Auth:
         self.callers.put(key_hash, who)
         return who
 
+    async def headerless(self) -> Caller | None:
+        """The caller a request without credentials on a compatible surface acts as: the key
+        `X2V_HEADERLESS_KEY` names (id or name), if it is active. Looked up like a key (cached
+        for a few seconds; a revoke in this process ends it at once)."""
+        name = self.settings.headerless_key
+        cache_key = "headerless:" + name
+        if (who := self.callers.get(cache_key)) is not None:
+            return who
+        row = await self.find_key(name)
+        if row is None or row["revoked_at"] is not None:
+            return None
+        who = Caller.from_row(row, via="headerless")
+        self.callers.put(cache_key, who)
+        return who
+
     # -- dashboard sessions ---------------------------------------------------------------------
 
     async def sign_in(self, key: str) -> tuple[str, Caller] | None:
@@ -447,11 +441,11 @@ class Auth:
 
     # -- limits ---------------------------------------------------------------------------------
 
-    def rate_limited(self, who: Caller) -> float:
-        """0, or the seconds this caller must wait before its next request."""
+    async def rate_limited(self, who: Caller) -> float:
+        """0, or the seconds this caller must wait before its next request (on any replica)."""
         if who.rate_per_min is None:
             return 0.0
-        return self.limiter.take(who.key_id, who.rate_per_min)
+        return await self.store.take_request(who.key_id, who.rate_per_min)
 
     @asynccontextmanager
     async def counting_jobs(self, who: Caller, n: int = 1) -> AsyncIterator[JobCount]:

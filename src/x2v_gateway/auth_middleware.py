@@ -20,6 +20,7 @@ from markupsafe import escape
 from .auth import (
     access, ADMIN_CHANGES, Auth, Caller, CSRF_FIELD, CSRF_HEADERS, is_ui, limit_error_response, LimitError, MAX_CSRF_FORM_BYTES, page_path, SAFE_METHODS, same_secret, SESSION_COOKIE, SIGN_IN_COOKIE, under,
 )
+from .compat import error_response, surface
 from .inputs import declared_size
 from .schemas import ErrorBody, ErrorResponse
 
@@ -110,11 +111,14 @@ class AuthMiddleware(ASGIMiddleware):
         if refusal is None and who is not None:
             if need == "admin" and not who.admin:
                 refusal = self._refuse(request, 403, "this needs an admin key")
-            elif who.via == "key" and (wait := auth.rate_limited(who)):
-                refusal = limit_error_response(request, LimitError(
+            elif who.via in ("key", "headerless") and (wait := await auth.rate_limited(who)):
+                limit = LimitError(
                     f"rate limit: this key may make {who.rate_per_min:g} requests a minute;"
                     f" try again in {math.ceil(wait)} s", "rate", wait,
-                ))
+                )
+                refusal = error_response(path, 429, limit.message, limit.field, {
+                    "retry-after": str(limit.retry_after),
+                }) or limit_error_response(request, limit)
         if refusal is not None:
             await refusal.to_asgi_response(None, request)(scope, receive, send)
             return
@@ -139,6 +143,14 @@ class AuthMiddleware(ASGIMiddleware):
                 return None, self._refuse(request, 401, "this API key is not valid (unknown or revoked)")
             return who, None
         cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie is None and surface(request.url.path) and auth.settings.headerless_key:
+            # A LightX2V or old-service client sends no header: on a trusted network, the
+            # operator may name the key such requests act as (X2V_HEADERLESS_KEY).
+            who = await auth.headerless()
+            if who is None:
+                return None, self._refuse(request, 401, "X2V_HEADERLESS_KEY names no active key;"
+                                          " send one as Authorization: Bearer <key>")
+            return who, None
         who = await auth.from_session(cookie) if cookie else None
         if who is None:
             return None, self._unauthenticated(request, expired=bool(cookie))
@@ -163,13 +175,12 @@ class AuthMiddleware(ASGIMiddleware):
         if is_ui(request.url.path):
             return _ui_message(status, message)
         headers = {"www-authenticate": 'Bearer realm="x2v-gateway"'} if status == 401 else None
-        return _error(status, message, headers)
+        return error_response(request.url.path, status, message, None, headers) or _error(status, message, headers)
 
     def _unauthenticated(self, request: Request, *, expired: bool) -> Response:
         message = "your session has ended: sign in again" if expired else "sign in first"
         if not is_ui(request.url.path):
-            return _error(401, "this needs an API key: Authorization: Bearer <key>",
-                          {"www-authenticate": 'Bearer realm="x2v-gateway"'})
+            return self._refuse(request, 401, "this needs an API key: Authorization: Bearer <key>")
         if request.headers.get("hx-request"):
             # htmx follows HX-Redirect whatever the status: the whole page goes to sign-in.
             back = page_path(request.headers.get("hx-current-url", "/ui/"))

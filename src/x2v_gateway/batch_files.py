@@ -1,4 +1,5 @@
-"""A batch's download: its videos and a manifest.csv describing every job, zipped as it streams."""
+"""A batch's download: its videos (and images, for image tasks) and a manifest.csv describing
+every job, zipped as it streams."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from .blobs import BlobStore, StoredBlob
 from .schemas import iso
 from .reads import batch_summary, every_item
 from .store import BatchItem, JobStore
+from .tasks import makes
 
 MANIFEST_FIELDS = (
-    "file", "job_id", "position", "state", "task", "image", "audio", "prompt", "negative_prompt",
+    "file", "job_id", "position", "state", "task", "image", "audio", "last_frame", "prompt", "negative_prompt",
     "seed", "parameters", "node", "attempts", "created_at", "started_at", "finished_at",
     "seconds", "error", "retry_of",
 )
@@ -44,7 +46,7 @@ async def _zip_chunks(store: JobStore, blobs: BlobStore, batch_id: str, owner: s
         if job.state == "succeeded" and job.result_sha and not job.files_expired:
             blob = await blobs.open(job.result_sha)
             if blob is not None:
-                file = _video_name(item, taken)
+                file = _result_name(item, taken)
                 videos.append((file, blob))
         writer.writerow(_manifest_row(item, file))
     sink = _ZipSink()
@@ -83,15 +85,18 @@ class _ZipSink(io.RawIOBase):
         return data
 
 
-def _video_name(item: BatchItem, taken: set[str]) -> str:
-    """`0007_face_voice.mp4`: the job's place in the batch and its files, unique in the zip."""
+def _result_name(item: BatchItem, taken: set[str]) -> str:
+    """`0007_face_voice.mp4` (`.png` for an image): the job's place in the batch and its files,
+    unique in the zip."""
     stems = [Path(name).stem for name in item.files.values()]
     label = "_".join([f"{item.position:04d}" if item.position else item.job.id, *stems])
     label = re.sub(r"[^\w.\-]+", "-", label).strip("-")[:120] or item.job.id
-    name, n = f"{label}.mp4", 1
+    fallback = "png" if makes(item.job.task) == "image" else "mp4"
+    ext = re.sub(r"[^a-z0-9]", "", str((item.job.result_meta or {}).get("format") or fallback))[:5] or fallback
+    name, n = f"{label}.{ext}", 1
     while name in taken:
         n += 1
-        name = f"{label}-{n}.mp4"
+        name = f"{label}-{n}.{ext}"
     taken.add(name)
     return name
 
@@ -118,6 +123,7 @@ def _manifest_row(item: BatchItem, file: str) -> dict[str, Any]:
     row = {
         "file": file, "job_id": job.id, "position": item.position or "", "state": job.state,
         "task": job.task, "image": item.files.get("image", ""), "audio": item.files.get("audio", ""),
+        "last_frame": item.files.get("last_frame", ""),
         "prompt": params.pop("prompt", ""), "negative_prompt": params.pop("negative_prompt", ""),
         "seed": params.pop("seed", ""), "parameters": json.dumps(params, sort_keys=True) if params else "",
         "node": job.upstream or "", "attempts": job.attempts, "created_at": iso(job.created_at),

@@ -10,9 +10,7 @@ files' hashes, all in one transaction. Nothing here knows about HTTP, and nothin
 from __future__ import annotations
 
 import base64
-import csv
 import functools
-import io
 import itertools
 import json
 import re
@@ -24,11 +22,25 @@ from typing import Any
 
 import msgspec
 
+from . import manifest
 from .blobs import BlobStore
 from .schemas import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params
 from .store import BatchJobSpec, JobStore
 
-TASKS = ("s2v", "i2v", "t2v")
+TASKS = ("s2v", "i2v", "t2v", "flf2v", "t2i", "i2i")
+# What the form says of each task type (its <select>).
+TASK_LABELS = {
+    "s2v": "s2v: talking video from an image and a voice-over",
+    "i2v": "i2v: video from an image",
+    "t2v": "t2v: video from the prompt alone",
+    "flf2v": "flf2v: video from a first and a last frame",
+    "t2i": "t2i: image from the prompt alone",
+    "i2i": "i2i: image from an image",
+}
+# flf2v pairs a first frame with a last frame by file name: `shot01_first.png` (or plain
+# `shot01.png`) with `shot01_last.png`.
+_LAST_FRAME = re.compile(r"^(.*?)[ _.-]last$", re.I)
+_FIRST_FRAME = re.compile(r"^(.*?)[ _.-]first$", re.I)
 MODES = {
     "each": "Every image with every audio",
     "pair": "Images and audio paired by file name",
@@ -52,7 +64,7 @@ LABELS = {
 }
 RESIZE_MODES = ("adaptive", "keep_ratio_fixed_area", "fixed_min_area", "fixed_max_area",
                 "fixed_shape", "fixed_min_side")
-MANIFEST_COLUMNS = ("image", "audio", *GenerationParams.__struct_fields__, "priority")
+MANIFEST_COLUMNS = ("image", "audio", "last_frame", *GenerationParams.__struct_fields__, "priority")
 
 
 # -- planning: the form -> jobs, each one checked ------------------------------------------------
@@ -165,9 +177,12 @@ def plan_batch(
             raise uploads
         if mode == "each":
             rows = [(_source(s), s, {}, []) for s in _input_sets(task, uploads, errors)]
+        elif mode == "pair" and task == "flf2v":
+            rows = [(_source(s), s, {}, p) for s, p in _frame_pairs(uploads, errors)]
         elif mode == "pair":
             if task != "s2v":
-                errors.append("Pairing by file name is for s2v jobs (an image and an audio each)")
+                errors.append("Pairing by file name is for s2v jobs (an image and an audio each)"
+                              " and flf2v jobs (a first and a last frame each)")
             rows = [(_source(s), s, {}, p) for s, p in _paired(uploads, errors)]
         elif mode == "grid":
             rows = _grid_rows(task, form, base["prompt"], uploads, errors)
@@ -247,18 +262,24 @@ def _file_field(raw: str) -> dict[str, Any] | None:
 
 
 def _input_sets(task: str, uploads: list[Upload], errors: list[str]) -> list[dict[str, Upload]]:
-    """Every image with every audio (s2v), every image (i2v), nothing (t2v)."""
+    """Every image with every audio (s2v), every image (i2v, i2i), each first frame with its
+    last one (flf2v), nothing (t2v, t2i)."""
     images = [u for u in uploads if u.role == "image"]
     audios = [u for u in uploads if u.role == "audio"]
-    if task == "t2v":
+    if not TASK_INPUTS[task]:
         if uploads:
-            errors.append("t2v jobs take no files: remove the uploaded files, or choose s2v or i2v")
+            errors.append(f"{task} jobs take no files: remove the uploaded files, or choose another task type")
         return [{}]
+    if task == "flf2v":
+        pairs = _frame_pairs(uploads, errors)
+        for _, problems in pairs:
+            errors.extend(problems)
+        return [inputs for inputs, _ in pairs]
     if not images:
         errors.append("Add at least one image (drop it on the file area or choose it)")
-    if task == "i2v":
+    if task in ("i2v", "i2i"):
         if audios:
-            errors.append("i2v jobs take no audio: remove the audio files, or choose s2v")
+            errors.append(f"{task} jobs take no audio: remove the audio files, or choose s2v")
         _jobs_of("Files", [("image", len(images))])
         return [{"image": i} for i in images]
     if not audios:
@@ -267,7 +288,7 @@ def _input_sets(task: str, uploads: list[Upload], errors: list[str]) -> list[dic
     return [{"image": i, "audio": a} for i, a in itertools.product(images, audios)]
 
 
-def _paired(uploads: list[Upload], errors: list[str]) -> list[tuple[dict[str, Upload], list[str]]]:
+def _paired(uploads: list[Upload], errors: list[str]) -> _Pairs:
     """Images and audio matched by file name without extension: face01.png + face01.wav."""
     groups: dict[str, dict[str, list[Upload]]] = {}
     for upload in uploads:
@@ -275,22 +296,65 @@ def _paired(uploads: list[Upload], errors: list[str]) -> list[tuple[dict[str, Up
     if not groups:
         errors.append("Add images and audio files whose names match, like face01.png and face01.wav")
     _jobs_of("Files", [("file name", len(groups))])
+    return _matched(
+        {stem: (roles.get("image", []), roles.get("audio", [])) for stem, roles in groups.items()},
+        ("image", "audio"),
+        lambda stem, audio: f"no image named {stem}.* to go with {audio.name}: add one, or remove the audio",
+        lambda stem, image: f"no audio named {stem}.* to go with {image.name}: add one, or remove the image",
+    )
+
+
+_Pairs = list[tuple[dict[str, Upload], list[str]]]
+
+
+def _matched(
+    groups: dict[str, tuple[list[Upload], list[Upload]]], roles: tuple[str, str],
+    no_first: Callable[[str, Upload], str], no_second: Callable[[str, Upload], str],
+) -> _Pairs:
+    """Files grouped by a shared name, as the inputs of one job each (`roles`), with what is
+    wrong with a group: two files where one belongs, or a missing half (`no_first`/`no_second`
+    say what to add, given the half that is there)."""
     sets = []
-    for stem, roles in groups.items():
-        images, audios = roles.get("image", []), roles.get("audio", [])
+    for stem, (firsts, seconds) in groups.items():
         problems = []
-        if len(images) > 1 or len(audios) > 1:
-            names = ", ".join(u.name for u in images + audios)
+        if len(firsts) > 1 or len(seconds) > 1:
+            names = ", ".join(u.name for u in firsts + seconds)
             problems.append(f"{names}: several files are named {stem!r}; rename or remove one")
-        if not images:
-            problems.append(f"no image named {stem}.* to go with {audios[0].name}: add one, or remove the audio")
-        if not audios:
-            problems.append(f"no audio named {stem}.* to go with {images[0].name}: add one, or remove the image")
-        chosen = {"image": images[0]} if images else {}
-        if audios:
-            chosen["audio"] = audios[0]
+        if not firsts:
+            problems.append(no_first(stem, seconds[0]))
+        if not seconds:
+            problems.append(no_second(stem, firsts[0]))
+        chosen = {roles[0]: firsts[0]} if firsts else {}
+        if seconds:
+            chosen[roles[1]] = seconds[0]
         sets.append((chosen, problems))
     return sets
+
+
+def _frame_pairs(uploads: list[Upload], errors: list[str]) -> _Pairs:
+    """flf2v: each first frame with its last one, by file name (`shot_first.png` or `shot.png`
+    with `shot_last.png`)."""
+    firsts: dict[str, list[Upload]] = {}
+    lasts: dict[str, list[Upload]] = {}
+    for upload in uploads:
+        if upload.role != "image":
+            errors.append(f"{upload.name}: flf2v jobs take images only (a first and a last frame); remove it")
+            continue
+        stem = Path(upload.name).stem
+        if last := _LAST_FRAME.match(stem):
+            lasts.setdefault(last.group(1).lower(), []).append(upload)
+        else:
+            first = _FIRST_FRAME.match(stem)
+            firsts.setdefault((first.group(1) if first else stem).lower(), []).append(upload)
+    if not uploads:
+        errors.append("Add first and last frames whose names match, like shot01_first.png and shot01_last.png")
+    stems = sorted(firsts.keys() | lasts.keys())
+    _jobs_of("Files", [("frame pair", len(stems))])
+    return _matched(
+        {stem: (firsts.get(stem, []), lasts.get(stem, [])) for stem in stems}, ("image", "last_frame"),
+        lambda stem, last: f"no first frame for {last.name}: add {stem}_first.png (or {stem}.png), or remove it",
+        lambda stem, first: f"no last frame for {first.name}: add {stem}_last.png, or remove it",
+    )
 
 
 def _grid_rows(
@@ -349,83 +413,19 @@ def _seeds(text: str) -> list[int | None]:
 
 def _manifest_jobs(task: str, text: str, uploads: list[Upload], errors: list[str]) -> list[_Row]:
     """One job per manifest row, its image and audio cells looked up among the uploaded files."""
-    # Names are matched as typed first, then ignoring case: spreadsheets like to change case.
+    try:
+        rows, problems = manifest.read_rows(text, MANIFEST_COLUMNS, MAX_BATCH_JOBS)
+    except manifest.TooManyRows as exc:
+        raise TooMany("Manifest", str(exc)) from None
+    errors += [f"The manifest {problem}" for problem in problems]
     by_name = {u.name: u for u in uploads}
-    by_lower = {u.name.lower(): u for u in uploads}
-    needed = TASK_INPUTS[task]
-    rows: list[_Row] = []
-    for where, values, problems in _manifest_rows(text, errors):
-        inputs: dict[str, Upload] = {}
-        for role in ("image", "audio"):
-            name = str(values.pop(role, "") or "").strip()
-            if not name:
-                if role in needed:
-                    problems.append(f"no {role}: {task} jobs need " + " and ".join(needed))
-                continue
-            if role not in needed:
-                problems.append(f"{task} jobs take no {role}: empty the {role} cell, or choose another task type")
-                continue
-            upload = by_name.get(name) or by_lower.get(name.lower())
-            if upload is None:
-                problems.append(f"{name} is not among the uploaded files: add it, or fix the name")
-                continue
-            inputs[role] = upload
-        overrides = {k: v for k, v in values.items() if k in MANIFEST_COLUMNS}
-        rows.append((where, inputs, overrides, problems))
-    return rows
-
-
-def _manifest_rows(text: str, errors: list[str]) -> list[tuple[str, dict[str, Any], list[str]]]:
-    """(where, values, problems) per row of a CSV (with a header) or JSONL manifest."""
-    if not text.strip():
-        errors.append("The manifest is empty: paste CSV or JSONL rows, or load a manifest file")
-        return []
-    rows: list[tuple[str, dict[str, Any], list[str]]] = []
-    if text.lstrip().startswith("{"):
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            _check_room(rows)
-            where = f"line {number}"
-            try:
-                values = json.loads(line)
-            except ValueError as exc:
-                rows.append((where, {}, [f"not valid JSON ({exc.args[0].split(':')[0]}): fix this line"]))
-                continue
-            if not isinstance(values, dict):
-                rows.append((where, {}, ["each line must be a JSON object like {\"image\": \"face.png\"}"]))
-                continue
-            unknown = sorted(set(values) - set(MANIFEST_COLUMNS))
-            problems = [f"unknown key {k!r}; keys can be: " + ", ".join(MANIFEST_COLUMNS) for k in unknown]
-            rows.append((where, values, problems))
-        return rows
-    reader = csv.DictReader(io.StringIO(text.strip() + "\n"), skipinitialspace=True)
-    header = [(h or "").strip().lower() for h in reader.fieldnames or []]
-    unknown = [h for h in header if h not in MANIFEST_COLUMNS]
-    if unknown:
-        errors.append(
-            "The manifest's first line names columns; these are not ones it can have: "
-            + ", ".join(repr(h) for h in unknown) + ". Columns can be: " + ", ".join(MANIFEST_COLUMNS)
-        )
-        return []
-    reader.fieldnames = header
-    for row in reader:
-        _check_room(rows)
-        where = f"line {reader.line_num}"
-        problems = []
-        if None in row:  # more cells than the header has
-            problems.append(f"{len(header) + len(row[None])} cells but the header names {len(header)}: check the commas")
-            del row[None]
-        rows.append((where, {k: (v or "").strip() for k, v in row.items()}, problems))
-    if not rows:
-        errors.append("The manifest has a header but no rows")
-    return rows
-
-
-def _check_room(rows: list[Any]) -> None:
-    """Refuse a manifest at its first row past the cap, before reading the rest of it."""
-    if len(rows) >= MAX_BATCH_JOBS:
-        raise TooMany("Manifest", f"more than {MAX_BATCH_JOBS} rows, a job each")
+    missing = "{name} is not among the uploaded files: add it, or fix the name"
+    jobs: list[_Row] = []
+    for row in rows:
+        inputs = manifest.take_files(row, task, TASK_INPUTS[task], by_name, missing)
+        overrides = {k: v for k, v in row.values.items() if k in MANIFEST_COLUMNS}
+        jobs.append((row.where, inputs, overrides, row.problems))
+    return jobs
 
 
 def _checked_job(number: int, row: _Row, base: dict[str, str]) -> PlannedJob:
@@ -436,9 +436,9 @@ def _checked_job(number: int, row: _Row, base: dict[str, str]) -> PlannedJob:
         job.files[role] = upload.name
         if upload.error:
             job.errors.append(upload.error)
-        elif upload.role != role:
+        elif upload.role != ("audio" if role == "audio" else "image"):
             job.errors.append(f"{upload.name} is {'an image' if upload.role == 'image' else 'audio'},"
-                              f" not {'an image' if role == 'image' else 'audio'}: check the {role} column")
+                              f" not {'audio' if role == 'audio' else 'an image'}: check the {role} column")
         else:
             job.inputs[role] = upload.sha256 or ""
     values = {**base, **{k: v for k, v in overrides.items() if v is not None and v != ""}}

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from . import media
-from .media import MediaError, VideoInfo
+from .media import ImageInfo, MediaError, VideoInfo
 
-__all__ = ["CHECKER", "CheckFailed", "MediaChecker", "MediaError", "VideoInfo"]
+__all__ = ["CHECKER", "CheckFailed", "ImageInfo", "MediaChecker", "MediaError", "VideoInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,15 @@ class CheckFailed(MediaError):
 
 
 def _serve(conn: Connection) -> None:  # the helper process
-    checks = {**media.INSPECTORS, "video": media.probe_video}
+    checks = {**media.INSPECTORS, "result_video": media.probe_video, "result_image": media.probe_image}
     while True:
         try:
             name, path, options = conn.recv()
         except (EOFError, OSError):
             return  # the gateway is gone
         try:
+            if "poster" in options:
+                options["poster"] = Path(options["poster"])
             reply: tuple[str, Any] = ("ok", checks[name](Path(path), **options))
         except FileNotFoundError as exc:
             reply = ("missing", str(exc))
@@ -154,13 +156,22 @@ class MediaChecker:
         return max(1, self._workers - 1)
 
     async def inspect(self, role: str, path: Path, owner: str | None = None) -> str:
-        """The extension of an `image`, `last_frame` or `audio` input; MediaError if it is not one."""
-        options = {"max_pixels": int(self.max_megapixels * 1_000_000)} if role in ("image", "last_frame") else {}
+        """The extension of an `image`, `last_frame`, `audio` or `video` input; MediaError if it is not one."""
+        options = {"max_pixels": int(self.max_megapixels * 1_000_000)} if role != "audio" else {}
         return await self._check(role, path, options, owner)
 
-    async def probe_video(self, path: Path, owner: str | None = None) -> VideoInfo:
-        """What a video holds; ValueError when it is not a playable video (see media.probe_video)."""
-        return await self._check("video", path, {}, owner)
+    async def probe_video(self, path: Path, owner: str | None = None, *, poster: Path | None = None) -> VideoInfo:
+        """What a video holds; ValueError when it is not a playable video (see media.probe_video).
+        With `poster`, its first frame is written there as a JPEG, if it can be."""
+        return await self._check("result_video", path, {"poster": str(poster)} if poster else {}, owner)
+
+    async def probe_image(self, path: Path, owner: str | None = None, *, poster: Path | None = None) -> ImageInfo:
+        """What an image result holds; ValueError when it does not decode (media.probe_image).
+        With `poster`, a JPEG thumbnail of it is written there."""
+        options: dict[str, Any] = {"max_pixels": int(self.max_megapixels * 1_000_000)}
+        if poster:
+            options["poster"] = str(poster)
+        return await self._check("result_image", path, options, owner)
 
     @property
     def pid(self) -> int | None:

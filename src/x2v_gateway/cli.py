@@ -139,6 +139,8 @@ def _where(settings: Settings, gateway: Gateway) -> str:
         ("upstreams", upstreams),
         ("data", str(settings.data_dir.resolve())),
     ]
+    if settings.database_url:
+        rows.append(("store", f"PostgreSQL, {settings.database_shown}"))
     return "\nx2v-gateway is ready.\n" + "".join(f"  {name:<10} {value}\n" for name, value in rows) + "\n"
 
 
@@ -176,8 +178,8 @@ def copy_blobs_command(env_file: str) -> None:
     import asyncio
     import time
 
-    from .blobs import BlobStoreUnavailable, LocalBlobStore, open_blobs
-    from .blobs.migrate import CopyProgress, copy_blobs
+    from .blobs import BlobStoreUnavailable
+    from .blobs.migrate import CopyProgress, copy_local_to_bucket
 
     try:
         settings = load_settings(env_file=env_file)
@@ -195,17 +197,9 @@ def copy_blobs_command(env_file: str) -> None:
             click.echo(f"  {p.done}/{p.total} blobs: {p.copied} copied ({p.bytes_copied / 1e6:,.1f} MB),"
                        f" {p.skipped} there already", err=True)
 
-    async def run() -> CopyProgress:
-        source, target = LocalBlobStore(settings.blob_dir), open_blobs(settings)
-        try:
-            return await copy_blobs(source, target, progress)
-        finally:
-            await target.aclose()
-            await source.aclose()
-
     click.echo(f"Copying {settings.blob_dir} into {settings.blobs} ...", err=True)
     try:
-        done = asyncio.run(run())
+        done = asyncio.run(copy_local_to_bucket(settings, progress))
     except BlobStoreUnavailable as exc:
         click.echo(f"x2v-gateway: {exc.detail}; run the command again to go on", err=True)
         _exit_past_obstore(1)
@@ -226,8 +220,14 @@ def _open_auth(env_file: str):  # -> tuple[Auth, JobStore]
     except SettingsError as exc:
         click.echo(f"x2v-gateway: {exc}", err=True)
         sys.exit(2)
-    store = JobStore(settings.db_path)
+    store = JobStore(settings.store_location)
     return Auth(settings, store), store
+
+
+def _api_error_exit(exc: Exception) -> None:
+    """A refusal the API would answer with a 4xx, said on the command line."""
+    click.echo(f"x2v-gateway: {getattr(exc, 'message', exc)}", err=True)
+    sys.exit(1)
 
 
 def _actor() -> str:
@@ -266,33 +266,109 @@ def keys() -> None:
 @click.option("--daily-quota", type=click.IntRange(0), help="Jobs it may submit per UTC day")
 @click.option("--max-concurrent", type=click.IntRange(1), help="Most of its jobs on nodes at once; the rest wait queued")
 @click.option("--rate", callback=_rate, help="API requests it may make, e.g. 60/min, 2/s or 600/h")
+@click.option("--webhook", help="Default webhook URL of its jobs that name none")
+@click.option("--webhook-events", help="Events the default webhook gets, comma-separated (queued, started, succeeded, failed, cancelled, batch.finished)")
 @_env_file_option
 def create_key(name: str, admin: bool, daily_quota: int | None, max_concurrent: int | None,
-               rate: float | None, env_file: str) -> None:
-    """Make an API key and print it, once: the gateway keeps only its hash.
+               rate: float | None, webhook: str | None, webhook_events: str | None, env_file: str) -> None:
+    """Make an API key and print it, once: the gateway keeps only its hash. Its webhook
+    signing secret is printed once too, on stderr.
 
     The key goes to stdout and everything else to stderr, so a script can keep it:
 
     Example: x2v-gateway keys create --name alice --daily-quota 200 --max-concurrent 2 --rate 60/min
+
+    Example: x2v-gateway keys create --name ci --webhook https://ci.example.com/x2v --webhook-events succeeded,failed
     """
     import asyncio
 
+    from .schemas import ApiError
     from .store import KeyNameTaken
+    from .webhooks import new_key_webhook
 
     auth, store = _open_auth(env_file)
     try:
+        columns, secret = asyncio.run(new_key_webhook(webhook, webhook_events, private_ok=auth.settings.private_urls))
         key, row = asyncio.run(auth.create_key(
             name=name, admin=admin, daily_quota=daily_quota, max_concurrent=max_concurrent,
-            rate_per_min=rate, actor=_actor(), source="cli",
+            rate_per_min=rate, actor=_actor(), source="cli", webhook=columns,
         ))
-    except KeyNameTaken as exc:
-        click.echo(f"x2v-gateway: {exc}", err=True)
-        sys.exit(1)
+    except (KeyNameTaken, ApiError) as exc:
+        _api_error_exit(exc)
     finally:
         store.close()
     click.echo(f"Made {'an admin' if admin else 'a'} key {row['id']} ({name}). It is shown this once:", err=True)
     click.echo(key)
     click.echo("Use it as `Authorization: Bearer <key>`, or sign in to the dashboard with it.", err=True)
+    click.echo(f"Its webhook signing secret, shown this once too: {secret}", err=True)
+
+
+def _key_webhooks(auth, key: str):  # -> tuple[dict, JobWebhooks]
+    """The key named (by id or name) and the webhooks of its jobs; exits when there is none."""
+    import asyncio
+
+    from .webhooks import JobWebhooks
+
+    row = asyncio.run(auth.find_key(key))
+    if row is None:
+        click.echo(f"x2v-gateway: no key {key!r} (see `{cli_command()} keys list`)", err=True)
+        sys.exit(1)
+    return row, JobWebhooks(auth.store, private_ok=auth.settings.private_urls)
+
+
+@keys.command("update")
+@click.argument("key")
+@click.option("--webhook", help="Default webhook URL of its jobs that name none ('' removes it)")
+@click.option("--webhook-events", help="Events the default webhook gets, comma-separated")
+@_env_file_option
+def update_key(key: str, webhook: str | None, webhook_events: str | None, env_file: str) -> None:
+    """Change a key's default webhook, by id or name (new jobs use it within 2 s).
+
+    Example: x2v-gateway keys update alice --webhook https://hooks.example.com/x2v --webhook-events succeeded,failed
+    """
+    import asyncio
+
+    from .schemas import ApiError
+    from .webhooks import set_key_default
+
+    if webhook is None:
+        raise click.UsageError("say what to change: --webhook URL (or '' to remove it)")
+    auth, store = _open_auth(env_file)
+    try:
+        row, hooks = _key_webhooks(auth, key)
+        asyncio.run(set_key_default(store, hooks, row["id"], webhook or None, webhook_events, _actor()))
+    except ApiError as exc:
+        _api_error_exit(exc)
+    finally:
+        store.close()
+    click.echo(f"Key {row['id']} ({row['name']}): " + ("default webhook set." if webhook else "no default webhook."))
+
+
+@keys.command("rotate-webhook-secret")
+@click.argument("key")
+@click.option("--keep-previous-hours", default=24.0, show_default=True, type=click.FloatRange(0, 720),
+              help="Hours the secret it replaces still signs too (0: it stops at once)")
+@_env_file_option
+def rotate_webhook_secret(key: str, keep_previous_hours: float, env_file: str) -> None:
+    """Make a new webhook signing secret for a key and print it, once (alone on stdout).
+
+    Example: x2v-gateway keys rotate-webhook-secret alice --keep-previous-hours 48
+    """
+    import asyncio
+
+    from .webhooks import rotate_secret
+
+    auth, store = _open_auth(env_file)
+    try:
+        row, hooks = _key_webhooks(auth, key)
+        made = asyncio.run(rotate_secret(store, hooks, row["id"], _actor(), keep_previous_hours=keep_previous_hours))
+    finally:
+        store.close()
+    assert made is not None
+    click.echo(f"New webhook signing secret of key {row['id']} ({row['name']}), shown this once:", err=True)
+    click.echo(made[0])
+    if made[1]:
+        click.echo(f"The previous secret signs too for {keep_previous_hours:g} more hours.", err=True)
 
 
 @keys.command("list")
@@ -380,6 +456,10 @@ from .client import COMMANDS as _CLIENT_COMMANDS  # noqa: E402 (registered after
 
 for _command in _CLIENT_COMMANDS:
     main.add_command(_command)
+
+from .store_cli import migrate_store_command  # noqa: E402
+
+main.add_command(migrate_store_command)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ class UploadForward:
         self._state = await self._dispatcher.reserve_for_upload(task, pinned, self._owner)
         if self._state is None or self._stopped:
             return
-        self._upload = self._state.upstream.open_form(self._size + FORM_SLACK_BYTES)
+        self._upload = self._state.upstream.open_form(self._size + FORM_SLACK_BYTES, task)
         self._watch = asyncio.ensure_future(self._give_way_when_needed())
         for hook, args in early:
             if hook == "begin":

@@ -72,12 +72,15 @@ def check_free_space(blobs: BlobStore, min_free_bytes: int, incoming: int = 0) -
 async def read_multipart(
     content_type: str, body: AsyncIterator[bytes], blobs: BlobStore, *, max_bytes: int,
     max_file_bytes: int | None = None, min_free_bytes: int = 0, forward: UploadForward | None = None,
+    roles: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], list[IncomingFile]]:
     """Parse a multipart body as it streams in: text fields into a dict, files onto disk.
 
     Over `max_bytes` in all, over `max_file_bytes` in one file: 413, and nothing is kept.
-    With `forward`, the files are also copied on to a node as they arrive.
+    With `forward`, the files are also copied on to a node as they arrive. `roles` names the
+    file parts a client of another API sends (`image_file` -> `image`); default: the roles.
     """
+    roles = roles or {role: role for role in INPUT_ROLES}
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
@@ -108,14 +111,14 @@ async def read_multipart(
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         part["name"] = name
         if b"filename" in disposition:
-            if name not in INPUT_ROLES:
+            if name not in roles:
                 # 422, as an unknown text field gets: both are a field this API does not know.
                 raise ApiError(422, f"{name} is not a file field this API knows; files go in "
-                               + ", ".join(INPUT_ROLES), name)
-            if any(f.role == name for f in files):
+                               + ", ".join(roles), name)
+            if any(f.role == roles[name] for f in files):
                 raise ApiError(400, f"{name} was sent twice", name)
             part["writer"] = blobs.writer(limit=max_file_bytes)
-            files.append(IncomingFile(name, part["writer"]))
+            files.append(IncomingFile(roles[name], part["writer"]))
             if forward is not None:
                 forward.file_begins(name, fields)
 
@@ -253,6 +256,8 @@ def _form_value(name: str, value: str) -> Any:
         if value.startswith("["):
             return json.loads(value)
         return [int(v) for v in re.split(r"[,x× ]+", value) if v]
+    if name == "webhook_events":
+        return [v.strip() for v in value.split(",") if v.strip()]
     return value
 
 
@@ -473,24 +478,33 @@ async def _resolve(host: str, port: int) -> list[str]:
 async def keep_files(files: list[IncomingFile], store: JobStore, owner: str | None = None) -> dict[str, StoredInput]:
     """Check each file by its content (as `owner`'s checks), then keep it. All or nothing."""
     try:
-        kinds = {}
-        for incoming in files:
-            if incoming.writer.size == 0:
-                raise ApiError(422, f"{incoming.role} is an empty file", incoming.role)
-            try:
-                kinds[incoming.role] = await CHECKER.inspect(incoming.role, incoming.writer.tmp_path, owner)
-            except MediaError as exc:
-                raise ApiError(422, f"{incoming.role} {exc}", incoming.role) from None
+        kinds = {incoming.role: await check_file(incoming, owner) for incoming in files}
     except BaseException:
         discard(files)
         raise
     stored = {}
     for n, incoming in enumerate(files):
         try:
-            sha, size = await incoming.writer.commit()
+            stored[incoming.role] = await commit_file(incoming, kinds[incoming.role], store)
         except BaseException:
             discard(files[n + 1:])  # a bucket that failed one: the others' temporary files go too
             raise
-        await store.record_blob(sha, size, kinds[incoming.role])
-        stored[incoming.role] = StoredInput(sha, size, kinds[incoming.role])
     return stored
+
+
+async def check_file(incoming: IncomingFile, owner: str | None = None) -> str:
+    """The kind (extension) of a file by its content; a 422 naming its field when it is not
+    what the field needs. Nothing is kept or discarded here."""
+    if incoming.writer.size == 0:
+        raise ApiError(422, f"{incoming.role} is an empty file", incoming.role)
+    try:
+        return await CHECKER.inspect(incoming.role, incoming.writer.tmp_path, owner)
+    except MediaError as exc:
+        raise ApiError(422, f"{incoming.role} {exc}", incoming.role) from None
+
+
+async def commit_file(incoming: IncomingFile, kind: str, store: JobStore) -> StoredInput:
+    """Keep a checked file in the blob store (once, by its content) and record it."""
+    sha, size = await incoming.writer.commit()
+    await store.record_blob(sha, size, kind)
+    return StoredInput(sha, size, kind)

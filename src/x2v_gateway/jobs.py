@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from .auth import CSRF_FIELD, Auth, Caller, LimitError
+from .batch_requests import MadeBatch, create_batch
 from .batch_plan import BatchPlan, find_uploads, listed_names, new_batch_id, plan_batch, retry_params
 from .blobs import BlobStore
 from .checker import CHECKER, MediaError
@@ -37,8 +38,9 @@ from .schemas import (
 )
 from .reads import batch_summary, every_item, find_item, find_job
 from .settings import Settings
-from .store import BatchJobSpec, IdempotencyConflict, Job, JobStore
+from .store import BatchJobSpec, IdempotencyConflict, Job, JobStore, JobWebhook
 from .upstream.base import Rejected, Unavailable
+from .webhooks import JobWebhooks
 
 
 class JobService:
@@ -53,6 +55,7 @@ class JobService:
         notifier: Notifier,
         http: httpx.AsyncClient,
         auth: Auth,
+        webhooks: JobWebhooks | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -61,6 +64,7 @@ class JobService:
         self.notifier = notifier
         self.http = http
         self.auth = auth
+        self.webhooks = webhooks or JobWebhooks(store, private_ok=settings.private_urls)
 
     def runnable_tasks(self) -> set[str]:
         """The task types some upstream runs."""
@@ -104,6 +108,41 @@ class JobService:
             job = await self.wait(job, wait)
         return job, created
 
+    async def submit_read(
+        self, who: Caller, request: JobRequest, files: list[IncomingFile] | None = None, *,
+        wait: float | None = None,
+    ) -> Job:
+        """A job a compatible surface (routes/lightx2v_api.py, openai_api.py, seed_services.py)
+        has read already, with its uploaded `files` (roles image, audio, last_frame): checked,
+        kept and queued as `who`'s, counted against its quota, exactly like `submit`'s."""
+        files = files or []
+        try:
+            self._check_free_space()
+            for role in {f.role for f in files}:
+                if getattr(request, role):
+                    raise ApiError(400, f"{role} was sent both as a file and as text", role)
+            async with self.auth.counting_jobs(who):
+                job, _ = await self._submit(request, files, None, who.owner)
+        except BaseException:
+            discard(files)  # nothing once they are kept: the writers are committed
+            raise
+        return await self.wait(job, wait) if wait else job
+
+    async def read_upload(
+        self, content_type: str, body: AsyncIterator[bytes], *, size: int | None, roles: dict[str, str],
+    ) -> tuple[dict[str, str], list[IncomingFile]]:
+        """A compatible surface's form: its text fields, and its files (part name -> job input
+        role by `roles`) on disk, within the upload limits. A URL-encoded form (FastAPI's `Form`
+        reads those too) has text fields only."""
+        if content_type.startswith("application/x-www-form-urlencoded"):
+            return await self._read_urlencoded(body), []
+        if not content_type.startswith("multipart/form-data"):
+            raise ApiError(415, "send this request as multipart/form-data", "Content-Type")
+        if size is not None and size > self.settings.max_upload_mb * 1024 * 1024:
+            raise ApiError(413, f"request body is larger than the {self.settings.max_upload_mb} MiB allowed")
+        self._check_free_space(size or 0)
+        return await read_multipart(content_type, body, self.blobs, roles=roles, **self._upload_limits())
+
     async def _submit_json(
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:
@@ -140,6 +179,9 @@ class JobService:
         self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
     ) -> tuple[Job, bool]:
         """A plain HTML form post (no files): inputs, if any, are URLs or base64 text."""
+        return await self._submit_form(await self._read_urlencoded(body), [], idempotency_key, owner)
+
+    async def _read_urlencoded(self, body: AsyncIterator[bytes]) -> dict[str, str]:
         mb = self.settings.max_json_mb
         raw = await read_limited(body, mb * 1024 * 1024, f"form body is larger than the {mb} MiB allowed")
         fields: dict[str, str] = {}
@@ -147,7 +189,7 @@ class JobService:
             if name in fields:
                 raise ApiError(400, f"{name} was sent twice", name)
             fields[name] = value
-        return await self._submit_form(fields, [], idempotency_key, owner)
+        return fields
 
     async def _submit_form(
         self,
@@ -178,8 +220,9 @@ class JobService:
         uploaded = {f.role for f in files}
         max_bytes = self.settings.max_file_mb * 1024 * 1024
         try:
-            self._check_inputs(request, given=uploaded)
-            await self._check_cloud_model(request)
+            self.check_job(request, given=uploaded)
+            await self.check_cloud_model(request)
+            webhook = await self.webhooks.for_job(request.webhook_url, request.webhook_events, owner)
             for role in INPUT_ROLES:
                 value = getattr(request, role)
                 if value and role not in uploaded:
@@ -187,9 +230,12 @@ class JobService:
         except BaseException:
             discard(files)
             raise
-        return await self._accept(request, files, idempotency_key, owner, forward)
+        return await self._accept(request, files, idempotency_key, owner, forward, webhook)
 
-    def _check_inputs(self, request: JobRequest, given: set[str]) -> None:
+    def check_job(self, request: JobRequest, given: set[str] = frozenset()) -> None:
+        """A 422 naming the field for a job that cannot run: inputs its task lacks or does not
+        take (`given`: those uploaded as files), an unknown upstream, a task no upstream runs,
+        a missing prompt, a `model` where it cannot choose."""
         present = given | {role for role in INPUT_ROLES if getattr(request, role)}
         needed = TASK_INPUTS[request.task]
         for role in needed:
@@ -197,6 +243,8 @@ class JobService:
                 raise ApiError(422, f"{role} is required for {request.task} jobs", role)
         for role in present - set(needed):
             raise ApiError(422, f"{role} is not used by {request.task} jobs", role)
+        if request.i2i_denoise_strength is not None and request.task != "i2i":
+            raise ApiError(422, f"i2i_denoise_strength is for i2i jobs, not {request.task}", "i2i_denoise_strength")
         if request.upstream is not None and request.upstream not in self.dispatcher.states:
             raise ApiError(422, f"no upstream named {request.upstream!r}; known: "
                            + ", ".join(self.dispatcher.states), "upstream")
@@ -236,7 +284,7 @@ class JobService:
                     others.append(upstream.name)
         return clouds, others
 
-    async def _check_cloud_model(self, request: JobRequest) -> None:
+    async def check_cloud_model(self, request: JobRequest) -> None:
         """Refuse a model the cloud does not offer (named, or the default) before anything is uploaded."""
         clouds, _ = self.candidates(request.task, request.upstream)
         params = {"model_cls": request.model} if request.model else None
@@ -250,7 +298,7 @@ class JobService:
 
     async def _accept(
         self, request: JobRequest, files: list[IncomingFile], idempotency_key: str | None,
-        owner: str | None, forward: UploadForward | None = None,
+        owner: str | None, forward: UploadForward | None = None, webhook: JobWebhook | None = None,
     ) -> tuple[Job, bool]:
         stored = await keep_files(files, self.store, owner)
         params = generation_params(request)
@@ -258,7 +306,9 @@ class JobService:
             params["model_cls"] = request.model
         inputs = {role: s.sha256 for role, s in stored.items()}
         fingerprint = hashlib.sha256(json.dumps(
-            [request.task, params, inputs, request.priority, request.batch_id, request.upstream],
+            [request.task, params, inputs, request.priority, request.batch_id, request.upstream]
+            # Only with one, so that requests without a webhook keep the fingerprint they had.
+            + ([request.webhook_url, request.webhook_events] if request.webhook_url else []),
             sort_keys=True,
         ).encode()).hexdigest()
         # The seed is fixed now, so that a resubmission after a node restart renders the same video.
@@ -269,7 +319,7 @@ class JobService:
                 batch_id=request.batch_id, owner=owner,
                 # Each key has its own Idempotency-Keys: another key's "row-7" is not this one's.
                 idempotency_key=f"{owner}:{idempotency_key}" if owner and idempotency_key else idempotency_key,
-                request_hash=fingerprint, pinned=request.upstream,
+                request_hash=fingerprint, pinned=request.upstream, webhook=webhook,
             )
         except IdempotencyConflict:
             raise ApiError(
@@ -303,6 +353,45 @@ class JobService:
                 break
             await self.notifier.wait(job.id, remaining)
             job = await self.store.get(job.id) or job
+        return job
+
+    async def create_batch_from_json(
+        self, who: Caller, body: AsyncIterator[bytes], *, idempotency_key: str | None,
+    ) -> MadeBatch:
+        """A batch of jobs sent as one JSON request (`POST /api/v1/batches`): all or none."""
+        return await create_batch(self, who, body, idempotency_key=idempotency_key)
+
+    # -- pipeline steps (pipelines/) ------------------------------------------------------------
+
+    async def keep_inputs(self, values: dict[str, str], owner: str | None) -> dict[str, str]:
+        """Inputs given as http(s) URLs, data URLs or base64 (role -> value): fetched, checked
+        by their content as `owner`'s and kept. Role -> sha256; all or nothing."""
+        files: list[IncomingFile] = []
+        max_bytes = self.settings.max_file_mb * 1024 * 1024
+        try:
+            for role, value in values.items():
+                files.append(await fetch_input(role, value, self.blobs, self.http, max_bytes=max_bytes))
+        except BaseException:
+            discard(files)
+            raise
+        return {role: s.sha256 for role, s in (await keep_files(files, self.store, owner)).items()}
+
+    async def submit_step(
+        self, pipeline_id: str, n: int, *, task: str, params: dict[str, Any], inputs: dict[str, str],
+        priority: int, owner: str | None,
+    ) -> Job | None:
+        """Queue a pipeline step's job, an ordinary job in the pipeline's batch (the step's
+        own if it has one already). None when the pipeline has ended. Counted against the
+        owner's quota when the pipeline was accepted."""
+        made = await self.store.create_step_job(
+            pipeline_id, n, task=task, params=params, inputs=inputs, priority=priority, owner=owner,
+        )
+        if made is None:
+            return None
+        job, created = made
+        if created:
+            self.notifier.changed(job.id)
+            self.dispatcher.wake()
         return job
 
     # -- changing a job -------------------------------------------------------------------------
@@ -420,6 +509,12 @@ class JobService:
         plan = await self.plan_batch(form, files)
         if not plan.ok:
             return plan, None
+        # The form's webhook: each job of the batch gets it (and its key's default without one).
+        webhook = await self.webhooks.for_job(
+            form.get("webhook_url", "").strip() or None,
+            [e for e in form.get("webhook_events", "").split(",") if e.strip()] or None,
+            who.owner,
+        )
         batch_id = form.get("batch_id", "")
         if not re.fullmatch(r"b[a-z0-9]{8,40}", batch_id):
             batch_id = new_batch_id()
@@ -438,6 +533,7 @@ class JobService:
             made = await self.submit_batch(
                 batch_id, specs, owner=who.owner,
                 batch={"name": name, "task": plan.task, "mode": plan.mode, "form": kept_form},
+                webhook=webhook,
             )
             if made is None:
                 count.refund()  # made by a click a moment earlier
@@ -445,7 +541,7 @@ class JobService:
 
     async def submit_batch(
         self, batch_id: str, specs: list[BatchJobSpec], *, batch: dict[str, Any] | None = None,
-        owner: str | None = None,
+        owner: str | None = None, webhook: JobWebhook | None = None,
     ) -> list[Job] | None:
         """Queue a batch of jobs whose inputs are already in the blob store: all of them or none.
 
@@ -462,7 +558,7 @@ class JobService:
                 )
             # Fixed now, as for single jobs: a resubmission after a node restart renders the same video.
             spec.params.setdefault("seed", secrets.randbelow(2**32))
-        jobs = await self.store.create_batch(batch_id, specs, batch=batch, owner=owner)
+        jobs = await self.store.create_batch(batch_id, specs, batch=batch, owner=owner, webhook=webhook)
         if jobs:
             for job in jobs:
                 self.notifier.changed(job.id)
@@ -509,17 +605,18 @@ class JobService:
         if why := self.prompt_missing(job.task, params.get("prompt"), job.pinned):
             raise ApiError(422, f"prompt is required: {why}", "prompt")
         params.setdefault("seed", secrets.randbelow(2**32))
+        webhook = await self.store.read(lambda r: r.job_webhook(job.id))  # the new job's too
         if job.batch_id is None:
             new, _ = await self.store.create_job(
                 task=job.task, params=params, inputs=dict(job.inputs), priority=job.priority,
-                owner=job.owner, pinned=job.pinned,
+                owner=job.owner, pinned=job.pinned, webhook=webhook,
             )
         else:
             spec = BatchJobSpec(
                 task=job.task, params=params, inputs=dict(job.inputs), files=files,
-                priority=job.priority, retry_of=job.id,
+                priority=job.priority, retry_of=job.id, pinned=job.pinned,
             )
-            (new,) = await self.store.create_batch(job.batch_id, [spec], owner=job.owner) or []
+            (new,) = await self.store.create_batch(job.batch_id, [spec], owner=job.owner, webhook=webhook) or []
         self.notifier.changed(new.id)
         self.dispatcher.wake()
         return new

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     import av
+    from PIL import Image
 
 MIN_IMAGE_SIDE = 16
 # Pillow reads a PNG's chunks one by one in Python: 8 million empty ones (a 96 MB file) kept a
@@ -35,6 +36,13 @@ _AUDIO_EXT = {"wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "ogg", "aac": "
 
 class MediaError(ValueError):
     """The file is not what its field needs; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    format: str  # the extension its content is: png, jpg, webp...
+    width: int
+    height: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +179,22 @@ def inspect_audio(path: Path) -> str:
     return _AUDIO_EXT.get(name, name.split(",")[0])
 
 
-def probe_video(path: Path) -> VideoInfo:
+# A poster frame is at most this many pixels on its longer side: enough for a gallery tile or a
+# table thumbnail on a high-density screen, and a JPEG of some 20-60 KB.
+POSTER_MAX_SIDE = 640
+POSTER_QUALITY = 80
+
+
+def probe_video(path: Path, poster: Path | None = None) -> VideoInfo:
     """What a video file holds; ValueError if it is not a playable video.
 
     Playable means: a container FFmpeg can open, a video stream, a duration above zero and a
     first frame that decodes (a truncated upload can have valid headers and no pictures).
     A missing file raises FileNotFoundError, not ValueError.
+
+    With `poster`, that first frame is also written there as a JPEG (at most POSTER_MAX_SIDE
+    pixels a side), from the same decode: the result's check and its poster cost one read. A
+    frame that cannot be saved leaves no file, and the video is no less playable.
     """
     import av
 
@@ -199,12 +217,25 @@ def probe_video(path: Path) -> VideoInfo:
             raise ValueError(f"video does not decode: {exc}") from exc
         if frame is None:
             raise ValueError("video stream has no frames")
+        if poster is not None:
+            save_poster(frame, poster)
         return VideoInfo(
             duration=duration,
             width=frame.width,
             height=frame.height,
             has_audio=bool(container.streams.audio),
         )
+
+
+def save_poster(frame: av.VideoFrame | Image.Image, dest: Path) -> None:
+    """`frame` (or a picture) as a JPEG at `dest`, scaled down to POSTER_MAX_SIDE; nothing when
+    it cannot be."""
+    try:
+        image = frame.to_image() if hasattr(frame, "to_image") else frame.convert("RGB")
+        image.thumbnail((POSTER_MAX_SIDE, POSTER_MAX_SIDE))
+        image.save(dest, "JPEG", quality=POSTER_QUALITY, optimize=True)
+    except Exception:  # an odd pixel format, a full disk: the video has no poster, nothing worse
+        dest.unlink(missing_ok=True)
 
 
 def duration_seconds(
@@ -220,4 +251,46 @@ def duration_seconds(
     return None
 
 
-INSPECTORS = {"image": inspect_image, "last_frame": inspect_image, "audio": inspect_audio}
+def probe_image(path: Path, max_pixels: int = 40_000_000, poster: Path | None = None) -> ImageInfo:
+    """What an image result holds; MediaError when it does not decode, every pixel (an upstream
+    that sent a truncated PNG must not make a job succeed). With `poster`, a JPEG of it at most
+    POSTER_MAX_SIDE a side is written there, as a video's first frame is."""
+    kind = inspect_image(path, max_pixels)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if poster is not None:
+            image.load()
+            save_poster(image, poster)
+        return ImageInfo(kind, image.width, image.height)
+
+
+# A driving video (animate) longer than this is refused: a model animates seconds, not hours.
+MAX_INPUT_VIDEO_SECONDS = 600.0
+_VIDEO_EXT = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "webm", "avi": "avi"}
+
+
+def inspect_video(path: Path, max_pixels: int = 40_000_000) -> str:
+    """Check that `path` is a playable video of a bounded length and frame size (the driving
+    video of an animate job); return its extension."""
+    import av
+
+    try:
+        info = probe_video(path)
+        with av.open(str(path)) as container:
+            name = container.format.name
+    except MediaError:
+        raise
+    except (ValueError, av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise MediaError(f"is not a playable video ({str(exc)[:80] or type(exc).__name__})") from None
+    if info.duration > MAX_INPUT_VIDEO_SECONDS:
+        raise MediaError(f"is {info.duration:.0f} s long; a video input may last at most"
+                         f" {MAX_INPUT_VIDEO_SECONDS:.0f} s")
+    if info.width * info.height > max_pixels:
+        raise MediaError(f"has {info.width}x{info.height} frames; frames may have at most"
+                         f" {max_pixels / 1e6:g} megapixels")
+    return _VIDEO_EXT.get(name, name.split(",")[0])
+
+
+INSPECTORS = {"image": inspect_image, "last_frame": inspect_image, "audio": inspect_audio,
+              "video": inspect_video}

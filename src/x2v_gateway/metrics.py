@@ -48,6 +48,10 @@ class Metrics:
         self.submissions = Counter(
             "x2v_submissions", "Jobs sent to an upstream", ["upstream"], registry=self.registry
         )
+        self.webhook_attempts = Counter(
+            "x2v_webhook_attempts", "Webhook delivery attempts, by outcome: delivered, failed (to be"
+            " retried), given_up", ["outcome"], registry=self.registry,
+        )
         self.jobs_finished = Counter(
             "x2v_jobs_finished", "Jobs that reached a final state", ["state"], registry=self.registry
         )
@@ -65,6 +69,10 @@ class Metrics:
         self.jobs_moved = Counter(
             "x2v_jobs_moved", "Jobs taken back from a node and queued again",
             ["upstream", "reason"], registry=self.registry,
+        )
+        self.jobs_taken_over = Counter(
+            "x2v_jobs_taken_over", "Jobs in flight this replica took over from a replica that stopped",
+            registry=self.registry,
         )
         self.dispatch_lag = Histogram(
             "x2v_dispatch_lag_seconds",

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from .dispatch import Dispatcher, UpstreamState
 from .schemas import ApiError
-from .settings import VIDEO_TASKS, Settings, SettingsError, parse_nodes
+from .settings import Settings, SettingsError, parse_nodes
+from .tasks import NODE_TASKS
 from .store import JobStore
 from .upstream import Upstream, self_hosted_node
 
@@ -131,8 +132,8 @@ class NodeRegistry:
         if name in self.dispatcher.states:
             raise ApiError(409, f"there is already a node named {name!r}; remove it first", "name")
         task_set = frozenset(tasks) if tasks is not None else None
-        if task_set is not None and (not task_set or task_set - VIDEO_TASKS):
-            raise ApiError(422, "tasks must be some of " + ", ".join(sorted(VIDEO_TASKS)), "tasks")
+        if task_set is not None and (not task_set or task_set - NODE_TASKS):
+            raise ApiError(422, "tasks must be some of " + ", ".join(sorted(NODE_TASKS)), "tasks")
         await self.store.save_node(name, url=url, capacity=capacity, tasks=task_set, source="api")
         config = NodeConfig(name, url, capacity, task_set, "api")
         self.configs[name] = config

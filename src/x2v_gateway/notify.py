@@ -1,11 +1,12 @@
-"""The job-change Notifier: who waits on a job (`?wait=`) is woken, and subscribers (the
-dashboard's SSE feed) hear of every change."""
+"""The job-change Notifier: who waits on a job (`?wait=`) is woken, and listeners (the
+dashboard's SSE feed, the API's event streams) hear of every change."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 
 
 class Notifier:
@@ -46,3 +47,36 @@ class Notifier:
 
     def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
         self._subscribers.discard(queue)
+
+    @contextlib.contextmanager
+    def listen(self) -> Iterator[Changes]:
+        """Every change from now on, until the block ends: `await changes.next(...)`.
+
+        An SSE stream listens *before* it reads what it sends first, so that nothing changed
+        between that read and the first wait is missed."""
+        queue = self.subscribe()
+        try:
+            yield Changes(queue)
+        finally:
+            self.unsubscribe(queue)
+
+
+class Changes:
+    """The job ids a listener has not seen yet, taken a burst at a time."""
+
+    def __init__(self, queue: asyncio.Queue[str]) -> None:
+        self._queue = queue
+
+    async def next(self, quiet: float, gather: float, not_before: float = 0.0) -> set[str]:
+        """The next changes: after the first, others are gathered for `gather` seconds (and until
+        the monotonic time `not_before`), so a burst of changes is one answer. An empty set when
+        `quiet` seconds pass with none: the time for an SSE keep-alive."""
+        try:
+            first = await asyncio.wait_for(self._queue.get(), quiet)
+        except TimeoutError:
+            return set()
+        await asyncio.sleep(max(gather, not_before - time.monotonic()))
+        ids = {first}
+        while not self._queue.empty():
+            ids.add(self._queue.get_nowait())
+        return ids

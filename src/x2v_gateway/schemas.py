@@ -13,20 +13,10 @@ from msgspec import inspect as mi
 
 from .store import Job, Memo
 
-TaskType = Literal["s2v", "i2v", "t2v", "flf2v"]
+from .tasks import INPUT_ROLES, PROMPT_REQUIRED, TASK_INPUTS, TaskType, makes, media_type  # noqa: F401 (re-exported)
 
-# Which inputs each task type needs; any other input is a mistake worth telling the user about.
-TASK_INPUTS: dict[str, tuple[str, ...]] = {
-    "s2v": ("image", "audio"),
-    "i2v": ("image",),
-    "flf2v": ("image", "last_frame"),
-    "t2v": (),
-}
-INPUT_ROLES = ("image", "audio", "last_frame")
-# Task types that mean nothing without a prompt, whatever runs them: a text-to-video job with no
-# text. (A self-hosted node renders one anyway, from an empty string; the cloud refuses every
-# task type without a prompt, which `JobService.prompt_missing` adds for jobs bound to it.)
-PROMPT_REQUIRED = frozenset({"t2v"})
+# What a webhook may be sent for (webhooks.py).
+WebhookEvent = Literal["queued", "started", "succeeded", "failed", "cancelled", "batch.finished"]
 
 # SQLite keeps integers in 64 bits and its driver raises on a larger one: every integer a client
 # sends that reaches the store (cursors, paging) is checked against this first.
@@ -64,6 +54,10 @@ class GenerationParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
     use_prompt_enhancer: bool | None = None
     lora_name: LoraName | None = None
     lora_strength: Annotated[float, Meta(ge=0, le=10)] | None = None
+    # Image tasks (t2i, i2i): the node's ImageTaskRequest fields; the cloud keeps them in params.
+    aspect_ratio: Annotated[str, Meta(max_length=16, pattern=r"^[1-9][0-9]{0,2}:[1-9][0-9]{0,2}$",
+                                      description="width:height of an image, e.g. `16:9`")] | None = None
+    i2i_denoise_strength: Annotated[float, Meta(ge=0, le=1)] | None = None
 
 
 class JobRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
@@ -73,11 +67,16 @@ class JobRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
     image: str | None = None
     audio: str | None = None
     last_frame: str | None = None
+    video: str | None = None  # animate: the driving video
     priority: Annotated[int, Meta(ge=-100, le=100)] = 0
     batch_id: Annotated[str, Meta(max_length=100, pattern=r"^[\w.\-]+$")] | None = None
     upstream: Annotated[str, Meta(max_length=100)] | None = None
     # A hosted-cloud model (`GET /api/v1/models`); kept in the job's params as `model_cls`.
     model: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    # Where the job's events are POSTed, signed (webhooks.py); none: the key's default, if any.
+    webhook_url: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
+    # Which events (in a form: comma-separated); none: succeeded, failed, cancelled, batch.finished.
+    webhook_events: Annotated[list[WebhookEvent], Meta(max_length=12)] | None = None
 
 
 PARAM_FIELDS = tuple(GenerationParams.__struct_fields__)
@@ -218,9 +217,12 @@ class ResultRef(msgspec.Struct):
     url: str
     sha256: str
     size: int | None = None
+    kind: Literal["video", "image"] = "video"
+    media_type: str = "video/mp4"
     duration: float | None = None
     width: int | None = None
     height: int | None = None
+    poster_url: str | None = None  # a JPEG of its first frame
 
 
 class QueueInfo(msgspec.Struct, omit_defaults=True):
@@ -258,6 +260,10 @@ class JobView(msgspec.Struct, kw_only=True):
     queue: QueueInfo | None
     files_expired: bool
     events: list[Event] | None = None
+    # How far the upstream says the job has got, 0 to 1, where it says (see `RemoteStatus`).
+    progress: float | None = None
+    # Webhook deliveries of the job not yet made nor given up (`GET /api/v1/jobs/{id}` only).
+    webhooks_pending: int | None = None
 
 
 class JobList(msgspec.Struct):
@@ -293,15 +299,20 @@ def job_view(
     result = None
     if job.result_sha and not job.files_expired:
         meta = job.result_meta or {}
+        kind = makes(job.task)
         result = ResultRef(
-            url=f"/api/v1/jobs/{job.id}/video", sha256=job.result_sha, size=meta.get("size"),
+            url=f"/api/v1/jobs/{job.id}/{kind}", sha256=job.result_sha, size=meta.get("size"),
+            kind=kind, media_type=media_type(meta.get("format"), job.task),
             duration=meta.get("duration"), width=meta.get("width"), height=meta.get("height"),
+            poster_url=f"/api/v1/jobs/{job.id}/poster",
         )
     queue = None
+    upstream_info = dict(job.queue_info or {})
+    progress = 1.0 if job.state == "succeeded" else upstream_info.pop("progress", None)
     if queue_position is not None:
         queue = QueueInfo(position=queue_position, where="gateway", **(queue_estimate or {}))
-    elif job.queue_info:
-        queue = QueueInfo(where="upstream", **job.queue_info)
+    elif upstream_info:
+        queue = QueueInfo(where="upstream", **upstream_info)
     view = JobView(
         id=job.id, task=job.task, state=job.state, params=job.params,
         inputs={role: InputRef(sha, sizes.get(sha)) for role, sha in job.inputs.items()},
@@ -311,6 +322,7 @@ def job_view(
         started_at=iso(job.started_at), finished_at=iso(job.finished_at),
         error=job.error, result=result, queue=queue, files_expired=job.files_expired,
         events=[Event(iso(e["at"]), e["state"], e["detail"]) for e in events] if events is not None else None,
+        progress=progress,
     )
     if key is not None:
         _FINISHED_VIEWS.put(key, view)

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from .tasks import ALL_TASKS, NODE_TASKS
+
 
 class SettingsError(ValueError):
     """A setting has a value the gateway cannot use; the message names the variable."""
@@ -62,6 +64,8 @@ class Settings:
     form_threshold_mb: int = 16
     forward_uploads: bool = True
     max_wait: float = 600.0
+    event_streams: int = 8
+    event_keepalive: float = 15.0
     max_file_mb: int = 2048
     min_free_disk_mb: int = 1024
     media_checkers: int = 2
@@ -69,6 +73,8 @@ class Settings:
     # Access control (auth.py): the bootstrap admin key, never in a repr, a log line or an error.
     admin_key: str = field(default="", repr=False)
     metrics_open: bool = False
+    # The key (id or name) requests without credentials on the compatible surfaces act as.
+    headerless_key: str = ""
     private_urls: bool = False
     cors_origins: tuple[str, ...] = ()
     session_hours: float = 12.0
@@ -88,6 +94,17 @@ class Settings:
     s3_access_key_id: str = ""
     s3_secret_access_key: str = field(default="", repr=False)
     s3_presign_minutes: float = 0.0
+    # A pipeline's s2v audio longer than this is split at its silences into parts (pipelines/).
+    speech_part_seconds: float = 30.0
+    # PostgreSQL instead of the SQLite file (several replicas); its password never in a repr.
+    database_url: str = field(default="", repr=False)
+    # Webhooks (webhooks.py, webhook_worker.py).
+    webhook_retry_hours: float = 24.0
+    webhook_first_retry: float = 5.0
+    webhook_timeout: float = 10.0
+    webhook_concurrency: int = 8
+    replica_id: str = ""
+    replica_lease: float = 6.0
 
     @property
     def db_path(self) -> Path:
@@ -106,8 +123,26 @@ class Settings:
         )
 
     @property
+    def store_location(self) -> Path | str:
+        """What `JobStore(...)` opens: the PostgreSQL URL when one is set, else the SQLite file."""
+        return self.database_url or self.db_path
+
+    @property
+    def database_shown(self) -> str:
+        """X2V_DATABASE_URL fit for a page or a log line: its password hidden."""
+        return redact_url(self.database_url)
+
+    @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password (if any) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _int(lo: int, hi: int) -> Callable[[str, str], int]:
@@ -140,6 +175,12 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _replica_id(name: str, raw: str) -> str:
+    if len(raw) > 200 or not raw.isprintable():
+        raise SettingsError(f"{name} must be at most 200 printable characters")
+    return raw
+
+
 def _path(name: str, raw: str) -> Path:
     if not raw.strip():
         raise SettingsError(f"{name} must not be empty")
@@ -159,6 +200,17 @@ def _admin_key(name: str, raw: str) -> str:
         raise SettingsError(
             f"{name} must be at least 24 characters without spaces; make one with"
             " `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return raw
+
+
+def _database_url(name: str, raw: str) -> str:
+    # The URL may hold a password: an error names the variable, never the value.
+    parts = urlsplit(raw)
+    if parts.scheme not in {"postgresql", "postgres"} or not parts.path.strip("/"):
+        raise SettingsError(
+            f"{name} must be a PostgreSQL URL with a database name,"
+            " postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
         )
     return raw
 
@@ -219,7 +271,6 @@ def parse_nodes(name: str, raw: str) -> tuple[NodeSpec, ...]:
     return tuple(nodes)
 
 
-VIDEO_TASKS = frozenset({"s2v", "i2v", "t2v", "flf2v"})
 
 
 def _node_pairs(name: str, raw: str) -> list[tuple[str, str]]:
@@ -239,11 +290,11 @@ def parse_node_tasks(name: str, raw: str) -> dict[str, frozenset[str]]:
     result = {}
     for node, value in _node_pairs(name, raw):
         tasks = frozenset(t.strip() for t in value.split("+") if t.strip())
-        unknown = tasks - VIDEO_TASKS
+        unknown = tasks - NODE_TASKS
         if unknown or not tasks:
             raise SettingsError(
                 f"{name}: {node} lists {', '.join(sorted(unknown)) or 'no task'}; task types are"
-                f" {', '.join(sorted(VIDEO_TASKS))}"
+                f" {', '.join(sorted(NODE_TASKS))}"
             )
         result[node] = tasks
     return result
@@ -259,6 +310,7 @@ def parse_node_capacity(name: str, raw: str) -> dict[str, int]:
 # name -> (Settings field, parser, description for the README). Order is the README's order.
 SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_DATA_DIR": ("data_dir", _path, "Where the SQLite file and the blob store live"),
+    "X2V_DATABASE_URL": ("database_url", _database_url, "A PostgreSQL database (`postgresql://USER:PASSWORD@HOST:PORT/DATABASE`) for the job store instead of the SQLite file in X2V_DATA_DIR, so that several gateway replicas share it; its schema is made and migrated at start. Empty: SQLite"),
     "X2V_HOST": ("host", _text, "Address the gateway listens on"),
     "X2V_PORT": ("port", _int(1, 65535), "Port the gateway listens on"),
     "X2V_NODES": ("nodes", parse_nodes, "Self-hosted LightX2V nodes: comma-separated base URLs, each optionally `name=url`. Empty: a built-in demo node is started"),
@@ -273,13 +325,16 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_MAX_JSON_MB": ("max_json_mb", _int(1, 4096), "Largest JSON request body accepted (base64 inputs included), in MiB"),
     "X2V_FORM_THRESHOLD_MB": ("form_threshold_mb", _int(0, 1024 * 1024), "Inputs larger than this go to a node through its multipart `/form` route instead of base64 JSON"),
     "X2V_FORWARD_UPLOADS": ("forward_uploads", _bool, "`true`: a multipart upload over `X2V_FORM_THRESHOLD_MB` whose `task` comes before its files is sent on to a node with a free slot while it arrives (still kept and checked first). `false`: every upload is received whole, then sent"),
-    "X2V_MAX_WAIT": ("max_wait", _float(0, 86400), "Longest `wait` a client may ask `POST /api/v1/jobs` to block for, in seconds"),
+    "X2V_MAX_WAIT": ("max_wait", _float(0, 86400), "Longest wait (`?wait=` or `Prefer: wait=`) a client may ask `POST /api/v1/jobs` or `GET /api/v1/jobs/{id}` to block for, in seconds"),
+    "X2V_EVENT_STREAMS": ("event_streams", _int(1, 1000), "Event streams (`GET .../events`) one API key may hold open at once; one more gets 429"),
+    "X2V_EVENT_KEEPALIVE": ("event_keepalive", _float(0.1, 300), "Seconds between keep-alive comments on a quiet event stream, so that proxies do not close it"),
     "X2V_DEMO_NODE_PORT": ("demo_node_port", _int(0, 65535), "Port of the built-in demo node (0: any free port)"),
     "X2V_DEMO_JOB_SECONDS": ("demo_job_seconds", _float(0, 3600), "Minimum seconds each demo-node job takes"),
     "X2V_LOG_LEVEL": ("log_level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     "X2V_ADMIN_KEY": ("admin_key", _admin_key, "An admin API key for a new deployment (at least 24 characters); it works while this variable holds it. Unset and no key made yet: the first start makes one and shows it once"),
     "X2V_PRIVATE_URLS": ("private_urls", _bool, "`true`: input URLs may point at private, loopback and link-local addresses. Default: public addresses only, so a key cannot make the gateway read internal services"),
     "X2V_METRICS_OPEN": ("metrics_open", _bool, "`true`: `/metrics` answers without a key (for a scraper on a private network). Default: it needs an admin key"),
+    "X2V_HEADERLESS_KEY": ("headerless_key", _text, "The API key (its id or name) that requests without an `Authorization` header act as on the compatible routes (the LightX2V server API, the OpenAI routes, the replaced services), for clients written to send none; only on a network where everyone who can reach the gateway may use that key. Empty: those routes need a key like every other"),
     "X2V_CORS_ORIGINS": ("cors_origins", _origins, "Browser origins allowed to call the API (CORS), comma-separated, e.g. `https://app.example.com`. Empty: CORS off"),
     "X2V_SESSION_HOURS": ("session_hours", _float(0.1, 24 * 90), "Hours a dashboard sign-in lasts"),
     "X2V_MAX_FILE_MB": ("max_file_mb", _int(1, 1024 * 1024), "Largest single input file accepted (upload, URL or base64), in MiB"),
@@ -292,6 +347,13 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_S3_ACCESS_KEY_ID": ("s3_access_key_id", _text, "The S3 access key id (empty: the `AWS_*` variables, or the machine's role)"),
     "X2V_S3_SECRET_ACCESS_KEY": ("s3_secret_access_key", _text, "The S3 secret key; never shown or logged"),
     "X2V_S3_PRESIGN_MINUTES": ("s3_presign_minutes", _float(0, 7 * 24 * 60), "Above 0: video and input downloads answer with a redirect to a presigned URL valid this many minutes, so the bytes come straight from the bucket. 0: the gateway serves them itself"),
+    "X2V_SPEECH_PART_SECONDS": ("speech_part_seconds", _float(2, 600), "Longest audio a node takes in one s2v task: a pipeline's s2v scene with longer audio is split at its silences into parts of at most this many seconds, run in parallel and joined"),
+    "X2V_WEBHOOK_RETRY_HOURS": ("webhook_retry_hours", _float(0.001, 24 * 30), "Hours a webhook delivery is retried (each retry waits longer) before the gateway gives up on it"),
+    "X2V_WEBHOOK_FIRST_RETRY": ("webhook_first_retry", _float(0.05, 3600), "Seconds before a failed webhook delivery is tried again; each later retry waits twice as long as the one before (with jitter), at most an hour"),
+    "X2V_WEBHOOK_TIMEOUT": ("webhook_timeout", _float(0.5, 300), "Seconds a webhook receiver has to answer one delivery, connecting included"),
+    "X2V_WEBHOOK_CONCURRENCY": ("webhook_concurrency", _int(1, 256), "Webhook deliveries in flight at once, across every receiver"),
+    "X2V_REPLICA_ID": ("replica_id", _replica_id, "This gateway's name among replicas sharing one store (dispatch/replicas.py); the jobs it sends name it. Default `hostname:pid`. Give each replica its own, stable across its restarts"),
+    "X2V_REPLICA_LEASE": ("replica_lease", _float(2, 300), "Seconds a replica's lease lasts without renewal (renewed every second): a replica silent this long has its jobs in flight taken over by another"),
 }
 
 CLOUD_SETTINGS = {
@@ -315,8 +377,8 @@ def parse_cloud_models(name: str, raw: str) -> dict[str, str]:
     """`s2v=SekoTalk,t2v=self-forcing-dmd` -> the cloud model each task type runs on by default."""
     models = {}
     for task, model in _node_pairs(name, raw):
-        if task not in VIDEO_TASKS:
-            raise SettingsError(f"{name}: {task!r} is not a task type; task types are {', '.join(sorted(VIDEO_TASKS))}")
+        if task not in ALL_TASKS:
+            raise SettingsError(f"{name}: {task!r} is not a task type; task types are {', '.join(sorted(ALL_TASKS))}")
         models[task] = model
     return models
 

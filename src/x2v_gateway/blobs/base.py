@@ -16,7 +16,9 @@ import hashlib
 import mmap
 import os
 import tempfile
+import uuid
 from collections import deque
+from contextlib import asynccontextmanager
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -245,6 +247,23 @@ class BlobStore(ABC):
 
     async def exists(self, sha256: str) -> bool:
         return await self.open(sha256) is not None
+
+    @asynccontextmanager
+    async def local_path(self, sha256: str) -> AsyncIterator[Path]:
+        """The blob as a file on local disk, for tools that read files (PyAV, FFmpeg): a copy in
+        `tmp_dir`, deleted afterwards, unless the store keeps it on local disk already. Raises
+        FileNotFoundError when it is not kept."""
+        blob = await self.open(sha256)
+        if blob is None:
+            raise FileNotFoundError(f"blob {sha256} is not kept")
+        copy = self.tmp_dir / f"copy-{sha256[:16]}-{uuid.uuid4().hex[:8]}"
+        try:
+            with copy.open("wb") as out:
+                async for chunk in blob.chunks(1024 * 1024):
+                    await asyncio.to_thread(out.write, chunk)
+            yield copy
+        finally:
+            copy.unlink(missing_ok=True)
 
     def free_bytes(self) -> int:
         """Free space on the disk of `tmp_dir`, where every file arrives first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from .base import BlobStore, StoredBlob, check_sha
@@ -50,6 +51,13 @@ class LocalBlobStore(BlobStore):
                     break
                 remaining -= len(chunk)
                 yield chunk
+
+    @asynccontextmanager
+    async def local_path(self, sha256: str) -> AsyncIterator[Path]:
+        path = self.path(sha256)
+        if not path.is_file():
+            raise FileNotFoundError(f"blob {sha256} is not kept")
+        yield path
 
     async def delete(self, shas: Iterable[str]) -> None:
         for sha in shas:

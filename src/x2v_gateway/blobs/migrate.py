@@ -12,8 +12,10 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .base import BlobStore
+from ..settings import Settings
+from .base import BlobStore, BlobStoreUnavailable
 from .local import LocalBlobStore
 
 # Blobs copied at once: each upload holds at most its part buffers (blobs/s3.py), and a few at a
@@ -73,3 +75,36 @@ def _stage(path: Path, staged: Path) -> int:
     except OSError:
         shutil.copyfile(path, staged)
     return staged.stat().st_size
+
+
+async def copy_local_to_bucket(settings: Settings, progress: Callable[[CopyProgress], None] | None = None) -> CopyProgress:
+    """Every blob of the data directory's store into the bucket `X2V_BLOBS` names."""
+    from . import open_blobs
+
+    source, target = LocalBlobStore(settings.blob_dir), open_blobs(settings)
+    try:
+        return await copy_blobs(source, target, progress)
+    finally:
+        await target.aclose()
+        await source.aclose()
+
+
+def copy_step(settings: Settings, console: Any) -> str:
+    """`migrate-store`'s step for the files (store/migrate.py BLOB_STEPS): with X2V_BLOBS naming
+    a bucket, every local blob copied into it, with a progress bar; the line for the summary."""
+    if settings.s3 is None:
+        return (f"blobs        stay in {settings.blob_dir.resolve()} (every replica needs them there;"
+                " or set X2V_BLOBS to a bucket and run this again)")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console) as bars:
+        bar = bars.add_task("blobs", total=None)
+        try:
+            done = asyncio.run(copy_local_to_bucket(
+                settings, lambda p: bars.update(bar, total=p.total, completed=p.done),
+            ))
+        except BlobStoreUnavailable as exc:
+            return f"blobs        not all copied ({exc.detail}); run it again to go on"
+    return (f"blobs        {done.copied} copied into {settings.blobs} ({done.bytes_copied / 1e6:,.1f} MB),"
+            f" {done.skipped} there already")

@@ -13,9 +13,7 @@ names the field); only the names are checked here.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
 import re
@@ -23,21 +21,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import manifest
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
 TASKS = ("s2v", "i2v", "t2v")  # the batch form's task types
+TASK_INPUTS = {"s2v": ("image", "audio"), "i2v": ("image",), "t2v": ()}  # as schemas.TASK_INPUTS
 MODES = ("each", "pair", "manifest", "grid")
 # The gateway's GenerationParams fields (schemas.py); tests/test_client.py keeps the two equal.
 # The client does not import the server's models: it runs on laptops against remote gateways.
 PARAMS = (
     "prompt", "negative_prompt", "seed", "infer_steps", "target_shape", "target_video_length",
     "video_duration", "target_fps", "num_fragments", "resize_mode", "sr_ratio",
-    "use_prompt_enhancer", "lora_name", "lora_strength",
+    "use_prompt_enhancer", "lora_name", "lora_strength", "aspect_ratio", "i2i_denoise_strength",
 )
 # What `--set` may give besides them: every job of the run goes to `upstream` / uses `model`.
 JOB_FIELDS = (*PARAMS, "priority", "upstream", "model")
-MANIFEST_COLUMNS = ("image", "audio", *PARAMS, "priority")
+MANIFEST_COLUMNS = ("image", "audio", "last_frame", *PARAMS, "priority")
 
 
 class PlanError(Exception):
@@ -214,76 +215,26 @@ def _seeds(text: str) -> list[int | None]:
 
 def _manifest_rows(task: str, inputs: Inputs, errors: list[str]) -> list[tuple[str, dict[str, Path], dict[str, Any]]]:
     """One job per manifest row; its image and audio cells name files among PATHS or next to the
-    manifest (as typed, then ignoring case: spreadsheets like to change case)."""
-    manifest = inputs.manifest
-    assert manifest is not None
-    by_name = {p.name: p for p in inputs.files}
-    by_lower = {p.name.lower(): p for p in inputs.files}
-    needed = {"s2v": ("image", "audio"), "i2v": ("image",), "t2v": ()}[task]
-    rows = []
-    for where, values in _read_manifest(manifest, errors):
-        files: dict[str, Path] = {}
-        for role in ("image", "audio"):
-            name = str(values.pop(role, "") or "").strip()
-            if not name:
-                if role in needed:
-                    errors.append(f"{where}: no {role}; {task} jobs need " + " and ".join(needed))
-                continue
-            if role not in needed:
-                errors.append(f"{where}: {task} jobs take no {role}; empty the {role} cell, or choose another --task")
-                continue
-            path = by_name.get(name) or by_lower.get(name.lower()) or manifest.parent / name
-            if not path.is_file():
-                errors.append(f"{where}: {name} is neither among PATHS nor next to the manifest")
-                continue
-            files[role] = path
-        rows.append((f"{manifest.name} {where}", files, values))
-    return rows
-
-
-def _read_manifest(path: Path, errors: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """(where, values) per row of a CSV (with a header) or JSONL manifest."""
+    manifest."""
+    path = inputs.manifest
+    assert path is not None
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanError([f"{path}: cannot be read as UTF-8 text ({exc})"], "PATHS") from None
-    rows: list[tuple[str, dict[str, Any]]] = []
-    if not text.strip():
-        errors.append(f"{path.name} is empty: write CSV (with a header) or JSONL rows")
-    elif text.lstrip().startswith("{"):
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                values = json.loads(line)
-            except ValueError as exc:
-                errors.append(f"line {number}: not valid JSON ({exc.args[0].split(':')[0]})")
-                continue
-            if not isinstance(values, dict):
-                errors.append(f"line {number}: each line must be a JSON object like {{\"image\": \"face.png\"}}")
-                continue
-            unknown = sorted(set(values) - set(MANIFEST_COLUMNS))
-            if unknown:
-                errors.append(f"line {number}: unknown key(s) {', '.join(map(repr, unknown))}; keys can be: "
-                              + ", ".join(MANIFEST_COLUMNS))
-            rows.append((f"line {number}", values))
-    else:
-        reader = csv.DictReader(io.StringIO(text.strip() + "\n"), skipinitialspace=True)
-        header = [(h or "").strip().lower() for h in reader.fieldnames or []]
-        unknown = [h for h in header if h not in MANIFEST_COLUMNS]
-        if unknown:
-            errors.append(f"{path.name}: the header names columns it cannot have: {', '.join(map(repr, unknown))};"
-                          " columns can be: " + ", ".join(MANIFEST_COLUMNS))
-            return []
-        reader.fieldnames = header
-        for row in reader:
-            if None in row:
-                errors.append(f"line {reader.line_num}: more cells than the header names; check the commas")
-                continue
-            rows.append((f"line {reader.line_num}", {k: (v or "").strip() for k, v in row.items()}))
-        if not rows and not errors:
-            errors.append(f"{path.name} has a header but no rows")
-    return rows
+    rows, problems = manifest.read_rows(text, MANIFEST_COLUMNS)
+    errors += [f"{path.name} {problem}" for problem in problems]
+
+    def next_to_manifest(name: str) -> Path | None:
+        return candidate if (candidate := path.parent / name).is_file() else None
+
+    jobs = []
+    for row in rows:
+        files = manifest.take_files(row, task, TASK_INPUTS[task], {p.name: p for p in inputs.files},
+                                    "{name} is neither among PATHS nor next to the manifest", next_to_manifest)
+        errors += [f"{row.where}: {problem}" for problem in row.problems]
+        jobs.append((f"{path.name} {row.where}", files, row.values))
+    return jobs
 
 
 def _text(value: Any) -> str:

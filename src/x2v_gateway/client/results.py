@@ -23,6 +23,8 @@ from .plan import PlannedJob, file_sha256
 
 JOURNAL = ".x2v-client.jsonl"
 MANIFEST = "manifest.csv"
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+
 MANIFEST_FIELDS = (
     "file", "job_id", "number", "source", "state", "task", "image", "audio", "prompt",
     "negative_prompt", "seed", "parameters", "node", "attempts", "created_at", "started_at",
@@ -104,11 +106,13 @@ class ResultsFolder:
         parts = [f"{made['number']:04d}", *(Path(n).stem for n in made["files"].values())] if made \
             else [f"{position:04d}", job["id"]]
         label = re.sub(r"[^\w.\-]+", "-", "_".join(parts)).strip("-")[:120] or job["id"]
-        name, n = f"{label}.mp4", 1
+        # An image job's result (t2i, i2i) is an image: named for its type, as the zip names it.
+        ext = _EXTENSIONS.get((job.get("result") or {}).get("media_type", ""), "mp4")
+        name, n = f"{label}.{ext}", 1
         taken = {v["video"] for v in self.videos.values()} | set(self._names.values())
         while name in taken:
             n += 1
-            name = f"{label}-{n}.mp4"
+            name = f"{label}-{n}.{ext}"
         self._names[job["id"]] = name
         return name
 

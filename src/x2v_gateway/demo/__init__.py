@@ -13,19 +13,23 @@ s2v, or a prompt card when there is no image. A prompt containing `FAIL` makes i
 with a RuntimeError, like the stub the contract was captured with. `job_seconds` makes every
 task take at least that long, for benchmarks.
 
-Not reproduced: the image routes (`/v1/tasks/image/...`, `/v1/images/...`) and SenseNova-Vision
+Image tasks go to `/v1/tasks/image/` and `/v1/tasks/image/form` as on the real server (their own
+fields, `aspect_ratio` and `i2i_denoise_strength`, the image form's optional `image_file`, and a
+`<id>.png` output served as `image/png`); "inference" is `image.render_image`.
+
+Not reproduced: the sync image route, the OpenAI routes (`/v1/images/...`) and SenseNova-Vision
 are declared but answer 404 `{"detail":"Not Found"}`; `/docs` is a short HTML page rather than
 Swagger UI, and there is no `/openapi.json`; there is no Prometheus metrics port.
 
 Two additions that are not part of the upstream API, both for tests: every accepted submission
-is appended to `<data_dir>/submissions.jsonl` (task_id, time, route, and the request fields the
-runner would get), so a test can count and inspect what reached the node across restarts; and
+is appended to `<data_dir>/submissions.jsonl` (task_id, time, route, the request fields the
+runner would get, and `held`: the tasks pending or running once it was accepted), so a test can count and inspect what reached the node across restarts; and
 a write to a `save_result_path` outside `outputs/` is refused (the task still completes, as the
 real stub did).
 
 The package, by idea: `node` (the app: routes, handlers, processing thread, server), `board`
 (the tasks in memory), `validate` (pydantic-shaped 422s), `inputs` (base64 and URL inputs),
-`video` (the renderer), and `asgi`, the small ASGI toolkit the tests' doubles use too.
+`video` and `image` (the renderers), and `asgi`, the small ASGI toolkit the tests' doubles use too.
 
 Run one:
 

@@ -37,11 +37,15 @@ class Task:
     # The validated request fields the client set (JSON) or every form field (form).
     request: dict[str, Any]
     save_result_path: str
+    output: str = "video"  # or "image": what its route makes (`<id>.mp4` or `<id>.png`)
     status: TaskStatus = TaskStatus.PENDING
     start_time: datetime = field(default_factory=datetime.now)
     end_time: datetime | None = None
     error: str | None = None
     error_type: str | None = None
+    # Tasks the node held (pending or running) once this one was accepted, itself included:
+    # journalled, so a test can tell whether the node was ever given more than its slots.
+    held: int = 0
 
     def as_status(self) -> dict[str, Any]:
         # Naive local ISO timestamps, exactly as FastAPI encodes upstream's datetime.now().
@@ -72,14 +76,15 @@ class TaskBoard:
         self._current: str | None = None
         self._total = self._completed = self._failed = 0
 
-    def create(self, task_id: str, request: dict[str, Any], save_result_path: str) -> Task:
+    def create(self, task_id: str, request: dict[str, Any], save_result_path: str, output: str = "video") -> Task:
         with self._wakeup:
             if task_id in self._tasks:
                 raise Refused(f"Task ID {task_id} already exists")
             if self._active_count() >= self.max_queue_size:
                 raise Refused(f"Task queue is full (max {self.max_queue_size} tasks)")
-            task = Task(task_id=task_id, request=request, save_result_path=save_result_path)
+            task = Task(task_id=task_id, request=request, save_result_path=save_result_path, output=output)
             self._tasks[task_id] = task
+            task.held = self._active_count()
             self._total += 1
             self._evict_old_tasks()
             self._wakeup.notify()

@@ -36,6 +36,7 @@ from .asgi import (
     text_response,
 )
 from .board import Refused, Task, TaskBoard, TaskStatus
+from .image import render_image
 from .inputs import download, looks_like_base64, save_base64, url_accessible
 from .validate import REQUEST_DEFAULTS, parse_video_request, validate_form
 from .video import render_video
@@ -106,7 +107,7 @@ class DemoNodeApp(App):
         self._journal_lock = threading.Lock()
         # Upstream's routes in FastAPI's registration order, which decides what matches first.
         # Why POST /v1/tasks/video (no slash) is a 405: it matches DELETE /v1/tasks/{task_id}.
-        # Declared without a handler: the image and SenseNova-Vision routes (404 here).
+        # Declared without a handler: the sync image, OpenAI and SenseNova-Vision routes (404 here).
         self.router = Router(
             [
                 route("GET,HEAD", "/docs", self._docs),
@@ -120,8 +121,8 @@ class DemoNodeApp(App):
                 route("DELETE", "/v1/tasks/all/running", self._stop_all_tasks),
                 route("POST", "/v1/tasks/video/", self._submit_json),
                 route("POST", "/v1/tasks/video/form", self._submit_form),
-                route("POST", "/v1/tasks/image/"),
-                route("POST", "/v1/tasks/image/form"),
+                route("POST", "/v1/tasks/image/", self._submit_image_json),
+                route("POST", "/v1/tasks/image/form", self._submit_image_form),
                 route("POST", "/v1/tasks/image/sync"),
                 route("POST", "/v1/tasks/sensenova-vision/"),
                 route("POST", "/v1/tasks/sensenova-vision/sync"),
@@ -237,8 +238,10 @@ class DemoNodeApp(App):
         self.board.cancel_all()
         return json_response(200, {"stop_status": "success", "reason": "All tasks stopped successfully."})
 
-    async def _submit_json(self, request: Request) -> Response:
-        values = parse_video_request(await request.body(), request.header("content-type"))
+    async def _submit_json(self, request: Request, *, output: str = "video") -> Response:
+        values = parse_video_request(
+            await request.body(), request.header("content-type"), image=output == "image",
+        )
         image_path = values.get("image_path", "")
         if image_path.startswith("http") and not await url_accessible(image_path):
             # Upstream raises HTTPException(400) inside a generic `except Exception`: a 500.
@@ -246,36 +249,38 @@ class DemoNodeApp(App):
         task_id = values["task_id"] if "task_id" in values else _new_task_id()
         if "seed" not in values:
             values["seed"] = random.randint(0, 2**32 - 1)
-        return self._accept(task_id, values, request.path)
+        return self._accept(task_id, values, request.path, output)
 
-    async def _submit_form(self, request: Request) -> Response:
+    async def _submit_image_json(self, request: Request) -> Response:
+        return await self._submit_json(request, output="image")
+
+    async def _submit_form(self, request: Request, *, output: str = "video") -> Response:
         # Anything but a multipart or urlencoded body has no fields: image_file is missing.
-        form = await read_form(
-            request,
-            {
-                "image_file": self.image_inputs,
-                "last_frame_file": self.image_inputs,
-                "audio_file": self.audio_inputs,
-            },
-        )
+        files = {"image_file": self.image_inputs}
+        if output == "video":
+            files.update(last_frame_file=self.image_inputs, audio_file=self.audio_inputs)
+        form = await read_form(request, files)
         try:
-            values = validate_form(form)
+            values = validate_form(form, image=output == "image")
         except HTTPError:
             form.discard()
             raise
-        response = self._accept(_new_task_id(), values, request.path)
+        response = self._accept(_new_task_id(), values, request.path, output)
         if response.status != 200:
             form.discard()
         return response
 
-    def _accept(self, task_id: str, values: dict[str, Any], route: str) -> Response:
+    async def _submit_image_form(self, request: Request) -> Response:
+        return await self._submit_form(request, output="image")
+
+    def _accept(self, task_id: str, values: dict[str, Any], route: str, output: str = "video") -> Response:
         # Upstream's BaseTaskRequest: an empty save_result_path becomes the task id.
         save_result_path = values.get("save_result_path") or task_id
         try:
-            self.board.create(task_id, values, save_result_path)
+            task = self.board.create(task_id, values, save_result_path, output)
         except Refused as exc:
             return json_response(503, {"detail": str(exc)})
-        self._journal_submission(task_id, route, values)
+        self._journal_submission(task_id, route, values, task.held)
         queue = self.board.queue_status()
         log.info(
             "accepted task %s via POST %s (%d of %d active)",
@@ -288,7 +293,7 @@ class DemoNodeApp(App):
             200, {"task_id": task_id, "task_status": "pending", "save_result_path": save_result_path}
         )
 
-    def _journal_submission(self, task_id: str, route: str, request: dict[str, Any]) -> None:
+    def _journal_submission(self, task_id: str, route: str, request: dict[str, Any], held: int) -> None:
         # The request as the runner would get it, long strings (base64 inputs) shortened.
         shown = {
             key: f"{value[:64]}...({len(value)} chars)"
@@ -301,6 +306,7 @@ class DemoNodeApp(App):
             "time": datetime.now().isoformat(),
             "route": route,
             "request": shown,
+            "held": held,
         }
         line = json.dumps(entry, ensure_ascii=False)
         with self._journal_lock, self.journal.open("a", encoding="utf-8") as journal:
@@ -336,7 +342,7 @@ class DemoNodeApp(App):
         request = {**REQUEST_DEFAULTS, **task.request}
         image = self._resolve_input(request["image_path"], "image")
         audio = self._resolve_input(request["audio_path"], "audio")
-        output = self._output_path(task.save_result_path)
+        output = self._output_path(task.save_result_path, ".png" if task.output == "image" else ".mp4")
         if "FAIL" in request["prompt"]:
             self._wait_until(started + self.job_seconds)
             raise _RunnerError(
@@ -353,7 +359,11 @@ class DemoNodeApp(App):
         partial = output.with_name(f".{output.name}.part")
         try:
             try:
-                self._render(partial, request, image, audio)
+                if task.output == "image":
+                    render_image(partial, image=image, prompt=request["prompt"], seed=request.get("seed", 0),
+                                 aspect_ratio=request["aspect_ratio"], max_side=self.max_side)
+                else:
+                    self._render(partial, request, image, audio)
             except Exception as exc:
                 raise _RunnerError(str(exc), type(exc).__name__) from exc
             self._wait_until(started + self.job_seconds)
@@ -393,11 +403,11 @@ class DemoNodeApp(App):
             return save_base64(value, kind, directory)
         return Path(value)  # a server-local path, passed through as upstream does
 
-    def _output_path(self, save_result_path: str) -> Path:
+    def _output_path(self, save_result_path: str, suffix: str) -> Path:
         path = Path(save_result_path)
         if not path.is_absolute():
             path = self.outputs / save_result_path
-        return path if path.suffix else path.with_suffix(".mp4")
+        return path if path.suffix else path.with_suffix(suffix)
 
     def _wait_until(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
@@ -419,6 +429,7 @@ _DOCS_HTML = """<!doctype html>
 <p>A stand-in for a LightX2V self-hosted server (x2v-gateway). Routes:</p>
 <ul>
 <li>POST /v1/tasks/video/ (JSON), POST /v1/tasks/video/form (multipart)</li>
+<li>POST /v1/tasks/image/ (JSON), POST /v1/tasks/image/form (multipart)</li>
 <li>GET /v1/tasks/, GET /v1/tasks/{id}/status, GET /v1/tasks/{id}/result</li>
 <li>DELETE /v1/tasks/{id}, DELETE /v1/tasks/all/running</li>
 <li>GET /v1/tasks/queue/status, GET /v1/service/status, GET /v1/service/metadata</li>

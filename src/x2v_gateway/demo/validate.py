@@ -1,7 +1,8 @@
 """Request validation shaped like the pydantic errors FastAPI returns (422), field by field.
 
-The models are upstream's `VideoTaskRequest` (the JSON route) and the form route's parameters,
-in pydantic's order: errors come out in that order, with pydantic's types, messages and inputs.
+The models are upstream's `VideoTaskRequest` and `ImageTaskRequest` (the JSON routes) and the
+form routes' parameters, in pydantic's order: errors come out in that order, with pydantic's
+types, messages and inputs.
 """
 
 from __future__ import annotations
@@ -187,6 +188,13 @@ _VIDEO_REQUEST_FIELDS: dict[str, Validator] = {
     "resize_mode": _optional(_STR),
 }
 
+# ImageTaskRequest: the base request's fields, then its own two.
+_IMAGE_REQUEST_FIELDS: dict[str, Validator] = {
+    **_VIDEO_REQUEST_FIELDS,
+    "aspect_ratio": _STR,
+    "i2i_denoise_strength": _optional(_FLOAT),
+}
+
 # Defaults of the fields the demo inference reads, for JSON requests that leave them out.
 REQUEST_DEFAULTS: dict[str, Any] = {
     "prompt": "",
@@ -195,6 +203,7 @@ REQUEST_DEFAULTS: dict[str, Any] = {
     "last_frame_path": "",
     "target_video_length": 81,
     "target_fps": 16,
+    "aspect_ratio": "16:9",
 }
 
 # The form route's parameters in FastAPI's order, with their Form defaults (None = a file).
@@ -213,11 +222,23 @@ _FORM_FIELDS: dict[str, tuple[Validator | None, Any]] = {
     "video_duration": (_INT, 5),
     "target_fps": (_INT, 16),
 }
+# `/v1/tasks/image/form`: the image file is optional there.
+_IMAGE_FORM_FIELDS: dict[str, tuple[Validator | None, Any]] = {
+    "image_file": (None, None),
+    "prompt": (_STR, ""),
+    "save_result_path": (_STR, ""),
+    "use_prompt_enhancer": (_BOOL, False),
+    "negative_prompt": (_STR, ""),
+    "infer_steps": (_INT, 5),
+    "seed": (_INT, 42),
+    "aspect_ratio": (_STR, "16:9"),
+}
 
 
-def parse_video_request(raw: bytes, content_type: str | None) -> dict[str, Any]:
-    """The fields a JSON submission sets, validated; unknown fields are dropped, as pydantic
-    does. A refused one raises HTTPError: 422 with pydantic's errors, or FastAPI's 400."""
+def parse_video_request(raw: bytes, content_type: str | None, *, image: bool = False) -> dict[str, Any]:
+    """The fields a JSON submission sets (`image`: to the image route), validated; unknown
+    fields are dropped, as pydantic does. A refused one raises HTTPError: 422 with pydantic's
+    errors, or FastAPI's 400."""
     body: Any = None
     if raw:
         if _is_json_content_type(content_type):
@@ -242,7 +263,7 @@ def parse_video_request(raw: bytes, content_type: str | None) -> dict[str, Any]:
         msg = "Input should be a valid dictionary or object to extract fields from"
         raise HTTPError(422, [_error("model_attributes_type", ("body",), msg, body)])
     values, errors = {}, []
-    for name, validate in _VIDEO_REQUEST_FIELDS.items():
+    for name, validate in (_IMAGE_REQUEST_FIELDS if image else _VIDEO_REQUEST_FIELDS).items():
         if name in body:
             values[name] = validate(body[name], ("body", name), errors)
     if errors:
@@ -259,12 +280,12 @@ def _is_json_content_type(content_type: str | None) -> bool:
     return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-def validate_form(form: Form) -> dict[str, Any]:
-    """The form route's parameters: every one is passed to the runner, defaults included.
-    HTTPError 422 with pydantic's errors if any is wrong."""
+def validate_form(form: Form, *, image: bool = False) -> dict[str, Any]:
+    """A form route's parameters (`image`: the image route's): every one is passed to the
+    runner, defaults included. HTTPError 422 with pydantic's errors if any is wrong."""
     values: dict[str, Any] = {}
     errors: list[dict] = []
-    for name, (validate, default) in _FORM_FIELDS.items():
+    for name, (validate, default) in (_IMAGE_FORM_FIELDS if image else _FORM_FIELDS).items():
         loc = ("body", name)
         if validate is None:  # a file parameter
             upload = form.files.get(name)
@@ -288,6 +309,8 @@ def validate_form(form: Form) -> dict[str, Any]:
         ("last_frame_file", "last_frame_path"),
         ("audio_file", "audio_path"),
     ):
+        if name not in values and image:
+            continue  # the image form has no such field
         upload = values.get(name)
         request[key] = str(upload.path) if upload is not None and upload.path else ""
     return request

@@ -29,6 +29,7 @@ from ..upstream.base import SubmitRequest, Upstream, UpstreamError
 from .collect import Collector, Retention
 from .follow import Follower
 from .health import Health
+from .replicas import Replicas, default_replica_id
 from .schedule import Scheduler
 from .state import FOLLOW_BURST, Context, FollowPlan, UpstreamState
 from .submit import Submitter, task_id_for
@@ -54,10 +55,13 @@ class Dispatcher:
         retention_hours: float = 0.0,
         start_deadline: float = 300.0,
         reconcile_grace: float = 60.0,
+        replica_id: str | None = None,
+        replica_lease: float = 6.0,
     ) -> None:
         self._ctx = ctx = Context(
             store, blobs, notifier, metrics, poll_interval=poll_interval,
             start_deadline=start_deadline, reconcile_grace=reconcile_grace,
+            replica=replica_id or default_replica_id(),
         )
         self.store, self.blobs, self.notifier, self.metrics = store, blobs, notifier, metrics
         self.poll_interval = poll_interval
@@ -68,6 +72,7 @@ class Dispatcher:
         self._collector = Collector(ctx)
         self._retention = Retention(ctx, retention_hours)
         self._follower = Follower(ctx, Health(ctx), self._submitter, self._collector)
+        self.replicas = Replicas(ctx, replica_lease, self._submitter.send_cancel)
         # Held while free slots are counted and filled: by a dispatch round, by an upload's
         # reservation.
         self._planning = asyncio.Lock()
@@ -81,6 +86,7 @@ class Dispatcher:
         ctx.running = True
         for node, task, seconds in reversed(await self.store.recent_run_times()):
             self.timings.record(node, task, seconds)
+        await self.replicas.start()
         await self._release_orphans()
         for state in self.states.values():
             state.strays = bool(await self.store.stray_tasks(state.name))
@@ -95,6 +101,8 @@ class Dispatcher:
         for task in list(ctx.tasks):
             task.cancel()
         await asyncio.gather(*ctx.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):  # a store already unreachable: the lease runs out
+            await self.replicas.stop()
         for state in self.states.values():
             await state.upstream.aclose()
 
@@ -107,7 +115,7 @@ class Dispatcher:
 
     async def _release_orphans(self) -> None:
         """Jobs left on an upstream that is no longer configured go back to the queue."""
-        for row in await self.store.inflight():
+        for row in await self.store.active(replica=self._ctx.replica):
             if row.upstream not in self.states:
                 if await self.store.move(
                     row.id, row.upstream, f"{row.upstream} is no longer configured; sending it"
@@ -158,7 +166,9 @@ class Dispatcher:
         job = await self.store.cancel(job_id)
         if job is not None:
             self.notifier.changed(job_id)
-            if job.cancel_pending:
+            if job.cancel_pending and job.replica in (None, self._ctx.replica):
+                # Another replica's job: its follow loop delivers the stop request (it alone
+                # knows whether the submission is still in flight).
                 self.spawn(self._submitter.send_cancel(job))
             self.wake()  # a slot may be free now
         return job
@@ -169,7 +179,10 @@ class Dispatcher:
         when it can."""
         ctx = self._ctx
         job = await self.store.get(job_id)
-        if job is not None and job.cancel_pending and job_id not in ctx.submitting:
+        if (
+            job is not None and job.cancel_pending and job_id not in ctx.submitting
+            and job.replica in (None, ctx.replica)  # else its replica sends it (store.retry: a stray)
+        ):
             # What the cancelled run left upstream is stopped first (found, if its id was never
             # learned): a new run must not leave it running, and a resume needs its id.
             await self._submitter.send_cancel(job)
@@ -221,6 +234,8 @@ class Dispatcher:
 
     async def _dispatch_once(self) -> None:
         ctx = self._ctx
+        if not ctx.running:
+            return  # stopping, or this replica's lease was taken over
         async with self._planning:
             started = time.perf_counter()
             plan = await self.plan()

@@ -1,5 +1,5 @@
-"""Finished videos: copied from the upstream into the blob store and checked before the job is
-done; removed again once their retention has passed."""
+"""Finished results (a video, or an image for image tasks): copied from the upstream into the blob
+store and checked before the job is done; removed again once their retention has passed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from collections import Counter
 
 from ..blobs import BlobStoreUnavailable
 from ..checker import CHECKER
+from ..posters import keep_poster, poster_tmp
 from ..store import Job
+from ..tasks import makes
 from ..upstream.base import Unavailable, UnknownTask, UpstreamError
 from .state import Context, UpstreamState
 
@@ -34,23 +36,36 @@ class Collector:
         self._failures.pop(job_id, None)
 
     async def collect(self, job: Job, state: UpstreamState) -> None:
-        """Copy a finished video into the blob store, check it plays, then mark the job done.
-        The caller has put the job in `ctx.collecting`."""
+        """Copy a finished result into the blob store, check it plays (a video) or decodes (an
+        image), then mark the job done. The caller has put the job in `ctx.collecting`."""
         ctx = self.ctx
         upstream = state.upstream
+        kind = makes(job.task)
         dest = ctx.blobs.tmp_dir / f"result-{job.id}-{uuid.uuid4().hex[:8]}"
+        poster = poster_tmp(ctx.blobs, job.id)
         try:
             await ctx.call(
-                state, "result", lambda: upstream.fetch_result(job.upstream_task_id, dest)
+                state, "result", lambda: upstream.fetch_result(job.upstream_task_id, dest, kind=kind)
             )
-            info = await CHECKER.probe_video(dest)
+            meta: dict[str, object]
+            if kind == "image":
+                picture = await CHECKER.probe_image(dest, poster=poster)  # a thumbnail: its poster
+                meta = {"format": picture.format, "width": picture.width, "height": picture.height}
+                said = f"a {picture.width}x{picture.height} {picture.format} image"
+            else:
+                # The check decodes the first frame: it is kept as the job's poster on the way.
+                info = await CHECKER.probe_video(dest, poster=poster)
+                meta = {"format": "mp4", "duration": info.duration, "width": info.width, "height": info.height}
+                said = f"{info.duration:.1f} s of video"
             sha, size = await ctx.blobs.adopt(dest)
-            await ctx.store.record_blob(sha, size, "mp4")
-            meta = {"size": size, "duration": info.duration, "width": info.width, "height": info.height}
-            # Conditional: a job cancelled while its video was downloading stays cancelled.
+            await ctx.store.record_blob(sha, size, str(meta["format"]))
+            meta["size"] = size
+            if poster_sha := await keep_poster(ctx.store, ctx.blobs, poster):
+                meta["poster"] = poster_sha
+            # Conditional: a job cancelled while its result was downloading stays cancelled.
             if await ctx.store.succeed(job.id, sha, meta):
                 ctx.metrics.jobs_finished.labels("succeeded").inc()
-                log.info("job %s succeeded on %s (%.1f s of video)", job.id, upstream.name, info.duration)
+                log.info("job %s succeeded on %s (%s)", job.id, upstream.name, said)
             self._failures.pop(job.id, None)
             ctx.cancel_ignored.discard(job.id)
         except Unavailable as exc:
@@ -73,6 +88,7 @@ class Collector:
             log.warning("job %s: result waits for the blob store (%s)", job.id, exc.detail)
         finally:
             dest.unlink(missing_ok=True)
+            poster.unlink(missing_ok=True)
             ctx.collecting.pop(job.id, None)
             ctx.notifier.changed(job.id)
             ctx.wake()
@@ -82,7 +98,7 @@ class Collector:
         log.warning("job %s: result not collected (%s)", job.id, exc)
         if self._failures[job.id] >= MAX_RESULT_FAILURES or isinstance(exc, UnknownTask):
             reason = (
-                "the upstream returned a file that is not a playable video"
+                f"the upstream returned a file that is not {'an image' if makes(job.task) == 'image' else 'a playable video'}"
                 if isinstance(exc, ValueError) else f"result could not be fetched: {exc}"
             )
             if await self.ctx.store.fail(job.id, reason):

@@ -130,9 +130,12 @@ class Follower:
             if state.up is not True:
                 return
         upstream = state.upstream
-        active, cancels = await ctx.store.read(lambda r: (r.active(upstream.name), r.cancel_pending()))
+        active, cancels = await ctx.store.read(
+            lambda r: (r.active(upstream.name, ctx.replica), r.cancel_pending())
+        )
         jobs = [j for j in active if j.id not in ctx.submitting]
-        pending_cancels = [j for j in cancels if j.upstream == upstream.name]
+        # Only this replica's: another one's may still be on its way to the node.
+        pending_cancels = [j for j in cancels if j.upstream == upstream.name and j.replica == ctx.replica]
         if not jobs and not pending_cancels:
             self.health.set_load(state, busy=False, queued=0)
             state.plan.starts, state.plan.ends = {}, {}
@@ -291,6 +294,8 @@ class Follower:
             info["running_seconds"] = status.running_seconds
         elif typical is not None:
             info["running_seconds"] = round(typical, 1)
+        if status.progress is not None:
+            info["progress"] = round(status.progress, 3)  # shown as the job's `progress`
         return info or None
 
     async def _past_start_deadline(

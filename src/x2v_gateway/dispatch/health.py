@@ -58,6 +58,10 @@ class Health:
             log.info("%s answers again", state.name)
         if state.learn_tasks and (not state.ready or was_up is False):
             await self._learn_tasks(state)
+        if was_up is False and not state.strays:
+            # Back from an outage: another replica may have moved its jobs off it meanwhile,
+            # leaving tasks there that must be cancelled before it gets anything new.
+            state.strays = bool(await self.ctx.store.stray_tasks(state.name))
         if state.strays:
             await self._cancel_strays(state)
         if state.accepting(time.monotonic()):
@@ -104,7 +108,7 @@ class Health:
         if not (state.gone or long_down):
             return
         moved = 0
-        for job in await ctx.store.active(state.name):
+        for job in await ctx.store.active(state.name, ctx.replica):
             if job.id in ctx.submitting or job.id in ctx.collecting:
                 continue
             why = (

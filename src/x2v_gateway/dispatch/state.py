@@ -159,6 +159,7 @@ class Context:
         poll_interval: float,
         start_deadline: float,
         reconcile_grace: float,
+        replica: str,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -167,6 +168,9 @@ class Context:
         self.poll_interval = poll_interval
         self.start_deadline = start_deadline
         self.reconcile_grace = reconcile_grace
+        # This gateway replica's id: the jobs it claims name it, and it follows only those
+        # (dispatch/replicas.py).
+        self.replica = replica
         self.states: dict[str, UpstreamState] = {}
         self.timings = Timings()
         self.running = False
@@ -184,6 +188,10 @@ class Context:
         # Jobs whose cancel (start-by deadline) landed just after they started: cancel does not
         # stop a running task, so they stay where they are and their `cancelled` is not final.
         self.cancel_ignored: set[str] = set()
+
+    def leaving(self, upstream: str) -> list[str]:
+        """Jobs on `upstream` whose video is being copied: they hold no slot there any more."""
+        return [job_id for job_id, name in self.collecting.items() if name == upstream]
 
     def wake(self) -> None:
         """A slot may be free, or a job queued: the dispatch loop plans a round now."""

@@ -95,11 +95,14 @@ class Submitter:
         try:
             claimed_id = task_id if upstream.capabilities.chooses_task_id else None
             try:
-                claimed = await ctx.store.claim(job.id, upstream.name, claimed_id)
+                claimed = await ctx.store.claim(
+                    job.id, upstream.name, claimed_id, replica=ctx.replica, slots=upstream.slots,
+                    off_node=ctx.leaving(upstream.name),
+                )
             finally:
                 ctx.unclaimed[upstream.name] -= 1
             if not claimed:
-                return  # cancelled between the read and now
+                return  # cancelled between the read and now, or its slot taken by another replica
             ctx.notifier.changed(job.id)
             sending = time.monotonic()
             try:

@@ -23,10 +23,11 @@ from ..auth import (
 )
 from ..auth_middleware import safe_next, session_cookie_kwargs, sign_in_page
 from ..inputs import read_form
-from ..schemas import MAX_SQLITE_INT, ApiError, errors, iso
+from ..schemas import MAX_SQLITE_INT, ApiError, WebhookEvent, errors, iso
 from ..reads import cut_page
 from ..settings import Settings
 from ..store import AdminKeyNeeded, JobStore, KeyNameTaken
+from ..webhooks import new_key_webhook, redact
 
 log = logging.getLogger("x2v_gateway.auth")
 
@@ -90,6 +91,9 @@ class KeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_concurrent: Annotated[int, Meta(ge=1, le=100_000)] | None = None
     # API requests per minute; more get 429 with Retry-After.
     rate_per_min: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
+    # The default webhook of its jobs that name none, and its events (webhooks.py).
+    webhook_url: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
+    webhook_events: Annotated[list[WebhookEvent], Meta(max_length=12)] | None = None
 
 
 class KeyView(msgspec.Struct, kw_only=True):
@@ -106,10 +110,15 @@ class KeyView(msgspec.Struct, kw_only=True):
     created_by: str | None
     revoked_at: str | None
     revoked_by: str | None
+    webhook_url: str | None = None  # its default webhook, without user, password or query values
+    webhook_events: list[str] | None = None
+    has_webhook_secret: bool = False  # never the secret itself
 
 
 class NewKeyView(msgspec.Struct, kw_only=True):
     key: str  # shown here once; the gateway keeps only its sha256
+    # Signs its webhooks; shown here once (`POST /api/v1/me/webhook-secret` makes a new one).
+    webhook_secret: str
     info: KeyView
 
 
@@ -120,6 +129,9 @@ async def key_view(auth: Auth, row: dict) -> KeyView:
         rate_per_min=row["rate_per_min"], jobs_today=await auth.jobs_today(row["id"]),
         source=row["source"], created_at=iso(row["created_at"]), created_by=row["created_by"],
         revoked_at=iso(row["revoked_at"]), revoked_by=row["revoked_by"],
+        webhook_url=redact(row["webhook_url"]) if row.get("webhook_url") else None,
+        webhook_events=row["webhook_events"].split(",") if row.get("webhook_events") else None,
+        has_webhook_secret=row.get("has_webhook_secret", False),
     )
 
 
@@ -132,21 +144,25 @@ class KeysController(Controller):
         return [await key_view(auth, row) for row in await store.keys()]
 
     @post(
-        "/", status_code=201, summary="Make an API key; the key is in this answer only",
-        responses=errors(400, 403, 409, 413),
+        "/", status_code=201, summary="Make an API key; the key and its webhook secret are in this answer only",
+        responses=errors(400, 403, 409, 413, 422),
     )
     async def create_key(
-        self, auth: NamedDependency[Auth], who: NamedDependency[Caller], data: JSONBody[KeyRequest],
+        self, auth: NamedDependency[Auth], settings: NamedDependency[Settings], who: NamedDependency[Caller],
+        data: JSONBody[KeyRequest],
     ) -> NewKeyView:
+        webhook, secret = await new_key_webhook(
+            data.webhook_url, data.webhook_events, private_ok=settings.private_urls,
+        )
         try:
             key, row = await auth.create_key(
                 name=data.name, admin=data.admin, daily_quota=data.daily_quota,
                 max_concurrent=data.max_concurrent, rate_per_min=data.rate_per_min,
-                actor=who.label, source="api",
+                actor=who.label, source="api", webhook=webhook,
             )
         except KeyNameTaken as exc:
             raise ApiError(409, str(exc), "name") from None
-        return NewKeyView(key=key, info=await key_view(auth, row))
+        return NewKeyView(key=key, webhook_secret=secret, info=await key_view(auth, row))
 
     @delete(
         "/{key_id:str}", status_code=200,

@@ -21,11 +21,14 @@ from ..blobs import BlobStore
 from ..dispatch import Dispatcher
 from ..inputs import declared_size
 from ..jobs import JobService
-from ..schemas import MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view
+from ..schemas import (
+    INPUT_ROLES, MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view, makes, media_type,
+)
 from ..reads import cut_page, find_job, visible
 from ..store import STATES, Inflight, Job, JobStore, Reads
 from ..upstream.base import UpstreamError
 from .files import blob_file
+from .prefer import prefer_wait, wait_outcome, waited
 
 
 async def view(store: JobStore, job: Job) -> JobView:
@@ -114,8 +117,30 @@ def _openapi_schema(node: dict[str, Any], defs: dict[str, Any]) -> Schema:
 
 
 def _job_request_schema() -> Schema:
-    schema = msgspec.json.schema(JobRequest)
-    return _openapi_schema(schema, schema.get("$defs", {}))
+    return struct_schema(JobRequest)
+
+
+def struct_schema(struct: type, files: tuple[str, ...] = ()) -> Schema:
+    """A msgspec struct's JSON Schema as an OpenAPI `Schema`; `files`: multipart file fields."""
+    schema = msgspec.json.schema(struct)
+    found = _openapi_schema(schema, schema.get("$defs", {}))
+    for name in files:
+        found.properties = {**(found.properties or {}), name: Schema(type=OpenAPIType.STRING, format="binary")}
+    return found
+
+
+def body_operation(description: str, content: dict[str, Schema]) -> type[Operation]:
+    """The `operation_class` of a handler that reads its body raw: what it accepts, per media
+    type (the compatible surfaces' routes)."""
+
+    @dataclass
+    class _BodyOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(required=True, description=description, content={
+                media: OpenAPIMediaType(schema=schema) for media, schema in content.items()
+            })
+
+    return _BodyOperation
 
 
 @dataclass
@@ -125,19 +150,36 @@ class _SubmitOperation(Operation):
     def __post_init__(self) -> None:
         json_schema = _job_request_schema()
         form_schema = _job_request_schema()
-        for role in ("image", "audio", "last_frame"):
+        for role in INPUT_ROLES:
             form_schema.properties[role] = Schema(type=OpenAPIType.STRING, format="binary")  # type: ignore[index]
         self.request_body = RequestBody(
             required=True,
             description=(
                 "A job as JSON (inputs as http(s) URLs, data URLs or base64) or as "
-                "multipart/form-data (the same fields as text, `image`, `audio` and `last_frame` as files)."
+                "multipart/form-data (the same fields as text, `image`, `audio`, `last_frame` and `video` as files)."
             ),
             content={
                 "application/json": OpenAPIMediaType(schema=json_schema),
                 "multipart/form-data": OpenAPIMediaType(schema=form_schema),
             },
         )
+
+
+_WAIT_QUERY = QueryParameter(name="wait", ge=0, description=(
+    "Seconds to block until the job finishes (at most X2V_MAX_WAIT); wins over `Prefer: wait`"
+))
+_PREFER = HeaderParameter(name="Prefer", required=False, description=(
+    "RFC 7240: `wait=N` blocks up to N seconds until the job finishes, like `?wait=`. A Prefer"
+    " that cannot be read is ignored"
+))
+_WAIT_HEADERS = [
+    ResponseHeader(name="Preference-Applied", value="wait=60", documentation_only=True, required=False, description=(
+        "`wait=N`: the `Prefer: wait` honoured, N the seconds allowed (at most X2V_MAX_WAIT)"
+    )),
+    ResponseHeader(name="X2V-Wait", value="timeout", documentation_only=True, required=False, description=(
+        "`timeout`: the wait ended before the job did; the body is the job as it is, not finished"
+    )),
+]
 
 
 class JobsController(Controller):
@@ -153,7 +195,7 @@ class JobsController(Controller):
         response_description="The job was made; `Location` is its URL",
         response_headers=[ResponseHeader(
             name="Location", value="/api/v1/jobs/{id}", documentation_only=True, description="The job's URL",
-        )],
+        ), *_WAIT_HEADERS],
         responses={
             200: ResponseSpec(JobView, generate_examples=False, description=(
                 "An earlier request with this Idempotency-Key made the job; `Idempotent-Replayed: true`"
@@ -167,14 +209,16 @@ class JobsController(Controller):
         jobs: NamedDependency[JobService],
         store: NamedDependency[JobStore],
         who: NamedDependency[Caller],
-        wait: Annotated[float | None, QueryParameter(name="wait", ge=0, description="Seconds to block until the job finishes")] = None,
+        wait: Annotated[float | None, _WAIT_QUERY] = None,
+        prefer: Annotated[str | None, _PREFER] = None,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", max_length=200)] = None,
     ) -> Response[JobView]:
+        seconds, headers = waited(wait, prefer_wait(prefer), jobs.settings.max_wait)
         job, created = await jobs.submit(
             who, request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
-            idempotency_key=idempotency_key, wait=wait,
+            idempotency_key=idempotency_key, wait=seconds,
         )
-        headers = {"location": f"/api/v1/jobs/{job.id}"}
+        headers |= {"location": f"/api/v1/jobs/{job.id}", **wait_outcome(seconds, job)}
         if not created:
             headers["idempotent-replayed"] = "true"
         return Response(await view(store, job), status_code=201 if created else 200, headers=headers)
@@ -205,17 +249,24 @@ class JobsController(Controller):
 
         return await store.read(page)
 
-    @get("/{job_id:str}", summary="One job, with its timeline", responses=errors(400, 404))
+    @get("/{job_id:str}", summary="One job, with its timeline", responses=errors(400, 404), response_headers=_WAIT_HEADERS)
     async def get_job(
         self, store: NamedDependency[JobStore], dispatcher: NamedDependency[Dispatcher],
-        who: NamedDependency[Caller], job_id: FromPath[str],
-    ) -> JobView:
-        def read(r: Reads) -> tuple[Job, _FullViewReads]:  # one hop, not two
+        jobs: NamedDependency[JobService], who: NamedDependency[Caller], job_id: FromPath[str],
+        wait: Annotated[float | None, _WAIT_QUERY] = None,
+        prefer: Annotated[str | None, _PREFER] = None,
+    ) -> Response[JobView]:
+        def read(r: Reads) -> tuple[Job, _FullViewReads, int]:  # one hop, not two
             job = visible(r.get(job_id), job_id, who)
-            return job, _full_view_reads(r, job)
+            return job, _full_view_reads(r, job), r.pending_deliveries(job.id)
 
-        job, reads = await store.read(read)
-        return _full_view(dispatcher, job, reads)
+        seconds, headers = waited(wait, prefer_wait(prefer), jobs.settings.max_wait)
+        if seconds:
+            await jobs.wait(await find_job(store, job_id, who), seconds)
+        job, reads, pending = await store.read(read)
+        view = _full_view(dispatcher, job, reads)
+        view.webhooks_pending = pending
+        return Response(view, headers=headers | wait_outcome(seconds, job))
 
     @delete(
         "/{job_id:str}", status_code=200, summary="Cancel a job; with purge=true, also delete its files",
@@ -266,15 +317,51 @@ class JobsController(Controller):
         job_id: FromPath[str],
         range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
     ) -> Response:
-        job = await find_job(store, job_id, who)
-        if job.files_expired:
-            raise ApiError(410, "this job's files have expired and were deleted")
-        if job.state != "succeeded" or not job.result_sha:
-            raise ApiError(404, f"this job has no video: it is {job.state}")
-        return await blob_file(
-            blobs, job.result_sha, range_header, media_type="video/mp4", filename=f"{job.id}.mp4",
-            gone="this job's video is no longer stored",
-        )
+        return await _result_file(store, blobs, who, job_id, "video", range_header)
+
+    @get(
+        "/{job_id:str}/image", summary="The finished image of a t2i or i2i job (supports Range)",
+        media_type="image/png",
+        responses={
+            200: ResponseSpec(bytes, media_type="image/png", generate_examples=False, description=(
+                "The whole image; `Content-Type` is its format (`image/png`, `image/jpeg`...)"
+            )),
+            206: ResponseSpec(bytes, media_type="image/png", generate_examples=False, description=(
+                "The part the `Range` header asked for; `Content-Range` says which"
+            )),
+            416: ResponseSpec(None, description="The `Range` starts past the end of the image"),
+            **errors(400, 404, 410),
+        },
+    )
+    async def get_image(
+        self,
+        store: NamedDependency[JobStore],
+        blobs: NamedDependency[BlobStore],
+        who: NamedDependency[Caller],
+        job_id: FromPath[str],
+        range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
+    ) -> Response:
+        return await _result_file(store, blobs, who, job_id, "image", range_header)
+
+
+async def _result_file(
+    store: JobStore, blobs: BlobStore, who: Caller, job_id: str, kind: str, range_header: str | None,
+) -> Response:
+    """A job's finished result, a `video` or an `image`, as the route of that kind serves it."""
+    job = await find_job(store, job_id, who)
+    made = makes(job.task)
+    if made != kind:
+        raise ApiError(404, f"this {job.task} job makes {made}s, not {kind}s: its result is at"
+                       f" /api/v1/jobs/{job.id}/{made}")
+    if job.files_expired:
+        raise ApiError(410, "this job's files have expired and were deleted")
+    if job.state != "succeeded" or not job.result_sha:
+        raise ApiError(404, f"this job has no {kind}: it is {job.state}")
+    fmt = (job.result_meta or {}).get("format") or ("mp4" if kind == "video" else "png")
+    return await blob_file(
+        blobs, job.result_sha, range_header, media_type=media_type(fmt, job.task), filename=f"{job.id}.{fmt}",
+        gone=f"this job's {kind} is no longer stored",
+    )
 
 
 class ModelChoice(msgspec.Struct):
@@ -329,31 +416,3 @@ class ModelsController(Controller):
     @get("/", summary="Models each upstream runs; a job may name one with `model` (hosted cloud)", responses=errors())
     async def list_models(self, dispatcher: NamedDependency[Dispatcher]) -> ModelList:
         return await upstream_models(dispatcher)
-
-
-class BatchCancelled(msgspec.Struct):
-    batch_id: str
-    jobs: int  # the batch's jobs this key may touch
-    cancelled: int  # of them, those that had not finished (and the cancel ended)
-    purged: bool
-    files_removed: int
-
-
-class BatchesController(Controller):
-    path = "/api/v1/batches"
-    tags = ["jobs"]
-
-    @delete(
-        "/{batch_id:str}", status_code=200,
-        summary="Cancel a batch's unfinished jobs; with purge=true, also delete their files",
-        responses=errors(400, 403, 404),
-    )
-    async def cancel_batch(
-        self,
-        jobs: NamedDependency[JobService],
-        who: NamedDependency[Caller],
-        batch_id: FromPath[str],
-        purge: Annotated[bool, QueryParameter(description="Delete the jobs' inputs and videos now")] = False,
-    ) -> BatchCancelled:
-        done = await jobs.cancel_batch(batch_id, who, purge=purge)
-        return BatchCancelled(batch_id, done.jobs, done.cancelled, purge, done.files_removed)

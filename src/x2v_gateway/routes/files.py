@@ -14,6 +14,7 @@ from ..schemas import ApiError
 
 async def blob_file(
     blobs: BlobStore, sha256: str, range_header: str | None, *, media_type: str, filename: str, gone: str,
+    disposition: str = "inline",
 ) -> Response:
     """A kept blob as a download (410 saying `gone` when it is no longer kept): a redirect to a
     presigned URL where the store gives one (`X2V_S3_PRESIGN_MINUTES`), else served here."""
@@ -24,7 +25,7 @@ async def blob_file(
         # A presigned URL expires: no cache may keep the redirect longer than it works. (A plain
         # Response: Litestar's Redirect refuses the routes' video and audio media types.)
         return Response(content=b"", status_code=302, headers={"location": url, "cache-control": "no-store"})
-    return ranged_file(blob, range_header, media_type=media_type, filename=filename)
+    return ranged_file(blob, range_header, media_type=media_type, filename=filename, disposition=disposition)
 
 
 # At most 18 digits a side: a longer number is past any file, and `int()` refuses 4300+ digits.
@@ -32,12 +33,14 @@ async def blob_file(
 _RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$", re.ASCII)
 
 
-def ranged_file(blob: StoredBlob, range_header: str | None, *, media_type: str, filename: str) -> Response:
+def ranged_file(
+    blob: StoredBlob, range_header: str | None, *, media_type: str, filename: str, disposition: str = "inline",
+) -> Response:
     """A file response that honours a single `Range: bytes=a-b`, so a browser can seek."""
     size = blob.size
     headers = {
         "accept-ranges": "bytes",
-        "content-disposition": f'inline; filename="{filename}"',
+        "content-disposition": f'{disposition}; filename="{filename}"',
     }
     match = _RANGE.match(range_header.strip()) if range_header else None
     if not match or match.groups() == ("", ""):

@@ -68,16 +68,66 @@
   // -- times in the reader's own time zone --------------------------------------------------
 
   function localizeTimes(root) {
-    const today = new Date().toDateString();
     root.querySelectorAll("time[datetime]").forEach((el) => {
       const when = new Date(el.dateTime);
       if (isNaN(when)) return;
       el.title = el.dateTime;
-      el.textContent = when.toDateString() === today
-        ? when.toLocaleTimeString()
-        : when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+      // Always with its date: "10:42" on a page left open overnight says the wrong day.
+      el.textContent = when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
     });
   }
+
+  // -- posters: hovered, focused or clicked, the video plays over its poster, muted ----------
+
+  function preview(poster, on) {
+    const playing = poster.querySelector("video");
+    if (on && !playing) {
+      const video = document.createElement("video");
+      Object.assign(video, { src: poster.dataset.video, muted: true, loop: true, playsInline: true, autoplay: true });
+      video.setAttribute("aria-hidden", "true");
+      poster.appendChild(video);
+      poster.classList.add("playing");
+      video.play().catch(() => {}); // a browser that refuses autoplay still shows the poster
+    } else if (!on && playing) {
+      playing.remove();
+      poster.classList.remove("playing", "pinned");
+    }
+  }
+
+  const posterOf = (target) => (target instanceof Element ? target.closest(".poster[data-video]") : null);
+
+  // "stopped": stopped by a click while the pointer is on it; it plays on hover again only
+  // once the pointer has left (removing the video under the pointer is itself a "mouseover").
+  document.addEventListener("mouseover", (event) => {
+    const poster = posterOf(event.target);
+    if (poster && !poster.classList.contains("stopped")) preview(poster, true);
+  });
+  document.addEventListener("mouseout", (event) => {
+    const poster = posterOf(event.target);
+    if (!poster || poster.contains(event.relatedTarget)) return;
+    poster.classList.remove("stopped");
+    if (!poster.classList.contains("pinned")) preview(poster, false);
+  });
+  document.addEventListener("focusin", (event) => {
+    const poster = posterOf(event.target);
+    if (poster) preview(poster, true);
+  });
+  document.addEventListener("focusout", (event) => {
+    const poster = posterOf(event.target);
+    if (poster && !poster.classList.contains("pinned")) preview(poster, false);
+  });
+  // A click (or a tap, where there is no hover) keeps it playing; a second one stops it.
+  document.addEventListener("click", (event) => {
+    const poster = posterOf(event.target);
+    if (!poster) return;
+    if (poster.classList.contains("pinned")) {
+      preview(poster, false);
+      poster.classList.add("stopped");
+    } else {
+      preview(poster, true);
+      poster.classList.add("pinned");
+    }
+  });
 
   document.addEventListener("DOMContentLoaded", () => {
     htmx.onLoad(localizeTimes);

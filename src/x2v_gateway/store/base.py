@@ -7,9 +7,9 @@ their rows) in one hop. Every state change is conditional, so a finished job can
 again: a job cancelled by its user stays cancelled even when its node later reports it completed.
 
 A backend implements the abstract methods and the reads of `Reads` (SQLite: `store/sqlite/`);
-nothing else names it. `JobStore(path)` opens the default backend, as `Path(...)` makes a
-`PosixPath`: today a SQLite file. A second backend (PostgreSQL for several replicas) is one more
-module, and the line in `store/__init__.py` that picks it.
+nothing else names it. `JobStore(location)` opens the backend for the location, as `Path(...)`
+makes a `PosixPath`: a SQLite file for a path, PostgreSQL (`store/postgres/`, for several
+replicas) for a `postgresql://` URL; `store/__init__.py` picks it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
+from .buckets import TokenBuckets
 from .reads import Reads
-from .records import BatchJobSpec, Job
+from .pipeline_records import Pipeline
+from .records import BatchJobSpec, Job, JobWebhook
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -40,11 +42,12 @@ def _off_loop(read: Callable[Concatenate[Reads, P], T]) -> Callable[Concatenate[
 class JobStore(ABC):
     """Jobs, nodes, keys and their history, never read or written on the event loop."""
 
-    # What `JobStore(location)` opens (store/__init__.py sets it: SQLite).
-    default_backend: ClassVar[type[JobStore]]
+    # What `JobStore(location)` opens: a backend for the location (store/__init__.py sets it:
+    # PostgreSQL for a postgresql:// URL, else a SQLite file).
+    backend_for: ClassVar[Callable[[Any], type[JobStore]]]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> JobStore:
-        return super().__new__(JobStore.default_backend if cls is JobStore else cls)
+        return super().__new__(JobStore.backend_for(args[0] if args else None) if cls is JobStore else cls)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -72,6 +75,8 @@ class JobStore(ABC):
     counts_by_state = _off_loop(Reads.counts_by_state)
     owner_counts = _off_loop(Reads.owner_counts)
     events = _off_loop(Reads.events)
+    events_after = _off_loop(Reads.events_after)
+    newest_event_id = _off_loop(Reads.newest_event_id)
     recent_run_times = _off_loop(Reads.recent_run_times)
     blob = _off_loop(Reads.blob)
     blob_sizes = _off_loop(Reads.blob_sizes)
@@ -95,6 +100,15 @@ class JobStore(ABC):
     jobs_used = _off_loop(Reads.jobs_used)
     concurrency_limits = _off_loop(Reads.concurrency_limits)
     audit_log = _off_loop(Reads.audit_log)
+    pipeline = _off_loop(Reads.pipeline)
+    pipelines = _off_loop(Reads.pipelines)
+    open_pipelines = _off_loop(Reads.open_pipelines)
+    pipeline_for_key = _off_loop(Reads.pipeline_for_key)
+    foreign_job = _off_loop(Reads.foreign_job)
+    foreign_ids = _off_loop(Reads.foreign_ids)
+    job_deliveries = _off_loop(Reads.job_deliveries)
+    replicas = _off_loop(Reads.replicas)
+    changes_since = _off_loop(Reads.changes_since)
 
     # -- a job's life ---------------------------------------------------------------------------
 
@@ -115,18 +129,35 @@ class JobStore(ABC):
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         pinned: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a queued job; with an Idempotency-Key already used, return that job instead.
+        """Insert a queued job (with its `webhook`, in the same transaction); with an
+        Idempotency-Key already used, return that job instead.
 
         Returns (job, created). Raises IdempotencyConflict when the key came with another request.
         """
 
     @abstractmethod
-    async def claim(self, job_id: str, upstream: str, task_id: str) -> bool:
-        """Record a submission attempt *before* it is sent: queued -> submitted on `upstream`.
+    async def claim(
+        self, job_id: str, upstream: str, task_id: str, *, replica: str | None = None,
+        slots: int | None = None, off_node: Iterable[str] = (),
+    ) -> bool:
+        """Record a submission attempt *before* it is sent: queued -> submitted on `upstream`,
+        followed by `replica`.
 
         Because the record comes first, a crash at any later point leaves a job that says where
-        it may be, and the restart asks that upstream before anything is sent again.
+        it may be, and the restart asks that upstream before anything is sent again. With
+        `replica`, only while that replica has a lease row (`join`): one whose jobs another
+        replica took over claims nothing more.
+
+        With `slots`, only if `upstream` then holds fewer than `slots` jobs in flight, not
+        counting `off_node` (jobs the caller knows have left the node: finished there, their
+        video being copied). Check and claim are one atomic step across every replica: SQLite
+        gets it from BEGIN IMMEDIATE (one writer per file); PostgreSQL must lock the upstream
+        first (`pg_advisory_xact_lock(hashtext(upstream))`, or `SELECT ... FOR UPDATE` of its
+        `nodes` row) and count inside that transaction, and lock the job row with
+        `FOR UPDATE SKIP LOCKED` so that two replicas placing the same job do not wait on each
+        other: the second simply gets False.
         """
 
     @abstractmethod
@@ -156,6 +187,11 @@ class JobStore(ABC):
 
     @abstractmethod
     async def fail(self, job_id: str, error: str) -> bool: ...
+
+    @abstractmethod
+    async def set_poster(self, job_id: str, result_sha: str, poster_sha: str) -> bool:
+        """A succeeded job's poster frame, made after it finished (`result_meta["poster"]`).
+        Only while it still has that video and its files: False otherwise."""
 
     @abstractmethod
     async def cancel(
@@ -215,12 +251,42 @@ class JobStore(ABC):
         *,
         batch: dict[str, Any] | None = None,
         owner: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> list[Job] | None:
-        """Queue jobs in a batch, all at once: every job or none.
+        """Queue jobs in a batch, all at once: every job or none, each with `webhook`.
 
         With `batch` (name, task, mode, form) a new dashboard batch is recorded too; when a batch
         with that id exists already (a second click on "Create"), nothing is added: None.
         """
+
+    # -- pipelines (pipelines/) -----------------------------------------------------------------
+
+    @abstractmethod
+    async def create_pipeline(self, pipeline: Pipeline) -> str:
+        """Record a new pipeline (`running`) with its steps, none of them a job yet; its id.
+
+        With an `idempotency_key` already used: that pipeline's id, nothing recorded (or
+        IdempotencyConflict when it came with another request)."""
+
+    @abstractmethod
+    async def create_step_job(
+        self, pipeline_id: str, n: int, *, task: str, params: dict[str, Any], inputs: dict[str, str],
+        priority: int = 0, owner: str | None = None,
+    ) -> tuple[Job, bool] | None:
+        """Queue step `n`'s job (batch: the pipeline) and record it on the step, in one
+        transaction: (job, created). A step that has its job already gets that one back, so a
+        pipeline advanced twice (an event and the start-up sweep) makes no second job. None for
+        a pipeline that has ended (succeeded, cancelled) or no such step."""
+
+    @abstractmethod
+    async def set_pipeline_state(
+        self, pipeline_id: str, state: str, error: str | None = None, *, only_from: tuple[str, ...],
+    ) -> bool:
+        """Move a pipeline to `state` (with `error`, or none) if it is in one of `only_from`."""
+
+    @abstractmethod
+    async def finish_pipeline(self, pipeline_id: str, result_sha: str, meta: dict[str, Any]) -> bool:
+        """A running pipeline's joined video is stored: it succeeded."""
 
     # -- the node registry ----------------------------------------------------------------------
 
@@ -250,6 +316,35 @@ class JobStore(ABC):
 
     @abstractmethod
     async def drop_stray(self, node: str, task_id: str) -> None: ...
+
+    # -- gateway replicas (dispatch/replicas.py) -------------------------------------------------
+
+    @abstractmethod
+    async def join(self, replica: str, lease: float) -> None:
+        """A replica starts: its lease row, valid `lease` seconds (made, or renewed when a
+        replica of that id restarts; the jobs that name it are its own again)."""
+
+    @abstractmethod
+    async def heartbeat(self, replica: str, lease: float, gone: Iterable[str] = ()) -> list[str] | None:
+        """Renew `replica`'s lease for `lease` seconds, and take over the jobs of dead replicas:
+        those whose lease has run out, those in `gone` (known dead: a process of this host that
+        no longer exists), and any job held by no replica with a lease. One transaction.
+
+        A job is held while it is `submitted` or `running`, or cancelled with its stop request
+        still owed (`cancel_pending`). Taken over, it names `replica`, whose follow loops then
+        resolve it against the node's task list, exactly as a restarted gateway does: nothing is
+        sent again before the node is asked. The dead replicas' rows are removed.
+
+        Returns the ids of the jobs taken over, or None when `replica` has no lease row any more
+        (another replica took its jobs over: it must stop sending and following them). On
+        PostgreSQL: the dead rows are read with `FOR UPDATE SKIP LOCKED`, so two replicas that
+        notice one death at once do not both take its jobs, and neither waits for the other.
+        """
+
+    @abstractmethod
+    async def leave(self, replica: str, grace: float = 2.0) -> None:
+        """A replica stops: its lease ends in `grace` seconds (a request it was making when it
+        stopped may still be in a node's hands), and the others take its jobs over then."""
 
     # -- API keys, sessions, quotas, audit (auth.py) --------------------------------------------
 
@@ -287,3 +382,61 @@ class JobStore(ABC):
 
     @abstractmethod
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
+
+    async def take_request(self, key_id: str, per_minute: float) -> float:
+        """One request against a key's rate limit: 0 when it may go now, else the seconds until
+        one may (a token bucket: `per_minute` a minute, in bursts of up to a minute's worth).
+
+        Kept in this process's memory here, which is right for a store only this process uses
+        (SQLite); a store that replicas share overrides it, so a key's limit holds across them.
+        """
+        buckets = self.__dict__.setdefault("_token_buckets", TokenBuckets())
+        return buckets.take(key_id, per_minute)
+
+    # -- foreign ids (the compatible surfaces, routes/compat) -----------------------------------
+
+    @abstractmethod
+    async def save_foreign_id(
+        self, owner: str, surface: str, foreign_id: str, job_id: str, *, replace: bool = False,
+    ) -> bool:
+        """Name a job as a client of `surface` knows it, per key. False when the name is taken
+        (unless `replace`: then the newest job has it, as a file written again on a node)."""
+
+    # -- webhooks (webhooks.py, webhook_worker.py) ----------------------------------------------
+
+    @abstractmethod
+    async def record_deliveries(self, deliveries: list[dict[str, Any]], cursor: int) -> int:
+        """Record deliveries (`webhook_deliveries` columns: id, event_id, type, job_id, url,
+        key_id, payload, created_at), each due at once, and move the event cursor to `cursor`, in
+        one transaction. A delivery already recorded for its (event_id, type, url) is left as it
+        was, with its id: a crash between reading events and recording them only redoes it.
+        Returns how many were new."""
+
+    @abstractmethod
+    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
+        """Take up to `limit` pending deliveries due by `now` (whole rows, the most overdue
+        first) for an attempt, atomically: each is due again only at `until`, so that replicas
+        sharing the store never attempt one at the same time, and one a crash cut short is
+        attempted again once `until` has passed."""
+
+    @abstractmethod
+    async def delivery_attempted(
+        self, delivery_id: str, *, at: float, status: int | None, error: str | None,
+        next_attempt_at: float | None,
+    ) -> None:
+        """One attempt's outcome: delivered (a 2xx `status`), or failed and due again at
+        `next_attempt_at` (None: given up). A delivery no longer pending is left alone."""
+
+    @abstractmethod
+    async def set_key_webhook(
+        self, key_id: str, url: str | None, events: tuple[str, ...] | None, actor: str,
+    ) -> bool:
+        """A key's default webhook for its jobs that name none (url None: no default); audited.
+        False: no such key."""
+
+    @abstractmethod
+    async def set_webhook_secret(
+        self, key_id: str, secret: str, actor: str, *, previous_until: float | None,
+    ) -> bool:
+        """A key's new signing secret; audited (never the secret). With `previous_until`, the
+        secret it replaces signs too until then (a rotation). False: no such key."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from .records import BatchItem, Inflight, Job, Lane, QueuedJob
+from .pipeline_records import Pipeline
+from .records import BatchItem, Inflight, Job, JobWebhook, Lane, QueuedJob
 
 
 class Reads(Protocol):
@@ -38,8 +39,9 @@ class Reads(Protocol):
         """Newest first; `before_seq` is the cursor (the `seq` of the last job of the previous page)."""
         ...
 
-    def active(self, upstream: str | None = None) -> list[Job]:
-        """Jobs handed to an upstream and not finished (optionally: to this one)."""
+    def active(self, upstream: str | None = None, replica: str | None = None) -> list[Job]:
+        """Jobs handed to an upstream and not finished (optionally: to this one, followed by
+        this gateway replica)."""
         ...
 
     def inflight_counts(self) -> dict[str, int]:
@@ -60,6 +62,19 @@ class Reads(Protocol):
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """A job's timeline: {at, state, detail}, oldest first."""
+        ...
+
+    def events_after(
+        self, after_id: int, *, job_id: str | None = None, batch_id: str | None = None,
+        owner: str | None = None, limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """State changes with an id above `after_id` (of one job, one batch, one owner: each
+        given narrows), oldest first: {id, job_id, at, state, detail, batch_id}. Ids only grow,
+        so an event stream resumes from the last one it sent (`Last-Event-ID`)."""
+        ...
+
+    def newest_event_id(self) -> int:
+        """The id of the latest state change of any job (0: none yet): a live stream starts after it."""
         ...
 
     def recent_run_times(self, limit: int = 5000) -> list[tuple[str, str, float]]:
@@ -113,6 +128,13 @@ class Reads(Protocol):
         """A batch made in the dashboard (API batches have no record, only a `batch_id`)."""
         ...
 
+    def list_batches(
+        self, *, owner: str | None = None, before: tuple[float, str] | None = None, limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Batches (rows of the batches table: the dashboard's and the API's), newest first;
+        `owner`'s only unless None; those made before `before` (created_at, id)."""
+        ...
+
     def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
         """Batches (made in the dashboard or through the API) with a job among the last
         `window` jobs (of `owner`, if given), the most recently active first. Bounded: it never
@@ -135,6 +157,27 @@ class Reads(Protocol):
 
     def batch_item(self, job_id: str) -> BatchItem | None: ...
 
+    # -- pipelines ------------------------------------------------------------------------------
+
+    def pipeline(self, pipeline_id: str) -> Pipeline | None:
+        """A pipeline with its steps."""
+        ...
+
+    def pipelines(
+        self, *, owner: str | None = None, before_seq: int | None = None, limit: int = 50,
+    ) -> list[Pipeline]:
+        """Pipelines (`owner`'s, if given) with their steps, newest first; `before_seq` is the cursor."""
+        ...
+
+    def pipeline_for_key(self, idempotency_key: str) -> tuple[str, str | None] | None:
+        """(id, request hash) of the pipeline made with this Idempotency-Key (owner-scoped), if any."""
+        ...
+
+    def open_pipelines(self) -> list[str]:
+        """The pipelines still under way or waiting for a failed step's retry, oldest first (the
+        start-up sweep: their jobs' changes move them on again)."""
+        ...
+
     # -- nodes ----------------------------------------------------------------------------------
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -143,6 +186,24 @@ class Reads(Protocol):
 
     def stray_tasks(self, node: str) -> list[str]:
         """Tasks on `node` that no job owns any more, to cancel there, oldest first."""
+        ...
+
+    # -- gateway replicas (dispatch/replicas.py) -------------------------------------------------
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Every replica with a lease row: {id, started_at, expires_at} (wall times)."""
+        ...
+
+    def changes_since(self, cursor: int | None, limit: int = 1000) -> tuple[int, list[str]]:
+        """The jobs that changed (a `job_events` row, by any replica) after `cursor`, at most
+        `limit` events' worth, each id once: (the new cursor, job ids). `cursor` None: (the
+        cursor of now, []).
+
+        Polled about twice a second by every replica while others are alive, so it must cost
+        an index seek when nothing changed (SQLite: a range of the events' primary key).
+        PostgreSQL may serve it the same way, woken early by LISTEN/NOTIFY (a NOTIFY per
+        committed event, `pg_notify('x2v_jobs', job_id)`) rather than polled.
+        """
         ...
 
     # -- keys, sessions, quotas, audit ----------------------------------------------------------
@@ -170,4 +231,49 @@ class Reads(Protocol):
 
     def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
         """Audit entries, newest first; `before_id` is the cursor."""
+        ...
+
+    # -- foreign ids (the compatible surfaces, routes/compat) -----------------------------------
+
+    def foreign_job(self, owner: str, surface: str, foreign_id: str) -> str | None:
+        """The job a client of `surface` named `foreign_id` (a LightX2V `task_id`, a file name)."""
+        ...
+
+    def foreign_ids(self, owner: str, surface: str, job_ids: list[str]) -> dict[str, str]:
+        """job id -> the name its client gave it on `surface`, for those of `job_ids` that have one."""
+        ...
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def job_webhook(self, job_id: str) -> JobWebhook | None: ...
+
+    def webhook_events(self, limit: int = 200) -> tuple[list[dict[str, Any]], int]:
+        """Job events after the webhook cursor whose job has a webhook, oldest first: {id,
+        job_id, at, state, detail, batch_id, owner, webhook}; and the cursor once they are
+        recorded (past events of jobs without one too). Costs a few lookups per new event."""
+        ...
+
+    def batch_last_event(self, batch_id: str, owner: str | None) -> int | None:
+        """The id of the newest job event of `owner`'s batch when all its jobs have finished;
+        None while one has not."""
+        ...
+
+    def batch_webhooks(self, batch_id: str, owner: str | None) -> list[JobWebhook]:
+        """The different webhooks among the batch's jobs that want `batch.finished`."""
+        ...
+
+    def next_delivery_at(self) -> float | None:
+        """When the next pending delivery is due (None: nothing pending)."""
+        ...
+
+    def job_deliveries(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        """A job's deliveries, oldest first, without their payloads."""
+        ...
+
+    def pending_deliveries(self, job_id: str) -> int:
+        """A job's deliveries neither delivered nor given up."""
+        ...
+
+    def webhook_secrets(self, key_id: str) -> list[str]:
+        """The secrets that sign a key's deliveries now (two during a rotation); never shown."""
         ...

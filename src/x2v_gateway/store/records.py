@@ -45,6 +45,9 @@ class Job(msgspec.Struct, kw_only=True):
     pinned: str | None = None  # the upstream the user asked for, if any
     cancel_pending: bool = False
     files_expired: bool = False
+    # The gateway replica that sent it and follows it while it is on an upstream (see
+    # dispatch/replicas.py); another takes it over when that one's lease runs out.
+    replica: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -72,6 +75,7 @@ class BatchJobSpec(msgspec.Struct, kw_only=True):
     files: dict[str, str]  # role -> the file name the user gave it
     priority: int = 0
     retry_of: str | None = None
+    pinned: str | None = None  # the upstream it must run on (`upstream` of the API)
 
 
 class BatchItem(msgspec.Struct):
@@ -83,6 +87,14 @@ class BatchItem(msgspec.Struct):
     files: dict[str, str]
     retry_of: str | None
     retried_as: str | None = None
+
+
+class JobWebhook(NamedTuple):
+    """Where a job's events are sent (webhooks.py): fixed when the job is accepted."""
+
+    url: str
+    events: tuple[str, ...]
+    key_id: str | None  # whose secret signs the deliveries
 
 
 class Lane(NamedTuple):

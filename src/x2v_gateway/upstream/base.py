@@ -45,6 +45,9 @@ class RemoteStatus:
     # Seconds a finished task ran, by the upstream's own clock, when it says: a duration needs no
     # agreement between its clock and ours.
     ran_seconds: float | None = None
+    # How far a running task has got, 0 to 1, when the upstream says. Neither upstream reports
+    # a percentage: a cloud task of several stages (multi_stage) says which have finished.
+    progress: float | None = None
 
 
 class InputFile(Protocol):
@@ -69,9 +72,9 @@ class SubmitRequest:
     job_id: str
     # The task id to ask for, where the upstream lets the client choose one (self-hosted does).
     task_id: str
-    task: str  # s2v | i2v | t2v | flf2v
+    task: str  # a task type of tasks.py: s2v, i2v, t2v, flf2v, t2i, i2i, animate
     params: dict = field(default_factory=dict)  # prompt, negative_prompt, seed, infer_steps, ...
-    inputs: dict[str, Path | InputFile] = field(default_factory=dict)  # image | audio | last_frame -> its bytes
+    inputs: dict[str, Path | InputFile] = field(default_factory=dict)  # image | audio | last_frame | video -> its bytes
     # A file name for each input (blobs have none), with the extension its content was detected as.
     filenames: dict[str, str] = field(default_factory=dict)
 
@@ -107,7 +110,7 @@ class Capabilities:
     # `resume(task_id)`: a failed or cancelled task runs again under its id, so a retry is no
     # new submission.
     resumes: bool = False
-    # `open_form(length)`: a job's files go out while its upload still arrives at the gateway.
+    # `open_form(length, task)`: a job's files go out while its upload still arrives at the gateway.
     forwards_uploads: bool = False
     # One server's own queue, whose runs the gateway times: it is asked about its jobs when a
     # run is due to end, and a job that waits there past the start-by deadline is taken back
@@ -186,8 +189,9 @@ class Upstream(Protocol):
     async def cancel(self, task_id: str) -> None:
         """Ask the upstream to stop a task (best effort; raises Unavailable to be retried)."""
 
-    async def fetch_result(self, task_id: str, dest: Path) -> None:
-        """Stream the finished video into `dest`. Raises Unavailable or UnknownTask."""
+    async def fetch_result(self, task_id: str, dest: Path, *, kind: str = "video") -> None:
+        """Stream the finished result, a `video` or an `image` (tasks.makes), into `dest`.
+        Raises Unavailable or UnknownTask."""
 
     async def find_task(self, request: SubmitRequest) -> str | None:
         """After a crash or an ambiguous submit: the upstream task id of this attempt, if the
@@ -209,9 +213,9 @@ class Upstream(Protocol):
         """`resumes`: re-queue a failed or cancelled task under its id; False if it cannot."""
         raise NotImplementedError
 
-    def open_form(self, length: int) -> UploadSink:
-        """`forwards_uploads`: start a submission of at most `length` bytes whose files are sent
-        while they still arrive."""
+    def open_form(self, length: int, task: str) -> UploadSink:
+        """`forwards_uploads`: start a submission of a `task` job, at most `length` bytes, whose
+        files are sent while they still arrive."""
         raise NotImplementedError
 
     async def current_task(self) -> str | None:

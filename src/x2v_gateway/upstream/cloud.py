@@ -59,7 +59,14 @@ DEFAULT_MODELS = {
     "i2v": "wan2.2-14B-480P",
     "t2v": "wan2.2-T2V-A14B",
     "flf2v": "wan2.2-14B-480P",
+    # cloud.md §3: image tasks run qwen-image models and make `output_image`; animate drives an
+    # image with a video.
+    "t2i": "qwen-image",
+    "i2i": "qwen-image-2509",
+    "animate": "wan2.2_animate",
 }
+# The name of a task's result among its outputs (`result_url?name=`).
+_OUTPUT_NAMES = {"video": "output_video", "image": "output_image"}
 # The key under which each request carries the gateway's id for the attempt. The cloud stores
 # unknown keys in the task's `params` and returns them in query and list answers.
 MARKER = "x2v_job"
@@ -197,6 +204,10 @@ def _to_status(task: dict, secrets: tuple[str, ...]) -> RemoteStatus:
         reason = next((r for r in reasons if r != "other subtask failed"), reasons[0] if reasons else None)
         status.error = sanitise(reason, secrets) if reason else "the cloud reported the task failed"
     elif state in (RemoteState.QUEUED, RemoteState.RUNNING):
+        # The cloud reports no percentage; a multi_stage task's subtasks (text encoder, DiT, VAE
+        # decoder) say how many of its stages have finished, which is progress it reports.
+        if len(subtasks) > 1:
+            status.progress = sum(s.get("status") in ("SUCCEED", 4) for s in subtasks) / len(subtasks)
         # multi_stage tasks have several subtasks; the first active one says where the task is.
         for sub in subtasks:
             if sub.get("status") not in ("PENDING", "RUNNING"):
@@ -544,16 +555,16 @@ class CloudUpstream(Upstream):
 
     # -- results --------------------------------------------------------------------------------
 
-    async def fetch_result(self, task_id: str, dest: Path) -> None:
+    async def fetch_result(self, task_id: str, dest: Path, *, kind: str = "video") -> None:
         # Each try asks for the URL afresh: a pre-signed one may have expired since the last.
         async for attempt in self._retrying():
             with attempt:
-                url = await self._result_url(task_id)
+                url = await self._result_url(task_id, _OUTPUT_NAMES.get(kind, "output_video"))
                 await self._download(url, dest)
 
-    async def _result_url(self, task_id: str) -> str:
+    async def _result_url(self, task_id: str, output: str) -> str:
         response = await self._get(
-            "/api/v1/task/result_url", {"task_id": task_id, "name": "output_video"},
+            "/api/v1/task/result_url", {"task_id": task_id, "name": output},
             known=("not found", "not succeed"), attempts=1,
         )
         if response.status_code == 200:
@@ -562,7 +573,7 @@ class CloudUpstream(Upstream):
         if response.status_code == 500 and f"Task {task_id} not found" in message:
             raise UnknownTask(f"{self.name}: the cloud does not know task {task_id}")
         if response.status_code == 500 and "not found in task" in message:
-            raise UnknownTask(f"{self.name}: cloud task {task_id} has no video output")
+            raise UnknownTask(f"{self.name}: cloud task {task_id} has no {output}")
         raise self._unexpected(response, "result_url")
 
     async def _download(self, url: str, dest: Path) -> None:

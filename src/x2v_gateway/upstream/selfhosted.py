@@ -13,6 +13,8 @@ Every quirk of that server is handled here and nowhere else (see shared/lightx2v
 * a node forgets every task when it restarts (404 `Task not found`), but the files it finished stay
   downloadable from `/v1/files/download/<id>.mp4`;
 * a cancelled running task keeps running and later reports `completed`;
+* image tasks (t2i, i2i) go to `/v1/tasks/image/` (and its `/form`, which has other fields than
+  the video form), and their output is `<id>.png`, not `.mp4`;
 * an unreachable `image_path` URL comes back as a 500, and error details carry absolute paths.
 """
 
@@ -30,7 +32,7 @@ from typing import Any
 import httpx
 from tenacity import retry_if_exception_type
 
-from ..settings import VIDEO_TASKS
+from ..tasks import IMAGE_TASKS, NODE_TASKS
 from .base import (
     AmbiguousSubmit,
     Backpressure,
@@ -70,6 +72,18 @@ _FORM_FIELDS = {
     "save_result_path", "prompt", "negative_prompt", "use_prompt_enhancer", "num_fragments",
     "infer_steps", "target_video_length", "seed", "video_duration", "target_fps",
 }
+# `/v1/tasks/image/form`: an optional image_file and these fields (i2i_denoise_strength: JSON only).
+_IMAGE_FORM_FIELDS = {
+    "save_result_path", "prompt", "negative_prompt", "use_prompt_enhancer", "infer_steps", "seed",
+    "aspect_ratio",
+}
+# The extension the node gives each kind of output (`save_result_path` has none until it is done).
+_OUTPUT_SUFFIXES = {"video": ".mp4", "image": ".png"}
+
+
+def _route(task: str) -> str:
+    """The submit route of a task type: the trailing slash matters (without it, 405)."""
+    return "/v1/tasks/image/" if task in IMAGE_TASKS else "/v1/tasks/video/"
 
 
 def _detail(response: httpx.Response) -> str:
@@ -97,7 +111,7 @@ class SelfHostedNode(Upstream):
         base_url: str,
         *,
         slots: int = 2,
-        tasks: frozenset[str] = VIDEO_TASKS,
+        tasks: frozenset[str] = NODE_TASKS,
         form_threshold: int = 16 * 1024 * 1024,
         timeout: float = 30.0,
         client: httpx.AsyncClient | None = None,
@@ -143,17 +157,17 @@ class SelfHostedNode(Upstream):
         # (form route) and names the file that outlives a node restart.
         fields: dict[str, Any] = {**request.params, "save_result_path": task_id}
         size = sum(input_size(p) for p in request.inputs.values())
-        use_form = size > self.form_threshold and _form_carries(fields, request.inputs)
+        use_form = size > self.form_threshold and _form_carries(fields, request.inputs, request.task)
         if not use_form:
             fields["task_id"] = task_id
         try:
             if use_form:
-                return await self._submit_form(fields, request.inputs, request.filenames)
+                return await self._submit_form(fields, request.inputs, request.filenames, request.task)
             content, length = base64_json_body(
                 fields, {_JSON_INPUTS[role]: path for role, path in request.inputs.items()}
             )
             return await self._client.post(
-                "/v1/tasks/video/",  # the trailing slash matters: without it, 405
+                _route(request.task),
                 content=content,
                 headers={"content-type": "application/json", "content-length": str(length)},
             )
@@ -193,7 +207,7 @@ class SelfHostedNode(Upstream):
         return f"{task_id}-m{n}"
 
     async def _submit_form(
-        self, fields: dict[str, Any], inputs: dict[str, Path | InputFile], filenames: dict[str, str]
+        self, fields: dict[str, Any], inputs: dict[str, Path | InputFile], filenames: dict[str, str], task: str,
     ) -> httpx.Response:
         # The form route fills every field it is not sent with its own default (seed 42,
         # infer_steps 5...), so only the fields the user set are sent, and seed always is.
@@ -203,14 +217,14 @@ class SelfHostedNode(Upstream):
             {_FORM_FILES[role]: (filenames.get(role, role), path) for role, path in inputs.items()},
         )
         return await self._client.post(
-            "/v1/tasks/video/form", content=content,
+            _route(task) + "form", content=content,
             headers={"content-type": content_type, "content-length": str(length)},
         )
 
-    def open_form(self, length: int) -> FormUpload:
-        """Start a `/form` submission of at most `length` bytes whose files are sent while they
-        still arrive (see FormUpload)."""
-        return FormUpload(self, length)
+    def open_form(self, length: int, task: str) -> FormUpload:
+        """Start a `/form` submission of a `task` job, at most `length` bytes, whose files are
+        sent while they still arrive (see FormUpload)."""
+        return FormUpload(self, length, task)
 
     # -- follow ---------------------------------------------------------------------------------
 
@@ -246,10 +260,14 @@ class SelfHostedNode(Upstream):
         return None
 
     async def _output_exists(self, task_id: str) -> bool:
-        # HEAD gets 405 on this server, so open a GET and close it once the headers arrive.
+        # HEAD gets 405 on this server, so open a GET and close it once the headers arrive. The
+        # task's type is not known here: a video, else an image (a rare path: a forgotten task).
         try:
-            async with self._client.stream("GET", f"/v1/files/download/{task_id}.mp4") as response:
-                return response.status_code == 200
+            for suffix in _OUTPUT_SUFFIXES.values():
+                async with self._client.stream("GET", f"/v1/files/download/{task_id}{suffix}") as response:
+                    if response.status_code == 200:
+                        return True
+            return False
         except httpx.TransportError as exc:
             raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
 
@@ -284,10 +302,11 @@ class SelfHostedNode(Upstream):
             raise Unavailable(f"{self.name} answered {response.status_code}")
         return response
 
-    async def fetch_result(self, task_id: str, dest: Path) -> None:
+    async def fetch_result(self, task_id: str, dest: Path, *, kind: str = "video") -> None:
         # `/result` for a task the node knows under the gateway's id (JSON route); the file
         # route for a form-route task or after a restart: the file is named after that id.
-        for path in (f"/v1/tasks/{task_id}/result", f"/v1/files/download/{task_id}.mp4"):
+        suffix = _OUTPUT_SUFFIXES.get(kind, ".mp4")
+        for path in (f"/v1/tasks/{task_id}/result", f"/v1/files/download/{task_id}{suffix}"):
             try:
                 async with self._client.stream("GET", path) as response:
                     if response.status_code == 404:
@@ -325,7 +344,7 @@ class SelfHostedNode(Upstream):
         # A restarted node may serve another model now: the dispatcher asks again after downtime.
         model = (await self.metadata()).get("model_cls")
         tasks = tasks_for_model(model)
-        self.tasks = VIDEO_TASKS if tasks is None else tasks
+        self.tasks = NODE_TASKS if tasks is None else tasks
         return model
 
     async def current_task(self) -> str | None:
@@ -344,8 +363,10 @@ class SelfHostedNode(Upstream):
 # `/v1/service/metadata` says only `model_cls`, not the `--task` the server was started with.
 # These model classes are talking-head models: audio + image in, nothing else.
 _AUDIO_MODELS = ("talk", "audio", "s2v")
-# These make images or 3D, not video: nothing the gateway sends fits them.
-_IMAGE_MODELS = ("image", "flux", "z_image", "hunyuan3d", "bagel", "sensenova", "worldmirror")
+# These make images (qwen_image, z_image, flux...): t2i and i2i on `/v1/tasks/image/`.
+_IMAGE_MODELS = ("image", "flux")
+# These make 3D or describe pictures: nothing the gateway sends fits them.
+_OTHER_MODELS = ("hunyuan3d", "bagel", "sensenova", "worldmirror")
 
 
 def tasks_for_model(model_cls: str | None) -> frozenset[str] | None:
@@ -359,8 +380,10 @@ def tasks_for_model(model_cls: str | None) -> frozenset[str] | None:
     name = model_cls.lower()
     if any(word in name for word in _AUDIO_MODELS):
         return frozenset({"s2v"})
-    if any(word in name for word in _IMAGE_MODELS):
+    if any(word in name for word in _OTHER_MODELS):
         return frozenset()
+    if any(word in name for word in _IMAGE_MODELS):
+        return IMAGE_TASKS
     if name.startswith(("wan", "hunyuan_video", "ltx", "lingbot_video", "cosmos")):
         return frozenset({"t2v", "i2v", "flf2v"})
     return None
@@ -384,7 +407,9 @@ def _names(listed: dict[str, dict]) -> dict[str, str]:
     for key, task in listed.items():
         # save_result_path is the request value until completion, then the file's basename.
         saved = task.get("save_result_path") or ""
-        names[saved.removesuffix(".mp4")] = key
+        for suffix in _OUTPUT_SUFFIXES.values():
+            saved = saved.removesuffix(suffix)
+        names[saved] = key
     names.update({key: key for key in listed})
     return names
 
@@ -409,9 +434,12 @@ def _to_status(task: dict) -> RemoteStatus:
 _FORM_CHUNK = 1024 * 1024
 
 
-def _form_carries(fields: dict[str, Any], roles: Iterable[str]) -> bool:
-    """Whether `/v1/tasks/video/form` can take this request: it requires image_file, and has no
-    field for anything outside _FORM_FIELDS (those need the JSON route)."""
+def _form_carries(fields: dict[str, Any], roles: Iterable[str], task: str) -> bool:
+    """Whether the task's `/form` route can take this request: the video form requires
+    image_file, and neither has a field for anything outside its own set (those need JSON)."""
+    roles = set(roles)
+    if task in IMAGE_TASKS:
+        return roles <= {"image"} and set(fields) <= _IMAGE_FORM_FIELDS
     return "image" in roles and set(fields) <= _FORM_FIELDS
 
 
@@ -473,9 +501,10 @@ class FormUpload:
     _BATCH = 1024 * 1024
     _DEPTH = 2
 
-    def __init__(self, node: SelfHostedNode, length: int) -> None:
+    def __init__(self, node: SelfHostedNode, length: int, task: str) -> None:
         self._node = node
         self._length = length
+        self._task = task
         self._written = 0  # bytes of the body so far, sent or pending
         self._boundary = secrets.token_hex(16)
         self._queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(self._DEPTH)
@@ -486,7 +515,7 @@ class FormUpload:
         self._ending = False
         self.files: dict[str, str] = {}  # gateway role -> the file name the node was sent
         self._response = asyncio.ensure_future(node._client.post(
-            "/v1/tasks/video/form", content=self._body(),
+            _route(task) + "form", content=self._body(),
             headers={
                 "content-type": f"multipart/form-data; boundary={self._boundary}",
                 "content-length": str(length),
@@ -540,7 +569,8 @@ class FormUpload:
         fields: dict[str, Any] = {**request.params, "save_result_path": request.task_id}
         end = _form_end(self._boundary, _form_values(fields))
         if (
-            self.broken or self.files != request.filenames or not _form_carries(fields, self.files)
+            self.broken or self.files != request.filenames or request.task != self._task
+            or not _form_carries(fields, self.files, self._task)
             or self._written + len(end) > self._length
         ):
             await self.abort()

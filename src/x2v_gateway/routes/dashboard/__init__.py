@@ -8,7 +8,7 @@ fragments, and one Server-Sent Events stream per open page pushes each changed j
 
 `pages.py` holds the pages and fragments, `actions.py` the forms and buttons (each calls the job
 service once), `feed.py` the live updates, `rows.py` what the pages show, `templating.py` the
-templates' filters. Here: the router and its error pages.
+templates' filters, `pipelines.py` the pipelines' form and pages. Here: the router and its error pages.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from litestar.types import Guard
 from ...auth import LimitError
 from ...schemas import ApiError, plain
 from ...reads import NotFound
-from . import actions, feed, pages
+from . import actions, feed, pages, pipelines
 from .templating import setup_templates, static_files, templates_dir
 
 __all__ = ["root", "router", "setup_templates", "static_files", "templates_dir"]
@@ -36,6 +36,7 @@ log = logging.getLogger("x2v_gateway.dashboard")
 _NOT_FOUND = {
     "job": "There is no job {}. Look for it in the Jobs list.",
     "batch": "There is no batch {}. The list of batches is on the Batches page.",
+    "pipeline": "There is no pipeline {}. The list of pipelines is on the Pipelines page.",
 }
 
 
@@ -83,7 +84,7 @@ def router(guards: Sequence[Guard] = ()) -> Router:
     the session's `X-CSRFToken` on every htmx request and upload); `guards` can add more.
     """
     return Router(
-        path="/ui", route_handlers=[*pages.ROUTES, *actions.ROUTES, feed.events], guards=list(guards),
+        path="/ui", route_handlers=[*pages.ROUTES, *actions.ROUTES, *pipelines.ROUTES, feed.events], guards=list(guards),
         request_class=HTMXRequest,
         exception_handlers={
             # LimitError too: the app's own handler for it answers JSON.

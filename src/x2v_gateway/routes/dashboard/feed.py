@@ -3,7 +3,6 @@ job's new row as HTML (the htmx SSE extension swaps it in). Nothing polls."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +26,9 @@ from .templating import render
 # one burst of rows, not 200 separate renders per open page.
 COALESCE_SECONDS = 0.25
 HEARTBEAT_SECONDS = 15.0
+# A batch's page shows its jobs as table rows or as gallery tiles: a changed job is sent as one.
+_ROW_TEMPLATES = {"batch": "partials/batch_row.html", "gallery": "partials/gallery_tile.html"}
+_BATCH_VIEWS = set(_ROW_TEMPLATES)
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Feed:
     who: Caller
     store: JobStore
     notifier: Notifier
-    view: str  # batch | list | job | home | nodes
+    view: str  # batch | gallery | list | job | home | nodes
     key: str | None  # the batch or job id
     since: float
     min_interval: float = COALESCE_SECONDS
@@ -54,7 +56,7 @@ class Feed:
         if self.view == "job" and self.key:
             job = await self.store.get(self.key)
             return job is not None and self.who.may_touch(job.owner) and job.updated_at > self.since
-        if self.view == "batch" and self.key:
+        if self.view in _BATCH_VIEWS and self.key:
             async for item in every_item(self.store, self.key, self.who.sees):
                 if item.job.updated_at > self.since:
                     return True
@@ -77,16 +79,16 @@ class Feed:
         for item in found:
             if item is None or not self.who.may_touch(item.job.owner):
                 continue
-            if self.view == "batch" and item.job.batch_id != self.key:
+            if self.view in _BATCH_VIEWS and item.job.batch_id != self.key:
                 continue
             if not self._changed(item.job):
                 continue
             if item.job.created_at > self.since:
                 added = True
-                if self.view == "batch":
+                if self.view in _BATCH_VIEWS:
                     continue  # the table is fetched again, with this row in its place
             changed.append(item)
-        template = "partials/batch_row.html" if self.view == "batch" else "partials/job_row.html"
+        template = _ROW_TEMPLATES.get(self.view, "partials/job_row.html")
         for row in await store.read(lambda r: job_rows(r, changed)):  # queue positions: one query for all
             out.append(ServerSentEventMessage(
                 event=f"job-{row.job.id}", data=render(self.request, template, row=row),
@@ -94,7 +96,7 @@ class Feed:
         if added:
             self.since = time.time()
             out.append(ServerSentEventMessage(event="added", data=""))
-        if self.view == "batch" and (out or added):
+        if self.view in _BATCH_VIEWS and (out or added):
             summary = await batch_summary(store, self.key or "", self.who)
             out.append(ServerSentEventMessage(
                 event="summary", data=render(self.request, "partials/batch_summary.html", s=summary),
@@ -113,33 +115,23 @@ class Feed:
 
 
 async def _event_stream(feed: Feed) -> AsyncIterator[ServerSentEventMessage]:
-    notifier = feed.notifier
-    queue = notifier.subscribe()
-    try:
+    with feed.notifier.listen() as changes:
         # `retry`: how long the browser waits before it reconnects after the stream breaks.
         yield ServerSentEventMessage(data=None, comment="live", retry=3000)
         if await feed.stale():
             yield ServerSentEventMessage(event="resync", data="")
         last = 0.0
         while True:
-            try:
-                first = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
-            except TimeoutError:
+            ids = await changes.next(HEARTBEAT_SECONDS, COALESCE_SECONDS, last + feed.min_interval)
+            if not ids:
                 # Keeps proxies from closing an idle stream, and shows a dead one to the browser.
                 yield ServerSentEventMessage(data=None, comment="keep-alive")
                 if feed.view == "nodes":  # node health changes without any job changing
                     yield ServerSentEventMessage(event="changed", data="")
                 continue
-            await asyncio.sleep(max(COALESCE_SECONDS, feed.min_interval - (time.monotonic() - last)))
-            ids = {first}
-            while not queue.empty():
-                ids.add(queue.get_nowait())
             for message in await feed.messages(ids):
                 yield message
             last = time.monotonic()
-    finally:
-        notifier.unsubscribe(queue)
-
 
 
 @get("/events", include_in_schema=False)
@@ -148,7 +140,7 @@ async def events(
     who: NamedDependency[Caller],
     store: NamedDependency[JobStore],
     notifier: NamedDependency[Notifier],
-    view: Annotated[str, QueryParameter(pattern=r"^(batch|list|job|home|nodes)$")] = "list",
+    view: Annotated[str, QueryParameter(pattern=r"^(batch|gallery|list|job|home|nodes)$")] = "list",
     key: Annotated[str | None, QueryParameter(max_length=100)] = None,
     since: Annotated[float | None, QueryParameter()] = None,
 ) -> ServerSentEvent:

@@ -24,6 +24,7 @@ from ...settings import Settings
 from ...store import JobStore
 from ..files import blob_file
 from ..nodes import node_views
+from ..webhooks import webhook_section
 from .rows import BATCH_PAGE_ROWS, job_context, list_filters, read_batch_page, read_jobs_page, recent
 from .templating import off_loop_page
 
@@ -54,17 +55,23 @@ async def new_batch(jobs: NamedDependency[JobService], settings: NamedDependency
     })
 
 
-@get(["/batches/{batch_id:str}", "/batches/{batch_id:str}/rows"], include_in_schema=False)
+# A batch's page, and the parts of it fetched again as jobs are added or retried.
+_BATCH_PARTS = {"rows": "partials/batch_rows.html", "gallery": "partials/gallery_tiles.html"}
+
+
+@get(["/batches/{batch_id:str}", "/batches/{batch_id:str}/rows", "/batches/{batch_id:str}/gallery"], include_in_schema=False)
 async def batch_page(
     request: HTMXRequest, store: NamedDependency[JobStore], who: NamedDependency[Caller], batch_id: FromPath[str],
     after: Annotated[int, QueryParameter(ge=0, le=MAX_SQLITE_INT)] = 0,
+    view: Annotated[str, QueryParameter(pattern=r"^(table|gallery)$")] = "table",
 ) -> Response:
-    """A page of a batch, or (`/rows`, fetched again as jobs are added or retried) its rows alone."""
+    """A page of a batch as a table or a gallery of its videos; or (`/rows`, `/gallery`) its
+    rows or tiles alone."""
     summary, rows, next_after = await store.read(lambda r: read_batch_page(r, who, batch_id, after))
-    template = "partials/batch_rows.html" if request.url.path.endswith("/rows") else "batch.html"
+    template = _BATCH_PARTS.get(request.url.path.rsplit("/", 1)[-1], "batch.html")
     return await off_loop_page(request, template, {
         "s": summary, "rows": rows, "after": after, "next_after": next_after,
-        "page_rows": BATCH_PAGE_ROWS, "since": time.time(),
+        "page_rows": BATCH_PAGE_ROWS, "since": time.time(), "gallery": view == "gallery",
     })
 
 
@@ -120,8 +127,20 @@ async def jobs_rows(
 @get("/jobs/{job_id:str}", include_in_schema=False)
 async def job_page(store: NamedDependency[JobStore], who: NamedDependency[Caller], job_id: FromPath[str]) -> Template:
     job = (await find_item(store, job_id, who)).job
-    inputs = await store.read(lambda r: {role: r.blob(sha) for role, sha in job.inputs.items()})
-    return Template("job.html", context={**await job_context(store, job), "inputs": inputs, "since": time.time()})
+    inputs, hooks = await store.read(lambda r: (
+        {role: r.blob(sha) for role, sha in job.inputs.items()}, webhook_section(r, job.id),
+    ))
+    return Template("job.html", context={
+        **await job_context(store, job), "inputs": inputs, "hooks": hooks, "since": time.time(),
+    })
+
+
+@get("/jobs/{job_id:str}/webhooks", include_in_schema=False)
+async def job_webhooks(store: NamedDependency[JobStore], who: NamedDependency[Caller], job_id: FromPath[str]) -> Template:
+    """The job page's webhook deliveries, fetched again while some are pending."""
+    job = (await find_item(store, job_id, who)).job
+    hooks = await store.read(lambda r: webhook_section(r, job.id))
+    return Template("partials/job_webhooks.html", context={"job": job, "hooks": hooks})
 
 
 @get("/jobs/{job_id:str}/live", include_in_schema=False)
@@ -139,7 +158,7 @@ async def retry_form(store: NamedDependency[JobStore], who: NamedDependency[Call
 
 _MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
                 "wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
-                "m4a": "audio/mp4", "aac": "audio/aac", "webm": "audio/webm"}
+                "m4a": "audio/mp4", "aac": "audio/aac", "webm": "audio/webm", "mp4": "video/mp4"}
 
 
 @get("/jobs/{job_id:str}/inputs/{role:str}", include_in_schema=False)
@@ -175,5 +194,5 @@ async def nodes_page(
 
 ROUTES = [
     home, recent_batches, new_batch, batch_page, batch_summary_fragment, batch_videos,
-    jobs_page, jobs_rows, job_page, job_live, retry_form, job_input, nodes_page,
+    jobs_page, jobs_rows, job_page, job_live, retry_form, job_input, nodes_page, job_webhooks,
 ]

@@ -15,7 +15,8 @@ from litestar.static_files import create_static_files_router
 from markupsafe import Markup
 
 from ...auth import Caller
-from ...batch_plan import LABELS, MODES, RESIZE_MODES, TASKS
+from ...batch_plan import LABELS, MODES, RESIZE_MODES, TASK_LABELS, TASKS
+from ...tasks import TASK_INPUTS, makes
 from ...schemas import iso
 from ...store import STATES, TERMINAL
 
@@ -51,7 +52,7 @@ def setup_templates(engine: JinjaTemplateEngine) -> None:
     env.globals.update(
         static=lambda name: f"/static/{name}?v={versions.get(name, '0')}",
         STATES=STATES, TASKS=TASKS, MODES=MODES, LABELS=LABELS, RESIZE_MODES=RESIZE_MODES,
-        TERMINAL=TERMINAL,
+        TERMINAL=TERMINAL, makes=makes, TASK_LABELS=TASK_LABELS, ALL_TASKS=tuple(TASK_INPUTS),
     )
     env.filters.update(when=_when, seconds=_seconds, size=_size, params_text=_params_text, eta=_eta)
     engine.register_template_callable("signed_in", _signed_in)

@@ -6,9 +6,10 @@ import json
 import sqlite3
 from typing import Any
 
-from ..records import STATES, BatchItem, BatchJobSpec, Job, new_job_id
+from ..records import STATES, BatchItem, BatchJobSpec, Job, JobWebhook, new_job_id
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .jobs import row_to_job
+from .webhooks import insert_webhooks
 
 # A job with its place in its dashboard batch, and the job retried as a new run of it, if any.
 _ITEM_SQL = (
@@ -43,6 +44,25 @@ class BatchReads(Rows):
         )
         return [r[0] for r in rows]
 
+    def list_batches(
+        self, *, owner: str | None = None, before: tuple[float, str] | None = None, limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if before is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args += list(before)
+        sql = "SELECT * FROM batches" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self.conn.execute(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit))
+        found = []
+        for row in rows:
+            data = dict(row)
+            data["form"] = json.loads(data["form"]) if data["form"] else {}
+            found.append(data)
+        return found
+
     def batch_counts(self, batch_id: str, owner: str | None = None) -> dict[str, int]:
         mine, args = _owned(owner)
         counts = dict.fromkeys(STATES, 0)
@@ -66,11 +86,11 @@ class BatchReads(Rows):
             f"{_ITEM_SQL} WHERE jobs.batch_id = ? AND jobs.seq > ?{mine} ORDER BY jobs.seq LIMIT ?",
             (batch_id, after_seq, *args, limit),
         ).fetchall()
-        return [_row_to_item(r) for r in rows]
+        return [row_to_item(r) for r in rows]
 
     def batch_item(self, job_id: str) -> BatchItem | None:
         row = self.conn.execute(_ITEM_SQL + " WHERE jobs.id = ?", (job_id,)).fetchone()
-        return _row_to_item(row) if row else None
+        return row_to_item(row) if row else None
 
 
 class BatchWrites(SqliteThreads):
@@ -83,6 +103,7 @@ class BatchWrites(SqliteThreads):
         *,
         batch: dict[str, Any] | None = None,
         owner: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> list[Job] | None:
         """Queue jobs in a batch, all in one transaction: every job or none.
 
@@ -107,9 +128,9 @@ class BatchWrites(SqliteThreads):
             ).fetchone()
             conn.executemany(
                 "INSERT INTO jobs (id, task, state, params, inputs, priority, batch_id, owner,"
-                " created_at, updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, pinned) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(job_id, s.task, json.dumps(s.params), json.dumps(s.inputs), s.priority,
-                  batch_id, owner, now, now) for job_id, s in zip(ids, specs)],
+                  batch_id, owner, now, now, s.pinned) for job_id, s in zip(ids, specs)],
             )
             conn.executemany(
                 "INSERT INTO batch_jobs (job_id, batch_id, position, files, retry_of)"
@@ -117,10 +138,12 @@ class BatchWrites(SqliteThreads):
                 [(job_id, batch_id, last + n, json.dumps(s.files), s.retry_of)
                  for n, (job_id, s) in enumerate(zip(ids, specs), start=1)],
             )
+            insert_webhooks(conn, ids, webhook)
             conn.executemany(
-                "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, 'queued', ?)",
-                [(job_id, now, f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted")
-                 for job_id, s in zip(ids, specs)],
+                "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id)"
+                " VALUES (?, ?, 'queued', ?, ?, ?)",
+                [(job_id, now, f"accepted (a new run of {s.retry_of})" if s.retry_of else "accepted",
+                  owner, batch_id) for job_id, s in zip(ids, specs)],
             )
             return True
 
@@ -135,7 +158,7 @@ def _owned(owner: str | None, column: str = "owner") -> tuple[str, list[str]]:
     return ("", []) if owner is None else (f" AND +{column} = ?", [owner])
 
 
-def _row_to_item(row: sqlite3.Row) -> BatchItem:
+def row_to_item(row: sqlite3.Row) -> BatchItem:
     data = dict(row)
     extra = {k: data.pop(k) for k in [k for k in data if k.startswith("bj_")]}
     job = row_to_job(data)

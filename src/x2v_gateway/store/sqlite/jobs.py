@@ -15,10 +15,12 @@ from typing import Any
 from ..memo import Memo
 from ..records import (
     CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, TERMINAL, IdempotencyConflict, Job,
-    new_job_id,
+    JobWebhook, new_job_id,
 )
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .keys import audit
+from .pipeline_files import pipeline_blobs
+from .webhooks import insert_webhooks
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 _JSON_COLUMNS = ("params", "inputs", "result_meta", "queue_info")
@@ -42,7 +44,12 @@ def row_to_job(row: sqlite3.Row | dict[str, Any]) -> Job:
             data[column] = json.loads(data[column])
     for column in _BOOL_COLUMNS:
         data[column] = bool(data[column])
-    job = Job(**data)
+    try:
+        job = Job(**data)
+    except TypeError:
+        # A column a later release added (its replicas migrated the file while this one still
+        # runs, during an upgrade one replica at a time): not this release's business.
+        job = Job(**{name: value for name, value in data.items() if name in Job.__struct_fields__})
     if key is not None:
         _FINISHED_JOBS.put(key, job)
     return job
@@ -106,12 +113,15 @@ class JobReads(Rows):
         sql = "SELECT * FROM jobs WHERE " + " AND ".join(where) + " ORDER BY seq DESC LIMIT ?"
         return self.conn.execute(sql, (*args, limit)).fetchall()
 
-    def active(self, upstream: str | None = None) -> list[Job]:
+    def active(self, upstream: str | None = None, replica: str | None = None) -> list[Job]:
         sql = "SELECT * FROM jobs WHERE state IN ('submitted', 'running')"
         args: tuple = ()
         if upstream is not None:
             sql += " AND upstream = ?"
             args = (upstream,)
+        if replica is not None:
+            sql += " AND +replica = ?"  # the upstream's index finds the few rows
+            args += (replica,)
         return [row_to_job(r) for r in self.conn.execute(sql + " ORDER BY seq", args)]
 
     def inflight_counts(self) -> dict[str, int]:
@@ -142,6 +152,28 @@ class JobReads(Rows):
             "SELECT at, state, detail FROM job_events WHERE job_id = ? ORDER BY id", (job_id,)
         )
         return [dict(r) for r in rows]
+
+    def events_after(
+        self, after_id: int, *, job_id: str | None = None, batch_id: str | None = None,
+        owner: str | None = None, limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        # The most selective filter picks the index (the job's timeline, the batch's events, the
+        # owner's, else the events' own ids); the unary + keeps SQLite on it for the others.
+        where, args = ["id > ?"], [after_id]
+        lead = next((c for c, v in (("job_id", job_id), ("batch_id", batch_id), ("owner", owner)) if v), None)
+        for column, value in (("job_id", job_id), ("batch_id", batch_id), ("owner", owner)):
+            if value is not None:
+                where.append(f"{'' if column == lead else '+'}{column} = ?")
+                args.append(value)
+        rows = self.conn.execute(
+            "SELECT id, job_id, at, state, detail, batch_id FROM job_events WHERE "
+            + " AND ".join(where) + " ORDER BY id LIMIT ?",
+            (*args, limit),
+        )
+        return [dict(r) for r in rows]
+
+    def newest_event_id(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM job_events").fetchone()[0]
 
     def blob(self, sha256: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
@@ -193,6 +225,7 @@ class JobWrites(SqliteThreads):
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         pinned: str | None = None,
+        webhook: JobWebhook | None = None,
     ) -> tuple[Job, bool]:
         job_id = new_job_id()
 
@@ -214,6 +247,7 @@ class JobWrites(SqliteThreads):
                 (job_id, task, json.dumps(params), json.dumps(inputs), priority, batch_id,
                  owner, now, now, idempotency_key, request_hash, pinned),
             )
+            insert_webhooks(conn, [job_id], webhook)
             record_event(conn, job_id, QUEUED, "accepted")
             return job_id, True
 
@@ -222,15 +256,33 @@ class JobWrites(SqliteThreads):
         assert job is not None
         return job, created
 
-    async def claim(self, job_id: str, upstream: str, task_id: str) -> bool:
+    async def claim(
+        self, job_id: str, upstream: str, task_id: str, *, replica: str | None = None,
+        slots: int | None = None, off_node: Iterable[str] = (),
+    ) -> bool:
         now = timestamp()
-        return await self._transition(
-            (job_id, SUBMITTED, f"sent to {upstream}"),
-            "UPDATE jobs SET state = 'submitted', upstream = ?, upstream_task_id = ?,"
+        sql = (
+            "UPDATE jobs SET state = 'submitted', upstream = ?, upstream_task_id = ?, replica = ?,"
             " attempts = attempts + 1, submitted_at = ?, updated_at = ?, queue_info = NULL"
-            " WHERE id = ? AND state = 'queued'",
-            (upstream, task_id, now, now, job_id),
+            " WHERE id = ? AND state = 'queued'"
         )
+        args: tuple = (upstream, task_id, replica, now, now, job_id)
+        if replica is not None:
+            # A replica whose lease another one took over claims nothing more (it may not know
+            # yet: it learns at its next heartbeat).
+            sql += " AND EXISTS (SELECT 1 FROM replicas WHERE id = ?)"
+            args += (replica,)
+        if slots is not None:
+            # The slot is taken here, in the transaction that claims the job (BEGIN IMMEDIATE:
+            # one writer at a time across every process on this file), so two replicas that both
+            # saw the last free slot cannot both fill it.
+            left = list(off_node)
+            sql += (
+                " AND (SELECT count(*) FROM jobs WHERE upstream = ? AND state IN ('submitted', 'running')"
+                f" AND id NOT IN ({','.join('?' * len(left))})) < ?"
+            )
+            args += (upstream, *left, slots)
+        return await self._transition((job_id, SUBMITTED, f"sent to {upstream}"), sql, args)
 
     async def set_upstream_task_id(self, job_id: str, task_id: str, *, run: int | None = None) -> bool:
         return await self._execute(
@@ -288,6 +340,14 @@ class JobWrites(SqliteThreads):
             (state, error, result_sha, json.dumps(result_meta) if result_meta else None,
              now, now, job_id),
         )
+
+    async def set_poster(self, job_id: str, result_sha: str, poster_sha: str) -> bool:
+        # updated_at is left alone: a poster is not a change of the job that anyone waits for.
+        return await self._execute(
+            "UPDATE jobs SET result_meta = json_set(coalesce(result_meta, '{}'), '$.poster', ?)"
+            " WHERE id = ? AND state = 'succeeded' AND result_sha = ? AND files_expired = 0",
+            (poster_sha, job_id, result_sha),
+        ) == 1
 
     async def cancel(
         self, job_id: str, reason: str = "cancelled by user", *, tell_upstream: bool = True
@@ -358,7 +418,7 @@ class JobWrites(SqliteThreads):
             )
             # Blobs recorded within the grace period are kept too: they may belong to a request
             # that is still being accepted.
-            live = _blobs_of(conn, "files_expired = 0", ())
+            live = _blobs_of(conn, "files_expired = 0", ()) | pipeline_blobs(conn, finished_before)
             doomed = [
                 sha for (sha,) in conn.execute(
                     "SELECT sha256 FROM blobs WHERE created_at < ?", (timestamp() - grace,)
@@ -403,7 +463,8 @@ class JobWrites(SqliteThreads):
                 these = f"id IN ({','.join('?' * len(chunk))}) AND state IN {TERMINAL_SQL}"
                 mine |= _blobs_of(conn, these, chunk)
                 conn.execute(f"UPDATE jobs SET files_expired = 1 WHERE {these}", chunk)
-            doomed = sorted(mine - _blobs_of(conn, "files_expired = 0", ())) if mine else []
+            kept = _blobs_of(conn, "files_expired = 0", ()) | pipeline_blobs(conn, 0.0)
+            doomed = sorted(mine - kept) if mine else []
             conn.executemany("DELETE FROM blobs WHERE sha256 = ?", [(s,) for s in doomed])
             audit(conn, actor, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
             return doomed
@@ -415,10 +476,13 @@ def _blobs_of(conn: sqlite3.Connection, where: str, args: Iterable[Any]) -> set[
     """The inputs and results of the jobs `where` selects. A blob may serve many jobs (one
     portrait, 100 voice-overs): it goes only when no job that keeps its files refers to it."""
     blobs: set[str] = set()
-    for inputs, result in conn.execute(f"SELECT inputs, result_sha FROM jobs WHERE {where}", tuple(args)):
+    rows = conn.execute(
+        f"SELECT inputs, result_sha, json_extract(result_meta, '$.poster') FROM jobs WHERE {where}",
+        tuple(args),
+    )
+    for inputs, result, poster in rows:
         blobs.update(json.loads(inputs).values())
-        if result:
-            blobs.add(result)
+        blobs.update(sha for sha in (result, poster) if sha)
     return blobs
 
 
@@ -437,7 +501,9 @@ def transition(
 
 
 def record_event(conn: sqlite3.Connection, job_id: str, state: str, detail: str) -> None:
+    # The job's owner and batch go with the event: the event streams replay by them.
     conn.execute(
-        "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)",
-        (job_id, timestamp(), state, detail),
+        "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id)"
+        " SELECT ?, ?, ?, ?, owner, batch_id FROM jobs WHERE id = ?",
+        (job_id, timestamp(), state, detail, job_id),
     )

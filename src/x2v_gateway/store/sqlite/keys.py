@@ -14,15 +14,15 @@ class KeyReads(Rows):
 
     def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
-        return _key_row(row) if row else None
+        return key_row(row) if row else None
 
     def key(self, key_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-        return _key_row(row) if row else None
+        return key_row(row) if row else None
 
     def keys(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
-        return [_key_row(r) for r in rows]
+        return [key_row(r) for r in rows]
 
     def session(self, id_hash: str) -> tuple[dict[str, Any], str, float] | None:
         row = self.conn.execute(
@@ -35,7 +35,7 @@ class KeyReads(Rows):
             return None
         data = dict(row)
         csrf, expires_at = data.pop("session_csrf"), data.pop("session_expires_at")
-        return _key_row(data), csrf, expires_at
+        return key_row(data), csrf, expires_at
 
     def jobs_used(self, key_id: str, day: str) -> int:
         row = self.conn.execute(
@@ -74,12 +74,15 @@ class KeyWrites(SqliteThreads):
                                    " first or choose another name")
             conn.execute(
                 "INSERT INTO api_keys (id, name, key_hash, prefix, admin, daily_quota,"
-                " max_concurrent, rate_per_min, source, created_at, created_by)"
+                " max_concurrent, rate_per_min, source, created_at, created_by, webhook_url,"
+                " webhook_events, webhook_secret)"
                 " VALUES (:id, :name, :key_hash, :prefix, :admin, :daily_quota, :max_concurrent,"
-                " :rate_per_min, :source, :created_at, :created_by)",
-                {**key, "admin": int(key["admin"]), "created_at": timestamp(), "created_by": actor},
+                " :rate_per_min, :source, :created_at, :created_by, :webhook_url, :webhook_events,"
+                " :webhook_secret)",
+                {"webhook_url": None, "webhook_events": None, "webhook_secret": None, **key,
+                 "admin": int(key["admin"]), "created_at": timestamp(), "created_by": actor},
             )
-            audit(conn, actor, "key.create", key["id"], _key_summary(key))
+            audit(conn, actor, "key.create", key["id"], key_summary(key))
 
         await self._write(write)
         return await self.read(lambda r: r.key(key["id"]))
@@ -171,13 +174,17 @@ class KeyWrites(SqliteThreads):
         await self._write(write)
 
 
-def _key_row(row: Any) -> dict[str, Any]:
+def key_row(row: Any) -> dict[str, Any]:
     data = dict(row)
     data["admin"] = bool(data["admin"])
+    # A key's webhook secrets never leave the store in its row (only `webhook_secrets` reads
+    # them, to sign): a row printed, logged or shown cannot hold one.
+    data["has_webhook_secret"] = bool(data.pop("webhook_secret", None))
+    data.pop("webhook_secret_previous", None)
     return data
 
 
-def _key_summary(key: dict[str, Any]) -> str:
+def key_summary(key: dict[str, Any]) -> str:
     """A key's settings for the audit log: never its hash, never the key."""
     parts = [f"name={key['name']}", f"admin={bool(key['admin'])}"]
     for column in ("daily_quota", "max_concurrent", "rate_per_min"):

@@ -194,7 +194,6 @@ def m021_queue_blocks(db: Database) -> None:
     )
 
 
-
 @migrations()
 def m022_session_expiry(db: Database) -> None:
     # Each sign-in first deletes the sessions that have expired; without this it read them all.
@@ -206,3 +205,135 @@ def m023_owner_state(db: Database) -> None:
     # A key's jobs in one state, newest first (its failed jobs, its queue): without it the
     # owner's whole history was read to find a few of them.
     db.execute("CREATE INDEX idx_jobs_owner_state_seq ON jobs (owner, state, seq)")
+
+
+@migrations()
+def m026_event_streams(db: Database) -> None:
+    # The event streams (GET .../events) replay a batch's or a key's state changes after a
+    # Last-Event-ID. Each event carries its job's owner and batch (neither ever changes), so a
+    # replay reads just the events it sends, through these indexes, not every job of the batch
+    # or key joined to its timeline. Partial: most events have no batch.
+    db.execute("ALTER TABLE job_events ADD COLUMN owner TEXT")
+    db.execute("ALTER TABLE job_events ADD COLUMN batch_id TEXT")
+    db.execute(
+        "UPDATE job_events SET (owner, batch_id) ="
+        " (SELECT owner, batch_id FROM jobs WHERE jobs.id = job_events.job_id)"
+    )
+    db.execute("CREATE INDEX idx_job_events_owner ON job_events (owner, id) WHERE owner IS NOT NULL")
+    db.execute("CREATE INDEX idx_job_events_batch ON job_events (batch_id, id) WHERE batch_id IS NOT NULL")
+
+
+@migrations()
+def m028_pipelines(db: Database) -> None:
+    # A pipeline: one finished video from several steps (pipelines/). Its state and its steps
+    # live here, so that a restart picks it up where it was; each step becomes an ordinary job
+    # (`job_id`), made in the same transaction that records it, so none is ever made twice.
+    db["pipelines"].create(
+        {"seq": int, "id": str, "owner": str, "name": str, "state": str, "output": str,
+         "priority": int, "created_at": float, "updated_at": float, "finished_at": float,
+         "error": str, "result_sha": str, "result_meta": str, "files_expired": int},
+        pk="seq", not_null={"id", "state", "output", "created_at", "updated_at"},
+        defaults={"priority": 0, "files_expired": 0},
+    )
+    db["pipelines"].create_index(["id"], unique=True)
+    db.execute("CREATE INDEX idx_pipelines_owner_seq ON pipelines (owner, seq)")
+    # The start-up sweep's read: the pipelines still under way.
+    db.execute("CREATE INDEX idx_pipelines_running ON pipelines (seq) WHERE state = 'running'")
+    db["pipeline_steps"].create(
+        {"pipeline_id": str, "n": int, "scene": int, "segment": int, "kind": str, "task": str,
+         "params": str, "inputs": str, "needs": str, "seconds": float, "audio": str, "job_id": str},
+        pk=("pipeline_id", "n"), not_null={"kind", "task", "params", "inputs", "needs"},
+    )
+    db.execute("CREATE UNIQUE INDEX idx_pipeline_steps_job ON pipeline_steps (job_id) WHERE job_id IS NOT NULL")
+
+
+@migrations()
+def m030_foreign_ids(db: Database) -> None:
+    # Ids the compatible surfaces' clients chose or were given (a LightX2V client's own
+    # `task_id`, its `save_result_path` file name), each naming a gateway job, per key.
+    db.execute(
+        "CREATE TABLE foreign_ids (owner TEXT NOT NULL, surface TEXT NOT NULL,"
+        " foreign_id TEXT NOT NULL, job_id TEXT NOT NULL, created_at REAL NOT NULL,"
+        " PRIMARY KEY (owner, surface, foreign_id))"
+    )
+    db.execute("CREATE INDEX idx_foreign_ids_job ON foreign_ids (job_id)")
+
+
+@migrations()
+def m024_webhooks(db: Database) -> None:
+    # A job's webhook, fixed when it is accepted (its own, or its key's default then): the URL,
+    # the events it wants (comma-separated) and the key whose secret signs its deliveries.
+    db["job_webhooks"].create(
+        {"job_id": str, "url": str, "events": str, "key_id": str},
+        pk="job_id", not_null={"url", "events"},
+    )
+    # One row per message to send, recorded before its first attempt: `id` is the stable
+    # `webhook-id` every attempt carries, `payload` the body every attempt sends. A job event
+    # turned into deliveries a second time (a crash between the two steps) adds none: unique per
+    # event, type and URL.
+    db["webhook_deliveries"].create(
+        {"id": str, "event_id": int, "type": str, "job_id": str, "url": str, "key_id": str,
+         "payload": str, "created_at": float, "attempts": int, "next_attempt_at": float,
+         "last_attempt_at": float, "last_status": int, "last_error": str,
+         "delivered_at": float, "gave_up_at": float},
+        pk="id", not_null={"event_id", "type", "url", "payload", "created_at"},
+        defaults={"attempts": 0},
+    )
+    db.execute("CREATE UNIQUE INDEX idx_webhook_deliveries_event ON webhook_deliveries (event_id, type, url)")
+    db["webhook_deliveries"].create_index(["job_id", "created_at"])
+    # The worker's question, many times a minute: what is due. Only pending rows are indexed.
+    db.execute(
+        "CREATE INDEX idx_webhook_deliveries_due ON webhook_deliveries (next_attempt_at)"
+        " WHERE delivered_at IS NULL AND gave_up_at IS NULL"
+    )
+    # The last job event turned into deliveries. Starts at the newest event: jobs made before
+    # webhooks existed have none to send.
+    db.execute("CREATE TABLE webhook_cursor (id INTEGER PRIMARY KEY CHECK (id = 1), event_id INTEGER NOT NULL)")
+    db.execute("INSERT INTO webhook_cursor VALUES (1, (SELECT coalesce(max(id), 0) FROM job_events))")
+
+
+@migrations()
+def m025_key_webhooks(db: Database) -> None:
+    # A key's default webhook (for its jobs that name none) and its signing secrets. The secret
+    # is kept as it is (the gateway signs with it; unlike the key, it is not a password) and is
+    # shown once, when made. During a rotation the previous secret signs too, until `_until`.
+    for column in ("webhook_url", "webhook_events", "webhook_secret", "webhook_secret_previous"):
+        db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
+    db.execute("ALTER TABLE api_keys ADD COLUMN webhook_secret_previous_until FLOAT")
+
+
+@migrations()
+def m032_replicas(db: Database) -> None:
+    # Gateway replicas sharing this store (dispatch/replicas.py): each holds a lease it renews,
+    # and each job in flight names the replica that follows it, so a replica that dies has its
+    # jobs taken over by another one, and only by one.
+    db.execute(
+        "CREATE TABLE replicas (id TEXT PRIMARY KEY, started_at REAL NOT NULL,"
+        " expires_at REAL NOT NULL) WITHOUT ROWID"
+    )
+    db.execute("ALTER TABLE jobs ADD COLUMN replica TEXT")
+    # A replica's jobs in flight (and those whose cancel it owes): read on each take-over.
+    db.execute(
+        "CREATE INDEX idx_jobs_replica ON jobs (replica)"
+        " WHERE state IN ('submitted', 'running') OR cancel_pending = 1"
+    )
+
+
+@migrations()
+def m027_batches_by_owner(db: Database) -> None:
+    # GET /api/v1/batches: a key's own batches, newest first, a page at a time.
+    db.execute("CREATE INDEX idx_batches_owner_created ON batches (owner, created_at, id)")
+
+
+@migrations()
+def m029_open_pipelines(db: Database) -> None:
+    # The start-up sweep reads failed pipelines too: a failed step's job retried on its own
+    # (`POST /api/v1/jobs/{id}/retry`) moves its pipeline on again.
+    db.execute("DROP INDEX idx_pipelines_running")
+    db.execute("CREATE INDEX idx_pipelines_open ON pipelines (seq) WHERE state IN ('running', 'failed')")
+    # `Idempotency-Key` on POST /api/v1/pipelines, as for jobs: a repeated request gets the
+    # pipeline the first one made.
+    db.execute("ALTER TABLE pipelines ADD COLUMN idempotency_key TEXT")
+    db.execute("ALTER TABLE pipelines ADD COLUMN request_hash TEXT")
+    db.execute("CREATE UNIQUE INDEX idx_pipelines_idempotency ON pipelines (idempotency_key)"
+               " WHERE idempotency_key IS NOT NULL")

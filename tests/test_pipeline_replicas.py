@@ -1,0 +1,34 @@
+"""A pipeline accepted by one gateway replica is finished by another when the first is SIGKILLed."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway_proc import until
+from replica_cluster import Cluster
+from test_pipelines import download, frames_of, wait_pipeline
+from x2v_gateway.media import probe_video
+
+
+def test_a_replicas_pipeline_is_finished_by_another_after_a_sigkill(tmp_path):
+    cluster = Cluster(tmp_path, replicas=2, nodes=2, job_seconds=1.0).start()
+    try:
+        first, second = cluster.replicas
+        with first.client() as api:
+            doc = {"scenes": [{"task": "t2v", "prompt": f"scene {i}", "duration": 1} for i in range(4)]}
+            pipeline_id = api.post("/api/v1/pipelines", json=doc).json()["id"]
+            until(lambda: api.get(f"/api/v1/pipelines/{pipeline_id}").json()["progress"]["succeeded"] >= 1,
+                  timeout=60, what="a step done")
+        first.kill()
+        with second.client() as api:
+            # The second replica never heard of it: its jobs are taken over with the first's
+            # lease, and the pipeline is found by the sweep of open pipelines and joined.
+            done = wait_pipeline(api, pipeline_id, {"succeeded", "failed"})
+            assert done["state"] == "succeeded", done
+            ids = [s["job_id"] for s in done["steps"]]
+            video = download(api, done["result"]["url"], tmp_path / "joined.mp4")
+        cluster.check_exactly_once(ids)
+        assert probe_video(video).duration == pytest.approx(4.0, abs=0.07)
+        assert frames_of(video) == 64
+    finally:
+        cluster.stop()

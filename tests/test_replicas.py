@@ -1,0 +1,141 @@
+"""Several gateway replicas sharing one SQLite file: any of them takes any request, no node gets
+more than its slots, a replica SIGKILLed has its jobs taken over, and none reaches a node twice.
+tests/test_replicas_postgres.py runs these same tests on one PostgreSQL database.
+
+The long chaos round (500 jobs, 10 kills) is `bench/replicas.py --chaos`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from gateway_proc import until
+from replica_cluster import Cluster, run_chaos
+from servers import MisbehavingNode
+
+
+@pytest.fixture
+def database_url() -> str:
+    """The replicas' store: here their shared SQLite file (test_replicas_postgres.py: PostgreSQL)."""
+    return ""
+
+
+def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others_changes(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=0.5, database_url=database_url).start()
+    try:
+        ids = cluster.submit(40)
+        # A client waiting on one replica hears of a change made through another within a second.
+        waiter, other = cluster.replicas[0], cluster.replicas[1]
+        answer: dict = {}
+
+        def wait_on_waiter() -> None:
+            with waiter.client() as client:
+                response = client.post("/api/v1/jobs?wait=30", json={"task": "t2v", "prompt": "waited on"})
+            answer.update(response.json(), returned_at=time.monotonic())
+
+        thread = threading.Thread(target=wait_on_waiter)
+        thread.start()
+        with other.client() as client:
+            job = None
+            deadline = time.monotonic() + 20
+            while job is None:
+                assert time.monotonic() < deadline, "the job posted to the waiter never showed"
+                time.sleep(0.05)
+                listed = client.get("/api/v1/jobs", params={"limit": 1}).json()["jobs"]
+                job = next((j for j in listed if j["params"].get("prompt") == "waited on"), None)
+            cancelled_at = time.monotonic()
+            assert client.delete(f"/api/v1/jobs/{job['id']}").status_code == 200
+        thread.join(timeout=40)
+        assert answer["state"] == "cancelled"
+        heard_after = answer["returned_at"] - cancelled_at
+        assert heard_after < 1.0, f"the waiting replica heard of the cancel {heard_after:.1f} s later"
+
+        cluster.wait_finished(ids, timeout=90)
+        cluster.check_exactly_once(ids)
+        with cluster.db() as conn:
+            senders = {row[0] for row in conn.execute("SELECT DISTINCT replica FROM jobs WHERE id IN"
+                                                        f" ({','.join('?' * len(ids))})", ids)}
+        assert len(senders) >= 2, f"one replica sent everything: {senders}"
+        cluster.check_videos(ids, sample=5)
+    finally:
+        cluster.stop()
+
+
+def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=4.0, database_url=database_url).start()
+    try:
+        ids = cluster.submit(14)
+        # Wait until the busiest replica follows jobs that run, and some that only just went out.
+        victim = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            victim = cluster.busiest()
+            if len(cluster.held_by(victim.name)) >= 2:
+                break
+            time.sleep(0.1)
+        held = cluster.held_by(victim.name)
+        assert len(held) >= 2
+        victim.kill()
+        killed_at = time.monotonic()
+        while cluster.held_by(victim.name) & held:
+            assert time.monotonic() - killed_at < 10, "its jobs were not taken over within 10 s"
+            time.sleep(0.1)
+        moved_in = time.monotonic() - killed_at
+        with cluster.db() as conn:
+            takers = {row[0] for row in conn.execute(
+                f"SELECT replica FROM jobs WHERE id IN ({','.join('?' * len(held))})", list(held)
+            )}
+        assert victim.name not in takers
+        cluster.wait_finished(ids, timeout=120)
+        cluster.check_exactly_once(ids)
+        print(f"{len(held)} jobs taken over {moved_in:.1f} s after the kill")
+        # The survivors answer for every job, the dead replica's included.
+        with cluster.live()[0].client() as client:
+            for job_id in held:
+                assert client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "succeeded"
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("node_has_it", [False, True], ids=["never-read", "task-made"])
+def test_replica_killed_with_its_submission_on_the_wire_has_it_resolved_against_the_node(tmp_path, node_has_it):
+    cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=1.0, node_class=MisbehavingNode).start()
+    (node,) = cluster.nodes
+    try:
+        # The node holds the next submission's connection without answering: before reading it
+        # (its sender's death drops it), or after making its task (only the answer is lost).
+        node.fault("hang", route="submit", seconds=25, phase="after" if node_has_it else "before")
+        (job_id,) = cluster.submit(1, prefix="on the wire")
+        until(lambda: node.faults()[0]["fired"], what="the submission reached the node")
+        with cluster.db() as conn:
+            (sender,) = conn.execute("SELECT replica FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        next(r for r in cluster.replicas if r.name == sender).kill()
+        node.clear_faults()
+        until(lambda: cluster.held_by(sender) == set() and cluster.states([job_id])["succeeded"],
+              timeout=30, what="the job taken over and finished")
+        assert cluster.sent() == {job_id: 1}  # the node made its task once, either way
+        with cluster.live()[0].client() as client:
+            job = client.get(f"/api/v1/jobs/{job_id}").json()
+        # Sent again only when the node had no such task.
+        assert job["state"] == "succeeded" and job["attempts"] == (1 if node_has_it else 2), job["events"]
+    finally:
+        cluster.stop()
+
+
+def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(tmp_path, database_url):
+    cluster = Cluster(tmp_path, job_seconds=1.0, database_url=database_url).start()
+    try:
+        outcome = run_chaos(cluster, jobs=60, kills=3, seed=15, spread=12.0, gap=(1.0, 3.0), timeout=180)
+        ids = outcome["ids"]
+        assert len(outcome["kills"]) == 3
+        assert len(set(ids)) == 60  # every job the clients sent exists, once
+        cluster.check_exactly_once(ids)
+        cluster.check_videos(ids)
+        for replica in cluster.replicas:
+            assert httpx.get(f"{replica.url}/healthz", timeout=10).status_code == 200
+    finally:
+        cluster.stop()
