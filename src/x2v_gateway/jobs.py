@@ -416,8 +416,7 @@ class JobService:
             if job is not None and not job.finished:
                 await self.dispatcher.cancel(job_id)
         doomed = await self.store.purge_files(job_ids, who.label, target)
-        for sha in doomed:
-            self.blobs.delete(sha)
+        await self.blobs.delete(doomed)
         for job_id in job_ids:
             self.notifier.changed(job_id)
         self.auth.note(who.label, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
@@ -489,7 +488,7 @@ class JobService:
         except BaseException:
             discard(files)
             raise
-        sha, size = await asyncio.to_thread(incoming.writer.commit)
+        sha, size = await incoming.writer.commit()
         await self.store.record_blob(sha, size, ext)
         return UploadedFile(name=name, sha256=sha, size=size, role=role)
 
@@ -550,7 +549,7 @@ class JobService:
         """
         for spec in specs:
             for role, sha in spec.inputs.items():
-                if not self.blobs.exists(sha):
+                if not await self.blobs.exists(sha):
                     name = spec.files.get(role, role)
                     raise ApiError(422, f"{name} is no longer stored on the gateway; add it again", role)
             if why := self.prompt_missing(spec.task, spec.params.get("prompt")):
@@ -601,7 +600,7 @@ class JobService:
 
     async def _run_anew(self, job: Job, params: dict[str, Any], files: dict[str, str]) -> Job:
         """A new job with the inputs of `job` and edited parameters, in the same batch."""
-        if job.files_expired or not all(self.blobs.exists(sha) for sha in job.inputs.values()):
+        if job.files_expired or not all([await self.blobs.exists(sha) for sha in job.inputs.values()]):
             raise ApiError(410, "this job's input files have expired; submit it again with its files")
         if why := self.prompt_missing(job.task, params.get("prompt"), job.pinned):
             raise ApiError(422, f"prompt is required: {why}", "prompt")

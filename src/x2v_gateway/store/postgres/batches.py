@@ -67,22 +67,6 @@ class BatchReads(PgRows):
         )
         return [r[0] for r in found]
 
-    def list_batches(
-        self, *, owner: str | None = None, before: tuple[float, str] | None = None, limit: int = 50,
-    ) -> list[dict[str, Any]]:
-        where, args = [], []
-        if owner is not None:
-            where.append("owner = %s")
-            args.append(owner)
-        if before is not None:
-            where.append("(created_at, id) < (%s, %s)")
-            args += list(before)
-        sql = "SELECT * FROM batches" + (" WHERE " + " AND ".join(where) if where else "")
-        found = rows(self.conn, sql + " ORDER BY created_at DESC, id DESC LIMIT %s", (*args, limit))
-        for data in found:
-            data["form"] = json.loads(data["form"]) if data["form"] else {}
-        return found
-
     def batch_counts(self, batch_id: str, owner: str | None = None) -> dict[str, int]:
         mine, args = _owned(owner)
         counts = dict.fromkeys(STATES, 0)

@@ -405,9 +405,3 @@ _COUNT_TRIGGERS = ";\n".join([
         f"{_OLD} UNION ALL {_NEW}",
     ),
 ])
-
-
-@migration
-def m027_batches_by_owner(conn: psycopg.Connection) -> None:
-    # GET /api/v1/batches: a key's own batches, newest first, a page at a time (as SQLite's m027).
-    conn.execute("CREATE INDEX idx_batches_owner_created ON batches (owner, created_at, id)")
