@@ -94,6 +94,33 @@ def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_pa
         cluster.stop()
 
 
+def test_a_cancel_made_through_another_replica_reaches_the_node_at_once(tmp_path):
+    # Slow polls (8 s): the owner's follow loop would deliver the stop request only at its next
+    # round, 4 s later on average; the owner hears of the cancel from the store's changes instead.
+    cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=10.0, X2V_POLL_INTERVAL="8").start()
+    (node,) = cluster.nodes
+    try:
+        ids = cluster.submit(2, prefix="cancelled elsewhere")
+        until(lambda: len(cluster.sent()) == 2, timeout=30, what="both jobs on the node")
+
+        def node_status(task_id: str) -> str:
+            return httpx.get(f"{node.url}/v1/tasks/{task_id}/status", timeout=10).json()["status"]
+
+        waiting = until(lambda: next((i for i in ids if node_status(i) == "pending"), None),
+                        what="one job waiting in the node's queue")
+        with cluster.db() as conn:
+            (owner,) = conn.execute("SELECT replica FROM jobs WHERE id = ?", (waiting,)).fetchone()
+        other = next(r for r in cluster.replicas if r.name != owner)
+        with other.client() as client:
+            cancelled_at = time.monotonic()
+            assert client.delete(f"/api/v1/jobs/{waiting}").json()["state"] == "cancelled"
+        until(lambda: node_status(waiting) == "cancelled", timeout=10, what="the node's task cancelled")
+        took = time.monotonic() - cancelled_at
+        assert took < 3.0, f"the node's task was cancelled {took:.1f} s after the user's cancel"
+    finally:
+        cluster.stop()
+
+
 @pytest.mark.parametrize("node_has_it", [False, True], ids=["never-read", "task-made"])
 def test_replica_killed_with_its_submission_on_the_wire_has_it_resolved_against_the_node(tmp_path, node_has_it):
     cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=1.0, node_class=MisbehavingNode).start()
