@@ -94,7 +94,7 @@ def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_pa
         cluster.stop()
 
 
-def test_a_cancel_made_through_another_replica_reaches_the_node_at_once(tmp_path):
+def test_a_cancel_made_through_another_replica_reaches_the_node_and_the_owners_event_stream_at_once(tmp_path):
     # Slow polls (8 s): the owner's follow loop would deliver the stop request only at its next
     # round, 4 s later on average; the owner hears of the cancel from the store's changes instead.
     cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=10.0, X2V_POLL_INTERVAL="8").start()
@@ -111,12 +111,28 @@ def test_a_cancel_made_through_another_replica_reaches_the_node_at_once(tmp_path
         with cluster.db() as conn:
             (owner,) = conn.execute("SELECT replica FROM jobs WHERE id = ?", (waiting,)).fetchone()
         other = next(r for r in cluster.replicas if r.name != owner)
+        # The job's event stream on its owner carries the cancel made through the other replica.
+        heard: list[float] = []
+
+        def follow_stream() -> None:
+            with next(r for r in cluster.replicas if r.name == owner).client() as client:
+                with client.stream("GET", f"/api/v1/jobs/{waiting}/events") as stream:
+                    for line in stream.iter_lines():
+                        if line.startswith("data:") and '"cancelled"' in line:
+                            heard.append(time.monotonic())
+                            return
+
+        listener = threading.Thread(target=follow_stream, daemon=True)
+        listener.start()
+        time.sleep(0.5)  # the stream has replayed what came before
         with other.client() as client:
             cancelled_at = time.monotonic()
             assert client.delete(f"/api/v1/jobs/{waiting}").json()["state"] == "cancelled"
         until(lambda: node_status(waiting) == "cancelled", timeout=10, what="the node's task cancelled")
         took = time.monotonic() - cancelled_at
         assert took < 3.0, f"the node's task was cancelled {took:.1f} s after the user's cancel"
+        listener.join(timeout=10)
+        assert heard and heard[0] - cancelled_at < 1.0, "the owner's event stream did not carry the cancel within 1 s"
     finally:
         cluster.stop()
 
