@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
 
 from gateway_proc import until
 from replica_cluster import Cluster, run_chaos
-from servers import MisbehavingNode
+from servers import MisbehavingNode, NodeProcess
 
 
 def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others_changes(tmp_path):
@@ -135,6 +136,39 @@ def test_a_cancel_made_through_another_replica_reaches_the_node_and_the_owners_e
         assert heard and heard[0] - cancelled_at < 1.0, "the owner's event stream did not carry the cancel within 1 s"
     finally:
         cluster.stop()
+
+
+def test_a_node_drained_added_or_removed_through_one_replica_is_taken_up_by_the_others(tmp_path):
+    cluster = Cluster(tmp_path, replicas=2, nodes=2, job_seconds=0.3).start()
+    extra = NodeProcess(tmp_path / "extra", job_seconds=0.3, tasks="t2v").start()
+    first, second = cluster.replicas
+    try:
+        with first.client() as client:
+            assert client.post("/api/v1/nodes/n0/drain").status_code == 200
+            added = client.post("/api/v1/nodes", json={"name": "n9", "url": extra.url, "tasks": ["t2v"]})
+            assert added.status_code in (200, 201), added.text
+        with second.client() as client:
+            def nodes() -> dict[str, str]:
+                return {n["name"]: n["state"] for n in client.get("/api/v1/nodes").json()}
+
+            until(lambda: nodes().get("n0") == "draining" and "n9" in nodes(), timeout=10,
+                  what="the other replica seeing the drain and the new node")
+            pinned = [client.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"on n9 {i}", "upstream": "n9"})
+                      for i in range(3)]
+            assert all(r.status_code == 201 for r in pinned), [r.text for r in pinned]
+        ids = cluster.submit(10, prefix="while n0 drains") + [r.json()["id"] for r in pinned]
+        cluster.wait_finished(ids, timeout=60)
+        assert cluster.states(ids) == Counter({"succeeded": len(ids)})
+        on_n0 = {e["task_id"] for e in cluster.nodes[0].submissions()}
+        assert not on_n0 & set(ids), "a drained node got new jobs"
+        assert {r.json()["id"] for r in pinned} <= {e["task_id"] for e in extra.submissions()}
+        with first.client() as client:
+            assert client.delete("/api/v1/nodes/n9").status_code in (200, 204)
+        with second.client() as client:
+            until(lambda: "n9" not in nodes(), timeout=10, what="the other replica dropping n9")
+    finally:
+        cluster.stop()
+        extra.stop()
 
 
 @pytest.mark.parametrize("node_has_it", [False, True], ids=["never-read", "task-made"])

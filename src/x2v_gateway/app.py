@@ -176,6 +176,7 @@ class Gateway:
         await self.auth.bootstrap()
         await self.registry.save_settings()
         await self.dispatcher.start()
+        self.dispatcher.spawn(self.registry.follow_store())  # nodes changed through other replicas
         await self.pipelines.start()
         await self.webhook_worker.start()
         log.info("upstreams: %s", ", ".join(
