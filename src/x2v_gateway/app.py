@@ -184,6 +184,7 @@ class Gateway:
             log.warning("blobs: the store does not answer yet; jobs with files get 503 until it does")
         await self.registry.save_settings()
         await self.dispatcher.start()
+        self.dispatcher.spawn(self.registry.follow_store())  # nodes changed through other replicas
         await self.pipelines.start()
         await self.webhook_worker.start()
         log.info("upstreams: %s", ", ".join(
