@@ -25,7 +25,7 @@ from x2v_gateway.store import BatchJobSpec, JobStore, Reads
 JOBS = 200_000
 # Tables whose size does not grow with history (keys, nodes, counts by owner and state, queued
 # jobs by priority and block of 1024): these may be read whole.
-SMALL_TABLES = {"api_keys", "nodes", "stray_tasks", "job_counts", "queue_blocks"}
+SMALL_TABLES = {"api_keys", "nodes", "stray_tasks", "job_counts", "queue_blocks", "webhook_cursor"}
 
 COLD = {
     "expire_files": "the retention sweep: once an hour, on the writer thread, it reads the jobs"
@@ -184,6 +184,31 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     "reserve_jobs": lambda s, h: run(s.reserve_jobs(h.owner, "2026-01-05", 1, 1000)),
     "release_jobs": lambda s, h: run(s.release_jobs(h.owner, "2026-01-05", 1)),
     "record_audit": lambda s, h: run(s.record_audit("admin", "node.drain", "n01")),
+    # -- webhooks: the worker's rounds (its cursor keeps up with the events), a job's page
+    "job_webhook": _reads(lambda r, h: r.job_webhook(h.finished_id)),
+    "webhook_events": lambda s, h: (
+        run(s.record_deliveries([], s.read_blocking(lambda r: r.newest_event_id()) - 50)),
+        s.read_blocking(lambda r: r.webhook_events()),
+    ),
+    "batch_last_event": _reads(lambda r, h: (
+        r.batch_last_event(h.api_batch, h.owner), r.batch_last_event(h.dashboard_batch, None),
+    )),
+    "batch_webhooks": _reads(lambda r, h: r.batch_webhooks(h.api_batch, h.owner)),
+    "next_delivery_at": _reads(lambda r, h: r.next_delivery_at()),
+    "job_deliveries": _reads(lambda r, h: r.job_deliveries(h.finished_id)),
+    "pending_deliveries": _reads(lambda r, h: r.pending_deliveries(h.finished_id)),
+    "webhook_secrets": _reads(lambda r, h: r.webhook_secrets(h.owner)),
+    "record_deliveries": lambda s, h: run(s.record_deliveries([{
+        "id": "msg_plans", "event_id": 1, "type": "job.failed", "job_id": h.finished_id,
+        "url": "http://hooks.example/x", "key_id": h.owner, "payload": "{}", "created_at": 1.0,
+    }], 1)),
+    "due_deliveries": _reads(lambda r, h: (r.due_deliveries(2.0, 200), r.due_deliveries(2.0, 200, ["http://a/"]))),
+    "claim_deliveries": lambda s, h: run(s.claim_deliveries(["msg_plans", "msg_none"], 2.0, 30.0)),
+    "delivery_attempted": lambda s, h: run(s.delivery_attempted(
+        "msg_plans", at=3.0, status=500, error="answered 500", next_attempt_at=9.0,
+    )),
+    "set_key_webhook": lambda s, h: run(s.set_key_webhook(h.owner, "http://hooks.example/x", ("failed",), "admin")),
+    "set_webhook_secret": lambda s, h: run(s.set_webhook_secret(h.owner, "whsec_x", "admin", previous_until=9.0)),
 }
 
 

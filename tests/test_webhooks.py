@@ -461,7 +461,7 @@ def test_batch_form_webhook_sends_each_job_and_the_batch_finishing(gateway, rece
 
 
 def test_job_page_shows_deliveries_and_their_retries(gateway, receiver):
-    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, LAPTOP, shot
+    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, LAPTOP, SCREENSHOTS
 
     if not Path(CHROMIUM).exists():
         pytest.skip("needs Debian's chromium (./dev test installs it)")
@@ -491,7 +491,8 @@ def test_job_page_shows_deliveries_and_their_retries(gateway, receiver):
             # Delivered at the third attempt: the section refreshes itself until then.
             expect(row.locator("td").nth(1)).to_have_text("3", timeout=30_000)
             expect(row.locator("td").nth(2)).to_have_text("200")
-            shot(page, "job-webhooks")
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            section.screenshot(path=str(SCREENSHOTS / "job-webhooks.png"))
             with gateway.responses_path.open("a", encoding="utf-8") as seen:
                 seen.write(page.content())
             assert "hidden-in-page" not in page.content()
@@ -612,3 +613,46 @@ def test_replicas_sharing_a_store_send_each_message_once(tmp_path, receiver):
         assert set(messages) == {(i, t) for i in ids for t in ("job.queued", "job.succeeded")}
     finally:
         cluster.stop()
+
+
+def test_a_slow_receiver_does_not_hold_up_another(tmp_path, receiver):
+    """Two slots, three messages to a receiver slower than the timeout queued first: it gets one
+    slot at a time, and the other receiver's message goes through the other one at once."""
+    import asyncio
+
+    from x2v_gateway.dispatch import Notifier
+    from x2v_gateway.metrics import Metrics
+    from x2v_gateway.settings import Settings
+    from x2v_gateway.store import JobStore, JobWebhook
+    from x2v_gateway.webhook_worker import WebhookWorker
+
+    slow = Receiver()
+    slow.plans["/slow"] = ["slow"] * 3
+
+    async def scenario() -> float:
+        store = JobStore(tmp_path / "store.db")
+        settings = Settings(data_dir=tmp_path, private_urls=True, webhook_concurrency=2, webhook_timeout=1.5)
+        worker = WebhookWorker(settings, store, Notifier(), Metrics())
+        try:
+            await store.create_key({"id": "k1", "name": "k1", "key_hash": "h", "prefix": "", "admin": False,
+                                    "daily_quota": None, "max_concurrent": None, "rate_per_min": None,
+                                    "source": "test", "webhook_secret": "whsec_" + "A" * 32}, "test")
+            for url in [slow.url("/slow")] * 3 + [receiver.url("/beside-slow")]:
+                await store.create_job(task="t2v", params={}, inputs={}, owner="k1",
+                                       webhook=JobWebhook(url, ("queued",), "k1"))
+            started = time.monotonic()
+            await worker.start()
+            while not receiver.at("/beside-slow"):
+                assert time.monotonic() - started < 10
+                await asyncio.sleep(0.02)
+            return time.monotonic() - started
+        finally:
+            await worker.stop()
+            store.close()
+
+    try:
+        waited = asyncio.run(scenario())
+    finally:
+        slow.stop()
+    assert waited < 1.0, f"the fast receiver's message waited {waited:.1f} s behind the slow one's"
+    assert len(slow.at("/slow")) == 1  # one slot for it, the other free for everyone else

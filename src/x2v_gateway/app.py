@@ -184,6 +184,7 @@ class Gateway:
             log.warning("blobs: the store does not answer yet; jobs with files get 503 until it does")
         await self.registry.save_settings()
         await self.dispatcher.start()
+        self.dispatcher.spawn(self.registry.follow_store())  # nodes changed through other replicas
         await self.pipelines.start()
         await self.webhook_worker.start()
         log.info("upstreams: %s", ", ".join(
@@ -210,9 +211,9 @@ def _given(service: Any) -> Callable[[], Any]:
 
 
 def _error(request: Request, status: int, message: str, field: str | None = None,
-           headers: dict[str, str] | None = None) -> Response:
+           headers: dict[str, str] | None = None, where: str | None = None) -> Response:
     # A compatible surface's clients get the shape they read (compat.py); the rest, the API's.
-    return error_response(request.url.path, status, message, field, headers) or Response(
+    return error_response(request.url.path, status, message, field, headers, where) or Response(
         ErrorResponse(ErrorBody(status, message, field)), status_code=status, headers=headers,
     )
 
@@ -231,7 +232,7 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
     field = first.get("key")
     message = f"{field} {plain(str(first.get('message')))}" if field else exc.detail
     # FastAPI (the compatible surfaces' model) says 422 for a query parameter out of range.
-    return _error(request, 422 if surface(request.url.path) else 400, message, field)
+    return _error(request, 422 if surface(request.url.path) else 400, message, field, where=first.get("source"))
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -22,7 +22,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -51,6 +53,9 @@ MIN_ROUND_GAP = 0.2
 # process: none today, but cheap).
 IDLE_ROUND_GAP = 2.0
 USER_AGENT = "x2v-gateway-webhooks"
+# Due deliveries looked at per round to fill the free slots, the most overdue first (those to a
+# receiver at its share of the slots are passed over by URL before this window is cut).
+DUE_WINDOW = 200
 # A delivery taken for an attempt is due again this long after the attempt's timeout, should the
 # attempt never be recorded (the gateway killed meanwhile).
 LEASE_MARGIN = 5.0
@@ -78,6 +83,8 @@ class WebhookWorker:
             headers={"user-agent": USER_AGENT},
         )
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        # Delivery id -> (its receiver, its URL), for those in flight.
+        self._targets: dict[str, tuple[str, str]] = {}
         self._changed = asyncio.Event()  # a job changed: new events to record, maybe
         self._due = asyncio.Event()  # deliveries recorded, or a slot freed: attempt what is due
         self._cursor: int | None = None  # the cursor as last written
@@ -115,10 +122,12 @@ class WebhookWorker:
                 more = await self.record()
             except Exception:  # the store busy, a bug: the next round tries again
                 log.exception("recording webhook deliveries failed")
+            if more:  # a backlog (a batch finished, a restart): on at once
+                await asyncio.sleep(0)
+                continue
             await asyncio.sleep(MIN_ROUND_GAP)
-            if not more:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), IDLE_ROUND_GAP)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), IDLE_ROUND_GAP)
             self._changed.clear()
 
     async def _send_loop(self) -> None:
@@ -150,18 +159,31 @@ class WebhookWorker:
     async def send(self) -> float:
         """Start due deliveries in the free slots; the seconds until the next one is due."""
         free = self.settings.webhook_concurrency - len(self._inflight)
-        if free > 0 and await self._start(time.time(), free) == free:
-            return 0.0  # every slot taken: maybe more are due
+        if free > 0 and await self._start(time.time(), free):
+            return 0.0  # some taken: maybe more are due, for the slots left
         next_at = await self.store.read(lambda r: r.next_delivery_at())
         if next_at is None:
             return IDLE_ROUND_GAP
         return min(IDLE_ROUND_GAP, max(0.0, next_at - time.time()))
 
     async def _start(self, now: float, free: int) -> int:
-        """Take the due deliveries (a lease: past it, one an attempt left unfinished is due
-        again) and attempt each, signed with its key's secrets; how many were taken."""
+        """Take due deliveries for the free slots, at most half of all slots per receiver (so a
+        slow one leaves the others theirs), with a lease (past it, one an attempt left
+        unfinished is due again), and attempt each, signed with its key's secrets; how many
+        were taken."""
+        per_target = max(1, self.settings.webhook_concurrency // 2)
+        busy = Counter(target for target, _ in self._targets.values())
+        # A receiver at its share: its messages are passed over in the store, not read.
+        full = {url for target, url in self._targets.values() if busy[target] >= per_target}
+        due = await self.store.read(lambda r: r.due_deliveries(now, DUE_WINDOW, full))
+        chosen = []
+        for delivery_id, url in due:
+            target = _target(url)
+            if len(chosen) < free and delivery_id not in self._inflight and busy[target] < per_target:
+                busy[target] += 1
+                chosen.append(delivery_id)
         lease = now + self.settings.webhook_timeout + LEASE_MARGIN
-        rows = await self.store.claim_deliveries(now, free, lease)
+        rows = await self.store.claim_deliveries(chosen, now, lease)
         if not rows:
             return 0
         keys = {row["key_id"] for row in rows if row["key_id"]}
@@ -169,11 +191,13 @@ class WebhookWorker:
         for row in rows:
             task = asyncio.create_task(self._attempt(row, secrets.get(row["key_id"] or "", [])))
             self._inflight[row["id"]] = task
+            self._targets[row["id"]] = (_target(row["url"]), row["url"])
             task.add_done_callback(lambda _, key=row["id"]: self._done(key))
         return len(rows)
 
     def _done(self, delivery_id: str) -> None:
         self._inflight.pop(delivery_id, None)
+        self._targets.pop(delivery_id, None)
         self._due.set()  # a slot is free
 
     async def _attempt(self, row: dict[str, Any], secrets: list[str]) -> None:
@@ -272,3 +296,9 @@ def _batch_data(r: Reads, batch_id: str, owner: str | None) -> dict[str, Any]:
     record = r.batch(batch_id)
     name = record.get("name") if record and record.get("owner") == owner else None
     return {"batch_id": batch_id, "name": name, "jobs": sum(counts.values()), "counts": counts}
+
+
+def _target(url: str) -> str:
+    """The receiver a URL names (its host and port), whose share of the slots is bounded."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"

@@ -21,7 +21,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from ..auth import Caller
 from ..blobs import BlobStore
-from ..compat import IMAGE_TASKS, OPENAI, errors, file_responses, job_request, result_blob
+from ..compat import OPENAI, errors, file_responses, job_request, result_blob
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
@@ -29,6 +29,7 @@ from ..reads import find_job
 from ..schemas import ApiError
 from ..settings import Settings
 from ..store import Job, JobStore
+from ..tasks import IMAGE_TASKS
 from .api import body_operation, struct_schema
 from .files import ranged_file
 

@@ -139,7 +139,7 @@ async def generate_image(
 ) -> ImagesResponse:
     raw = await read_limited(request.stream(), 1024 * 1024, "the body is larger than an image request needs")
     try:
-        body = msgspec.json.decode(raw, type=ImageGeneration)
+        body = msgspec.json.decode(raw, type=ImageGeneration, strict=False)
     except msgspec.ValidationError as exc:
         field = str(exc).rsplit("$.", 1)[-1].rstrip("`") if "$." in str(exc) else None
         raise ApiError(400, str(exc).split(" - at ")[0], field) from None

@@ -413,11 +413,11 @@ class JobStore(ABC):
         Returns how many were new."""
 
     @abstractmethod
-    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
-        """Take up to `limit` pending deliveries due by `now` (whole rows, the most overdue
-        first) for an attempt, atomically: each is due again only at `until`, so that replicas
-        sharing the store never attempt one at the same time, and one a crash cut short is
-        attempted again once `until` has passed."""
+    async def claim_deliveries(self, ids: list[str], now: float, until: float) -> list[dict[str, Any]]:
+        """Take these deliveries (`due_deliveries` found them) for an attempt, atomically: those
+        still pending and due by `now` (whole rows), each then due again only at `until`, so that
+        replicas sharing the store never attempt one at the same time, and one a crash cut short
+        is attempted again once `until` has passed."""
 
     @abstractmethod
     async def delivery_attempted(

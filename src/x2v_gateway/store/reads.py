@@ -262,6 +262,11 @@ class Reads(Protocol):
         """The different webhooks among the batch's jobs that want `batch.finished`."""
         ...
 
+    def due_deliveries(self, now: float, limit: int, skip_urls: Iterable[str] = ()) -> list[tuple[str, str]]:
+        """(id, url) of pending deliveries due by `now`, the most overdue first, but those to
+        `skip_urls` (receivers that have their share of attempts in flight)."""
+        ...
+
     def next_delivery_at(self) -> float | None:
         """When the next pending delivery is due (None: nothing pending)."""
         ...

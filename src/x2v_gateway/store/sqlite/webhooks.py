@@ -17,6 +17,9 @@ from .keys import audit
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 _PENDING = "delivered_at IS NULL AND gave_up_at IS NULL"
+# A job's deliveries, asked on every GET of the job: while the table is nearly empty, SQLite's
+# statistics (after an ANALYZE) would have it read the table whole, and keep doing so as it grows.
+_BY_JOB = "INDEXED BY idx_webhook_deliveries_job_id_created_at"
 # The columns of a delivery the API shows (not its payload).
 _DELIVERY_COLUMNS = (
     "id, event_id, type, job_id, url, created_at, attempts, next_attempt_at, last_attempt_at,"
@@ -93,6 +96,17 @@ class WebhookReads(Rows):
         ).fetchall()
         return [_webhook(r) for r in rows]
 
+    def due_deliveries(self, now: float, limit: int, skip_urls: Iterable[str] = ()) -> list[tuple[str, str]]:
+        """(id, url) of pending deliveries due by `now`, the most overdue first, but those to
+        `skip_urls`."""
+        skip = list(skip_urls)
+        rows = self.conn.execute(
+            f"SELECT id, url FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= ?"
+            f" AND url NOT IN ({','.join('?' * len(skip))}) ORDER BY next_attempt_at LIMIT ?",
+            (now, *skip, limit),
+        )
+        return [tuple(r) for r in rows]
+
     def next_delivery_at(self) -> float | None:
         (at,) = self.conn.execute(
             f"SELECT min(next_attempt_at) FROM webhook_deliveries WHERE {_PENDING}"
@@ -101,7 +115,7 @@ class WebhookReads(Rows):
 
     def job_deliveries(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
         rows = self.conn.execute(
-            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE job_id = ?"
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries {_BY_JOB} WHERE job_id = ?"
             " ORDER BY created_at, event_id LIMIT ?",
             (job_id, limit),
         )
@@ -109,7 +123,7 @@ class WebhookReads(Rows):
 
     def pending_deliveries(self, job_id: str) -> int:
         (n,) = self.conn.execute(
-            f"SELECT count(*) FROM webhook_deliveries WHERE job_id = ? AND {_PENDING}", (job_id,)
+            f"SELECT count(*) FROM webhook_deliveries {_BY_JOB} WHERE job_id = ? AND {_PENDING}", (job_id,)
         ).fetchone()
         return n
 
@@ -149,24 +163,26 @@ class WebhookWrites(SqliteThreads):
 
         return await self._write(write)
 
-    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
-        """Take up to `limit` due deliveries, the most overdue first, for an attempt: each is due
-        again only at `until` (a lease), so another replica sharing the store, or this one in its
-        next round, does not attempt it too; a crash mid-attempt leaves it due when that ends."""
+    async def claim_deliveries(self, ids: list[str], now: float, until: float) -> list[dict[str, Any]]:
+        """Take these deliveries for an attempt, those still pending and due by `now` (another
+        replica may have taken one meanwhile): each is due again only at `until` (a lease), so
+        no other round or replica attempts it too, and one a crash cut short is due again then."""
 
         def write(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = [dict(r) for r in conn.execute(
-                f"SELECT * FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at LIMIT ?",
-                (now, limit),
-            )]
+            # One by one (a few, one per free slot): `id IN (...)` on a table that looks small
+            # to SQLite's statistics is read whole.
+            found = [conn.execute(
+                f"SELECT * FROM webhook_deliveries WHERE id = ? AND {_PENDING} AND next_attempt_at <= ?",
+                (delivery_id, now),
+            ).fetchone() for delivery_id in ids]
+            rows = [dict(r) for r in found if r is not None]
             conn.executemany(
                 "UPDATE webhook_deliveries SET next_attempt_at = ? WHERE id = ?",
                 [(until, row["id"]) for row in rows],
             )
             return rows
 
-        return await self._write(write)
+        return await self._write(write) if ids else []
 
     async def delivery_attempted(
         self, delivery_id: str, *, at: float, status: int | None, error: str | None,
