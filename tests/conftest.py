@@ -39,7 +39,7 @@ FILE_SECONDS = {
     "test_store_plans_postgres.py": 14,
     "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
     "test_webhooks.py": 50,
-    "test_replicas.py": 165, "test_replica_store.py": 6,
+    "test_replicas.py": 125, "test_replica_store.py": 6,
 }
 
 
