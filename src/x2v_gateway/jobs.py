@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 
 from .auth import CSRF_FIELD, Auth, Caller, LimitError
-from .batch_requests import MadeBatch, create_batch
 from .batch_plan import BatchPlan, find_uploads, listed_names, new_batch_id, plan_batch, retry_params
 from .blobs import BlobStore
 from .checker import CHECKER, MediaError
@@ -354,12 +353,6 @@ class JobService:
             await self.notifier.wait(job.id, remaining)
             job = await self.store.get(job.id) or job
         return job
-
-    async def create_batch_from_json(
-        self, who: Caller, body: AsyncIterator[bytes], *, idempotency_key: str | None,
-    ) -> MadeBatch:
-        """A batch of jobs sent as one JSON request (`POST /api/v1/batches`): all or none."""
-        return await create_batch(self, who, body, idempotency_key=idempotency_key)
 
     # -- pipeline steps (pipelines/) ------------------------------------------------------------
 
