@@ -240,7 +240,7 @@ async def find_uploads(store: JobStore, blobs: BlobStore, values: list[str]) -> 
             continue
         sha = str(data.get("sha256", ""))
         blob = found.get(sha)
-        if blob is None or not blobs.exists(sha):
+        if blob is None or not await blobs.exists(sha):
             uploads[name] = Upload(name, role, error=f"{name} is no longer stored on the gateway"
                                    " (uploaded more than an hour ago?); add it again")
             continue

@@ -15,14 +15,13 @@ import datetime as dt
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import msgspec
 from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
 
-from .blobs import BlobStore
+from .blobs import BlobStore, StoredBlob
 from .schemas import ERROR_MEANINGS, ApiError, JobRequest, field_problem
 from .store import Job
 
@@ -181,12 +180,11 @@ def renaming(names: dict[str, str]) -> Iterator[None]:
         raise ApiError(exc.status, exc.message.replace(exc.field or "", theirs, 1), theirs) from None
 
 
-def result_path(job: Job, blobs: BlobStore) -> Path | None:
+async def result_blob(job: Job, blobs: BlobStore) -> StoredBlob | None:
     """The stored result of a job that succeeded (None: no result, or no longer kept)."""
     if job.state != "succeeded" or not job.result_sha or job.files_expired:
         return None
-    path = blobs.path(job.result_sha)
-    return path if path.is_file() else None
+    return await blobs.open(job.result_sha)
 
 
 def looks_like_server_path(value: str) -> bool:

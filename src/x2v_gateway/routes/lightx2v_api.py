@@ -14,13 +14,13 @@ store's foreign ids, like the `save_result_path` file name `/v1/files/download/`
 
 from __future__ import annotations
 
-import asyncio
 import posixpath
 import time
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.response import Stream
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, QueryParameter
@@ -28,7 +28,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from ..auth import Caller
 from ..blobs import BlobStore
 from ..compat import (
-    LIGHTX2V, errors, file_responses, job_request, naive_local, renaming, result_path, truth, whole_number,
+    LIGHTX2V, errors, file_responses, job_request, naive_local, renaming, result_blob, truth, whole_number,
 )
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
@@ -253,7 +253,7 @@ async def submit_image_sync(
     blobs: NamedDependency[BlobStore], settings: NamedDependency[Settings], who: NamedDependency[Caller],
     timeout_seconds: Annotated[int, QueryParameter(description="At most X2V_MAX_WAIT")] = 600,
     poll_interval_seconds: Annotated[float, QueryParameter(description="Accepted; the gateway is told when the job ends")] = 0.5,
-) -> Response:
+) -> Stream:
     if timeout_seconds <= 0:
         raise ApiError(400, "timeout_seconds must be > 0", "timeout_seconds")
     if not poll_interval_seconds > 0:
@@ -272,11 +272,11 @@ async def submit_image_sync(
     if job.state != "succeeded":
         await jobs.cancel(job.id, who)
         raise ApiError(504, f"Task {job.id} timed out after {timeout_seconds} seconds")
-    path = result_path(job, blobs)
-    if path is None:
+    blob = await result_blob(job, blobs)
+    if blob is None:
         raise ApiError(500, f"Task completed but its image is no longer stored: {job.id}")
-    return Response(await asyncio.to_thread(path.read_bytes), media_type="image/png",
-                    headers={"content-disposition": 'inline; filename="result.png"'})
+    return Stream(blob.chunks(), media_type="image/png",
+                  headers={"content-disposition": 'inline; filename="result.png"', "content-length": str(blob.size)})
 
 
 @post("/v1/tasks/image/", status_code=200, request_max_body_size=None,
@@ -362,15 +362,15 @@ async def task_result(
         raise _NotFound("Task not completed")
     job = await _find(store, who, task_id)
     assert job is not None
-    return _file(job, blobs, view.save_result_path or f"{job.id}{_ext(job)}", range_header)
+    return await _file(job, blobs, view.save_result_path or f"{job.id}{_ext(job)}", range_header)
 
 
-def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Response:
-    path = result_path(job, blobs)
-    if path is None:
+async def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Response:
+    blob = await result_blob(job, blobs)
+    if blob is None:
         raise _NotFound(f"File not found: {name}")
     media = "image/png" if name.lower().endswith(".png") else "video/mp4"
-    return ranged_file(path, range_header, media_type=media, filename=name, disposition="attachment")
+    return ranged_file(blob, range_header, media_type=media, filename=name, disposition="attachment")
 
 
 @get("/v1/files/download/{file_path:path}", summary="LightX2V: a result file by its name",
@@ -399,7 +399,7 @@ async def download_file(
     job = await store.read(read) if base else None
     if job is None:
         raise _NotFound(f"File not found: {name}")
-    return _file(job, blobs, base, range_header)
+    return await _file(job, blobs, base, range_header)
 
 
 class ServiceStatus(msgspec.Struct):

@@ -409,4 +409,3 @@ _COUNT_TRIGGERS = ";\n".join([
         f"{_OLD} UNION ALL {_NEW}",
     ),
 ])
-
