@@ -1,6 +1,10 @@
 """Gateway replicas on one SQLite file: pool use with 1 and 3, reads on 1 and 3, a replica's death, chaos.
 
     .venv/bin/python bench/replicas.py [--skip-pool] [--skip-reads] [--skip-death] [--chaos]
+                                       [--store sqlite|postgresql]
+
+`--store postgresql`: the replicas keep their store in PostgreSQL (a throwaway server started
+by the run, tests/pg_cluster.py) instead of their shared SQLite file.
 
 In one run, on 127.0.0.1, replicas and demo nodes as real processes (tests/replica_cluster.py):
 
@@ -26,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from common import median, percentile
+from common import median, percentile  # first: it puts tests/ on the path
+import gateway_proc
 from pool import node_tasks, pool_figures
 from replica_cluster import Cluster, run_chaos
 
@@ -114,14 +119,32 @@ def main() -> None:
     parser.add_argument("--skip-reads", action="store_true")
     parser.add_argument("--skip-death", action="store_true")
     parser.add_argument("--chaos", action="store_true", help="the long chaos round (500 jobs, 10 kills)")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="x2v-replicas-"))
+    store = "SQLite"
+    if args.store == "postgresql":
+        from pg_cluster import PostgresCluster
+
+        postgres = PostgresCluster().start()
+        databases: dict[Path, str] = {}
+        # Every cluster's replicas share one database, as they share one data dir.
+        gateway_proc.database_for = lambda data_dir: databases.setdefault(data_dir.resolve(), postgres.new_database())
+        store = "PostgreSQL"
+    try:
+        _run(args, root, store)
+    finally:
+        if args.store == "postgresql":
+            postgres.stop()
+
+
+def _run(args: argparse.Namespace, root: Path, store: str) -> None:
 
     if not args.skip_pool:
         print(f"pool: {args.nodes} nodes x {args.jobs} jobs of {args.job_seconds:g} s", flush=True)
         for replicas in (int(n) for n in args.replicas.split(",")):
             f = pool_run(root / f"pool-{replicas}", replicas, args.nodes, args.jobs, args.job_seconds)
-            print(f"  {replicas} replica(s) on SQLite: utilisation {100 * f['utilisation']:.1f} %,"
+            print(f"  {replicas} replica(s) on {store}: utilisation {100 * f['utilisation']:.1f} %,"
                   f" makespan {f['makespan']:.1f} s (ideal {args.jobs * args.job_seconds / args.nodes:.0f} s),"
                   f" idle gap median {1000 * f['gap_median']:.0f} ms p95 {1000 * f['gap_p95']:.0f} ms max {1000 * f['gap_max']:.0f} ms,"
                   f" first start {f['first_start']:.2f} s, jobs per node {f['per_node']},"

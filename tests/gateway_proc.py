@@ -75,7 +75,7 @@ class GatewayProcess:
             **settings,
         }
         self.admin_key = self.env["X2V_ADMIN_KEY"]
-        for name in ("X2V_ADMIN_KEY", "LIGHTX2V_ACCESS_TOKEN"):
+        for name in ("X2V_ADMIN_KEY", "LIGHTX2V_ACCESS_TOKEN", "X2V_S3_SECRET_ACCESS_KEY"):
             for token in self.env.get(name, "").split(","):
                 if token.strip():
                     remember_secret(token.strip())

@@ -89,11 +89,12 @@ class PostgresCluster:
             apply_migrations(conn)
         return self
 
-    def new_database(self) -> str:
-        """The URL of a new database holding the gateway's schema and nothing else."""
+    def new_database(self, *, empty: bool = False) -> str:
+        """The URL of a new database holding the gateway's schema and nothing else (`empty`:
+        not even the schema, as a new deployment's)."""
         name = f"test_{next(self._names)}"
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+            conn.execute(f"CREATE DATABASE {name} TEMPLATE {'template0' if empty else TEMPLATE}")
         return self.url(name)
 
     def stop(self) -> None:

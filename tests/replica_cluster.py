@@ -28,6 +28,7 @@ from pathlib import Path
 import av
 import httpx
 
+import gateway_proc
 from gateway_proc import GatewayProcess, _watch
 from servers import NodeProcess
 
@@ -59,6 +60,8 @@ class Cluster:
         database_url: str = "", node_class: type[NodeProcess] = NodeProcess, **settings: str,
     ) -> None:
         self.root = root
+        if not database_url and gateway_proc.database_for:  # pytest --store=postgresql
+            database_url = gateway_proc.database_for(root / "data")
         self.database_url = database_url
         if database_url:
             settings["X2V_DATABASE_URL"] = database_url

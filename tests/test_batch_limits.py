@@ -53,7 +53,7 @@ def _peak(fn, *args):
 
 def _kept(gw: Gateway, path: Path, role: str) -> str:
     """The form's `file` field for a file kept in the blob store, as the upload route makes it."""
-    sha, size = gw.blobs.adopt(path)
+    sha, size = asyncio.run(gw.blobs.adopt(path))
     asyncio.run(gw.store.record_blob(sha, size, "png" if role == "image" else "wav"))
     return Upload(path.name, role, sha, size).as_json()
 

@@ -89,7 +89,8 @@ def test_s2v_service_refusals_are_fastapi_shaped(gateway, media):
     assert bad_duration.status_code == 422 and bad_duration.json()["detail"][0]["loc"] == ["body", "duration"]
     assert requests.get(f"{base}/api/task/nope").json() == {"detail": "Task not found"}
     assert requests.delete(f"{base}/api/task/nope").status_code == 404
-    assert requests.get(f"{base}/api/tasks?limit=0").status_code == 422
+    zero = requests.get(f"{base}/api/tasks?limit=0")
+    assert zero.status_code == 422 and zero.json()["detail"][0]["loc"] == ["query", "limit"]
     assert requests.get(f"{base}/api/tasks?offset=-1").status_code == 422
 
 
@@ -151,3 +152,13 @@ def test_wan_t2v_service_needs_its_fields_and_a_valid_key(gateway):
     wrong_key = requests.post(f"{gateway.url}/video/status", headers={"Authorization": "Bearer x2v_wrong"},
                               json={"requestId": "nope"})
     assert wrong_key.status_code == 401 and "detail" in wrong_key.json()
+
+
+def test_s2v_service_model_cls_other_than_sekotalk_needs_the_cloud(gateway, media):
+    with media["face"].open("rb") as image, media["voice"].open("rb") as audio:
+        refused = requests.post(f"{gateway.url}/api/submit", data={"prompt": "x", "model_cls": "OtherTalk"},
+                                files={"image": image, "audio": audio})
+    # Only a hosted cloud chooses models; this gateway's demo node runs its own.
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "model_cls"]
+    staged = requests.post(f"{gateway.url}/api/submit", data={"prompt": "x", "stage": "multi_stage"})
+    assert staged.status_code == 422 and staged.json()["detail"][0]["loc"] == ["body", "stage"]

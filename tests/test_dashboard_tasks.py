@@ -47,7 +47,7 @@ def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, ta
     tab.locator("#mode-pair").check()
     tab.get_by_role("button", name="Preview the jobs").click()
     expect(tab.locator("#preview tbody tr.ok")).to_have_count(2)
-    expect(tab.locator("#preview-title")).to_have_text("Preview: 2 jobs")
+    expect(tab.locator("#preview-title")).to_have_text("Preview: 2 jobs: one per first and last frame")
     rows = tab.locator("#preview tbody tr")
     expect(rows.nth(0).locator("td[data-label='First frame']")).to_have_text("shot1_first.png")
     expect(rows.nth(0).locator("td[data-label='Last frame']")).to_have_text("shot1_last.png")
@@ -111,7 +111,9 @@ def test_plans_of_the_new_task_types_without_a_browser():
     manifest = plan("flf2v", "manifest", [up("x.png"), up("y.png")], manifest="image,last_frame\nx.png,y.png\n")
     assert manifest.ok and manifest.jobs[0].files == {"image": "x.png", "last_frame": "y.png"}
     # t2i takes no file, i2i one image each.
-    assert plan("t2i", "grid", [], prompts="one\ntwo").ok
+    stills = plan("t2i", "grid", [], prompts="one\ntwo", aspect_ratio="1:1")
+    assert stills.ok and [j.params["aspect_ratio"] for j in stills.jobs] == ["1:1", "1:1"]
+    assert plan("t2i", "each", [], aspect_ratio="square").jobs[0].errors  # the form's own field, checked
     assert plan("t2i", "each", [up("x.png")]).errors
     i2i = plan("i2i", "each", [up("x.png"), up("y.png")])
     assert i2i.ok and [j.files for j in i2i.jobs] == [{"image": "x.png"}, {"image": "y.png"}]

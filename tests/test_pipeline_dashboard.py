@@ -1,9 +1,12 @@
-"""A pipeline built in the dashboard's form, in a real browser, followed live to its video."""
+"""Pipelines in the dashboard, in a real browser: one built in the form and followed live to its
+video; a failed step retried and a pipeline cancelled from its page."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway_proc import GatewayProcess
@@ -54,3 +57,34 @@ def test_a_pipeline_made_in_the_form_runs_live_to_its_video(browser, gateway, me
     page.goto(gateway.url + "/ui/pipelines")
     assert page.locator("text=3 of 3").count() == 1
     context.close()
+
+
+def test_a_failed_step_is_retried_and_a_pipeline_cancelled_from_its_page(browser, gateway, media):  # noqa: F811
+    context = sign_in(browser, gateway)
+    page = context.new_page()
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as api:
+        doc = {"scenes": [{"task": "t2v", "prompt": "one", "duration": 1}, {"task": "t2v", "prompt": "two", "duration": 1}]}
+        pipeline = api.post("/api/v1/pipelines", json=doc).json()
+        page.goto(f"{gateway.url}/ui/pipelines/{pipeline['id']}")
+        job_id = None
+        while job_id is None:
+            job_id = api.get(f"/api/v1/pipelines/{pipeline['id']}").json()["steps"][1]["job_id"]
+        api.delete(f"/api/v1/jobs/{job_id}")
+        # The page hears of the failed step by itself, and offers to retry it alone.
+        page.locator("#pipeline-state", has_text="failed").wait_for(timeout=30_000)
+        page.locator("#step-1").get_by_role("button", name="Retry this step").click()
+        page.locator("#pipeline-state", has_text="succeeded").wait_for(timeout=30_000)
+        assert api.get(f"/api/v1/jobs/{job_id}").json()["run"] == 1
+
+        slow = {"scenes": [{"task": "i2v", "prompt": "a", "image": _b64(media["face"]), "duration": 1},
+                           {"task": "i2v", "prompt": "b", "first_frame": "previous", "duration": 1}]}
+        pipeline = api.post("/api/v1/pipelines", json=slow).json()
+        page.goto(f"{gateway.url}/ui/pipelines/{pipeline['id']}")
+        page.get_by_role("button", name="Cancel this pipeline").click()
+        page.locator("#pipeline-state", has_text="cancelled").wait_for(timeout=10_000)
+        assert api.get(f"/api/v1/pipelines/{pipeline['id']}").json()["state"] == "cancelled"
+    context.close()
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()

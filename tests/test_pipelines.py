@@ -466,3 +466,28 @@ def test_a_pipeline_over_the_keys_daily_quota_is_refused_before_its_inputs_are_f
         assert refused.status_code == 429 and refused.json()["error"]["field"] == "quota"
         assert limited.get("/api/v1/me").json()["jobs_today"] == 0  # nothing counted
         assert limited.post("/api/v1/pipelines", json={"scenes": doc["scenes"][:2]}).status_code == 201
+
+
+def test_a_generated_image_starts_a_scene_and_a_generated_portrait_speaks(api, media, tmp_path):
+    doc = {"scenes": [
+        {"task": "i2v", "prompt": "the castle in the mist", "image_prompt": "a castle at dawn", "duration": 1},
+        {"task": "s2v", "prompt": "she speaks", "image_prompt": "a portrait of a storyteller", "audio": b64(media["voice"])},
+    ], "seed": 11}
+    response = api.post("/api/v1/pipelines", json=doc)
+    assert response.status_code == 201, response.text
+    pipeline = wait_pipeline(api, response.json()["id"], {"succeeded", "failed"})
+    assert pipeline["state"] == "succeeded", pipeline
+    steps = pipeline["steps"]
+    assert [(s["kind"], s["task"]) for s in steps] == [("image", "t2i"), ("clip", "i2v"), ("image", "t2i"), ("clip", "s2v")]
+    assert steps[1]["takes"] == {"image": "steps[0]'s output"} and steps[3]["takes"] == {"image": "steps[2]'s output"}
+    # Each image step's output is an image, downloaded as a job's; the scene after it starts from it.
+    image = api.get(steps[0]["result"]["url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    clip_job = api.get(f"/api/v1/jobs/{steps[1]['job_id']}").json()
+    assert clip_job["inputs"]["image"]["sha256"] == hashlib.sha256(image.content).hexdigest()
+    portrait_job = api.get(f"/api/v1/jobs/{steps[2]['job_id']}").json()
+    assert portrait_job["params"] == {"prompt": "a portrait of a storyteller", "seed": 11}
+    video = download(api, pipeline["result"]["url"], tmp_path / "joined.mp4")
+    info = probe_video(video)
+    assert info.has_audio and info.duration == pytest.approx(2.5, abs=0.07)
+    assert frames_of(video) == 40

@@ -6,6 +6,7 @@ sharing one SQLite file and in-memory nodes."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -206,3 +207,23 @@ def test_a_replica_that_finds_its_lease_taken_over_stops_sending(tmp_path, store
             await dispatcher.stop()
 
     run(scenario())
+
+
+def test_a_replica_of_this_host_whose_process_is_gone_is_known_dead_once_silent_for_a_moment():
+    import socket
+    import subprocess
+    import sys
+
+    from x2v_gateway.dispatch.replicas import GONE_AFTER, gone_on_this_host
+
+    host, now, lease = socket.gethostname(), time.time(), 6.0
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its pid no longer exists
+    rows = [
+        {"id": f"{host}:{ended.pid}", "expires_at": now - 1.0 - GONE_AFTER + lease},  # silent
+        {"id": f"{host}:{ended.pid}0", "expires_at": now + lease},  # renewed just now
+        {"id": f"{host}:{os.getppid()}", "expires_at": now - 10},  # alive (this test's parent)
+        {"id": f"elsewhere:{ended.pid}", "expires_at": now - 10},  # another host: its lease says
+        {"id": "gateway-1", "expires_at": now - 10},  # a name, not a pid: its lease says
+    ]
+    assert gone_on_this_host(rows, "me", lease, now) == [f"{host}:{ended.pid}"]

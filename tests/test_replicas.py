@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
 
 from gateway_proc import until
 from replica_cluster import Cluster, run_chaos
-from servers import MisbehavingNode
+from servers import MisbehavingNode, NodeProcess
 
 
 @pytest.fixture
@@ -99,6 +100,82 @@ def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_pa
                 assert client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "succeeded"
     finally:
         cluster.stop()
+
+
+def test_a_cancel_made_through_another_replica_reaches_the_node_and_the_owners_event_stream_at_once(tmp_path):
+    # Slow polls (8 s): the owner's follow loop would deliver the stop request only at its next
+    # round, 4 s later on average; the owner hears of the cancel from the store's changes instead.
+    cluster = Cluster(tmp_path, replicas=2, nodes=1, job_seconds=10.0, X2V_POLL_INTERVAL="8").start()
+    (node,) = cluster.nodes
+    try:
+        ids = cluster.submit(2, prefix="cancelled elsewhere")
+        until(lambda: len(cluster.sent()) == 2, timeout=30, what="both jobs on the node")
+
+        def node_status(task_id: str) -> str:
+            return httpx.get(f"{node.url}/v1/tasks/{task_id}/status", timeout=10).json()["status"]
+
+        waiting = until(lambda: next((i for i in ids if node_status(i) == "pending"), None),
+                        what="one job waiting in the node's queue")
+        with cluster.db() as conn:
+            (owner,) = conn.execute("SELECT replica FROM jobs WHERE id = ?", (waiting,)).fetchone()
+        other = next(r for r in cluster.replicas if r.name != owner)
+        # The job's event stream on its owner carries the cancel made through the other replica.
+        heard: list[float] = []
+
+        def follow_stream() -> None:
+            with next(r for r in cluster.replicas if r.name == owner).client() as client:
+                with client.stream("GET", f"/api/v1/jobs/{waiting}/events") as stream:
+                    for line in stream.iter_lines():
+                        if line.startswith("data:") and '"cancelled"' in line:
+                            heard.append(time.monotonic())
+                            return
+
+        listener = threading.Thread(target=follow_stream, daemon=True)
+        listener.start()
+        time.sleep(0.5)  # the stream has replayed what came before
+        with other.client() as client:
+            cancelled_at = time.monotonic()
+            assert client.delete(f"/api/v1/jobs/{waiting}").json()["state"] == "cancelled"
+        until(lambda: node_status(waiting) == "cancelled", timeout=10, what="the node's task cancelled")
+        took = time.monotonic() - cancelled_at
+        assert took < 3.0, f"the node's task was cancelled {took:.1f} s after the user's cancel"
+        listener.join(timeout=10)
+        assert heard and heard[0] - cancelled_at < 1.0, "the owner's event stream did not carry the cancel within 1 s"
+    finally:
+        cluster.stop()
+
+
+def test_a_node_drained_added_or_removed_through_one_replica_is_taken_up_by_the_others(tmp_path):
+    cluster = Cluster(tmp_path, replicas=2, nodes=2, job_seconds=0.3).start()
+    extra = NodeProcess(tmp_path / "extra", job_seconds=0.3, tasks="t2v").start()
+    first, second = cluster.replicas
+    try:
+        with first.client() as client:
+            assert client.post("/api/v1/nodes/n0/drain").status_code == 200
+            added = client.post("/api/v1/nodes", json={"name": "n9", "url": extra.url, "tasks": ["t2v"]})
+            assert added.status_code in (200, 201), added.text
+        with second.client() as client:
+            def nodes() -> dict[str, str]:
+                return {n["name"]: n["state"] for n in client.get("/api/v1/nodes").json()}
+
+            until(lambda: nodes().get("n0") == "draining" and "n9" in nodes(), timeout=10,
+                  what="the other replica seeing the drain and the new node")
+            pinned = [client.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"on n9 {i}", "upstream": "n9"})
+                      for i in range(3)]
+            assert all(r.status_code == 201 for r in pinned), [r.text for r in pinned]
+        ids = cluster.submit(10, prefix="while n0 drains") + [r.json()["id"] for r in pinned]
+        cluster.wait_finished(ids, timeout=60)
+        assert cluster.states(ids) == Counter({"succeeded": len(ids)})
+        on_n0 = {e["task_id"] for e in cluster.nodes[0].submissions()}
+        assert not on_n0 & set(ids), "a drained node got new jobs"
+        assert {r.json()["id"] for r in pinned} <= {e["task_id"] for e in extra.submissions()}
+        with first.client() as client:
+            assert client.delete("/api/v1/nodes/n9").status_code in (200, 204)
+        with second.client() as client:
+            until(lambda: "n9" not in nodes(), timeout=10, what="the other replica dropping n9")
+    finally:
+        cluster.stop()
+        extra.stop()
 
 
 @pytest.mark.parametrize("node_has_it", [False, True], ids=["never-read", "task-made"])

@@ -155,40 +155,6 @@ def test_list_cursor_pages_through_every_job_once(store):
     assert seen == list(reversed(ids))
 
 
-@pytest.mark.parametrize("size", [0, 1, 4095, 1024 * 1024, 1024 * 1024 + 7, 5 * 1024 * 1024 + 12345])
-def test_blob_writer_stores_exact_bytes_across_direct_io_blocks(tmp_path, size):
-    # Full 1 MiB blocks bypass the page cache (O_DIRECT); the tail does not. Whatever the size,
-    # the stored file and its address are exactly the bytes written.
-    import asyncio
-    import hashlib
-    import os
-
-    from x2v_gateway.blobs import BlobStore
-
-    blobs = BlobStore(tmp_path / "blobs")
-    data = os.urandom(size)
-
-    async def write_all(writer) -> None:
-        for i in range(0, len(data), 70_000):  # odd-sized chunks, as a socket delivers them
-            writer.write(data[i:i + 70_000])
-            await writer.drain()
-
-    writer = blobs.writer()
-    asyncio.run(write_all(writer))
-    assert writer.tmp_path.read_bytes() == data  # complete for the checks before commit
-    sha, stored = writer.commit()
-    assert (sha, stored) == (hashlib.sha256(data).hexdigest(), size)
-    assert blobs.path(sha).read_bytes() == data
-    again = blobs.writer()
-    asyncio.run(write_all(again))
-    assert again.commit() == (sha, size)  # the same bytes: stored once
-    discarded = blobs.writer()
-    asyncio.run(write_all(discarded))
-    discarded.discard()
-    blobs.writer_thread.submit(lambda: None).result()  # the duplicate's removal has run
-    assert [p.name for p in blobs.tmp_dir.iterdir()] == []
-
-
 def test_list_pages_hold_the_same_jobs_whichever_filters_pick_the_index(store):
     # A page is read from whichever index fits its filters best, one read per state merged:
     # every combination of filters and cursor gives what filtering every job would.

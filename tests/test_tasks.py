@@ -71,6 +71,10 @@ def test_t2i_job_makes_a_png_served_as_an_image(demo):
     assert served.headers["content-disposition"] == f'inline; filename="{job["id"]}.png"'
     picture = image_of(served)
     assert picture.format == "PNG" and (picture.width, picture.height) == (result["width"], result["height"])
+    # Its poster (for lists and the gallery) is a JPEG thumbnail of it.
+    poster = client.get(f"/api/v1/jobs/{job['id']}/poster")
+    assert poster.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
+    assert image_of(poster).size == picture.size  # 320 wide: already within a poster's size
     # It went to the node's image route, which took the gateway's id and seed.
     sent = node_journal(gateway)[job["id"]]
     assert sent["route"] == "/v1/tasks/image/" and sent["request"]["seed"] == 3

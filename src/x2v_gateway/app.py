@@ -25,7 +25,7 @@ from litestar.template.config import TemplateConfig
 
 from .auth import Auth, LimitError, caller
 from .auth_middleware import AuthMiddleware
-from .blobs import BlobStore
+from .blobs import BlobStoreUnavailable, open_blobs
 from .checker import CHECKER
 from .compat import error_response, surface
 from .dispatch import Dispatcher, Notifier
@@ -96,7 +96,7 @@ class Gateway:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.store_location)
-        self.blobs = BlobStore(settings.blob_dir)
+        self.blobs = open_blobs(settings)
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.demo_node: DemoNode | None = None
@@ -175,8 +175,16 @@ class Gateway:
         CHECKER.configure(workers=self.settings.media_checkers, max_megapixels=self.settings.max_image_megapixels)
         CHECKER.warm()
         await self.auth.bootstrap()
+        log.info("blobs: kept in %s", self.blobs.describe())
+        try:
+            await self.blobs.check()
+        except BlobStoreUnavailable:
+            # Not fatal: a replica may start before its bucket does. Until it answers, jobs with
+            # files get 503 and finished videos wait on their nodes.
+            log.warning("blobs: the store does not answer yet; jobs with files get 503 until it does")
         await self.registry.save_settings()
         await self.dispatcher.start()
+        self.dispatcher.spawn(self.registry.follow_store())  # nodes changed through other replicas
         await self.pipelines.start()
         await self.webhook_worker.start()
         log.info("upstreams: %s", ", ".join(
@@ -189,6 +197,7 @@ class Gateway:
         await self.webhook_worker.stop()
         await self.dispatcher.stop()
         await self.http.aclose()
+        await self.blobs.aclose()
         if self.demo_node is not None:
             self.demo_node.stop()
         self.store.close()
@@ -202,9 +211,9 @@ def _given(service: Any) -> Callable[[], Any]:
 
 
 def _error(request: Request, status: int, message: str, field: str | None = None,
-           headers: dict[str, str] | None = None) -> Response:
+           headers: dict[str, str] | None = None, where: str | None = None) -> Response:
     # A compatible surface's clients get the shape they read (compat.py); the rest, the API's.
-    return error_response(request.url.path, status, message, field, headers) or Response(
+    return error_response(request.url.path, status, message, field, headers, where) or Response(
         ErrorResponse(ErrorBody(status, message, field)), status_code=status, headers=headers,
     )
 
@@ -223,7 +232,7 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
     field = first.get("key")
     message = f"{field} {plain(str(first.get('message')))}" if field else exc.detail
     # FastAPI (the compatible surfaces' model) says 422 for a query parameter out of range.
-    return _error(request, 422 if surface(request.url.path) else 400, message, field)
+    return _error(request, 422 if surface(request.url.path) else 400, message, field, where=first.get("source"))
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:

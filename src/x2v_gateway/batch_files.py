@@ -3,7 +3,6 @@ every job, zipped as it streams."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth import Caller
-from .blobs import BlobStore
+from .blobs import BlobStore, StoredBlob
 from .schemas import iso
 from .reads import batch_summary, every_item
 from .store import BatchItem, JobStore
@@ -37,7 +36,7 @@ async def batch_zip(store: JobStore, blobs: BlobStore, who: Caller, batch_id: st
 
 async def _zip_chunks(store: JobStore, blobs: BlobStore, batch_id: str, owner: str | None) -> AsyncIterator[bytes]:
     """The zip of `batch_zip`, chunk by chunk, each video read a MiB at a time off the loop."""
-    videos: list[tuple[str, Path]] = []
+    videos: list[tuple[str, StoredBlob]] = []
     manifest = io.StringIO()
     writer = csv.DictWriter(manifest, fieldnames=MANIFEST_FIELDS)
     writer.writeheader()
@@ -45,18 +44,18 @@ async def _zip_chunks(store: JobStore, blobs: BlobStore, batch_id: str, owner: s
     async for item in every_item(store, batch_id, owner):
         job, file = item.job, ""
         if job.state == "succeeded" and job.result_sha and not job.files_expired:
-            path = blobs.path(job.result_sha)
-            if path.is_file():
+            blob = await blobs.open(job.result_sha)
+            if blob is not None:
                 file = _result_name(item, taken)
-                videos.append((file, path))
+                videos.append((file, blob))
         writer.writerow(_manifest_row(item, file))
     sink = _ZipSink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, path in videos:
-            info = zipfile.ZipInfo(name, date_time=time.localtime(path.stat().st_mtime)[:6])
-            info.file_size = path.stat().st_size  # lets zipfile pick zip64 up front for huge files
-            with path.open("rb") as source, archive.open(info, "w") as member:
-                while chunk := await asyncio.to_thread(source.read, 1024 * 1024):
+        for name, blob in videos:
+            info = zipfile.ZipInfo(name, date_time=time.localtime(blob.modified)[:6])
+            info.file_size = blob.size  # lets zipfile pick zip64 up front for huge files
+            with archive.open(info, "w") as member:
+                async for chunk in blob.chunks(1024 * 1024):
                     member.write(chunk)
                     yield sink.take()
             yield sink.take()

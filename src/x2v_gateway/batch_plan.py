@@ -53,7 +53,7 @@ MAX_BATCH_JOBS = 2000
 MAX_BATCH_FILES = 2 * MAX_BATCH_JOBS
 # The form's parameters besides prompt and seed (the "usual" ones); a manifest may set any
 # generation parameter.
-FORM_PARAMS = ("infer_steps", "target_shape", "video_duration", "target_fps", "resize_mode")
+FORM_PARAMS = ("infer_steps", "target_shape", "video_duration", "target_fps", "resize_mode", "aspect_ratio")
 LABELS = {
     "prompt": "Prompt", "negative_prompt": "Negative prompt", "seed": "Seed",
     "infer_steps": "Steps", "target_shape": "Size (height,width)",
@@ -61,6 +61,7 @@ LABELS = {
     "resize_mode": "Resize mode", "priority": "Priority", "target_video_length": "Frames",
     "num_fragments": "Fragments", "sr_ratio": "Super-resolution ratio",
     "use_prompt_enhancer": "Prompt enhancer", "lora_name": "LoRA", "lora_strength": "LoRA strength",
+    "aspect_ratio": "Image shape (width:height)", "i2i_denoise_strength": "Denoise strength (i2i)",
 }
 RESIZE_MODES = ("adaptive", "keep_ratio_fixed_area", "fixed_min_area", "fixed_max_area",
                 "fixed_shape", "fixed_min_side")
@@ -195,7 +196,7 @@ def plan_batch(
     for job in jobs:
         if why := prompt_missing(task, job.params.get("prompt")):
             job.errors.append(f"Prompt: required, {why}")
-    return BatchPlan(task=task, mode=mode, jobs=jobs, errors=errors, summary=_plan_summary(mode, uploads, jobs))
+    return BatchPlan(task=task, mode=mode, jobs=jobs, errors=errors, summary=_plan_summary(task, mode, uploads, jobs))
 
 class TooMany(Exception):
     """A count in the form is over what a batch holds; said before anything that big is built."""
@@ -239,7 +240,7 @@ async def find_uploads(store: JobStore, blobs: BlobStore, values: list[str]) -> 
             continue
         sha = str(data.get("sha256", ""))
         blob = found.get(sha)
-        if blob is None or not blobs.exists(sha):
+        if blob is None or not await blobs.exists(sha):
             uploads[name] = Upload(name, role, error=f"{name} is no longer stored on the gateway"
                                    " (uploaded more than an hour ago?); add it again")
             continue
@@ -492,10 +493,12 @@ def _source(inputs: dict[str, Upload]) -> str:
     return " + ".join(u.name for u in inputs.values()) or "prompt only"
 
 
-def _plan_summary(mode: str, uploads: list[Upload], jobs: list[PlannedJob]) -> str:
+def _plan_summary(task: str, mode: str, uploads: list[Upload], jobs: list[PlannedJob]) -> str:
     """The preview's title: `6 jobs: 2 images × 3 audio files`."""
     n = len(jobs)
     jobs_text = f"{n} job" + ("" if n == 1 else "s")
+    if task == "flf2v" and mode in ("each", "pair"):
+        return f"{jobs_text}: one per first and last frame"
     if mode == "each":
         images = sum(1 for u in uploads if u.role == "image")
         audios = sum(1 for u in uploads if u.role == "audio")

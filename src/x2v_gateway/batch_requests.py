@@ -91,7 +91,8 @@ def _item(index: int) -> Iterator[None]:
             raise  # about the request or the gateway, not this job
         at = f"jobs[{index}]"
         status = 422 if exc.status == 400 and exc.field is None else exc.status
-        raise ApiError(status, f"{at}: {exc.message}", f"{at}.{exc.field}" if exc.field else at) from None
+        message = exc.message.removeprefix("request body ")  # the job is not the request's body
+        raise ApiError(status, f"{at}: {message}", f"{at}.{exc.field}" if exc.field else at) from None
 
 
 async def create_batch(

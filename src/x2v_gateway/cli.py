@@ -66,6 +66,20 @@ def serve(env_file: str) -> None:
         sys.exit(3)
 
 
+def _exit_past_obstore(code: int) -> None:
+    """Exit now, skipping the interpreter's teardown: once obstore (the S3 client, blobs/s3.py)
+    has run, Python's finalisation aborts with SIGABRT in about one exit in two (measured with
+    obstore 0.12), which would report a finished command as a crash. (`serve` needs none of
+    this: uvicorn ends it with the SIGTERM it was stopped with, before any teardown.)"""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class _HandOff(QueueHandler):
     """Passes a record on as it is: uvicorn's access formatter needs the record's own `args`,
     which `QueueHandler.prepare` would merge into the message."""
@@ -152,6 +166,46 @@ def demo_node(host: str, port: int, data_dir: Path, job_seconds: float, max_queu
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
     )
     server.run()
+
+
+@main.command("copy-blobs")
+@click.option("--env-file", default=".env", show_default=True, help="Settings file read under the environment")
+def copy_blobs_command(env_file: str) -> None:
+    """Copy the data directory's blobs into the bucket X2V_BLOBS names (again: only what is missing).
+
+    Example: X2V_BLOBS=s3://x2v/blobs x2v-gateway copy-blobs
+    """
+    import asyncio
+    import time
+
+    from .blobs import BlobStoreUnavailable
+    from .blobs.migrate import CopyProgress, copy_local_to_bucket
+
+    try:
+        settings = load_settings(env_file=env_file)
+    except SettingsError as exc:
+        click.echo(f"x2v-gateway: {exc}", err=True)
+        sys.exit(2)
+    if settings.s3 is None:
+        click.echo("x2v-gateway: X2V_BLOBS names no bucket (s3://bucket/prefix) to copy into", err=True)
+        sys.exit(2)
+    said = [0.0]
+
+    def progress(p: CopyProgress) -> None:
+        if p.done == p.total or time.monotonic() - said[0] >= 1:
+            said[0] = time.monotonic()
+            click.echo(f"  {p.done}/{p.total} blobs: {p.copied} copied ({p.bytes_copied / 1e6:,.1f} MB),"
+                       f" {p.skipped} there already", err=True)
+
+    click.echo(f"Copying {settings.blob_dir} into {settings.blobs} ...", err=True)
+    try:
+        done = asyncio.run(copy_local_to_bucket(settings, progress))
+    except BlobStoreUnavailable as exc:
+        click.echo(f"x2v-gateway: {exc.detail}; run the command again to go on", err=True)
+        _exit_past_obstore(1)
+    click.echo(f"Copied {done.copied} blobs ({done.bytes_copied / 1e6:,.1f} MB); {done.skipped} were"
+               " in the bucket already.")
+    _exit_past_obstore(0)
 
 
 # -- API keys -------------------------------------------------------------------------------------

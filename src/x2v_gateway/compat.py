@@ -15,14 +15,13 @@ import datetime as dt
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import msgspec
 from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
 
-from .blobs import BlobStore
+from .blobs import BlobStore, StoredBlob
 from .schemas import ERROR_MEANINGS, ApiError, JobRequest, field_problem
 from .store import Job
 
@@ -94,8 +93,10 @@ _OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exce
 
 def error_response(
     path: str, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None,
+    where: str | None = None,
 ) -> Response | None:
-    """A refusal in the shape the surface of `path` uses; None for the gateway's own routes."""
+    """A refusal in the shape the surface of `path` uses; None for the gateway's own routes.
+    `where`: the field's place (query, path, header; default: the body), for FastAPI's `loc`."""
     which = surface(path)
     if which is None:
         return None
@@ -108,16 +109,12 @@ def error_response(
         }}
     elif status == 422:
         # FastAPI's validation error, which these clients (and their pydantic) were written for.
-        where = "header" if field and field[:1].isupper() else "body"
+        where = where or ("header" if field and field[:1].isupper() else "body")
         body = {"detail": [{"type": "value_error", "loc": [where, field] if field else [where],
                             "msg": message, "input": None}]}
     else:
         body = {"detail": message}
     return Response(body, status_code=status, headers=headers)
-
-
-# The task types whose job makes an image (h-tasks' `tasks.makes` says the same once merged).
-IMAGE_TASKS = frozenset({"t2i", "i2i"})
 
 
 def naive_local(ts: float | None) -> str | None:
@@ -183,12 +180,11 @@ def renaming(names: dict[str, str]) -> Iterator[None]:
         raise ApiError(exc.status, exc.message.replace(exc.field or "", theirs, 1), theirs) from None
 
 
-def result_path(job: Job, blobs: BlobStore) -> Path | None:
+async def result_blob(job: Job, blobs: BlobStore) -> StoredBlob | None:
     """The stored result of a job that succeeded (None: no result, or no longer kept)."""
     if job.state != "succeeded" or not job.result_sha or job.files_expired:
         return None
-    path = blobs.path(job.result_sha)
-    return path if path.is_file() else None
+    return await blobs.open(job.result_sha)
 
 
 def looks_like_server_path(value: str) -> bool:

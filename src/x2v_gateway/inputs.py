@@ -482,7 +482,14 @@ async def keep_files(files: list[IncomingFile], store: JobStore, owner: str | No
     except BaseException:
         discard(files)
         raise
-    return {incoming.role: await commit_file(incoming, kinds[incoming.role], store) for incoming in files}
+    stored = {}
+    for n, incoming in enumerate(files):
+        try:
+            stored[incoming.role] = await commit_file(incoming, kinds[incoming.role], store)
+        except BaseException:
+            discard(files[n + 1:])  # a bucket that failed one: the others' temporary files go too
+            raise
+    return stored
 
 
 async def check_file(incoming: IncomingFile, owner: str | None = None) -> str:
@@ -498,6 +505,6 @@ async def check_file(incoming: IncomingFile, owner: str | None = None) -> str:
 
 async def commit_file(incoming: IncomingFile, kind: str, store: JobStore) -> StoredInput:
     """Keep a checked file in the blob store (once, by its content) and record it."""
-    sha, size = await asyncio.to_thread(incoming.writer.commit)
+    sha, size = await incoming.writer.commit()
     await store.record_blob(sha, size, kind)
     return StoredInput(sha, size, kind)

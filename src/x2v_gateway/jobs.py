@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 
 from .auth import CSRF_FIELD, Auth, Caller, LimitError
-from .batch_requests import MadeBatch, create_batch
 from .batch_plan import BatchPlan, find_uploads, listed_names, new_batch_id, plan_batch, retry_params
 from .blobs import BlobStore
 from .checker import CHECKER, MediaError
@@ -355,12 +354,6 @@ class JobService:
             job = await self.store.get(job.id) or job
         return job
 
-    async def create_batch_from_json(
-        self, who: Caller, body: AsyncIterator[bytes], *, idempotency_key: str | None,
-    ) -> MadeBatch:
-        """A batch of jobs sent as one JSON request (`POST /api/v1/batches`): all or none."""
-        return await create_batch(self, who, body, idempotency_key=idempotency_key)
-
     # -- pipeline steps (pipelines/) ------------------------------------------------------------
 
     async def keep_inputs(self, values: dict[str, str], owner: str | None) -> dict[str, str]:
@@ -416,8 +409,7 @@ class JobService:
             if job is not None and not job.finished:
                 await self.dispatcher.cancel(job_id)
         doomed = await self.store.purge_files(job_ids, who.label, target)
-        for sha in doomed:
-            self.blobs.delete(sha)
+        await self.blobs.delete(doomed)
         for job_id in job_ids:
             self.notifier.changed(job_id)
         self.auth.note(who.label, "purge", target, f"jobs={len(job_ids)} files={len(doomed)}")
@@ -489,7 +481,7 @@ class JobService:
         except BaseException:
             discard(files)
             raise
-        sha, size = await asyncio.to_thread(incoming.writer.commit)
+        sha, size = await incoming.writer.commit()
         await self.store.record_blob(sha, size, ext)
         return UploadedFile(name=name, sha256=sha, size=size, role=role)
 
@@ -550,7 +542,7 @@ class JobService:
         """
         for spec in specs:
             for role, sha in spec.inputs.items():
-                if not self.blobs.exists(sha):
+                if not await self.blobs.exists(sha):
                     name = spec.files.get(role, role)
                     raise ApiError(422, f"{name} is no longer stored on the gateway; add it again", role)
             if why := self.prompt_missing(spec.task, spec.params.get("prompt")):
@@ -601,7 +593,7 @@ class JobService:
 
     async def _run_anew(self, job: Job, params: dict[str, Any], files: dict[str, str]) -> Job:
         """A new job with the inputs of `job` and edited parameters, in the same batch."""
-        if job.files_expired or not all(self.blobs.exists(sha) for sha in job.inputs.values()):
+        if job.files_expired or not all([await self.blobs.exists(sha) for sha in job.inputs.values()]):
             raise ApiError(410, "this job's input files have expired; submit it again with its files")
         if why := self.prompt_missing(job.task, params.get("prompt"), job.pinned):
             raise ApiError(422, f"prompt is required: {why}", "prompt")

@@ -2,13 +2,15 @@
 
 Nodes come from `X2V_NODES` (with `X2V_NODE_TASKS` and `X2V_NODE_CAPACITY`) and from the admin
 API. Both live as rows of the store's `nodes` table, so a node added, drained or removed at run
-time stays so after a restart. Settings decide a settings node's URL, capacity and task types at
+time stays so after a restart, and is taken up by every other gateway replica sharing the store
+within seconds (`follow_store`). Settings decide a settings node's URL, capacity and task types at
 every start, unless it was removed or replaced through the API: then the API's row wins (and the
 start-up log says so).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -138,7 +140,8 @@ class NodeRegistry:
         config = NodeConfig(name, url, capacity, task_set, "api")
         self.configs[name] = config
         drained = any(r["name"] == name and r["drained"] for r in await self.store.nodes())
-        state = self.dispatcher.add_upstream(
+        # `sync` may have taken it up from its row meanwhile: one follow loop per node.
+        state = self.dispatcher.states.get(name) or self.dispatcher.add_upstream(
             self.build(config), capacity=capacity, drained=drained, learn_tasks=task_set is None,
         )
         log.info("node %s added (%s, capacity %d)", name, url, capacity)
@@ -178,5 +181,51 @@ class NodeRegistry:
         else:
             await self.store.delete_node(name)
         assert self.dispatcher is not None
-        self.dispatcher.remove_upstream(name)
+        if name in self.dispatcher.states:  # else `sync` removed it meanwhile, from its row
+            self.dispatcher.remove_upstream(name)
         log.info("node %s removed", name)
+
+    # -- replicas sharing the store -------------------------------------------------------------
+
+    async def follow_store(self, interval: float = 2.0) -> None:
+        """While other replicas share the store: take up the nodes they added, drained or
+        removed through their API (each replica holds its upstreams in memory)."""
+        assert self.dispatcher is not None
+        while True:
+            await asyncio.sleep(interval)
+            if self.dispatcher.replicas.others <= 0:
+                continue
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("reading the node registry failed; trying again")
+
+    async def sync(self) -> None:
+        """Make this replica's upstreams match the registry's rows: drain flags, nodes added
+        through the API, nodes removed."""
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        rows = {row["name"]: row for row in await self.store.nodes()}
+        for name, row in rows.items():
+            state = dispatcher.states.get(name)
+            if state is not None and not row["removed"] and state.drained != row["drained"]:
+                dispatcher.set_drained(name, row["drained"])
+                log.info("node %s %s through another replica", name, "drained" if row["drained"] else "undrained")
+            elif state is None and row["source"] == "api" and row["url"] and not row["removed"]:
+                config = NodeConfig(
+                    name=name, url=row["url"], capacity=row["capacity"] or 1,
+                    tasks=frozenset(row["tasks"]) if row["tasks"] is not None else None,
+                    source="api", drained=row["drained"],
+                )
+                self.configs[name] = config
+                dispatcher.add_upstream(
+                    self.build(config), capacity=config.capacity, drained=config.drained,
+                    learn_tasks=config.tasks is None,
+                )
+                log.info("node %s added through another replica (%s)", name, config.url)
+        for name in list(self.configs):
+            row = rows.get(name)
+            if (row is None or row["removed"]) and name in dispatcher.states:
+                del self.configs[name]
+                dispatcher.remove_upstream(name)
+                log.info("node %s removed through another replica", name)

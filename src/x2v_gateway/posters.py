@@ -13,7 +13,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
-from .blobs import BlobStore
+from .blobs import BlobStore, StoredBlob
 from .checker import CHECKER, MediaError
 from .store import Job, JobStore
 from .store.memo import Memo
@@ -32,7 +32,7 @@ async def keep_poster(store: JobStore, blobs: BlobStore, tmp: Path) -> str | Non
     """Move a poster the checker wrote into the blob store: its sha256, or None if none was written."""
     if not tmp.is_file():
         return None
-    sha, size = await asyncio.to_thread(blobs.adopt, tmp)
+    sha, size = await blobs.adopt(tmp)
     await store.record_blob(sha, size, "jpg")
     return sha
 
@@ -44,15 +44,15 @@ class Posters:
         self.store = store
         self.blobs = blobs
         self._slots = asyncio.Semaphore(POSTER_MAKERS)
-        self._making: dict[str, asyncio.Future[Path | None]] = {}
+        self._making: dict[str, asyncio.Future[StoredBlob | None]] = {}
         # Videos no poster could be made of: asked again, they are not decoded again.
         self._failed: Memo = Memo(10_000)
 
-    async def path(self, job: Job) -> Path | None:
-        """The poster's file, or None when the job's video gives none."""
+    async def path(self, job: Job) -> StoredBlob | None:
+        """The poster, or None when the job's video gives none."""
         sha = (job.result_meta or {}).get("poster")
-        if sha and self.blobs.exists(sha):
-            return self.blobs.path(sha)
+        if sha and (kept := await self.blobs.open(sha)) is not None:
+            return kept
         if not job.result_sha or self._failed.get(job.result_sha):
             return None
         # Two requests for one poster at once (a gallery opened twice) make it once.
@@ -61,16 +61,16 @@ class Posters:
             making.add_done_callback(lambda _: self._making.pop(job.id, None))
         return await asyncio.shield(making)
 
-    async def _make(self, job: Job) -> Path | None:
+    async def _make(self, job: Job) -> StoredBlob | None:
         assert job.result_sha is not None
-        video = self.blobs.path(job.result_sha)
         tmp = poster_tmp(self.blobs, job.id)
         async with self._slots:
             try:
-                if makes(job.task) == "image":  # its thumbnail
-                    await CHECKER.probe_image(video, job.owner, poster=tmp)
-                else:
-                    await CHECKER.probe_video(video, job.owner, poster=tmp)
+                async with self.blobs.local_path(job.result_sha) as video:
+                    if makes(job.task) == "image":  # its thumbnail
+                        await CHECKER.probe_image(video, job.owner, poster=tmp)
+                    else:
+                        await CHECKER.probe_video(video, job.owner, poster=tmp)
                 sha = await keep_poster(self.store, self.blobs, tmp)
             except (MediaError, ValueError, FileNotFoundError):
                 sha = None
@@ -80,4 +80,4 @@ class Posters:
             self._failed.put(job.result_sha, True)
             return None
         await self.store.set_poster(job.id, job.result_sha, sha)
-        return self.blobs.path(sha)
+        return await self.blobs.open(sha)

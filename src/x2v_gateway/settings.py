@@ -7,6 +7,7 @@ message naming the variable; the README's settings table is checked against `SET
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,19 @@ class CloudSpec:
     name: str
     base_url: str
     token: str = field(repr=False)  # never in a repr, a log line or an error
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """Where an S3-compatible blob store is (`X2V_BLOBS=s3://bucket/prefix` and the X2V_S3_*)."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint: str = ""  # empty: AWS
+    region: str = "us-east-1"
+    access_key_id: str = ""  # empty: the AWS_* variables, or the machine's role
+    secret_access_key: str = field(default="", repr=False)  # never in a repr, a log line or an error
+    presign_minutes: float = 0.0  # > 0: downloads redirect to presigned URLs this long-lived
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +88,12 @@ class Settings:
     node_tasks: dict[str, frozenset[str]] = field(default_factory=dict)
     node_capacity: dict[str, int] = field(default_factory=dict)
     start_deadline: float = 300.0
+    blobs: str = ""
+    s3_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = field(default="", repr=False)
+    s3_presign_minutes: float = 0.0
     # A pipeline's s2v audio longer than this is split at its silences into parts (pipelines/).
     speech_part_seconds: float = 30.0
     # PostgreSQL instead of the SQLite file (several replicas); its password never in a repr.
@@ -89,6 +109,18 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "gateway.db"
+
+    @property
+    def s3(self) -> S3Config | None:
+        """The bucket blobs are kept in; None: the local `blob_dir`."""
+        if not self.blobs:
+            return None
+        parts = urlsplit(self.blobs)
+        return S3Config(
+            bucket=parts.netloc, prefix=parts.path.strip("/"), endpoint=self.s3_endpoint,
+            region=self.s3_region, access_key_id=self.s3_access_key_id,
+            secret_access_key=self.s3_secret_access_key, presign_minutes=self.s3_presign_minutes,
+        )
 
     @property
     def store_location(self) -> Path | str:
@@ -197,6 +229,15 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _bucket_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    # S3's bucket rules: 3 to 63 lower-case letters, digits, dots and hyphens.
+    if parts.scheme != "s3" or not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parts.netloc) \
+            or parts.query or parts.fragment:
+        raise SettingsError(f"{name} must be s3://bucket or s3://bucket/prefix, got {raw!r}")
+    return raw.rstrip("/")
+
+
 def _log_level(name: str, raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -300,6 +341,12 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "X2V_MIN_FREE_DISK_MB": ("min_free_disk_mb", _int(0, 1024 * 1024 * 1024), "New jobs get 507 while the data directory's disk has less free space than this, in MiB (0: no check)"),
     "X2V_MEDIA_CHECKERS": ("media_checkers", _int(1, 32), "Helper processes that check uploaded files and results (Pillow, PyAV), one file each at a time; one API key uses at most all but one of them"),
     "X2V_MAX_IMAGE_MEGAPIXELS": ("max_image_megapixels", _float(0.1, 1000), "Largest image accepted, in megapixels (width × height / 1,000,000); larger ones get 422 before they are decoded"),
+    "X2V_BLOBS": ("blobs", _bucket_url, "Where inputs and results are kept: empty for the data directory's `blobs/`, or `s3://bucket/prefix` for an S3-compatible bucket (which must exist), with the `X2V_S3_*` settings"),
+    "X2V_S3_ENDPOINT": ("s3_endpoint", _check_url, "The S3 server's URL, e.g. `http://seaweedfs:8333` (empty: AWS S3)"),
+    "X2V_S3_REGION": ("s3_region", _text, "The bucket's region"),
+    "X2V_S3_ACCESS_KEY_ID": ("s3_access_key_id", _text, "The S3 access key id (empty: the `AWS_*` variables, or the machine's role)"),
+    "X2V_S3_SECRET_ACCESS_KEY": ("s3_secret_access_key", _text, "The S3 secret key; never shown or logged"),
+    "X2V_S3_PRESIGN_MINUTES": ("s3_presign_minutes", _float(0, 7 * 24 * 60), "Above 0: video and input downloads answer with a redirect to a presigned URL valid this many minutes, so the bytes come straight from the bucket. 0: the gateway serves them itself"),
     "X2V_SPEECH_PART_SECONDS": ("speech_part_seconds", _float(2, 600), "Longest audio a node takes in one s2v task: a pipeline's s2v scene with longer audio is split at its silences into parts of at most this many seconds, run in parallel and joined"),
     "X2V_WEBHOOK_RETRY_HOURS": ("webhook_retry_hours", _float(0.001, 24 * 30), "Hours a webhook delivery is retried (each retry waits longer) before the gateway gives up on it"),
     "X2V_WEBHOOK_FIRST_RETRY": ("webhook_first_retry", _float(0.05, 3600), "Seconds before a failed webhook delivery is tried again; each later retry waits twice as long as the one before (with jitter), at most an hour"),

@@ -26,8 +26,9 @@ from .. import manifest
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
-TASKS = ("s2v", "i2v", "t2v")  # the batch form's task types
-TASK_INPUTS = {"s2v": ("image", "audio"), "i2v": ("image",), "t2v": ()}  # as schemas.TASK_INPUTS
+TASKS = ("s2v", "i2v", "t2v", "t2i", "i2i")  # the task types made from these files
+TASK_INPUTS = {"s2v": ("image", "audio"), "i2v": ("image",), "t2v": (), "t2i": (), "i2i": ("image",)}  # as tasks.TASK_INPUTS
+_FROM_PROMPT = ("t2v", "t2i")  # task types that render their prompt alone
 MODES = ("each", "pair", "manifest", "grid")
 # The gateway's GenerationParams fields (schemas.py); tests/test_client.py keeps the two equal.
 # The client does not import the server's models: it runs on laptops against remote gateways.
@@ -149,25 +150,25 @@ def plan_jobs(
         values = {**base, **{k: _text(v) for k, v in overrides.items() if v is not None and _text(v) != ""}}
         fields = {"task": task, **{k: v for k, v in values.items() if v != ""}}
         jobs.append(PlannedJob(number, source, fields, files))
-    if task == "t2v":
+    if task in _FROM_PROMPT:
         missing = [j.source for j in jobs if not j.fields.get("prompt", "").strip()]
         if missing:
-            raise PlanError([f"t2v jobs render their prompt: give --prompt (or a prompt for {', '.join(missing[:3])})"],
+            raise PlanError([f"{task} jobs render their prompt: give --prompt (or a prompt for {', '.join(missing[:3])})"],
                             "--prompt")
     return jobs
 
 
 def _input_sets(task: str, inputs: Inputs, errors: list[str]) -> list[dict[str, Path]]:
-    """Every image with every audio (s2v), every image (i2v), nothing (t2v)."""
-    if task == "t2v":
+    """Every image with every audio (s2v), every image (i2v, i2i), nothing (t2v, t2i)."""
+    if task in _FROM_PROMPT:
         if inputs.files:
-            errors.append("t2v jobs take no files: leave out the images and audio, or choose --task s2v or i2v")
+            errors.append(f"{task} jobs take no files: leave out the images and audio, or choose --task s2v or i2v")
         return [{}]
     if not inputs.images:
         errors.append("no image among PATHS: give a folder with images, or image files")
-    if task == "i2v":
+    if task in ("i2v", "i2i"):
         if inputs.audios:
-            errors.append("i2v jobs take no audio: leave out the audio files, or choose --task s2v")
+            errors.append(f"{task} jobs take no audio: leave out the audio files, or choose --task s2v")
         return [{"image": i} for i in inputs.images]
     if not inputs.audios:
         errors.append("no audio among PATHS: s2v jobs need an image and an audio each")

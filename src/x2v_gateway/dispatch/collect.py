@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import Counter
 
+from ..blobs import BlobStoreUnavailable
 from ..checker import CHECKER
 from ..posters import keep_poster, poster_tmp
 from ..store import Job
@@ -56,7 +57,7 @@ class Collector:
                 info = await CHECKER.probe_video(dest, poster=poster)
                 meta = {"format": "mp4", "duration": info.duration, "width": info.width, "height": info.height}
                 said = f"{info.duration:.1f} s of video"
-            sha, size = await asyncio.to_thread(ctx.blobs.adopt, dest)
+            sha, size = await ctx.blobs.adopt(dest)
             await ctx.store.record_blob(sha, size, str(meta["format"]))
             meta["size"] = size
             if poster_sha := await keep_poster(ctx.store, ctx.blobs, poster):
@@ -82,6 +83,9 @@ class Collector:
                 await self._failed(job, exc)
         except (UpstreamError, ValueError) as exc:
             await self._failed(job, exc)
+        except BlobStoreUnavailable as exc:
+            # Not the job's fault: the video stays on its upstream and is fetched again next time.
+            log.warning("job %s: result waits for the blob store (%s)", job.id, exc.detail)
         finally:
             dest.unlink(missing_ok=True)
             poster.unlink(missing_ok=True)
@@ -119,8 +123,7 @@ class Retention:
     async def expire_files(self, now: float | None = None) -> int:
         keep = self.hours * 3600
         doomed = await self.ctx.store.expire_files((now or time.time()) - keep, grace=min(3600.0, keep))
-        for sha in doomed:
-            self.ctx.blobs.delete(sha)
+        await self.ctx.blobs.delete(doomed)
         if doomed:
             log.info("retention: removed %d files of jobs finished before the cutoff", len(doomed))
         return len(doomed)

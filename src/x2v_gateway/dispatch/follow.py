@@ -153,7 +153,7 @@ class Follower:
         # A task id unknown to the gateway: the gateway died between sending the job to an
         # upstream that picks its own ids and recording the answer. Look for it before resending.
         for job in [j for j in jobs if not j.upstream_task_id]:
-            request = await submit_request(ctx, job, task_id_for(job))
+            request = await submit_request(ctx, job, task_id_for(job), files=False)
             found = await ctx.call(state, "find", lambda: upstream.find_task(request))
             if found:
                 await ctx.store.set_upstream_task_id(job.id, found)

@@ -120,7 +120,7 @@ class Replicas:
             self.on_lost()
             return
         now = time.time()
-        self.others = sum(1 for r in rows if r["id"] != self.id and r["expires_at"] >= now) - len(gone)
+        self.others = sum(1 for r in rows if r["id"] != self.id and r["expires_at"] >= now and r["id"] not in gone)
         if taken:
             log.warning("replica %s took over %d job(s) of replicas that stopped", self.id, len(taken))
             ctx.metrics.jobs_taken_over.inc(len(taken))

@@ -14,10 +14,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from ..blobs import BlobStoreUnavailable
 from ..store import Job
 from ..upstream.base import (
     AmbiguousSubmit,
     Backpressure,
+    InputFile,
     Rejected,
     SubmitRequest,
     Unavailable,
@@ -42,15 +44,22 @@ def task_id_for(job: Job) -> str:
     return job.id if job.run == 0 else f"{job.id}-r{job.run}"
 
 
-async def submit_request(ctx: Context, job: Job, task_id: str) -> SubmitRequest:
-    """Everything an adapter needs for one attempt of `job`: its parameters and input files."""
+async def submit_request(ctx: Context, job: Job, task_id: str, *, files: bool = True) -> SubmitRequest:
+    """Everything an adapter needs for one attempt of `job`: its parameters and (unless `files`
+    is False: to look for a task it may have made) its input files, read from the blob store as
+    they are sent. Raises Rejected when an input is no longer kept."""
     params = dict(job.params)
-    inputs = {role: ctx.blobs.path(sha) for role, sha in job.inputs.items()}
+    inputs: dict[str, InputFile] = {}
     blobs = await ctx.store.read(lambda r: {sha: r.blob(sha) for sha in job.inputs.values()})
     filenames = {}
     for role, sha in job.inputs.items():
         blob = blobs[sha]
         filenames[role] = f"{role}.{blob['kind'] if blob else 'bin'}"
+        if files:
+            stored = await ctx.blobs.open(sha)
+            if stored is None:
+                raise Rejected(f"its {role} file is no longer stored on the gateway")
+            inputs[role] = stored
     return SubmitRequest(
         job_id=job.id, task_id=task_id, task=job.task, params=params, inputs=inputs,
         filenames=filenames,
@@ -95,9 +104,9 @@ class Submitter:
             if not claimed:
                 return  # cancelled between the read and now, or its slot taken by another replica
             ctx.notifier.changed(job.id)
-            request = await submit_request(ctx, job, task_id)
             sending = time.monotonic()
             try:
+                request = await submit_request(ctx, job, task_id)
                 remote_id = await ctx.call(state, "submit", lambda: send(request))
             except Backpressure as exc:
                 state.busy_until = time.monotonic() + exc.retry_after
@@ -108,6 +117,10 @@ class Submitter:
             except Rejected as exc:
                 await ctx.store.fail(job.id, str(exc))
                 ctx.metrics.jobs_finished.labels("failed").inc()
+            except BlobStoreUnavailable as exc:
+                # Its inputs cannot be read now (a bucket down): nothing was sent.
+                log.warning("job %s: not sent, %s", job.id, exc.detail)
+                await ctx.store.requeue(job.id, exc.message, sent=False)
             except AmbiguousSubmit as exc:
                 # Left as `submitted`: the follow loop asks the upstream whether the task exists
                 # and sends it again only if it does not.
@@ -202,7 +215,7 @@ class Submitter:
             if not task_id:
                 # Sent, but the answer never came (lost, or the gateway died waiting for it):
                 # the upstream may have the task under an id the gateway never learned.
-                request = await submit_request(ctx, job, task_id_for(job))
+                request = await submit_request(ctx, job, task_id_for(job), files=False)
                 task_id = await ctx.call(state, "find", lambda: upstream.find_task(request))
                 if task_id is None:
                     if time.time() - (job.submitted_at or 0) >= ctx.reconcile_grace:

@@ -36,10 +36,14 @@ _TIMING = ("target_video_length", "video_duration", "target_fps")
 SCENE_INPUTS = ("image", "audio", "last_frame")
 
 
+SceneTask = Literal["s2v", "i2v", "t2v", "flf2v"]
+SCENE_TASKS = frozenset(SceneTask.__args__)  # the video tasks a scene may be
+
+
 class SceneRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
     """One scene: a clip of the finished video."""
 
-    task: Literal["s2v", "i2v", "t2v", "flf2v"] = "t2v"
+    task: SceneTask = "t2v"
     # Seconds of the finished video (an s2v scene lasts as long as its audio).
     duration: Annotated[float, Meta(ge=1, le=MAX_SCENE_SECONDS)] | None = None
     # Inputs, as for a job: http(s) URLs, data URLs or base64 strings.

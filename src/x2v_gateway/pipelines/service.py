@@ -15,6 +15,7 @@ import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -205,17 +206,17 @@ class PipelineService:
             work = self.blobs.tmp_dir / f"split-{uuid.uuid4().hex}"
             try:
                 try:
-                    found = await self.media.run(
-                        split_speech, self.blobs.path(inputs[i]["audio"]), work,
-                        self.settings.speech_part_seconds, budget,
-                    )
+                    async with self.blobs.local_path(inputs[i]["audio"]) as audio:
+                        found = await self.media.run(
+                            split_speech, audio, work, self.settings.speech_part_seconds, budget,
+                        )
                 except ValueError as exc:
                     raise ApiError(422, f"scenes[{i}].audio {exc} (every scene's audio together:"
                                    f" at most {MAX_AUDIO_SECONDS:g} s)", f"scenes[{i}].audio") from None
                 budget -= found["seconds"]
                 for part in found["parts"]:
                     if part[2] is not None:
-                        sha, size = await asyncio.to_thread(self.blobs.adopt, Path(part[2]))
+                        sha, size = await self.blobs.adopt(Path(part[2]))
                         await self.store.record_blob(sha, size, "wav")
                         part[2] = sha
                 speech[i] = found
@@ -305,8 +306,9 @@ class PipelineService:
             return job.result_sha
         dest = self.blobs.tmp_dir / f"frame-{job.id}-{uuid.uuid4().hex[:8]}.png"
         try:
-            await self.media.run(last_frame, self.blobs.path(job.result_sha), dest)
-            sha, size = await asyncio.to_thread(self.blobs.adopt, dest)
+            async with self.blobs.local_path(job.result_sha) as video:
+                await self.media.run(last_frame, video, dest)
+            sha, size = await self.blobs.adopt(dest)
         finally:
             dest.unlink(missing_ok=True)
         await self.store.record_blob(sha, size, "png")
@@ -314,25 +316,30 @@ class PipelineService:
 
     async def _join(self, pipeline: Pipeline, jobs: dict[str, Job]) -> None:
         """Every clip in order into one MP4, kept as the pipeline's video."""
-        parts = []
-        for step in pipeline.steps:
-            if step.kind != "clip":
-                continue
-            job = jobs[step.job_id or ""]
-            parts.append({
-                "video": str(self.blobs.path(job.result_sha or "")), "seconds": step.seconds,
-                "audio": str(self.blobs.path(step.audio["sha256"])) if step.audio else None,
-                "offset": step.audio["offset"] if step.audio else 0.0,
-            })
         dest = self.blobs.tmp_dir / f"pipeline-{pipeline.id}-{uuid.uuid4().hex[:8]}.mp4"
-        log.info("pipeline %s: joining %d clips", pipeline.id, len(parts))
         try:
-            info = await self.media.run(
-                join_clips, parts, dest, pipeline.output["fps"], pipeline.output.get("size"),
-                timeout=join_timeout(parts, pipeline.output.get("size")),
-            )
+            # FFmpeg reads files: each clip and its audio as a local file (a copy while the join
+            # runs, where the blob store is a bucket).
+            async with AsyncExitStack() as local:
+                parts = []
+                for step in pipeline.steps:
+                    if step.kind != "clip":
+                        continue
+                    job = jobs[step.job_id or ""]
+                    video = await local.enter_async_context(self.blobs.local_path(job.result_sha or ""))
+                    audio = await local.enter_async_context(self.blobs.local_path(step.audio["sha256"])) \
+                        if step.audio else None
+                    parts.append({
+                        "video": str(video), "seconds": step.seconds, "audio": str(audio) if audio else None,
+                        "offset": step.audio["offset"] if step.audio else 0.0,
+                    })
+                log.info("pipeline %s: joining %d clips", pipeline.id, len(parts))
+                info = await self.media.run(
+                    join_clips, parts, dest, pipeline.output["fps"], pipeline.output.get("size"),
+                    timeout=join_timeout(parts, pipeline.output.get("size")),
+                )
             await CHECKER.probe_video(dest)
-            sha, size = await asyncio.to_thread(self.blobs.adopt, dest)
+            sha, size = await self.blobs.adopt(dest)
         except (ValueError, FileNotFoundError) as exc:
             log.warning("pipeline %s: the clips could not be joined (%s)", pipeline.id, exc)
             await self.store.set_pipeline_state(

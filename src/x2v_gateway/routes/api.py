@@ -27,7 +27,7 @@ from ..schemas import (
 from ..reads import cut_page, find_job, visible
 from ..store import STATES, Inflight, Job, JobStore, Reads
 from ..upstream.base import UpstreamError
-from .files import ranged_file
+from .files import blob_file
 from .prefer import prefer_wait, wait_outcome, waited
 
 
@@ -302,6 +302,10 @@ class JobsController(Controller):
             416: ResponseSpec(None, description=(
                 "The `Range` starts past the end of the video; `Content-Range: bytes */<size>` gives its size"
             )),
+            302: ResponseSpec(None, description=(
+                "With `X2V_S3_PRESIGN_MINUTES` set: a redirect (`Location`) to a presigned URL of the"
+                " video in the bucket, which honours `Range` too"
+            )),
             **errors(400, 404, 410),
         },
     )
@@ -353,11 +357,11 @@ async def _result_file(
         raise ApiError(410, "this job's files have expired and were deleted")
     if job.state != "succeeded" or not job.result_sha:
         raise ApiError(404, f"this job has no {kind}: it is {job.state}")
-    path = blobs.path(job.result_sha)
-    if not path.is_file():
-        raise ApiError(410, f"this job's {kind} is no longer stored")
     fmt = (job.result_meta or {}).get("format") or ("mp4" if kind == "video" else "png")
-    return ranged_file(path, range_header, media_type=media_type(fmt, job.task), filename=f"{job.id}.{fmt}")
+    return await blob_file(
+        blobs, job.result_sha, range_header, media_type=media_type(fmt, job.task), filename=f"{job.id}.{fmt}",
+        gone=f"this job's {kind} is no longer stored",
+    )
 
 
 class ModelChoice(msgspec.Struct):

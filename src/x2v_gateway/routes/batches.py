@@ -19,7 +19,7 @@ from litestar.response import Stream
 
 from ..auth import Caller
 from ..batch_files import batch_zip
-from ..batch_requests import MAX_API_BATCH_JOBS
+from ..batch_requests import MAX_API_BATCH_JOBS, create_batch
 from ..blobs import BlobStore
 from ..jobs import JobService
 from ..reads import BatchSummary, batch_summary, read_batch_summary
@@ -140,7 +140,7 @@ class BatchesController(Controller):
         content_type = request.headers.get("content-type", "")
         if content_type and not content_type.startswith("application/json"):
             raise ApiError(415, "send the batch as application/json", "Content-Type")
-        made = await jobs.create_batch_from_json(who, request.stream(), idempotency_key=idempotency_key)
+        made = await create_batch(jobs, who, request.stream(), idempotency_key=idempotency_key)
 
         def read(r: Reads) -> BatchCreated:
             view = batch_view(read_batch_summary(r, made.batch_id, who))

@@ -16,28 +16,33 @@ from __future__ import annotations
 
 import posixpath
 import time
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.response import Stream
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from ..auth import Caller
 from ..blobs import BlobStore
 from ..compat import (
-    IMAGE_TASKS, LIGHTX2V, errors, file_responses, job_request, looks_like_server_path, naive_local, renaming, result_path, truth, whole_number,
+    LIGHTX2V, errors, file_responses, job_request, naive_local, renaming, result_blob, truth, whole_number,
 )
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
 from ..settings import Settings
-from ..schemas import PARAM_FIELDS
+from ..schemas import ApiError
 from ..store import Job, JobStore, Reads
+from ..tasks import IMAGE_TASKS
 from .api import body_operation, struct_schema
 from .files import ranged_file
-
-T = TypeVar("T")
+from .lightx2v_requests import (
+    FORM_DEFAULTS, FORM_FILES, NAMES, BaseTask, ImageForm, ImageTask, PydanticError, VideoForm, VideoTask,
+    decode, field_error, file_name, job_values, pydantic_error,
+)
 
 TASK_IDS = "lightx2v-task"  # foreign ids: a client's own task_id -> job
 FILES = "lightx2v-file"  # foreign ids: a save_result_path's file name -> job
@@ -45,66 +50,6 @@ STATUS = {"queued": "pending", "submitted": "pending", "running": "processing",
           "succeeded": "completed", "failed": "failed", "cancelled": "cancelled"}
 # The server keeps at most this many tasks, and lists them all.
 LISTED = 1000
-# The LightX2V fields that name inputs, and the job input each becomes.
-INPUT_FIELDS = {"image_path": "image", "audio_path": "audio", "last_frame_path": "last_frame"}
-NAMES = {role: name for name, role in INPUT_FIELDS.items()}
-
-
-class BaseTask(msgspec.Struct, kw_only=True):
-    """`BaseTaskRequest` as the server reads it: every field optional, unknown ones ignored.
-    None marks a field the client did not set: the node's model config decides it then."""
-
-    task_id: str = ""
-    prompt: str = ""
-    negative_prompt: str = ""
-    image_path: str = ""
-    last_frame_path: str = ""
-    image_mask_path: str = ""
-    save_result_path: str = ""
-    presigned_url: str = ""
-    infer_steps: int | None = None
-    seed: int | None = None
-    target_shape: list[int] | None = None
-    use_prompt_enhancer: bool | None = None
-    reuse: bool | None = None
-    lora_name: str | None = None
-    lora_strength: float | None = None
-
-
-class VideoTask(BaseTask, kw_only=True):
-    """`VideoTaskRequest` (`POST /v1/tasks/video/`)."""
-
-    audio_path: str = ""
-    video_path: str = ""
-    num_fragments: int | None = None
-    target_video_length: int | None = None
-    video_duration: int | None = None
-    target_fps: int | None = None
-    resize_mode: str | None = None
-    sr_ratio: float | None = None
-    talk_objects: list[Any] | None = None
-
-
-class ImageTask(BaseTask, kw_only=True):
-    """`ImageTaskRequest` (`POST /v1/tasks/image/`): an image (i2i) or none (t2i) in, a PNG out."""
-
-    aspect_ratio: str | None = None
-    i2i_denoise_strength: float | None = None
-
-
-class VideoForm(msgspec.Struct, kw_only=True):
-    """`/v1/tasks/video/form`'s text fields, with the server's defaults (its files: _FORM_FILES)."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    save_result_path: str = ""
-    use_prompt_enhancer: bool = False
-    num_fragments: int = 1
-    infer_steps: int = 5
-    target_video_length: int = 81
-    seed: int = 42
-    video_duration: int = 5
-    target_fps: int = 16
 
 
 class Submitted(msgspec.Struct):
@@ -128,92 +73,15 @@ class TaskStatusView(msgspec.Struct):
     save_result_path: str | None
 
 
-def _task_type(task: BaseTask, has: set[str]) -> str:
-    """LightX2V requests carry no task type (a node runs the one it was started with): the
-    route and the inputs say which job this is."""
-    if isinstance(task, ImageTask):
-        return "i2i" if "image" in has else "t2i"
-    if "image" in has and "audio" in has:
-        return "s2v"
-    if "image" in has and "last_frame" in has:
-        return "flf2v"
-    return "i2v" if "image" in has else "t2v"
-
-
-def _decode(raw: bytes, struct: type[T]) -> T:
-    if not raw.strip():
-        raise _Pydantic("missing", [], "Field required")
-    try:
-        doc = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise _Pydantic("json_invalid", [], f"JSON decode error: {exc}") from None
-    if not isinstance(doc, dict):
-        raise _Pydantic("model_attributes_type", [], "Input should be a valid dictionary or object to extract fields from")
-    try:
-        # Lax, as pydantic is: "42" is a fine seed.
-        return msgspec.convert(doc, struct, strict=False)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        field = message.rsplit("$.", 1)[-1].split("[")[0].rstrip("`") if "$." in message else None
-        raise _Pydantic("value_error", [field] if field else [], message.split(" - at ")[0]) from None
-
-
-class _Pydantic(Exception):
-    """A body the server's pydantic would refuse: 422 with its `detail` list."""
-
-    def __init__(self, kind: str, loc: list[Any], msg: str) -> None:
-        super().__init__(msg)
-        self.detail = [{"type": kind, "loc": ["body", *loc], "msg": msg, "input": None}]
-
-
-def _pydantic_error(request: Request, exc: _Pydantic) -> Response:
-    return Response({"detail": exc.detail}, status_code=422)
-
-
-def _job_values(task: BaseTask, uploaded: set[str]) -> dict[str, Any]:
-    """The gateway job a LightX2V request describes (inputs still as the client gave them)."""
-    for name, what in (("video_path", "a video input"), ("image_mask_path", "a mask"),
-                       ("talk_objects", "several speakers")):
-        if getattr(task, name, None):
-            raise _field_error(name, f"{name}: the gateway does not pass {what} on to nodes")
-    values: dict[str, Any] = {}
-    for name in task.__struct_fields__:
-        value = getattr(task, name)
-        if name in PARAM_FIELDS and value not in (None, "", []):
-            values[name] = value
-    for name, role in INPUT_FIELDS.items():
-        value = getattr(task, name, "")
-        if not value:
-            continue
-        if not value.startswith(("http://", "https://", "data:")) and looks_like_server_path(value):
-            raise _field_error(name, f"{name}: {value!r} is a path on a node, which the gateway cannot"
-                               " read; send the file as base64, a data URL or an http(s) URL, or"
-                               " upload it to /v1/tasks/video/form")
-        values[role] = value
-    values["task"] = _task_type(task, uploaded | {role for role in INPUT_FIELDS.values() if role in values})
-    return values
-
-
-def _field_error(field: str, message: str) -> _Pydantic:
-    return _Pydantic("value_error", [field], message)
-
-
-def _file_name(task_id: str, save_result_path: str, ext: str) -> str:
-    """The file a node would write: `save_result_path`'s name (default: the task id), with
-    `.mp4` (`.png` for an image) added when it has no extension; the status reports this name."""
-    name = posixpath.basename((save_result_path or task_id).replace("\\", "/")) or task_id
-    return name if posixpath.splitext(name)[1] else name + ext
-
-
 async def _accept(
     jobs: JobService, store: JobStore, who: Caller, task: BaseTask, values: dict[str, Any],
     files: list[IncomingFile],
-) -> Submitted:
+) -> tuple[Job, Submitted]:
     """Queue the job, under the client's own task_id when it chose one."""
     chosen = task.task_id.strip()
     try:
         if len(chosen) > 200 or "/" in chosen:
-            raise _field_error("task_id", "task_id must be at most 200 characters, without '/'")
+            raise field_error("task_id", "task_id must be at most 200 characters, without '/'")
         if chosen and await _known(store, who, chosen):
             raise _Duplicate(chosen)
         with renaming(NAMES):
@@ -228,11 +96,11 @@ async def _accept(
         # Another request took this task_id a moment earlier: as the node would, refuse this one.
         await jobs.cancel(job.id, who)
         raise _Duplicate(chosen)
-    name = _file_name(task_id, task.save_result_path, _ext(job))
+    name = file_name(task_id, task.save_result_path, _ext(job))
     if name != f"{job.id}{_ext(job)}":
         # A later task writing the same file on a node replaces it: the newest job has the name.
         await store.save_foreign_id(who.owner, FILES, name, job.id, replace=True)
-    return Submitted(task_id, "pending", task.save_result_path or task_id)
+    return job, Submitted(task_id, "pending", task.save_result_path or task_id)
 
 
 class _Duplicate(Exception):
@@ -306,7 +174,7 @@ def _forbidden(request: Request, exc: _Forbidden) -> Response:
     return Response({"detail": "Access to this file is not allowed"}, status_code=403)
 
 
-EXCEPTIONS = {_Pydantic: _pydantic_error, _Duplicate: _duplicate_error, _NotFound: _not_found,
+EXCEPTIONS = {PydanticError: pydantic_error, _Duplicate: _duplicate_error, _NotFound: _not_found,
               _Forbidden: _forbidden}
 
 
@@ -329,14 +197,8 @@ async def _submit_json(
     mb = settings.max_json_mb
     raw = await read_limited(request.stream(), mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
                              " allowed; send large files to the /form route")
-    task = _decode(raw, struct)
-    return await _accept(jobs, store, who, task, _job_values(task, set()), [])
-
-
-# The form route's fields, with the server's defaults: its form endpoints pass every field.
-_FORM_DEFAULTS = {"num_fragments": 1, "infer_steps": 5, "target_video_length": 81, "seed": 42,
-                  "video_duration": 5, "target_fps": 16}
-_FORM_FILES = {"image_file": "image", "last_frame_file": "last_frame", "audio_file": "audio"}
+    task = decode(raw, struct)
+    return (await _accept(jobs, store, who, task, job_values(task, set()), []))[1]
 
 
 @post("/v1/tasks/video/form", status_code=200, request_max_body_size=None,
@@ -352,7 +214,7 @@ async def submit_video_form(
     request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
     who: NamedDependency[Caller],
 ) -> Submitted:
-    return await _submit_form(request, jobs, store, who, VideoTask, _FORM_FILES, _FORM_DEFAULTS, image_required=True)
+    return await _submit_form(request, jobs, store, who, VideoTask, FORM_FILES, FORM_DEFAULTS, image_required=True)
 
 
 async def _submit_form(
@@ -365,7 +227,7 @@ async def _submit_form(
     )
     try:
         if image_required and "image" not in {f.role for f in files}:
-            raise _Pydantic("missing", ["image_file"], "Field required")
+            raise PydanticError("missing", ["image_file"], "Field required")
         task = struct(
             prompt=fields.get("prompt", ""), negative_prompt=fields.get("negative_prompt", ""),
             save_result_path=fields.get("save_result_path", ""),
@@ -373,23 +235,48 @@ async def _submit_form(
             **{name: whole_number(name, fields.get(name), default) for name, default in defaults.items()},
             **{name: fields.get(name) or default for name, default in text.items()},
         )
-        values = _job_values(task, {f.role for f in files})
+        values = job_values(task, {f.role for f in files})
     except BaseException:
         discard(files)
         raise
-    return await _accept(jobs, store, who, task, values, files)
+    return (await _accept(jobs, store, who, task, values, files))[1]
 
 
-class ImageForm(msgspec.Struct, kw_only=True):
-    """`/v1/tasks/image/form`'s text fields, with the server's defaults (its file: `image_file`)."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    save_result_path: str = ""
-    use_prompt_enhancer: bool = False
-    infer_steps: int = 5
-    seed: int = 42
-    aspect_ratio: str = "16:9"
+@post("/v1/tasks/image/sync", status_code=200, request_max_body_size=None, media_type="image/png",
+      operation_class=body_operation("LightX2V's `ImageTaskRequest`", {"application/json": struct_schema(ImageTask)}),
+      summary="LightX2V: make an image and answer it (PNG) once made, within `timeout_seconds`",
+      tags=["LightX2V server API"], exception_handlers=EXCEPTIONS,
+      responses={200: ResponseSpec(bytes, media_type="image/png", generate_examples=False, description="The image"),
+                 **errors(LIGHTX2V, 400, 403, 409, 413, 422, 500, 503, 504, 507)})
+async def submit_image_sync(
+    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
+    blobs: NamedDependency[BlobStore], settings: NamedDependency[Settings], who: NamedDependency[Caller],
+    timeout_seconds: Annotated[int, QueryParameter(description="At most X2V_MAX_WAIT")] = 600,
+    poll_interval_seconds: Annotated[float, QueryParameter(description="Accepted; the gateway is told when the job ends")] = 0.5,
+) -> Stream:
+    if timeout_seconds <= 0:
+        raise ApiError(400, "timeout_seconds must be > 0", "timeout_seconds")
+    if not poll_interval_seconds > 0:
+        raise ApiError(400, "poll_interval_seconds must be > 0", "poll_interval_seconds")
+    mb = settings.max_json_mb
+    task = decode(await read_limited(request.stream(), mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB allowed"), ImageTask)
+    if task.presigned_url:
+        # The gateway does not PUT results to URLs its clients name: fetch the image from here.
+        raise field_error("presigned_url", "presigned_url: the gateway answers the image itself and uploads it nowhere")
+    job, _ = await _accept(jobs, store, who, task, job_values(task, set()), [])
+    job = await jobs.wait(job, min(timeout_seconds, settings.max_wait))
+    if job.state == "failed":
+        raise ApiError(500, job.error or "Task failed")
+    if job.state == "cancelled":
+        raise ApiError(409, "Task cancelled by user")
+    if job.state != "succeeded":
+        await jobs.cancel(job.id, who)
+        raise ApiError(504, f"Task {job.id} timed out after {timeout_seconds} seconds")
+    blob = await result_blob(job, blobs)
+    if blob is None:
+        raise ApiError(500, f"Task completed but its image is no longer stored: {job.id}")
+    return Stream(blob.chunks(), media_type="image/png",
+                  headers={"content-disposition": 'inline; filename="result.png"', "content-length": str(blob.size)})
 
 
 @post("/v1/tasks/image/", status_code=200, request_max_body_size=None,
@@ -433,6 +320,23 @@ async def list_tasks(store: NamedDependency[JobStore], who: NamedDependency[Call
     return await store.read(read)
 
 
+@delete("/v1/tasks/all/running", status_code=200, summary="LightX2V: cancel every unfinished task of this key",
+        tags=["LightX2V server API"], responses=errors(LIGHTX2V, 403))
+async def stop_all_tasks(
+    jobs: NamedDependency[JobService], store: NamedDependency[JobStore], who: NamedDependency[Caller],
+) -> Stopped:
+    # This key's own tasks only, an admin's too: on a node "all" is one client's queue, not
+    # every key's work in the pool.
+    seen: set[str] = set()
+    while unfinished := [job for job in await store.list_jobs(
+        states=["queued", "submitted", "running"], owner=who.owner, limit=500,
+    ) if job.id not in seen]:
+        for job in unfinished:
+            seen.add(job.id)  # each asked once, whatever the cancel found
+            await jobs.cancel(job.id, who)
+    return Stopped("success", "All tasks stopped successfully.")
+
+
 @delete("/v1/tasks/{task_id:str}", status_code=200, summary="LightX2V: cancel a task (always 200)",
         tags=["LightX2V server API"], responses=errors(LIGHTX2V, 403, 422))
 async def stop_task(
@@ -458,15 +362,15 @@ async def task_result(
         raise _NotFound("Task not completed")
     job = await _find(store, who, task_id)
     assert job is not None
-    return _file(job, blobs, view.save_result_path or f"{job.id}{_ext(job)}", range_header)
+    return await _file(job, blobs, view.save_result_path or f"{job.id}{_ext(job)}", range_header)
 
 
-def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Response:
-    path = result_path(job, blobs)
-    if path is None:
+async def _file(job: Job, blobs: BlobStore, name: str, range_header: str | None) -> Response:
+    blob = await result_blob(job, blobs)
+    if blob is None:
         raise _NotFound(f"File not found: {name}")
     media = "image/png" if name.lower().endswith(".png") else "video/mp4"
-    return ranged_file(path, range_header, media_type=media, filename=name, disposition="attachment")
+    return ranged_file(blob, range_header, media_type=media, filename=name, disposition="attachment")
 
 
 @get("/v1/files/download/{file_path:path}", summary="LightX2V: a result file by its name",
@@ -580,5 +484,5 @@ async def service_metadata(dispatcher: NamedDependency[Dispatcher]) -> ServiceMe
     return ServiceMetadata(1, models.pop() if len(models) == 1 else "x2v-gateway", "")
 
 
-ROUTES = [submit_video, submit_video_form, submit_image, submit_image_form, queue_status, task_status, list_tasks, stop_task, task_result,
-          download_file, service_status, service_metadata]
+ROUTES = [submit_video, submit_video_form, submit_image, submit_image_form, submit_image_sync, queue_status, task_status, list_tasks, stop_task, task_result,
+          stop_all_tasks, download_file, service_status, service_metadata]

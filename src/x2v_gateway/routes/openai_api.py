@@ -21,7 +21,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from ..auth import Caller
 from ..blobs import BlobStore
-from ..compat import IMAGE_TASKS, OPENAI, errors, file_responses, job_request, result_path
+from ..compat import OPENAI, errors, file_responses, job_request, result_blob
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
@@ -29,6 +29,7 @@ from ..reads import find_job
 from ..schemas import ApiError
 from ..settings import Settings
 from ..store import Job, JobStore
+from ..tasks import IMAGE_TASKS
 from .api import body_operation, struct_schema
 from .files import ranged_file
 
@@ -268,11 +269,11 @@ async def video_content(
     job = await find_job(store, video_id, who)
     if variant != "video":
         raise ApiError(404, f"variant {variant!r} is not made by this gateway; the video is", "variant")
-    path = result_path(job, blobs)
-    if path is None:
+    blob = await result_blob(job, blobs)
+    if blob is None:
         raise ApiError(404, f"video {video_id} is {STATUS[job.state]}: its content is there once it is completed"
                        if not job.files_expired else f"video {video_id}'s content has expired")
-    return ranged_file(path, range_header, media_type="video/mp4", filename=f"{job.id}.mp4")
+    return ranged_file(blob, range_header, media_type="video/mp4", filename=f"{job.id}.mp4")
 
 
 @delete("/v1/videos/{video_id:str}", status_code=200, tags=["OpenAI-compatible"],

@@ -23,7 +23,7 @@ from litestar.di import NamedDependency
 
 from ..auth import Caller
 from ..blobs import BlobStore
-from ..compat import OPENAI, errors, job_request, number, result_path, whole_number
+from ..compat import OPENAI, errors, job_request, number, result_blob, whole_number
 from ..inputs import declared_size, discard, read_limited
 from ..jobs import JobService
 from ..schemas import ApiError
@@ -116,12 +116,13 @@ async def _finished(jobs: JobService, who: Caller, job: Job) -> Job:
 
 
 async def _answer(request: Request, blobs: BlobStore, job: Job, response_format: str, size: str | None) -> ImagesResponse:
-    path = result_path(job, blobs)
-    if path is None:
+    blob = await result_blob(job, blobs)
+    if blob is None:
         raise ApiError(500, f"Task completed but its image is no longer stored: {job.id}")
     if response_format == "b64_json":
-        # A PNG within X2V_MAX_IMAGE_MEGAPIXELS: read and encoded off the event loop.
-        item = {"b64_json": await asyncio.to_thread(lambda: base64.b64encode(path.read_bytes()).decode())}
+        # A PNG within X2V_MAX_IMAGE_MEGAPIXELS: read, then encoded off the event loop.
+        data = b"".join([chunk async for chunk in blob.chunks(1024 * 1024)])
+        item = {"b64_json": await asyncio.to_thread(lambda: base64.b64encode(data).decode())}
     else:
         item = {"url": f"{str(request.base_url).rstrip('/')}/v1/files/download/{job.id}.png"}
     zero = TokenDetails()
@@ -138,7 +139,7 @@ async def generate_image(
 ) -> ImagesResponse:
     raw = await read_limited(request.stream(), 1024 * 1024, "the body is larger than an image request needs")
     try:
-        body = msgspec.json.decode(raw, type=ImageGeneration)
+        body = msgspec.json.decode(raw, type=ImageGeneration, strict=False)
     except msgspec.ValidationError as exc:
         field = str(exc).rsplit("$.", 1)[-1].rstrip("`") if "$." in str(exc) else None
         raise ApiError(400, str(exc).split(" - at ")[0], field) from None

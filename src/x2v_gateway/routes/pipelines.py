@@ -23,7 +23,7 @@ from ..pipelines.views import PipelineList, PipelineView, view, views
 from ..schemas import ApiError, errors
 from ..store import JobStore
 from .api import _cursor, _openapi_schema, _parse_cursor
-from .files import ranged_file
+from .files import blob_file
 
 
 @dataclass
@@ -131,7 +131,7 @@ class PipelinesController(Controller):
             raise ApiError(410, "this pipeline's video has expired and was deleted")
         if pipeline.state != "succeeded" or not pipeline.result_sha:
             raise ApiError(404, f"this pipeline has no video yet: it is {pipeline.state}")
-        path = blobs.path(pipeline.result_sha)
-        if not path.is_file():
-            raise ApiError(410, "this pipeline's video is no longer stored")
-        return ranged_file(path, range_header, media_type="video/mp4", filename=f"{pipeline.id}.mp4")
+        return await blob_file(
+            blobs, pipeline.result_sha, range_header, media_type="video/mp4", filename=f"{pipeline.id}.mp4",
+            gone="this pipeline's video is no longer stored",
+        )

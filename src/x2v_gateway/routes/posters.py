@@ -6,13 +6,13 @@ from litestar import Response, get
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath
-from litestar.response import File
 
 from ..auth import Caller
 from ..posters import Posters
 from ..reads import find_job
 from ..schemas import ApiError, errors
 from ..store import JobStore
+from .files import ranged_file
 
 
 @get(
@@ -35,10 +35,11 @@ async def job_poster(
         raise ApiError(410, "this job's files have expired and were deleted")
     if job.state != "succeeded" or not job.result_sha:
         raise ApiError(404, f"this job has no video: it is {job.state}")
-    path = await posters.path(job)
-    if path is None:
+    poster = await posters.path(job)
+    if poster is None:
         raise ApiError(404, "no poster could be made of this job's video")
+    response = ranged_file(poster, None, media_type="image/jpeg", filename=f"{job.id}.jpg")
     # A poster never changes for its job (a new run is a new video, so a new poster):
     # browsers keep it, and the gallery does not fetch it again.
-    return File(path, media_type="image/jpeg", content_disposition_type="inline", filename=f"{job.id}.jpg",
-                headers={"cache-control": "private, max-age=86400"})
+    response.headers["cache-control"] = "private, max-age=86400"
+    return response

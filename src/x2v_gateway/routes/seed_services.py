@@ -187,7 +187,7 @@ _RANGES = {"num_frames": (24, 120), "guidance_scale": (1.0, 20.0), "infer_steps"
 
 def _t2v_request(raw: bytes) -> T2VSubmit:
     try:
-        body = msgspec.json.decode(raw, type=T2VSubmit)
+        body = msgspec.json.decode(raw, type=T2VSubmit, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
         field = message.rsplit("$.", 1)[-1].rstrip("`") if "$." in message else None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psycopg
 
+from ..blobs.migrate import copy_step
 from .base import JobStore
 
 CHUNK = 5000
@@ -60,7 +61,7 @@ DERIVED = {"job_counts", "queue_blocks", "_sqlite_migrations", "replicas"}
 
 # Steps run after the store's copy, each given (settings, progress callback): where another
 # blob store (S3) adds the copy of the files. Each returns a line for the summary.
-BLOB_STEPS: list[Callable[..., str]] = []
+BLOB_STEPS: list[Callable[..., str]] = [copy_step]
 
 
 class MigrationRefused(RuntimeError):

@@ -50,6 +50,21 @@ class RemoteStatus:
     progress: float | None = None
 
 
+class InputFile(Protocol):
+    """An input's bytes where the gateway keeps them (a blob store's `StoredBlob`: a local file
+    or an object in a bucket), read as they are sent. A plain `Path` serves as one too."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
+        """The bytes, in pieces of exactly `chunk_size` but the last."""
+
+
+def input_size(source: Path | InputFile) -> int:
+    return source.stat().st_size if isinstance(source, Path) else source.size
+
+
 @dataclass(slots=True)
 class SubmitRequest:
     """One attempt to run a job upstream: everything an adapter needs, nothing it must look up."""
@@ -59,7 +74,7 @@ class SubmitRequest:
     task_id: str
     task: str  # a task type of tasks.py: s2v, i2v, t2v, flf2v, t2i, i2i, animate
     params: dict = field(default_factory=dict)  # prompt, negative_prompt, seed, infer_steps, ...
-    inputs: dict[str, Path] = field(default_factory=dict)  # image | audio | last_frame | video -> blob file
+    inputs: dict[str, Path | InputFile] = field(default_factory=dict)  # image | audio | last_frame | video -> its bytes
     # A file name for each input (blobs have none), with the extension its content was detected as.
     filenames: dict[str, str] = field(default_factory=dict)
 
@@ -279,7 +294,7 @@ _B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding 
 
 
 def base64_json_body(
-    fields: dict[str, Any], files: dict[str, Path], *, wrap: str = '"{}"'
+    fields: dict[str, Any], files: dict[str, Path | InputFile], *, wrap: str = '"{}"'
 ) -> tuple[AsyncIterator[bytes], int]:
     """A JSON object of `fields` plus each file base64-encoded from disk as it is sent.
 
@@ -291,22 +306,26 @@ def base64_json_body(
     """
     before, after = (part.encode() for part in wrap.split("{}"))
     head = json.dumps(fields).encode()[:-1]  # ASCII (ensure_ascii), without the closing brace
-    parts: list[bytes | Path] = [head]
+    parts: list[bytes | Path | InputFile] = [head]
     for name, path in files.items():
         parts += [f', "{name}": '.encode() + before, path, after]
     parts.append(b"}")
-    length = sum(4 * math.ceil(p.stat().st_size / 3) if isinstance(p, Path) else len(p) for p in parts)
+    length = sum(len(p) if isinstance(p, bytes) else 4 * math.ceil(input_size(p) / 3) for p in parts)
     return stream_parts(parts, _B64_CHUNK, base64.b64encode), length
 
 
 async def stream_parts(
-    parts: list[bytes | Path], chunk_size: int, encode: Callable[[bytes], bytes] | None = None
+    parts: list[bytes | Path | InputFile], chunk_size: int, encode: Callable[[bytes], bytes] | None = None
 ) -> AsyncIterator[bytes]:
-    """A request body made of literal bytes and files read from disk, one chunk at a time."""
+    """A request body made of literal bytes and files (on disk, or where the blob store keeps
+    them), one chunk at a time."""
     for part in parts:
         if isinstance(part, bytes):
             yield part
-            continue
-        with part.open("rb") as handle:
-            while chunk := handle.read(chunk_size):
+        elif isinstance(part, Path):
+            with part.open("rb") as handle:
+                while chunk := handle.read(chunk_size):
+                    yield encode(chunk) if encode else chunk
+        else:
+            async for chunk in part.chunks(chunk_size):
                 yield encode(chunk) if encode else chunk

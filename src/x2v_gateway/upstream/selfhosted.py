@@ -37,6 +37,7 @@ from .base import (
     AmbiguousSubmit,
     Backpressure,
     Capabilities,
+    InputFile,
     NodeHealth,
     Rejected,
     RemoteState,
@@ -48,6 +49,7 @@ from .base import (
     backoff,
     base64_json_body,
     clean_message,
+    input_size,
     stream_parts,
 )
 
@@ -154,7 +156,7 @@ class SelfHostedNode(Upstream):
         # The output is named after the gateway's id too: it identifies the task in the list
         # (form route) and names the file that outlives a node restart.
         fields: dict[str, Any] = {**request.params, "save_result_path": task_id}
-        size = sum(p.stat().st_size for p in request.inputs.values())
+        size = sum(input_size(p) for p in request.inputs.values())
         use_form = size > self.form_threshold and _form_carries(fields, request.inputs, request.task)
         if not use_form:
             fields["task_id"] = task_id
@@ -205,7 +207,7 @@ class SelfHostedNode(Upstream):
         return f"{task_id}-m{n}"
 
     async def _submit_form(
-        self, fields: dict[str, Any], inputs: dict[str, Path], filenames: dict[str, str], task: str,
+        self, fields: dict[str, Any], inputs: dict[str, Path | InputFile], filenames: dict[str, str], task: str,
     ) -> httpx.Response:
         # The form route fills every field it is not sent with its own default (seed 42,
         # infer_steps 5...), so only the fields the user set are sent, and seed always is.
@@ -462,7 +464,7 @@ def _form_end(boundary: str, fields: dict[str, str]) -> bytes:
 
 
 def _form_body(
-    fields: dict[str, str], files: dict[str, tuple[str, Path]]
+    fields: dict[str, str], files: dict[str, tuple[str, Path | InputFile]]
 ) -> tuple[AsyncIterator[bytes], int, str]:
     """A multipart/form-data body streamed from disk: (chunks, length, content type).
 
@@ -470,11 +472,11 @@ def _form_body(
     the node with a sixteenth of the Python work, and memory still holds one piece at a time.
     """
     boundary = secrets.token_hex(16)
-    parts: list[bytes | Path] = []
+    parts: list[bytes | Path | InputFile] = []
     for name, (filename, path) in files.items():
         parts += [_part_head(boundary, name, filename), path, b"\r\n"]
     parts.append(_form_end(boundary, fields))
-    length = sum(p.stat().st_size if isinstance(p, Path) else len(p) for p in parts)
+    length = sum(len(p) if isinstance(p, bytes) else input_size(p) for p in parts)
     return stream_parts(parts, _FORM_CHUNK), length, f"multipart/form-data; boundary={boundary}"
 
 

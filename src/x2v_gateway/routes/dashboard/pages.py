@@ -22,7 +22,7 @@ from ...schemas import MAX_SQLITE_INT, ApiError
 from ...reads import batch_summary, find_item
 from ...settings import Settings
 from ...store import JobStore
-from ..files import ranged_file
+from ..files import blob_file
 from ..nodes import node_views
 from ..webhooks import webhook_section
 from .rows import BATCH_PAGE_ROWS, job_context, list_filters, read_batch_page, read_jobs_page, recent
@@ -171,14 +171,14 @@ async def job_input(
     sha = item.job.inputs.get(role)
     if sha is None:
         raise ApiError(404, f"This job has no {role} input")
-    path = blobs.path(sha)
-    if item.job.files_expired or not path.is_file():
-        raise ApiError(410, "This input file has expired and was deleted")
+    gone = "This input file has expired and was deleted"
+    if item.job.files_expired:
+        raise ApiError(410, gone)
     blob = await store.blob(sha) or {}
     kind = blob.get("kind", "bin")
-    return ranged_file(
-        path, request.headers.get("range"), media_type=_MEDIA_TYPES.get(kind, "application/octet-stream"),
-        filename=re.sub(r"[^\w.\- ]", "_", item.files.get(role) or f"{role}.{kind}"),
+    return await blob_file(
+        blobs, sha, request.headers.get("range"), media_type=_MEDIA_TYPES.get(kind, "application/octet-stream"),
+        filename=re.sub(r"[^\w.\- ]", "_", item.files.get(role) or f"{role}.{kind}"), gone=gone,
     )
 
 

@@ -20,6 +20,7 @@ from ...auth import Caller
 from ...inputs import read_form
 from ...jobs import JobService
 from ...pipelines import PipelineService
+from ...pipelines.plan import SCENE_TASKS
 from ...pipelines.views import view, views
 from ...schemas import ApiError
 from ...store import JobStore
@@ -42,7 +43,7 @@ async def _list_page(
     *, fragment: bool = False,
 ) -> Template:
     context = {"rows": range(FORM_SCENES), "form": form, "error": error,
-               "available_tasks": sorted(jobs.runnable_tasks())}
+               "available_tasks": sorted(jobs.runnable_tasks() & SCENE_TASKS)}
     status = error.status if error else 200
     if fragment:  # htmx swaps the form alone, with what to fix
         return Template("partials/pipeline_form.html", status_code=status, context=context)

@@ -38,6 +38,22 @@ class BatchReads(PgRows):
         data["form"] = json.loads(data["form"]) if data["form"] else {}
         return data
 
+    def list_batches(
+        self, *, owner: str | None = None, before: tuple[float, str] | None = None, limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = %s")
+            args.append(owner)
+        if before is not None:
+            where.append("(created_at, id) < (%s, %s)")
+            args += list(before)
+        sql = "SELECT * FROM batches" + (" WHERE " + " AND ".join(where) if where else "")
+        found = rows(self.conn, sql + " ORDER BY created_at DESC, id DESC LIMIT %s", (*args, limit))
+        for data in found:
+            data["form"] = json.loads(data["form"]) if data["form"] else {}
+        return found
+
     def recent_batch_ids(self, limit: int = 20, window: int = 5000, owner: str | None = None) -> list[str]:
         if owner is None:
             sql, args = "SELECT batch_id, seq FROM jobs ORDER BY seq DESC LIMIT %s", (window,)
@@ -112,17 +128,17 @@ class BatchWrites(PostgresThreads):
             with conn.cursor() as cur:
                 cur.execute(
                     "INSERT INTO jobs (id, task, state, params, inputs, priority, batch_id, owner,"
-                    " created_at, updated_at) SELECT id, task, state, params, inputs, priority, batch_id,"
-                    " owner, created_at, updated_at FROM unnest(%s::text[], %s::text[], %s::text[],"
-                    " %s::text[], %s::text[], %s::integer[], %s::text[], %s::text[], %s::float8[],"
-                    " %s::float8[]) WITH ORDINALITY AS u(id, task, state, params, inputs, priority,"
-                    " batch_id, owner, created_at, updated_at, n)"
+                    " created_at, updated_at, pinned) SELECT id, task, state, params, inputs, priority,"
+                    " batch_id, owner, created_at, updated_at, pinned FROM unnest(%s::text[], %s::text[],"
+                    " %s::text[], %s::text[], %s::text[], %s::integer[], %s::text[], %s::text[],"
+                    " %s::float8[], %s::float8[], %s::text[]) WITH ORDINALITY AS u(id, task, state, params,"
+                    " inputs, priority, batch_id, owner, created_at, updated_at, pinned, n)"
                     # In the specs' order: a job's seq is its place in the batch.
                     " ORDER BY n",
                     (ids, [s.task for s in specs], ["queued"] * len(ids),
                      [json.dumps(s.params) for s in specs], [json.dumps(s.inputs) for s in specs],
                      [s.priority for s in specs], [batch_id] * len(ids), [owner] * len(ids),
-                     [now] * len(ids), [now] * len(ids)),
+                     [now] * len(ids), [now] * len(ids), [s.pinned for s in specs]),
                 )
                 cur.execute(
                     "INSERT INTO batch_jobs (job_id, batch_id, position, files, retry_of)"

@@ -272,15 +272,14 @@ class JobWrites(PostgresThreads):
         )
 
     async def set_queue_info(self, updates: dict[str, dict[str, Any] | None]) -> None:
-        def write(conn: psycopg.Connection) -> None:
-            # In id order: two replicas updating the same jobs lock them in the same order.
-            with conn.cursor() as cur:
-                cur.executemany(
-                    f"UPDATE jobs SET queue_info = %s WHERE id = %s AND state NOT IN {TERMINAL_SQL}",
-                    [(json.dumps(v) if v is not None else None, k) for k, v in sorted(updates.items())],
-                )
-
-        await self._write(write)
+        ids = list(updates)
+        infos = [json.dumps(v) if v is not None else None for v in updates.values()]
+        # One statement for the whole node's queue (its triggers then run once, not per job).
+        await self._execute(
+            "UPDATE jobs SET queue_info = v.info FROM unnest(%s::text[], %s::text[]) AS v(id, info)"
+            f" WHERE jobs.id = v.id AND jobs.state NOT IN {TERMINAL_SQL}",
+            (ids, infos),
+        )
 
     async def succeed(self, job_id: str, result_sha: str, result_meta: dict[str, Any]) -> bool:
         return await self._finish(job_id, SUCCEEDED, result_sha=result_sha, result_meta=result_meta)

@@ -10,7 +10,7 @@ import psycopg
 from ..pipeline_records import CANCELLED, RUNNING, SUCCEEDED, Pipeline
 # One way from rows to records for both backends (the same columns, JSON as text).
 from ..sqlite.pipelines import row_to_step
-from ..records import Job, new_job_id
+from ..records import IdempotencyConflict, Job, new_job_id
 from .connections import AFTER_NEWEST, PgRows, PostgresThreads, one, rows, timestamp, tuples
 from .jobs import record_event
 
@@ -33,8 +33,14 @@ class PipelineReads(PgRows):
         )
         return self._with_steps(found)
 
-    def running_pipelines(self) -> list[str]:
-        return [r[0] for r in tuples(self.conn, "SELECT id FROM pipelines WHERE state = 'running' ORDER BY seq")]
+    def pipeline_for_key(self, idempotency_key: str) -> tuple[str, str | None] | None:
+        found = tuples(self.conn, "SELECT id, request_hash FROM pipelines WHERE idempotency_key = %s", (idempotency_key,))
+        return found[0] if found else None
+
+    def open_pipelines(self) -> list[str]:
+        return [r[0] for r in tuples(
+            self.conn, "SELECT id FROM pipelines WHERE state IN ('running', 'failed') ORDER BY seq"
+        )]
 
     def _with_steps(self, found: list[dict[str, Any]]) -> list[Pipeline]:
         pipelines = []
@@ -49,15 +55,25 @@ class PipelineReads(PgRows):
 class PipelineWrites(PostgresThreads):
     """A pipeline made, its steps' jobs made, its state moved: each in one transaction."""
 
-    async def create_pipeline(self, pipeline: Pipeline) -> None:
-        def write(conn: psycopg.Connection) -> None:
+    async def create_pipeline(self, pipeline: Pipeline) -> str:
+        def write(conn: psycopg.Connection) -> str:
             now = timestamp()
-            conn.execute(
-                "INSERT INTO pipelines (id, owner, name, state, output, priority, created_at, updated_at)"
-                " VALUES (%s, %s, %s, 'running', %s, %s, %s, %s)",
+            # ON CONFLICT: two replicas given the same Idempotency-Key at once make one pipeline.
+            inserted = conn.execute(
+                "INSERT INTO pipelines (id, owner, name, state, output, priority, created_at, updated_at,"
+                " idempotency_key, request_hash) VALUES (%s, %s, %s, 'running', %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
                 (pipeline.id, pipeline.owner, pipeline.name, json.dumps(pipeline.output),
-                 pipeline.priority, now, now),
-            )
+                 pipeline.priority, now, now, pipeline.idempotency_key, pipeline.request_hash),
+            ).rowcount
+            if not inserted:
+                row = one(
+                    conn, "SELECT id, request_hash FROM pipelines WHERE idempotency_key = %s", (pipeline.idempotency_key,)
+                )
+                assert row is not None
+                if row["request_hash"] != pipeline.request_hash:
+                    raise IdempotencyConflict(pipeline.idempotency_key)
+                return row["id"]
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO pipeline_steps (pipeline_id, n, scene, segment, kind, task, params,"
@@ -66,8 +82,9 @@ class PipelineWrites(PostgresThreads):
                       json.dumps(s.inputs), json.dumps(s.needs), s.seconds,
                       json.dumps(s.audio) if s.audio is not None else None) for s in pipeline.steps],
                 )
+            return pipeline.id
 
-        await self._write(write)
+        return await self._write(write)
 
     async def create_step_job(
         self, pipeline_id: str, n: int, *, task: str, params: dict[str, Any], inputs: dict[str, str],
@@ -98,7 +115,7 @@ class PipelineWrites(PostgresThreads):
             conn.execute(
                 "UPDATE pipeline_steps SET job_id = %s WHERE pipeline_id = %s AND n = %s", (job_id, pipeline_id, n)
             )
-            record_event(conn, job_id, "queued", f"accepted (step {n + 1} of pipeline {pipeline_id})")
+            record_event(conn, job_id, "queued", f"accepted (steps[{n}] of pipeline {pipeline_id})")
             return job_id, True
 
         made = await self._write(write)

@@ -33,13 +33,14 @@ def migration(fn: Migration) -> Migration:
 
 def apply_migrations(conn: psycopg.Connection) -> list[str]:
     """Apply the migrations not applied yet (`conn` in autocommit mode): their names."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS x2v_migrations"
-        " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-    )
     applied: list[str] = []
+    # The lock first: two CREATE TABLE IF NOT EXISTS at once can still both try to create it.
     conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS x2v_migrations"
+            " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
         done = {name for (name,) in conn.execute("SELECT name FROM x2v_migrations").fetchall()}
         for name, fn in MIGRATIONS:
             if name in done:
@@ -323,6 +324,21 @@ CREATE TABLE pipeline_steps (
     PRIMARY KEY (pipeline_id, n)
 );
 CREATE UNIQUE INDEX idx_pipeline_steps_job ON pipeline_steps (job_id) WHERE job_id IS NOT NULL""")
+
+
+@migration
+def m027_batches_by_owner(conn: psycopg.Connection) -> None:
+    _run(conn, "CREATE INDEX idx_batches_owner_created ON batches (owner, created_at, id)")
+
+
+@migration
+def m029_open_pipelines(conn: psycopg.Connection) -> None:
+    # As SQLite's m029: the start-up sweep reads failed pipelines too; Idempotency-Key on pipelines.
+    _run(conn, """
+DROP INDEX idx_pipelines_running;
+CREATE INDEX idx_pipelines_open ON pipelines (seq) WHERE state IN ('running', 'failed');
+ALTER TABLE pipelines ADD COLUMN idempotency_key text, ADD COLUMN request_hash text;
+CREATE UNIQUE INDEX idx_pipelines_idempotency ON pipelines (idempotency_key) WHERE idempotency_key IS NOT NULL""")
 
 
 @migration

@@ -9,7 +9,6 @@ once (unique per event, type and URL).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -20,6 +19,10 @@ from .keys import audit
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 _PENDING = "delivered_at IS NULL AND gave_up_at IS NULL"
+_ALL_COLUMNS = (
+    "id", "event_id", "type", "job_id", "url", "key_id", "payload", "created_at", "attempts",
+    "next_attempt_at", "last_attempt_at", "last_status", "last_error", "delivered_at", "gave_up_at",
+)
 # The columns of a delivery the API shows (not its payload).
 _DELIVERY_COLUMNS = (
     "id, event_id, type, job_id, url, created_at, attempts, next_attempt_at, last_attempt_at,"
@@ -92,16 +95,6 @@ class WebhookReads(PgRows):
         )
         return [_webhook(r) for r in found]
 
-    def due_deliveries(self, now: float, limit: int, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
-        skip = list(skip)
-        found = rows(
-            self.conn,
-            f"SELECT * FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= %s"
-            " ORDER BY next_attempt_at LIMIT %s",
-            (now, limit + len(skip)),
-        )
-        return [r for r in found if r["id"] not in skip][:limit]
-
     def next_delivery_at(self) -> float | None:
         return value(self.conn, f"SELECT min(next_attempt_at) FROM webhook_deliveries WHERE {_PENDING}")
 
@@ -149,6 +142,22 @@ class WebhookWrites(PostgresThreads):
             return added
 
         return await self._write(write)
+
+    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
+        # SKIP LOCKED: two replicas' workers claiming at once each get their own deliveries.
+        # Each row comes back as it was (next_attempt_at: when it fell due), as SQLite's does.
+        returned = ", ".join(
+            f"due.{c}" if c == "next_attempt_at" else f"d.{c}" for c in _ALL_COLUMNS
+        )
+        claimed = await self._write(lambda conn: rows(
+            conn,
+            "UPDATE webhook_deliveries d SET next_attempt_at = %s FROM (SELECT id, next_attempt_at"
+            f" FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= %s"
+            " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED) due WHERE d.id = due.id"
+            f" RETURNING {returned}",
+            (until, now, limit),
+        ))
+        return sorted(claimed, key=lambda d: d["next_attempt_at"])
 
     async def delivery_attempted(
         self, delivery_id: str, *, at: float, status: int | None, error: str | None,
