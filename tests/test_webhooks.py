@@ -461,6 +461,24 @@ def test_batch_form_webhook_sends_each_job_and_the_batch_finishing(gateway, rece
         assert {m["data"]["batch_id"] for m in messages[1:]} == {batch_id}
 
 
+def test_api_batch_webhook_goes_to_every_job_and_the_batch_finishing(gateway, receiver):
+    key, secret = make_key(gateway, "hooks-api-batch")
+    with gateway.client(key=key) as api:
+        refused = api.post("/api/v1/batches", json={
+            "jobs": [{"task": "t2v", "prompt": "a", "webhook_url": receiver.url("/x")}],
+        })
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "jobs[0].webhook_url"
+        made = api.post("/api/v1/batches", json={
+            "name": "api kites", "webhook_url": receiver.url("/api-batch"),
+            "webhook_events": ["succeeded", "batch.finished"],
+            "jobs": [{"task": "t2v", "prompt": "a green kite"}, {"task": "t2v", "prompt": "a grey kite"}],
+        })
+        assert made.status_code == 201, made.text
+    messages = sorted((verify(secret, r) for r in receiver.wait("/api-batch", 3)), key=lambda m: m["type"])
+    assert [m["type"] for m in messages] == ["batch.finished", "job.succeeded", "job.succeeded"]
+    assert messages[0]["data"]["name"] == "api kites" and messages[0]["data"]["counts"]["succeeded"] == 2
+
+
 def test_job_page_shows_deliveries_and_their_retries(gateway, receiver):
     from test_dashboard import CHROMIUM, CHROMIUM_ARGS, LAPTOP, SCREENSHOTS
 
