@@ -97,12 +97,13 @@ class WebhookReads(PgRows):
         return [_webhook(r) for r in found]
 
     def due_deliveries(self, now: float, limit: int, skip_urls: Iterable[str] = ()) -> list[tuple[str, str]]:
-        return tuples(
+        found = rows(
             self.conn,
             f"SELECT id, url FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= %s"
-            " AND NOT (url = ANY(%s)) ORDER BY next_attempt_at LIMIT %s",
+            " AND NOT (url = ANY(%s::text[])) ORDER BY next_attempt_at LIMIT %s",
             (now, list(skip_urls), limit),
         )
+        return [(r["id"], r["url"]) for r in found]
 
     def next_delivery_at(self) -> float | None:
         return value(self.conn, f"SELECT min(next_attempt_at) FROM webhook_deliveries WHERE {_PENDING}")
@@ -153,15 +154,17 @@ class WebhookWrites(PostgresThreads):
         return await self._write(write)
 
     async def claim_deliveries(self, ids: list[str], now: float, until: float) -> list[dict[str, Any]]:
-        # SKIP LOCKED: a delivery another replica is taking right now is its own. Each row comes
-        # back as it was (next_attempt_at: when it fell due), as SQLite's does.
+        # SKIP LOCKED: two replicas' workers claiming at once each get their own deliveries.
+        # Each row comes back as it was (next_attempt_at: when it fell due), as SQLite's does.
         if not ids:
             return []
-        returned = ", ".join(f"due.{c}" if c == "next_attempt_at" else f"d.{c}" for c in _ALL_COLUMNS)
+        returned = ", ".join(
+            f"due.{c}" if c == "next_attempt_at" else f"d.{c}" for c in _ALL_COLUMNS
+        )
         claimed = await self._write(lambda conn: rows(
             conn,
             "UPDATE webhook_deliveries d SET next_attempt_at = %s FROM (SELECT id, next_attempt_at"
-            f" FROM webhook_deliveries WHERE id = ANY(%s) AND {_PENDING} AND next_attempt_at <= %s"
+            f" FROM webhook_deliveries WHERE id = ANY(%s::text[]) AND {_PENDING} AND next_attempt_at <= %s"
             " FOR UPDATE SKIP LOCKED) due WHERE d.id = due.id"
             f" RETURNING {returned}",
             (until, list(ids), now),
