@@ -15,9 +15,9 @@ import re
 import psycopg
 import pytest
 from history import fill_history
-from test_store_plans import CALLS, COLD, SMALL_TABLES, _interface, _reads, run
+from test_store_plans import CALLS, COLD, SMALL_TABLES, _interface
 
-from x2v_gateway.store import JobStore, Pipeline, PipelineStep, new_pipeline_id
+from x2v_gateway.store import JobStore
 from x2v_gateway.store.migrate import migrate_store
 
 JOBS = 100_000
@@ -26,42 +26,6 @@ JOBS = 100_000
 BIG = 5000
 
 
-def _pipeline(store: JobStore, h, idempotency_key: str | None = None) -> str:
-    """A new one-step pipeline of the history's owner: its id."""
-    pipeline = Pipeline(
-        id=new_pipeline_id(), owner=h.owner, output={}, request_hash="r",
-        idempotency_key=f"{h.owner}:{idempotency_key}" if idempotency_key else None,
-        steps=[PipelineStep(n=0, scene=0, kind="clip", task="t2v", params={}, inputs={}, needs={})],
-    )
-    return run(store.create_pipeline(pipeline))
-
-
-# Methods test_store_plans.CALLS does not call yet (its completeness test says which), called
-# here so that their PostgreSQL plans are checked too.
-ALL_CALLS = {
-    # pipelines: made (twice with one Idempotency-Key), their step jobs, their pages
-    "create_pipeline": lambda s, h: [_pipeline(s, h, "idem-p") for _ in range(2)],
-    "create_step_job": lambda s, h: run(s.create_step_job(_pipeline(s, h), 0, task="t2v", params={}, inputs={})),
-    "set_pipeline_state": lambda s, h: run(s.set_pipeline_state(_pipeline(s, h), "failed", "x", only_from=("running",))),
-    "finish_pipeline": lambda s, h: run(s.finish_pipeline(_pipeline(s, h), "ab" * 32, {"duration": 1.0})),
-    "pipeline": _reads(lambda r, h: (r.pipeline("pnothere"), r.pipelines(limit=1))),
-    "pipelines": _reads(lambda r, h: (r.pipelines(), r.pipelines(owner=h.owner, before_seq=100))),
-    "pipeline_for_key": _reads(lambda r, h: r.pipeline_for_key(f"{h.owner}:idem-p")),
-    "open_pipelines": _reads(lambda r, h: r.open_pipelines()),
-    # the compatible surfaces' foreign ids, the batches API
-    "save_foreign_id": lambda s, h: (run(s.save_foreign_id(h.owner, "lightx2v", "task-1", h.finished_id)),
-                                     run(s.save_foreign_id(h.owner, "lightx2v", "task-1", h.queued_id, replace=True))),
-    "foreign_job": _reads(lambda r, h: r.foreign_job(h.owner, "lightx2v", "task-1")),
-    "foreign_ids": _reads(lambda r, h: r.foreign_ids(h.owner, "lightx2v", [h.finished_id, h.queued_id])),
-    "list_batches": _reads(lambda r, h: (r.list_batches(owner=h.owner), r.list_batches(owner=h.owner, before=(2e9, "b")))),
-    # replicas: a lease, a heartbeat (taking over the jobs in flight of none), the change feed
-    "join": lambda s, h: run(s.join("r-plans", 6.0)),
-    "heartbeat": lambda s, h: run(s.heartbeat("r-plans", 6.0, gone=["r-gone"])),
-    "leave": lambda s, h: run(s.leave("r-plans")),
-    "replicas": _reads(lambda r, h: r.replicas()),
-    "changes_since": _reads(lambda r, h: (r.changes_since(None), r.changes_since(r.newest_event_id() - 20))),
-    **CALLS,
-}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +45,9 @@ def history_in_postgres(tmp_path_factory, pg_cluster):
 
 
 def plans_by_method(store: JobStore, history, log) -> dict[str, list[dict]]:
-    """The plans each method of ALL_CALLS ran, read from the server's log between markers."""
+    """The plans each method of CALLS ran, read from the server's log between markers."""
     start = log.stat().st_size
-    for name, call in ALL_CALLS.items():
+    for name, call in CALLS.items():
         store.write_blocking(lambda conn, name=name: conn.execute(f"SELECT 'x2v-marker {name}'"))
         call(store, history)
     store.write_blocking(lambda conn: conn.execute("SELECT 'x2v-marker end'"))
@@ -100,7 +64,7 @@ def plans_by_method(store: JobStore, history, log) -> dict[str, list[dict]]:
         if marker := re.match(r"SELECT 'x2v-marker (\w+)'", plan["Query Text"]):
             method = marker.group(1)
             continue
-        if method in ALL_CALLS:
+        if method in CALLS:
             found.setdefault(method, []).append(plan)
     return found
 
@@ -116,7 +80,7 @@ def _scans(node: dict, big: set[str]) -> list[str]:
 
 
 def test_every_method_of_the_store_has_its_postgresql_plans_checked_or_is_named_cold():
-    assert _interface() - set(ALL_CALLS) - set(COLD) == set()
+    assert _interface() - set(CALLS) - set(COLD) == set()
 
 
 def test_hot_path_queries_read_no_table_of_history_whole(history_in_postgres, pg_cluster):
@@ -131,7 +95,7 @@ def test_hot_path_queries_read_no_table_of_history_whole(history_in_postgres, pg
         plans = plans_by_method(store, history, pg_cluster.root / "log")
     finally:
         store.close()
-    assert set(plans) == set(ALL_CALLS) - {"read", "read_blocking"}, set(ALL_CALLS) - set(plans)
+    assert set(plans) == set(CALLS) - {"read", "read_blocking"}, set(CALLS) - set(plans)
     problems = [
         f"{name}: seq scan on {', '.join(scans)}: {plan['Query Text'][:300]}"
         for name, found in plans.items() if name not in COLD
