@@ -99,7 +99,8 @@ def test_animate_is_offered_only_where_an_upstream_runs_it(gateway, tab):
     playwright_api.expect(option).to_contain_text("(no node runs it)")
 
 
-def test_an_animate_batch_on_the_cloud_pairs_images_with_driving_videos(browser, tmp_path):
+def test_an_animate_batch_on_the_cloud_pairs_images_with_driving_videos(request, tmp_path):
+    chromium = request.getfixturevalue("browser")  # test_dashboard's, on a gateway of this test's own
     double = CloudDouble(tmp_path / "double", workers=2, job_seconds=0.2, ping_seconds=0.1).start()
     gateway = GatewayProcess(
         tmp_path / "data", nodes="", LIGHTX2V_ACCESS_TOKEN=double.token, LIGHTX2V_BASE_URL=double.url,
@@ -112,7 +113,7 @@ def test_an_animate_batch_on_the_cloud_pairs_images_with_driving_videos(browser,
         for n in (1, 2):
             (path := tmp_path / f"dancer{n}.mp4").write_bytes(render_mp4(n))
             moves.append(path)
-        context = sign_in(browser, gateway)
+        context = sign_in(chromium, gateway)
         tab = context.new_page()
         expect = playwright_api.expect
         tab.goto(gateway.url + "/ui/batches/new")
