@@ -53,20 +53,24 @@ def test_an_flf2v_batch_pairs_first_and_last_frames_by_name_and_runs(gateway, ta
     expect(rows.nth(0).locator("td[data-label='First frame']")).to_have_text("shot1_first.png")
     expect(rows.nth(0).locator("td[data-label='Last frame']")).to_have_text("shot1_last.png")
     expect(rows.nth(1).locator("td[data-label='Last frame']")).to_have_text("shot2-last.png")
-    tab.get_by_role("button", name="Create the batch: 2 jobs").click()
-    tab.wait_for_url("**/ui/batches/b*")
-    batch_id = tab.url.rsplit("/", 1)[-1]
-    expect(tab.locator("#summary .progress-text")).to_contain_text("2 of 2", timeout=30_000)
-
-    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
-        jobs = client.get("/api/v1/jobs", params={"batch_id": batch_id}).json()["jobs"]
-        assert {j["task"] for j in jobs} == {"flf2v"} and {j["state"] for j in jobs} == {"succeeded"}
-        assert all(set(j["inputs"]) == {"image", "last_frame"} for j in jobs)
-        job_id = jobs[0]["id"]
+    jobs = _create_and_finish(tab, gateway, 2)
+    assert {j["task"] for j in jobs} == {"flf2v"} and {j["state"] for j in jobs} == {"succeeded"}
+    assert all(set(j["inputs"]) == {"image", "last_frame"} for j in jobs)
+    job_id = jobs[0]["id"]
     # The job page shows both frames.
     tab.goto(f"{gateway.url}/ui/jobs/{job_id}")
     expect(tab.locator("#input-last-frame")).to_be_visible()
     assert tab.evaluate("document.querySelector('#input-last-frame').naturalWidth") > 0
+
+
+def _create_and_finish(tab, gateway: GatewayProcess, count: int) -> list[dict]:
+    """Create the previewed batch, watch its page until every job finished; its jobs' JSON."""
+    tab.get_by_role("button", name=f"Create the batch: {count} jobs").click()
+    tab.wait_for_url("**/ui/batches/b*")
+    batch_id = tab.url.rsplit("/", 1)[-1]
+    playwright_api.expect(tab.locator("#summary .progress-text")).to_contain_text(f"{count} of {count}", timeout=30_000)
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        return client.get("/api/v1/jobs", params={"batch_id": batch_id}).json()["jobs"]
 
 
 def test_an_image_job_page_shows_the_image(gateway, tab):
@@ -130,13 +134,8 @@ def test_an_animate_batch_on_the_cloud_pairs_images_with_driving_videos(request,
         expect(rows).to_have_count(2)
         expect(rows.nth(0).locator("td[data-label='Image']")).to_have_text("dancer1.png")
         expect(rows.nth(0).locator("td[data-label='Driving video']")).to_have_text("dancer1.mp4")
-        tab.get_by_role("button", name="Create the batch: 2 jobs").click()
-        tab.wait_for_url("**/ui/batches/b*")
-        batch_id = tab.url.rsplit("/", 1)[-1]
-        expect(tab.locator("#summary .progress-text")).to_contain_text("2 of 2", timeout=30_000)
+        jobs = _create_and_finish(tab, gateway, 2)
         context.close()
-        with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
-            jobs = client.get("/api/v1/jobs", params={"batch_id": batch_id}).json()["jobs"]
         assert {(j["task"], j["state"]) for j in jobs} == {("animate", "succeeded")}
         assert all(set(j["inputs"]) == {"image", "video"} for j in jobs)
         sent = sorted(e["inputs"]["input_video"]["bytes"] for e in double.journal() if e["task"] == "animate")
