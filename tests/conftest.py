@@ -42,7 +42,7 @@ def pytest_unconfigure(config) -> None:
 FILE_SECONDS = {
     "test_failover.py": 89, "test_resilience.py": 82, "test_forward.py": 79, "test_pool.py": 75,
     "test_cloud_gateway.py": 52, "test_auth.py": 43, "test_dashboard.py": 43, "test_api.py": 41,
-    "test_demo_node.py": 20, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
+    "test_demo_node.py": 27, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
     "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
     "test_blob_backends.py": 50, "test_blobs.py": 12,
     "test_compat_lightx2v.py": 35, "test_compat_openai.py": 15, "test_compat_seeds.py": 14,
@@ -52,7 +52,7 @@ FILE_SECONDS = {
     "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
     "test_webhooks.py": 60,
     "test_replicas.py": 125, "test_replica_store.py": 6, "test_replicas_postgres.py": 100,
-    "test_tasks.py": 32, "test_batches_api.py": 32, "test_dashboard_tasks.py": 20,
+    "test_tasks.py": 38, "test_batches_api.py": 32, "test_dashboard_tasks.py": 28,
 }
 
 

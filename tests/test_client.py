@@ -386,6 +386,53 @@ def test_client_knows_the_gateways_job_fields_manifest_columns_and_task_inputs()
     assert plan.PARAMS == GenerationParams.__struct_fields__
     assert plan.MANIFEST_COLUMNS == MANIFEST_COLUMNS
     assert plan.TASK_INPUTS == {task: TASK_INPUTS[task] for task in plan.TASKS}
+    assert set(plan.TASKS) == set(TASK_INPUTS)  # every task type the gateway takes, the client forms
+
+
+def test_client_submits_flf2v_frames_paired_by_name(gateway, api, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name, shade in (("shot1_first", 40), ("shot1_last", 80), ("shot2", 120), ("shot2-last", 160)):
+        make_png(frames / f"{name}.png", color=(shade, 90, 200))
+    made = client(gateway, "submit", "frames", "--task", "flf2v", "--prompt", "the light changes", "--json", cwd=tmp_path)
+    assert made.code == 0, made.stderr
+    jobs = batch_jobs(api, made.json()["batch_id"])
+    pairs = {(j["inputs"]["image"]["sha256"], j["inputs"]["last_frame"]["sha256"]) for j in jobs}
+    assert pairs == {(sha256(frames / "shot1_first.png"), sha256(frames / "shot1_last.png")),
+                     (sha256(frames / "shot2.png"), sha256(frames / "shot2-last.png"))}
+    assert {(j["task"], j["state"]) for j in jobs} == {("flf2v", "succeeded")}
+    make_png(frames / "shot3_last.png")
+    lonely = client(gateway, "submit", "frames", "--task", "flf2v", "--prompt", "x", cwd=tmp_path)
+    assert lonely.code == 2 and "no first frame named shot3.* to go with shot3_last.png" in lonely.stderr
+
+
+def test_client_submits_animate_jobs_an_image_and_its_driving_video_each(tmp_path):
+    from cloud_double import CloudDouble, render_mp4
+
+    dance = tmp_path / "dance"
+    dance.mkdir()
+    for n in (1, 2):
+        make_png(dance / f"dancer{n}.png", color=(40 * n, 90, 160))
+        (dance / f"dancer{n}.mp4").write_bytes(render_mp4(n))
+    double = CloudDouble(tmp_path / "double", workers=2, job_seconds=0.2, ping_seconds=0.1).start()
+    gateway = GatewayProcess(tmp_path / "data", nodes="", LIGHTX2V_ACCESS_TOKEN=double.token,
+                             LIGHTX2V_BASE_URL=double.url, X2V_POLL_INTERVAL="0.2")
+    try:
+        gateway.start()
+        wrong = client(gateway, "submit", "dance", "--task", "i2v", cwd=tmp_path)
+        assert wrong.code == 2 and "i2v jobs take no video" in wrong.stderr, wrong.stderr
+        made = client(gateway, "submit", "dance", "--task", "animate", "--prompt", "dance like this",
+                      "--out", "out", "--json", cwd=tmp_path)
+        assert made.code == 0, made.stderr
+        with gateway.client() as api:
+            jobs = batch_jobs(api, made.json()["batch_id"])
+        pairs = {(j["inputs"]["image"]["sha256"], j["inputs"]["video"]["sha256"]) for j in jobs}
+        assert pairs == {(sha256(dance / f"dancer{n}.png"), sha256(dance / f"dancer{n}.mp4")) for n in (1, 2)}
+        assert {(j["task"], j["state"]) for j in jobs} == {("animate", "succeeded")}
+        assert len(list((tmp_path / "out").glob("*.mp4"))) == 2
+    finally:
+        gateway.stop()
+        double.stop()
 
 
 def test_every_client_command_has_examples_and_exit_codes_in_its_help(gateway, tmp_path):

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import base64
 import http.client
+import http.server
+import io
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from PIL import Image
 
 from media import make_big_wav, make_png, make_wav
-from servers import MisbehavingNode, NodeProcess
+from servers import MisbehavingNode, NodeProcess, free_port
 from x2v_gateway.demo.video import render_video
 from x2v_gateway.media import probe_video
 
@@ -526,3 +531,141 @@ def test_misbehaving_node_restart_forgets_tasks(
     gone = bad.get(f"/v1/tasks/{task_id}/status")
     assert (gone.status_code, gone.json()) == (404, {"detail": "Task not found"})
     assert bad.get(f"/v1/files/download/{task_id}.mp4").status_code == 200
+
+
+# --- the synchronous image routes: /v1/tasks/image/sync and the OpenAI-style ones
+
+
+def _png(content: bytes) -> tuple[str, tuple[int, int]]:
+    with Image.open(io.BytesIO(content)) as picture:
+        return picture.format, picture.size
+
+
+def test_sync_image_route_answers_the_png_and_writes_nothing(client: httpx.Client, node: NodeProcess) -> None:
+    response = client.post(
+        "/v1/tasks/image/sync?timeout_seconds=60&poll_interval_seconds=0.05",
+        json={"task_id": "sync-one", "prompt": "a lighthouse", "aspect_ratio": "1:1"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["content-disposition"] == 'inline; filename="result.png"'
+    assert _png(response.content) == ("PNG", (320, 320))
+    # The result stayed in memory: the task completed, yet no file is in outputs/.
+    assert client.get("/v1/tasks/sync-one/status").json()["status"] == "completed"
+    assert not (node.data_dir / "outputs" / "sync-one.png").exists()
+    assert client.get("/v1/tasks/sync-one/result").status_code == 404
+    assert {s["task_id"]: s["route"] for s in node.submissions()}["sync-one"] == "/v1/tasks/image/sync"
+
+
+def test_sync_image_route_refuses_as_upstream(client: httpx.Client) -> None:
+    zero = client.post("/v1/tasks/image/sync?timeout_seconds=0", json={"prompt": "x"})
+    assert (zero.status_code, zero.json()) == (400, {"detail": "timeout_seconds must be > 0"})
+    unreadable = client.post("/v1/tasks/image/sync?poll_interval_seconds=soon", json={"prompt": "x"})
+    assert unreadable.status_code == 422
+    assert [(e["loc"], e["type"]) for e in unreadable.json()["detail"]] == [
+        (["query", "poll_interval_seconds"], "float_parsing")
+    ]
+    bad_url = client.post("/v1/tasks/image/sync", json={"prompt": "x", "presigned_url": "ftp://bucket/x.png"})
+    assert (bad_url.status_code, bad_url.json()) == (400, {"detail": "Invalid presigned_url: ftp://bucket/x.png"})
+    failed = client.post("/v1/tasks/image/sync", json={"task_id": "sync-fail", "prompt": "please FAIL"})
+    assert failed.status_code == 500
+    assert failed.json() == {"detail": "stub inference failure for task sync-fail: prompt contains 'FAIL'"}
+    assert client.post("/v1/tasks/image/sync/", json={"prompt": "x"}).status_code == 307
+
+
+def test_sync_image_times_out_with_504_and_cancels_its_task(slow: httpx.Client, slow_node: NodeProcess) -> None:
+    _submit(slow, prompt="ahead")  # a second of work ahead: the sync task waits past its timeout
+    started = time.monotonic()
+    response = slow.post("/v1/tasks/image/sync?timeout_seconds=1&poll_interval_seconds=0.05", json={"prompt": "late"})
+    assert response.status_code == 504
+    assert 1.0 <= time.monotonic() - started < 5
+    task_id = [s for s in slow_node.submissions() if s["route"] == "/v1/tasks/image/sync"][-1]["task_id"]
+    assert response.json() == {"detail": f"Task {task_id} timed out after 1 seconds"}
+    assert slow.get(f"/v1/tasks/{task_id}/status").json()["status"] == "cancelled"
+
+
+def test_sync_image_client_that_leaves_cancels_its_task(slow: httpx.Client, slow_node: NodeProcess) -> None:
+    _submit(slow, prompt="ahead")
+    with pytest.raises(httpx.ReadTimeout):
+        slow.post("/v1/tasks/image/sync", json={"prompt": "impatient"}, timeout=0.3)
+    task_id = [s for s in slow_node.submissions() if s["route"] == "/v1/tasks/image/sync"][-1]["task_id"]
+    assert _wait_status(slow, task_id, "cancelled")["error"] == "Task cancelled by user"
+
+
+def test_sync_image_uploads_to_a_presigned_url(client: httpx.Client) -> None:
+    received: dict = {}
+
+    class Bucket(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            received["type"] = self.headers["content-type"]
+            received["body"] = self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    bucket = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Bucket)
+    threading.Thread(target=bucket.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{bucket.server_port}/bucket/out.png?X-Amz-Signature=abc"
+        response = client.post("/v1/tasks/image/sync", json={"task_id": "sync-up", "prompt": "up", "presigned_url": url})
+    finally:
+        bucket.shutdown()
+        bucket.server_close()
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "task_id": "sync-up", "task_status": "completed", "uploaded_to_presigned_url": True, "presigned_url": url,
+    }
+    assert received["type"] == "image/png" and _png(received["body"])[0] == "PNG"
+
+
+def test_openai_sdk_generates_an_image_on_the_node(node: NodeProcess) -> None:
+    # The node has no authentication: any key will do, as with the real server.
+    with openai.OpenAI(api_key="unused", base_url=f"{node.url}/v1", max_retries=0) as sdk:
+        made = sdk.images.generate(prompt="a red kite", size="64x48", response_format="b64_json")
+        assert _png(base64.b64decode(made.data[0].b64_json)) == ("PNG", (320, 240))
+        assert (made.output_format, made.size) == ("png", "64x48")
+        assert made.usage.output_tokens == made.usage.total_tokens == 320 * 240 // 256
+        # FastAPI's {"detail"} bodies, not OpenAI's error shape: the SDK says only the code.
+        with pytest.raises(openai.BadRequestError) as two:
+            sdk.images.generate(prompt="two", n=2)
+        assert two.value.response.json() == {"detail": "Only n=1 is currently supported"}
+        with pytest.raises(openai.UnprocessableEntityError) as link:
+            sdk.images.generate(prompt="as a link", response_format="url")
+        assert [e["type"] for e in link.value.response.json()["detail"]] == ["literal_error"]
+    sent = [s for s in node.submissions() if s["route"] == "/v1/images/generations"][0]["request"]
+    assert sent["task"] == "t2i" and sent["target_shape"] == [48, 64]
+    bare = httpx.post(f"{node.url}/v1/images/generations", json={"prompt": "no size"}, timeout=30)
+    assert bare.status_code == 200 and bare.json()["size"] is None
+
+
+def test_openai_sdk_edits_an_image_into_a_url_the_node_serves(node: NodeProcess, tmp_path: Path) -> None:
+    first, second = make_png(tmp_path / "first.png"), make_png(tmp_path / "second.png", color=(10, 200, 10))
+    with openai.OpenAI(api_key="unused", base_url=f"{node.url}/v1", max_retries=0) as sdk:
+        with first.open("rb") as image:
+            edited = sdk.images.edit(image=image, prompt="make it blue")
+        url = edited.data[0].url
+        assert url.startswith(f"{node.url}/v1/files/download/") and url.endswith(".png")
+        served = httpx.get(url)
+        assert served.headers["content-type"] == "image/png" and _png(served.content)[0] == "PNG"
+        # Two images go as `image[]`; the runner gets both paths, comma-joined.
+        with first.open("rb") as one, second.open("rb") as two:
+            both = sdk.images.edit(image=[one, two], prompt="blend", response_format="b64_json")
+        assert _png(base64.b64decode(both.data[0].b64_json))[0] == "PNG"
+        with pytest.raises(openai.BadRequestError) as blank, first.open("rb") as image:
+            sdk.images.edit(image=image, prompt="  ")
+        assert blank.value.response.json() == {"detail": "prompt is required"}
+    edits = [s["request"] for s in node.submissions() if s["route"] == "/v1/images/edits"]
+    assert edits[0]["task"] == "i2i" and len(edits[1]["image_path"].split(",")) == 2
+    none = httpx.post(f"{node.url}/v1/images/edits", data={"prompt": "nothing to edit"}, files={"x": ("x", b"x")})
+    assert (none.status_code, none.json()) == (400, {"detail": "At least one image is required"})
+
+
+def test_sensenova_vision_routes_refuse_on_this_node(client: httpx.Client) -> None:
+    for path in ("/v1/tasks/sensenova-vision/", "/v1/tasks/sensenova-vision/sync"):
+        refused = client.post(path, json={"prompt": "x"})
+        assert refused.status_code == 409
+        assert refused.json() == {
+            "detail": "The SenseNova-Vision API requires a server started with --model_cls sensenova_vision."
+        }

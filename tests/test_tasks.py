@@ -316,7 +316,48 @@ def test_cloud_progress_is_the_finished_stages_of_a_multi_stage_task():
 
     assert _to_status(task("SUCCEED", "RUNNING", "CREATED"), ()).progress == pytest.approx(1 / 3)
     assert _to_status(task("SUCCEED", "SUCCEED", "PENDING"), ()).progress == pytest.approx(2 / 3)
-    assert _to_status(task("RUNNING"), ()).progress is None  # single_stage: nothing to say
+    assert _to_status(task("RUNNING"), ()).progress is None  # single_stage, placeholder estimate: nothing to say
+
+    def running(ran: float, average: float | None) -> dict:
+        return {"status": "RUNNING", "subtasks": [{"status": "RUNNING", "elapses": {"PENDING-RUNNING": 0.9, "RUNNING-": ran},
+                                                  "estimated_running_secs": average}]}
+
+    # A running stage's time so far against the queue's measured average run: never whole before SUCCEED.
+    assert _to_status(running(30, 120.0), ()).progress == pytest.approx(0.25)
+    assert _to_status(running(500, 120.0), ()).progress == pytest.approx(0.95)
+    assert _to_status(running(30, None), ()).progress is None
+
+
+def test_cloud_job_reports_progress_while_it_runs_once_the_cloud_has_measured_a_run(tmp_path):
+    double = CloudDouble(tmp_path / "double", workers=1, job_seconds=1.5, ping_seconds=0.1).start()
+    gateway = cloud_gateway(tmp_path, double).start()
+    try:
+        with Client(gateway.url) as client:
+            first = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "first"}).json()
+            # Before any run is measured the cloud's estimate is a placeholder: no progress to show.
+            seen_first = _progress_seen(client, first["id"])
+            second = client.post("/api/v1/jobs", json={"task": "t2v", "prompt": "second"}).json()
+            seen_second = _progress_seen(client, second["id"])
+    finally:
+        gateway.stop()
+        double.stop()
+    assert seen_first == []
+    assert seen_second and all(0 < p <= 0.95 for p in seen_second), seen_second
+    assert seen_second == sorted(seen_second)  # it only goes forward
+
+
+def _progress_seen(client: Client, job_id: str) -> list[float]:
+    """The progress a running job showed, polled until it finished."""
+    seen = []
+    for _ in range(300):
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["state"] == "succeeded":
+            assert job["progress"] == 1
+            return seen
+        if job["state"] == "running" and job["progress"] is not None:
+            seen.append(job["progress"])
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def test_nodes_are_routed_image_tasks_by_their_model_class_and_settings():

@@ -24,10 +24,11 @@ import msgspec
 
 from . import manifest
 from .blobs import BlobStore
+from .media import VIDEO_KINDS
 from .schemas import TASK_INPUTS, ApiError, GenerationParams, field_problem, generation_params
 from .store import BatchJobSpec, JobStore
 
-TASKS = ("s2v", "i2v", "t2v", "flf2v", "t2i", "i2i")
+TASKS = ("s2v", "i2v", "t2v", "flf2v", "t2i", "i2i", "animate")
 # What the form says of each task type (its <select>).
 TASK_LABELS = {
     "s2v": "s2v: talking video from an image and a voice-over",
@@ -36,6 +37,7 @@ TASK_LABELS = {
     "flf2v": "flf2v: video from a first and a last frame",
     "t2i": "t2i: image from the prompt alone",
     "i2i": "i2i: image from an image",
+    "animate": "animate: video of an image moving as a driving video does",
 }
 # flf2v pairs a first frame with a last frame by file name: `shot01_first.png` (or plain
 # `shot01.png`) with `shot01_last.png`.
@@ -49,7 +51,7 @@ MODES = {
 }
 # A batch is one transaction and one preview page; bigger runs are split by the user.
 MAX_BATCH_JOBS = 2000
-# Two files a job at most (an image and an audio), so a form listing more cannot be a batch.
+# Two files a job at most (an image and an audio, a last frame or a video), so a form listing more cannot be a batch.
 MAX_BATCH_FILES = 2 * MAX_BATCH_JOBS
 # The form's parameters besides prompt and seed (the "usual" ones); a manifest may set any
 # generation parameter.
@@ -65,7 +67,7 @@ LABELS = {
 }
 RESIZE_MODES = ("adaptive", "keep_ratio_fixed_area", "fixed_min_area", "fixed_max_area",
                 "fixed_shape", "fixed_min_side")
-MANIFEST_COLUMNS = ("image", "audio", "last_frame", *GenerationParams.__struct_fields__, "priority")
+MANIFEST_COLUMNS = (*manifest.FILE_COLUMNS, *GenerationParams.__struct_fields__, "priority")
 
 
 # -- planning: the form -> jobs, each one checked ------------------------------------------------
@@ -76,7 +78,7 @@ class Upload:
     """A file dropped on the form: kept in the blob store (`sha256`), or refused (`error`)."""
 
     name: str
-    role: str  # image | audio
+    role: str  # image | audio | video
     sha256: str | None = None
     size: int | None = None
     error: str | None = None
@@ -181,10 +183,11 @@ def plan_batch(
         elif mode == "pair" and task == "flf2v":
             rows = [(_source(s), s, {}, p) for s, p in _frame_pairs(uploads, errors)]
         elif mode == "pair":
-            if task != "s2v":
-                errors.append("Pairing by file name is for s2v jobs (an image and an audio each)"
+            if task not in ("s2v", "animate"):
+                errors.append("Pairing by file name is for s2v jobs (an image and an audio each),"
+                              " animate jobs (an image and a driving video each)"
                               " and flf2v jobs (a first and a last frame each)")
-            rows = [(_source(s), s, {}, p) for s, p in _paired(uploads, errors)]
+            rows = [(_source(s), s, {}, p) for s, p in _paired(task, uploads, errors)]
         elif mode == "grid":
             rows = _grid_rows(task, form, base["prompt"], uploads, errors)
         else:
@@ -244,7 +247,9 @@ async def find_uploads(store: JobStore, blobs: BlobStore, values: list[str]) -> 
             uploads[name] = Upload(name, role, error=f"{name} is no longer stored on the gateway"
                                    " (uploaded more than an hour ago?); add it again")
             continue
-        role = "image" if blob["kind"] in _image_kinds() else "audio"
+        # The content decides; an mp4 or webm is a video only if it was checked as one.
+        kind = blob["kind"]
+        role = "image" if kind in _image_kinds() else "video" if role == "video" and kind in VIDEO_KINDS else "audio"
         uploads[name] = Upload(name, role, sha, blob["size"])
     return list(uploads.values())
 
@@ -264,7 +269,7 @@ def _file_field(raw: str) -> dict[str, Any] | None:
 
 def _input_sets(task: str, uploads: list[Upload], errors: list[str]) -> list[dict[str, Upload]]:
     """Every image with every audio (s2v), every image (i2v, i2i), each first frame with its
-    last one (flf2v), nothing (t2v, t2i)."""
+    last one (flf2v), each image with its driving video by name (animate), nothing (t2v, t2i)."""
     images = [u for u in uploads if u.role == "image"]
     audios = [u for u in uploads if u.role == "audio"]
     if not TASK_INPUTS[task]:
@@ -276,6 +281,13 @@ def _input_sets(task: str, uploads: list[Upload], errors: list[str]) -> list[dic
         for _, problems in pairs:
             errors.extend(problems)
         return [inputs for inputs, _ in pairs]
+    if task == "animate":
+        pairs = _paired(task, uploads, errors)
+        for _, problems in pairs:
+            errors.extend(problems)
+        return [inputs for inputs, _ in pairs]
+    if videos := [u.name for u in uploads if u.role == "video"]:
+        errors.append(f"{task} jobs take no video: remove {', '.join(videos[:3])}, or choose animate")
     if not images:
         errors.append("Add at least one image (drop it on the file area or choose it)")
     if task in ("i2v", "i2i"):
@@ -289,19 +301,24 @@ def _input_sets(task: str, uploads: list[Upload], errors: list[str]) -> list[dic
     return [{"image": i, "audio": a} for i, a in itertools.product(images, audios)]
 
 
-def _paired(uploads: list[Upload], errors: list[str]) -> _Pairs:
-    """Images and audio matched by file name without extension: face01.png + face01.wav."""
+def _paired(task: str, uploads: list[Upload], errors: list[str]) -> _Pairs:
+    """Images matched by file name without extension with audio (face01.png + face01.wav) or,
+    for animate, with driving videos (face01.png + face01.mp4)."""
+    second, noun, example = ("video", "driving video", "face01.mp4") if task == "animate" else ("audio", "audio", "face01.wav")
     groups: dict[str, dict[str, list[Upload]]] = {}
     for upload in uploads:
+        if upload.role not in ("image", second):
+            errors.append(f"{upload.name}: {task} jobs take an image and {_A[second]} each; remove it")
+            continue
         groups.setdefault(Path(upload.name).stem.lower(), {}).setdefault(upload.role, []).append(upload)
     if not groups:
-        errors.append("Add images and audio files whose names match, like face01.png and face01.wav")
+        errors.append(f"Add images and {noun} files whose names match, like face01.png and {example}")
     _jobs_of("Files", [("file name", len(groups))])
     return _matched(
-        {stem: (roles.get("image", []), roles.get("audio", [])) for stem, roles in groups.items()},
-        ("image", "audio"),
-        lambda stem, audio: f"no image named {stem}.* to go with {audio.name}: add one, or remove the audio",
-        lambda stem, image: f"no audio named {stem}.* to go with {image.name}: add one, or remove the image",
+        {stem: (roles.get("image", []), roles.get(second, [])) for stem, roles in groups.items()},
+        ("image", second),
+        lambda stem, other: f"no image named {stem}.* to go with {other.name}: add one, or remove the {noun}",
+        lambda stem, image: f"no {noun} named {stem}.* to go with {image.name}: add one, or remove the image",
     )
 
 
@@ -437,9 +454,8 @@ def _checked_job(number: int, row: _Row, base: dict[str, str]) -> PlannedJob:
         job.files[role] = upload.name
         if upload.error:
             job.errors.append(upload.error)
-        elif upload.role != ("audio" if role == "audio" else "image"):
-            job.errors.append(f"{upload.name} is {'an image' if upload.role == 'image' else 'audio'},"
-                              f" not {'audio' if role == 'audio' else 'an image'}: check the {role} column")
+        elif upload.role != (expected := role if role in ("audio", "video") else "image"):
+            job.errors.append(f"{upload.name} is {_A[upload.role]}, not {_A[expected]}: check the {role} column")
         else:
             job.inputs[role] = upload.sha256 or ""
     values = {**base, **{k: v for k, v in overrides.items() if v is not None and v != ""}}
@@ -488,6 +504,9 @@ def _field_error(exc: msgspec.ValidationError) -> str:
     return f"{LABELS.get(field, field)}: {text.removeprefix(field + ' ')}"
 
 
+_A = {"image": "an image", "audio": "audio", "video": "a video"}
+
+
 def _source(inputs: dict[str, Upload]) -> str:
     """Where a row came from, by its files: `face.png + voice.wav`."""
     return " + ".join(u.name for u in inputs.values()) or "prompt only"
@@ -499,6 +518,8 @@ def _plan_summary(task: str, mode: str, uploads: list[Upload], jobs: list[Planne
     jobs_text = f"{n} job" + ("" if n == 1 else "s")
     if task == "flf2v" and mode in ("each", "pair"):
         return f"{jobs_text}: one per first and last frame"
+    if task == "animate" and mode in ("each", "pair"):
+        return f"{jobs_text}: one per image and driving video"
     if mode == "each":
         images = sum(1 for u in uploads if u.role == "image")
         audios = sum(1 for u in uploads if u.role == "audio")

@@ -631,13 +631,17 @@ class UploadedFile:
 
 
 async def _identify(path: Path, guess: str, name: str, owner: str | None) -> tuple[str, str]:
-    """(role, extension) of an uploaded file, trying the browser's guess first."""
-    other = "image" if guess == "audio" else "audio"
+    """(role, extension) of an uploaded file, trying the browser's guess first. A video is
+    taken only when the browser named it one (animate's driving video): an MP4 guessed to be
+    audio stays audio."""
+    others = {"image": ("audio",), "audio": ("image",), "video": ("image", "audio")}.get(guess, ("audio",))
     try:
         return guess, await CHECKER.inspect(guess, path, owner)
     except MediaError as first:
-        try:
-            return other, await CHECKER.inspect(other, path, owner)
-        except MediaError:
-            raise ApiError(422, f"{name} {first}", guess) from None
+        for other in others:
+            try:
+                return other, await CHECKER.inspect(other, path, owner)
+            except MediaError:
+                pass
+        raise ApiError(422, f"{name} {first}", guess) from None
 

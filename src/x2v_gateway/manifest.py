@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-FILE_COLUMNS = ("image", "audio", "last_frame")  # cells that name a file; the other columns are parameters
+# Cells that name a file (tasks.INPUT_ROLES: `video` is animate's driving video); the other columns are parameters.
+FILE_COLUMNS = ("image", "audio", "last_frame", "video")
 
 
 class TooManyRows(Exception):

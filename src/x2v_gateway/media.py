@@ -268,6 +268,8 @@ def probe_image(path: Path, max_pixels: int = 40_000_000, poster: Path | None = 
 # A driving video (animate) longer than this is refused: a model animates seconds, not hours.
 MAX_INPUT_VIDEO_SECONDS = 600.0
 _VIDEO_EXT = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "webm", "avi": "avi"}
+# The kinds a checked video input is stored as (mp4 and webm can be audio too: the upload's role decides).
+VIDEO_KINDS = frozenset(_VIDEO_EXT.values())
 
 
 def inspect_video(path: Path, max_pixels: int = 40_000_000) -> str:

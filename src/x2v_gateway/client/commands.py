@@ -175,7 +175,7 @@ def submit(
 
     inputs = collect(list(paths))
     for skipped in inputs.skipped:
-        click.echo(f"x2v-gateway: skipping {skipped}: neither an image nor audio", err=True)
+        click.echo(f"x2v-gateway: skipping {skipped}: not an image, audio or a video", err=True)
     base = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed or "",
             "priority": "" if priority is None else str(priority), **params}
     prompts = None

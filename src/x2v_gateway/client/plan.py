@@ -2,8 +2,8 @@
 
 `x2v-gateway submit` reads a folder, files or a CSV/JSONL manifest and makes the jobs the batch
 form would make from the same files (`batches.py` plans the form on the gateway): every image ×
-every audio, images and audio paired by file name, one job per manifest row, or input sets ×
-prompts × seeds. Everything here is local: a mistake is found before a byte is uploaded, and
+every audio, images and audio (or, for animate, driving videos; for flf2v, last frames) paired
+by file name, one job per manifest row, or input sets × prompts × seeds. Everything here is local: a mistake is found before a byte is uploaded, and
 each job gets a fingerprint of its content, from which the Idempotency-Key that makes a second
 run of the same command safe is derived.
 
@@ -25,9 +25,16 @@ from .. import manifest
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})  # animate's driving videos
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
-TASKS = ("s2v", "i2v", "t2v", "t2i", "i2i")  # the task types made from these files
-TASK_INPUTS = {"s2v": ("image", "audio"), "i2v": ("image",), "t2v": (), "t2i": (), "i2i": ("image",)}  # as tasks.TASK_INPUTS
+TASKS = ("s2v", "i2v", "t2v", "flf2v", "t2i", "i2i", "animate")  # the task types made from these files
+TASK_INPUTS = {  # as tasks.TASK_INPUTS
+    "s2v": ("image", "audio"), "i2v": ("image",), "t2v": (), "flf2v": ("image", "last_frame"), "t2i": (),
+    "i2i": ("image",), "animate": ("image", "video"),
+}
+# flf2v's frames by file name: `shot01_first.png` (or plain `shot01.png`) with `shot01_last.png`.
+_LAST_FRAME = re.compile(r"^(.*?)[ _.-]last$", re.I)
+_FIRST_FRAME = re.compile(r"^(.*?)[ _.-]first$", re.I)
 _FROM_PROMPT = ("t2v", "t2i")  # task types that render their prompt alone
 MODES = ("each", "pair", "manifest", "grid")
 # The gateway's GenerationParams fields (schemas.py); tests/test_client.py keeps the two equal.
@@ -39,7 +46,7 @@ PARAMS = (
 )
 # What `--set` may give besides them: every job of the run goes to `upstream` / uses `model`.
 JOB_FIELDS = (*PARAMS, "priority", "upstream", "model")
-MANIFEST_COLUMNS = ("image", "audio", "last_frame", *PARAMS, "priority")
+MANIFEST_COLUMNS = (*manifest.FILE_COLUMNS, *PARAMS, "priority")
 
 
 class PlanError(Exception):
@@ -68,16 +75,17 @@ class PlannedJob:
 
 @dataclass
 class Inputs:
-    """The files named on the command line, sorted into images, audio and a manifest."""
+    """The files named on the command line, sorted into images, audio, videos and a manifest."""
 
     images: list[Path] = field(default_factory=list)
     audios: list[Path] = field(default_factory=list)
+    videos: list[Path] = field(default_factory=list)
     manifest: Path | None = None
-    skipped: list[Path] = field(default_factory=list)  # files in a folder that are neither
+    skipped: list[Path] = field(default_factory=list)  # files in a folder that are none of these
 
     @property
     def files(self) -> list[Path]:
-        return self.images + self.audios
+        return self.images + self.audios + self.videos
 
 
 def collect(paths: list[Path]) -> Inputs:
@@ -98,11 +106,14 @@ def collect(paths: list[Path]) -> Inputs:
                 found.images.append(entry)
             elif suffix in AUDIO_SUFFIXES:
                 found.audios.append(entry)
+            elif suffix in VIDEO_SUFFIXES:
+                found.videos.append(entry)
             elif suffix in MANIFEST_SUFFIXES:
                 manifests.append(entry)
             elif given:
                 raise PlanError([f"{entry}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))}), audio"
-                                 f" ({', '.join(sorted(AUDIO_SUFFIXES))}) or a .csv/.jsonl manifest"], "PATHS")
+                                 f" ({', '.join(sorted(AUDIO_SUFFIXES))}), a video ({', '.join(sorted(VIDEO_SUFFIXES))})"
+                                 " or a .csv/.jsonl manifest"], "PATHS")
             else:
                 found.skipped.append(entry)
     if len(manifests) > 1:
@@ -125,14 +136,15 @@ def plan_jobs(
         raise PlanError([f"{inputs.manifest} is a manifest: use --mode manifest, or leave it out"], "--mode")
     if (prompts or seeds) and mode != "grid":
         raise PlanError(["--prompts and --seeds form a prompt × seed grid: use them with --mode grid"], "--mode")
-    if mode == "pair" and task != "s2v":
-        raise PlanError(["pairing by file name is for s2v jobs (an image and an audio each)"], "--mode")
+    if mode == "pair" and task not in ("s2v", "animate", "flf2v"):
+        raise PlanError(["pairing by file name is for s2v jobs (an image and an audio each), animate jobs"
+                         " (an image and a driving video each) and flf2v jobs (a first and a last frame)"], "--mode")
     errors: list[str] = []
     rows: list[tuple[str, dict[str, Path], dict[str, Any]]]
     if mode == "each":
         rows = [(_source(s), s, {}) for s in _input_sets(task, inputs, errors)]
     elif mode == "pair":
-        rows = [(_source(s), s, {}) for s in _paired(inputs, errors)]
+        rows = [(_source(s), s, {}) for s in _pairs(task, inputs, errors)]
     elif mode == "grid":
         sets = _input_sets(task, inputs, errors)
         seed_list = _seeds(seeds or "")
@@ -159,11 +171,17 @@ def plan_jobs(
 
 
 def _input_sets(task: str, inputs: Inputs, errors: list[str]) -> list[dict[str, Path]]:
-    """Every image with every audio (s2v), every image (i2v, i2i), nothing (t2v, t2i)."""
+    """Every image with every audio (s2v), every image (i2v, i2i), each image with its driving
+    video (animate) or its last frame (flf2v) by file name, nothing (t2v, t2i)."""
     if task in _FROM_PROMPT:
         if inputs.files:
             errors.append(f"{task} jobs take no files: leave out the images and audio, or choose --task s2v or i2v")
         return [{}]
+    if task in ("animate", "flf2v"):
+        return _pairs(task, inputs, errors)
+    if inputs.videos:
+        errors.append(f"{task} jobs take no video: leave out {', '.join(p.name for p in inputs.videos[:3])},"
+                      " or choose --task animate")
     if not inputs.images:
         errors.append("no image among PATHS: give a folder with images, or image files")
     if task in ("i2v", "i2i"):
@@ -175,25 +193,41 @@ def _input_sets(task: str, inputs: Inputs, errors: list[str]) -> list[dict[str, 
     return [{"image": i, "audio": a} for i, a in itertools.product(inputs.images, inputs.audios)]
 
 
-def _paired(inputs: Inputs, errors: list[str]) -> list[dict[str, Path]]:
-    """Images and audio matched by file name without extension: face01.png + face01.wav."""
+def _pairs(task: str, inputs: Inputs, errors: list[str]) -> list[dict[str, Path]]:
+    """Files matched by file name without extension: an image with its audio (s2v, face01.png +
+    face01.wav) or its driving video (animate, face01.mp4); a first frame with its last one
+    (flf2v, shot01_first.png or shot01.png + shot01_last.png)."""
+    second, noun, example = {
+        "animate": ("video", "driving video", "face01.png and face01.mp4"),
+        "flf2v": ("last_frame", "last frame", "shot01_first.png and shot01_last.png"),
+    }.get(task, ("audio", "audio", "face01.png and face01.wav"))
+    taken = {"audio": inputs.audios, "video": inputs.videos}.get(second, [])
+    for path in inputs.audios + inputs.videos:
+        if path not in taken:
+            errors.append(f"{path.name}: {task} jobs take no such file; leave it out")
     groups: dict[str, dict[str, list[Path]]] = {}
-    for role, paths in (("image", inputs.images), ("audio", inputs.audios)):
-        for path in paths:
-            groups.setdefault(path.stem.lower(), {}).setdefault(role, []).append(path)
+    for path in inputs.images + taken:
+        role, stem = ("image" if path in inputs.images else second), path.stem
+        if task == "flf2v":  # both frames are images: the name says which is which
+            if last := _LAST_FRAME.match(stem):
+                role, stem = second, last.group(1)
+            elif first := _FIRST_FRAME.match(stem):
+                stem = first.group(1)
+        groups.setdefault(stem.lower(), {}).setdefault(role, []).append(path)
     if not groups:
-        errors.append("no files: give images and audio files whose names match, like face01.png and face01.wav")
+        errors.append(f"no files: give files whose names match, like {example}")
     sets = []
     for stem, roles in groups.items():
-        images, audios = roles.get("image", []), roles.get("audio", [])
-        if len(images) > 1 or len(audios) > 1:
-            errors.append(f"{', '.join(p.name for p in images + audios)}: several files are named {stem!r}; rename or remove one")
-        elif not images:
-            errors.append(f"no image named {stem}.* to go with {audios[0].name}: add one, or leave the audio out")
-        elif not audios:
-            errors.append(f"no audio named {stem}.* to go with {images[0].name}: add one, or leave the image out")
+        firsts, seconds = roles.get("image", []), roles.get(second, [])
+        first_noun = "first frame" if task == "flf2v" else "image"
+        if len(firsts) > 1 or len(seconds) > 1:
+            errors.append(f"{', '.join(p.name for p in firsts + seconds)}: several files are named {stem!r}; rename or remove one")
+        elif not firsts:
+            errors.append(f"no {first_noun} named {stem}.* to go with {seconds[0].name}: add one, or leave the {noun} out")
+        elif not seconds:
+            errors.append(f"no {noun} named {stem}.* to go with {firsts[0].name}: add one, or leave the {first_noun} out")
         else:
-            sets.append({"image": images[0], "audio": audios[0]})
+            sets.append({"image": firsts[0], second: seconds[0]})
     return sets
 
 

@@ -294,6 +294,8 @@ class Form:
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, Upload] = field(default_factory=dict)
     saved: list[Path] = field(default_factory=list)
+    # Every upload of a field `read_form` was told may repeat (`image` of OpenAI's edits), in order.
+    repeated: dict[str, list[Upload]] = field(default_factory=dict)
 
     def discard(self) -> None:
         """Delete the uploads (the submission was refused)."""
@@ -301,16 +303,19 @@ class Form:
             path.unlink(missing_ok=True)
 
 
-async def read_form(request: Request, file_dirs: dict[str, Path]) -> Form:
+async def read_form(
+    request: Request, file_dirs: dict[str, Path], repeated: frozenset[str] = frozenset()
+) -> Form:
     """The form in the body, as Starlette reads it: multipart or urlencoded; any other body
-    gives no fields. File parts named in `file_dirs` are saved there; other files are dropped."""
+    gives no fields. File parts named in `file_dirs` are saved there; other files are dropped.
+    A file field named in `repeated` keeps every upload (`Form.repeated`), not just the last."""
     form = Form()
     mime, options = parse_options_header(request.header("content-type") or "")
     if mime == b"multipart/form-data":
         boundary = options.get(b"boundary")
         if not boundary:
             raise HTTPError(400, "Missing boundary in multipart.")
-        reader = _MultipartReader(form, boundary, file_dirs)
+        reader = _MultipartReader(form, boundary, file_dirs, repeated)
         try:
             async for chunk in request.chunks():
                 # Parse and write off the event loop: an upload must not stall other requests.
@@ -335,9 +340,12 @@ async def read_form(request: Request, file_dirs: dict[str, Path]) -> Form:
 class _MultipartReader:
     """Parses a multipart body as it streams in: known file parts go straight to disk."""
 
-    def __init__(self, form: Form, boundary: bytes, file_dirs: dict[str, Path]) -> None:
+    def __init__(
+        self, form: Form, boundary: bytes, file_dirs: dict[str, Path], repeated: frozenset[str]
+    ) -> None:
         self._form = form
         self._file_dirs = file_dirs
+        self._repeated = repeated
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._headers: dict[bytes, bytes] = {}
@@ -409,6 +417,9 @@ class _MultipartReader:
             return
         path = self._out_path
         self.close()
+        if self._name in self._repeated:
+            self._form.repeated.setdefault(self._name, []).append(Upload(self._filename, path))
+            return
         previous = self._form.files.get(self._name)
         if previous is not None and previous.path is not None:
             previous.path.unlink(missing_ok=True)  # a repeated field: the last one wins

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import secrets
+import string
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,6 +20,12 @@ log = logging.getLogger(__name__)
 
 # Upstream's TaskManager keeps this many tasks and evicts the oldest finished ones beyond it.
 MAX_TASKS_KEPT = 1000
+
+
+def new_task_id() -> str:
+    """Upstream's generated id: five groups of four [A-Z0-9]."""
+    alphabet = string.ascii_uppercase + string.digits
+    return "-".join("".join(secrets.choice(alphabet) for _ in range(4)) for _ in range(5))
 
 
 class TaskStatus(enum.StrEnum):
@@ -46,6 +54,10 @@ class Task:
     # Tasks the node held (pending or running) once this one was accepted, itself included:
     # journalled, so a test can tell whether the node was ever given more than its slots.
     held: int = 0
+    # The sync and OpenAI image routes (upstream's prefer_memory_result): the PNG is kept here,
+    # nothing is written to outputs/.
+    in_memory: bool = False
+    result_png: bytes | None = None
 
     def as_status(self) -> dict[str, Any]:
         # Naive local ISO timestamps, exactly as FastAPI encodes upstream's datetime.now().
@@ -76,13 +88,17 @@ class TaskBoard:
         self._current: str | None = None
         self._total = self._completed = self._failed = 0
 
-    def create(self, task_id: str, request: dict[str, Any], save_result_path: str, output: str = "video") -> Task:
+    def create(
+        self, task_id: str, request: dict[str, Any], save_result_path: str, output: str = "video",
+        *, in_memory: bool = False,
+    ) -> Task:
         with self._wakeup:
             if task_id in self._tasks:
                 raise Refused(f"Task ID {task_id} already exists")
             if self._active_count() >= self.max_queue_size:
                 raise Refused(f"Task queue is full (max {self.max_queue_size} tasks)")
-            task = Task(task_id=task_id, request=request, save_result_path=save_result_path, output=output)
+            task = Task(task_id=task_id, request=request, save_result_path=save_result_path, output=output,
+                        in_memory=in_memory)
             self._tasks[task_id] = task
             task.held = self._active_count()
             self._total += 1
@@ -156,6 +172,12 @@ class TaskBoard:
         task.end_time = datetime.now()
         task.error = "Task cancelled by user"
         return True
+
+    def result_png(self, task_id: str) -> bytes | None:
+        """The PNG an in-memory task made, once it completed."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            return task.result_png if task and task.status == TaskStatus.COMPLETED else None
 
     def status(self, task_id: str) -> dict[str, Any] | None:
         with self._lock:

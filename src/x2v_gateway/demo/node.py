@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import random
-import secrets
-import string
 import threading
 import time
 from collections.abc import Iterable
@@ -35,9 +33,10 @@ from .asgi import (
     stream_file,
     text_response,
 )
-from .board import Refused, Task, TaskBoard, TaskStatus
+from .board import Refused, Task, TaskBoard, TaskStatus, new_task_id
 from .image import render_image
 from .inputs import download, looks_like_base64, save_base64, url_accessible
+from .sync_images import SyncImages
 from .validate import REQUEST_DEFAULTS, parse_video_request, validate_form
 from .video import render_video
 
@@ -94,6 +93,7 @@ class DemoNodeApp(App):
         self.outputs = self.data_dir / "outputs"
         self.image_inputs = self.data_dir / "inputs" / "imgs"
         self.audio_inputs = self.data_dir / "inputs" / "audios"
+        self.memory = self.data_dir / "memory"
         self.journal = self.data_dir / "submissions.jsonl"
         self.job_seconds = job_seconds
         self.model_cls = model_cls
@@ -107,7 +107,7 @@ class DemoNodeApp(App):
         self._journal_lock = threading.Lock()
         # Upstream's routes in FastAPI's registration order, which decides what matches first.
         # Why POST /v1/tasks/video (no slash) is a 405: it matches DELETE /v1/tasks/{task_id}.
-        # Declared without a handler: the sync image, OpenAI and SenseNova-Vision routes (404 here).
+        sync = SyncImages(self.board, self.create_task, self.image_inputs, self.outputs)
         self.router = Router(
             [
                 route("GET,HEAD", "/docs", self._docs),
@@ -123,13 +123,14 @@ class DemoNodeApp(App):
                 route("POST", "/v1/tasks/video/form", self._submit_form),
                 route("POST", "/v1/tasks/image/", self._submit_image_json),
                 route("POST", "/v1/tasks/image/form", self._submit_image_form),
-                route("POST", "/v1/tasks/image/sync"),
-                route("POST", "/v1/tasks/sensenova-vision/"),
-                route("POST", "/v1/tasks/sensenova-vision/sync"),
+                route("POST", "/v1/tasks/image/sync", sync.image_sync),
+                route("POST", "/v1/tasks/sensenova-vision/", sync.sensenova),
+                route("POST", "/v1/tasks/sensenova-vision/sync", sync.sensenova),
+                # Declared without a handler (404): no task here is a SenseNova-Vision one.
                 route("GET", "/v1/tasks/sensenova-vision/{task_id}/result"),
                 route("POST", "/v1/tasks/", self._submit_json),  # deprecated alias, same handler
-                route("POST", "/v1/images/generations"),
-                route("POST", "/v1/images/edits"),
+                route("POST", "/v1/images/generations", sync.generations),
+                route("POST", "/v1/images/edits", sync.edits),
                 route("GET", "/v1/files/download/{file_path:path}", self._download_file),
                 route("GET", "/v1/service/status", self._service_status),
                 route("GET", "/v1/service/metadata", self._service_metadata),
@@ -139,7 +140,7 @@ class DemoNodeApp(App):
     # -- lifecycle
 
     def start(self) -> None:
-        for directory in (self.outputs, self.image_inputs, self.audio_inputs):
+        for directory in (self.outputs, self.image_inputs, self.audio_inputs, self.memory):
             directory.mkdir(parents=True, exist_ok=True)
         if self._worker is None or not self._worker.is_alive():
             self._stopping.clear()
@@ -246,7 +247,7 @@ class DemoNodeApp(App):
         if image_path.startswith("http") and not await url_accessible(image_path):
             # Upstream raises HTTPException(400) inside a generic `except Exception`: a 500.
             return json_response(500, {"detail": f"400: Image URL is not accessible: {image_path}"})
-        task_id = values["task_id"] if "task_id" in values else _new_task_id()
+        task_id = values["task_id"] if "task_id" in values else new_task_id()
         if "seed" not in values:
             values["seed"] = random.randint(0, 2**32 - 1)
         return self._accept(task_id, values, request.path, output)
@@ -265,7 +266,7 @@ class DemoNodeApp(App):
         except HTTPError:
             form.discard()
             raise
-        response = self._accept(_new_task_id(), values, request.path, output)
+        response = self._accept(new_task_id(), values, request.path, output)
         if response.status != 200:
             form.discard()
         return response
@@ -274,12 +275,22 @@ class DemoNodeApp(App):
         return await self._submit_form(request, output="image")
 
     def _accept(self, task_id: str, values: dict[str, Any], route: str, output: str = "video") -> Response:
-        # Upstream's BaseTaskRequest: an empty save_result_path becomes the task id.
-        save_result_path = values.get("save_result_path") or task_id
         try:
-            task = self.board.create(task_id, values, save_result_path, output)
+            task = self.create_task(task_id, values, route, output)
         except Refused as exc:
             return json_response(503, {"detail": str(exc)})
+        return json_response(
+            200, {"task_id": task_id, "task_status": "pending", "save_result_path": task.save_result_path}
+        )
+
+    def create_task(
+        self, task_id: str, values: dict[str, Any], route: str, output: str = "video", *, in_memory: bool = False
+    ) -> Task:
+        """Queue a task and journal it; `Refused` (upstream's 503) when the queue is full or the
+        id is taken. `in_memory`: its PNG is kept on the board, not written to outputs/."""
+        # Upstream's BaseTaskRequest: an empty save_result_path becomes the task id.
+        save_result_path = values.get("save_result_path") or task_id
+        task = self.board.create(task_id, values, save_result_path, output, in_memory=in_memory)
         self._journal_submission(task_id, route, values, task.held)
         queue = self.board.queue_status()
         log.info(
@@ -289,9 +300,7 @@ class DemoNodeApp(App):
             queue["active_count"],
             queue["queue_size"],
         )
-        return json_response(
-            200, {"task_id": task_id, "task_status": "pending", "save_result_path": save_result_path}
-        )
+        return task
 
     def _journal_submission(self, task_id: str, route: str, request: dict[str, Any], held: int) -> None:
         # The request as the runner would get it, long strings (base64 inputs) shortened.
@@ -340,7 +349,10 @@ class DemoNodeApp(App):
     def _process(self, task: Task, started: float) -> str:
         """Run one task's inference; returns the basename the status reports once completed."""
         request = {**REQUEST_DEFAULTS, **task.request}
-        image = self._resolve_input(request["image_path"], "image")
+        image_path = request["image_path"]
+        if task.output == "image" and "," in image_path and not image_path.startswith("data:"):
+            image_path = image_path.split(",", 1)[0]  # OpenAI's edits: several uploads, comma-joined
+        image = self._resolve_input(image_path, "image")
         audio = self._resolve_input(request["audio_path"], "audio")
         output = self._output_path(task.save_result_path, ".png" if task.output == "image" else ".mp4")
         if "FAIL" in request["prompt"]:
@@ -356,18 +368,22 @@ class DemoNodeApp(App):
             return output.name
         # A real runner saves the video when inference ends: render beside it, and give it its
         # name only then, so a node killed mid-task leaves no finished-looking file behind.
-        partial = output.with_name(f".{output.name}.part")
+        # An in-memory result (the sync image routes) renders in memory/ and is read back.
+        partial = (self.memory if task.in_memory else output.parent) / f".{output.name}.part"
         try:
             try:
                 if task.output == "image":
                     render_image(partial, image=image, prompt=request["prompt"], seed=request.get("seed", 0),
-                                 aspect_ratio=request["aspect_ratio"], max_side=self.max_side)
+                                 aspect_ratio=_image_aspect(request), max_side=self.max_side)
                 else:
                     self._render(partial, request, image, audio)
             except Exception as exc:
                 raise _RunnerError(str(exc), type(exc).__name__) from exc
             self._wait_until(started + self.job_seconds)
-            os.replace(partial, output)
+            if task.in_memory:
+                task.result_png = partial.read_bytes()
+            else:
+                os.replace(partial, output)
         finally:
             partial.unlink(missing_ok=True)
         return output.name
@@ -417,9 +433,13 @@ class DemoNodeApp(App):
             raise _Abandoned()
 
 
-def _new_task_id() -> str:
-    alphabet = string.ascii_uppercase + string.digits
-    return "-".join("".join(secrets.choice(alphabet) for _ in range(4)) for _ in range(5))
+def _image_aspect(request: dict[str, Any]) -> str:
+    """A requested [height, width] (OpenAI's `size`) decides the picture's shape over the
+    aspect ratio; the demo node scales it to its max side either way."""
+    shape = request.get("target_shape") or []
+    if len(shape) == 2 and all(isinstance(side, int) and side > 0 for side in shape):
+        return f"{shape[1]}:{shape[0]}"
+    return request["aspect_ratio"]
 
 
 _DOCS_HTML = """<!doctype html>
@@ -429,7 +449,8 @@ _DOCS_HTML = """<!doctype html>
 <p>A stand-in for a LightX2V self-hosted server (x2v-gateway). Routes:</p>
 <ul>
 <li>POST /v1/tasks/video/ (JSON), POST /v1/tasks/video/form (multipart)</li>
-<li>POST /v1/tasks/image/ (JSON), POST /v1/tasks/image/form (multipart)</li>
+<li>POST /v1/tasks/image/ (JSON), POST /v1/tasks/image/form (multipart), POST /v1/tasks/image/sync (JSON, answers the PNG)</li>
+<li>POST /v1/images/generations (JSON), POST /v1/images/edits (multipart): OpenAI-style, synchronous</li>
 <li>GET /v1/tasks/, GET /v1/tasks/{id}/status, GET /v1/tasks/{id}/result</li>
 <li>DELETE /v1/tasks/{id}, DELETE /v1/tasks/all/running</li>
 <li>GET /v1/tasks/queue/status, GET /v1/service/status, GET /v1/service/metadata</li>

@@ -239,6 +239,18 @@ def parse_video_request(raw: bytes, content_type: str | None, *, image: bool = F
     """The fields a JSON submission sets (`image`: to the image route), validated; unknown
     fields are dropped, as pydantic does. A refused one raises HTTPError: 422 with pydantic's
     errors, or FastAPI's 400."""
+    body = _json_object(raw, content_type)
+    values, errors = {}, []
+    for name, validate in (_IMAGE_REQUEST_FIELDS if image else _VIDEO_REQUEST_FIELDS).items():
+        if name in body:
+            values[name] = validate(body[name], ("body", name), errors)
+    if errors:
+        raise HTTPError(422, errors)
+    return values
+
+
+def _json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """A JSON body read as FastAPI reads one for a pydantic model: 422 unless an object."""
     body: Any = None
     if raw:
         if _is_json_content_type(content_type):
@@ -262,13 +274,7 @@ def parse_video_request(raw: bytes, content_type: str | None, *, image: bool = F
     if not isinstance(body, dict):
         msg = "Input should be a valid dictionary or object to extract fields from"
         raise HTTPError(422, [_error("model_attributes_type", ("body",), msg, body)])
-    values, errors = {}, []
-    for name, validate in (_IMAGE_REQUEST_FIELDS if image else _VIDEO_REQUEST_FIELDS).items():
-        if name in body:
-            values[name] = validate(body[name], ("body", name), errors)
-    if errors:
-        raise HTTPError(422, errors)
-    return values
+    return body
 
 
 def _is_json_content_type(content_type: str | None) -> bool:
@@ -314,3 +320,91 @@ def validate_form(form: Form, *, image: bool = False) -> dict[str, Any]:
         upload = values.get(name)
         request[key] = str(upload.path) if upload is not None and upload.path else ""
     return request
+
+
+# -- the synchronous image routes
+
+_OPT_STR, _OPT_INT, _OPT_FLOAT = _optional(_STR), _optional(_INT), _optional(_FLOAT)
+
+
+def _literal(*allowed: str) -> Validator:
+    expected = " or ".join(f"'{value}'" for value in allowed)
+
+    def check(value: Any) -> str:
+        if value in allowed:
+            return value
+        raise _Invalid("literal_error", f"Input should be {expected}", {"expected": expected})
+
+    return _leaf(check)
+
+
+def validate_sync_query(query: dict[str, str]) -> tuple[int, float]:
+    """`/v1/tasks/image/sync`'s `timeout_seconds` (600) and `poll_interval_seconds` (0.5):
+    422 if unreadable, 400 if not positive, as upstream."""
+    errors: list[dict] = []
+    timeout = _INT(query["timeout_seconds"], ("query", "timeout_seconds"), errors) if "timeout_seconds" in query else 600
+    poll = _FLOAT(query["poll_interval_seconds"], ("query", "poll_interval_seconds"), errors) if "poll_interval_seconds" in query else 0.5
+    if errors:
+        raise HTTPError(422, errors)
+    if timeout <= 0:
+        raise HTTPError(400, "timeout_seconds must be > 0")
+    if poll <= 0:
+        raise HTTPError(400, "poll_interval_seconds must be > 0")
+    return timeout, poll
+
+
+# OpenAIImageGenerationRequest: `response_format` may only be b64_json on this route.
+_GENERATION_FIELDS: dict[str, tuple[Validator, Any]] = {
+    "prompt": (_STR, ...),
+    "model": (_OPT_STR, None),
+    "n": (_INT, 1),
+    "size": (_OPT_STR, None),
+    "response_format": (_literal("b64_json"), "b64_json"),
+    "user": (_OPT_STR, None),
+    "seed": (_OPT_INT, None),
+}
+
+# `/v1/images/edits`' form parameters after its files (`image`/`image[]`, `mask`).
+_EDIT_FIELDS: dict[str, tuple[Validator, Any]] = {
+    "prompt": (_STR, ...),
+    "model": (_OPT_STR, None),
+    "n": (_INT, 1),
+    "size": (_OPT_STR, None),
+    "response_format": (_literal("url", "b64_json"), "url"),
+    "user": (_OPT_STR, None),
+    "negative_prompt": (_STR, ""),
+    "seed": (_OPT_INT, None),
+    "i2i_denoise_strength": (_OPT_FLOAT, None),
+}
+
+
+def parse_generation_request(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """`POST /v1/images/generations`' JSON body, every field with its default; 422 as pydantic."""
+    body = _json_object(raw, content_type)
+    values, errors = {}, []
+    for name, (validate, default) in _GENERATION_FIELDS.items():
+        if name in body:
+            values[name] = validate(body[name], ("body", name), errors)
+        elif default is ...:
+            errors.append(_error("missing", ("body", name), "Field required", body))
+        else:
+            values[name] = default
+    if errors:
+        raise HTTPError(422, errors)
+    return values
+
+
+def validate_edit_form(form: Form) -> dict[str, Any]:
+    """`POST /v1/images/edits`' text fields, every one with its default; 422 as pydantic."""
+    values, errors = {}, []
+    for name, (validate, default) in _EDIT_FIELDS.items():
+        text = form.fields.get(name, "")
+        if text != "":
+            values[name] = validate(text, ("body", name), errors)
+        elif default is ...:
+            errors.append(_error("missing", ("body", name), "Field required", None))
+        else:
+            values[name] = default  # FastAPI treats an empty form value as absent
+    if errors:
+        raise HTTPError(422, errors)
+    return values

@@ -138,12 +138,15 @@
   // -- the new-batch form ------------------------------------------------------------------
 
   const AUDIO_NAME = /\.(wav|mp3|m4a|aac|flac|ogg|oga|opus|wma|aif|aiff|caf)$/i;
+  const VIDEO_NAME = /\.(mp4|m4v|mov|webm|mkv|avi)$/i;
   const PARALLEL_UPLOADS = 3;
 
   function guessRole(file) {
     if (file.type.startsWith("audio/")) return "audio";
     if (file.type.startsWith("image/")) return "image";
-    return AUDIO_NAME.test(file.name) ? "audio" : "image";
+    if (file.type.startsWith("video/")) return "video";  // animate's driving video
+    if (AUDIO_NAME.test(file.name)) return "audio";
+    return VIDEO_NAME.test(file.name) ? "video" : "image";
   }
 
   function setUpBatchForm(form) {

@@ -46,7 +46,8 @@ class RemoteStatus:
     # agreement between its clock and ours.
     ran_seconds: float | None = None
     # How far a running task has got, 0 to 1, when the upstream says. Neither upstream reports
-    # a percentage: a cloud task of several stages (multi_stage) says which have finished.
+    # a percentage: a cloud task says which of its stages (multi_stage) have finished, and how long
+    # its running stage has run against the queue's measured average; a self-hosted node, nothing.
     progress: float | None = None
 
 

@@ -204,10 +204,7 @@ def _to_status(task: dict, secrets: tuple[str, ...]) -> RemoteStatus:
         reason = next((r for r in reasons if r != "other subtask failed"), reasons[0] if reasons else None)
         status.error = sanitise(reason, secrets) if reason else "the cloud reported the task failed"
     elif state in (RemoteState.QUEUED, RemoteState.RUNNING):
-        # The cloud reports no percentage; a multi_stage task's subtasks (text encoder, DiT, VAE
-        # decoder) say how many of its stages have finished, which is progress it reports.
-        if len(subtasks) > 1:
-            status.progress = sum(s.get("status") in ("SUCCEED", 4) for s in subtasks) / len(subtasks)
+        status.progress = _progress(subtasks)
         # multi_stage tasks have several subtasks; the first active one says where the task is.
         for sub in subtasks:
             if sub.get("status") not in ("PENDING", "RUNNING"):
@@ -225,6 +222,35 @@ def _to_status(task: dict, secrets: tuple[str, ...]) -> RemoteStatus:
             if status.running_seconds is None and running is not None and running < _RUNNING_TIMEOUT:
                 status.running_seconds = running
     return status
+
+
+# A running stage's share, guessed from its time so far against the average, stops here: only
+# the cloud's SUCCEED makes a stage whole.
+_MAX_GUESSED_SHARE = 0.95
+
+
+def _progress(subtasks: list[dict]) -> float | None:
+    """How far a task has got, 0 to 1, from what the cloud reports, or None when it says nothing.
+
+    The cloud has no percentage or step counter (cloud.md, "Progress"). What it has: which stages
+    of a multi_stage task (text encoder, DiT, VAE decoder) have finished, and for a running stage
+    its seconds so far (`elapses["RUNNING-"]`) and the queue's measured average run
+    (`estimated_running_secs`, once a worker has finished a task; before that the 3600 s
+    timeout, a placeholder that says nothing)."""
+    if not subtasks:
+        return None
+    done, said = 0.0, len(subtasks) > 1
+    for sub in subtasks:
+        if sub.get("status") in ("SUCCEED", 4):
+            done += 1
+        elif sub.get("status") == "RUNNING":
+            elapses = sub.get("elapses")
+            ran = _number(elapses.get("RUNNING-")) if isinstance(elapses, dict) else None
+            average = _number(sub.get("estimated_running_secs"))
+            if ran is not None and average and 0 < average < _RUNNING_TIMEOUT:
+                done += min(max(ran, 0.0) / average, _MAX_GUESSED_SHARE)
+                said = True
+    return done / len(subtasks) if said else None
 
 
 def _should_retry(exc: BaseException) -> bool:

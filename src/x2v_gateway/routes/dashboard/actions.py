@@ -27,6 +27,7 @@ from .rows import job_context, job_rows
 _UPLOAD_HINTS = {
     ("audio", True): ": export it again as WAV, MP3 or M4A",
     ("image", True): ": save it again as PNG or JPEG",
+    ("video", True): ": export it again as MP4",
 }
 
 
@@ -42,7 +43,7 @@ async def upload(request: HTMXRequest, jobs: NamedDependency[JobService], who: N
         if exc.status != 422:
             raise
         name = request.query_params.get("name") or "file"
-        role = exc.field if exc.field in ("image", "audio") else "image"
+        role = exc.field if exc.field in ("image", "audio", "video") else "image"
         refused = Upload(name, role, error=exc.message + _UPLOAD_HINTS.get((role, "readable" in exc.message), ""))
         return Template("partials/upload_item.html", context={"u": refused}, status_code=422)
     uploaded = Upload(kept.name, kept.role, kept.sha256, kept.size)
