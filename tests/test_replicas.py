@@ -13,9 +13,9 @@ from collections import Counter
 
 import httpx
 import pytest
-
 from gateway_proc import until
 from replica_cluster import Cluster, run_chaos
+from s3_server import SeaweedS3
 from servers import MisbehavingNode, NodeProcess
 
 
@@ -23,6 +23,13 @@ from servers import MisbehavingNode, NodeProcess
 def database_url() -> str:
     """The replicas' store: here their shared SQLite file (test_replicas_postgres.py: PostgreSQL)."""
     return ""
+
+
+@pytest.fixture
+def bucket() -> tuple[SeaweedS3, str] | None:
+    """Where the chaos round's replicas keep their files: here their shared data directory
+    (test_replicas_postgres.py: a prefix of a real S3 bucket, as a multi-machine deployment)."""
+    return None
 
 
 def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others_changes(tmp_path, database_url):
@@ -203,8 +210,9 @@ def test_replica_killed_with_its_submission_on_the_wire_has_it_resolved_against_
         cluster.stop()
 
 
-def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(tmp_path, database_url):
-    cluster = Cluster(tmp_path, job_seconds=1.0, database_url=database_url).start()
+def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(tmp_path, database_url, bucket):
+    blobs = bucket[0].settings(bucket[1]) if bucket else {}
+    cluster = Cluster(tmp_path, job_seconds=1.0, database_url=database_url, **blobs).start()
     try:
         outcome = run_chaos(cluster, jobs=60, kills=3, seed=15, spread=12.0, gap=(1.0, 3.0), timeout=180)
         ids = outcome["ids"]
@@ -212,6 +220,12 @@ def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(
         assert len(set(ids)) == 60  # every job the clients sent exists, once
         cluster.check_exactly_once(ids)
         cluster.check_videos(ids)
+        if bucket:  # every result is an object of the bucket, not a file on some replica's disk
+            server, prefix = bucket
+            kept = {key.rsplit("/", 1)[-1] for key in server.keys(prefix)}
+            with cluster.live()[0].client() as client:
+                results = {i: client.get(f"/api/v1/jobs/{i}").json()["result"]["sha256"] for i in ids}
+            assert not {i: sha for i, sha in results.items() if sha not in kept}
         for replica in cluster.replicas:
             assert httpx.get(f"{replica.url}/healthz", timeout=10).status_code == 200
     finally:
