@@ -491,3 +491,44 @@ def test_a_generated_image_starts_a_scene_and_a_generated_portrait_speaks(api, m
     info = probe_video(video)
     assert info.has_audio and info.duration == pytest.approx(2.5, abs=0.07)
     assert frames_of(video) == 40
+
+
+def test_a_step_whose_earlier_output_was_deleted_fails_the_pipeline_saying_why(tmp_path):
+    import gateway_proc
+    from x2v_gateway.store import JobStore, Pipeline, PipelineStep, new_pipeline_id
+
+    if gateway_proc.database_for is not None:
+        pytest.skip("the store is seeded as a SQLite file")
+    data = tmp_path / "data"
+    data.mkdir()
+
+    async def seed() -> str:
+        # Step 0 finished, then its video was purged before step 1 took its last frame (a
+        # pipeline left failed for longer than X2V_RETENTION_HOURS, then moved on).
+        store = JobStore(data / "gateway.db")
+        try:
+            clip = {"params": {"prompt": "x"}, "inputs": {}, "seconds": 1.0}
+            pipeline = Pipeline(id=new_pipeline_id(), output={"fps": 16}, steps=[
+                PipelineStep(n=0, scene=0, kind="clip", task="t2v", needs={}, **clip),
+                PipelineStep(n=1, scene=1, kind="clip", task="i2v", needs={"image": {"step": 0, "take": "last_frame"}}, **clip),
+            ])
+            await store.create_pipeline(pipeline)
+            job, _ = await store.create_step_job(pipeline.id, 0, task="t2v", params={"prompt": "x"}, inputs={})
+            await store.record_blob("ab" * 32, 10, "mp4")
+            assert await store.succeed(job.id, "ab" * 32, {"duration": 1.0})
+            assert await store.purge_files([job.id], "test", job.id) == ["ab" * 32]
+            return pipeline.id
+        finally:
+            store.close()
+
+    pipeline_id = asyncio.run(seed())
+    gateway = GatewayProcess(data).start()
+    try:
+        with gateway.client() as api:
+            failed = wait_pipeline(api, pipeline_id, {"failed", "succeeded"}, timeout=30)
+        assert failed["state"] == "failed"
+        assert failed["error"] == ("steps[1] could not take its image from steps[0]: its output was deleted"
+                                   " (expired or purged); submit the pipeline again")
+        assert failed["steps"][1]["job_id"] is None and failed["steps"][1]["state"] == "waiting"
+    finally:
+        gateway.stop()

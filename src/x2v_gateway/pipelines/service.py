@@ -302,6 +302,10 @@ class PipelineService:
     async def _derive(self, job: Job, take: str) -> str:
         """What a finished step gives a later one: its result, or its clip's last frame."""
         assert job.result_sha is not None
+        if job.files_expired or not await self.blobs.exists(job.result_sha):
+            # Deleted by retention (X2V_RETENTION_HOURS) or a purge while the step waited (a
+            # pipeline failed for days, then retried): nothing can make it again but a new run.
+            raise FileNotFoundError("its output was deleted (expired or purged); submit the pipeline again")
         if take == "output":
             return job.result_sha
         dest = self.blobs.tmp_dir / f"frame-{job.id}-{uuid.uuid4().hex[:8]}.png"
