@@ -532,3 +532,50 @@ def test_a_step_whose_earlier_output_was_deleted_fails_the_pipeline_saying_why(t
         assert failed["steps"][1]["job_id"] is None and failed["steps"][1]["state"] == "waiting"
     finally:
         gateway.stop()
+
+
+def test_an_image_made_then_refined_starts_a_scene(api, media, tmp_path):
+    doc = {"scenes": [
+        {"task": "i2v", "prompt": "the castle wakes", "image_prompt": "a castle at dawn",
+         "image_refine": "the same castle, painted in watercolour", "duration": 1},
+        {"task": "i2v", "prompt": "a face turns", "image": b64(media["face"]), "image_refine": "as a charcoal drawing",
+         "duration": 1},
+    ], "seed": 3}
+    response = api.post("/api/v1/pipelines", json=doc)
+    assert response.status_code == 201, response.text
+    pipeline = wait_pipeline(api, response.json()["id"], {"succeeded", "failed"})
+    assert pipeline["state"] == "succeeded", pipeline
+    steps = pipeline["steps"]
+    assert [(s["kind"], s["task"]) for s in steps] == [
+        ("image", "t2i"), ("image", "i2i"), ("clip", "i2v"), ("image", "i2i"), ("clip", "i2v")]
+    assert steps[1]["takes"] == {"image": "steps[0]'s output"} and steps[2]["takes"] == {"image": "steps[1]'s output"}
+    made, refined, clip = (api.get(f"/api/v1/jobs/{steps[n]['job_id']}").json() for n in range(3))
+    assert refined["params"] == {"prompt": "the same castle, painted in watercolour", "seed": 3}
+    assert refined["inputs"]["image"]["sha256"] == made["result"]["sha256"]
+    assert clip["inputs"]["image"]["sha256"] == refined["result"]["sha256"] != made["result"]["sha256"]
+    # A given image is refined as it is, and the scene starts from the refined one.
+    given, scene = (api.get(f"/api/v1/jobs/{steps[n]['job_id']}").json() for n in (3, 4))
+    assert given["inputs"]["image"]["sha256"] == hashlib.sha256(media["face"].read_bytes()).hexdigest()
+    assert scene["inputs"]["image"]["sha256"] == given["result"]["sha256"]
+    video = download(api, pipeline["result"]["url"], tmp_path / "joined.mp4")
+    assert probe_video(video).duration == pytest.approx(2.0, abs=0.07)
+
+
+@pytest.mark.parametrize(("scene", "field"), [
+    ({"task": "i2v", "prompt": "x", "duration": 1, "image_refine": "y"}, "scenes[0].image_refine"),
+    ({"task": "t2v", "prompt": "x", "duration": 1, "image_refine": "y"}, "scenes[0].image_refine"),
+    ({"task": "i2v", "prompt": "x", "duration": 1, "image": "a", "image_refine": ""}, "scenes[0].image_refine"),
+])
+def test_a_refine_without_an_image_to_refine_is_refused(scene, field):
+    from x2v_gateway.pipelines.plan import check_scenes, parse_request
+    from x2v_gateway.schemas import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        check_scenes(parse_request(json.dumps({"scenes": [scene]}).encode()), {"i2v", "t2v", "t2i", "i2i"},
+                     lambda task, prompt: None)
+    assert refused.value.field == field
+    with pytest.raises(ApiError) as no_i2i:
+        check_scenes(parse_request(json.dumps({"scenes": [
+            {"task": "i2v", "prompt": "x", "duration": 1, "image": "a", "image_refine": "y"}]}).encode()),
+            {"i2v", "t2i"}, lambda task, prompt: None)
+    assert no_i2i.value.field == "scenes[0].image_refine" and "i2i" in no_i2i.value.message
