@@ -39,6 +39,7 @@ _TIMING = ("target_video_length", "video_duration", "target_fps")
 SCENE_INPUTS = ("image", "audio", "last_frame")
 
 
+PipelineEvent = Literal["pipeline.succeeded", "pipeline.failed", "pipeline.cancelled"]
 SceneTask = Literal["s2v", "i2v", "t2v", "flf2v"]
 SCENE_TASKS = frozenset(SceneTask.__args__)  # the video tasks a scene may be
 
@@ -77,6 +78,10 @@ class PipelineRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Every scene's seed unless it sets its own; none: one drawn for the pipeline.
     seed: Seed | None = None
     priority: Annotated[int, Meta(ge=-100, le=100)] = 0
+    # Where the pipeline's end is POSTed, signed, as a job's events are (webhooks.py); none:
+    # the key's default, if any. Events: all three unless named.
+    webhook_url: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
+    webhook_events: Annotated[list[PipelineEvent], Meta(max_length=6)] | None = None
 
 
 _PATH = re.compile(r" - at `\$((?:\.\w+|\[\d+\])+)`")

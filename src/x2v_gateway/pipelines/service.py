@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -40,6 +43,9 @@ log = logging.getLogger("x2v_gateway.pipelines")
 # another replica accepted and stopped following (it died), or one whose jobs' changes this
 # process missed (a subscriber's queue full). Those it follows move on with their jobs' changes.
 SWEEP_SECONDS = 5.0
+# The join's lease beyond the join's own time limit: each clip copied to a local file first
+# (from a bucket), the video kept after. Past it, another replica may join the pipeline.
+JOIN_LEASE_MARGIN = 120.0
 _JOIN_FAILED = "the clips could not be joined"
 
 
@@ -65,6 +71,8 @@ class PipelineService:
         self._again: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Queue[str] | None = None
+        # Who this process is when it claims a join (replicas sharing the store join each once).
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -156,6 +164,9 @@ class PipelineService:
             return await self._made(found[0]), False
         size_wh = output_size(request)
         check_scenes(request, self.jobs.runnable_tasks(), self.jobs.prompt_missing)
+        webhook = await self.jobs.webhooks.for_job(
+            request.webhook_url, request.webhook_events, who.owner, pipeline=True,
+        )
         # A job per scene at least is counted before any input is fetched: a key out of quota
         # costs no download and no split. The steps beyond (speech parts, images) once planned.
         async with self.auth.counting_jobs(who, len(request.scenes)) as count:
@@ -167,7 +178,7 @@ class PipelineService:
             )
             async with self.auth.counting_jobs(who, len(steps) - len(request.scenes)) as more:
                 try:
-                    made_id = await self.store.create_pipeline(pipeline)
+                    made_id = await self.store.create_pipeline(pipeline, webhook)
                 except IdempotencyConflict:
                     raise _reused(idempotency_key) from None
                 if made_id != pipeline.id:  # the same request, sent twice at once: made by the other
@@ -319,7 +330,13 @@ class PipelineService:
         return sha
 
     async def _join(self, pipeline: Pipeline, jobs: dict[str, Job]) -> None:
-        """Every clip in order into one MP4, kept as the pipeline's video."""
+        """Every clip in order into one MP4, kept as the pipeline's video; by one replica (a
+        lease on the pipeline's row: the others, which see every step done too, leave it)."""
+        clips = [{"seconds": s.seconds or 0.0} for s in pipeline.steps if s.kind == "clip"]
+        lease = join_timeout(clips, pipeline.output.get("size")) + JOIN_LEASE_MARGIN
+        if not await self.store.claim_join(pipeline.id, self._holder, time.time() + lease):
+            log.info("pipeline %s: another replica joins it", pipeline.id)
+            return
         dest = self.blobs.tmp_dir / f"pipeline-{pipeline.id}-{uuid.uuid4().hex[:8]}.mp4"
         try:
             # FFmpeg reads files: each clip and its audio as a local file (a copy while the join
