@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from history import History, add_older_history, fill_history, steps
 
-from x2v_gateway.store import BatchJobSpec, JobStore, Reads
+from x2v_gateway.store import BatchJobSpec, JobStore, JobWebhook, Pipeline, PipelineStep, Reads, new_pipeline_id
 
 JOBS = 200_000
 # Tables whose size does not grow with history (keys, nodes, counts by owner and state, queued
@@ -62,6 +62,19 @@ def _finished(store: JobStore, how: str) -> str:
     job_id = _claimed(store)
     run(store.fail(job_id, "boom") if how == "failed" else store.cancel(job_id))
     return job_id
+
+
+_PIPELINES: dict[str, str] = {}
+
+
+def _pipeline(store: JobStore, h: History, name: str = "a") -> str:
+    """A pipeline of two steps, with a webhook, made once per name."""
+    if name not in _PIPELINES:
+        step = {"scene": 0, "kind": "clip", "task": "t2v", "params": {}, "inputs": {}, "needs": {}, "seconds": 1.0}
+        pipeline = Pipeline(id=new_pipeline_id(), owner=h.owner, output={"fps": 16}, idempotency_key=f"{h.owner}:{name}",
+                            request_hash="x", steps=[PipelineStep(n=n, **step) for n in range(2)])
+        _PIPELINES[name] = run(store.create_pipeline(pipeline, JobWebhook("http://hooks.example/p", ("pipeline.failed",), h.owner)))
+    return _PIPELINES[name]
 
 
 def _list_pages(r: Reads, h: History) -> None:
@@ -209,6 +222,29 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     )),
     "set_key_webhook": lambda s, h: run(s.set_key_webhook(h.owner, "http://hooks.example/x", ("failed",), "admin")),
     "set_webhook_secret": lambda s, h: run(s.set_webhook_secret(h.owner, "whsec_x", "admin", previous_until=9.0)),
+    # -- pipelines: accepted, a step's job made, moved on, joined once; read by their API, the
+    # sweep, and the webhook worker's rounds (a pipeline's end, its deliveries)
+    "create_pipeline": lambda s, h: (_pipeline(s, h), _pipeline(s, h, "b")),
+    "create_step_job": lambda s, h: run(s.create_step_job(_pipeline(s, h), 0, task="t2v", params={}, inputs={}, owner=h.owner)),
+    "set_pipeline_state": lambda s, h: (
+        run(s.set_pipeline_state(_pipeline(s, h), "failed", "boom", only_from=("running",))),
+        run(s.set_pipeline_state(_pipeline(s, h), "running", only_from=("failed",))),
+    ),
+    "claim_join": lambda s, h: run(s.claim_join(_pipeline(s, h, "b"), "replica-1", 9e9)),
+    "finish_pipeline": lambda s, h: run(s.finish_pipeline(_pipeline(s, h, "b"), "ab" * 32, {"seconds": 1.0})),
+    "pipeline": _reads(lambda r, h: (r.pipeline(_PIPELINES["a"]), r.pipeline("pnothere"))),
+    "pipelines": _reads(lambda r, h: (r.pipelines(), r.pipelines(owner=h.owner, before_seq=2, limit=20))),
+    "pipeline_for_key": _reads(lambda r, h: r.pipeline_for_key(f"{h.owner}:a")),
+    "open_pipelines": _reads(lambda r, h: r.open_pipelines()),
+    "pipeline_webhook": _reads(lambda r, h: r.pipeline_webhook(_PIPELINES["a"])),
+    "pipeline_webhook_events": lambda s, h: (
+        run(s.record_deliveries([{
+            "id": "msg_pipeline", "event_id": 1, "type": "pipeline.failed", "pipeline_id": _PIPELINES["a"],
+            "url": "http://hooks.example/p", "key_id": h.owner, "payload": "{}", "created_at": 1.0,
+        }], s.read_blocking(lambda r: r.newest_event_id()), 0)),
+        s.read_blocking(lambda r: r.pipeline_webhook_events()),
+    ),
+    "pipeline_deliveries": _reads(lambda r, h: r.pipeline_deliveries(_PIPELINES["a"])),
 }
 
 
