@@ -157,7 +157,7 @@ class PipelineService:
         request = parse_request(await read_limited(body, mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB allowed"))
         # Each key has its own Idempotency-Keys; the request is compared as it was read, not as typed.
         key = f"{who.owner}:{idempotency_key}" if idempotency_key else None
-        fingerprint = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
+        fingerprint = _fingerprint(request)
         if key is not None and (found := await self.store.pipeline_for_key(key)) is not None:
             if found[1] != fingerprint:
                 raise _reused(idempotency_key)
@@ -414,6 +414,16 @@ class PipelineService:
         await self.jobs.retry(step.job_id, who)
         self.kick(pipeline_id)
         return await self.find(pipeline_id, who)
+
+
+def _fingerprint(request: Any) -> str:
+    """The request as it was read, hashed; without webhook fields it does not set, so that a
+    request without a webhook keeps the fingerprint it had before pipelines had webhooks."""
+    fields = msgspec.to_builtins(request)
+    for name in ("webhook_url", "webhook_events"):
+        if fields.get(name) is None:
+            fields.pop(name, None)
+    return hashlib.sha256(msgspec.json.encode(fields)).hexdigest()
 
 
 def _reused(idempotency_key: str | None) -> ApiError:

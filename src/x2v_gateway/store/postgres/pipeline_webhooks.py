@@ -12,11 +12,9 @@ from ..records import JobWebhook
 from ..sqlite.pipeline_webhooks import PIPELINE_ENDS
 from .connections import PgRows, one, rows, timestamp, value
 from .jobs import lock_events
+# One reading of a webhook's row, one list of a delivery's shown columns, for jobs and pipelines.
+from .webhooks import _DELIVERY_COLUMNS, _webhook
 
-_DELIVERY_COLUMNS = (
-    "id, event_id, type, job_id, url, created_at, attempts, next_attempt_at, last_attempt_at,"
-    " last_status, last_error, delivered_at, gave_up_at"
-)
 
 
 def insert_pipeline_webhook(conn: psycopg.Connection, pipeline_id: str, webhook: JobWebhook | None) -> None:
@@ -38,9 +36,6 @@ def record_pipeline_end(conn: psycopg.Connection, pipeline_id: str, state: str, 
             (pipeline_id, timestamp(), state, detail),
         )
 
-
-def _webhook(row: dict[str, Any]) -> JobWebhook:
-    return JobWebhook(row["url"], tuple(row["events"].split(",")), row["key_id"])
 
 
 class PipelineWebhookReads(PgRows):

@@ -13,13 +13,11 @@ from typing import Any
 
 from ..records import JobWebhook
 from .connections import Rows, timestamp
+# One reading of a webhook's row, one list of a delivery's shown columns, for jobs and pipelines.
+from .webhooks import _DELIVERY_COLUMNS, _webhook
 
 # The ends of a pipeline a webhook may hear of (a failed one retried runs again, and may end again).
 PIPELINE_ENDS = ("succeeded", "failed", "cancelled")
-_DELIVERY_COLUMNS = (
-    "id, event_id, type, job_id, url, created_at, attempts, next_attempt_at, last_attempt_at,"
-    " last_status, last_error, delivered_at, gave_up_at"
-)
 
 
 def insert_pipeline_webhook(conn: sqlite3.Connection, pipeline_id: str, webhook: JobWebhook | None) -> None:
@@ -39,9 +37,6 @@ def record_pipeline_end(conn: sqlite3.Connection, pipeline_id: str, state: str, 
             (pipeline_id, timestamp(), state, detail),
         )
 
-
-def _webhook(row: sqlite3.Row) -> JobWebhook:
-    return JobWebhook(row["url"], tuple(row["events"].split(",")), row["key_id"])
 
 
 class PipelineWebhookReads(Rows):
