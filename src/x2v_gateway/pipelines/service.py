@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -71,8 +69,6 @@ class PipelineService:
         self._again: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Queue[str] | None = None
-        # Who this process is when it claims a join (replicas sharing the store join each once).
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -334,7 +330,8 @@ class PipelineService:
         lease on the pipeline's row: the others, which see every step done too, leave it)."""
         clips = [{"seconds": s.seconds or 0.0} for s in pipeline.steps if s.kind == "clip"]
         lease = join_timeout(clips, pipeline.output.get("size")) + JOIN_LEASE_MARGIN
-        if not await self.store.claim_join(pipeline.id, self._holder, time.time() + lease):
+        # Claimed as this replica: one that dies mid-join leaves it once its replica lease ends.
+        if not await self.store.claim_join(pipeline.id, self.jobs.dispatcher.replicas.id, time.time() + lease):
             log.info("pipeline %s: another replica joins it", pipeline.id)
             return
         dest = self.blobs.tmp_dir / f"pipeline-{pipeline.id}-{uuid.uuid4().hex[:8]}.mp4"

@@ -294,9 +294,10 @@ class JobStore(ABC):
 
     @abstractmethod
     async def claim_join(self, pipeline_id: str, holder: str, until: float) -> bool:
-        """Take a running pipeline's join for `holder` until `until` (a lease): True when it was
-        free, its lease over, or `holder`'s already. Replicas that both see every step done
-        join it once; one that dies mid-join leaves it to another when the lease ends."""
+        """Take a running pipeline's join for replica `holder` until `until` (a lease): True when
+        it was free, its lease over, `holder`'s already, or held by a replica whose own lease
+        (`replicas`) is over. Replicas that both see every step done join it once; one that dies
+        mid-join (or a gateway restarted) leaves it to another within that replica's lease."""
 
     # -- the node registry ----------------------------------------------------------------------
 

@@ -164,8 +164,10 @@ class PipelineWrites(PostgresThreads):
 
     async def claim_join(self, pipeline_id: str, holder: str, until: float) -> bool:
         # One statement: the row's lock makes a second replica's claim see the first's lease.
+        now = timestamp()
         return await self._execute(
             "UPDATE pipelines SET join_by = %s, join_until = %s WHERE id = %s AND state = %s"
-            " AND (join_by IS NULL OR join_by = %s OR join_until < %s)",
-            (holder, until, pipeline_id, RUNNING, holder, timestamp()),
+            " AND (join_by IS NULL OR join_by = %s OR join_until < %s OR NOT EXISTS"
+            " (SELECT 1 FROM replicas r WHERE r.id = pipelines.join_by AND r.expires_at >= %s))",
+            (holder, until, pipeline_id, RUNNING, holder, now, now),
         ) == 1

@@ -160,11 +160,14 @@ class PipelineWrites(SqliteThreads):
         return await self._write(write)
 
     async def claim_join(self, pipeline_id: str, holder: str, until: float) -> bool:
-        # A running pipeline's join, free or its lease over (or already `holder`'s: a second look).
+        # A running pipeline's join: free, already `holder`'s (a second look), its lease over,
+        # or its holder a replica whose own lease is over (it died, or was restarted).
+        now = timestamp()
         return await self._execute(
             "UPDATE pipelines SET join_by = ?, join_until = ? WHERE id = ? AND state = ?"
-            " AND (join_by IS NULL OR join_by = ? OR join_until < ?)",
-            (holder, until, pipeline_id, RUNNING, holder, timestamp()),
+            " AND (join_by IS NULL OR join_by = ? OR join_until < ? OR NOT EXISTS"
+            " (SELECT 1 FROM replicas r WHERE r.id = pipelines.join_by AND r.expires_at >= ?))",
+            (holder, until, pipeline_id, RUNNING, holder, now, now),
         ) == 1
 
 
