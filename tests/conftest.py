@@ -44,14 +44,14 @@ FILE_SECONDS = {
     "test_cloud_gateway.py": 52, "test_auth.py": 43, "test_dashboard.py": 43, "test_api.py": 41,
     "test_demo_node.py": 20, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
     "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
-    "test_blob_backends.py": 40, "test_blobs.py": 12,
+    "test_blob_backends.py": 50, "test_blobs.py": 12,
     "test_compat_lightx2v.py": 35, "test_compat_openai.py": 15, "test_compat_seeds.py": 14,
     "test_pipelines.py": 40, "test_pipeline_dashboard.py": 21, "test_pipeline_replicas.py": 27,
     "test_postgres_gateway.py": 30, "test_migrate_store.py": 5,
     "test_store_plans_postgres.py": 14, "test_store_postgres.py": 8,
     "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
     "test_webhooks.py": 60, "test_pipeline_webhooks.py": 21,
-    "test_replicas.py": 150, "test_replica_store.py": 5, "test_replicas_postgres.py": 100,
+    "test_replicas.py": 125, "test_replica_store.py": 6, "test_replicas_postgres.py": 100,
     "test_tasks.py": 32, "test_batches_api.py": 32, "test_dashboard_tasks.py": 20,
 }
 

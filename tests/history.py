@@ -89,7 +89,7 @@ def _insert_jobs(conn: sqlite3.Connection, seqs: range, first_queued: int, *, se
     rng = random.Random(seed)
     now = time.time() - seqs.stop
     sha = "ab" * 32
-    jobs, members, batches, events = [], [], [], []
+    jobs, members, batches, events, foreign, pipelines = [], [], [], [], [], []
     recent = first_queued - 100_000
     for n in seqs:
         created = now + n
@@ -122,6 +122,10 @@ def _insert_jobs(conn: sqlite3.Connection, seqs: range, first_queued: int, *, se
             1 if finished and n < recent else 0,
         ))
         events.append((f"j{n:09d}", created, "queued", "accepted", jobs[-1][11], batch))
+        if n % 10 == 0 and jobs[-1][11]:  # a LightX2V client's own task id for it
+            foreign.append((jobs[-1][11], "lightx2v", f"task-{n}", f"j{n:09d}", created))
+        if n % 500 == 0:  # a pipeline, finished long ago
+            pipelines.append((n, f"p{n:09d}", key_id(n), "succeeded", "{}", created, finished or created))
     # The indexes are made again after the rows are in: sorting once costs a third of inserting
     # into each index row by row.
     indexes = conn.execute(
@@ -140,6 +144,13 @@ def _insert_jobs(conn: sqlite3.Connection, seqs: range, first_queued: int, *, se
     conn.executemany("INSERT INTO batch_jobs VALUES (?, ?, ?, ?, ?)", members)
     conn.executemany(
         "INSERT INTO job_events (job_id, at, state, detail, owner, batch_id) VALUES (?, ?, ?, ?, ?, ?)", events,
+    )
+    conn.executemany(
+        "INSERT INTO foreign_ids (owner, surface, foreign_id, job_id, created_at) VALUES (?, ?, ?, ?, ?)", foreign,
+    )
+    conn.executemany(
+        "INSERT INTO pipelines (seq, id, owner, state, output, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        pipelines,
     )
     for _, sql in indexes:
         conn.execute(sql)

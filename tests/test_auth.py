@@ -52,7 +52,7 @@ def is_open(method: str, path: str) -> bool:
 
 def fill(path: str, **values: str) -> str:
     """`/api/v1/jobs/{job_id:str}` -> a real path, with `values` for the parameters (else "x")."""
-    return re.sub(r"\{(\w+):\w+\}", lambda m: values.get(m.group(1), "x"), path)
+    return re.sub(r"\{(\w+):(\w+)\}", lambda m: values.get(m.group(1), "0" if m.group(2) == "int" else "x"), path)
 
 
 @pytest.fixture(scope="module")

@@ -290,12 +290,12 @@ def test_query_parameter_messages_read_like_the_others(client):
 
 def test_an_unknown_file_field_and_an_unknown_text_field_get_the_same_status(client):
     text = client.post("/api/v1/jobs", data={"task": "t2v", "prompt": "p", "colour": "red"})
-    file = client.post("/api/v1/jobs", data={"task": "t2v", "prompt": "p"}, files={"video": ("v.mp4", b"xx")})
+    file = client.post("/api/v1/jobs", data={"task": "t2v", "prompt": "p"}, files={"sketch": ("s.png", b"xx")})
     form = client.post("/api/v1/jobs", content=b"task=t2v&prompt=p&colour=red",
                        headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert text.status_code == file.status_code == form.status_code == 422, (text.text, file.text)
     assert text.json()["error"]["field"] == form.json()["error"]["field"] == "colour"
-    assert file.json()["error"]["field"] == "video" and "image" in file.json()["error"]["message"]
+    assert file.json()["error"]["field"] == "sketch" and "image" in file.json()["error"]["message"]
 
 
 # -- 5. text that is not UTF-8 -------------------------------------------------------------------

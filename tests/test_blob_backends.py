@@ -4,6 +4,7 @@ downloaded with Range, inputs sent on to the node from where they are kept, file
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 import signal
@@ -13,6 +14,7 @@ import pytest
 
 from gateway_proc import GatewayProcess, until
 from media import make_png
+from x2v_gateway.media import probe_video
 
 
 class Backend:
@@ -173,3 +175,29 @@ def test_retention_deletes_a_finished_jobs_files_from_where_they_are_kept(kind, 
             assert client.get(job["result"]["url"]).status_code == 410
     finally:
         gateway.stop()
+
+
+def test_a_pipeline_reads_its_clips_and_audio_from_where_they_are_kept(backend, media, tmp_path):
+    # A scene's last frame, the voice-over's length and the join all need local files: on S3,
+    # copies made for the while (BlobStore.local_path).
+    b64 = lambda path: base64.b64encode(path.read_bytes()).decode()  # noqa: E731
+    doc = {"scenes": [
+        {"task": "i2v", "prompt": "a face", "image": b64(media["face"]), "duration": 1},
+        {"task": "i2v", "prompt": "it goes on", "first_frame": "previous", "duration": 1},
+        {"task": "s2v", "prompt": "it speaks", "image": b64(media["face2"]), "audio": b64(media["voice"])},
+    ], "output": {"fps": 16, "resolution": "320x180"}}
+    with backend.gateway.client() as client:
+        created = client.post("/api/v1/pipelines", json=doc)
+        assert created.status_code == 201, created.text
+        pipeline_id = created.json()["id"]
+        until(lambda: client.get(f"/api/v1/pipelines/{pipeline_id}").json()["state"] in ("succeeded", "failed"),
+              timeout=90, what="the pipeline done")
+        pipeline = client.get(f"/api/v1/pipelines/{pipeline_id}").json()
+        assert pipeline["state"] == "succeeded", pipeline
+        video = client.get(pipeline["result"]["url"])
+        assert video.status_code == 200
+    (tmp_path / "joined.mp4").write_bytes(video.content)
+    info = probe_video(tmp_path / "joined.mp4")
+    assert info.duration == pytest.approx(3.5, abs=0.1) and info.has_audio
+    assert hashlib.sha256(video.content).hexdigest() in backend.shas()
+    assert not list((backend.gateway.data_dir / "blobs" / "tmp").glob("copy-*"))  # the copies went

@@ -31,7 +31,8 @@ README = REPO / "README.md"
 # `./dev` commands that serve until stopped, and the client's (they need a gateway with jobs:
 # tests/test_client.py runs them for real): checked with `--help` (the command exists and `./dev`
 # hands it over); the rest run for real.
-SERVING = {"serve", "demo-node", "submit", "watch", "download", "cancel", "retry"}
+# Commands that serve, or that talk to a gateway or read the user's files: shown with --help.
+SERVING = {"serve", "demo-node", "submit", "watch", "download", "cancel", "retry", "pipeline", "copy-blobs", "migrate-store"}
 # `./dev` commands of its own, not the CLI's.
 DEV_ONLY = {"test", "bench"}
 READY = "x2v-gateway is ready."

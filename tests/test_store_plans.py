@@ -23,9 +23,9 @@ from history import History, add_older_history, fill_history, steps
 from x2v_gateway.store import BatchJobSpec, JobStore, JobWebhook, Pipeline, PipelineStep, Reads, new_pipeline_id
 
 JOBS = 200_000
-# Tables whose size does not grow with history (keys, nodes, counts by owner and state, queued
+# Tables whose size does not grow with history (keys, nodes, replicas, counts by owner and state, queued
 # jobs by priority and block of 1024): these may be read whole.
-SMALL_TABLES = {"api_keys", "nodes", "stray_tasks", "job_counts", "queue_blocks", "webhook_cursor"}
+SMALL_TABLES = {"api_keys", "nodes", "stray_tasks", "job_counts", "queue_blocks", "webhook_cursor", "replicas"}
 
 COLD = {
     "expire_files": "the retention sweep: once an hour, on the writer thread, it reads the jobs"
@@ -67,7 +67,7 @@ def _finished(store: JobStore, how: str) -> str:
 _PIPELINES: dict[str, str] = {}
 
 
-def _pipeline(store: JobStore, h: History, name: str = "a") -> str:
+def _hooked_pipeline(store: JobStore, h: History, name: str = "a") -> str:
     """A pipeline of two steps, with a webhook, made once per name."""
     if name not in _PIPELINES:
         step = {"scene": 0, "kind": "clip", "task": "t2v", "params": {}, "inputs": {}, "needs": {}, "seconds": 1.0}
@@ -105,6 +105,16 @@ def _batch_items(r: Reads, h: History) -> None:
 
 # How each method is called on a hot path: the reads of a GET, a list page, a dashboard page,
 # dispatch planning, a node's follow loop, a sign-in; and every write of a job's life.
+def _pipeline(store: JobStore, h, idempotency_key: str | None = None) -> str:
+    """A new one-step pipeline of the history's owner: its id."""
+    pipeline = Pipeline(
+        id=new_pipeline_id(), owner=h.owner, output={}, request_hash="r",
+        idempotency_key=f"{h.owner}:{idempotency_key}" if idempotency_key else None,
+        steps=[PipelineStep(n=0, scene=0, kind="clip", task="t2v", params={}, inputs={}, needs={})],
+    )
+    return run(store.create_pipeline(pipeline))
+
+
 CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     "get": _reads(lambda r, h: (r.get(h.queued_id), r.get(h.finished_id), r.get("jnothere"))),
     "jobs_by_id": _reads(lambda r, h: r.jobs_by_id([h.queued_id, h.finished_id, h.inflight_id])),
@@ -222,20 +232,30 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     )),
     "set_key_webhook": lambda s, h: run(s.set_key_webhook(h.owner, "http://hooks.example/x", ("failed",), "admin")),
     "set_webhook_secret": lambda s, h: run(s.set_webhook_secret(h.owner, "whsec_x", "admin", previous_until=9.0)),
-    # -- pipelines: accepted, a step's job made, moved on, joined once; read by their API, the
-    # sweep, and the webhook worker's rounds (a pipeline's end, its deliveries)
-    "create_pipeline": lambda s, h: (_pipeline(s, h), _pipeline(s, h, "b")),
-    "create_step_job": lambda s, h: run(s.create_step_job(_pipeline(s, h), 0, task="t2v", params={}, inputs={}, owner=h.owner)),
-    "set_pipeline_state": lambda s, h: (
-        run(s.set_pipeline_state(_pipeline(s, h), "failed", "boom", only_from=("running",))),
-        run(s.set_pipeline_state(_pipeline(s, h), "running", only_from=("failed",))),
-    ),
-    "claim_join": lambda s, h: run(s.claim_join(_pipeline(s, h, "b"), "replica-1", 9e9)),
-    "finish_pipeline": lambda s, h: run(s.finish_pipeline(_pipeline(s, h, "b"), "ab" * 32, {"seconds": 1.0})),
-    "pipeline": _reads(lambda r, h: (r.pipeline(_PIPELINES["a"]), r.pipeline("pnothere"))),
-    "pipelines": _reads(lambda r, h: (r.pipelines(), r.pipelines(owner=h.owner, before_seq=2, limit=20))),
-    "pipeline_for_key": _reads(lambda r, h: r.pipeline_for_key(f"{h.owner}:a")),
+    # pipelines: made (twice with one Idempotency-Key), their step jobs, their pages
+    "create_pipeline": lambda s, h: ([_pipeline(s, h, "idem-p") for _ in range(2)], _hooked_pipeline(s, h),
+                                     _hooked_pipeline(s, h, "b")),
+    "create_step_job": lambda s, h: run(s.create_step_job(_pipeline(s, h), 0, task="t2v", params={}, inputs={})),
+    "set_pipeline_state": lambda s, h: run(s.set_pipeline_state(_pipeline(s, h), "failed", "x", only_from=("running",))),
+    "finish_pipeline": lambda s, h: run(s.finish_pipeline(_pipeline(s, h), "ab" * 32, {"duration": 1.0})),
+    "pipeline": _reads(lambda r, h: (r.pipeline("pnothere"), r.pipelines(limit=1))),
+    "pipelines": _reads(lambda r, h: (r.pipelines(), r.pipelines(owner=h.owner, before_seq=100))),
+    "pipeline_for_key": _reads(lambda r, h: r.pipeline_for_key(f"{h.owner}:idem-p")),
     "open_pipelines": _reads(lambda r, h: r.open_pipelines()),
+    # the compatible surfaces' foreign ids, the batches API
+    "save_foreign_id": lambda s, h: (run(s.save_foreign_id(h.owner, "lightx2v", "task-1", h.finished_id)),
+                                     run(s.save_foreign_id(h.owner, "lightx2v", "task-1", h.queued_id, replace=True))),
+    "foreign_job": _reads(lambda r, h: r.foreign_job(h.owner, "lightx2v", "task-1")),
+    "foreign_ids": _reads(lambda r, h: r.foreign_ids(h.owner, "lightx2v", [h.finished_id, h.queued_id])),
+    "list_batches": _reads(lambda r, h: (r.list_batches(owner=h.owner), r.list_batches(owner=h.owner, before=(2e9, "b")))),
+    # replicas: a lease, a heartbeat (taking over the jobs in flight of none), the change feed
+    "join": lambda s, h: run(s.join("r-plans", 6.0)),
+    "heartbeat": lambda s, h: run(s.heartbeat("r-plans", 6.0, gone=["r-gone"])),
+    "leave": lambda s, h: run(s.leave("r-plans")),
+    "replicas": _reads(lambda r, h: r.replicas()),
+    "changes_since": _reads(lambda r, h: (r.changes_since(None), r.changes_since(r.newest_event_id() - 20))),
+    # a pipeline's join claimed once; its webhook, its ends and deliveries (the worker's rounds)
+    "claim_join": lambda s, h: run(s.claim_join(_hooked_pipeline(s, h, "b"), "replica-1", 9e9)),
     "pipeline_webhook": _reads(lambda r, h: r.pipeline_webhook(_PIPELINES["a"])),
     "pipeline_webhook_events": lambda s, h: (
         run(s.record_deliveries([{

@@ -15,7 +15,7 @@ import re
 import psycopg
 import pytest
 from history import fill_history
-from test_store_plans import CALLS, COLD, SMALL_TABLES
+from test_store_plans import CALLS, COLD, SMALL_TABLES, _interface
 
 from x2v_gateway.store import JobStore
 from x2v_gateway.store.migrate import migrate_store
@@ -24,6 +24,8 @@ JOBS = 100_000
 # PostgreSQL rightly reads a table of a few pages whole rather than through an index (sessions,
 # batches of this history): only a table this big must never be.
 BIG = 5000
+
+
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,10 @@ def _scans(node: dict, big: set[str]) -> list[str]:
     for child in node.get("Plans", []):
         here += _scans(child, big)
     return here
+
+
+def test_every_method_of_the_store_has_its_postgresql_plans_checked_or_is_named_cold():
+    assert _interface() - set(CALLS) - set(COLD) == set()
 
 
 def test_hot_path_queries_read_no_table_of_history_whole(history_in_postgres, pg_cluster):

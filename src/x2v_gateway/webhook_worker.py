@@ -166,9 +166,11 @@ class WebhookWorker:
         if free > 0 and await self._start(time.time(), free):
             return 0.0  # some taken: maybe more are due, for the slots left
         next_at = await self.store.read(lambda r: r.next_delivery_at())
-        if next_at is None:
+        if next_at is None or next_at <= time.time():
+            # Nothing pending, or what is due waits for a slot (all taken, or its receiver's
+            # share): a finished attempt wakes this loop before then.
             return IDLE_ROUND_GAP
-        return min(IDLE_ROUND_GAP, max(0.0, next_at - time.time()))
+        return min(IDLE_ROUND_GAP, next_at - time.time())
 
     async def _start(self, now: float, free: int) -> int:
         """Take due deliveries for the free slots, at most half of all slots per receiver (so a

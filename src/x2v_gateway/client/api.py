@@ -112,21 +112,21 @@ class GatewayAPI:
                 self._answered = True
             except httpx.TransportError as exc:
                 if retry and time.monotonic() < give_up:
-                    self._pause(attempt, None, give_up)
+                    self.pause(attempt, None, give_up)
                     continue
                 raise ClientError(f"the gateway at {self.url} does not answer ({type(exc).__name__}:"
                                   f" {exc or 'no details'}); is it running? (--url / X2V_URL)", UNREACHABLE) from None
             if response.status_code in (429, 502, 503, 504) and retry:
                 wait = _retry_after(response)
                 if wait is not None and time.monotonic() + wait < give_up:
-                    self._pause(attempt, wait, give_up)
+                    self.pause(attempt, wait, give_up)
                     continue
             if response.status_code < 400:
                 return response
             raise _refusal(response, self.url)
 
     @staticmethod
-    def _pause(attempt: int, wait: float | None, give_up: float) -> None:
+    def pause(attempt: int, wait: float | None, give_up: float) -> None:
         # Exponential backoff with jitter, or what Retry-After said; never past the patience.
         delay = wait if wait is not None else min(10.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
         time.sleep(max(0.0, min(delay, give_up - time.monotonic())))
@@ -179,10 +179,10 @@ class GatewayAPI:
             except ClientError as exc:
                 on_bytes(-sent)  # the next attempt sends them again
                 if exc.code == UNREACHABLE and time.monotonic() < give_up:
-                    self._pause(attempt, None, give_up)
+                    self.pause(attempt, None, give_up)
                     continue
                 if isinstance(exc, _Busy) and exc.wait is not None and time.monotonic() + exc.wait < give_up:
-                    self._pause(attempt, exc.wait, give_up)
+                    self.pause(attempt, exc.wait, give_up)
                     continue
                 raise
             finally:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .api import OK, SOME_FAILED, TERMINAL, UNFINISHED, UNREACHABLE, ClientError, GatewayAPI, poll
+from .api import OK, PATIENCE_SECONDS, SOME_FAILED, TERMINAL, UNFINISHED, UNREACHABLE, ClientError, GatewayAPI, poll
 from .plan import PlannedJob, derive_batch_id, fingerprint, idempotency_keys
 from .results import ResultsFolder
 
@@ -177,15 +177,19 @@ class Downloads:
             self._asked[job["id"]] = (result["sha256"], future)
 
     def _fetch(self, job: dict[str, Any], name: str) -> None:
-        for attempt in range(3):
+        # A connection that broke off (the gateway restarting) or bytes that arrived damaged:
+        # tried again as long as other requests wait for the gateway, backing off as they do.
+        give_up = time.monotonic() + PATIENCE_SECONDS
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 self.api.download(job, self.folder.path / name)
                 break
             except ClientError as exc:
-                # A connection that broke off, or bytes that arrived damaged: worth two more tries.
-                if exc.code != UNREACHABLE or attempt == 2:
+                if exc.code != UNREACHABLE or time.monotonic() >= give_up:
                     raise
-                time.sleep(1.0 + attempt)
+                GatewayAPI.pause(attempt, None, give_up)
         self.folder.record_video(job, name)
 
     def check(self) -> int:

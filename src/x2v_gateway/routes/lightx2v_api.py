@@ -399,7 +399,7 @@ async def download_file(
     job = await store.read(read) if base else None
     if job is None:
         raise _NotFound(f"File not found: {name}")
-    return _file(job, blobs, base, range_header)
+    return await _file(job, blobs, base, range_header)
 
 
 class ServiceStatus(msgspec.Struct):

@@ -233,6 +233,13 @@ class JobWrites(PostgresThreads):
                 )
                 if held >= slots:
                     return False
+            # A replica whose lease another one took over claims nothing more (it may not know
+            # yet: it learns at its next heartbeat). FOR SHARE: a take-over that would remove
+            # the lease meanwhile skips it until this claim is committed, and then takes the job.
+            if replica is not None and value(
+                conn, "SELECT 1 FROM replicas WHERE id = %s FOR SHARE", (replica,)
+            ) is None:
+                return False
             # SKIP LOCKED: a job another replica is placing right now is its own; this one gets
             # False at once rather than waiting to find it taken.
             if one(conn, "SELECT 1 AS x FROM jobs WHERE id = %s AND state = 'queued' FOR UPDATE SKIP LOCKED", (job_id,)) is None:

@@ -27,6 +27,10 @@ MIGRATIONS: list[tuple[str, Migration]] = []
 
 
 def migration(fn: Migration) -> Migration:
+    # A name is applied once: a second migration of that name (two branches porting the same
+    # SQLite migration) would never run on a database that has the first, and fail on a new one.
+    if any(name == fn.__name__ for name, _ in MIGRATIONS):
+        raise RuntimeError(f"two PostgreSQL migrations named {fn.__name__}")
     MIGRATIONS.append((fn.__name__, fn))
     return fn
 

@@ -9,12 +9,13 @@ once (unique per event, type and URL).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
 
 from ..records import JobWebhook
-from .connections import PgRows, PostgresThreads, changed, one, rows, timestamp, value
+from .connections import PgRows, PostgresThreads, changed, one, rows, timestamp, tuples, value
 from .keys import audit
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
@@ -95,6 +96,15 @@ class WebhookReads(PgRows):
         )
         return [_webhook(r) for r in found]
 
+    def due_deliveries(self, now: float, limit: int, skip_urls: Iterable[str] = ()) -> list[tuple[str, str]]:
+        found = rows(
+            self.conn,
+            f"SELECT id, url FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= %s"
+            " AND NOT (url = ANY(%s::text[])) ORDER BY next_attempt_at LIMIT %s",
+            (now, list(skip_urls), limit),
+        )
+        return [(r["id"], r["url"]) for r in found]
+
     def next_delivery_at(self) -> float | None:
         return value(self.conn, f"SELECT min(next_attempt_at) FROM webhook_deliveries WHERE {_PENDING}")
 
@@ -150,21 +160,24 @@ class WebhookWrites(PostgresThreads):
 
         return await self._write(write)
 
-    async def claim_deliveries(self, now: float, limit: int, until: float) -> list[dict[str, Any]]:
+    async def claim_deliveries(self, ids: list[str], now: float, until: float) -> list[dict[str, Any]]:
         # SKIP LOCKED: two replicas' workers claiming at once each get their own deliveries.
         # Each row comes back as it was (next_attempt_at: when it fell due), as SQLite's does.
+        if not ids:
+            return []
         returned = ", ".join(
             f"due.{c}" if c == "next_attempt_at" else f"d.{c}" for c in _ALL_COLUMNS
         )
         claimed = await self._write(lambda conn: rows(
             conn,
             "UPDATE webhook_deliveries d SET next_attempt_at = %s FROM (SELECT id, next_attempt_at"
-            f" FROM webhook_deliveries WHERE {_PENDING} AND next_attempt_at <= %s"
-            " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED) due WHERE d.id = due.id"
+            f" FROM webhook_deliveries WHERE id = ANY(%s::text[]) AND {_PENDING} AND next_attempt_at <= %s"
+            " FOR UPDATE SKIP LOCKED) due WHERE d.id = due.id"
             f" RETURNING {returned}",
-            (until, now, limit),
+            (until, list(ids), now),
         ))
-        return sorted(claimed, key=lambda d: d["next_attempt_at"])
+        order = {delivery_id: n for n, delivery_id in enumerate(ids)}
+        return sorted(claimed, key=lambda d: order[d["id"]])
 
     async def delivery_attempted(
         self, delivery_id: str, *, at: float, status: int | None, error: str | None,
