@@ -50,7 +50,7 @@ FILE_SECONDS = {
     "test_postgres_gateway.py": 30, "test_migrate_store.py": 5,
     "test_store_plans_postgres.py": 14, "test_store_postgres.py": 8,
     "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
-    "test_webhooks.py": 60,
+    "test_webhooks.py": 60, "test_pipeline_webhooks.py": 8,
     "test_replicas.py": 125, "test_replica_store.py": 6, "test_replicas_postgres.py": 100,
     "test_tasks.py": 38, "test_batches_api.py": 32, "test_dashboard_tasks.py": 28,
 }

@@ -157,7 +157,7 @@ def _insert_jobs(conn: sqlite3.Connection, seqs: range, first_queued: int, *, se
 
 
 def _insert_the_rest(conn: sqlite3.Connection) -> None:
-    """Files, keys, sessions, quotas, audit entries and nodes."""
+    """Files, keys, sessions, quotas, audit entries, nodes, and pipelines."""
     now = time.time()
     sha = "ab" * 32
     conn.executemany(
@@ -187,6 +187,38 @@ def _insert_the_rest(conn: sqlite3.Connection) -> None:
         " VALUES (?, ?, 2, 'settings', ?, ?)",
         [(f"n{i:02d}", f"http://127.0.0.1:{9000 + i}", now, now) for i in range(NODES)],
     )
+    _insert_pipelines(conn, now)
+
+
+PIPELINES = 5000  # finished, of three steps each; every other one with a webhook and its delivery
+
+
+def _insert_pipelines(conn: sqlite3.Connection, now: float) -> None:
+    conn.executemany(
+        "INSERT INTO pipelines (seq, id, owner, state, output, created_at, updated_at, finished_at, result_sha)"
+        " VALUES (?, ?, ?, 'succeeded', '{\"fps\": 16}', ?, ?, ?, ?)",
+        [(n + 1, f"p{n:09d}", key_id(n), now + n, now + n, now + n, "ab" * 32) for n in range(PIPELINES)],
+    )
+    conn.executemany(
+        "INSERT INTO pipeline_steps (pipeline_id, n, scene, kind, task, params, inputs, needs, seconds, job_id)"
+        " VALUES (?, ?, ?, 'clip', 't2v', '{}', '{}', '{}', 1.0, ?)",
+        [(f"p{n:09d}", k, k, f"x{n:09d}{k}") for n in range(PIPELINES) for k in range(3)],
+    )
+    conn.executemany(
+        "INSERT INTO pipeline_events (pipeline_id, at, state) VALUES (?, ?, 'succeeded')",
+        [(f"p{n:09d}", now + n) for n in range(PIPELINES)],
+    )
+    hooked = range(0, PIPELINES, 2)
+    conn.executemany(
+        "INSERT INTO pipeline_webhooks VALUES (?, 'http://hooks.example/p', 'pipeline.succeeded', ?)",
+        [(f"p{n:09d}", key_id(n)) for n in hooked],
+    )
+    conn.executemany(
+        "INSERT INTO webhook_deliveries (id, event_id, type, pipeline_id, url, key_id, payload, created_at,"
+        " attempts, delivered_at) VALUES (?, ?, 'pipeline.succeeded', ?, 'http://hooks.example/p', ?, '{}', ?, 1, ?)",
+        [(f"msg_p{n}", n + 1, f"p{n:09d}", key_id(n), now + n, now + n) for n in hooked],
+    )
+    conn.execute("UPDATE webhook_cursor SET pipeline_event_id = ?", (PIPELINES,))
 
 
 T = TypeVar("T")

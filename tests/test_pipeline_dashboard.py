@@ -42,20 +42,23 @@ def test_a_pipeline_made_in_the_form_runs_live_to_its_video(browser, gateway, me
     page.get_by_label("Scene 3 prompt").fill("the face goes on")
     page.get_by_label("Scene 3 seconds").fill("1.5")
     page.get_by_label("Scene 3 starts from the last frame of the scene before").check()
+    # That frame made over first (an i2i step between the two clips).
+    page.get_by_label("Scene 3: its image made over from this prompt").fill("as a watercolour")
     page.get_by_label("Size").fill("320x180")
     page.get_by_role("button", name="Make the video").click()
     page.wait_for_url("**/ui/pipelines/p*")
-    assert page.locator("#pipeline-steps tbody tr").count() == 3
+    assert page.locator("#pipeline-steps tbody tr").count() == 4
     # The page follows the steps by itself, to the joined video.
     page.locator("#pipeline-state", has_text="succeeded").wait_for(timeout=60_000)
-    assert "3 of 3 steps done" in page.locator("#pipeline-live").inner_text()
+    assert "4 of 4 steps done" in page.locator("#pipeline-live").inner_text()
     assert "3.5 s · 56 frames · 320×180" in page.locator("#pipeline-live").inner_text()
     with page.expect_download() as download:
         page.get_by_role("link", name="Download the video").click()
     assert download.value.suggested_filename.endswith(".mp4")
     assert page.locator("#step-2").inner_text().count("last frame") == 1
+    assert "i2i" in page.locator("#step-2").inner_text()
     page.goto(gateway.url + "/ui/pipelines")
-    assert page.locator("text=3 of 3").count() == 1
+    assert page.locator("text=4 of 4").count() == 1
     context.close()
 
 

@@ -32,3 +32,41 @@ def test_a_replicas_pipeline_is_finished_by_another_after_a_sigkill(tmp_path):
         assert frames_of(video) == 64
     finally:
         cluster.stop()
+
+
+def test_a_pipelines_join_is_claimed_by_one_replica_until_its_lease_ends(store_location):
+    import asyncio
+    import time
+
+    from x2v_gateway.store import JobStore, Pipeline, PipelineStep, new_pipeline_id
+
+    async def run() -> None:
+        # Two replicas' stores on one database: both see every step done, one joins.
+        a, b = JobStore(store_location), JobStore(store_location)
+        try:
+            pipeline = Pipeline(id=new_pipeline_id(), output={"fps": 16}, steps=[PipelineStep(
+                n=0, scene=0, kind="clip", task="t2v", params={"prompt": "x"}, inputs={}, needs={}, seconds=1.0,
+            )])
+            await a.create_pipeline(pipeline)
+            for replica in ("a", "b", "c"):
+                await a.join(replica, 60)
+            now = time.time()
+            claims = await asyncio.gather(a.claim_join(pipeline.id, "a", now + 60), b.claim_join(pipeline.id, "b", now + 60))
+            assert sorted(claims) == [False, True]
+            holder, other = ("a", b) if claims[0] else ("b", a)
+            assert await (a if holder == "a" else b).claim_join(pipeline.id, holder, now + 60)  # its own, again
+            assert not await other.claim_join(pipeline.id, "c", now + 60)
+            # The holder dies mid-join: once its replica's lease is over, another joins; and so
+            # once the join's own lease is over.
+            await a.leave(holder, grace=-1)
+            assert await other.claim_join(pipeline.id, "c", now + 60)
+            assert not await a.claim_join(pipeline.id, "b" if holder == "a" else "a", now + 60)
+            assert await a.claim_join(pipeline.id, "c", now - 1)
+            assert await a.claim_join(pipeline.id, "b" if holder == "a" else "a", now + 60)
+            assert await other.finish_pipeline(pipeline.id, "ab" * 32, {"seconds": 1.0})
+            assert not await a.claim_join(pipeline.id, "a", now + 60)  # joined: nothing left to claim
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(run())

@@ -491,3 +491,91 @@ def test_a_generated_image_starts_a_scene_and_a_generated_portrait_speaks(api, m
     info = probe_video(video)
     assert info.has_audio and info.duration == pytest.approx(2.5, abs=0.07)
     assert frames_of(video) == 40
+
+
+def test_a_step_whose_earlier_output_was_deleted_fails_the_pipeline_saying_why(tmp_path):
+    import gateway_proc
+    from x2v_gateway.store import JobStore, Pipeline, PipelineStep, new_pipeline_id
+
+    if gateway_proc.database_for is not None:
+        pytest.skip("the store is seeded as a SQLite file")
+    data = tmp_path / "data"
+    data.mkdir()
+
+    async def seed() -> str:
+        # Step 0 finished, then its video was purged before step 1 took its last frame (a
+        # pipeline left failed for longer than X2V_RETENTION_HOURS, then moved on).
+        store = JobStore(data / "gateway.db")
+        try:
+            clip = {"params": {"prompt": "x"}, "inputs": {}, "seconds": 1.0}
+            pipeline = Pipeline(id=new_pipeline_id(), output={"fps": 16}, steps=[
+                PipelineStep(n=0, scene=0, kind="clip", task="t2v", needs={}, **clip),
+                PipelineStep(n=1, scene=1, kind="clip", task="i2v", needs={"image": {"step": 0, "take": "last_frame"}}, **clip),
+            ])
+            await store.create_pipeline(pipeline)
+            job, _ = await store.create_step_job(pipeline.id, 0, task="t2v", params={"prompt": "x"}, inputs={})
+            await store.record_blob("ab" * 32, 10, "mp4")
+            assert await store.succeed(job.id, "ab" * 32, {"duration": 1.0})
+            assert await store.purge_files([job.id], "test", job.id) == ["ab" * 32]
+            return pipeline.id
+        finally:
+            store.close()
+
+    pipeline_id = asyncio.run(seed())
+    gateway = GatewayProcess(data).start()
+    try:
+        with gateway.client() as api:
+            failed = wait_pipeline(api, pipeline_id, {"failed", "succeeded"}, timeout=30)
+        assert failed["state"] == "failed"
+        assert failed["error"] == ("steps[1] could not take its image from steps[0]: its output was deleted"
+                                   " (expired or purged); submit the pipeline again")
+        assert failed["steps"][1]["job_id"] is None and failed["steps"][1]["state"] == "waiting"
+    finally:
+        gateway.stop()
+
+
+def test_an_image_made_then_refined_starts_a_scene(api, media, tmp_path):
+    doc = {"scenes": [
+        {"task": "i2v", "prompt": "the castle wakes", "image_prompt": "a castle at dawn",
+         "image_refine": "the same castle, painted in watercolour", "duration": 1},
+        {"task": "i2v", "prompt": "a face turns", "image": b64(media["face"]), "image_refine": "as a charcoal drawing",
+         "duration": 1},
+    ], "seed": 3}
+    response = api.post("/api/v1/pipelines", json=doc)
+    assert response.status_code == 201, response.text
+    pipeline = wait_pipeline(api, response.json()["id"], {"succeeded", "failed"})
+    assert pipeline["state"] == "succeeded", pipeline
+    steps = pipeline["steps"]
+    assert [(s["kind"], s["task"]) for s in steps] == [
+        ("image", "t2i"), ("image", "i2i"), ("clip", "i2v"), ("image", "i2i"), ("clip", "i2v")]
+    assert steps[1]["takes"] == {"image": "steps[0]'s output"} and steps[2]["takes"] == {"image": "steps[1]'s output"}
+    made, refined, clip = (api.get(f"/api/v1/jobs/{steps[n]['job_id']}").json() for n in range(3))
+    assert refined["params"] == {"prompt": "the same castle, painted in watercolour", "seed": 3}
+    assert refined["inputs"]["image"]["sha256"] == made["result"]["sha256"]
+    assert clip["inputs"]["image"]["sha256"] == refined["result"]["sha256"] != made["result"]["sha256"]
+    # A given image is refined as it is, and the scene starts from the refined one.
+    given, scene = (api.get(f"/api/v1/jobs/{steps[n]['job_id']}").json() for n in (3, 4))
+    assert given["inputs"]["image"]["sha256"] == hashlib.sha256(media["face"].read_bytes()).hexdigest()
+    assert scene["inputs"]["image"]["sha256"] == given["result"]["sha256"]
+    video = download(api, pipeline["result"]["url"], tmp_path / "joined.mp4")
+    assert probe_video(video).duration == pytest.approx(2.0, abs=0.07)
+
+
+@pytest.mark.parametrize(("scene", "field"), [
+    ({"task": "i2v", "prompt": "x", "duration": 1, "image_refine": "y"}, "scenes[0].image_refine"),
+    ({"task": "t2v", "prompt": "x", "duration": 1, "image_refine": "y"}, "scenes[0].image_refine"),
+    ({"task": "i2v", "prompt": "x", "duration": 1, "image": "a", "image_refine": ""}, "scenes[0].image_refine"),
+])
+def test_a_refine_without_an_image_to_refine_is_refused(scene, field):
+    from x2v_gateway.pipelines.plan import check_scenes, parse_request
+    from x2v_gateway.schemas import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        check_scenes(parse_request(json.dumps({"scenes": [scene]}).encode()), {"i2v", "t2v", "t2i", "i2i"},
+                     lambda task, prompt: None)
+    assert refused.value.field == field
+    with pytest.raises(ApiError) as no_i2i:
+        check_scenes(parse_request(json.dumps({"scenes": [
+            {"task": "i2v", "prompt": "x", "duration": 1, "image": "a", "image_refine": "y"}]}).encode()),
+            {"i2v", "t2i"}, lambda task, prompt: None)
+    assert no_i2i.value.field == "scenes[0].image_refine" and "i2i" in no_i2i.value.message

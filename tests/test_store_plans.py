@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from history import History, add_older_history, fill_history, steps
 
-from x2v_gateway.store import BatchJobSpec, JobStore, Pipeline, PipelineStep, Reads, new_pipeline_id
+from x2v_gateway.store import BatchJobSpec, JobStore, JobWebhook, Pipeline, PipelineStep, Reads, new_pipeline_id
 
 JOBS = 200_000
 # Tables whose size does not grow with history (keys, nodes, replicas, counts by owner and state, queued
@@ -62,6 +62,19 @@ def _finished(store: JobStore, how: str) -> str:
     job_id = _claimed(store)
     run(store.fail(job_id, "boom") if how == "failed" else store.cancel(job_id))
     return job_id
+
+
+_PIPELINES: dict[str, str] = {}
+
+
+def _hooked_pipeline(store: JobStore, h: History, name: str = "a") -> str:
+    """A pipeline of two steps, with a webhook, made once per name."""
+    if name not in _PIPELINES:
+        step = {"scene": 0, "kind": "clip", "task": "t2v", "params": {}, "inputs": {}, "needs": {}, "seconds": 1.0}
+        pipeline = Pipeline(id=new_pipeline_id(), owner=h.owner, output={"fps": 16}, idempotency_key=f"{h.owner}:{name}",
+                            request_hash="x", steps=[PipelineStep(n=n, **step) for n in range(2)])
+        _PIPELINES[name] = run(store.create_pipeline(pipeline, JobWebhook("http://hooks.example/p", ("pipeline.failed",), h.owner)))
+    return _PIPELINES[name]
 
 
 def _list_pages(r: Reads, h: History) -> None:
@@ -220,7 +233,8 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     "set_key_webhook": lambda s, h: run(s.set_key_webhook(h.owner, "http://hooks.example/x", ("failed",), "admin")),
     "set_webhook_secret": lambda s, h: run(s.set_webhook_secret(h.owner, "whsec_x", "admin", previous_until=9.0)),
     # pipelines: made (twice with one Idempotency-Key), their step jobs, their pages
-    "create_pipeline": lambda s, h: [_pipeline(s, h, "idem-p") for _ in range(2)],
+    "create_pipeline": lambda s, h: ([_pipeline(s, h, "idem-p") for _ in range(2)], _hooked_pipeline(s, h),
+                                     _hooked_pipeline(s, h, "b")),
     "create_step_job": lambda s, h: run(s.create_step_job(_pipeline(s, h), 0, task="t2v", params={}, inputs={})),
     "set_pipeline_state": lambda s, h: run(s.set_pipeline_state(_pipeline(s, h), "failed", "x", only_from=("running",))),
     "finish_pipeline": lambda s, h: run(s.finish_pipeline(_pipeline(s, h), "ab" * 32, {"duration": 1.0})),
@@ -240,6 +254,17 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     "leave": lambda s, h: run(s.leave("r-plans")),
     "replicas": _reads(lambda r, h: r.replicas()),
     "changes_since": _reads(lambda r, h: (r.changes_since(None), r.changes_since(r.newest_event_id() - 20))),
+    # a pipeline's join claimed once; its webhook, its ends and deliveries (the worker's rounds)
+    "claim_join": lambda s, h: run(s.claim_join(_hooked_pipeline(s, h, "b"), "replica-1", 9e9)),
+    "pipeline_webhook": _reads(lambda r, h: r.pipeline_webhook(_PIPELINES["a"])),
+    "pipeline_webhook_events": lambda s, h: (
+        run(s.record_deliveries([{
+            "id": "msg_pipeline", "event_id": 1, "type": "pipeline.failed", "pipeline_id": _PIPELINES["a"],
+            "url": "http://hooks.example/p", "key_id": h.owner, "payload": "{}", "created_at": 1.0,
+        }], s.read_blocking(lambda r: r.newest_event_id()), 0)),
+        s.read_blocking(lambda r: r.pipeline_webhook_events()),
+    ),
+    "pipeline_deliveries": _reads(lambda r, h: r.pipeline_deliveries(_PIPELINES["a"])),
 }
 
 

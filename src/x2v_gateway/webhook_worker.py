@@ -4,7 +4,9 @@ Each round, in one hop to a reader thread, it reads the job events after its cur
 a webhook (job_events is the durable record of every state change), keeps those the webhook's
 filter wants, and builds each message's body (the job as `GET /api/v1/jobs/{id}` shows it). It
 then records the new deliveries and moves the cursor in one transaction: a delivery exists, with its stable id and body, before anything is sent, and a crash
-at any point only redoes work (at least once, never lost). Due deliveries are attempted at most
+at any point only redoes work (at least once, never lost). A pipeline's ends (pipeline_events,
+recorded as it moves) are turned into deliveries the same way, after a cursor of their own, in
+the same round and transaction. Due deliveries are attempted at most
 `X2V_WEBHOOK_CONCURRENCY` at once, each taken with a lease (replicas sharing the store never
 attempt one together; one an attempt left unfinished is due again when the lease ends), each
 bounded in time (`X2V_WEBHOOK_TIMEOUT`, connecting
@@ -32,6 +34,7 @@ import msgspec
 from .dispatch import Notifier
 from .inputs import NotPublic, PublicOnlyTransport
 from .metrics import Metrics
+from .pipelines.views import pipeline_views
 from .schemas import iso, job_view
 from .settings import Settings
 from .store import JobStore, JobWebhook, Reads
@@ -88,6 +91,7 @@ class WebhookWorker:
         self._changed = asyncio.Event()  # a job changed: new events to record, maybe
         self._due = asyncio.Event()  # deliveries recorded, or a slot freed: attempt what is due
         self._cursor: int | None = None  # the cursor as last written
+        self._pipeline_cursor: int | None = None  # the pipeline events' one
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -149,9 +153,9 @@ class WebhookWorker:
     async def record(self) -> bool:
         """Turn new job events into deliveries; True when more events wait."""
         found = await self.store.read(_read_round)
-        if found.deliveries or found.cursor != self._cursor:
-            await self.store.record_deliveries(found.deliveries, found.cursor)
-            self._cursor = found.cursor
+        if found.deliveries or found.cursor != self._cursor or found.pipeline_cursor != self._pipeline_cursor:
+            await self.store.record_deliveries(found.deliveries, found.cursor, found.pipeline_cursor)
+            self._cursor, self._pipeline_cursor = found.cursor, found.pipeline_cursor
         if found.deliveries:
             self._due.set()
         return found.more
@@ -246,6 +250,7 @@ class WebhookWorker:
 class _Round(msgspec.Struct):
     deliveries: list[dict[str, Any]]
     cursor: int
+    pipeline_cursor: int
     more: bool
     next_at: float | None
 
@@ -253,7 +258,10 @@ class _Round(msgspec.Struct):
 def _read_round(r: Reads) -> _Round:
     """On a reader thread: the new events' deliveries, and when the next recorded one is due."""
     events, cursor = r.webhook_events(EVENTS_PER_ROUND)
-    return _Round(_deliveries(r, events), cursor, len(events) == EVENTS_PER_ROUND, r.next_delivery_at())
+    ends, pipeline_cursor = r.pipeline_webhook_events(EVENTS_PER_ROUND)
+    more = len(events) == EVENTS_PER_ROUND or len(ends) == EVENTS_PER_ROUND
+    deliveries = _deliveries(r, events) + _pipeline_deliveries(r, ends)
+    return _Round(deliveries, cursor, pipeline_cursor, more, r.next_delivery_at())
 
 
 def _deliveries(r: Reads, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -290,6 +298,26 @@ def _deliveries(r: Reads, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 data = _batch_data(r, *batch)
                 for batch_hook in r.batch_webhooks(*batch):
                     add(event, BATCH_FINISHED, batch_hook, data)
+    return found
+
+
+def _pipeline_deliveries(r: Reads, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The deliveries these pipeline ends make, each with the pipeline as
+    `GET /api/v1/pipelines/{id}` shows it (its steps and their jobs) when it was recorded."""
+    found: list[dict[str, Any]] = []
+    now = time.time()
+    for event in events:
+        kind = f"pipeline.{event['state']}"
+        hook: JobWebhook = event["webhook"]
+        pipeline = r.pipeline(event["pipeline_id"]) if kind in hook.events else None
+        if pipeline is None:
+            continue
+        body = {"type": kind, "timestamp": iso(event["at"]), "data": pipeline_views(r, [pipeline])[0]}
+        found.append({
+            "id": new_message_id(), "event_id": event["id"], "type": kind, "pipeline_id": pipeline.id,
+            "url": hook.url, "key_id": hook.key_id, "payload": msgspec.json.encode(body).decode(),
+            "created_at": now,
+        })
     return found
 
 

@@ -39,6 +39,9 @@ BATCH_FINISHED = "batch.finished"
 EVENTS = (*JOB_EVENTS, BATCH_FINISHED)
 # A webhook that names no events hears of how each job (and its batch) ended.
 DEFAULT_EVENTS = ("succeeded", "failed", "cancelled", BATCH_FINISHED)
+# What a pipeline's webhook may name (all of them by default): how the pipeline ended. Its
+# steps' jobs send nothing of their own.
+PIPELINE_EVENTS = ("pipeline.succeeded", "pipeline.failed", "pipeline.cancelled")
 SECRET_PREFIX = "whsec_"
 MAX_URL_LENGTH = 2000
 # The longest wait between two attempts of one delivery.
@@ -49,8 +52,8 @@ NEW_RUN_DETAILS = ("accepted", "retry requested")
 
 
 def message_type(event: str) -> str:
-    """`succeeded` -> `job.succeeded`; `batch.finished` stays."""
-    return event if event == BATCH_FINISHED else f"job.{event}"
+    """`succeeded` -> `job.succeeded`; `batch.finished` and `pipeline.failed` stay."""
+    return event if "." in event else f"job.{event}"
 
 
 def job_event(state: str, detail: str) -> str | None:
@@ -64,17 +67,20 @@ def job_event(state: str, detail: str) -> str | None:
     return None
 
 
-def parse_events(value: str | Iterable[str] | None, field: str = "webhook_events") -> tuple[str, ...]:
+def parse_events(
+    value: str | Iterable[str] | None, field: str = "webhook_events", *,
+    among: tuple[str, ...] = EVENTS, default: tuple[str, ...] = DEFAULT_EVENTS,
+) -> tuple[str, ...]:
     """A filter as the API takes it (a list, or comma-separated text) -> the events, in order.
-    None or empty: the default."""
+    None or empty: the default. (`among`, `default`: a pipeline's.)"""
     names = value.split(",") if isinstance(value, str) else list(value or ())
     names = [n.strip() for n in names if n.strip()]
-    if len(names) > len(EVENTS) * 2:
-        raise ApiError(422, f"{field} names {len(names)} events; there are {len(EVENTS)}", field)
+    if len(names) > len(among) * 2:
+        raise ApiError(422, f"{field} names {len(names)} events; there are {len(among)}", field)
     for name in names:
-        if name not in EVENTS:
-            raise ApiError(422, f"{field} must name events among {', '.join(EVENTS)}; got {name[:40]!r}", field)
-    return tuple(e for e in EVENTS if e in names) or DEFAULT_EVENTS
+        if name not in among:
+            raise ApiError(422, f"{field} must name events among {', '.join(among)}; got {name[:40]!r}", field)
+    return tuple(e for e in among if e in names) or default
 
 
 async def check_url(url: str, *, private_ok: bool, field: str = "webhook_url") -> str:
@@ -188,10 +194,13 @@ class JobWebhooks:
         self._keys: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     async def for_job(
-        self, url: str | None, events: Iterable[str] | None, owner: str | None,
+        self, url: str | None, events: Iterable[str] | None, owner: str | None, *, pipeline: bool = False,
     ) -> JobWebhook | None:
-        """The webhook of a job `owner` submits with these fields (None: it has none). 422
-        naming the field for a URL the gateway will not send to, or a key with no secret."""
+        """The webhook of a job (`pipeline`: a pipeline) `owner` submits with these fields (None:
+        it has none). 422 naming the field for a URL the gateway will not send to, or a key with
+        no secret."""
+        among = PIPELINE_EVENTS if pipeline else EVENTS
+        default = PIPELINE_EVENTS if pipeline else DEFAULT_EVENTS
         key = await self._key(owner) if owner else None
         if url is None:
             if key is None or not key["webhook_url"]:
@@ -199,7 +208,12 @@ class JobWebhooks:
                     raise ApiError(422, "webhook_events needs a webhook_url (this key has no default"
                                    " webhook)", "webhook_events")
                 return None
-            chosen = parse_events(events or key["webhook_events"])
+            if pipeline and not events:
+                # The key's filter names job events: its pipelines hear of the ends it names.
+                ends = parse_events(key["webhook_events"])
+                chosen = tuple(e for e in PIPELINE_EVENTS if e.split(".")[1] in ends)
+                return JobWebhook(key["webhook_url"], chosen, owner) if chosen else None
+            chosen = parse_events(events or key["webhook_events"], among=among, default=default)
             return JobWebhook(key["webhook_url"], chosen, owner)
         checked = await check_url(url, private_ok=self.private_ok)
         if key is None or not key["has_webhook_secret"]:
@@ -207,7 +221,7 @@ class JobWebhooks:
                 422, "this key has no webhook signing secret yet: POST /api/v1/me/webhook-secret"
                 " makes one (shown once)", "webhook_url",
             )
-        return JobWebhook(checked, parse_events(events), owner)
+        return JobWebhook(checked, parse_events(events, among=among, default=default), owner)
 
     async def _key(self, key_id: str) -> dict[str, Any] | None:
         now = time.monotonic()

@@ -3,6 +3,8 @@
 Scenes are joined in order into one video. A scene's image may be a file, the last frame of the
 scene before it (`"first_frame": "previous"`), or an image made first from a prompt
 (`"image_prompt"`, a t2i step): the scene's steps then wait for the one that makes it.
+Whichever it is, `"image_refine"` has it made over first from a prompt (an i2i step: t2i → i2i →
+i2v), and the scene starts from the refined image.
 An s2v scene lasts as long as its audio; audio longer than a node takes in one task
 (`X2V_SPEECH_PART_SECONDS`) is split at its silences into parts, each a step of its own with
 the same portrait and seed, joined with the whole audio under them.
@@ -29,13 +31,15 @@ MAX_SCENE_SECONDS = 30.0
 MAX_VIDEO_SECONDS = 600.0  # the joined video
 MAX_AUDIO_SECONDS = 600.0  # every scene's audio, together
 MIN_SIDE, MAX_SIDE = 16, 4096
-# The task that makes a scene's image from its `image_prompt`.
+# The task that makes a scene's image from its `image_prompt`, and the one that refines it.
 IMAGE_TASK = "t2i"
+REFINE_TASK = "i2i"
 # Parameters the pipeline sets from a scene's duration and the output's frame rate.
 _TIMING = ("target_video_length", "video_duration", "target_fps")
 SCENE_INPUTS = ("image", "audio", "last_frame")
 
 
+PipelineEvent = Literal["pipeline.succeeded", "pipeline.failed", "pipeline.cancelled"]
 SceneTask = Literal["s2v", "i2v", "t2v", "flf2v"]
 SCENE_TASKS = frozenset(SceneTask.__args__)  # the video tasks a scene may be
 
@@ -54,6 +58,9 @@ class SceneRequest(GenerationParams, kw_only=True, forbid_unknown_fields=True):
     first_frame: Literal["previous"] | None = None
     # The image made first from this prompt (a t2i step): a generated first frame or portrait.
     image_prompt: Annotated[str, Meta(min_length=1, max_length=4000)] | None = None
+    # The scene's image (given, first_frame or image_prompt) made over from this prompt first
+    # (an i2i step), the scene starting from what it makes.
+    image_refine: Annotated[str, Meta(min_length=1, max_length=4000)] | None = None
 
 
 class OutputRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -71,6 +78,10 @@ class PipelineRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Every scene's seed unless it sets its own; none: one drawn for the pipeline.
     seed: Seed | None = None
     priority: Annotated[int, Meta(ge=-100, le=100)] = 0
+    # Where the pipeline's end is POSTed, signed, as a job's events are (webhooks.py); none:
+    # the key's default, if any. Events: all three unless named.
+    webhook_url: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
+    webhook_events: Annotated[list[PipelineEvent], Meta(max_length=6)] | None = None
 
 
 _PATH = re.compile(r" - at `\$((?:\.\w+|\[\d+\])+)`")
@@ -127,6 +138,13 @@ def check_scenes(request: PipelineRequest, runnable: set[str], prompt_missing: A
             if IMAGE_TASK not in runnable:
                 raise ApiError(422, f"{at}.image_prompt: no configured upstream runs {IMAGE_TASK} jobs,"
                                " which make the image", f"{at}.image_prompt")
+        if scene.image_refine is not None:
+            if not (scene.image or scene.first_frame or scene.image_prompt):
+                raise ApiError(422, f"{at}.image_refine refines the scene's image: give it an image,"
+                               " first_frame or image_prompt", f"{at}.image_refine")
+            if REFINE_TASK not in runnable:
+                raise ApiError(422, f"{at}.image_refine: no configured upstream runs {REFINE_TASK} jobs,"
+                               " which refine the image", f"{at}.image_refine")
         if scene.first_frame is not None:
             if i == 0:
                 raise ApiError(422, f"{at}.first_frame: the first scene has no scene before it", f"{at}.first_frame")
@@ -173,19 +191,21 @@ def plan_steps(
         params["seed"] = scene.seed if scene.seed is not None else pipeline_seed
         params["target_fps"] = fps
         needs = {}
+        given = dict(inputs[i])
         if scene.first_frame == "previous":
             assert last_clip is not None  # check_scenes refused it for the first scene
             needs["image"] = {"step": last_clip, "take": "last_frame"}
         elif scene.image_prompt is not None:
             # A step of its own before the scene's clips, whose image they all start from.
-            image_params = {"prompt": scene.image_prompt, "seed": params["seed"]}
-            if scene.target_shape:
-                image_params["target_shape"] = scene.target_shape
-            steps.append(PipelineStep(
-                n=len(steps), scene=i, kind="image", task=IMAGE_TASK, params=image_params, inputs={}, needs={},
-            ))
+            steps.append(_image_step(len(steps), i, IMAGE_TASK, scene.image_prompt, params["seed"], scene, {}, {}))
             needs["image"] = {"step": len(steps) - 1, "take": "output"}
-        given = dict(inputs[i])
+        if scene.image_refine is not None:
+            # The image as it would have been (given, or taken from an earlier step) goes to an
+            # i2i step instead; the clips take what that makes.
+            source = {"image": given.pop("image")} if "image" in given else {}
+            steps.append(_image_step(len(steps), i, REFINE_TASK, scene.image_refine, params["seed"], scene,
+                                     source, dict(needs)))
+            needs["image"] = {"step": len(steps) - 1, "take": "output"}
         if scene.task == "s2v":
             audio_sha = given["audio"]
             parts = speech[i]["parts"]
@@ -210,3 +230,14 @@ def plan_steps(
     if len(steps) > MAX_STEPS:
         raise ApiError(422, f"the pipeline would run {len(steps)} steps; at most {MAX_STEPS}", "scenes")
     return steps
+
+
+def _image_step(
+    n: int, scene_n: int, task: str, prompt: str, seed: int, scene: SceneRequest,
+    inputs: dict[str, str], needs: dict[str, dict[str, Any]],
+) -> PipelineStep:
+    """A step that makes (t2i) or refines (i2i) an image a scene's clips start from."""
+    params: dict[str, Any] = {"prompt": prompt, "seed": seed}
+    if scene.target_shape:
+        params["target_shape"] = scene.target_shape
+    return PipelineStep(n=n, scene=scene_n, kind="image", task=task, params=params, inputs=inputs, needs=needs)

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -40,6 +41,9 @@ log = logging.getLogger("x2v_gateway.pipelines")
 # another replica accepted and stopped following (it died), or one whose jobs' changes this
 # process missed (a subscriber's queue full). Those it follows move on with their jobs' changes.
 SWEEP_SECONDS = 5.0
+# The join's lease beyond the join's own time limit: each clip copied to a local file first
+# (from a bucket), the video kept after. Past it, another replica may join the pipeline.
+JOIN_LEASE_MARGIN = 120.0
 _JOIN_FAILED = "the clips could not be joined"
 
 
@@ -149,13 +153,16 @@ class PipelineService:
         request = parse_request(await read_limited(body, mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB allowed"))
         # Each key has its own Idempotency-Keys; the request is compared as it was read, not as typed.
         key = f"{who.owner}:{idempotency_key}" if idempotency_key else None
-        fingerprint = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
+        fingerprint = _fingerprint(request)
         if key is not None and (found := await self.store.pipeline_for_key(key)) is not None:
             if found[1] != fingerprint:
                 raise _reused(idempotency_key)
             return await self._made(found[0]), False
         size_wh = output_size(request)
         check_scenes(request, self.jobs.runnable_tasks(), self.jobs.prompt_missing)
+        webhook = await self.jobs.webhooks.for_job(
+            request.webhook_url, request.webhook_events, who.owner, pipeline=True,
+        )
         # A job per scene at least is counted before any input is fetched: a key out of quota
         # costs no download and no split. The steps beyond (speech parts, images) once planned.
         async with self.auth.counting_jobs(who, len(request.scenes)) as count:
@@ -167,7 +174,7 @@ class PipelineService:
             )
             async with self.auth.counting_jobs(who, len(steps) - len(request.scenes)) as more:
                 try:
-                    made_id = await self.store.create_pipeline(pipeline)
+                    made_id = await self.store.create_pipeline(pipeline, webhook)
                 except IdempotencyConflict:
                     raise _reused(idempotency_key) from None
                 if made_id != pipeline.id:  # the same request, sent twice at once: made by the other
@@ -302,6 +309,10 @@ class PipelineService:
     async def _derive(self, job: Job, take: str) -> str:
         """What a finished step gives a later one: its result, or its clip's last frame."""
         assert job.result_sha is not None
+        if job.files_expired or not await self.blobs.exists(job.result_sha):
+            # Deleted by retention (X2V_RETENTION_HOURS) or a purge while the step waited (a
+            # pipeline failed for days, then retried): nothing can make it again but a new run.
+            raise FileNotFoundError("its output was deleted (expired or purged); submit the pipeline again")
         if take == "output":
             return job.result_sha
         dest = self.blobs.tmp_dir / f"frame-{job.id}-{uuid.uuid4().hex[:8]}.png"
@@ -315,7 +326,14 @@ class PipelineService:
         return sha
 
     async def _join(self, pipeline: Pipeline, jobs: dict[str, Job]) -> None:
-        """Every clip in order into one MP4, kept as the pipeline's video."""
+        """Every clip in order into one MP4, kept as the pipeline's video; by one replica (a
+        lease on the pipeline's row: the others, which see every step done too, leave it)."""
+        clips = [{"seconds": s.seconds or 0.0} for s in pipeline.steps if s.kind == "clip"]
+        lease = join_timeout(clips, pipeline.output.get("size")) + JOIN_LEASE_MARGIN
+        # Claimed as this replica: one that dies mid-join leaves it once its replica lease ends.
+        if not await self.store.claim_join(pipeline.id, self.jobs.dispatcher.replicas.id, time.time() + lease):
+            log.info("pipeline %s: another replica joins it", pipeline.id)
+            return
         dest = self.blobs.tmp_dir / f"pipeline-{pipeline.id}-{uuid.uuid4().hex[:8]}.mp4"
         try:
             # FFmpeg reads files: each clip and its audio as a local file (a copy while the join
@@ -393,6 +411,16 @@ class PipelineService:
         await self.jobs.retry(step.job_id, who)
         self.kick(pipeline_id)
         return await self.find(pipeline_id, who)
+
+
+def _fingerprint(request: Any) -> str:
+    """The request as it was read, hashed; without webhook fields it does not set, so that a
+    request without a webhook keeps the fingerprint it had before pipelines had webhooks."""
+    fields = msgspec.to_builtins(request)
+    for name in ("webhook_url", "webhook_events"):
+        if fields.get(name) is None:
+            fields.pop(name, None)
+    return hashlib.sha256(msgspec.json.encode(fields)).hexdigest()
 
 
 def _reused(idempotency_key: str | None) -> ApiError:

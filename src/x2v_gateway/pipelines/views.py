@@ -110,7 +110,8 @@ def pipeline_view(pipeline: Pipeline, jobs: dict[str, Job]) -> PipelineView:
     )
 
 
-def _views(r: Reads, pipelines: list[Pipeline]) -> list[PipelineView]:
+def pipeline_views(r: Reads, pipelines: list[Pipeline]) -> list[PipelineView]:
+    """These pipelines as the API shows them, their steps' jobs read with `r` (a reader thread)."""
     ids = [s.job_id for p in pipelines for s in p.steps if s.job_id]
     jobs = {job.id: job for job in r.jobs_by_id(ids)}
     return [pipeline_view(p, jobs) for p in pipelines]
@@ -118,8 +119,8 @@ def _views(r: Reads, pipelines: list[Pipeline]) -> list[PipelineView]:
 
 async def view(store: JobStore, pipeline: Pipeline) -> PipelineView:
     """One pipeline with its steps' jobs, read in one hop."""
-    return (await store.read(lambda r: _views(r, [pipeline])))[0]
+    return (await store.read(lambda r: pipeline_views(r, [pipeline])))[0]
 
 
 async def views(store: JobStore, pipelines: list[Pipeline]) -> list[PipelineView]:
-    return await store.read(lambda r: _views(r, pipelines))
+    return await store.read(lambda r: pipeline_views(r, pipelines))

@@ -24,6 +24,7 @@ from ..schemas import ApiError, errors
 from ..store import JobStore
 from .api import _cursor, _openapi_schema, _parse_cursor
 from .files import blob_file
+from .webhooks import JobDeliveries, deliveries_view
 
 
 @dataclass
@@ -110,6 +111,16 @@ class PipelinesController(Controller):
         who: NamedDependency[Caller], pipeline_id: FromPath[str], n: FromPath[int],
     ) -> PipelineView:
         return await view(store, await pipelines.retry_step(pipeline_id, n, who))
+
+    @get("/{pipeline_id:str}/webhooks", tags=["webhooks"],
+         summary="A pipeline's webhook and its deliveries: attempts, last answer, next attempt",
+         responses=errors(400, 404))
+    async def pipeline_webhooks(
+        self, pipelines: NamedDependency[PipelineService], store: NamedDependency[JobStore],
+        who: NamedDependency[Caller], pipeline_id: FromPath[str],
+    ) -> JobDeliveries:
+        found = (await pipelines.find(pipeline_id, who)).id
+        return await store.read(lambda r: deliveries_view(r.pipeline_webhook(found), r.pipeline_deliveries(found)))
 
     @get(
         "/{pipeline_id:str}/video", summary="The finished video (supports Range)", media_type="video/mp4",

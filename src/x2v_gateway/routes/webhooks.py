@@ -13,14 +13,16 @@ from msgspec import Meta
 from ..auth import Auth, Caller
 from ..reads import visible
 from ..schemas import ApiError, WebhookEvent, errors, iso
-from ..store import JobStore, Reads
+from ..store import JobStore, JobWebhook, Reads
 from ..webhooks import JobWebhooks, describe_webhook, redact, rotate_secret, set_key_default
 from .access import KeyView, key_view
 
 
 class DeliveryView(msgspec.Struct, kw_only=True):
     id: str  # the `webhook-id` header of every attempt: receivers drop a message seen before
-    type: str  # job.queued, job.started, job.succeeded, job.failed, job.cancelled, batch.finished
+    # job.queued, job.started, job.succeeded, job.failed, job.cancelled, batch.finished;
+    # pipeline.succeeded, pipeline.failed, pipeline.cancelled
+    type: str
     url: str  # without what may be a secret in it: user and password, query values
     created_at: str | None
     attempts: int
@@ -49,20 +51,29 @@ class JobDeliveries(msgspec.Struct):
 )
 async def job_webhooks(store: NamedDependency[JobStore], who: NamedDependency[Caller], job_id: FromPath[str]) -> JobDeliveries:
     def read(r: Reads) -> JobDeliveries:
-        found = webhook_section(r, visible(r.get(job_id), job_id, who).id)
-        return JobDeliveries(
-            webhook=JobWebhookView(**found["webhook"]) if found["webhook"] else None,
-            deliveries=[_delivery(d) for d in found["deliveries"]],
-        )
+        seen = visible(r.get(job_id), job_id, who).id
+        return deliveries_view(r.job_webhook(seen), r.job_deliveries(seen))
 
     return await store.read(read)
+
+
+def deliveries_view(hook: JobWebhook | None, rows: list[dict]) -> JobDeliveries:
+    """A webhook and its deliveries (a job's or a pipeline's) as the API shows them."""
+    found = _section(hook, rows)
+    return JobDeliveries(
+        webhook=JobWebhookView(**found["webhook"]) if found["webhook"] else None,
+        deliveries=[_delivery(d) for d in found["deliveries"]],
+    )
 
 
 def webhook_section(r: Reads, job_id: str) -> dict:
     """A job's webhook and deliveries as they may be shown (the API, the job's page): URLs
     without their secrets."""
-    hook = r.job_webhook(job_id)
-    deliveries = [{**d, "url": redact(d["url"])} for d in r.job_deliveries(job_id)]
+    return _section(r.job_webhook(job_id), r.job_deliveries(job_id))
+
+
+def _section(hook: JobWebhook | None, rows: list[dict]) -> dict:
+    deliveries = [{**d, "url": redact(d["url"])} for d in rows]
     return {
         "webhook": describe_webhook(hook) if hook else None, "deliveries": deliveries,
         "pending": sum(1 for d in deliveries if not d["delivered_at"] and not d["gave_up_at"]),

@@ -262,8 +262,9 @@ class JobStore(ABC):
     # -- pipelines (pipelines/) -----------------------------------------------------------------
 
     @abstractmethod
-    async def create_pipeline(self, pipeline: Pipeline) -> str:
-        """Record a new pipeline (`running`) with its steps, none of them a job yet; its id.
+    async def create_pipeline(self, pipeline: Pipeline, webhook: JobWebhook | None = None) -> str:
+        """Record a new pipeline (`running`) with its steps, none of them a job yet, and its
+        `webhook`; its id.
 
         With an `idempotency_key` already used: that pipeline's id, nothing recorded (or
         IdempotencyConflict when it came with another request)."""
@@ -282,11 +283,21 @@ class JobStore(ABC):
     async def set_pipeline_state(
         self, pipeline_id: str, state: str, error: str | None = None, *, only_from: tuple[str, ...],
     ) -> bool:
-        """Move a pipeline to `state` (with `error`, or none) if it is in one of `only_from`."""
+        """Move a pipeline to `state` (with `error`, or none) if it is in one of `only_from`;
+        an end it was not at (failed, cancelled) is recorded as a pipeline event, for webhooks,
+        in the same transaction."""
 
     @abstractmethod
     async def finish_pipeline(self, pipeline_id: str, result_sha: str, meta: dict[str, Any]) -> bool:
-        """A running pipeline's joined video is stored: it succeeded."""
+        """A running pipeline's joined video is stored: it succeeded (a pipeline event, as
+        `set_pipeline_state` records)."""
+
+    @abstractmethod
+    async def claim_join(self, pipeline_id: str, holder: str, until: float) -> bool:
+        """Take a running pipeline's join for replica `holder` until `until` (a lease): True when
+        it was free, its lease over, `holder`'s already, or held by a replica whose own lease
+        (`replicas`) is over. Replicas that both see every step done join it once; one that dies
+        mid-join (or a gateway restarted) leaves it to another within that replica's lease."""
 
     # -- the node registry ----------------------------------------------------------------------
 
@@ -405,10 +416,12 @@ class JobStore(ABC):
     # -- webhooks (webhooks.py, webhook_worker.py) ----------------------------------------------
 
     @abstractmethod
-    async def record_deliveries(self, deliveries: list[dict[str, Any]], cursor: int) -> int:
-        """Record deliveries (`webhook_deliveries` columns: id, event_id, type, job_id, url,
-        key_id, payload, created_at), each due at once, and move the event cursor to `cursor`, in
-        one transaction. A delivery already recorded for its (event_id, type, url) is left as it
+    async def record_deliveries(
+        self, deliveries: list[dict[str, Any]], cursor: int, pipeline_cursor: int | None = None,
+    ) -> int:
+        """Record deliveries (`webhook_deliveries` columns: id, event_id, type, job_id or
+        pipeline_id, url, key_id, payload, created_at), each due at once, and move the job event
+        cursor to `cursor` (and the pipeline event one to `pipeline_cursor`), in one transaction. A delivery already recorded for its (event_id, type, url) is left as it
         was, with its id: a crash between reading events and recording them only redoes it.
         Returns how many were new."""
 

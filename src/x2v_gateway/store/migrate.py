@@ -53,6 +53,8 @@ TABLES = (
     Table("webhook_cursor", ("id",)),
     Table("pipelines", ("seq",), flags=("files_expired",), serial="seq"),
     Table("pipeline_steps", ("pipeline_id", "n")),
+    Table("pipeline_webhooks", ("pipeline_id",)),
+    Table("pipeline_events", ("id",), history=True, serial="id"),
     Table("foreign_ids", ("owner", "surface", "foreign_id")),
 )
 # SQLite tables that are not copied: kept by triggers from the jobs, SQLite's own, and the

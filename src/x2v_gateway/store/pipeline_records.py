@@ -50,6 +50,9 @@ class Pipeline(msgspec.Struct, kw_only=True):
     files_expired: bool = False
     idempotency_key: str | None = None  # the owner's key, scoped: "<owner>:<key>"
     request_hash: str | None = None
+    # Who joins its clips, until when (PipelineService: a lease, so that replicas join it once).
+    join_by: str | None = None
+    join_until: float | None = None
     steps: list[PipelineStep] = []
 
     @property

@@ -282,3 +282,17 @@ class Reads(Protocol):
     def webhook_secrets(self, key_id: str) -> list[str]:
         """The secrets that sign a key's deliveries now (two during a rotation); never shown."""
         ...
+
+    def pipeline_webhook(self, pipeline_id: str) -> JobWebhook | None:
+        """A pipeline's webhook (its own, or its key's default when it was accepted)."""
+        ...
+
+    def pipeline_webhook_events(self, limit: int = 200) -> tuple[list[dict[str, Any]], int]:
+        """Pipeline ends (succeeded, failed, cancelled) after the webhook cursor's own place,
+        whose pipeline has a webhook, oldest first: {id, pipeline_id, at, state, detail,
+        webhook}; and that cursor once they are recorded."""
+        ...
+
+    def pipeline_deliveries(self, pipeline_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        """A pipeline's deliveries, oldest first, without their payloads."""
+        ...

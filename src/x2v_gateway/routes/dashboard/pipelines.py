@@ -87,8 +87,9 @@ async def _document(form: Any, text: dict[str, str]) -> dict[str, Any]:
                 raise ApiError(422, f"Scene {len(scenes) + 1}: the duration is a number of seconds", f"duration-{i}") from None
         if text.get(f"previous-{i}"):
             scene["first_frame"] = "previous"
-        if image_prompt := text.get(f"image_prompt-{i}", "").strip():
-            scene["image_prompt"] = image_prompt
+        for field in ("image_prompt", "image_refine"):
+            if value := text.get(f"{field}-{i}", "").strip():
+                scene[field] = value
         for role, upload in files.items():
             scene[role] = base64.b64encode(await upload.read()).decode()
         scenes.append(scene)

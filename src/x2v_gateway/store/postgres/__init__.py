@@ -12,6 +12,7 @@ from .foreign import ForeignReads, ForeignWrites
 from .jobs import JobReads, JobWrites
 from .keys import KeyReads, KeyWrites
 from .nodes import NodeReads, NodeWrites
+from .pipeline_webhooks import PipelineWebhookReads
 from .pipelines import PipelineReads, PipelineWrites
 from .queue import QueueReads
 from .replicas import ReplicaReads, ReplicaWrites
@@ -21,7 +22,7 @@ __all__ = ["PostgresReads", "PostgresStore"]
 
 
 class PostgresReads(JobReads, QueueReads, BatchReads, NodeReads, KeyReads, PipelineReads, ForeignReads,
-                    WebhookReads, ReplicaReads):
+                    WebhookReads, PipelineWebhookReads, ReplicaReads):
     """The store's reads on one PostgreSQL connection (in one REPEATABLE READ transaction)."""
 
 

@@ -10,9 +10,10 @@ import psycopg
 from ..pipeline_records import CANCELLED, RUNNING, SUCCEEDED, Pipeline
 # One way from rows to records for both backends (the same columns, JSON as text).
 from ..sqlite.pipelines import row_to_step
-from ..records import IdempotencyConflict, Job, new_job_id
+from ..records import IdempotencyConflict, Job, JobWebhook, new_job_id
 from .connections import AFTER_NEWEST, PgRows, PostgresThreads, one, rows, timestamp, tuples
 from .jobs import record_event
+from .pipeline_webhooks import insert_pipeline_webhook, record_pipeline_end
 
 
 class PipelineReads(PgRows):
@@ -55,7 +56,7 @@ class PipelineReads(PgRows):
 class PipelineWrites(PostgresThreads):
     """A pipeline made, its steps' jobs made, its state moved: each in one transaction."""
 
-    async def create_pipeline(self, pipeline: Pipeline) -> str:
+    async def create_pipeline(self, pipeline: Pipeline, webhook: JobWebhook | None = None) -> str:
         def write(conn: psycopg.Connection) -> str:
             now = timestamp()
             # ON CONFLICT: two replicas given the same Idempotency-Key at once make one pipeline.
@@ -82,6 +83,7 @@ class PipelineWrites(PostgresThreads):
                       json.dumps(s.inputs), json.dumps(s.needs), s.seconds,
                       json.dumps(s.audio) if s.audio is not None else None) for s in pipeline.steps],
                 )
+            insert_pipeline_webhook(conn, pipeline.id, webhook)
             return pipeline.id
 
         return await self._write(write)
@@ -129,16 +131,43 @@ class PipelineWrites(PostgresThreads):
         self, pipeline_id: str, state: str, error: str | None = None, *, only_from: tuple[str, ...],
     ) -> bool:
         finished = timestamp() if state in (SUCCEEDED, CANCELLED) else None
-        return await self._execute(
-            "UPDATE pipelines SET state = %s, error = %s, updated_at = %s, finished_at = %s"
-            " WHERE id = %s AND state = ANY(%s)",
-            (state, error, timestamp(), finished, pipeline_id, list(only_from)),
-        ) == 1
+
+        def write(conn: psycopg.Connection) -> bool:
+            # The row locked: of two replicas moving it at once, the second sees the first's state.
+            was = one(conn, "SELECT state FROM pipelines WHERE id = %s FOR UPDATE", (pipeline_id,))
+            if was is None or was["state"] not in only_from:
+                return False
+            conn.execute(
+                "UPDATE pipelines SET state = %s, error = %s, updated_at = %s, finished_at = %s WHERE id = %s",
+                (state, error, timestamp(), finished, pipeline_id),
+            )
+            record_pipeline_end(conn, pipeline_id, state, was["state"], error)
+            return True
+
+        return await self._write(write)
 
     async def finish_pipeline(self, pipeline_id: str, result_sha: str, meta: dict[str, Any]) -> bool:
         now = timestamp()
+
+        def write(conn: psycopg.Connection) -> bool:
+            done = conn.execute(
+                "UPDATE pipelines SET state = 'succeeded', error = NULL, result_sha = %s, result_meta = %s,"
+                " updated_at = %s, finished_at = %s, join_by = NULL, join_until = NULL"
+                " WHERE id = %s AND state = %s",
+                (result_sha, json.dumps(meta), now, now, pipeline_id, RUNNING),
+            ).rowcount == 1
+            if done:
+                record_pipeline_end(conn, pipeline_id, SUCCEEDED, RUNNING, None)
+            return done
+
+        return await self._write(write)
+
+    async def claim_join(self, pipeline_id: str, holder: str, until: float) -> bool:
+        # One statement: the row's lock makes a second replica's claim see the first's lease.
+        now = timestamp()
         return await self._execute(
-            "UPDATE pipelines SET state = 'succeeded', error = NULL, result_sha = %s, result_meta = %s,"
-            " updated_at = %s, finished_at = %s WHERE id = %s AND state = %s",
-            (result_sha, json.dumps(meta), now, now, pipeline_id, RUNNING),
+            "UPDATE pipelines SET join_by = %s, join_until = %s WHERE id = %s AND state = %s"
+            " AND (join_by IS NULL OR join_by = %s OR join_until < %s OR NOT EXISTS"
+            " (SELECT 1 FROM replicas r WHERE r.id = pipelines.join_by AND r.expires_at >= %s))",
+            (holder, until, pipeline_id, RUNNING, holder, now, now),
         ) == 1

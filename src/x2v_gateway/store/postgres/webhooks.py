@@ -136,19 +136,26 @@ class WebhookReads(PgRows):
 class WebhookWrites(PostgresThreads):
     """Deliveries recorded and attempted; keys' webhooks and secrets set."""
 
-    async def record_deliveries(self, deliveries: list[dict[str, Any]], cursor: int) -> int:
+    async def record_deliveries(
+        self, deliveries: list[dict[str, Any]], cursor: int, pipeline_cursor: int | None = None,
+    ) -> int:
         def write(conn: psycopg.Connection) -> int:
             added = 0
             for d in deliveries:
                 added += changed(
                     conn,
-                    "INSERT INTO webhook_deliveries (id, event_id, type, job_id, url,"
+                    "INSERT INTO webhook_deliveries (id, event_id, type, job_id, pipeline_id, url,"
                     " key_id, payload, created_at, next_attempt_at) VALUES (%(id)s, %(event_id)s, %(type)s,"
-                    " %(job_id)s, %(url)s, %(key_id)s, %(payload)s, %(created_at)s, %(created_at)s)"
-                    " ON CONFLICT DO NOTHING",
-                    d,
+                    " %(job_id)s, %(pipeline_id)s, %(url)s, %(key_id)s, %(payload)s, %(created_at)s,"
+                    " %(created_at)s) ON CONFLICT DO NOTHING",
+                    {"job_id": None, "pipeline_id": None, **d},
                 )
             conn.execute("UPDATE webhook_cursor SET event_id = greatest(event_id, %s)", (cursor,))
+            if pipeline_cursor is not None:
+                conn.execute(
+                    "UPDATE webhook_cursor SET pipeline_event_id = greatest(pipeline_event_id, %s)",
+                    (pipeline_cursor,),
+                )
             return added
 
         return await self._write(write)

@@ -12,6 +12,7 @@ from .foreign import ForeignReads, ForeignWrites
 from .jobs import JobReads, JobWrites
 from .keys import KeyReads, KeyWrites
 from .nodes import NodeReads, NodeWrites
+from .pipeline_webhooks import PipelineWebhookReads
 from .pipelines import PipelineReads, PipelineWrites
 from .queue import QueueReads
 from .webhooks import WebhookReads, WebhookWrites
@@ -21,7 +22,7 @@ __all__ = ["READER_THREADS", "SqliteReads", "SqliteStore"]
 
 
 class SqliteReads(JobReads, QueueReads, BatchReads, NodeReads, KeyReads, PipelineReads, ForeignReads,
-                  WebhookReads, ReplicaReads):
+                  WebhookReads, PipelineWebhookReads, ReplicaReads):
     """The store's reads on one SQLite connection: `Reads` (store/reads.py).
 
     The store runs them on a reader thread; the writer uses them inside its transactions too

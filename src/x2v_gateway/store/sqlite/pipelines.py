@@ -7,9 +7,10 @@ import sqlite3
 from typing import Any
 
 from ..pipeline_records import CANCELLED, RUNNING, SUCCEEDED, Pipeline, PipelineStep
-from ..records import IdempotencyConflict, Job, new_job_id
+from ..records import IdempotencyConflict, Job, JobWebhook, new_job_id
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
 from .jobs import record_event
+from .pipeline_webhooks import insert_pipeline_webhook, record_pipeline_end
 
 _JSON_STEP = ("params", "inputs", "needs", "audio")
 
@@ -59,7 +60,7 @@ class PipelineReads(Rows):
 class PipelineWrites(SqliteThreads):
     """A pipeline made, its steps' jobs made, its state moved: each in one transaction."""
 
-    async def create_pipeline(self, pipeline: Pipeline) -> str:
+    async def create_pipeline(self, pipeline: Pipeline, webhook: JobWebhook | None = None) -> str:
         def write(conn: sqlite3.Connection) -> str:
             if pipeline.idempotency_key is not None:
                 row = conn.execute(
@@ -83,6 +84,7 @@ class PipelineWrites(SqliteThreads):
                   json.dumps(s.inputs), json.dumps(s.needs), s.seconds,
                   json.dumps(s.audio) if s.audio is not None else None) for s in pipeline.steps],
             )
+            insert_pipeline_webhook(conn, pipeline.id, webhook)
             return pipeline.id
 
         return await self._write(write)
@@ -127,20 +129,45 @@ class PipelineWrites(SqliteThreads):
     async def set_pipeline_state(
         self, pipeline_id: str, state: str, error: str | None = None, *, only_from: tuple[str, ...],
     ) -> bool:
-        marks = ",".join("?" * len(only_from))
         finished = timestamp() if state in (SUCCEEDED, CANCELLED) else None
-        return await self._execute(
-            "UPDATE pipelines SET state = ?, error = ?, updated_at = ?, finished_at = ?"
-            f" WHERE id = ? AND state IN ({marks})",
-            (state, error, timestamp(), finished, pipeline_id, *only_from),
-        ) == 1
+
+        def write(conn: sqlite3.Connection) -> bool:
+            was = conn.execute("SELECT state FROM pipelines WHERE id = ?", (pipeline_id,)).fetchone()
+            if was is None or was[0] not in only_from:
+                return False
+            conn.execute(
+                "UPDATE pipelines SET state = ?, error = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+                (state, error, timestamp(), finished, pipeline_id),
+            )
+            record_pipeline_end(conn, pipeline_id, state, was[0], error)
+            return True
+
+        return await self._write(write)
 
     async def finish_pipeline(self, pipeline_id: str, result_sha: str, meta: dict[str, Any]) -> bool:
         now = timestamp()
+
+        def write(conn: sqlite3.Connection) -> bool:
+            done = conn.execute(
+                "UPDATE pipelines SET state = 'succeeded', error = NULL, result_sha = ?, result_meta = ?,"
+                " updated_at = ?, finished_at = ?, join_by = NULL, join_until = NULL WHERE id = ? AND state = ?",
+                (result_sha, json.dumps(meta), now, now, pipeline_id, RUNNING),
+            ).rowcount == 1
+            if done:
+                record_pipeline_end(conn, pipeline_id, SUCCEEDED, RUNNING, None)
+            return done
+
+        return await self._write(write)
+
+    async def claim_join(self, pipeline_id: str, holder: str, until: float) -> bool:
+        # A running pipeline's join: free, already `holder`'s (a second look), its lease over,
+        # or its holder a replica whose own lease is over (it died, or was restarted).
+        now = timestamp()
         return await self._execute(
-            "UPDATE pipelines SET state = 'succeeded', error = NULL, result_sha = ?, result_meta = ?,"
-            " updated_at = ?, finished_at = ? WHERE id = ? AND state = ?",
-            (result_sha, json.dumps(meta), now, now, pipeline_id, RUNNING),
+            "UPDATE pipelines SET join_by = ?, join_until = ? WHERE id = ? AND state = ?"
+            " AND (join_by IS NULL OR join_by = ? OR join_until < ? OR NOT EXISTS"
+            " (SELECT 1 FROM replicas r WHERE r.id = pipelines.join_by AND r.expires_at >= ?))",
+            (holder, until, pipeline_id, RUNNING, holder, now, now),
         ) == 1
 
 

@@ -337,3 +337,29 @@ def m029_open_pipelines(db: Database) -> None:
     db.execute("ALTER TABLE pipelines ADD COLUMN request_hash TEXT")
     db.execute("CREATE UNIQUE INDEX idx_pipelines_idempotency ON pipelines (idempotency_key)"
                " WHERE idempotency_key IS NOT NULL")
+
+
+@migrations()
+def m033_pipeline_webhooks(db: Database) -> None:
+    # A pipeline's webhook, fixed when it is accepted (its own, or its key's default), as a job's.
+    db.execute(
+        "CREATE TABLE pipeline_webhooks (pipeline_id TEXT PRIMARY KEY, url TEXT NOT NULL,"
+        " events TEXT NOT NULL, key_id TEXT)"
+    )
+    # A pipeline's ends (succeeded, failed, cancelled), recorded in the transaction that moves
+    # it: the webhook worker turns those after its own cursor into deliveries, as it does job
+    # events, so a message is recorded before it is sent and survives a crash.
+    db.execute(
+        "CREATE TABLE pipeline_events (id INTEGER PRIMARY KEY AUTOINCREMENT, pipeline_id TEXT NOT NULL,"
+        " at REAL NOT NULL, state TEXT NOT NULL, detail TEXT)"
+    )
+    db.execute("ALTER TABLE webhook_cursor ADD COLUMN pipeline_event_id INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE webhook_deliveries ADD COLUMN pipeline_id TEXT")
+    db.execute(
+        "CREATE INDEX idx_webhook_deliveries_pipeline ON webhook_deliveries (pipeline_id, created_at)"
+        " WHERE pipeline_id IS NOT NULL"
+    )
+    # The join is claimed with a lease (replicas sharing the store): one joins, and should it
+    # die, another does once the lease ends.
+    db.execute("ALTER TABLE pipelines ADD COLUMN join_by TEXT")
+    db.execute("ALTER TABLE pipelines ADD COLUMN join_until REAL")

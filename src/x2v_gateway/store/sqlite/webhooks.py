@@ -145,20 +145,26 @@ class WebhookReads(Rows):
 class WebhookWrites(SqliteThreads):
     """Deliveries recorded and attempted; keys' webhooks and secrets set."""
 
-    async def record_deliveries(self, deliveries: list[dict[str, Any]], cursor: int) -> int:
+    async def record_deliveries(
+        self, deliveries: list[dict[str, Any]], cursor: int, pipeline_cursor: int | None = None,
+    ) -> int:
         """Add these deliveries (one already recorded for its event, type and URL is left as it
-        was) and move the cursor past the events they came from; how many were new."""
+        was) and move the cursors past the events they came from; how many were new."""
 
         def write(conn: sqlite3.Connection) -> int:
             added = 0
             for d in deliveries:
                 added += conn.execute(
-                    "INSERT OR IGNORE INTO webhook_deliveries (id, event_id, type, job_id, url,"
-                    " key_id, payload, created_at, next_attempt_at) VALUES"
-                    " (:id, :event_id, :type, :job_id, :url, :key_id, :payload, :created_at, :created_at)",
-                    d,
+                    "INSERT OR IGNORE INTO webhook_deliveries (id, event_id, type, job_id, pipeline_id,"
+                    " url, key_id, payload, created_at, next_attempt_at) VALUES (:id, :event_id, :type,"
+                    " :job_id, :pipeline_id, :url, :key_id, :payload, :created_at, :created_at)",
+                    {"job_id": None, "pipeline_id": None, **d},
                 ).rowcount
             conn.execute("UPDATE webhook_cursor SET event_id = max(event_id, ?)", (cursor,))
+            if pipeline_cursor is not None:
+                conn.execute(
+                    "UPDATE webhook_cursor SET pipeline_event_id = max(pipeline_event_id, ?)", (pipeline_cursor,)
+                )
             return added
 
         return await self._write(write)
