@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 
 from ..records import JobWebhook
-from .connections import PgRows, PostgresThreads, changed, one, rows, timestamp, tuples, value
+from .connections import PgRows, PostgresThreads, changed, one, rows, timestamp, value
 from .keys import audit
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
