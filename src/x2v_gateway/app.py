@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .node_registry import NodeRegistry
 from .pipelines import PipelineService
 from .posters import Posters
+from .request_bodies import BodyReader
 from .routes import access, dashboard, events, lightx2v_api, openai_api, openai_images, seed_services
 from .routes import webhooks as webhook_routes
 from .routes.api import JobsController, ModelsController
@@ -124,9 +125,10 @@ class Gateway:
         )
         self.auth = Auth(settings, self.store)
         self.webhooks = JobWebhooks(self.store, private_ok=settings.private_urls)
+        self.bodies = BodyReader(settings, self.store, self.blobs, self.dispatcher)
         self.jobs = JobService(
             settings, self.store, self.blobs, self.dispatcher, self.notifier, self.http, self.auth,
-            self.webhooks,
+            self.bodies, self.webhooks,
         )
         self.pipelines = PipelineService(settings, self.store, self.blobs, self.jobs, self.notifier, self.auth)
         self.posters = Posters(self.store, self.blobs)
@@ -141,7 +143,7 @@ class Gateway:
             "auth": self.auth, "dispatcher": self.dispatcher, "notifier": self.notifier,
             "registry": self.registry, "metrics": self.metrics, "pipelines": self.pipelines,
             "posters": self.posters, "streams": self.streams,
-            "webhooks": self.webhooks,
+            "webhooks": self.webhooks, "bodies": self.bodies,
         }
         provided = {name: Provide(_given(service), use_cache=True, sync_to_thread=False)
                     for name, service in services.items()}

@@ -2,7 +2,7 @@
 
 A batch is made in three steps, so that nothing typed or uploaded is lost when something is
 wrong: each dropped file is uploaded on its own into the blob store and checked by its content
-(`JobService.keep_upload`); the form is then planned into jobs (here), every row that cannot
+(`BodyReader.keep_dropped`); the form is then planned into jobs (here), every row that cannot
 run saying why; only then are the jobs created (`JobService.create_batch`), from the stored
 files' hashes, all in one transaction. Nothing here knows about HTTP, and nothing here writes.
 """

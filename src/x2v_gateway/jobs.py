@@ -1,7 +1,7 @@
 """The one write path for jobs and batches: submit, cancel, purge, retry, run again, and a batch's
 cancel and retry. Routes parse, call one method here and shape the answer.
 
-Accepting a job: request → validated struct → input files kept → queued row → dispatcher woken.
+Accepting a job: body read (request_bodies.py) → validated struct → input files kept → queued row → dispatcher woken.
 Every change here is the caller's (`Caller`): it touches that key's jobs only (an admin key:
 every job), and each job it makes or runs again counts against that key's daily quota. What an
 upstream must do about a change (a stop request, a resume) is `Dispatcher.cancel`/`retry`'s.
@@ -17,25 +17,21 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from .auth import CSRF_FIELD, Auth, Caller, LimitError
+from .auth import Auth, Caller, LimitError
 from .batch_plan import BatchPlan, find_uploads, listed_names, new_batch_id, plan_batch, retry_params
 from .blobs import BlobStore
-from .checker import CHECKER, MediaError
 from .dispatch import Dispatcher, Notifier
 from .forward import UploadForward
-from .inputs import (
-    IncomingFile, check_free_space, discard, fetch_input, job_from_form, job_from_json, keep_files,
-    read_limited, read_multipart, urlencoded_fields,
-)
+from .inputs import IncomingFile, discard, fetch_input, keep_files
 from .schemas import (
     INPUT_ROLES, PROMPT_REQUIRED, TASK_INPUTS, ApiError, JobRequest, generation_params,
 )
 from .reads import batch_summary, every_item, find_item, find_job
+from .request_bodies import BodyReader, refuse_doubled_inputs
 from .settings import Settings
 from .store import BatchJobSpec, IdempotencyConflict, Job, JobStore, JobWebhook
 from .upstream.base import Rejected, Unavailable
@@ -54,6 +50,7 @@ class JobService:
         notifier: Notifier,
         http: httpx.AsyncClient,
         auth: Auth,
+        bodies: BodyReader,
         webhooks: JobWebhooks | None = None,
     ) -> None:
         self.settings = settings
@@ -63,6 +60,7 @@ class JobService:
         self.notifier = notifier
         self.http = http
         self.auth = auth
+        self.bodies = bodies
         self.webhooks = webhooks or JobWebhooks(store, private_ok=settings.private_urls)
 
     def runnable_tasks(self) -> set[str]:
@@ -79,28 +77,10 @@ class JobService:
         """A job as JSON, a multipart upload or a URL-encoded form of `size` bytes (when the client
         said), counted against `who`'s quota; (job, created): a replay makes none. With `wait`,
         the job as it is once it finished or that many seconds passed."""
-        # Everything that can be refused on the headers is refused before the body is read; a
-        # body larger than allowed is "too large" (413), whatever the free disk space.
-        multipart = content_type.startswith("multipart/form-data")
-        allowed_mb = self.settings.max_upload_mb if multipart else self.settings.max_json_mb
-        if size is not None and size > allowed_mb * 1024 * 1024:
-            raise ApiError(413, f"request body is larger than the {allowed_mb} MiB allowed"
-                           + ("" if multipart else "; send large files as multipart uploads"))
-        self._check_free_space(size or 0)
+        self.bodies.refuse_job_headers(content_type, size)
         async with self.auth.counting_jobs(who) as count:
-            if multipart:
-                job, created = await self._submit_multipart(
-                    content_type, body, idempotency_key=idempotency_key, owner=who.owner, size=size,
-                )
-            elif content_type.startswith("application/x-www-form-urlencoded"):
-                job, created = await self._submit_urlencoded(body, idempotency_key=idempotency_key, owner=who.owner)
-            elif content_type.startswith("application/json") or not content_type:
-                job, created = await self._submit_json(body, idempotency_key=idempotency_key, owner=who.owner)
-            else:
-                raise ApiError(
-                    415, "send the job as application/json, multipart/form-data or a URL-encoded form",
-                    "Content-Type",
-                )
+            async with self.bodies.job(content_type, body, size=size, owner=who.owner) as read:
+                job, created = await self._submit(read.request, read.files, idempotency_key, who.owner, read.forward)
             if not created:
                 count.refund()  # a replay: no new job
         if wait:
@@ -112,103 +92,19 @@ class JobService:
         wait: float | None = None,
     ) -> Job:
         """A job a compatible surface (routes/lightx2v_api.py, openai_api.py, seed_services.py)
-        has read already, with its uploaded `files` (roles image, audio, last_frame): checked,
-        kept and queued as `who`'s, counted against its quota, exactly like `submit`'s."""
+        has read already (`BodyReader.form`), with its uploaded `files` (roles image, audio,
+        last_frame): checked, kept and queued as `who`'s, counted against its quota, exactly like
+        `submit`'s."""
         files = files or []
         try:
-            self._check_free_space()
-            for role in {f.role for f in files}:
-                if getattr(request, role):
-                    raise ApiError(400, f"{role} was sent both as a file and as text", role)
+            self.bodies.check_free_space()
+            refuse_doubled_inputs(request, files)
             async with self.auth.counting_jobs(who):
                 job, _ = await self._submit(request, files, None, who.owner)
         except BaseException:
             discard(files)  # nothing once they are kept: the writers are committed
             raise
         return await self.wait(job, wait) if wait else job
-
-    async def read_upload(
-        self, content_type: str, body: AsyncIterator[bytes], *, size: int | None, roles: dict[str, str],
-    ) -> tuple[dict[str, str], list[IncomingFile]]:
-        """A compatible surface's form: its text fields, and its files (part name -> job input
-        role by `roles`) on disk, within the upload limits. A URL-encoded form (FastAPI's `Form`
-        reads those too) has text fields only."""
-        if content_type.startswith("application/x-www-form-urlencoded"):
-            return await self._read_urlencoded(body), []
-        if not content_type.startswith("multipart/form-data"):
-            raise ApiError(415, "send this request as multipart/form-data", "Content-Type")
-        if size is not None and size > self.settings.max_upload_mb * 1024 * 1024:
-            raise ApiError(413, f"request body is larger than the {self.settings.max_upload_mb} MiB allowed")
-        self._check_free_space(size or 0)
-        return await read_multipart(content_type, body, self.blobs, roles=roles, **self._upload_limits())
-
-    async def _submit_json(
-        self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
-    ) -> tuple[Job, bool]:
-        mb = self.settings.max_json_mb
-        raw = await read_limited(body, mb * 1024 * 1024, f"JSON body is larger than the {mb} MiB"
-                                 " allowed; send large files as multipart uploads")
-        return await self._submit(job_from_json(raw), [], idempotency_key, owner)
-
-    async def _submit_multipart(
-        self,
-        content_type: str,
-        body: AsyncIterator[bytes],
-        *,
-        idempotency_key: str | None,
-        owner: str | None = None,
-        size: int | None = None,
-    ) -> tuple[Job, bool]:
-        """A job as a multipart upload of `size` bytes (when the client said). A large one is
-        sent on to a free node as it arrives (`forward`), and still kept and checked first."""
-        forward = None
-        threshold = self.settings.form_threshold_mb * 1024 * 1024
-        if self.settings.forward_uploads and size is not None and size > threshold:
-            forward = UploadForward(self.dispatcher, owner, size)
-        try:
-            fields, files = await read_multipart(
-                content_type, body, self.blobs, forward=forward, **self._upload_limits()
-            )
-            return await self._submit_form(fields, files, idempotency_key, owner, forward)
-        finally:
-            if forward is not None:
-                await forward.close()
-
-    async def _submit_urlencoded(
-        self, body: AsyncIterator[bytes], *, idempotency_key: str | None, owner: str | None = None
-    ) -> tuple[Job, bool]:
-        """A plain HTML form post (no files): inputs, if any, are URLs or base64 text."""
-        return await self._submit_form(await self._read_urlencoded(body), [], idempotency_key, owner)
-
-    async def _read_urlencoded(self, body: AsyncIterator[bytes]) -> dict[str, str]:
-        mb = self.settings.max_json_mb
-        raw = await read_limited(body, mb * 1024 * 1024, f"form body is larger than the {mb} MiB allowed")
-        fields: dict[str, str] = {}
-        for name, value in urlencoded_fields(raw):
-            if name in fields:
-                raise ApiError(400, f"{name} was sent twice", name)
-            fields[name] = value
-        return fields
-
-    async def _submit_form(
-        self,
-        fields: dict[str, str],
-        files: list[IncomingFile],
-        idempotency_key: str | None,
-        owner: str | None,
-        forward: UploadForward | None = None,
-    ) -> tuple[Job, bool]:
-        try:
-            # A signed-in dashboard form carries its CSRF token as a field, which the auth
-            # middleware has checked: it is not a job parameter.
-            request = job_from_form({name: value for name, value in fields.items() if name != CSRF_FIELD})
-            for role in {f.role for f in files}:
-                if getattr(request, role):
-                    raise ApiError(400, f"{role} was sent both as a file and as text", role)
-        except BaseException:
-            discard(files)
-            raise
-        return await self._submit(request, files, idempotency_key, owner, forward)
 
     async def _submit(
         self, request: JobRequest, files: list[IncomingFile], idempotency_key: str | None,
@@ -331,18 +227,6 @@ class JobService:
                 self.dispatcher.wake()
         return job, created
 
-    def _upload_limits(self) -> dict[str, int]:
-        mib = 1024 * 1024
-        return {
-            "max_bytes": self.settings.max_upload_mb * mib,
-            "max_file_bytes": self.settings.max_file_mb * mib,
-            "min_free_bytes": self.settings.min_free_disk_mb * mib,
-        }
-
-    def _check_free_space(self, incoming: int = 0) -> None:
-        """507 while the disk is short of space (`X2V_MIN_FREE_DISK_MB`), before a body is read."""
-        check_free_space(self.blobs, self.settings.min_free_disk_mb * 1024 * 1024, incoming)
-
     async def wait(self, job: Job, seconds: float) -> Job:
         """Block until the job finishes or `seconds` pass (the old S2V service's wait_for_completion)."""
         deadline = time.monotonic() + min(seconds, self.settings.max_wait)
@@ -452,38 +336,6 @@ class JobService:
         return again
 
     # -- batches (the dashboard) ----------------------------------------------------------------
-
-    async def keep_upload(
-        self, content_type: str, body: AsyncIterator[bytes], *, size: int, owner: str | None = None,
-    ) -> UploadedFile:
-        """One file of `size` bytes dropped on the batch form, checked by its content and kept in
-        the blob store.
-
-        The browser names the part `image` or `audio` from its guess (MIME type, extension); the
-        content decides, so a voice-over with an odd extension is still taken as audio.
-        """
-        if not content_type.startswith("multipart/form-data"):
-            raise ApiError(415, "upload files as multipart/form-data")
-        # Refused on the headers, before a byte of the body is read.
-        if size > self.settings.max_file_mb * 1024 * 1024 + 64 * 1024:
-            raise ApiError(413, f"This file is larger than the {self.settings.max_file_mb} MiB a file may be")
-        self._check_free_space(size)
-        fields, files = await read_multipart(content_type, body, self.blobs, **self._upload_limits())
-        name = fields.get("name") or "the file"
-        if len(files) != 1:
-            discard(files)
-            raise ApiError(400, "send one file per upload", "file")
-        incoming = files[0]
-        try:
-            if incoming.writer.size == 0:
-                raise ApiError(422, f"{name} is an empty file", incoming.role)
-            role, ext = await _identify(incoming.writer.tmp_path, incoming.role, name, owner)
-        except BaseException:
-            discard(files)
-            raise
-        sha, size = await incoming.writer.commit()
-        await self.store.record_blob(sha, size, ext)
-        return UploadedFile(name=name, sha256=sha, size=size, role=role)
 
     async def plan_batch(self, form: dict[str, str], files: list[str]) -> BatchPlan:
         """The jobs a filled-in batch form would create, each with what stops it from running.
@@ -620,28 +472,3 @@ class BatchCancel:
     jobs: int  # the batch's jobs the caller may touch
     cancelled: int  # of them, those the cancel ended
     files_removed: int  # with purge
-
-
-@dataclass(frozen=True)
-class UploadedFile:
-    name: str
-    sha256: str
-    size: int
-    role: str  # image | audio
-
-
-async def _identify(path: Path, guess: str, name: str, owner: str | None) -> tuple[str, str]:
-    """(role, extension) of an uploaded file, trying the browser's guess first. A video is
-    taken only when the browser named it one (animate's driving video): an MP4 guessed to be
-    audio stays audio."""
-    others = {"image": ("audio",), "audio": ("image",), "video": ("image", "audio")}.get(guess, ("audio",))
-    try:
-        return guess, await CHECKER.inspect(guess, path, owner)
-    except MediaError as first:
-        for other in others:
-            try:
-                return other, await CHECKER.inspect(other, path, owner)
-            except MediaError:
-                pass
-        raise ApiError(422, f"{name} {first}", guess) from None
-

@@ -33,6 +33,7 @@ from ..compat import (
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
+from ..request_bodies import BodyReader
 from ..settings import Settings
 from ..schemas import ApiError
 from ..store import Job, JobStore, Reads
@@ -211,18 +212,18 @@ async def _submit_json(
       " `infer_steps`, `target_video_length`, `seed` (default 42), `video_duration`, `target_fps`.",
       exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 400, 403, 413, 415, 422, 503, 507))
 async def submit_video_form(
-    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
-    who: NamedDependency[Caller],
+    request: Request, jobs: NamedDependency[JobService], bodies: NamedDependency[BodyReader],
+    store: NamedDependency[JobStore], who: NamedDependency[Caller],
 ) -> Submitted:
-    return await _submit_form(request, jobs, store, who, VideoTask, FORM_FILES, FORM_DEFAULTS, image_required=True)
+    return await _submit_form(request, jobs, bodies, store, who, VideoTask, FORM_FILES, FORM_DEFAULTS, image_required=True)
 
 
 async def _submit_form(
-    request: Request, jobs: JobService, store: JobStore, who: Caller, struct: type[BaseTask],
+    request: Request, jobs: JobService, bodies: BodyReader, store: JobStore, who: Caller, struct: type[BaseTask],
     roles: dict[str, str], defaults: dict[str, int], *, image_required: bool, **text: str,
 ) -> Submitted:
     """A form route: its files, its text fields, and every number with the server's default."""
-    fields, files = await jobs.read_upload(
+    fields, files = await bodies.form(
         request.headers.get("content-type", ""), request.stream(), size=declared_size(request), roles=roles,
     )
     try:
@@ -297,10 +298,10 @@ async def submit_image(
       summary="LightX2V: submit an image task (multipart upload)", tags=["LightX2V server API"],
       exception_handlers=EXCEPTIONS, responses=errors(LIGHTX2V, 400, 403, 413, 415, 422, 503, 507))
 async def submit_image_form(
-    request: Request, jobs: NamedDependency[JobService], store: NamedDependency[JobStore],
-    who: NamedDependency[Caller],
+    request: Request, jobs: NamedDependency[JobService], bodies: NamedDependency[BodyReader],
+    store: NamedDependency[JobStore], who: NamedDependency[Caller],
 ) -> Submitted:
-    return await _submit_form(request, jobs, store, who, ImageTask, {"image_file": "image"},
+    return await _submit_form(request, jobs, bodies, store, who, ImageTask, {"image_file": "image"},
                               {"infer_steps": 5, "seed": 42}, image_required=False, aspect_ratio="16:9")
 
 

@@ -25,6 +25,7 @@ from ..compat import OPENAI, errors, file_responses, job_request, result_blob
 from ..dispatch import Dispatcher
 from ..inputs import IncomingFile, declared_size, discard, read_limited
 from ..jobs import JobService
+from ..request_bodies import BodyReader
 from ..reads import find_job
 from ..schemas import ApiError
 from ..settings import Settings
@@ -183,11 +184,11 @@ def _progress(job: Job, dispatcher: Dispatcher) -> int:
     return max(1, min(99, int(100 * (time.time() - job.started_at) / statistics.median(recent))))
 
 
-async def _read_create(request: Request, jobs: JobService, settings: Settings) -> tuple[dict[str, Any], list[IncomingFile]]:
+async def _read_create(request: Request, bodies: BodyReader, settings: Settings) -> tuple[dict[str, Any], list[IncomingFile]]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        return await jobs.read_upload(content_type, request.stream(), size=declared_size(request),
-                                      roles={"input_reference": "image"})
+        return await bodies.form(content_type, request.stream(), size=declared_size(request),
+                                 roles={"input_reference": "image"})
     mb = settings.max_json_mb
     raw = await read_limited(request.stream(), mb * 1024 * 1024, f"request body is larger than the {mb} MiB allowed")
     try:
@@ -209,10 +210,11 @@ async def _read_create(request: Request, jobs: JobService, settings: Settings) -
       " image file, or `{\"image_url\": ...}` (an http(s) or data URL).",
       responses=errors(OPENAI, 400, 403, 413, 415, 507))
 async def create_video(
-    request: Request, jobs: NamedDependency[JobService], dispatcher: NamedDependency[Dispatcher],
+    request: Request, jobs: NamedDependency[JobService], bodies: NamedDependency[BodyReader],
+    dispatcher: NamedDependency[Dispatcher],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
 ) -> Video:
-    fields, files = await _read_create(request, jobs, settings)
+    fields, files = await _read_create(request, bodies, settings)
     try:
         reference = _reference(fields)
         values = _job_values(fields, bool(files) or bool(reference))

@@ -26,6 +26,7 @@ from ..blobs import BlobStore
 from ..compat import OPENAI, errors, job_request, number, result_blob, whole_number
 from ..inputs import declared_size, discard, read_limited
 from ..jobs import JobService
+from ..request_bodies import BodyReader
 from ..schemas import ApiError
 from ..settings import Settings
 from ..store import Job
@@ -161,10 +162,11 @@ async def generate_image(
       }),
       responses=errors(OPENAI, 400, 403, 409, 413, 415, 500, 504, 507))
 async def edit_image(
-    request: Request, jobs: NamedDependency[JobService], blobs: NamedDependency[BlobStore],
+    request: Request, jobs: NamedDependency[JobService], bodies: NamedDependency[BodyReader],
+    blobs: NamedDependency[BlobStore],
     settings: NamedDependency[Settings], who: NamedDependency[Caller],
 ) -> ImagesResponse:
-    fields, files = await jobs.read_upload(
+    fields, files = await bodies.form(
         request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
         roles={"image": "image", "image[]": "image"},
     )

@@ -26,6 +26,7 @@ from ..auth import Caller
 from ..compat import S2V_SERVICE, T2V_SERVICE, errors, job_request, naive_local, renaming, truth, whole_number
 from ..inputs import discard, declared_size, read_limited
 from ..jobs import JobService
+from ..request_bodies import BodyReader
 from ..reads import NotFound, find_job
 from ..schemas import ApiError
 from ..settings import Settings
@@ -95,10 +96,11 @@ async def _find(store: JobStore, who: Caller, task_id: str) -> Job:
       summary="S2V batch service: submit one s2v task (multipart); `wait_for_completion` blocks until it ends",
       responses=errors(S2V_SERVICE, 400, 403, 413, 415, 422, 507))
 async def s2v_submit(
-    request: Request, jobs: NamedDependency[JobService], settings: NamedDependency[Settings],
+    request: Request, jobs: NamedDependency[JobService], bodies: NamedDependency[BodyReader],
+    settings: NamedDependency[Settings],
     who: NamedDependency[Caller],
 ) -> dict[str, Any]:
-    fields, files = await jobs.read_upload(
+    fields, files = await bodies.form(
         request.headers.get("content-type", ""), request.stream(), size=declared_size(request),
         roles={"image": "image", "audio": "audio"},
     )

@@ -17,6 +17,7 @@ from ...batch_plan import Upload
 from ...dispatch import Dispatcher
 from ...inputs import declared_size, read_form
 from ...jobs import JobService
+from ...request_bodies import BodyReader
 from ...schemas import ApiError
 from ...node_registry import NodeRegistry
 from ...reads import find_item
@@ -32,10 +33,10 @@ _UPLOAD_HINTS = {
 
 
 @post("/uploads", include_in_schema=False, request_max_body_size=None, status_code=200)
-async def upload(request: HTMXRequest, jobs: NamedDependency[JobService], who: NamedDependency[Caller]) -> Template:
+async def upload(request: HTMXRequest, bodies: NamedDependency[BodyReader], who: NamedDependency[Caller]) -> Template:
     """One file from the batch form into the blob store; answers with its line in the file list."""
     try:
-        kept = await jobs.keep_upload(
+        kept = await bodies.keep_dropped(
             request.headers.get("content-type", ""), request.stream(), size=declared_size(request) or 0,
             owner=who.owner,
         )
