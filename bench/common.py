@@ -4,6 +4,7 @@ statistics helpers."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import shutil
 import sqlite3
@@ -45,8 +46,8 @@ def rss_peak_mb(pid: int) -> float:
 # -- A store with a long history, filled through SQL (and cached: filling a million jobs takes minutes)
 
 OWNER = "kbench"
-# Filled stores are kept here between runs, by the fill's parameters and the schema they were
-# filled on; delete the directory to refill (or pass cache=False).
+# Filled stores are kept here between runs, by the fill's parameters, the schema they were filled
+# on and the filler's code; delete the directory to reclaim the space (or pass cache=False).
 STORE_CACHE = Path(tempfile.gettempdir()) / "x2v-bench-stores"
 
 
@@ -109,7 +110,9 @@ def fill_store(db_path: Path, src: Path, history: History, *, cache: bool = True
     conn = sqlite3.connect(db_path, isolation_level=None)
     schema = "\n".join(sql for (sql,) in conn.execute("SELECT sql FROM sqlite_master ORDER BY name") if sql)
     conn.close()
-    cached = STORE_CACHE / (hashlib.sha256(f"{history!r}\n{schema}".encode()).hexdigest()[:20] + ".db")
+    # Keyed by the fill's parameters, the schema and the filler's own code: a change to any fills again.
+    filler = inspect.getsource(_fill) + inspect.getsource(_batch_of)
+    cached = STORE_CACHE / (hashlib.sha256(f"{history!r}\n{schema}\n{filler}".encode()).hexdigest()[:20] + ".db")
     if cache and cached.exists():
         shutil.copyfile(cached, db_path)
         return time.monotonic() - started
