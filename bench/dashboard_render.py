@@ -66,6 +66,7 @@ def pages(db_path: Path, history: History) -> dict[str, str]:
         "batch page, 500 jobs": f"/ui/batches/{batches['500']}",
         "batch page, 5,000 jobs (first 500 rows)": f"/ui/batches/{batches['5000']}",
         "batch page, API batch of 5,000": f"/ui/batches/{batches['api']}",
+        "batch page, 5,000 jobs as a gallery": f"/ui/batches/{batches['5000']}?view=gallery",
         "batch page, 500 queued jobs (queue places)": f"/ui/batches/{batches['queued']}",
         "job page": f"/ui/jobs/{job}",
         "nodes page": "/ui/nodes",
