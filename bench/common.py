@@ -139,7 +139,7 @@ def _fill(db_path: Path, h: History) -> None:
     conn.execute("BEGIN")
     # Finished jobs, ~10 a second over the past, each run on n1 for 2 s; ids random like real ones.
     conn.execute(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :finished)"
+        "WITH RECURSIVE n(i) AS (SELECT 1 WHERE :finished > 0 UNION ALL SELECT i + 1 FROM n WHERE i < :finished)"
         " INSERT INTO jobs (id, task, state, params, inputs, upstream, upstream_task_id, run, attempts,"
         " priority, owner, batch_id, created_at, updated_at, submitted_at, started_at, finished_at,"
         " error, result_sha, result_meta, files_expired)"
@@ -157,12 +157,12 @@ def _fill(db_path: Path, h: History) -> None:
     queued_owner = f"'{OWNER}'" if h.owners == 1 else f"'{OWNER}' || ((i - 1) / 500 % {h.owners})"
     queued_batch = "'dq500-' || ((i - 1) / 500)" if h.batches else "NULL"
     conn.execute(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+        "WITH RECURSIVE n(i) AS (SELECT 1 WHERE :queued > 0 UNION ALL SELECT i + 1 FROM n WHERE i < :queued)"
         " INSERT INTO jobs (id, task, state, params, inputs, priority, owner, batch_id, created_at, updated_at)"
-        f" SELECT 'j' || lower(hex(randomblob(10))), ?, 'queued', '{{\"prompt\": \"waiting\"}}', '{{}}',"
+        f" SELECT 'j' || lower(hex(randomblob(10))), :task, 'queued', '{{\"prompt\": \"waiting\"}}', '{{}}',"
         f" 0, {queued_owner}, {queued_batch},"
-        " ? + i * 0.001, ? + i * 0.001 FROM n",
-        (h.queued, h.task, now, now),
+        " :now + i * 0.001, :now + i * 0.001 FROM n",
+        {"queued": h.queued, "task": h.task, "now": now},
     )
     # Their timelines: accepted, then (once finished) submitted, running, and how each ended.
     conn.execute(
