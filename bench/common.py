@@ -23,8 +23,8 @@ from gateway_proc import GatewayProcess, wait_for  # noqa: E402
 from media import make_big_wav, make_png, make_wav  # noqa: E402
 from servers import NodeProcess, free_port  # noqa: E402
 
-__all__ = ["GatewayProcess", "History", "NodeProcess", "STORE_CACHE", "fill_store", "free_port", "make_big_wav",
-           "make_png", "make_wav", "percentile", "median", "rss_peak_mb", "wait_for"]
+__all__ = ["GatewayProcess", "History", "NodeProcess", "STORE_CACHE", "fill_store", "free_port", "key_secret",
+           "make_big_wav", "make_png", "make_wav", "percentile", "median", "rss_peak_mb", "wait_for"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -64,6 +64,7 @@ class History:
     failed_pct: int = 0  # of the finished jobs, spread evenly through history
     cancelled_pct: int = 0
     owners: int = 1  # keys OWNER0..: each owns runs of 5,000 jobs (a key's batches are its own)
+    # and is an API key (`key_secret`) when there are several
     # Out of every 20,000 finished jobs, from the newest: one batch of 5,000 (every other one made
     # in the dashboard, with its rows in `batches` and `batch_jobs`; the others through the API,
     # a batch_id only), ten dashboard batches of 500, and 10,000 jobs without a batch. The queued
@@ -83,6 +84,11 @@ class History:
         middle = self.finished // 2 // 40_000 * 2
         return {"500": f"d500-{middle * 40 + 10}", "5000": f"d5000-{middle}", "api": f"a5000-{middle + 1}",
                 "queued": "dq500-1"}
+
+
+def key_secret(key_id: str) -> str:
+    """The API key of an owner of a filled history (with several owners)."""
+    return f"x2v_bench-{key_id}-0123456789abcdef"
 
 
 def _batch_of(h: History) -> str:
@@ -111,7 +117,7 @@ def fill_store(db_path: Path, src: Path, history: History, *, cache: bool = True
     schema = "\n".join(sql for (sql,) in conn.execute("SELECT sql FROM sqlite_master ORDER BY name") if sql)
     conn.close()
     # Keyed by the fill's parameters, the schema and the filler's own code: a change to any fills again.
-    filler = inspect.getsource(_fill) + inspect.getsource(_batch_of)
+    filler = "".join(inspect.getsource(f) for f in (_fill, _batch_of, key_secret))
     cached = STORE_CACHE / (hashlib.sha256(f"{history!r}\n{schema}\n{filler}".encode()).hexdigest()[:20] + ".db")
     if cache and cached.exists():
         shutil.copyfile(cached, db_path)
@@ -183,6 +189,13 @@ def _fill(db_path: Path, h: History) -> None:
         " SELECT id, batch_id, row_number() OVER (PARTITION BY batch_id ORDER BY seq),"
         " '{\"image\": \"face.png\", \"audio\": \"voice.wav\"}' FROM jobs WHERE batch_id LIKE 'd%'"
     )
+    if h.owners > 1:  # each owner a key a benchmark can sign in with (`key_secret`)
+        conn.executemany(
+            "INSERT INTO api_keys (id, name, key_hash, prefix, admin, source, created_at)"
+            " VALUES (?, ?, ?, '', 0, 'api', ?)",
+            [(f"{OWNER}{n}", f"bench key {n}", hashlib.sha256(key_secret(f"{OWNER}{n}").encode()).hexdigest(), t0)
+             for n in range(h.owners)],
+        )
     conn.execute("COMMIT")
     if h.analyze:
         conn.execute("ANALYZE")

@@ -15,7 +15,8 @@ fills again; delete the directory to reclaim the space).
 Each code runs as `x2v-gateway serve` (default log level and poll interval) with one demo node
 that runs the first queued job for an hour, so the dispatcher and the node's follow loop keep
 working while the rest wait. Each page is fetched `--repeat` times in a row with the admin key
-(who sees every job: the largest pages), after two warm-up fetches; the codes take turns page by
+(who sees every job: the largest pages), or ("a key's") with one of the five keys (its own jobs),
+after two warm-up fetches; the codes take turns page by
 page, `--rounds` times. Reported: median and p95 of each page's time from request to last byte
 (median of the rounds' values), its size, and the ratio of p95s.
 """
@@ -33,22 +34,33 @@ import time
 from pathlib import Path
 
 import httpx
-from common import ROOT, GatewayProcess, History, NodeProcess, fill_store, median, percentile
+from common import ROOT, GatewayProcess, History, NodeProcess, fill_store, key_secret, median, percentile
 
 LIST_TARGET_MS = 20.0  # the list pages (the jobs list in the API and the dashboard)
 PAGE_TARGET_MS = 100.0  # the heaviest dashboard page
 
 
-def pages(db_path: Path, history: History) -> dict[str, str]:
-    """Each page measured, by name: its address."""
+def pages(db_path: Path, history: History) -> tuple[dict[str, str], dict[str, str], str]:
+    """Each page measured, by name: its address, as the admin and as the key that made the batch
+    of 500 jobs; and that key's id."""
+    batches = history.batch_ids()
     conn = sqlite3.connect(db_path)
     try:
         (middle,) = conn.execute("SELECT max(seq) / 2 FROM jobs").fetchone()
         (job,) = conn.execute("SELECT id FROM jobs WHERE seq = ?", (middle,)).fetchone()
+        (owner,) = conn.execute("SELECT owner FROM jobs WHERE batch_id = ? LIMIT 1", (batches["500"],)).fetchone()
     finally:
         conn.close()
     cursor = base64.urlsafe_b64encode(f"seq:{middle}".encode()).decode().rstrip("=")
-    batches = history.batch_ids()
+    # A key sees its own jobs: the same reads with an owner (its own indexes), smaller pages.
+    as_key = {
+        "a key's API: newest 50": "/api/v1/jobs?limit=50",
+        "a key's API: state=failed": "/api/v1/jobs?limit=50&state=failed",
+        "a key's /ui/jobs": "/ui/jobs",
+        "a key's /ui/jobs?state=failed": "/ui/jobs?state=failed",
+        "a key's front page": "/ui/",
+        "a key's batch page, 500 jobs": f"/ui/batches/{batches['500']}",
+    }
     return {
         "API: newest 50": "/api/v1/jobs?limit=50",
         "API: state=failed": "/api/v1/jobs?limit=50&state=failed",
@@ -71,11 +83,11 @@ def pages(db_path: Path, history: History) -> dict[str, str]:
         "job page": f"/ui/jobs/{job}",
         "nodes page": "/ui/nodes",
         "pipelines page": "/ui/pipelines",
-    }
+    }, as_key, owner
 
 
 def is_list(name: str) -> bool:
-    return name.startswith(("API:", "/ui/jobs"))
+    return name.removeprefix("a key's ").startswith(("API:", "/ui/jobs"))
 
 
 def fetch(client: httpx.Client, url: str, repeat: int) -> tuple[list[float], int]:
@@ -133,14 +145,19 @@ def main() -> None:
         for name, src in codes.items():
             node, gateways[name] = start(name, src, root, history, args.refill)
             running += [node, gateways[name]]
-        urls = pages(root / "this" / "gw" / "gateway.db", history)
+        admin_urls, key_urls, owner = pages(root / "this" / "gw" / "gateway.db", history)
+        urls = {**admin_urls, **key_urls}
         times = {(code, page): [] for page in urls for code in codes}
         sizes: dict[tuple[str, str], int] = {}
-        clients = {code: gateway.client() for code, gateway in gateways.items()}
+        # Plain clients: a GatewayProcess's own client keeps every body it reads (for the tests).
+        clients = {(code, who): httpx.Client(base_url=gateway.url, timeout=60, headers={
+            "Authorization": f"Bearer {gateway.admin_key if who == 'admin' else key_secret(owner)}"})
+            for code, gateway in gateways.items() for who in ("admin", "key")}
         for round_ in range(args.rounds):
             for page, url in urls.items():
+                who = "key" if page in key_urls else "admin"
                 for code in (list(codes) if round_ % 2 == 0 else list(reversed(codes))):
-                    values, sizes[code, page] = fetch(clients[code], url, args.repeat)
+                    values, sizes[code, page] = fetch(clients[code, who], url, args.repeat)
                     times[code, page].append((median(values), percentile(values, 95)))
             print(f"round {round_ + 1} done", file=sys.stderr)
         for client in clients.values():
@@ -149,8 +166,8 @@ def main() -> None:
         for proc in reversed(running):
             proc.stop()
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{args.jobs:,} jobs in the store ({args.queued:,} queued, one running on the node), the admin"
-          f" key; {args.repeat} GETs per page per round, median of {args.rounds} alternating rounds;"
+    print(f"{args.jobs:,} jobs in the store ({args.queued:,} queued, one running on the node); the admin"
+          f" key, or the key {owner} of 5; {args.repeat} GETs per page per round, median of {args.rounds} alternating rounds;"
           f" load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores\n")
     print("| page | " + " | ".join(f"{code} p50 ms | {code} p95 ms" for code in codes)
           + " | KB | target p95 ms |" + (" p95 this/base |" if "base" in codes else ""))
