@@ -1,180 +1,188 @@
-"""Server time to render the dashboard's pages with 100,000 jobs in the store.
+"""The dashboard's pages and the list pages over HTTP, from a real gateway with a million jobs of
+history, its dispatcher's loops live: this code and another checkout's, side by side.
 
-A real SQLite store is filled fast (executemany, one transaction): 100,000 jobs, mostly finished,
-3,000 still queued, in dashboard batches of 500, one batch of 5,000 and API jobs without a batch.
-The gateway app is built in this process with no upstream (nothing is dispatched), and each page
-is requested through Litestar's in-process test client; the time is the whole request, handler
-and template render included (median and 95th percentile of N). Then the query plans of the
-dashboard's reads, to show each one uses an index.
+    git worktree add --detach /work/wt/dash1m-base 75f8b9d   # the code to compare with
+    PYTHONPATH=$PWD/src .venv/bin/python bench/dashboard_render.py --base /work/wt/dash1m-base/src
+    PYTHONPATH=$PWD/src .venv/bin/python bench/dashboard_render.py --jobs 100000 --repeat 10
 
-    python bench/dashboard_render.py            # 100,000 jobs, 30 requests per page
-    python bench/dashboard_render.py --jobs 20000 --repeat 10
+The store is filled through SQL (bench/common.py's `fill_store`, `History.realistic`): `--jobs`
+jobs, all but the newest `--queued` finished (94 % succeeded, 4 % failed, 2 % cancelled), five
+keys, batches of 500 and 5,000 made in the dashboard and through the API, half the jobs in none.
+Filling a million jobs takes minutes: the filled file is kept in /tmp/x2v-bench-stores, keyed by
+the fill's parameters and the schema it was filled on, and copied on the next run (`--refill`
+fills again; delete the directory to reclaim the space).
+
+Each code runs as `x2v-gateway serve` (default log level and poll interval) with one demo node
+that runs the first queued job for an hour, so the dispatcher and the node's follow loop keep
+working while the rest wait. Each page is fetched `--repeat` times in a row with the admin key
+(who sees every job: the largest pages), or ("a key's") with one of the five keys (its own jobs),
+after two warm-up fetches; the codes take turns page by
+page, `--rounds` times. Reported: median and p95 of each page's time from request to last byte
+(median of the rounds' values), its size, and the ratio of p95s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import random
+import base64
+import os
+import shutil
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from litestar.testing import TestClient
+import httpx
+from common import ROOT, GatewayProcess, History, NodeProcess, fill_store, key_secret, median, percentile
 
-from x2v_gateway.app import create_app
-from x2v_gateway.settings import Settings
-from x2v_gateway.store import JobStore
-
-ADMIN_KEY = "x2v_bench-dashboard-admin-key-0123456789"
-BATCH_SIZE = 500
-BIG_BATCH = 5000
-TARGET_MS = 200.0
+LIST_TARGET_MS = 20.0  # the list pages (the jobs list in the API and the dashboard)
+PAGE_TARGET_MS = 100.0  # the heaviest dashboard page
 
 
-def fill(db_path: Path, total: int) -> dict[str, str]:
-    """Insert `total` jobs; returns ids worth requesting (a batch, the big batch, a job)."""
-    JobStore(db_path).close()  # the schema, through the store's own migrations
-    rng = random.Random(5)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("BEGIN")
-    now = time.time() - total * 2.0
-    sha = "ab" * 32
-    jobs, members, batches, events = [], [], [], []
-    queued_from = total - 3000  # the newest 3,000 are still waiting: the queue is realistic
-    plain_every = 5  # one job in five came through the API without a batch
-    batch_id, in_batch, batch_no = None, 0, 0
-    big = f"big-{BIG_BATCH}"
-    for n in range(1, total + 1):
-        created = now + n * 2.0
-        if n % plain_every == 0:
-            job_batch = None
-        elif BIG_BATCH <= n < BIG_BATCH + BIG_BATCH * plain_every // (plain_every - 1):
-            job_batch = big  # an API batch: no batch_jobs rows, like jobs posted with a batch_id
-        else:
-            if batch_id is None or in_batch >= BATCH_SIZE:
-                batch_no += 1
-                batch_id, in_batch = f"b{batch_no:06d}bench", 0
-                batches.append((batch_id, f"Campaign {batch_no}", "s2v", "each", created, "{}"))
-            job_batch = batch_id
-            in_batch += 1
-        if n > queued_from:
-            state = "queued"
-        else:
-            state = rng.choices(["succeeded", "failed", "cancelled"], [94, 4, 2])[0]
-        task = "t2v" if n % 97 == 0 else "s2v"
-        params = {"prompt": f"a presenter talking, take {n}", "seed": rng.randrange(2**32)}
-        finished = created + 30.0 if state != "queued" else None
-        jobs.append((
-            n, f"j{n:016d}", task, state, json.dumps(params),
-            json.dumps({"image": sha, "audio": sha} if task == "s2v" else {}),
-            "demo" if finished else None, 1 if finished else 0, rng.randint(-1, 1), job_batch,
-            created, finished or created, created + 1 if finished else None,
-            created + 2 if finished else None, finished,
-            "demo: RuntimeError: out of memory" if state == "failed" else None,
-            sha if state == "succeeded" else None,
-        ))
-        if job_batch and job_batch != big:
-            members.append((f"j{n:016d}", job_batch, in_batch,
-                            json.dumps({"image": f"face{in_batch:03d}.png", "audio": "voice.wav"})))
-        if n == total - 10:
-            for k, s in enumerate(("queued", "submitted", "running", "succeeded")):
-                events.append((f"j{n:016d}", created + k, s, ""))
-    conn.executemany(
-        "INSERT INTO jobs (seq, id, task, state, params, inputs, upstream, attempts, priority,"
-        " batch_id, created_at, updated_at, submitted_at, started_at, finished_at, error, result_sha)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", jobs,
-    )
-    conn.executemany("INSERT INTO batches (id, name, task, mode, created_at, form) VALUES (?, ?, ?, ?, ?, ?)", batches)
-    conn.executemany("INSERT INTO batch_jobs (job_id, batch_id, position, files) VALUES (?, ?, ?, ?)", members)
-    conn.executemany("INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)", events)
-    conn.execute("COMMIT")
-    conn.execute("ANALYZE")
-    conn.close()
-    middle = batches[len(batches) // 2][0]
-    return {"batch": middle, "big": big, "job": f"j{total - 10:016d}", "mid_seq": str(total // 2)}
+def pages(db_path: Path, history: History) -> tuple[dict[str, str], dict[str, str], str]:
+    """Each page measured, by name: its address, as the admin and as the key that made the batch
+    of 500 jobs; and that key's id."""
+    batches = history.batch_ids()
+    conn = sqlite3.connect(db_path)
+    try:
+        (middle,) = conn.execute("SELECT max(seq) / 2 FROM jobs").fetchone()
+        (job,) = conn.execute("SELECT id FROM jobs WHERE seq = ?", (middle,)).fetchone()
+        (owner,) = conn.execute("SELECT owner FROM jobs WHERE batch_id = ? LIMIT 1", (batches["500"],)).fetchone()
+    finally:
+        conn.close()
+    cursor = base64.urlsafe_b64encode(f"seq:{middle}".encode()).decode().rstrip("=")
+    # A key sees its own jobs: the same reads with an owner (its own indexes), smaller pages.
+    as_key = {
+        "a key's API: newest 50": "/api/v1/jobs?limit=50",
+        "a key's API: state=failed": "/api/v1/jobs?limit=50&state=failed",
+        "a key's /ui/jobs": "/ui/jobs",
+        "a key's /ui/jobs?state=failed": "/ui/jobs?state=failed",
+        "a key's front page": "/ui/",
+        "a key's batch page, 500 jobs": f"/ui/batches/{batches['500']}",
+    }
+    return {
+        "API: newest 50": "/api/v1/jobs?limit=50",
+        "API: state=failed": "/api/v1/jobs?limit=50&state=failed",
+        "API: state=queued": "/api/v1/jobs?limit=50&state=queued",
+        "API: task=t2v (1 job in 97)": "/api/v1/jobs?limit=50&task=t2v",
+        "API: a page in the middle": f"/api/v1/jobs?limit=50&cursor={cursor}",
+        "API: a batch of 5,000": f"/api/v1/jobs?limit=50&batch_id={batches['5000']}",
+        "/ui/jobs": "/ui/jobs",
+        "/ui/jobs?state=failed": "/ui/jobs?state=failed",
+        "/ui/jobs?state=queued (queue places)": "/ui/jobs?state=queued",
+        "/ui/jobs?task=t2v": "/ui/jobs?task=t2v",
+        "/ui/jobs, a page in the middle": f"/ui/jobs?before={middle}",
+        "/ui/jobs?batch= (an API batch)": f"/ui/jobs?batch={batches['api']}",
+        "front page (/ui/)": "/ui/",
+        "batch page, 500 jobs": f"/ui/batches/{batches['500']}",
+        "batch page, 5,000 jobs (first 500 rows)": f"/ui/batches/{batches['5000']}",
+        "batch page, API batch of 5,000": f"/ui/batches/{batches['api']}",
+        "batch page, 5,000 jobs as a gallery": f"/ui/batches/{batches['5000']}?view=gallery",
+        "batch page, 500 queued jobs (queue places)": f"/ui/batches/{batches['queued']}",
+        "job page": f"/ui/jobs/{job}",
+        "nodes page": "/ui/nodes",
+        "pipelines page": "/ui/pipelines",
+    }, as_key, owner
 
 
-def time_page(client: TestClient, url: str, repeat: int) -> tuple[float, float, int]:
-    client.get(url)  # warm: template compiled, pages in the OS cache
+def is_list(name: str) -> bool:
+    return name.removeprefix("a key's ").startswith(("API:", "/ui/jobs"))
+
+
+def fetch(client: httpx.Client, url: str, repeat: int) -> tuple[list[float], int]:
+    """`repeat` sequential GETs after two warm-ups: their times in ms, and the page's size."""
     times = []
-    for _ in range(repeat):
+    for n in range(repeat + 2):
         started = time.perf_counter()
         response = client.get(url)
-        times.append((time.perf_counter() - started) * 1000)
-        assert response.status_code == 200, (url, response.status_code, response.text[:300])
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, round(0.95 * (len(times) - 1)))], len(response.content)
+        elapsed = (time.perf_counter() - started) * 1000
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code} {response.text[:300]}")
+        if n >= 2:
+            times.append(elapsed)
+    return times, len(response.content)
 
 
-PLANS = {
-    "jobs list, newest": "SELECT * FROM jobs ORDER BY seq DESC LIMIT 51",
-    "jobs list, one state": "SELECT * FROM jobs WHERE state IN (?) ORDER BY seq DESC LIMIT 51",
-    "jobs list, one task": "SELECT * FROM jobs WHERE task = ? ORDER BY seq DESC LIMIT 51",
-    "batch counts": "SELECT state, count(*) FROM jobs WHERE batch_id = ? GROUP BY state",
-    "batch rows": "SELECT * FROM jobs WHERE jobs.batch_id = ? AND jobs.seq > ? ORDER BY jobs.seq LIMIT ?",
-    "queue positions": "SELECT seq, row_number() OVER (ORDER BY priority DESC, seq) FROM jobs WHERE state = 'queued'",
-}
+def start(name: str, src: Path, root: Path, history: History, refill: bool) -> tuple[NodeProcess, GatewayProcess]:
+    data = root / name / "gw"
+    took = fill_store(data / "gateway.db", src, history, cache=not refill)
+    print(f"{name}: store filled (or copied from the cache) in {took:.0f} s", file=sys.stderr)
+    node = NodeProcess(root / name / "node", job_seconds=3600, max_queue_size=2000).start()
+    gateway = GatewayProcess(data, nodes=f"n1={node.url}", PYTHONPATH=str(src), X2V_POLL_INTERVAL="1")
+    try:
+        gateway.start(timeout=180)
+        with gateway.client() as client:  # the dispatcher at work: one job on the node
+            deadline = time.monotonic() + 60
+            while not client.get("/api/v1/jobs?state=running,submitted&limit=1").json()["jobs"]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: no job went to the node")
+                time.sleep(0.2)
+    except BaseException:
+        gateway.stop()
+        node.stop()
+        raise
+    return node, gateway
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--jobs", type=int, default=1_000_000)
+    parser.add_argument("--queued", type=int, default=3000)
+    parser.add_argument("--repeat", type=int, default=30, help="fetches of each page per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--base", type=Path, help="src/ of another checkout, measured beside this one")
+    parser.add_argument("--refill", action="store_true", help="fill the store again, not from the cache")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        started = time.perf_counter()
-        ids = fill(data / "gateway.db", args.jobs)
-        print(f"filled {args.jobs:,} jobs in {time.perf_counter() - started:.1f} s\n")
-        pages = {
-            "jobs list (newest 50)": "/ui/jobs",
-            "jobs list, state=failed": "/ui/jobs?state=failed",
-            "jobs list, state=queued (queue positions)": "/ui/jobs?state=queued",
-            "jobs list, task=t2v": "/ui/jobs?task=t2v",
-            "jobs list, a page in the middle": f"/ui/jobs?before={ids['mid_seq']}",
-            f"batch page ({BATCH_SIZE} jobs)": f"/ui/batches/{ids['batch']}",
-            f"batch page ({BIG_BATCH:,} jobs, first 500 rows)": f"/ui/batches/{ids['big']}",
-            "batches (front page)": "/ui/",
-            "job page": f"/ui/jobs/{ids['job']}",
-        }
-        app = create_app(
-            Settings(data_dir=data, retention_hours=0, log_level="WARNING", admin_key=ADMIN_KEY),
-            upstreams=[],
-        )
-        rows = []
-        # An admin key sees every job: the largest pages there are.
-        with TestClient(app) as client:
-            client.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
-            for name, url in pages.items():
-                med, p95, size = time_page(client, url, args.repeat)
-                rows.append((name, med, p95, size))
-        conn = sqlite3.connect(data / "gateway.db")
-        plans = {
-            name: " / ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, ("x",) * sql.count("?")))
-            for name, sql in PLANS.items()
-        }
-        conn.close()
-    print(f"Dashboard render time, {args.jobs:,} jobs in the store, {args.repeat} requests each "
-          f"(target < {TARGET_MS:.0f} ms)\n")
-    print("| page | median ms | p95 ms | HTML KB |")
-    print("|---|---:|---:|---:|")
-    for name, med, p95, size in rows:
-        print(f"| {name} | {med:.1f} | {p95:.1f} | {size / 1024:.0f} |")
-    print("\n| query | SQLite plan |")
-    print("|---|---|")
-    for name, plan in plans.items():
-        if plan == "SCAN jobs":  # ORDER BY seq DESC LIMIT: walks the rowid backwards, 51 rows
-            plan += " (backwards on the rowid, stops after 51 rows)"
-        print(f"| {name} | {plan} |")
-    slow = [name for name, med, _, _ in rows if med > TARGET_MS]
-    if slow:
-        print(f"\nover {TARGET_MS:.0f} ms: {', '.join(slow)}", file=sys.stderr)
+    history = History.realistic(args.jobs, args.queued)
+    codes = {"this": ROOT / "src"}
+    if args.base:
+        codes["base"] = args.base.resolve()
+    root = Path(tempfile.mkdtemp(prefix="x2v-bench-dashboard-"))
+    running: list = []
+    gateways: dict[str, GatewayProcess] = {}
+    try:
+        for name, src in codes.items():
+            node, gateways[name] = start(name, src, root, history, args.refill)
+            running += [node, gateways[name]]
+        admin_urls, key_urls, owner = pages(root / "this" / "gw" / "gateway.db", history)
+        urls = {**admin_urls, **key_urls}
+        times = {(code, page): [] for page in urls for code in codes}
+        sizes: dict[tuple[str, str], int] = {}
+        # Plain clients: a GatewayProcess's own client keeps every body it reads (for the tests).
+        clients = {(code, who): httpx.Client(base_url=gateway.url, timeout=60, headers={
+            "Authorization": f"Bearer {gateway.admin_key if who == 'admin' else key_secret(owner)}"})
+            for code, gateway in gateways.items() for who in ("admin", "key")}
+        for round_ in range(args.rounds):
+            for page, url in urls.items():
+                who = "key" if page in key_urls else "admin"
+                for code in (list(codes) if round_ % 2 == 0 else list(reversed(codes))):
+                    values, sizes[code, page] = fetch(clients[code, who], url, args.repeat)
+                    times[code, page].append((median(values), percentile(values, 95)))
+            print(f"round {round_ + 1} done", file=sys.stderr)
+        for client in clients.values():
+            client.close()
+    finally:
+        for proc in reversed(running):
+            proc.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{args.jobs:,} jobs in the store ({args.queued:,} queued, one running on the node); the admin"
+          f" key, or the key {owner} of 5; {args.repeat} GETs per page per round, median of {args.rounds} alternating rounds;"
+          f" load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores\n")
+    print("| page | " + " | ".join(f"{code} p50 ms | {code} p95 ms" for code in codes)
+          + " | KB | target p95 ms |" + (" p95 this/base |" if "base" in codes else ""))
+    print("|---|" + "---:|---:|" * len(codes) + "---:|---:|" + ("---:|" if "base" in codes else ""))
+    missed = []
+    for page in urls:
+        p95 = {code: median([p for _, p in times[code, page]]) for code in codes}
+        cells = " | ".join(f"{median([m for m, _ in times[code, page]]):.1f} | {p95[code]:.1f}" for code in codes)
+        target = LIST_TARGET_MS if is_list(page) else PAGE_TARGET_MS
+        ratio = f" {p95['this'] / p95['base']:.2f} |" if "base" in codes else ""
+        print(f"| {page} | {cells} | {sizes['this', page] / 1024:.0f} | {target:.0f} |{ratio}")
+        if p95["this"] > target:
+            missed.append(page)
+    if missed:
+        print(f"\nover target (this code): {', '.join(missed)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,60 +1,30 @@
 """CPU an idle gateway uses with a long history and one dead node, two codes side by side.
 
-    git worktree add --detach /work/wt/base-i 37e5e3f
-    .venv/bin/python bench/idle_cpu.py --baseline-src /work/wt/base-i/src [--jobs 100000] [--seconds 30]
+    git worktree add --detach /work/wt/dash1m-base 75f8b9d
+    PYTHONPATH=$PWD/src .venv/bin/python bench/idle_cpu.py --baseline-src /work/wt/dash1m-base/src \
+        [--jobs 1000000] [--seconds 30] [--rounds 1]
 
-A real SQLite store is filled directly (executemany, one transaction) with `--jobs` finished
-jobs, then copied for each code. Each gateway process starts on its copy with one node whose
-port refuses connections (nothing listens there), at the default log level and poll interval;
-after a 10 s settle its CPU time (utime + stime, from /proc/<pid>/stat) is read over
-`--seconds`. The codes take turns, `--rounds` each.
+A real SQLite store is filled through SQL (bench/common.py's `fill_store`, `History.realistic`
+with nothing queued: `--jobs` finished jobs, 94 % succeeded, in batches of 500 and 5,000, five
+keys), kept in /tmp/x2v-bench-stores between runs (by the fill's parameters and schema; filling a
+million jobs takes minutes) and copied for each gateway. Each gateway process starts on its copy
+with its one node, n1 (that ran every job), at a port that refuses connections (nothing listens
+there), at the default log level and poll interval; after a 10 s settle its CPU time (utime +
+stime, from /proc/<pid>/stat) is read over `--seconds`. The codes take turns, `--rounds` each.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import shutil
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
 
-from common import GatewayProcess, free_port, median
-
-from x2v_gateway.store import JobStore
+from common import GatewayProcess, History, fill_store, free_port, median
 
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def fill(db_path: Path, total: int) -> None:
-    """`total` finished jobs (94 % succeeded), on a node that is no longer there."""
-    JobStore(db_path).close()  # the schema, through the store's own migrations
-    rng = random.Random(13)
-    start = time.time() - total * 2.0
-    sha = "ab" * 32
-    rows = []
-    for n in range(1, total + 1):
-        created = start + n * 2.0
-        state = rng.choices(["succeeded", "failed", "cancelled"], [94, 4, 2])[0]
-        rows.append((
-            n, f"j{n:016d}", "t2v", state, json.dumps({"prompt": f"take {n}", "seed": n}), "{}",
-            "dead", 1, 0, created, created + 30, created + 1, created + 2, created + 30,
-            "dead: RuntimeError: out of memory" if state == "failed" else None,
-            sha if state == "succeeded" else None,
-        ))
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    conn.execute("BEGIN")
-    conn.executemany(
-        "INSERT INTO jobs (seq, id, task, state, params, inputs, upstream, attempts, priority,"
-        " created_at, updated_at, submitted_at, started_at, finished_at, error, result_sha)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows,
-    )
-    conn.execute("COMMIT")
-    conn.execute("ANALYZE")
-    conn.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -62,13 +32,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
-def measure(src: Path, template: Path, root: Path, seconds: float) -> float:
+def measure(src: Path, history: History, root: Path, seconds: float) -> float:
     data = root / "gw"
     shutil.rmtree(data, ignore_errors=True)
-    data.mkdir(parents=True)
-    shutil.copy(template, data / "gateway.db")
+    fill_store(data / "gateway.db", src, history)  # a fresh copy for each round
     gateway = GatewayProcess(
-        data, nodes=f"dead=http://127.0.0.1:{free_port()}", PYTHONPATH=str(src),
+        data, nodes=f"n1=http://127.0.0.1:{free_port()}", PYTHONPATH=str(src),
         X2V_POLL_INTERVAL="1.0",
     ).start()
     try:
@@ -86,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-src", type=Path,
                         help="src/ of a checkout of the code to compare with (else: this code only)")
-    parser.add_argument("--jobs", type=int, default=100_000)
+    parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
@@ -94,13 +63,12 @@ def main() -> None:
     if args.baseline_src:
         codes = {"before": args.baseline_src.resolve(), **codes}
     root = Path(tempfile.mkdtemp(prefix="x2v-bench-idle-"))
+    history = History.realistic(args.jobs, 0)
     try:
-        template = root / "template.db"
-        fill(template, args.jobs)
         results: dict[str, list[float]] = {code: [] for code in codes}
         for round_ in range(args.rounds):
             for code in (list(codes) if round_ % 2 == 0 else list(reversed(codes))):
-                results[code].append(measure(codes[code], template, root / code, args.seconds))
+                results[code].append(measure(codes[code], history, root / code, args.seconds))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"{args.jobs:,} finished jobs in the store, one node refusing connections, "

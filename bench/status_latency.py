@@ -10,8 +10,10 @@ Each `--code NAME=SRC` runs a second gateway from another checkout (e.g. the mai
 a change, from `git worktree add`) on a store filled the same way, measured in alternating rounds
 with this checkout's so that a busy machine slows both alike. The store is filled through SQL
 before the gateway starts: `--finished` succeeded jobs (with their events) and `--queued` jobs
-waiting behind one that runs for an hour on the only node. Load comes from wrk (Debian package
-`wrk`) on loopback; medians over rounds are reported.
+waiting behind one that runs for an hour on the only node (bench/common.py's `fill_store`; a
+filled store is kept in /tmp/x2v-bench-stores, by the fill's parameters and schema, and copied on
+the next run). Load comes from wrk (Debian package `wrk`) on loopback; medians over rounds are
+reported.
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ import time
 from pathlib import Path
 
 import httpx
-from common import ROOT, GatewayProcess, NodeProcess, median, percentile
+from common import ROOT, GatewayProcess, History, NodeProcess, fill_store, median, percentile
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-OWNER = "kbench"
 
 
 def wrk(url: str, *, connections: int, seconds: int, headers: tuple[str, ...] = ()) -> dict[str, float]:
@@ -55,68 +56,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def fill_store(db_path: Path, src: Path, *, finished: int, queued: int, filled: dict[str, Path]) -> float:
-    """A store as a gateway that has run for a while has it; returns the seconds it took.
-    `filled`: stores filled before, by schema, copied when this code's schema is the same."""
-    started = time.monotonic()
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    # The schema comes from the code under test (its own migrations).
-    subprocess.run(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from x2v_gateway.store import JobStore;"
-         " JobStore(Path(sys.argv[1])).close()", str(db_path)],
-        env={**os.environ, "PYTHONPATH": str(src)}, check=True,
-    )
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    schema = "\n".join(sql for (sql,) in conn.execute("SELECT sql FROM sqlite_master ORDER BY name") if sql)
-    conn.close()
-    if schema in filled:
-        for suffix in ("-wal", "-shm"):
-            Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-        shutil.copyfile(filled[schema], db_path)
-        return time.monotonic() - started
-    filled[schema] = db_path
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    conn.execute("PRAGMA cache_size = -400000")
-    # Filled in one go with no journal (a failed fill is thrown away), then back to WAL.
-    conn.execute("PRAGMA journal_mode = OFF")
-    conn.execute("PRAGMA synchronous = OFF")
-    t0 = time.time() - finished * 0.1 - 3600
-    conn.execute("BEGIN")
-    # Finished jobs, ~10 a second over the past, each run on n1 for 2 s; ids random like real ones.
-    conn.execute(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-        " INSERT INTO jobs (id, task, state, params, inputs, upstream, upstream_task_id, run, attempts,"
-        " priority, owner, created_at, updated_at, submitted_at, started_at, finished_at,"
-        " result_sha, result_meta, files_expired)"
-        " SELECT 'j' || lower(hex(randomblob(10))), 't2v', 'succeeded',"
-        " '{\"prompt\": \"a past job\", \"infer_steps\": 4}', '{}', 'n1', 't' || i, 1, 1, 0, ?,"
-        " ? + i * 0.1, ? + i * 0.1 + 2.5, ? + i * 0.1 + 0.2, ? + i * 0.1 + 0.5, ? + i * 0.1 + 2.5,"
-        " lower(hex(randomblob(32))), '{\"size\": 1048576}', 1 FROM n",
-        (finished, OWNER, t0, t0, t0, t0, t0),
-    )
-    # Their timelines: accepted, submitted, running, succeeded.
-    conn.execute(
-        "INSERT INTO job_events (job_id, at, state, detail)"
-        " SELECT id, created_at, s.state, s.detail FROM jobs,"
-        " (SELECT 'queued' AS state, 'accepted' AS detail UNION ALL SELECT 'submitted', 'to n1'"
-        "  UNION ALL SELECT 'running', '' UNION ALL SELECT 'succeeded', '') AS s"
-        " ORDER BY jobs.seq"
-    )
-    now = time.time()
-    conn.execute(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-        " INSERT INTO jobs (id, task, state, params, inputs, priority, owner, created_at, updated_at)"
-        " SELECT 'j' || lower(hex(randomblob(10))), 't2v', 'queued', '{\"prompt\": \"waiting\"}', '{}',"
-        " 0, ?, ? + i * 0.001, ? + i * 0.001 FROM n",
-        (queued, OWNER, now, now),
-    )
-    conn.execute("COMMIT")
-    conn.execute("ANALYZE")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.close()
-    return time.monotonic() - started
 
 
 def job_ids(db_path: Path, queued: int) -> tuple[str, str]:
@@ -189,12 +128,10 @@ def main() -> None:
     running: list = []
     targets: dict[str, tuple[str, tuple[str, ...], int]] = {}
     pages: dict[str, tuple[str, str]] = {}
-    filled: dict[str, Path] = {}
     try:
         # One node per gateway: it runs the first queued job for an hour, so the rest stay queued.
         for name, src in codes.items():  # every store filled before any gateway opens one
-            took = fill_store(root / name / "gw" / "gateway.db", src, finished=args.finished,
-                              queued=args.queued, filled=filled)
+            took = fill_store(root / name / "gw" / "gateway.db", src, History(args.finished, args.queued))
             print(f"{name}: filled (or copied) {args.finished:,} finished + {args.queued:,} queued jobs"
                   f" in {took:.0f} s", file=sys.stderr)
         for name, src in codes.items():

@@ -100,3 +100,36 @@ def test_queue_position_costs_the_same_at_the_end_of_a_long_queue(sqlite_store):
 
     short, long = last_position_cost(2000), last_position_cost(20000)
     assert long < 2 * short + 50, (short, long)
+
+
+def test_a_list_page_of_the_newest_queued_jobs_costs_the_same_however_long_the_queue(sqlite_store):
+    """The list pages place every queued job they show: the newest 50 of 20,000 queued cost no
+    more than the newest 50 of 2,000 (ranking the whole queue cost a page of 50 17 ms at 50,000),
+    and a batch page of 500 neighbours in the queue costs less than a count per job would."""
+    conn = sqlite_store._conn()
+    reads = SqliteReads(conn)
+    now = time.time()
+
+    def queue_up_to(total: int) -> None:
+        (queued,) = conn.execute("SELECT count(*) FROM jobs").fetchone()
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO jobs (id, task, state, params, inputs, created_at, updated_at)"
+            " VALUES (?, 't2v', 'queued', '{}', '{}', ?, ?)",
+            ((f"j{i}", now, now) for i in range(queued, total)),
+        )
+        conn.execute("COMMIT")
+
+    def newest_page_cost(size: int) -> int:
+        page = reads.list_jobs(states=["queued"], limit=size)
+        places, cost = steps(conn, lambda: reads.queue_positions(page))
+        assert places == counted_positions(sqlite_store, [job.id for job in page])
+        return cost
+
+    queue_up_to(2000)
+    short = newest_page_cost(50)
+    queue_up_to(20_000)
+    long = newest_page_cost(50)
+    assert long < 2 * short + 50, (short, long)
+    one_each = 500 * newest_page_cost(1)
+    assert newest_page_cost(500) < one_each / 2, one_each

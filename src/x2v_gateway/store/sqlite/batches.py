@@ -8,7 +8,7 @@ from typing import Any
 
 from ..records import STATES, BatchItem, BatchJobSpec, Job, JobWebhook, new_job_id
 from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
-from .jobs import row_to_job
+from .jobs import job_from
 from .webhooks import insert_webhooks
 
 # A job with its place in its dashboard batch, and the job retried as a new run of it, if any.
@@ -158,14 +158,18 @@ def _owned(owner: str | None, column: str = "owner") -> tuple[str, list[str]]:
     return ("", []) if owner is None else (f" AND +{column} = ?", [owner])
 
 
-def row_to_item(row: sqlite3.Row) -> BatchItem:
-    data = dict(row)
-    extra = {k: data.pop(k) for k in [k for k in data if k.startswith("bj_")]}
-    job = row_to_job(data)
+def row_to_item(row: sqlite3.Row | dict[str, Any]) -> BatchItem:
+    # The job's columns (jobs.*), then batch_jobs' four (_ITEM_SQL): read as a tuple, not a dict,
+    # since a batch page reads 500 of them. (PostgreSQL's rows are dicts, in the same order.)
+    if isinstance(row, dict):
+        names, values = tuple(row), tuple(row.values())
+    else:
+        names, values = tuple(row.keys()), tuple(row)
+    position, files, retry_of, retried_as = values[-4:]
     return BatchItem(
-        job=job,
-        position=extra["bj_position"],
-        files=json.loads(extra["bj_files"]) if extra["bj_files"] else {},
-        retry_of=extra["bj_retry_of"],
-        retried_as=extra["bj_retried_as"],
+        job=job_from(names[:-4], values[:-4]),
+        position=position,
+        files=json.loads(files) if files else {},
+        retry_of=retry_of,
+        retried_as=retried_as,
     )

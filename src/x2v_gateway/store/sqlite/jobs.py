@@ -32,13 +32,21 @@ _FINISHED_JOBS = Memo(10_000)
 
 
 def row_to_job(row: sqlite3.Row | dict[str, Any]) -> Job:
+    if isinstance(row, dict):
+        return job_from(tuple(row), tuple(row.values()))
+    return job_from(tuple(row.keys()), tuple(row))
+
+
+def job_from(names: tuple[str, ...], values: tuple[Any, ...]) -> Job:
+    """A Job from a row's column names and values. A batch page reads 500 at a time: a finished
+    job comes from the memo, found by its values alone, without building a dict of its row."""
     # Only a finished job is kept: a job in flight changes, and its key would be work for nothing.
     key = None
-    if row["state"] in TERMINAL:
-        key = tuple(row.values()) if isinstance(row, dict) else tuple(row)
+    if values[names.index("state")] in TERMINAL:
+        key = values
         if (job := _FINISHED_JOBS.get(key)) is not None:
             return job
-    data = dict(row)
+    data = dict(zip(names, values))
     for column in _JSON_COLUMNS:
         if data[column] is not None:
             data[column] = json.loads(data[column])
