@@ -20,8 +20,9 @@ from urllib.parse import SplitResult, urlsplit
 import httptools
 import httpx
 
-# Bytes the transport may hold unsent before `drain` waits for the node to take them.
-_HIGH_WATER = 4 * 1024 * 1024
+# Bytes the transport may hold unsent before `send` waits for the node to take them: as much
+# as the two 1 MiB batches the httpx body queue held, so peak memory stays where it was.
+_HIGH_WATER = 2 * 1024 * 1024
 # Largest answer read: a submission's answer is a small JSON object.
 _MAX_ANSWER = 1024 * 1024
 
