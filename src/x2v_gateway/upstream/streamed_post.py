@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Awaitable
+from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import httptools
@@ -136,21 +138,25 @@ class StreamedPost:
         """Write `pieces`, then wait while the node is more than a few MiB behind. False when
         the exchange is over (the node answered, or the connection failed): nothing written."""
         if not self._connected.is_set():
-            connected = asyncio.ensure_future(self._connected.wait())
-            await asyncio.wait({connected, self.answer}, return_when=asyncio.FIRST_COMPLETED)
-            connected.cancel()
-        if self.answer.done():
+            await self._until(self._connected.wait())
+        # The protocol knows a lost connection one loop iteration before `answer` does.
+        if self.answer.done() or self._protocol is None or self._protocol.answer.done():
             return False
-        assert self._transport is not None and self._protocol is not None
+        assert self._transport is not None
         self._transport.writelines(pieces)
-        if self._protocol.paused:
-            writable = asyncio.ensure_future(self._protocol.writable())
-            await asyncio.wait({writable, self.answer}, timeout=self._timeout.write,
-                               return_when=asyncio.FIRST_COMPLETED)
-            if not writable.done():  # the node took nothing for the write timeout: give up
-                writable.cancel()
+        if self._protocol.paused and not await self._until(self._protocol.writable(), self._timeout.write):
+            if not self.answer.done():  # the node took nothing for the write timeout: give up
                 self._transport.abort()
         return True
+
+    async def _until(self, waiting: Awaitable[Any], timeout: float | None = None) -> bool:
+        """Wait for `waiting`, unless the exchange ends or `timeout` passes first (False)."""
+        task = asyncio.ensure_future(waiting)
+        try:
+            await asyncio.wait({task, self.answer}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            return task.done()
+        finally:
+            task.cancel()
 
     async def response(self) -> httpx.Response:
         """The node's answer, once the whole body was sent (at most the read timeout after)."""
