@@ -44,7 +44,7 @@ FILE_SECONDS = {
     "test_cloud_gateway.py": 52, "test_auth.py": 43, "test_dashboard.py": 43, "test_api.py": 41,
     "test_demo_node.py": 27, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
     "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
-    "test_blob_backends.py": 50, "test_blobs.py": 12,
+    "test_blob_backends.py": 50, "test_blobs.py": 12, "test_streamed_post.py": 2,
     "test_compat_lightx2v.py": 35, "test_compat_openai.py": 15, "test_compat_seeds.py": 14,
     "test_pipelines.py": 40, "test_pipeline_dashboard.py": 21, "test_pipeline_replicas.py": 27,
     "test_postgres_gateway.py": 30, "test_migrate_store.py": 5,
