@@ -24,7 +24,8 @@ from x2v_gateway.upstream.base import (
     Unavailable,
     UpstreamError,
 )
-from x2v_gateway.upstream.cloud import CloudAuthError, CloudModel, CloudUpstream, sanitise
+from x2v_gateway.upstream.cloud import CloudAuthError, CloudModel, CloudUpstream
+from x2v_gateway.upstream.cloud_answers import sanitise
 
 UNKNOWN = "00000000-0000-0000-0000-000000000000"
 

@@ -365,6 +365,9 @@ def test_unknown_get_paths_fall_into_the_spa_catch_all(cloud):
 
 def test_request_log_records_auth_kind_but_never_the_token(cloud):
     token = cloud.token_for("github_12351")
+    url = f"{cloud.url}/api/v1/model/list"
+    for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": f"Bearer {token}"}):
+        httpx.get(url, headers=headers)
     assert not any(token in line for line in (Path(cloud.state_dir) / "requests.jsonl").read_text().splitlines())
     kinds = {r["auth"] for r in cloud.requests()}
     assert {"bearer", "none", "basic"} <= kinds

@@ -306,7 +306,7 @@ def test_demo_node_image_route_answers_as_the_real_server(node):
 def test_cloud_progress_is_the_finished_stages_of_a_multi_stage_task():
     """Neither upstream reports a percentage; a multi_stage cloud task's subtasks say which of its
     stages have finished, which the adapter reports as progress (cloud.md §5's shape)."""
-    from x2v_gateway.upstream.cloud import _to_status
+    from x2v_gateway.upstream.cloud_answers import to_status
 
     def task(*states: str) -> dict:
         return {"status": "RUNNING", "subtasks": [
@@ -314,18 +314,18 @@ def test_cloud_progress_is_the_finished_stages_of_a_multi_stage_task():
             for s, w in zip(states, ("text_encoder", "dit", "vae_decoder"))
         ]}
 
-    assert _to_status(task("SUCCEED", "RUNNING", "CREATED"), ()).progress == pytest.approx(1 / 3)
-    assert _to_status(task("SUCCEED", "SUCCEED", "PENDING"), ()).progress == pytest.approx(2 / 3)
-    assert _to_status(task("RUNNING"), ()).progress is None  # single_stage, placeholder estimate: nothing to say
+    assert to_status(task("SUCCEED", "RUNNING", "CREATED"), ()).progress == pytest.approx(1 / 3)
+    assert to_status(task("SUCCEED", "SUCCEED", "PENDING"), ()).progress == pytest.approx(2 / 3)
+    assert to_status(task("RUNNING"), ()).progress is None  # single_stage, placeholder estimate: nothing to say
 
     def running(ran: float, average: float | None) -> dict:
         return {"status": "RUNNING", "subtasks": [{"status": "RUNNING", "elapses": {"PENDING-RUNNING": 0.9, "RUNNING-": ran},
                                                   "estimated_running_secs": average}]}
 
     # A running stage's time so far against the queue's measured average run: never whole before SUCCEED.
-    assert _to_status(running(30, 120.0), ()).progress == pytest.approx(0.25)
-    assert _to_status(running(500, 120.0), ()).progress == pytest.approx(0.95)
-    assert _to_status(running(30, None), ()).progress is None
+    assert to_status(running(30, 120.0), ()).progress == pytest.approx(0.25)
+    assert to_status(running(500, 120.0), ()).progress == pytest.approx(0.95)
+    assert to_status(running(30, None), ()).progress is None
 
 
 def test_cloud_job_reports_progress_while_it_runs_once_the_cloud_has_measured_a_run(tmp_path):

@@ -21,10 +21,8 @@ Every quirk of that API is handled here and nowhere else (see shared/lightx2v/cl
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,6 @@ from .base import (
     Capabilities,
     NodeHealth,
     Rejected,
-    RemoteState,
     RemoteStatus,
     SubmitRequest,
     Unavailable,
@@ -48,8 +45,9 @@ from .base import (
     UpstreamModel,
     backoff,
     base64_json_body,
-    clean_message,
 )
+
+from .cloud_answers import error_text, is_app_error, sanitise, to_status, too_frequent
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +69,6 @@ _OUTPUT_NAMES = {"video": "output_video", "image": "output_image"}
 # unknown keys in the task's `params` and returns them in query and list answers.
 MARKER = "x2v_job"
 
-_STATES = {
-    "CREATED": RemoteState.QUEUED,
-    "PENDING": RemoteState.QUEUED,
-    "RUNNING": RemoteState.RUNNING,
-    "SUCCEED": RemoteState.SUCCEEDED,
-    "FAILED": RemoteState.FAILED,
-    "REJECT": RemoteState.FAILED,  # internal, reported as FAILED, but cheap to be ready for
-    "CANCEL": RemoteState.CANCELLED,
-}
 # The gateway's input roles and the fields the cloud's pipelines read them from.
 _INPUT_FIELDS = {
     "image": "input_image",
@@ -109,8 +98,6 @@ _VISIT_RETRIES = 2
 _QUERY_BATCH = 50  # ids per `task_ids=` query, to keep URLs short
 _FIND_PAGES, _FIND_PAGE_SIZE = 4, 50  # find_task looks at the newest 200 tasks of the account
 _MODELS_TTL = 300.0
-# The queue's running timeout, which the cloud reports as the running estimate until measured.
-_RUNNING_TIMEOUT = 3600.0
 
 
 CloudModel = UpstreamModel
@@ -133,124 +120,6 @@ class _Secret:
 
     def __repr__(self) -> str:
         return "'***'"
-
-
-# -- error text ---------------------------------------------------------------------------------
-
-_ECHOED_VALUE = re.compile(r"(Failed to read [\w/]+), type=\w+, val=.*?: ", re.S)
-_PY_OBJECT = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
-_NOT_IN_PIPELINE = re.compile(r"\[(.*?)\] are not in \S*model_pipeline\.json")
-_URL_QUERY = re.compile(r"(https?://[^\s?]+)\?\S*")
-
-
-def sanitise(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """The cloud's error text, made short, human and safe to store and show."""
-    text = text.removeprefix("error: ").rstrip("!").strip()
-    # "Failed to read input_image, type=base64, val=<first 100 chars of the input>: <why>"
-    text = _ECHOED_VALUE.sub(r"\1: ", text)
-    # Audio errors carry ffmpeg's whole stderr (~2.7 kB); its last line says what was wrong.
-    head, banner, stderr = text.partition("ffmpeg version")
-    if banner:
-        lines = [line.strip() for line in stderr.splitlines() if line.strip().strip("!")]
-        last = lines[-1] if lines else ""
-        text = head + re.sub(r"^/\S+: ", "", last)
-    text = _PY_OBJECT.sub("", text)
-    text = _NOT_IN_PIPELINE.sub(
-        lambda m: "the cloud does not offer " + " / ".join(p.strip(" '\"") for p in m.group(1).split(",")), text
-    )
-    text = _URL_QUERY.sub(r"\1", text)  # pre-signed URLs carry signatures
-    return clean_message(text, secrets=secrets)
-
-
-def _message(response: httpx.Response) -> str:
-    """The raw text of an error answer: `{"message": ...}`, FastAPI's `{"detail": ...}` or a page."""
-    try:
-        body = response.json()
-    except ValueError:
-        return f"HTTP {response.status_code}"  # a proxy's HTML page says nothing more
-    if isinstance(body, dict):
-        text = body.get("message", body.get("detail"))
-        if isinstance(text, str):
-            return text
-    return json.dumps(body)[:300]
-
-
-def _too_frequent(response: httpx.Response) -> bool:
-    return response.status_code == 400 and "visit too frequently" in _message(response)
-
-
-def _is_app_error(response: httpx.Response) -> bool:
-    """Whether a 500 is the platform's own answer (`error: ...!`) rather than a crash or a proxy."""
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    return isinstance(body, dict) and str(body.get("message", "")).startswith("error: ")
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _to_status(task: dict, secrets: tuple[str, ...]) -> RemoteStatus:
-    # A status this code does not know (a newer platform) is taken as still running: the task is
-    # followed until it reaches one it does know.
-    state = _STATES.get(str(task.get("status")), RemoteState.RUNNING)
-    subtasks = [s for s in task.get("subtasks") or [] if isinstance(s, dict)]
-    status = RemoteStatus(state)
-    if state is RemoteState.FAILED:
-        reasons = [s["fail_msg"] for s in subtasks if isinstance(s.get("fail_msg"), str) and s["fail_msg"]]
-        # Sibling subtasks of a failed one say "other subtask failed": the root cause is elsewhere.
-        reason = next((r for r in reasons if r != "other subtask failed"), reasons[0] if reasons else None)
-        status.error = sanitise(reason, secrets) if reason else "the cloud reported the task failed"
-    elif state in (RemoteState.QUEUED, RemoteState.RUNNING):
-        status.progress = _progress(subtasks)
-        # multi_stage tasks have several subtasks; the first active one says where the task is.
-        for sub in subtasks:
-            if sub.get("status") not in ("PENDING", "RUNNING"):
-                continue
-            order = sub.get("estimated_pending_order")
-            if status.queue_position is None and isinstance(order, int):
-                status.queue_position = order
-            pending = _number(sub.get("estimated_pending_secs"))
-            # With no worker on the queue the cloud divides by 1e-7 and "estimates" years.
-            if status.pending_seconds is None and pending is not None and sub.get("ready_worker_count"):
-                status.pending_seconds = pending
-            running = _number(sub.get("estimated_running_secs"))
-            # Until a worker has finished a task, the running "estimate" is the queue's timeout
-            # (3600 s): a placeholder, not a figure to show anyone.
-            if status.running_seconds is None and running is not None and running < _RUNNING_TIMEOUT:
-                status.running_seconds = running
-    return status
-
-
-# A running stage's share, guessed from its time so far against the average, stops here: only
-# the cloud's SUCCEED makes a stage whole.
-_MAX_GUESSED_SHARE = 0.95
-
-
-def _progress(subtasks: list[dict]) -> float | None:
-    """How far a task has got, 0 to 1, from what the cloud reports, or None when it says nothing.
-
-    The cloud has no percentage or step counter (cloud.md, "Progress"). What it has: which stages
-    of a multi_stage task (text encoder, DiT, VAE decoder) have finished, and for a running stage
-    its seconds so far (`elapses["RUNNING-"]`) and the queue's measured average run
-    (`estimated_running_secs`, once a worker has finished a task; before that the 3600 s
-    timeout, a placeholder that says nothing)."""
-    if not subtasks:
-        return None
-    done, said = 0.0, len(subtasks) > 1
-    for sub in subtasks:
-        if sub.get("status") in ("SUCCEED", 4):
-            done += 1
-        elif sub.get("status") == "RUNNING":
-            elapses = sub.get("elapses")
-            ran = _number(elapses.get("RUNNING-")) if isinstance(elapses, dict) else None
-            average = _number(sub.get("estimated_running_secs"))
-            if ran is not None and average and 0 < average < _RUNNING_TIMEOUT:
-                done += min(max(ran, 0.0) / average, _MAX_GUESSED_SHARE)
-                said = True
-    return done / len(subtasks) if said else None
 
 
 def _should_retry(exc: BaseException) -> bool:
@@ -325,7 +194,7 @@ class CloudUpstream(Upstream):
         if response.status_code in (401, 403):
             raise CloudAuthError(
                 f"{self.name}: cloud token rejected (HTTP {response.status_code}: "
-                f"{self._clean(_message(response))}); set a fresh LIGHTX2V_ACCESS_TOKEN"
+                f"{self._clean(error_text(response))}); set a fresh LIGHTX2V_ACCESS_TOKEN"
             )
 
     async def _get(
@@ -343,16 +212,16 @@ class CloudUpstream(Upstream):
                 except httpx.TransportError as exc:
                     raise Unavailable(f"{self.name}: cloud unreachable ({type(exc).__name__})") from None
                 self._check_auth(response)
-                if response.status_code >= 500 and not any(k in _message(response) for k in known):
+                if response.status_code >= 500 and not any(k in error_text(response) for k in known):
                     raise Unavailable(
-                        f"{self.name}: cloud answered {response.status_code}: {self._clean(_message(response))}"
+                        f"{self.name}: cloud answered {response.status_code}: {self._clean(error_text(response))}"
                     )
         return response
 
     def _unexpected(self, response: httpx.Response, what: str) -> Unavailable:
         return Unavailable(
             f"{self.name}: unexpected answer to {what} (HTTP {response.status_code}: "
-            f"{self._clean(_message(response))})"
+            f"{self._clean(error_text(response))})"
         )
 
     # -- models ---------------------------------------------------------------------------------
@@ -464,7 +333,7 @@ class CloudUpstream(Upstream):
                 # The body may have arrived whole and the task been created before the answer was
                 # lost: the dispatcher looks for the marker before sending it again.
                 raise AmbiguousSubmit(f"{self.name}: submission interrupted ({type(exc).__name__})") from None
-            if attempt < _VISIT_RETRIES and _too_frequent(response):
+            if attempt < _VISIT_RETRIES and too_frequent(response):
                 # Submits that left SUBMIT_GAP apart can still arrive closer together (a busy
                 # event loop writes both at once). The cloud checks this before reading the
                 # body, so nothing was created: send again after its gap, rather than put the
@@ -492,7 +361,7 @@ class CloudUpstream(Upstream):
                 raise AmbiguousSubmit(f"{self.name}: the cloud accepted the job but its answer was unreadable") from None
             return str(task_id)
         self._check_auth(response)
-        message = _message(response)
+        message = error_text(response)
         # The per-user limits are checked before the body is even read: nothing was created.
         if status == 400 and "visit too frequently" in message:
             raise Backpressure(f"{self.name}: cloud rate limit (submits too close together)", RETRY_AFTER["visit"])
@@ -505,7 +374,7 @@ class CloudUpstream(Upstream):
         if status in (404, 405):
             # The SPA catch-all or a wrong method: the base URL does not point at the API.
             raise Unavailable(f"{self.name}: no cloud API at {self.base_url} (HTTP {status}); check LIGHTX2V_BASE_URL")
-        if (status == 500 and _is_app_error(response)) or 400 <= status < 500:
+        if (status == 500 and is_app_error(response)) or 400 <= status < 500:
             raise Rejected(f"{self.name}: the cloud refused the job: {self._clean(message)}")
         # A proxy's 502/504 or a crash: the task may or may not exist.
         raise AmbiguousSubmit(f"{self.name}: the cloud answered HTTP {status} to the submission")
@@ -540,7 +409,7 @@ class CloudUpstream(Upstream):
             secrets = (self._token.value,)
             listed = {t.get("task_id"): t for t in response.json().get("tasks", []) if isinstance(t, dict)}
             # A platform that skips unknown ids instead of failing comes out the same way.
-            return {tid: _to_status(listed[tid], secrets) if tid in listed else None for tid in task_ids}
+            return {tid: to_status(listed[tid], secrets) if tid in listed else None for tid in task_ids}
         if response.status_code != 500:
             raise self._unexpected(response, "task query")
         # One unknown id fails the whole query, and the answer does not say which: halve the
@@ -559,7 +428,7 @@ class CloudUpstream(Upstream):
         if response.status_code == 400:
             # Already finished, or unknown: either way nothing is left to stop. A RUNNING task
             # is CANCEL at once; its worker stops at its next ping and the status stays CANCEL.
-            log.debug("%s: cancel of %s: %s", self.name, task_id, self._clean(_message(response)))
+            log.debug("%s: cancel of %s: %s", self.name, task_id, self._clean(error_text(response)))
             return
         raise self._unexpected(response, "cancel")
 
@@ -568,7 +437,7 @@ class CloudUpstream(Upstream):
         response = await self._get("/api/v1/task/resume", {"task_id": task_id}, known=(_RESUME_UNKNOWN,))
         if response.status_code == 200:
             return True
-        message = _message(response)
+        message = error_text(response)
         if response.status_code == 400 and "Active task cannot be resumed" in message:
             # Queued or running again already (an earlier try whose answer was lost): the task
             # will run, which is what resuming asked for.
@@ -595,7 +464,7 @@ class CloudUpstream(Upstream):
         )
         if response.status_code == 200:
             return str(response.json()["url"])
-        message = _message(response)
+        message = error_text(response)
         if response.status_code == 500 and f"Task {task_id} not found" in message:
             raise UnknownTask(f"{self.name}: the cloud does not know task {task_id}")
         if response.status_code == 500 and "not found in task" in message:
