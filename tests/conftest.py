@@ -35,24 +35,29 @@ def pytest_unconfigure(config) -> None:
         del os.environ["X2V_TEST_RUN_DIR"]
 
 
-# Seconds each file's tests took, one after the other, in a parallel run on 2 cores (the sum of
-# its tests' times in `--junitxml`). `./dev test` gives each file whole to one worker, in the order
-# of the collection (`--no-loadscope-reorder`): the longest files go first, so that no worker
-# starts a long file when the others are nearly done. Files not named here follow in name order.
+# Seconds each file's tests took, one after the other, in a parallel run on 2 cores (from its
+# first test's start to its last one's end on its worker, every file measured in one run).
+# `./dev test` gives each file whole to one worker, in the order of the collection
+# (`--no-loadscope-reorder`): the longest files go first, so that no worker starts a long file
+# when the others are nearly done. A file not named here goes last: name a new one.
 FILE_SECONDS = {
-    "test_failover.py": 89, "test_resilience.py": 82, "test_forward.py": 79, "test_pool.py": 75,
-    "test_cloud_gateway.py": 52, "test_auth.py": 43, "test_dashboard.py": 43, "test_api.py": 41,
-    "test_demo_node.py": 27, "test_cloud_adapter.py": 14, "test_follow.py": 14, "test_leaks.py": 12,
-    "test_first_run.py": 12, "test_cloud_double.py": 11, "test_auth_cache.py": 10,
-    "test_blob_backends.py": 50, "test_blobs.py": 12, "test_streamed_post.py": 2,
-    "test_compat_lightx2v.py": 35, "test_compat_openai.py": 15, "test_compat_seeds.py": 14,
-    "test_pipelines.py": 40, "test_pipeline_dashboard.py": 21, "test_pipeline_replicas.py": 27,
-    "test_postgres_gateway.py": 30, "test_migrate_store.py": 5,
-    "test_store_plans_postgres.py": 14, "test_store_postgres.py": 8,
-    "test_events.py": 22, "test_gallery.py": 14, "test_posters.py": 5,
-    "test_webhooks.py": 60, "test_pipeline_webhooks.py": 8,
-    "test_replicas.py": 125, "test_replica_store.py": 6, "test_replicas_postgres.py": 100,
-    "test_tasks.py": 38, "test_batches_api.py": 32, "test_dashboard_tasks.py": 28,
+    "test_replicas.py": 167, "test_replicas_postgres.py": 145, "test_resilience.py": 144,
+    "test_forward.py": 98, "test_failover.py": 78, "test_webhooks.py": 44, "test_pool.py": 40,
+    "test_cloud_gateway.py": 35, "test_blob_backends.py": 26, "test_client.py": 23,
+    "test_auth.py": 22, "test_dashboard.py": 22, "test_api.py": 22, "test_pipelines.py": 20,
+    "test_demo_node.py": 15, "test_postgres_gateway.py": 13, "test_events.py": 13,
+    "test_compat_lightx2v.py": 11, "test_tasks.py": 10, "test_pipeline_replicas.py": 10,
+    "test_follow.py": 10, "test_dashboard_tasks.py": 9, "test_pipeline_dashboard.py": 8,
+    "test_first_run.py": 8, "test_gallery.py": 8, "test_store_plans.py": 8, "test_leaks.py": 7,
+    "test_cloud_double.py": 7, "test_cloud_adapter.py": 6, "test_auth_cache.py": 6,
+    "test_batches_api.py": 5, "test_store_plans_postgres.py": 5, "test_replica_store.py": 5,
+    "test_queue_position.py": 5, "test_compat_openai.py": 4, "test_pipeline_webhooks.py": 4,
+    "test_schema_page.py": 4, "test_compat_seeds.py": 3, "test_blobs.py": 3, "test_posters.py": 3,
+    "test_store.py": 3, "test_checker.py": 2, "test_schedule.py": 2, "test_streamed_post.py": 2,
+    "test_batch_limits.py": 1, "test_cancel_in_flight.py": 1, "test_migrate_store.py": 1,
+    "test_store_postgres.py": 1, "test_deploy_files.py": 1, "test_deploy_replicas.py": 1,
+    "test_bad_input.py": 1, "test_http_protocol.py": 1, "test_image_limits.py": 1,
+    "test_settings.py": 1,
 }
 
 
