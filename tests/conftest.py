@@ -53,6 +53,7 @@ FILE_SECONDS = {
     "test_webhooks.py": 60, "test_pipeline_webhooks.py": 8,
     "test_replicas.py": 125, "test_replica_store.py": 6, "test_replicas_postgres.py": 100,
     "test_tasks.py": 38, "test_batches_api.py": 32, "test_dashboard_tasks.py": 28,
+    "test_handoff.py": 1,
 }
 
 
