@@ -86,6 +86,7 @@ def read_plans(db_path: Path, done: str, waiting: str) -> list[str]:
     reads = Reads(conn)
     for job_id in (done, waiting):
         _full_view_reads(reads, reads.get(job_id))
+        reads.pending_deliveries(job_id)  # the GET's `webhooks_pending`
     reads.key_by_hash("0" * 64)
     conn.set_trace_callback(None)
     lines = []

@@ -57,7 +57,7 @@ FILE_SECONDS = {
     "test_batch_limits.py": 1, "test_cancel_in_flight.py": 1, "test_migrate_store.py": 1,
     "test_store_postgres.py": 1, "test_deploy_files.py": 1, "test_deploy_replicas.py": 1,
     "test_bad_input.py": 1, "test_http_protocol.py": 1, "test_image_limits.py": 1,
-    "test_settings.py": 1,
+    "test_settings.py": 1, "test_handoff.py": 1,
 }
 
 

@@ -28,6 +28,7 @@ from .auth_middleware import AuthMiddleware
 from .blobs import BlobStoreUnavailable, open_blobs
 from .checker import CHECKER
 from .compat import error_response, surface
+from .di import resolve_in_line
 from .dispatch import Dispatcher, Notifier
 from .inputs import PublicOnlyTransport
 from .jobs import JobService
@@ -332,6 +333,7 @@ def create_app(settings: Settings | None = None, *, upstreams: list[Upstream] | 
             security=[{"BearerAuth": []}],
         ),
     )
+    resolve_in_line(app)  # the services and the caller without a task each (di.py)
     # For the auth middleware (which runs before any handler) and the CLI's start-up block.
     app.state.gateway = gw
     return app

@@ -9,11 +9,9 @@ run again when PostgreSQL picks it as a deadlock's victim or a serialization fai
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -23,6 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from ...settings import redact_url
 from ..base import JobStore
+from ..handoff import Handoff
 from .schema import apply_migrations
 
 if TYPE_CHECKING:
@@ -104,8 +103,8 @@ class PostgresThreads(JobStore):
         self._write_pool = ConnectionPool(
             url, max_size=WRITER_THREADS, kwargs={"autocommit": True}, name="x2v-store-write", **pools,
         )
-        self._writers = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="x2v-store-writer")
-        self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="x2v-store-reader")
+        self._writers = Handoff(WRITER_THREADS, "x2v-store-writer")
+        self._readers = Handoff(READER_THREADS, "x2v-store-reader")
 
     def __repr__(self) -> str:
         return f"PostgresStore({redact_url(self.url)!r})"
@@ -115,7 +114,7 @@ class PostgresThreads(JobStore):
             return fn(self._reads(conn))
 
     async def read(self, fn: Callable[[Reads], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._readers, self.read_blocking, fn)
+        return await self._readers.run(lambda: self.read_blocking(fn))
 
     def write_blocking(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run `fn` in one transaction on the calling thread, again if PostgreSQL asks."""
@@ -132,15 +131,15 @@ class PostgresThreads(JobStore):
 
     async def _write(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run `fn` in one transaction on a writer thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._writers, self.write_blocking, fn)
+        return await self._writers.run(lambda: self.write_blocking(fn))
 
     async def _execute(self, sql: str, args: Any) -> int:
         """One statement in a transaction of its own: how many rows it changed."""
         return await self._write(lambda conn: changed(conn, sql, args))
 
     def close(self) -> None:
-        self._writers.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
+        self._writers.close()
+        self._readers.close()
         self._read_pool.close()
         self._write_pool.close()
 

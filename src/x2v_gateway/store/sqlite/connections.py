@@ -7,18 +7,17 @@ the writer. The event loop never runs a query: it awaits them.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlite_utils import Database
 
 from ..base import JobStore
+from ..handoff import Handoff
 from .schema import migrations
 
 if TYPE_CHECKING:
@@ -79,8 +78,8 @@ class SqliteThreads(JobStore):
         # Every connection, by the thread (name, id) it belongs to.
         self._conns: dict[tuple[str, int], sqlite3.Connection] = {}
         self._conns_lock = threading.Lock()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x2v-store-writer")
-        self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="x2v-store-reader")
+        self._writer = Handoff(1, "x2v-store-writer")
+        self._readers = Handoff(READER_THREADS, "x2v-store-reader")
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection (each reader thread, the writer, a test's own thread)."""
@@ -99,9 +98,7 @@ class SqliteThreads(JobStore):
         return fn(self._reads(self._conn()))
 
     async def read(self, fn: Callable[[Reads], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._readers, lambda: fn(self._reads(self._conn()))
-        )
+        return await self._readers.run(lambda: fn(self._reads(self._conn())))
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one transaction on the writer thread."""
@@ -117,15 +114,15 @@ class SqliteThreads(JobStore):
             conn.execute("COMMIT")
             return result
 
-        return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        return await self._writer.run(run)
 
     async def _execute(self, sql: str, args: tuple) -> int:
         """One statement in a transaction of its own: how many rows it changed."""
         return await self._write(lambda conn: conn.execute(sql, args).rowcount)
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
+        self._writer.close()
+        self._readers.close()
         with self._conns_lock:
             conns, self._conns = self._conns, {}
         for conn in conns.values():

@@ -1,0 +1,103 @@
+"""The store's thread hand-off (store/handoff.py) and handlers' dependencies given in line (di.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from litestar import Litestar, get
+from litestar.di import NamedDependency, Provide
+from litestar.testing import TestClient
+
+from x2v_gateway.di import resolve_in_line
+from x2v_gateway.store.handoff import Handoff
+
+
+def test_handoff_gives_each_call_its_own_result_or_error_in_order() -> None:
+    async def scenario() -> None:
+        worker = Handoff(1, "test-handoff")
+        seen: list[int] = []
+
+        def step(i: int) -> int:
+            seen.append(i)
+            if i == 3:
+                raise ValueError("three")
+            return i * 10
+
+        try:
+            futures = [worker.run(lambda i=i: step(i)) for i in range(6)]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            worker.close()
+        assert results[:3] == [0, 10, 20] and results[4:] == [40, 50]
+        assert isinstance(results[3], ValueError) and str(results[3]) == "three"
+        assert seen == list(range(6))  # one thread: in the order given
+
+    asyncio.run(scenario())
+
+
+def test_handoff_runs_on_its_own_thread_and_skips_a_cancelled_call() -> None:
+    async def scenario() -> None:
+        worker = Handoff(1, "test-handoff")
+        gate = threading.Event()
+        ran: list[str] = []
+        try:
+            blocked = worker.run(lambda: gate.wait(10))
+            doomed = worker.run(lambda: ran.append("doomed"))
+            doomed.cancel()
+            gate.set()
+            assert await blocked is True
+            name = await worker.run(lambda: threading.current_thread().name)
+        finally:
+            worker.close()
+        assert name == "test-handoff_0"
+        assert ran == []  # cancelled before the thread took it: never run
+
+    asyncio.run(scenario())
+
+
+def test_handoff_close_runs_what_was_given_then_refuses() -> None:
+    async def scenario() -> None:
+        worker = Handoff(2, "test-handoff")
+        done: list[int] = []
+        futures = [worker.run(lambda i=i: done.append(i)) for i in range(50)]
+        await asyncio.to_thread(worker.close)
+        assert sorted(done) == list(range(50))
+        await asyncio.gather(*futures)
+        with pytest.raises(RuntimeError):
+            worker.run(lambda: None)
+
+    asyncio.run(scenario())
+
+
+def test_handler_gets_every_dependency_resolved_in_line() -> None:
+    threads: list[str] = []
+
+    def service(name: str):
+        def provide() -> str:
+            threads.append(threading.current_thread().name)
+            return name
+
+        return Provide(provide, sync_to_thread=False)
+
+    async def later() -> str:
+        return "async"
+
+    @get("/deps", dependencies={"a": service("a"), "b": service("b"), "c": service("c")})
+    async def handler(a: NamedDependency[str], b: NamedDependency[str], c: NamedDependency[str]) -> str:
+        return a + b + c
+
+    @get("/mixed", dependencies={"a": service("a"), "z": Provide(later)})
+    async def mixed(a: NamedDependency[str], z: NamedDependency[str]) -> str:
+        return a + z
+
+    app = Litestar([handler, mixed])
+    assert resolve_in_line(app) == 1  # the group with an async dependency is left alone
+    models = {route.path: next(iter(route.route_handler_map.values()))[1] for route in app.routes
+              if hasattr(route, "route_handler_map")}
+    assert [sorted(d.key for d in batch) for batch in models["/deps"].dependency_batches] == [["a"], ["b"], ["c"]]
+    assert len(models["/mixed"].dependency_batches) == 1
+    with TestClient(app) as client:
+        assert client.get("/deps").text == "abc"
+        assert client.get("/mixed").text == "aasync"
