@@ -364,15 +364,24 @@ def test_a_large_input_streams_from_disk_and_the_video_to_disk(gateway, tmp_path
 
 
 def test_ctrl_c_stops_at_once_and_says_how_to_go_on(gateway, api, tmp_path):
-    made = client(gateway, "submit", "--task", "t2v", "--prompt", "interrupt me", "--seeds", "1-12",
-                  "--no-wait", "--json", cwd=tmp_path)
-    batch_id = made.json()["batch_id"]
-    polls = gateway.log().count(f"batch_id={batch_id}")
-    proc = subprocess.Popen([sys.executable, "-m", "x2v_gateway.cli", "watch", batch_id, "--quiet"], cwd=tmp_path,
-                            env=_env(gateway), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    until(lambda: gateway.log().count(f"batch_id={batch_id}") > polls, what="the watch's first look at the batch")
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=10)
+    # The nodes drained: the batch cannot finish before the interrupt, however busy the machine.
+    nodes = [node["name"] for node in api.get("/api/v1/nodes").json()]
+    for name in nodes:
+        api.post(f"/api/v1/nodes/{name}/drain").raise_for_status()
+    try:
+        made = client(gateway, "submit", "--task", "t2v", "--prompt", "interrupt me", "--seeds", "1-12",
+                      "--no-wait", "--json", cwd=tmp_path)
+        batch_id = made.json()["batch_id"]
+        polls = gateway.log().count(f"batch_id={batch_id}")
+        proc = subprocess.Popen([sys.executable, "-m", "x2v_gateway.cli", "watch", batch_id, "--quiet"],
+                                cwd=tmp_path, env=_env(gateway), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        until(lambda: gateway.log().count(f"batch_id={batch_id}") > polls, what="the watch's first look at the batch")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        for name in nodes:
+            api.post(f"/api/v1/nodes/{name}/undrain").raise_for_status()
     assert proc.returncode == 130, stderr
     assert "interrupted; run the same command again to go on" in stderr and "Traceback" not in stderr
     assert client(gateway, "cancel", batch_id, cwd=tmp_path).code == 0

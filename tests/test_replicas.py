@@ -76,7 +76,7 @@ def test_replicas_share_the_queue_without_overfilling_a_node_and_see_each_others
 def test_sigkilled_replicas_jobs_are_taken_over_within_10_s_and_sent_once(tmp_path, database_url):
     cluster = Cluster(tmp_path, job_seconds=4.0, database_url=database_url).start()
     try:
-        ids = cluster.submit(14)
+        ids = cluster.submit(10)
         # Wait until the busiest replica follows jobs that run, and some that only just went out.
         victim = None
         deadline = time.monotonic() + 30
