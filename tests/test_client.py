@@ -373,9 +373,12 @@ def test_ctrl_c_stops_at_once_and_says_how_to_go_on(gateway, api, tmp_path):
                       "--no-wait", "--json", cwd=tmp_path)
         batch_id = made.json()["batch_id"]
         polls = gateway.log().count(f"batch_id={batch_id}")
+        # Ctrl-C as a terminal delivers it, to a process that does not ignore it: in a whole-suite
+        # run the watch went on polling after the signal, as if the worker it inherited from had
+        # come to ignore SIGINT (a child keeps an ignored signal ignored).
         proc = subprocess.Popen([sys.executable, "-m", "x2v_gateway.cli", "watch", batch_id, "--quiet"],
                                 cwd=tmp_path, env=_env(gateway), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         until(lambda: gateway.log().count(f"batch_id={batch_id}") > polls, what="the watch's first look at the batch")
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=10)

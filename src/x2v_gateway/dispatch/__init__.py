@@ -88,7 +88,7 @@ class Dispatcher:
             self.timings.record(node, task, seconds)
         await self.replicas.start()
         await self._release_orphans()
-        for state in self.states.values():
+        for state in list(self.states.values()):
             state.strays = bool(await self.store.stray_tasks(state.name))
             self.spawn(self._follower.loop(state))
         self.spawn(self._dispatch_loop())
@@ -103,7 +103,7 @@ class Dispatcher:
         await asyncio.gather(*ctx.tasks, return_exceptions=True)
         with contextlib.suppress(Exception):  # a store already unreachable: the lease runs out
             await self.replicas.stop()
-        for state in self.states.values():
+        for state in list(self.states.values()):
             await state.upstream.aclose()
 
     def wake(self) -> None:

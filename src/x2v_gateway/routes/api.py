@@ -385,7 +385,7 @@ class ModelList(msgspec.Struct):
 async def upstream_models(dispatcher: Dispatcher) -> ModelList:
     """What each upstream can run: a node its one model, a cloud account what its list offers."""
     found = []
-    for state in dispatcher.states.values():
+    for state in list(dispatcher.states.values()):  # a copy: a cloud's list is awaited
         upstream = state.upstream
         tasks = sorted(upstream.tasks & set(TASK_INPUTS))
         if not upstream.capabilities.chooses_models:

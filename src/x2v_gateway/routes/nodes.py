@@ -79,7 +79,9 @@ async def node_view(store: JobStore, dispatcher: Dispatcher, state: UpstreamStat
 
 async def node_views(store: JobStore, dispatcher: Dispatcher, who: Caller) -> list[NodeView]:
     """Every node as `who` may see it."""
-    return [await node_view(store, dispatcher, state, who) for state in dispatcher.states.values()]
+    # A copy: a node added or removed (here or through another replica) while a view awaits the
+    # store must not break the listing.
+    return [await node_view(store, dispatcher, state, who) for state in list(dispatcher.states.values())]
 
 
 class NodesController(Controller):
