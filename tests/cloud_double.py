@@ -51,6 +51,7 @@ import av
 import httpx
 from PIL import Image
 
+import loopback
 from faults import FaultInjector, FaultsClient, serve
 from x2v_gateway.demo import asgi
 from x2v_gateway.demo.asgi import Request, Response, json_response, route
@@ -1227,7 +1228,7 @@ class CloudDouble(FaultsClient):
 
     def configure(self, **changes: Any) -> dict:
         """Change settings of the running double (workers, job_seconds, max_active, submit_delay...)."""
-        return httpx.post(f"{self.url}/_double/config", json=changes).json()
+        return loopback.post(f"{self.url}/_double/config", json=changes).json()
 
     def inject(self, path: str, *, status: int | None = None, drop: bool = False, count: int = 1) -> None:
         """Make the next `count` requests to `path` fail: with a proxy-style `status` page

@@ -36,8 +36,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import httpx
-
 from x2v_gateway.demo.asgi import (
     App,
     Receive,
@@ -50,6 +48,8 @@ from x2v_gateway.demo.asgi import (
     route,
     text_response,
 )
+
+import loopback
 
 log = logging.getLogger("tests.faults")
 
@@ -361,19 +361,19 @@ class FaultsClient:
         for key, value in (("route", route), ("status", status), ("body", body), ("seconds", seconds)):
             if value is not None:
                 spec[key] = value
-        response = httpx.post(f"{self.url}/_faults", json=spec, timeout=5)
+        response = loopback.post(f"{self.url}/_faults", json=spec, timeout=5)
         response.raise_for_status()
         return response.json()
 
     def faults(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/_faults", timeout=5).json()
+        return loopback.get(f"{self.url}/_faults", timeout=5).json()
 
     def clear_faults(self) -> None:
-        httpx.delete(f"{self.url}/_faults", timeout=5).raise_for_status()
+        loopback.delete(f"{self.url}/_faults", timeout=5).raise_for_status()
 
     def forget_tasks(self, downtime: float = 0.0) -> None:
         """Restart the app inside the running process: every task is forgotten, files stay."""
-        response = httpx.post(
+        response = loopback.post(
             f"{self.url}/_faults", json={"action": "restart", "downtime": downtime}, timeout=10
         )
         response.raise_for_status()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+import loopback
 from servers import free_port  # noqa: F401 (tests import it from here too)
 
 # The admin key every test gateway starts with (X2V_ADMIN_KEY), random for each test process.
@@ -96,7 +97,7 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 # 5 s: a gateway just started on a busy machine may take seconds to answer.
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
+                if loopback.get(f"{self.url}/healthz", timeout=5).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -138,7 +139,7 @@ class GatewayProcess:
         What it reads is kept in `responses_path` for tests/test_secrets.py."""
         key = self.admin_key if key is _DEFAULT else key
         headers = {"Authorization": f"Bearer {key}"} if key else None
-        return httpx.Client(
+        return loopback.client(
             base_url=self.url, timeout=timeout, headers=headers,
             transport=CapturingTransport(self.responses_path),
         )
@@ -146,7 +147,7 @@ class GatewayProcess:
     def sign_in(self, key: str | None = None) -> str:
         """Sign in to the dashboard as a browser does; returns the session cookie's value (for
         a browser context: `{"name": "x2v_session", "value": ..., "url": gateway.url}`)."""
-        with httpx.Client(base_url=self.url, timeout=30, transport=CapturingTransport(self.responses_path)) as browser:
+        with loopback.client(base_url=self.url, timeout=30, transport=CapturingTransport(self.responses_path)) as browser:
             form = browser.get("/ui/sign-in")
             token = form.text.split('name="_sign_in_token" value="', 1)[1].split('"', 1)[0]
             signed_in = browser.post("/ui/sign-in", data={
@@ -182,7 +183,7 @@ class CapturingTransport(httpx.HTTPTransport):
     shown once, when made)."""
 
     def __init__(self, sink: Path) -> None:
-        super().__init__()
+        super().__init__(verify=False)  # plain HTTP on loopback (loopback.py says why)
         self._sink = sink
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+import loopback
 from gateway_proc import GatewayProcess
 from servers import NodeProcess
 
@@ -29,7 +30,7 @@ def gateway_for(tmp_path: Path, nodes: dict[str, NodeProcess], **settings: str) 
 
 
 def api(gateway: GatewayProcess, key: str = ADMIN_KEY) -> httpx.Client:
-    return httpx.Client(base_url=gateway.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+    return loopback.client(base_url=gateway.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
 
 
 def submit(client: httpx.Client, task: str = "t2v", media: dict | None = None, **fields) -> str:
@@ -57,7 +58,7 @@ def wait_all(client: httpx.Client, ids: list[str], timeout: float = 60) -> dict[
 
 
 def tasks_on(node: NodeProcess) -> dict[str, dict]:
-    return httpx.get(f"{node.url}/v1/tasks/", timeout=10).json()
+    return loopback.get(f"{node.url}/v1/tasks/", timeout=10).json()
 
 
 def submitted_ids(node: NodeProcess) -> list[str]:

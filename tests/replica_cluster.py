@@ -28,6 +28,7 @@ from pathlib import Path
 import av
 import httpx
 
+import loopback
 import gateway_proc
 from gateway_proc import GatewayProcess, _watch
 from servers import NodeProcess
@@ -108,7 +109,7 @@ class Cluster:
             if not replica.alive:
                 continue
             try:
-                response = httpx.post(
+                response = loopback.post(
                     f"{replica.url}/api/v1/jobs", json={"task": "t2v", "prompt": prompt},
                     headers={"Authorization": f"Bearer {replica.admin_key}", "Idempotency-Key": key},
                     timeout=30,

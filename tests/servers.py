@@ -3,7 +3,7 @@
 Plain functions and classes (no fixtures), so any conftest or script can use them:
 
     node = NodeProcess(tmp_path / "node").start()
-    httpx.post(f"{node.url}/v1/tasks/video/", json={"prompt": "hi"})
+    loopback.post(f"{node.url}/v1/tasks/video/", json={"prompt": "hi"})
     node.restart()          # a real process restart: every task is forgotten, files stay
     node.submissions()      # what reached the node, across restarts
 
@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+import loopback
 from faults import FaultInjector, FaultsClient, Preset, serve
 from x2v_gateway.demo import create_demo_app
 
@@ -138,7 +139,7 @@ class NodeProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if loopback.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

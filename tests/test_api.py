@@ -13,6 +13,7 @@ import zlib
 import httpx
 import pytest
 
+import loopback
 from gateway_proc import wait_for
 from x2v_gateway.media import probe_video
 
@@ -200,7 +201,7 @@ def test_cancel_queued_job_never_reaches_the_node(api, node_url):
     assert cancelled["state"] == "cancelled"
     for job in jobs[:-1]:
         wait_for(api, job["id"], {"succeeded"})
-    node_tasks = httpx.get(f"{node_url}/v1/tasks/").json()
+    node_tasks = loopback.get(f"{node_url}/v1/tasks/").json()
     assert last["id"] not in node_tasks
     assert api.get(f"/api/v1/jobs/{last['id']}").json()["state"] == "cancelled"
 
@@ -212,7 +213,7 @@ def test_cancel_running_task_stays_cancelled_when_node_later_reports_completed(a
     # LightX2V keeps rendering a cancelled running task and then reports it `completed`.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        node_status = httpx.get(f"{node_url}/v1/tasks/{job['id']}/status").json()
+        node_status = loopback.get(f"{node_url}/v1/tasks/{job['id']}/status").json()
         if node_status["status"] == "completed":
             break
         time.sleep(0.1)

@@ -19,6 +19,7 @@ import pytest
 
 from x2v_gateway.auth import CALLER_CACHE_SECONDS
 
+import loopback
 from gateway_proc import ADMIN_KEY, GatewayProcess, remember_secret, wait_for
 from media import make_png
 
@@ -215,7 +216,7 @@ def test_revoked_key_stops_working_at_once(gw, admin):
 
 
 def test_sign_in_gives_a_session_cookie_that_scripts_cannot_read(gw):
-    with httpx.Client(base_url=gw.url) as client:
+    with loopback.client(base_url=gw.url) as client:
         form = client.get("/ui/sign-in")
         token = re.search(r'name="_sign_in_token" value="([^"]+)"', form.text).group(1)
         data = {"_sign_in_token": token, "key": ADMIN_KEY, "next": "/ui/jobs"}
@@ -236,13 +237,13 @@ def test_sign_in_gives_a_session_cookie_that_scripts_cannot_read(gw):
 
 
 def test_sign_in_refuses_bad_keys_forged_forms_and_other_sites(gw):
-    with httpx.Client(base_url=gw.url) as client:
+    with loopback.client(base_url=gw.url) as client:
         form = client.get("/ui/sign-in")
         token = re.search(r'name="_sign_in_token" value="([^"]+)"', form.text).group(1)
         wrong = client.post("/ui/sign-in", data={"_sign_in_token": token, "key": "x2v_guess"})
         assert wrong.status_code == 401 and "not valid" in wrong.text and "x2v_session" not in client.cookies
         # A form posted from another site has no sign-in token cookie to match: refused.
-        with httpx.Client(base_url=gw.url) as elsewhere:
+        with loopback.client(base_url=gw.url) as elsewhere:
             forged = elsewhere.post("/ui/sign-in", data={"_sign_in_token": token, "key": ADMIN_KEY})
             assert forged.status_code == 403 and "x2v_session" not in elsewhere.cookies
         # After signing in, it only ever sends the browser back to this gateway.

@@ -10,12 +10,13 @@ import secrets
 import subprocess
 import sys
 
-import httpx
 import pytest
 
 from x2v_gateway.blobs import BlobStore, BlobStoreUnavailable, LocalBlobStore, S3BlobStore
 from x2v_gateway.blobs.migrate import copy_blobs
 from x2v_gateway.settings import S3Config
+
+import loopback
 
 
 def _s3(server, tmp_path, **options) -> S3BlobStore:
@@ -124,8 +125,8 @@ def test_presigned_download_url_fetches_the_blob_without_the_secret(s3_server, t
 
     url = asyncio.run(scenario())
     assert s3_server.secret_access_key not in url
-    assert httpx.get(url).content == b"a video"
-    assert httpx.get(url, headers={"Range": "bytes=2-4"}).content == b"vid"
+    assert loopback.get(url).content == b"a video"
+    assert loopback.get(url, headers={"Range": "bytes=2-4"}).content == b"vid"
 
 
 def test_a_refused_key_is_a_503_that_names_no_secret(s3_server, tmp_path):

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
-
+import loopback
 from cloud_double import CloudDouble
 from x2v_gateway.blobs import BlobStore
 from x2v_gateway.dispatch import Dispatcher
@@ -50,8 +49,8 @@ def test_retry_of_a_job_cancelled_in_flight_resumes_its_cloud_task_instead_of_ma
         assert [e["task_id"] for e in double.journal()] == [task_id]
         calls = [r["path"] for r in double.requests() if r["query"].get("task_id") == task_id]
         assert calls.index("/api/v1/task/cancel") < calls.index("/api/v1/task/resume")
-        status = httpx.get(f"{double.url}/api/v1/task/query", params={"task_id": task_id},
-                           headers={"Authorization": f"Bearer {double.token}"}).json()["status"]
+        status = loopback.get(f"{double.url}/api/v1/task/query", params={"task_id": task_id},
+                              headers={"Authorization": f"Bearer {double.token}"}).json()["status"]
         assert status == "PENDING"  # running again, as the same task
 
 
@@ -61,8 +60,8 @@ def test_retry_while_the_first_submission_is_in_flight_cancels_the_task_it_made(
     with CloudDouble(tmp_path / "cloud", workers=0, submit_delay=20.0) as double:
 
         def cloud_status(task_id: str) -> str:
-            return httpx.get(f"{double.url}/api/v1/task/query", params={"task_id": task_id},
-                             headers={"Authorization": f"Bearer {double.token}"}).json()["status"]
+            return loopback.get(f"{double.url}/api/v1/task/query", params={"task_id": task_id},
+                                headers={"Authorization": f"Bearer {double.token}"}).json()["status"]
 
         async def until(check, what: str, timeout: float = 20.0):
             deadline = asyncio.get_running_loop().time() + timeout

@@ -17,6 +17,7 @@ import av
 import httpx
 import pytest
 
+import loopback
 from cloud_double import CloudDouble, make_token
 from media import make_png, make_wav
 
@@ -55,7 +56,7 @@ class Api:
 
     def __init__(self, double: CloudDouble, user: str) -> None:
         self.user = user
-        self.http = httpx.Client(base_url=double.url, headers={"Authorization": f"Bearer {double.token_for(user)}"})
+        self.http = loopback.client(base_url=double.url, headers={"Authorization": f"Bearer {double.token_for(user)}"})
         self.last_submit = 0.0
 
     def submit(self, body: dict | bytes, *, wait: bool = True) -> httpx.Response:
@@ -98,14 +99,14 @@ def message(response: httpx.Response) -> str:
 
 def test_auth_errors_match_the_captures(cloud):
     url = f"{cloud.url}/api/v1/model/list"
-    assert httpx.get(url).status_code == 401
-    assert httpx.get(url).json() == {"message": "Not authenticated"}
-    assert httpx.get(url, headers={"Authorization": "Basic dXNlcjpwYXNz"}).json() == {"message": "Not authenticated"}
-    garbage = httpx.get(url, headers={"Authorization": "Bearer garbage"})
+    assert loopback.get(url).status_code == 401
+    assert loopback.get(url).json() == {"message": "Not authenticated"}
+    assert loopback.get(url, headers={"Authorization": "Basic dXNlcjpwYXNz"}).json() == {"message": "Not authenticated"}
+    garbage = loopback.get(url, headers={"Authorization": "Bearer garbage"})
     assert (garbage.status_code, garbage.json()) == (401, {"message": "Could not validate credentials"})
-    expired = httpx.get(url, headers={"Authorization": f"Bearer {cloud.expired}"})
+    expired = loopback.get(url, headers={"Authorization": f"Bearer {cloud.expired}"})
     assert (expired.status_code, expired.json()) == (401, {"message": "Token has expired"})
-    worker = httpx.post(f"{cloud.url}/api/v1/worker/fetch", headers={"Authorization": f"Bearer {cloud.token}"})
+    worker = loopback.post(f"{cloud.url}/api/v1/worker/fetch", headers={"Authorization": f"Bearer {cloud.token}"})
     assert (worker.status_code, worker.json()) == (403, {"message": "Invalid worker token"})
 
 
@@ -313,9 +314,9 @@ def test_relative_result_url_downloads_an_mp4_with_header_or_query_token(cloud):
         assert [(s.type, s.codec_context.name) for s in container.streams] == [("video", "h264"), ("audio", "aac")]
         assert sum(1 for _ in container.decode(video=0)) == 16
 
-    by_query = httpx.get(f"{cloud.url}{url.removeprefix('.')}&token={cloud.token_for('github_12351')}")
+    by_query = loopback.get(f"{cloud.url}{url.removeprefix('.')}&token={cloud.token_for('github_12351')}")
     assert by_query.status_code == 200 and by_query.content == download.content
-    anonymous = httpx.get(f"{cloud.url}{url.removeprefix('.')}")
+    anonymous = loopback.get(f"{cloud.url}{url.removeprefix('.')}")
     assert (anonymous.status_code, anonymous.json()) == (401, {"message": "Could not validate credentials"})
 
     wrong_name = api.get("/api/v1/task/result_url", task_id=task_id, name="output_image")
@@ -331,10 +332,10 @@ def test_absolute_result_url_works_without_token_and_refuses_one(tmp_path):
         api.wait(task_id, "SUCCEED")
         url = api.get("/api/v1/task/result_url", task_id=task_id, name="output_video").json()["url"]
         assert url.startswith(f"{double.url}/presigned/{task_id}-output_video.mp4?")
-        plain = httpx.get(url)
+        plain = loopback.get(url)
         assert plain.status_code == 200 and plain.content[4:12] == b"ftypisom"
-        assert httpx.get(url, headers={"Authorization": f"Bearer {double.token}"}).status_code == 400
-        assert httpx.get(url.replace("Signature=", "Signature=0")).status_code == 403
+        assert loopback.get(url, headers={"Authorization": f"Bearer {double.token}"}).status_code == 400
+        assert loopback.get(url.replace("Signature=", "Signature=0")).status_code == 403
 
 
 def test_list_is_newest_first_and_delete_hides_the_task(cloud):
@@ -359,7 +360,7 @@ def test_list_is_newest_first_and_delete_hides_the_task(cloud):
 
 def test_unknown_get_paths_fall_into_the_spa_catch_all(cloud):
     for path in ("/api/v1/task/submit", "/api/v1/does/not/exist"):
-        response = httpx.get(f"{cloud.url}{path}")
+        response = loopback.get(f"{cloud.url}{path}")
         assert (response.status_code, response.text) == (404, "<h1>Frontend not found</h1>")
 
 
@@ -367,7 +368,7 @@ def test_request_log_records_auth_kind_but_never_the_token(cloud):
     token = cloud.token_for("github_12351")
     url = f"{cloud.url}/api/v1/model/list"
     for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": f"Bearer {token}"}):
-        httpx.get(url, headers=headers)
+        loopback.get(url, headers=headers)
     assert not any(token in line for line in (Path(cloud.state_dir) / "requests.jsonl").read_text().splitlines())
     kinds = {r["auth"] for r in cloud.requests()}
     assert {"bearer", "none", "basic"} <= kinds

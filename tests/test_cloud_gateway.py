@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import loopback
 from cloud_double import CloudDouble, make_token
 from gateway_proc import GatewayProcess, free_port, until, wait_for
 from x2v_gateway.media import probe_video
@@ -98,7 +99,7 @@ def assert_playable(client: Client, job: dict, tmp_path: Path) -> None:
 
 def cloud_task(double: CloudDouble, task_id: str) -> dict:
     """The cloud's own view of a task, asked with the account's token."""
-    return httpx.get(
+    return loopback.get(
         f"{double.url}/api/v1/task/query", params={"task_id": task_id},
         headers={"Authorization": f"Bearer {double.token}"},
     ).json()

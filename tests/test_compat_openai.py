@@ -6,10 +6,10 @@ from __future__ import annotations
 import base64
 import warnings
 
-import httpx
 import openai
 import pytest
 
+import loopback
 from gateway_proc import GatewayProcess, remember_secret
 from x2v_gateway.schemas import TASK_INPUTS
 
@@ -132,7 +132,7 @@ def test_sdk_edits_an_image_and_gets_a_url(client, gateway, media):
         edited = client.images.edit(image=image, prompt="make the face blue")
     url = edited.data[0].url
     assert url.startswith(gateway.url) and url.endswith(".png")
-    fetched = httpx.get(url, headers={"Authorization": f"Bearer {gateway.admin_key}"})
+    fetched = loopback.get(url, headers={"Authorization": f"Bearer {gateway.admin_key}"})
     assert fetched.status_code == 200 and fetched.content[:8] == b"\x89PNG\r\n\x1a\n"
     with media["face"].open("rb") as image:
         as_b64 = client.images.edit(image=image, prompt="again", response_format="b64_json")
@@ -143,10 +143,10 @@ def test_sdk_edits_an_image_and_gets_a_url(client, gateway, media):
 
 def test_without_the_headerless_key_the_compatible_routes_need_a_bearer_key(gateway):
     # This gateway sets no X2V_HEADERLESS_KEY (the default): a LightX2V client must send a key.
-    refused = httpx.get(f"{gateway.url}/v1/tasks/")
+    refused = loopback.get(f"{gateway.url}/v1/tasks/")
     assert refused.status_code == 401 and "detail" in refused.json()
     assert refused.headers["www-authenticate"].startswith("Bearer")
-    allowed = httpx.get(f"{gateway.url}/v1/tasks/", headers={"Authorization": f"Bearer {gateway.admin_key}"})
+    allowed = loopback.get(f"{gateway.url}/v1/tasks/", headers={"Authorization": f"Bearer {gateway.admin_key}"})
     assert allowed.status_code == 200
 
 

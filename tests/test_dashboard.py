@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import loopback
 from gateway_proc import GatewayProcess, wait_for
 from media import make_png, make_wav
 from x2v_gateway.media import probe_video
@@ -51,7 +52,7 @@ def gateway(tmp_path_factory) -> GatewayProcess:
 
 
 def api(gateway: GatewayProcess, key: str = ADMIN_KEY) -> httpx.Client:
-    return httpx.Client(base_url=gateway.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+    return loopback.client(base_url=gateway.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
 
 
 def sign_in(browser, gateway: GatewayProcess, key: str = ADMIN_KEY, **options):

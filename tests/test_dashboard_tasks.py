@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 
+import loopback
 from cloud_double import CloudDouble, render_mp4
 from gateway_proc import GatewayProcess, wait_for
 from media import make_png
@@ -69,12 +69,12 @@ def _create_and_finish(tab, gateway: GatewayProcess, count: int) -> list[dict]:
     tab.wait_for_url("**/ui/batches/b*")
     batch_id = tab.url.rsplit("/", 1)[-1]
     playwright_api.expect(tab.locator("#summary .progress-text")).to_contain_text(f"{count} of {count}", timeout=30_000)
-    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+    with loopback.client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         return client.get("/api/v1/jobs", params={"batch_id": batch_id}).json()["jobs"]
 
 
 def test_an_image_job_page_shows_the_image(gateway, tab):
-    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
+    with loopback.client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
         batch = client.post("/api/v1/batches", json={"jobs": [{"task": "t2i", "prompt": "a quiet harbour"}]}).json()
         (job,) = batch["jobs"]
         assert wait_for(client, job["id"], {"succeeded"})["result"]["kind"] == "image"

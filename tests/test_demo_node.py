@@ -20,6 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
+import loopback
 from media import make_big_wav, make_png, make_wav
 from servers import MisbehavingNode, NodeProcess, free_port
 from x2v_gateway.demo.video import render_video
@@ -45,13 +46,13 @@ def slow_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]
 
 @pytest.fixture
 def client(node: NodeProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=node.url, timeout=10) as c:
+    with loopback.client(base_url=node.url, timeout=10) as c:
         yield c
 
 
 @pytest.fixture
 def slow(slow_node: NodeProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=slow_node.url, timeout=10) as c:
+    with loopback.client(base_url=slow_node.url, timeout=10) as c:
         yield c
         # The next test starts with an idle node: cancel what is queued, let the running one end.
         c.delete("/v1/tasks/all/running")
@@ -424,7 +425,7 @@ def test_task_moves_to_end_of_listing_when_it_starts(slow: httpx.Client) -> None
 
 
 def test_restarted_node_forgets_tasks_but_serves_old_files(tmp_path: Path) -> None:
-    with NodeProcess(tmp_path / "node") as node, httpx.Client(base_url=node.url, timeout=10) as client:
+    with NodeProcess(tmp_path / "node") as node, loopback.client(base_url=node.url, timeout=10) as client:
         task_id = _submit(client, prompt="before restart")
         _wait_status(client, task_id, "completed")
         node.restart()
@@ -447,7 +448,7 @@ def bad_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MisbehavingNo
 
 @pytest.fixture
 def bad(bad_node: MisbehavingNode) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=bad_node.url, timeout=5) as c:
+    with loopback.client(base_url=bad_node.url, timeout=5) as c:
         yield c
     bad_node.clear_faults()
 
@@ -526,7 +527,7 @@ def test_misbehaving_node_restart_forgets_tasks(
     # Down long enough for the next request to find it down on a busy machine; then back up.
     bad_node.forget_tasks(downtime=3)
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{bad_node.url}/health", timeout=1)
+        loopback.get(f"{bad_node.url}/health", timeout=1)
     bad_node.wait_ready()
     gone = bad.get(f"/v1/tasks/{task_id}/status")
     assert (gone.status_code, gone.json()) == (404, {"detail": "Task not found"})
@@ -636,7 +637,7 @@ def test_openai_sdk_generates_an_image_on_the_node(node: NodeProcess) -> None:
         assert [e["type"] for e in link.value.response.json()["detail"]] == ["literal_error"]
     sent = [s for s in node.submissions() if s["route"] == "/v1/images/generations"][0]["request"]
     assert sent["task"] == "t2i" and sent["target_shape"] == [48, 64]
-    bare = httpx.post(f"{node.url}/v1/images/generations", json={"prompt": "no size"}, timeout=30)
+    bare = loopback.post(f"{node.url}/v1/images/generations", json={"prompt": "no size"}, timeout=30)
     assert bare.status_code == 200 and bare.json()["size"] is None
 
 
@@ -647,7 +648,7 @@ def test_openai_sdk_edits_an_image_into_a_url_the_node_serves(node: NodeProcess,
             edited = sdk.images.edit(image=image, prompt="make it blue")
         url = edited.data[0].url
         assert url.startswith(f"{node.url}/v1/files/download/") and url.endswith(".png")
-        served = httpx.get(url)
+        served = loopback.get(url)
         assert served.headers["content-type"] == "image/png" and _png(served.content)[0] == "PNG"
         # Two images go as `image[]`; the runner gets both paths, comma-joined.
         with first.open("rb") as one, second.open("rb") as two:
@@ -658,7 +659,7 @@ def test_openai_sdk_edits_an_image_into_a_url_the_node_serves(node: NodeProcess,
         assert blank.value.response.json() == {"detail": "prompt is required"}
     edits = [s["request"] for s in node.submissions() if s["route"] == "/v1/images/edits"]
     assert edits[0]["task"] == "i2i" and len(edits[1]["image_path"].split(",")) == 2
-    none = httpx.post(f"{node.url}/v1/images/edits", data={"prompt": "nothing to edit"}, files={"x": ("x", b"x")})
+    none = loopback.post(f"{node.url}/v1/images/edits", data={"prompt": "nothing to edit"}, files={"x": ("x", b"x")})
     assert (none.status_code, none.json()) == (400, {"detail": "At least one image is required"})
 
 

@@ -6,8 +6,7 @@ nodes' own task lists and submission journals are the evidence.
 
 from __future__ import annotations
 
-import httpx
-
+import loopback
 from gateway_proc import until
 from pool_support import (
     api,
@@ -123,7 +122,7 @@ def test_job_on_a_node_that_stops_answering_moves_and_is_cancelled_there(tmp_pat
     with api(gateway) as client:
         client.post("/api/v1/nodes/spare/drain").raise_for_status()
         # Someone else's long task runs on the node; ours waits behind it.
-        httpx.post(f"{sick.url}/v1/tasks/video/", json={"task_id": "theirs", "prompt": "x"}).raise_for_status()
+        loopback.post(f"{sick.url}/v1/tasks/video/", json={"task_id": "theirs", "prompt": "x"}).raise_for_status()
         ours = submit(client)
         until(lambda: tasks_on(sick).get(ours, {}).get("status") == "pending")
         # Its status routes break while its worker goes on: the gateway cannot see it any more.

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import loopback
 from gateway_proc import GatewayProcess, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def test_demo_node_polls_stay_out_of_the_gateway_output_and_its_errors_do_not(tm
                 assert wait_for(client, job_id, {"succeeded"})["state"] == "succeeded"
         demo_url = re.match(r"the built-in demo node, (http://\S+)", _block(gateway.log())["upstreams"])[1]
         # The demo node listens where the block says; garbage makes uvicorn warn, on its thread.
-        assert httpx.get(f"{demo_url}/v1/service/status").status_code == 200
+        assert loopback.get(f"{demo_url}/v1/service/status").status_code == 200
         demo = httpx.URL(demo_url)
         with socket.create_connection((demo.host, demo.port)) as raw:
             raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")

@@ -13,7 +13,7 @@ import statistics
 import time
 from datetime import datetime
 
-import httpx
+import loopback
 from gateway_proc import GatewayProcess, wait_for
 from servers import NodeProcess
 
@@ -46,7 +46,7 @@ def test_finished_tasks_are_seen_right_after_their_end_within_one_status_call_pe
                    for i in range(8)]
             jobs = [wait_for(client, job_id, {"succeeded", "failed"}) for job_id in ids]
         elapsed = time.time() - started
-        tasks = httpx.get(f"{node.url}/v1/tasks/", timeout=10).json()
+        tasks = loopback.get(f"{node.url}/v1/tasks/", timeout=10).json()
     finally:
         gateway.stop()
         node.stop()

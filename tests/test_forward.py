@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import loopback
 from gateway_proc import GatewayProcess, wait_for
 from media import make_big_wav
 from servers import MisbehavingNode, NodeProcess
@@ -84,7 +85,7 @@ def node_files(node: NodeProcess, kind: str = "audios") -> list[Path]:
 
 
 def node_tasks(node: NodeProcess) -> dict:
-    return httpx.get(f"{node.url}/v1/tasks/", timeout=5).json()
+    return loopback.get(f"{node.url}/v1/tasks/", timeout=5).json()
 
 
 def sent(node: NodeProcess) -> list[str]:
@@ -300,7 +301,7 @@ def test_node_full_after_reading_the_whole_forwarded_form_is_back_pressure(tmp_p
     node = NodeProcess(tmp_path / "node", job_seconds=3.0, max_queue_size=1).start()
     gateway = forwarding_gateway(tmp_path, node)
     try:
-        other = httpx.post(f"{node.url}/v1/tasks/video/", json={"prompt": "someone else", "save_result_path": "someone-else"}, timeout=10)
+        other = loopback.post(f"{node.url}/v1/tasks/video/", json={"prompt": "someone else", "save_result_path": "someone-else"}, timeout=10)
         assert other.status_code == 200, other.text
         with gateway.client() as client:
             response = post_s2v(client, media["face"], voice8)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-import httpx
 import pytest
 
+import loopback
 from gateway_proc import GatewayProcess
 from test_dashboard import ADMIN_KEY, CHROMIUM, browser, sign_in  # noqa: F401 (browser: a fixture)
 
@@ -65,7 +65,7 @@ def test_a_pipeline_made_in_the_form_runs_live_to_its_video(browser, gateway, me
 def test_a_failed_step_is_retried_and_a_pipeline_cancelled_from_its_page(browser, gateway, media):  # noqa: F811
     context = sign_in(browser, gateway)
     page = context.new_page()
-    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as api:
+    with loopback.client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as api:
         doc = {"scenes": [{"task": "t2v", "prompt": "one", "duration": 1}, {"task": "t2v", "prompt": "two", "duration": 1}]}
         pipeline = api.post("/api/v1/pipelines", json=doc).json()
         page.goto(f"{gateway.url}/ui/pipelines/{pipeline['id']}")

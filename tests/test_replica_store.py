@@ -186,6 +186,26 @@ def test_three_dispatchers_racing_on_one_file_never_overfill_a_shared_node(tmp_p
             s.close()
 
 
+def test_changes_a_replica_makes_before_the_others_first_see_it_still_reach_them(tmp_path, stores):
+    # rb starts and changes a job at once, before ra's next heartbeat has seen rb's lease: ra's
+    # watch must start from before rb existed, not from where the log stood when it noticed rb.
+    a, b = stores
+
+    async def scenario() -> None:
+        dispatcher = _dispatcher(tmp_path, a, [], "ra")
+        heard = dispatcher.notifier.subscribe()
+        await dispatcher.start()  # its first heartbeat finds it alone
+        try:
+            await b.join("rb", lease=30)
+            (job_id,) = await _queued(b, 1)
+            while (await asyncio.wait_for(heard.get(), 5)) != job_id:
+                pass
+        finally:
+            await dispatcher.stop()
+
+    run(scenario())
+
+
 def test_a_replica_that_finds_its_lease_taken_over_stops_sending(tmp_path, stores):
     a, b = stores
     node = MemoryUpstream("n0", slots=2)  # runs until finished by hand: nothing ends by itself

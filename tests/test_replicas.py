@@ -11,8 +11,8 @@ import threading
 import time
 from collections import Counter
 
-import httpx
 import pytest
+import loopback
 from gateway_proc import until
 from replica_cluster import Cluster, run_chaos
 from s3_server import SeaweedS3
@@ -119,7 +119,7 @@ def test_a_cancel_made_through_another_replica_reaches_the_node_and_the_owners_e
         until(lambda: len(cluster.sent()) == 2, timeout=30, what="both jobs on the node")
 
         def node_status(task_id: str) -> str:
-            return httpx.get(f"{node.url}/v1/tasks/{task_id}/status", timeout=10).json()["status"]
+            return loopback.get(f"{node.url}/v1/tasks/{task_id}/status", timeout=10).json()["status"]
 
         waiting = until(lambda: next((i for i in ids if node_status(i) == "pending"), None),
                         what="one job waiting in the node's queue")
@@ -227,6 +227,6 @@ def test_chaos_replicas_sigkilled_at_random_lose_nothing_and_send_nothing_twice(
                 results = {i: client.get(f"/api/v1/jobs/{i}").json()["result"]["sha256"] for i in ids}
             assert not {i: sha for i, sha in results.items() if sha not in kept}
         for replica in cluster.replicas:
-            assert httpx.get(f"{replica.url}/healthz", timeout=10).status_code == 200
+            assert loopback.get(f"{replica.url}/healthz", timeout=10).status_code == 200
     finally:
         cluster.stop()

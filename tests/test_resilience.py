@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
+import loopback
 from gateway_proc import GatewayProcess, until, wait_for
 from media import make_big_wav
 from servers import MisbehavingNode, NodeProcess
@@ -208,7 +208,7 @@ def test_node_that_breaks_every_submission_fails_the_job_instead_of_looping(tmp_
 
 def node_task(node: NodeProcess, task_id: str) -> dict | None:
     """The node's own status of a task, or None while it does not know it."""
-    response = httpx.get(f"{node.url}/v1/tasks/{task_id}/status", timeout=10)
+    response = loopback.get(f"{node.url}/v1/tasks/{task_id}/status", timeout=10)
     return response.json() if response.status_code == 200 else None
 
 
@@ -234,7 +234,7 @@ def test_cancel_while_the_node_is_still_reading_the_submission_stops_the_task_th
             # stays cancelled all the same.
             until(lambda: (node_task(node, job_id) or {}).get("error") == "Task cancelled by user",
                   what="the node's task cancelled")
-            until(lambda: httpx.get(f"{node.url}/v1/service/status").json()["service_status"] == "idle",
+            until(lambda: loopback.get(f"{node.url}/v1/service/status").json()["service_status"] == "idle",
                   what="the node done with it")
             (later,) = submit_t2v(client, 1, "after the cancelled one")
             assert wait_for(client, later, {"succeeded", "failed"})["state"] == "succeeded"

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
+import loopback
 from cloud_double import CloudDouble, render_mp4
 from gateway_proc import GatewayProcess, wait_for
 from servers import NodeProcess
@@ -273,7 +274,7 @@ def _finished(client: httpx.Client, task_id: str) -> dict:
 
 
 def test_demo_node_image_route_answers_as_the_real_server(node):
-    with httpx.Client(base_url=node.url) as client:
+    with loopback.client(base_url=node.url) as client:
         submitted = client.post("/v1/tasks/image/", json={"prompt": "a bridge", "aspect_ratio": "1:1"})
         assert submitted.status_code == 200
         body = submitted.json()

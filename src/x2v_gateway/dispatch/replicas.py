@@ -90,6 +90,9 @@ class Replicas:
         self.send_cancel = send_cancel
         self.on_lost = on_lost
         self.others = 0  # other replicas with a lease, at the last heartbeat
+        # The change log's position taken by the last heartbeat that found this replica alone
+        # (before it read the leases): where the watch starts once another replica appears.
+        self.alone_mark: int | None = None
         self.lost = False
 
     @property
@@ -110,6 +113,10 @@ class Replicas:
 
     async def beat(self) -> None:
         ctx = self.ctx
+        # Taken before the leases are read: a replica this beat does not see yet makes all its
+        # changes after this point. A position taken only once it is seen would skip those it
+        # made before (a cancel sent through a replica that had just started was missed so).
+        mark, _ = await ctx.store.changes_since(None)
         rows = await ctx.store.replicas()
         gone = gone_on_this_host(rows, self.id, self.lease, time.time())
         taken = await ctx.store.heartbeat(self.id, self.lease, gone)
@@ -121,6 +128,8 @@ class Replicas:
             return
         now = time.time()
         self.others = sum(1 for r in rows if r["id"] != self.id and r["expires_at"] >= now and r["id"] not in gone)
+        if self.others == 0:
+            self.alone_mark = mark
         if taken:
             log.warning("replica %s took over %d job(s) of replicas that stopped", self.id, len(taken))
             ctx.metrics.jobs_taken_over.inc(len(taken))
@@ -145,8 +154,10 @@ class Replicas:
         while ctx.running:
             await asyncio.sleep(WATCH_INTERVAL)
             if self.others <= 0:
-                cursor = None  # taken afresh when another replica appears
+                cursor = None
                 continue
+            if cursor is None:
+                cursor = self.alone_mark  # None (others from the start): a position taken now
             try:
                 cursor, changed = await ctx.store.changes_since(cursor)
             except Exception:
