@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway_proc import until
+from gateway_proc import GatewayProcess, until
 from replica_cluster import Cluster
 from test_pipelines import download, frames_of, wait_pipeline
 from x2v_gateway.media import probe_video
@@ -32,6 +32,53 @@ def test_a_replicas_pipeline_is_finished_by_another_after_a_sigkill(tmp_path):
         assert frames_of(video) == 64
     finally:
         cluster.stop()
+
+
+def test_a_join_left_by_a_replica_that_died_holding_it_is_done_once_its_lease_ends(tmp_path):
+    # Every step done and the join claimed by a replica that then died (a gateway SIGKILLed
+    # mid-join): the gateway started next finds the claim still held, and must look again once
+    # the dead replica's lease is over (nothing else moves a pipeline whose jobs are all done).
+    import asyncio
+    import time
+
+    import gateway_proc
+    from x2v_gateway.blobs import BlobStore
+    from x2v_gateway.demo.video import render_video
+    from x2v_gateway.store import JobStore, Pipeline, PipelineStep, new_pipeline_id
+
+    if gateway_proc.database_for is not None:
+        pytest.skip("the store is seeded as a SQLite file")
+    data = tmp_path / "data"
+    data.mkdir()
+    clip = tmp_path / "clip.mp4"
+    render_video(clip, image=None, audio=None, prompt="the only scene", seed=1, seconds=1.0)
+
+    async def seed() -> str:
+        store = JobStore(data / "gateway.db")
+        try:
+            pipeline = Pipeline(id=new_pipeline_id(), output={"fps": 16}, steps=[PipelineStep(
+                n=0, scene=0, kind="clip", task="t2v", params={"prompt": "x"}, inputs={}, needs={}, seconds=1.0,
+            )])
+            await store.create_pipeline(pipeline)
+            job, _ = await store.create_step_job(pipeline.id, 0, task="t2v", params={"prompt": "x"}, inputs={})
+            sha, size = await BlobStore(data / "blobs").adopt(clip)
+            await store.record_blob(sha, size, "mp4")
+            assert await store.succeed(job.id, sha, {"duration": 1.0})
+            await store.join("died-mid-join", lease=3.0)
+            assert await store.claim_join(pipeline.id, "died-mid-join", time.time() + 600)
+            return pipeline.id
+        finally:
+            store.close()
+
+    pipeline_id = asyncio.run(seed())
+    gateway = GatewayProcess(data, nodes="").start()
+    try:
+        with gateway.client() as api:
+            done = wait_pipeline(api, pipeline_id, {"succeeded", "failed"}, timeout=30)
+        assert done["state"] == "succeeded", done
+        assert done["result"]["duration"] == pytest.approx(1.0, abs=0.07)
+    finally:
+        gateway.stop()
 
 
 def test_a_pipelines_join_is_claimed_by_one_replica_until_its_lease_ends(store_location):

@@ -332,7 +332,11 @@ class PipelineService:
         lease = join_timeout(clips, pipeline.output.get("size")) + JOIN_LEASE_MARGIN
         # Claimed as this replica: one that dies mid-join leaves it once its replica lease ends.
         if not await self.store.claim_join(pipeline.id, self.jobs.dispatcher.replicas.id, time.time() + lease):
-            log.info("pipeline %s: another replica joins it", pipeline.id)
+            # Its jobs are forgotten here, so that the sweep looks at it again: if the holder
+            # dies (or was this gateway's previous life, killed mid-join), its claim ends with
+            # its lease, and nothing else would move a pipeline whose jobs are all done.
+            log.debug("pipeline %s: another replica joins it", pipeline.id)
+            self._forget(pipeline, jobs)
             return
         dest = self.blobs.tmp_dir / f"pipeline-{pipeline.id}-{uuid.uuid4().hex[:8]}.mp4"
         try:
