@@ -142,10 +142,13 @@ def s3_server(tmp_path_factory) -> SeaweedS3:
 def demo_gateway(tmp_path_factory) -> GatewayProcess:
     """A gateway with its embedded defaults (the built-in demo node), as the quick start runs it.
 
-    Demo jobs take at least 0.8 s, so a test can catch one running or queued.
+    Demo jobs take at least 0.8 s, and the node is asked every 0.2 s (not the tests' 0.5 s), so
+    a test can catch one running or queued.
     """
     root = tmp_path_factory.mktemp("gw")
     # Private URLs allowed: the URL-input tests serve their files from 127.0.0.1.
-    gateway = GatewayProcess(root / "data", X2V_DEMO_JOB_SECONDS="0.8", X2V_PRIVATE_URLS="true").start()
+    gateway = GatewayProcess(
+        root / "data", X2V_DEMO_JOB_SECONDS="0.8", X2V_POLL_INTERVAL="0.2", X2V_PRIVATE_URLS="true",
+    ).start()
     yield gateway
     gateway.stop()

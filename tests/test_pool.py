@@ -79,7 +79,7 @@ def test_routing_prefers_the_node_likely_to_finish_first(tmp_path, cleanup):
     }
     for node in start(*nodes.values()):
         cleanup(node)
-    gateway = gateway_for(tmp_path, nodes)
+    gateway = gateway_for(tmp_path, nodes, X2V_POLL_INTERVAL="0.2")  # to see a job wait in a node's queue
     cleanup(gateway)
     with api(gateway) as client:
         # Both nodes get work at first (nothing measured yet), so both get measured.
