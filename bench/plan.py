@@ -15,6 +15,11 @@ follow, dispatch and retention loops all running. Measured:
 - the event loop's longest stall meanwhile (a 5 ms ticker's worst lateness): planning that runs
   on the loop shows there.
 
+Each round is timed twice: awaited on the event loop (`Dispatcher.plan()`: the snapshot, the hop
+to a reader thread and back, so the loop's own lateness under the follow loops counts too), and
+on its thread (`Scheduler._plan_round`: wall time, and the thread's CPU time, which is the
+round's own work whatever else holds the interpreter).
+
 With `--base`, the same measurement runs first on that checkout's sources (in a subprocess),
 then on this one's, and both are printed side by side.
 """
@@ -27,7 +32,6 @@ import json
 import random
 import shutil
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +94,18 @@ async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -
         return result
 
     dispatcher.plan = timed_plan  # type: ignore[method-assign]
+    on_thread: list[tuple[float, float, int]] = []  # wall, CPU, jobs placed
+    scheduler = dispatcher._scheduler
+    plan_round = getattr(scheduler, "_plan_round", None)  # a checkout that plans on the loop has none
+
+    def timed_round(reads, snapshot):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        placed, idle = plan_round(reads, snapshot)
+        on_thread.append((time.perf_counter() - wall, time.thread_time() - cpu, len(placed)))
+        return placed, idle
+
+    if plan_round is not None:
+        scheduler._plan_round = timed_round
     stall = 0.0
 
     async def ticker() -> None:
@@ -107,22 +123,27 @@ async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -
         await asyncio.sleep(0.01)
     first, placed = rounds[0]
     start_stall = stall
+    first_thread = next(((wall, cpu) for wall, cpu, n in on_thread if n > 0), (None, None))
     steady_rounds: list[float] = []
+    steady_thread: list[tuple[float, float, int]] = []
     if not first_only:
         await asyncio.sleep(2)  # the first round's submissions settle
-        stall, mark = 0.0, len(rounds)
+        stall, mark, thread_mark = 0.0, len(rounds), len(on_thread)
         await asyncio.sleep(steady)
         steady_rounds = [t for t, n in rounds[mark:] if n > 0]
+        steady_thread = [row for row in on_thread[thread_mark:] if row[2] > 0]
     await dispatcher.stop()
     tick.cancel()
     store.close()
     return {"first": first, "placed": placed, "start_stall": start_stall, "steady": steady_rounds,
-            "steady_stall": stall}
+            "steady_stall": stall, "first_thread": first_thread[0], "first_cpu": first_thread[1],
+            "steady_thread": [wall for wall, _, _ in steady_thread],
+            "steady_cpu": [cpu for _, cpu, _ in steady_thread]}
 
 
 def measure(template: Path, nodes: int, steady: float) -> dict:
     """Three starts (a fresh copy of the store each), then a steady run on the last."""
-    firsts, placed, stalls = [], 0, []
+    firsts, placed, stalls, first_threads, first_cpus = [], 0, [], [], []
     result: dict = {}
     for attempt in range(3):
         work = Path(tempfile.mkdtemp(prefix="plan-run-"))
@@ -135,12 +156,19 @@ def measure(template: Path, nodes: int, steady: float) -> dict:
             shutil.rmtree(work, ignore_errors=True)
         firsts.append(result["first"])
         stalls.append(result["start_stall"])
+        first_threads.append(result["first_thread"])
+        first_cpus.append(result["first_cpu"])
         placed = result["placed"]
-    return {"first_ms": statistics.median(firsts) * 1000, "placed": placed,
-            "start_stall_ms": statistics.median(stalls) * 1000,
-            "steady_ms": statistics.median(result["steady"]) * 1000 if result["steady"] else None,
-            "steady_p95_ms": (sorted(result["steady"])[int(0.95 * (len(result["steady"]) - 1))] * 1000
-                              if result["steady"] else None),
+
+    def ms(values: list, q: float = 0.5) -> float | None:
+        values = sorted(v for v in values if v is not None)
+        return values[int(q * (len(values) - 1))] * 1000 if values else None
+
+    return {"first_ms": ms(firsts), "placed": placed, "start_stall_ms": ms(stalls),
+            "first_thread_ms": ms(first_threads), "first_cpu_ms": ms(first_cpus),
+            "steady_ms": ms(result["steady"]), "steady_p95_ms": ms(result["steady"], 0.95),
+            "steady_thread_ms": ms(result["steady_thread"]), "steady_cpu_ms": ms(result["steady_cpu"]),
+            "steady_cpu_p95_ms": ms(result["steady_cpu"], 0.95),
             "steady_rounds": len(result["steady"]), "steady_stall_ms": result["steady_stall"] * 1000}
 
 
@@ -173,8 +201,11 @@ def main() -> None:
             )
             results[label] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{args.nodes} nodes, {args.queued} queued, {args.history} finished (medians):")
-        for key, name in (("first_ms", "a start: first round"), ("start_stall_ms", "  loop's longest stall"),
+        for key, name in (("first_ms", "a start: first round"), ("first_thread_ms", "  on its thread"),
+                          ("first_cpu_ms", "  its thread's CPU"), ("start_stall_ms", "  loop's longest stall"),
                           ("steady_ms", "steady rounds"), ("steady_p95_ms", "  p95"),
+                          ("steady_thread_ms", "  on its thread"), ("steady_cpu_ms", "  its thread's CPU"),
+                          ("steady_cpu_p95_ms", "  its thread's CPU p95"),
                           ("steady_stall_ms", "  loop's longest stall")):
             row = "  ".join(f"{label}: {results[label][key]:8.1f} ms" for label in results
                             if results[label][key] is not None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..store import QUEUED, RUNNING, Inflight, Job, Lane, QueuedJob, Reads
@@ -23,12 +23,13 @@ from .state import Context, UpstreamState
 LANE_SCAN = 32
 
 
-@dataclass
+@dataclass(slots=True)
 class _LaneCursor:
     """One lane's queued jobs as a dispatch round reads them, a few at a time."""
 
     lane: Lane
     after: int
+    load_key: tuple[str, str]  # (owner, batch): whose jobs in flight count against the lane
     jobs: deque[QueuedJob] = field(default_factory=deque)
     exhausted: bool = False
     looked_at: int = 0
@@ -58,11 +59,12 @@ class _FairOrder:
     """
 
     def __init__(self, lanes: list[Lane], owner_load: Counter[str], lane_load: Counter[tuple[str, str]]) -> None:
-        self.cursors = [_LaneCursor(lane, lane.head_seq - 1) for lane in lanes]
+        self.cursors = [_LaneCursor(lane, lane.head_seq - 1, (lane.owner, lane.batch)) for lane in lanes]
         self.owner_load, self.lane_load = owner_load, lane_load
         self.groups: dict[tuple[int, str], list[tuple[int, int, int]]] = defaultdict(list)
-        for i, lane in enumerate(lanes):
-            self.groups[(lane.priority, lane.owner)].append((lane_load[(lane.owner, lane.batch)], lane.head_seq, i))
+        for i, cursor in enumerate(self.cursors):
+            lane = cursor.lane
+            self.groups[(lane.priority, lane.owner)].append((lane_load[cursor.load_key], lane.head_seq, i))
         for lanes_of_group in self.groups.values():
             heapq.heapify(lanes_of_group)
         self.heap = [(self._key(group), group) for group in self.groups]
@@ -72,31 +74,37 @@ class _FairOrder:
         lanes = self.groups[group]
         while True:
             load, head, i = lanes[0]
-            lane = self.cursors[i].lane
-            current = self.lane_load[(lane.owner, lane.batch)]
+            current = self.lane_load[self.cursors[i].load_key]
             if load == current:
                 return (-group[0], self.owner_load[group[1]], load, head)
             heapq.heapreplace(lanes, (current, head, i))
 
-    def pop(self) -> tuple[tuple[int, str], _LaneCursor] | None:
-        """The lane to take from next, with its group; the group is out of the order until
-        `put_back` or `drop_lane` (left out: its owner's lanes wait this round)."""
-        while self.heap:
-            key, group = heapq.heappop(self.heap)
+    def pop(self, back: tuple[int, str] | None) -> tuple[tuple[int, str], _LaneCursor] | None:
+        """The lane to take from next, with its group. `back`: the group taken from last, which
+        goes back into the order first (a group not given back is left out: its owner's lanes
+        wait this round). Most often it is still first, and stays out of the heap."""
+        heap = self.heap
+        item = None if back is None else (self._key(back), back)
+        while True:
+            if item is not None:
+                found = heapq.heappushpop(heap, item)
+                if found is item:
+                    return back, self.cursors[self.groups[back][0][2]]
+            elif heap:
+                found = heapq.heappop(heap)
+            else:
+                return None
+            key, group = found
             current = self._key(group)
             if key == current:
                 return group, self.cursors[self.groups[group][0][2]]
-            heapq.heappush(self.heap, (current, group))  # its owner got a job meanwhile
-        return None
+            item, back = (current, group), group  # its owner got a job meanwhile
 
-    def put_back(self, group: tuple[int, str]) -> None:
-        heapq.heappush(self.heap, (self._key(group), group))
-
-    def drop_lane(self, group: tuple[int, str]) -> None:
-        """The group's first lane is done for this round; the group goes back with the rest."""
+    def drop_lane(self, group: tuple[int, str]) -> tuple[int, str] | None:
+        """The group's first lane is done for this round: the group, to go back with the rest,
+        or None if it has no lane left."""
         heapq.heappop(self.groups[group])
-        if self.groups[group]:
-            self.put_back(group)
+        return group if self.groups[group] else None
 
 
 class Scheduler:
@@ -223,61 +231,59 @@ class Scheduler:
         if not lanes:
             return [], [states[name] for name in free]
 
-        # Nodes, per task type, by when a job sent now would be finished there.
-        durations: dict[tuple[str, str], float] = {}
-
-        def duration(name: str, task: str) -> float:
-            if (found := durations.get((name, task))) is None:
-                found = durations[(name, task)] = self._duration(name, task)
-            return found
-
+        # Nodes, per task type, by when a job sent now would be finished there: a heap of
+        # (finish, jobs on it, name, version) per task type, an entry stale once its node's
+        # version moved on (it got a job). What a job adds to a node's backlog is measured once.
+        typical = self.ctx.timings.typicals([(n, t) for n in free for t in states[n].upstream.tasks])
+        step = {n: {t: (typical[(n, t)] or 1.0) / states[n].capacity for t in states[n].upstream.tasks}
+                for n in free}
         backlog = {n: self._backlog(states[n], on_node.get(n, ()), snap.wall, snap.collecting) for n in free}
-        version: Counter[str] = Counter()
+        held = {n: len(on_node.get(n, ())) for n in free}
+        version = dict.fromkeys(free, 0)
         nodes_for: dict[str, list[tuple[float, int, str, int]]] = defaultdict(list)
-
-        def offer(name: str) -> None:
-            state = states[name]
-            for task in state.upstream.tasks:
-                finish = backlog[name] + duration(name, task) / state.capacity
-                heapq.heappush(nodes_for[task], (finish, len(on_node.get(name, ())), name, version[name]))
-
         for name in free:
-            offer(name)
-
-        def best_node(task: str) -> str | None:
-            heap = nodes_for.get(task, [])
-            while heap:
-                _, _, name, seen = heap[0]
-                if seen == version[name] and free.get(name, 0) > 0:
-                    return name
-                heapq.heappop(heap)
-            return None
+            for task, seconds in step[name].items():
+                nodes_for[task].append((backlog[name] + seconds, held[name], name, 0))
+        for heap in nodes_for.values():
+            heapq.heapify(heap)
 
         total_free = sum(free.values())
-        snap.first_read = max(2, min(LANE_SCAN, total_free // len(lanes) + 2))
+        # Fairness shares the slots between batches (owner, batch), whatever their task types.
+        batches = len({(lane.owner, lane.batch) for lane in lanes})
+        snap.first_read = max(2, min(LANE_SCAN, total_free // batches + 2))
         order = _FairOrder(lanes, owner_load, lane_load)
         plan: list[tuple[QueuedJob, UpstreamState]] = []
-        while total_free > 0 and (taken := order.pop()) is not None:
+        back = None
+        while total_free > 0 and (taken := order.pop(back)) is not None:
             group, cursor = taken
-            cap = limits.get(cursor.lane.owner)
-            if cap is not None and owner_load[cursor.lane.owner] >= cap:
+            back = None
+            owner = cursor.lane.owner
+            if limits and (cap := limits.get(owner)) is not None and owner_load[owner] >= cap:
                 continue  # its owner has as many jobs running as its key allows: its lanes wait
-            fit = self._next_fit(r, cursor, snap, free, best_node, total_free)
+            fit = self._next_fit(r, cursor, snap, free, nodes_for, version, total_free)
             if fit is None:
-                order.drop_lane(group)  # nothing of this lane fits a free node this round
+                back = order.drop_lane(group)  # nothing of this lane fits a free node this round
                 continue
             job, name = fit
-            state = states[name]
-            plan.append((job, state))
-            free[name] -= 1
+            plan.append((job, states[name]))
+            left = free[name] = free[name] - 1
             total_free -= 1
-            owner_load[cursor.lane.owner] += 1
-            lane_load[(cursor.lane.owner, cursor.lane.batch)] += 1
-            backlog[name] += duration(name, job.task) / state.capacity
-            version[name] += 1
-            if free[name] > 0:
-                offer(name)
-            order.put_back(group)
+            owner_load[owner] += 1
+            lane_load[cursor.load_key] += 1
+            busy = backlog[name] = backlog[name] + step[name][job.task]
+            seen = version[name] = version[name] + 1
+            for task, seconds in step[name].items():
+                # The node's entries are stale now. One on top (the job's task type's, most
+                # often) is replaced in one step; the others are dropped when they come up.
+                heap, entry = nodes_for[task], (busy + seconds, held[name], name, seen)
+                if heap[0][2] != name:
+                    if left > 0:
+                        heapq.heappush(heap, entry)
+                elif left > 0:
+                    heapq.heapreplace(heap, entry)
+                else:
+                    heapq.heappop(heap)
+            back = group
         return plan, [states[name] for name, n in free.items() if n > 0]
 
     def _next_fit(
@@ -286,10 +292,13 @@ class Scheduler:
         cursor: _LaneCursor,
         snap: _Snapshot,
         free: dict[str, int],
-        best_node: Callable[[str], str | None],
+        nodes_for: dict[str, list[tuple[float, int, str, int]]],
+        version: dict[str, int],
         total_free: int,
     ) -> tuple[QueuedJob, str] | None:
-        """The lane's next job that a free node can take, and that node."""
+        """The lane's next job that a free node can take, and that node: the one expected to
+        finish it first (the top of `nodes_for`, once the entries of nodes that got a job since
+        are dropped)."""
         while cursor.looked_at < LANE_SCAN:
             if not cursor.jobs:
                 if cursor.exhausted:
@@ -314,11 +323,14 @@ class Scheduler:
                     cursor.looked_at = 0
                     return job, job.pinned
                 continue  # its node is busy: the rest of the lane may still go elsewhere
-            name = best_node(job.task)
-            if name is None:
-                return None  # no free node runs this task type
-            cursor.looked_at = 0
-            return job, name
+            heap = nodes_for.get(job.task)
+            while heap:
+                _, _, name, seen = heap[0]
+                if seen == version[name] and free[name] > 0:
+                    cursor.looked_at = 0
+                    return job, name
+                heapq.heappop(heap)
+            return None  # no free node runs this task type
         return None
 
     def _duration(self, node: str, task: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import threading
 from collections import deque
+from collections.abc import Iterable
 
 # Run times kept per node and task type; their median is the node's typical time.
 TIMINGS_KEPT = 20
@@ -33,6 +34,12 @@ class Timings:
         """The median run time of this task type on this node; else on any node; else None."""
         with self._lock:
             return self._typical_of(node, task)
+
+    def typicals(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], float | None]:
+        """`typical` of each (node, task type), under one hold of the lock (a dispatch round
+        weighs every free node)."""
+        with self._lock:
+            return {pair: self._typical_of(*pair) for pair in pairs}
 
     def _typical_of(self, node: str, task: str) -> float | None:
         for key in ((node, task), ("", task)):
