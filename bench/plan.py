@@ -12,6 +12,8 @@ follow, dispatch and retention loops all running. Measured:
 - a start: the first dispatch round, every slot free (2 x nodes jobs placed), three times;
 - steady state: the rounds while runs of 5-15 s end and free slots one by one, for `--steady`
   seconds;
+- alone, first: `Scheduler._plan_round` called directly on one thread, no loop running, for a
+  start and for a steady round (every slot but one taken): the round's own work;
 - the event loop's longest stall meanwhile (a 5 ms ticker's worst lateness): planning that runs
   on the loop shows there.
 
@@ -36,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,7 +74,8 @@ def fill_store(path: Path, queued: int, history: int) -> None:
     conn.close()
 
 
-async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -> dict:
+def _dispatcher(path: Path, nodes: int):
+    """The real Dispatcher (not started) on the store at `path`, with `nodes` in-memory nodes."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from memory_upstream import MemoryUpstream
 
@@ -83,7 +88,45 @@ async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -
     upstreams = [MemoryUpstream(f"n{i}", tasks=frozenset({"t2v", "s2v"}), slots=2,
                                 seconds=rng.uniform(5, 15)) for i in range(nodes)]
     store = JobStore(path)
-    dispatcher = Dispatcher(store, BlobStore(path.parent / "blobs"), upstreams, Notifier(), Metrics())
+    return store, Dispatcher(store, BlobStore(path.parent / "blobs"), upstreams, Notifier(), Metrics())
+
+
+def _alone(path: Path, nodes: int, runs: int = 9) -> dict:
+    """`Scheduler._plan_round` timed on this thread with nothing else running (no loops, no
+    event loop): a start (every slot free), then a steady round (every slot but one taken, as
+    `running` jobs in the store). The round's own work, medians of `runs`."""
+    from x2v_gateway.dispatch.schedule import _Snapshot
+
+    store, dispatcher = _dispatcher(path, nodes)
+    scheduler = dispatcher._scheduler
+    states = scheduler.ctx.states
+    for state in states.values():
+        state.up, state.ready = True, True
+
+    def rounds() -> tuple[list, float]:
+        times = []
+        for _ in range(runs):
+            snapshot = _Snapshot(states=dict(states), unclaimed=Counter(), submitting=set(), collecting={},
+                                 wall=time.time())
+            started = time.perf_counter()
+            placed, _ = store.read_blocking(partial(scheduler._plan_round, snap=snapshot))
+            times.append(time.perf_counter() - started)
+        return placed, sorted(times)[runs // 2] * 1000
+
+    placed, start_ms = rounds()
+    conn = sqlite3.connect(path)
+    now = time.time()
+    conn.executemany("UPDATE jobs SET state = 'running', upstream = ?, submitted_at = ?, started_at = ? WHERE id = ?",
+                     [(state.name, now, now, job.id) for job, state in placed[1:]])
+    conn.commit()
+    conn.close()
+    _, steady_ms = rounds()
+    store.close()
+    return {"alone_start_ms": start_ms, "alone_steady_ms": steady_ms}
+
+
+async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -> dict:
+    store, dispatcher = _dispatcher(path, nodes)
     rounds: list[tuple[float, int]] = []
     plan = dispatcher.plan
 
@@ -141,19 +184,27 @@ async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -
             "steady_cpu": [cpu for _, cpu, _ in steady_thread]}
 
 
+def _on_a_copy(template: Path, run, *args):
+    """`run(path, *args)` on a fresh copy of the store."""
+    work = Path(tempfile.mkdtemp(prefix="plan-run-"))
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            if (template.parent / (template.name + suffix)).exists():
+                shutil.copy(template.parent / (template.name + suffix), work / (template.name + suffix))
+        return run(work / template.name, *args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def measure(template: Path, nodes: int, steady: float) -> dict:
-    """Three starts (a fresh copy of the store each), then a steady run on the last."""
+    """The rounds alone, then three live starts (a fresh copy of the store each), then a steady
+    run on the last."""
+    alone = _on_a_copy(template, _alone, nodes)
     firsts, placed, stalls, first_threads, first_cpus = [], 0, [], [], []
     result: dict = {}
     for attempt in range(3):
-        work = Path(tempfile.mkdtemp(prefix="plan-run-"))
-        try:
-            for suffix in ("", "-wal", "-shm"):
-                if (template.parent / (template.name + suffix)).exists():
-                    shutil.copy(template.parent / (template.name + suffix), work / (template.name + suffix))
-            result = asyncio.run(_measure(work / template.name, nodes, steady, first_only=attempt < 2))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        result = _on_a_copy(template, lambda path, first_only: asyncio.run(
+            _measure(path, nodes, steady, first_only=first_only)), attempt < 2)
         firsts.append(result["first"])
         stalls.append(result["start_stall"])
         first_threads.append(result["first_thread"])
@@ -164,7 +215,7 @@ def measure(template: Path, nodes: int, steady: float) -> dict:
         values = sorted(v for v in values if v is not None)
         return values[int(q * (len(values) - 1))] * 1000 if values else None
 
-    return {"first_ms": ms(firsts), "placed": placed, "start_stall_ms": ms(stalls),
+    return {**alone, "first_ms": ms(firsts), "placed": placed, "start_stall_ms": ms(stalls),
             "first_thread_ms": ms(first_threads), "first_cpu_ms": ms(first_cpus),
             "steady_ms": ms(result["steady"]), "steady_p95_ms": ms(result["steady"], 0.95),
             "steady_thread_ms": ms(result["steady_thread"]), "steady_cpu_ms": ms(result["steady_cpu"]),
@@ -201,7 +252,8 @@ def main() -> None:
             )
             results[label] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{args.nodes} nodes, {args.queued} queued, {args.history} finished (medians):")
-        for key, name in (("first_ms", "a start: first round"), ("first_thread_ms", "  on its thread"),
+        for key, name in (("alone_start_ms", "alone: a start"), ("alone_steady_ms", "alone: a steady round"),
+                          ("first_ms", "a start: first round"), ("first_thread_ms", "  on its thread"),
                           ("first_cpu_ms", "  its thread's CPU"), ("start_stall_ms", "  loop's longest stall"),
                           ("steady_ms", "steady rounds"), ("steady_p95_ms", "  p95"),
                           ("steady_thread_ms", "  on its thread"), ("steady_cpu_ms", "  its thread's CPU"),

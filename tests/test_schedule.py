@@ -71,6 +71,25 @@ async def test_higher_priority_first_then_the_oldest(store, tmp_path):
     assert [job_id for job_id, _ in await planned(dispatcher)] == [urgent[0], old[0]]
 
 
+async def test_jobs_in_flight_count_against_their_node_their_owner_and_their_batch(store, tmp_path):
+    # In flight: two of alice's batch b1 fill node a; one of bob's is on node b.
+    in_flight = await queue(store, 2, owner="alice", batch="b1") + await queue(store, 1, owner="bob")
+    for job_id, node in zip(in_flight, ["a", "a", "b"], strict=True):
+        assert await store.claim(job_id, node, job_id)
+    b1 = await queue(store, 1, owner="alice", batch="b1")
+    b2 = await queue(store, 1, owner="alice", batch="b2")
+    bob = await queue(store, 1, owner="bob")
+    carol = await queue(store, 1, owner="carol")
+    # What a round reads of them: counts per batch, the rows of given nodes, which ids are in flight.
+    assert await store.read(lambda r: r.inflight_by_batch()) == {("alice", "b1"): 2, ("bob", ""): 1}
+    assert sorted(row.id for row in await store.read(lambda r: r.inflight_on(["a", "gone"]))) == sorted(in_flight[:2])
+    assert await store.read(lambda r: r.inflight_among([in_flight[2], b1[0], "jnothere"])) == {in_flight[2]}
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=2), MemoryUpstream("b", slots=4))
+    # Node a is full. Carol has nothing in flight, bob one, alice two; of alice's batches, b2
+    # has none and b1 two, so b1 waits for the fourth slot.
+    assert await planned(dispatcher) == [(carol[0], "b"), (bob[0], "b"), (b2[0], "b")]
+
+
 async def test_a_job_goes_to_the_node_expected_to_finish_it_first(store, tmp_path):
     jobs = await queue(store, 2)
     dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("slow", slots=2), MemoryUpstream("fast", slots=2))

@@ -144,6 +144,11 @@ CALLS: dict[str, Callable[[JobStore, History], Any]] = {
     "lane_jobs": _reads(_lanes),
     "lane_heads": _reads(_lanes),
     "inflight": _reads(lambda r, h: r.inflight()),
+    # A dispatch round's: counts per batch, the rows of the nodes with a free slot, and which of
+    # the jobs this process holds (being submitted, videos being copied) are in flight.
+    "inflight_by_batch": _reads(lambda r, h: r.inflight_by_batch()),
+    "inflight_on": _reads(lambda r, h: (r.inflight_on([h.node]), r.inflight_on([h.node, "n02", "gone"]))),
+    "inflight_among": _reads(lambda r, h: r.inflight_among([h.inflight_id, h.queued_id, h.finished_id])),
     "count_pinned": _reads(lambda r, h: r.count_pinned(h.node)),
     "batch": _reads(lambda r, h: r.batch(h.dashboard_batch)),
     "recent_batch_ids": _reads(lambda r, h: (r.recent_batch_ids(), r.recent_batch_ids(owner=h.owner))),

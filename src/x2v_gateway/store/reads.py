@@ -118,6 +118,19 @@ class Reads(Protocol):
         """Every job handed to an upstream and not finished, in a few columns."""
         ...
 
+    def inflight_by_batch(self) -> dict[tuple[str, str], int]:
+        """Jobs handed to an upstream and not finished, per (owner, batch) ('' for none): what
+        fairness weighs, counted by the store, not read row by row, every dispatch round."""
+        ...
+
+    def inflight_on(self, upstreams: Iterable[str]) -> list[Inflight]:
+        """`inflight`, of these upstreams only."""
+        ...
+
+    def inflight_among(self, job_ids: Iterable[str]) -> set[str]:
+        """Which of these jobs are handed to an upstream and not finished."""
+        ...
+
     def count_pinned(self, upstream: str) -> int:
         """Queued jobs that only this upstream may run."""
         ...

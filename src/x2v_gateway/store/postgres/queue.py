@@ -95,6 +95,31 @@ class QueueReads(PgRows):
         )
         return [Inflight(*row) for row in found]
 
+    def inflight_by_batch(self) -> dict[tuple[str, str], int]:
+        found = tuples(
+            self.conn,
+            f"SELECT {OWNER_KEY}, {BATCH_KEY}, count(*) FROM jobs WHERE state IN ('submitted', 'running')"
+            f" GROUP BY {OWNER_KEY}, {BATCH_KEY}",
+        )
+        return {(owner, batch): n for owner, batch, n in found}
+
+    def inflight_on(self, upstreams: Iterable[str]) -> list[Inflight]:
+        found = tuples(
+            self.conn,
+            f"SELECT id, upstream, task, state, {OWNER_KEY}, {BATCH_KEY}, submitted_at, started_at"
+            " FROM jobs WHERE state IN ('submitted', 'running') AND upstream = ANY(%s) ORDER BY seq",
+            (list(upstreams),),
+        )
+        return [Inflight(*row) for row in found]
+
+    def inflight_among(self, job_ids: Iterable[str]) -> set[str]:
+        found = tuples(
+            self.conn,
+            "SELECT id FROM jobs WHERE id = ANY(%s) AND state IN ('submitted', 'running')",
+            (list(job_ids),),
+        )
+        return {job_id for (job_id,) in found}
+
     def count_pinned(self, upstream: str) -> int:
         return value(self.conn, "SELECT count(*) FROM jobs WHERE state = 'queued' AND pinned = %s", (upstream,))
 

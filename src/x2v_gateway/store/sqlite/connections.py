@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlite_utils import Database
 
@@ -48,6 +48,16 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 5000")
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+def each_chunk(conn: sqlite3.Connection, sql: str, values: list[Any]) -> list[Any]:
+    """The rows of `sql` for `values` in its `IN ({marks})`, 500 at a time (SQLite's limit on
+    bound parameters)."""
+    rows: list[Any] = []
+    for start in range(0, len(values), 500):
+        chunk = values[start:start + 500]
+        rows += conn.execute(sql.format(marks=",".join("?" * len(chunk))), chunk).fetchall()
+    return rows
 
 
 class Rows:

@@ -17,7 +17,7 @@ from ..records import (
     CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, SUCCEEDED, TERMINAL, IdempotencyConflict, Job,
     JobWebhook, new_job_id,
 )
-from .connections import AFTER_NEWEST, Rows, SqliteThreads, timestamp
+from .connections import AFTER_NEWEST, Rows, SqliteThreads, each_chunk, timestamp
 from .keys import audit
 from .pipeline_files import pipeline_blobs
 from .webhooks import insert_webhooks
@@ -71,14 +71,8 @@ class JobReads(Rows):
         return row_to_job(row) if row else None
 
     def jobs_by_id(self, ids: list[str]) -> list[Job]:
-        jobs: list[Job] = []
-        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
-            chunk = ids[start:start + 500]
-            rows = self.conn.execute(
-                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY seq", chunk
-            )
-            jobs += [row_to_job(r) for r in rows]
-        return jobs
+        rows = each_chunk(self.conn, "SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY seq", ids)
+        return [row_to_job(r) for r in rows]
 
     def list_jobs(
         self,

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..records import QUEUED, Inflight, Job, Lane, QueuedJob
-from .connections import Rows
+from .connections import Rows, each_chunk
 from .jobs import row_to_job
 from .schema import QUEUE_BLOCK_SEQS
 
@@ -109,6 +109,29 @@ class QueueReads(Rows):
             " started_at FROM jobs WHERE state IN ('submitted', 'running') ORDER BY seq"
         )
         return [Inflight(*row) for row in rows]
+
+    def inflight_by_batch(self) -> dict[tuple[str, str], int]:
+        rows = self.conn.execute(
+            f"SELECT {OWNER_KEY}, {BATCH_KEY}, count(*) FROM jobs WHERE state IN ('submitted', 'running')"
+            f" GROUP BY {OWNER_KEY}, {BATCH_KEY}"
+        )
+        return {(owner, batch): n for owner, batch, n in rows}
+
+    def inflight_on(self, upstreams: Iterable[str]) -> list[Inflight]:
+        rows = each_chunk(
+            self.conn,
+            f"SELECT id, upstream, task, state, {OWNER_KEY}, {BATCH_KEY}, submitted_at, started_at"
+            " FROM jobs WHERE state IN ('submitted', 'running') AND upstream IN ({marks})",
+            list(upstreams),
+        )
+        return [Inflight(*row) for row in rows]
+
+    def inflight_among(self, job_ids: Iterable[str]) -> set[str]:
+        # By id (a few jobs), not by state (every job in flight): `+state` keeps the planner off its index.
+        rows = each_chunk(
+            self.conn, "SELECT id FROM jobs WHERE id IN ({marks}) AND +state IN ('submitted', 'running')", list(job_ids)
+        )
+        return {job_id for (job_id,) in rows}
 
     def count_pinned(self, upstream: str) -> int:
         (n,) = self.conn.execute(
