@@ -95,10 +95,10 @@ class _FairOrder:
             else:
                 return None
             key, group = found
-            current = self._key(group)
-            if key == current:
+            if key[1] == self.owner_load[group[1]]:
+                # Its owner got no job since the key was made, so none of its lanes did: current.
                 return group, self.cursors[self.groups[group][0][2]]
-            item, back = (current, group), group  # its owner got a job meanwhile
+            item, back = (self._key(group), group), group
 
     def drop_lane(self, group: tuple[int, str]) -> tuple[int, str] | None:
         """The group's first lane is done for this round: the group, to go back with the rest,
