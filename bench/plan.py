@@ -230,23 +230,23 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=200_000)
     parser.add_argument("--steady", type=float, default=20.0, help="seconds of steady state")
     parser.add_argument("--base", help="src directory of the checkout to compare with")
-    parser.add_argument("--store", help=argparse.SUPPRESS)  # a filled store (the subprocess)
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)  # where the subprocess fills its store
     args = parser.parse_args()
 
     if args.store:
+        # Each code fills its own store: the same jobs, in the schema its migrations make.
+        fill_store(Path(args.store), args.queued, args.history)
         print(json.dumps(measure(Path(args.store), args.nodes, args.steady)))
         return
     root = Path(tempfile.mkdtemp(prefix="plan-bench-"))
     try:
-        template = root / "gateway.db"
-        fill_store(template, args.queued, args.history)
         results = {}
         sources = ([("base", args.base)] if args.base else []) + [("this", str(HERE.parent / "src"))]
         for label, src in sources:
+            (root / label).mkdir()
             out = subprocess.run(
-                [sys.executable, __file__, "--store", str(template), "--nodes", str(args.nodes),
-                 "--steady", str(args.steady)],
+                [sys.executable, __file__, "--store", str(root / label / "gateway.db"), "--nodes", str(args.nodes),
+                 "--queued", str(args.queued), "--history", str(args.history), "--steady", str(args.steady)],
                 env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                 check=True,
             )
