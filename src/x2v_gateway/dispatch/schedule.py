@@ -10,11 +10,11 @@ stays here, free to go anywhere. A slot can also be kept for a job whose upload 
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from heapq import heapify, heappop, heappush, heappushpop, heapreplace
 
 from ..store import QUEUED, RUNNING, Inflight, Job, Lane, QueuedJob, Reads
 from .state import Context, UpstreamState
@@ -52,32 +52,39 @@ class _FairOrder:
     """A round's lanes in the order fairness takes them: highest priority first, then the owner
     with the fewest jobs in flight, then that owner's batch with the fewest, then the oldest.
 
-    A heap of (priority, owner) groups, each a heap of its lanes, both re-keyed lazily (loads
-    only grow, so a stale key is never later than the true one). A placement changes one owner's
-    and one batch's load: it costs a few heap steps, where one heap of every lane re-keyed each
-    of that owner's lanes (2,000 placements over 372 lanes: 96,000 heap pops, 60 % of a round).
+    A heap of (priority, owner) groups, each a heap of its batches (a batch's lanes, one per
+    task type, share its load and go oldest first), both re-keyed lazily (loads only grow, so a
+    stale key is never later than the true one). A placement changes one owner's and one
+    batch's load: it costs a few heap steps, where one heap of every lane re-keyed each of that
+    owner's lanes (2,000 placements over 372 lanes: 96,000 heap pops, 60 % of a round).
     """
 
     def __init__(self, lanes: list[Lane], owner_load: Counter[str], lane_load: Counter[tuple[str, str]]) -> None:
-        self.cursors = [_LaneCursor(lane, lane.head_seq - 1, (lane.owner, lane.batch)) for lane in lanes]
         self.owner_load, self.lane_load = owner_load, lane_load
-        self.groups: dict[tuple[int, str], list[tuple[int, int, int]]] = defaultdict(list)
-        for i, cursor in enumerate(self.cursors):
-            lane = cursor.lane
-            self.groups[(lane.priority, lane.owner)].append((lane_load[cursor.load_key], lane.head_seq, i))
-        for lanes_of_group in self.groups.values():
-            heapq.heapify(lanes_of_group)
+        by_group: dict[tuple[int, str], dict[str, list[_LaneCursor]]] = defaultdict(lambda: defaultdict(list))
+        for lane in sorted(lanes, key=lambda lane: lane.head_seq):
+            cursor = _LaneCursor(lane, lane.head_seq - 1, (lane.owner, lane.batch))
+            by_group[(lane.priority, lane.owner)][lane.batch].append(cursor)
+        self.batches: list[deque[_LaneCursor]] = []  # each batch's lanes left this round, oldest first
+        self.groups: dict[tuple[int, str], list[tuple[int, int, int]]] = {}  # (load, head, batch) heaps
+        for group, by_batch in by_group.items():
+            self.groups[group] = []
+            for cursors in by_batch.values():
+                first = cursors[0]
+                self.groups[group].append((lane_load[first.load_key], first.lane.head_seq, len(self.batches)))
+                self.batches.append(deque(cursors))
+            heapify(self.groups[group])
         self.heap = [(self._key(group), group) for group in self.groups]
-        heapq.heapify(self.heap)
+        heapify(self.heap)
 
     def _key(self, group: tuple[int, str]) -> tuple[int, int, int, int]:
-        lanes = self.groups[group]
+        batches = self.groups[group]
         while True:
-            load, head, i = lanes[0]
-            current = self.lane_load[self.cursors[i].load_key]
+            load, head, b = batches[0]
+            current = self.lane_load[self.batches[b][0].load_key]
             if load == current:
                 return (-group[0], self.owner_load[group[1]], load, head)
-            heapq.heapreplace(lanes, (current, head, i))
+            heapreplace(batches, (current, head, b))
 
     def pop(self, back: tuple[int, str] | None) -> tuple[tuple[int, str], _LaneCursor] | None:
         """The lane to take from next, with its group. `back`: the group taken from last, which
@@ -87,24 +94,31 @@ class _FairOrder:
         item = None if back is None else (self._key(back), back)
         while True:
             if item is not None:
-                found = heapq.heappushpop(heap, item)
+                found = heappushpop(heap, item)
                 if found is item:
-                    return back, self.cursors[self.groups[back][0][2]]
+                    return back, self.batches[self.groups[back][0][2]][0]
             elif heap:
-                found = heapq.heappop(heap)
+                found = heappop(heap)
             else:
                 return None
             key, group = found
             if key[1] == self.owner_load[group[1]]:
                 # Its owner got no job since the key was made, so none of its lanes did: current.
-                return group, self.cursors[self.groups[group][0][2]]
+                return group, self.batches[self.groups[group][0][2]][0]
             item, back = (self._key(group), group), group
 
     def drop_lane(self, group: tuple[int, str]) -> tuple[int, str] | None:
         """The group's first lane is done for this round: the group, to go back with the rest,
         or None if it has no lane left."""
-        heapq.heappop(self.groups[group])
-        return group if self.groups[group] else None
+        batches = self.groups[group]
+        load, _, b = batches[0]
+        lanes = self.batches[b]
+        lanes.popleft()
+        if lanes:
+            heapreplace(batches, (load, lanes[0].lane.head_seq, b))  # its next lane, as old as it is
+        else:
+            heappop(batches)
+        return group if batches else None
 
 
 class Scheduler:
@@ -253,7 +267,7 @@ class Scheduler:
             for task, seconds in step[name].items():
                 nodes_for[task].append((backlog[name] + seconds, held[name], name, 0))
         for heap in nodes_for.values():
-            heapq.heapify(heap)
+            heapify(heap)
 
         total_free = sum(free.values())
         # Fairness shares the slots between batches (owner, batch), whatever their task types.
@@ -278,19 +292,20 @@ class Scheduler:
             total_free -= 1
             owner_load[owner] += 1
             lane_load[cursor.load_key] += 1
-            busy = backlog[name] = backlog[name] + step[name][job.task]
+            steps, jobs_on = step[name], held[name]
+            busy = backlog[name] = backlog[name] + steps[job.task]
             seen = version[name] = version[name] + 1
-            for task, seconds in step[name].items():
+            for task, seconds in steps.items():
                 # The node's entries are stale now. One on top (the job's task type's, most
                 # often) is replaced in one step; the others are dropped when they come up.
-                heap, entry = nodes_for[task], (busy + seconds, held[name], name, seen)
+                heap = nodes_for[task]
                 if heap[0][2] != name:
                     if left > 0:
-                        heapq.heappush(heap, entry)
+                        heappush(heap, (busy + seconds, jobs_on, name, seen))
                 elif left > 0:
-                    heapq.heapreplace(heap, entry)
+                    heapreplace(heap, (busy + seconds, jobs_on, name, seen))
                 else:
-                    heapq.heappop(heap)
+                    heappop(heap)
             back = group
         return plan, [states[name] for name, n in free.items() if n > 0]
 
@@ -337,7 +352,7 @@ class Scheduler:
                 if seen == version[name] and free[name] > 0:
                     cursor.looked_at = 0
                     return job, name
-                heapq.heappop(heap)
+                heappop(heap)
             return None  # no free node runs this task type
         return None
 
