@@ -93,36 +93,43 @@ def _dispatcher(path: Path, nodes: int):
 
 def _alone(path: Path, nodes: int, runs: int = 9) -> dict:
     """`Scheduler._plan_round` timed on this thread with nothing else running (no loops, no
-    event loop): a start (every slot free), then a steady round (every slot but one taken, as
-    `running` jobs in the store). The round's own work, medians of `runs`."""
+    event loop): a start (every slot free, the run times just loaded from the store as
+    `Dispatcher.start` loads them, a new dispatcher each time), then a steady round (every slot
+    but one taken, as `running` jobs in the store). The round's own work, medians of `runs`."""
     from x2v_gateway.dispatch.schedule import _Snapshot
 
-    store, dispatcher = _dispatcher(path, nodes)
-    scheduler = dispatcher._scheduler
-    states = scheduler.ctx.states
-    for state in states.values():
-        state.up, state.ready = True, True
+    def one_round(store, dispatcher) -> tuple[list, float]:
+        states = dispatcher._scheduler.ctx.states
+        snapshot = _Snapshot(states=dict(states), unclaimed=Counter(), submitting=set(), collecting={},
+                             wall=time.time())
+        started = time.perf_counter()
+        placed, _ = store.read_blocking(partial(dispatcher._scheduler._plan_round, snap=snapshot))
+        return placed, time.perf_counter() - started
 
-    def rounds() -> tuple[list, float]:
-        times = []
-        for _ in range(runs):
-            snapshot = _Snapshot(states=dict(states), unclaimed=Counter(), submitting=set(), collecting={},
-                                 wall=time.time())
-            started = time.perf_counter()
-            placed, _ = store.read_blocking(partial(scheduler._plan_round, snap=snapshot))
-            times.append(time.perf_counter() - started)
-        return placed, sorted(times)[runs // 2] * 1000
+    def started_dispatcher():
+        store, dispatcher = _dispatcher(path, nodes)
+        for node, task, seconds in reversed(store.read_blocking(lambda r: r.recent_run_times())):
+            dispatcher.timings.record(node, task, seconds)
+        for state in dispatcher._scheduler.ctx.states.values():
+            state.up, state.ready = True, True
+        return store, dispatcher
 
-    placed, start_ms = rounds()
+    starts = []
+    for _ in range(runs):
+        store, dispatcher = started_dispatcher()
+        placed, seconds = one_round(store, dispatcher)
+        starts.append(seconds)
+        store.close()
     conn = sqlite3.connect(path)
     now = time.time()
     conn.executemany("UPDATE jobs SET state = 'running', upstream = ?, submitted_at = ?, started_at = ? WHERE id = ?",
                      [(state.name, now, now, job.id) for job, state in placed[1:]])
     conn.commit()
     conn.close()
-    _, steady_ms = rounds()
+    store, dispatcher = started_dispatcher()
+    steady = [one_round(store, dispatcher)[1] for _ in range(runs)]
     store.close()
-    return {"alone_start_ms": start_ms, "alone_steady_ms": steady_ms}
+    return {"alone_start_ms": sorted(starts)[runs // 2] * 1000, "alone_steady_ms": sorted(steady)[runs // 2] * 1000}
 
 
 async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -> dict:

@@ -240,7 +240,7 @@ class Scheduler:
         states = snap.states
         free: dict[str, int] = {}
         for name, state in states.items():
-            used = per_node.get(name, 0) + snap.unclaimed[name] - finishing[name]
+            used = per_node.get(name, 0) + snap.unclaimed.get(name, 0) - finishing.get(name, 0)
             if state.upstream.slots - used > 0:
                 free[name] = state.upstream.slots - used
         if not free:
@@ -252,14 +252,15 @@ class Scheduler:
         # Nodes, per task type, by when a job sent now would be finished there: a heap of
         # (finish, jobs on it, name, version) per task type, an entry stale once its node's
         # version moved on (it got a job). What a job adds to a node's backlog is measured once.
-        typical = self.ctx.timings.typicals([(n, t) for n in free for t in states[n].upstream.tasks])
-        step = {n: {t: (typical[(n, t)] or 1.0) / states[n].capacity for t in states[n].upstream.tasks}
-                for n in free}
+        typical = self.ctx.timings.typicals({n: states[n].upstream.tasks for n in free})
+        step = {n: {t: (seconds or 1.0) / states[n].capacity for t, seconds in of_node.items()}
+                for n, of_node in typical.items()}
         on_node: dict[str, list[Inflight]] = defaultdict(list)
         if busy := [n for n in free if per_node.get(n)]:
             for row in r.inflight_on(busy):
                 on_node[row.upstream].append(row)
-        backlog = {n: self._backlog(states[n], on_node.get(n, ()), snap.wall, snap.collecting) for n in free}
+        backlog = {n: self._backlog(states[n], on_node[n], snap.wall, snap.collecting) if n in on_node else 0.0
+                   for n in free}
         held = {n: per_node.get(n, 0) for n in free}
         version = dict.fromkeys(free, 0)
         nodes_for: dict[str, list[tuple[float, int, str, int]]] = defaultdict(list)

@@ -35,11 +35,11 @@ class Timings:
         with self._lock:
             return self._typical_of(node, task)
 
-    def typicals(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], float | None]:
-        """`typical` of each (node, task type), under one hold of the lock (a dispatch round
-        weighs every free node)."""
+    def typicals(self, tasks_of: dict[str, Iterable[str]]) -> dict[str, dict[str, float | None]]:
+        """`typical` of each node's task types, by node, under one hold of the lock (a dispatch
+        round weighs every free node)."""
         with self._lock:
-            return {pair: self._typical_of(*pair) for pair in pairs}
+            return {node: {task: self._typical_of(node, task) for task in tasks} for node, tasks in tasks_of.items()}
 
     def _typical_of(self, node: str, task: str) -> float | None:
         for key in ((node, task), ("", task)):
