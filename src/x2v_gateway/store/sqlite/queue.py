@@ -116,9 +116,9 @@ class QueueReads(Rows):
         return [Inflight(*row) for row in rows]
 
     def inflight_by_batch(self) -> dict[tuple[str, str], int]:
-        rows = self.conn.execute(
-            f"SELECT {OWNER_KEY}, {BATCH_KEY}, count(*) FROM jobs WHERE state IN ('submitted', 'running')"
-            f" GROUP BY {OWNER_KEY}, {BATCH_KEY}"
+        rows = self.conn.execute(  # named, as in inflight_counts
+            f"SELECT {OWNER_KEY}, {BATCH_KEY}, count(*) FROM jobs INDEXED BY idx_jobs_inflight_batches"
+            f" WHERE state IN ('submitted', 'running') GROUP BY {OWNER_KEY}, {BATCH_KEY}"
         )
         return {(owner, batch): n for owner, batch, n in rows}
 
