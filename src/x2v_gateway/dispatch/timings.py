@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -45,10 +44,10 @@ class Timings:
         for key in ((node, task), ("", task)):
             if key not in self._typical:
                 if key[0]:
-                    runs = list(self._runs.get(key, ()))
+                    runs = sorted(self._runs.get(key, ()))
                 else:
-                    runs = [s for (_, t), d in self._runs.items() if t == task for s in d]
-                self._typical[key] = statistics.median(runs) if runs else None
+                    runs = sorted(s for (_, t), d in self._runs.items() if t == task for s in d)
+                self._typical[key] = _median(runs) if runs else None
             if self._typical[key] is not None:
                 return self._typical[key]
         return None
@@ -71,3 +70,10 @@ class Timings:
             for key in [k for k in self._runs if k[0] == node]:
                 del self._runs[key]
             self._typical.clear()
+
+
+def _median(ordered: list[float]) -> float:
+    """`statistics.median` of a sorted list, without its checks and its sort: the first dispatch
+    round after a start computes one per node."""
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
