@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 # Run times kept per node and task type; their median is the node's typical time.
 TIMINGS_KEPT = 20
+_UNKNOWN = object()  # a median not computed yet (None: no runs to compute it from)
 
 
 class Timings:
@@ -41,16 +42,20 @@ class Timings:
             return {node: {task: self._typical_of(node, task) for task in tasks} for node, tasks in tasks_of.items()}
 
     def _typical_of(self, node: str, task: str) -> float | None:
-        for key in ((node, task), ("", task)):
-            if key not in self._typical:
-                if key[0]:
-                    runs = sorted(self._runs.get(key, ()))
-                else:
-                    runs = sorted(s for (_, t), d in self._runs.items() if t == task for s in d)
-                self._typical[key] = _median(runs) if runs else None
-            if self._typical[key] is not None:
-                return self._typical[key]
-        return None
+        # Medians are kept until a run of their task type is recorded (`record`); a dispatch
+        # round after a start computes one per node, later rounds read them.
+        typical = self._typical
+        found = typical.get((node, task), _UNKNOWN)
+        if found is _UNKNOWN:
+            runs = self._runs.get((node, task))
+            found = typical[(node, task)] = _median(sorted(runs)) if runs else None
+        if found is not None:
+            return found
+        found = typical.get(("", task), _UNKNOWN)
+        if found is _UNKNOWN:
+            runs = sorted(s for (_, t), d in self._runs.items() if t == task for s in d)
+            found = typical[("", task)] = _median(runs) if runs else None
+        return found
 
     def quickest(self, node: str, task: str) -> float | None:
         """The shortest recent run of this task type on this node (else on any node), or None:
