@@ -14,7 +14,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from heapq import heapify, heappop, heappush, heappushpop, heapreplace
+from heapq import heapify, heappop, heappushpop, heapreplace
 
 from ..store import QUEUED, RUNNING, Inflight, Job, Lane, QueuedJob, Reads
 from .state import Context, UpstreamState
@@ -119,6 +119,53 @@ class _FairOrder:
         else:
             heappop(batches)
         return group if batches else None
+
+
+class _NodeOrder:
+    """A round's free nodes, per task type, by when a job sent now would be finished there.
+
+    A heap per task type of (finish, jobs on the node, name, version). An entry goes stale when
+    its node gets a job (its version moves on) and is re-keyed when it comes up: a node's finish
+    only grows, so a stale entry never comes up later than the true one would. A placement
+    costs one heap step, on its own task type's heap; a node's other task types wait for theirs.
+    """
+
+    def __init__(self, free: dict[str, int], step: dict[str, dict[str, float]], backlog: dict[str, float],
+                 held: dict[str, int]) -> None:
+        self.free, self.step, self.backlog, self.held = free, step, backlog, held
+        self.version = dict.fromkeys(free, 0)
+        self.heaps: dict[str, list[tuple[float, int, str, int]]] = defaultdict(list)
+        for name in free:
+            for task, seconds in step[name].items():
+                self.heaps[task].append((backlog[name] + seconds, held[name], name, 0))
+        for heap in self.heaps.values():
+            heapify(heap)
+
+    def best(self, task: str) -> str | None:
+        """The free node expected to finish a job of `task` first, or None."""
+        heap, free, version = self.heaps.get(task), self.free, self.version
+        while heap:
+            _, jobs_on, name, seen = heap[0]
+            if free[name] <= 0:
+                heappop(heap)  # full for this round
+            elif seen != version[name]:
+                heapreplace(heap, (self.backlog[name] + self.step[name][task], jobs_on, name, version[name]))
+            else:
+                return name
+        return None
+
+    def took(self, name: str, task: str) -> None:
+        """`name` got a job of `task`."""
+        left = self.free[name] = self.free[name] - 1
+        seconds = self.step[name][task]
+        busy = self.backlog[name] = self.backlog[name] + seconds
+        seen = self.version[name] = self.version[name] + 1
+        heap = self.heaps[task]
+        if heap[0][2] == name:  # the entry `best` gave (a pinned job's node may be anywhere)
+            if left > 0:
+                heapreplace(heap, (busy + seconds, self.held[name], name, seen))
+            else:
+                heappop(heap)
 
 
 class Scheduler:
@@ -249,9 +296,7 @@ class Scheduler:
         if not lanes:
             return [], [states[name] for name in free]
 
-        # Nodes, per task type, by when a job sent now would be finished there: a heap of
-        # (finish, jobs on it, name, version) per task type, an entry stale once its node's
-        # version moved on (it got a job). What a job adds to a node's backlog is measured once.
+        # What a job adds to a free node's backlog, per task type, from its measured run times.
         typical = self.ctx.timings.typicals({n: states[n].upstream.tasks for n in free})
         step = {n: {t: (seconds or 1.0) / states[n].capacity for t, seconds in of_node.items()}
                 for n, of_node in typical.items()}
@@ -261,14 +306,7 @@ class Scheduler:
                 on_node[row.upstream].append(row)
         backlog = {n: self._backlog(states[n], on_node[n], snap.wall, snap.collecting) if n in on_node else 0.0
                    for n in free}
-        held = {n: per_node.get(n, 0) for n in free}
-        version = dict.fromkeys(free, 0)
-        nodes_for: dict[str, list[tuple[float, int, str, int]]] = defaultdict(list)
-        for name in free:
-            for task, seconds in step[name].items():
-                nodes_for[task].append((backlog[name] + seconds, held[name], name, 0))
-        for heap in nodes_for.values():
-            heapify(heap)
+        nodes = _NodeOrder(free, step, backlog, {n: per_node.get(n, 0) for n in free})
 
         total_free = sum(free.values())
         # Fairness shares the slots between batches (owner, batch), whatever their task types.
@@ -283,46 +321,24 @@ class Scheduler:
             owner = cursor.lane.owner
             if limits and (cap := limits.get(owner)) is not None and owner_load[owner] >= cap:
                 continue  # its owner has as many jobs running as its key allows: its lanes wait
-            fit = self._next_fit(r, cursor, snap, free, nodes_for, version, total_free)
+            fit = self._next_fit(r, cursor, snap, nodes, total_free)
             if fit is None:
                 back = order.drop_lane(group)  # nothing of this lane fits a free node this round
                 continue
             job, name = fit
             plan.append((job, states[name]))
-            left = free[name] = free[name] - 1
+            nodes.took(name, job.task)
             total_free -= 1
             owner_load[owner] += 1
             lane_load[cursor.load_key] += 1
-            steps, jobs_on = step[name], held[name]
-            busy = backlog[name] = backlog[name] + steps[job.task]
-            seen = version[name] = version[name] + 1
-            for task, seconds in steps.items():
-                # The node's entries are stale now. One on top (the job's task type's, most
-                # often) is replaced in one step; the others are dropped when they come up.
-                heap = nodes_for[task]
-                if heap[0][2] != name:
-                    if left > 0:
-                        heappush(heap, (busy + seconds, jobs_on, name, seen))
-                elif left > 0:
-                    heapreplace(heap, (busy + seconds, jobs_on, name, seen))
-                else:
-                    heappop(heap)
             back = group
         return plan, [states[name] for name, n in free.items() if n > 0]
 
     def _next_fit(
-        self,
-        r: Reads,
-        cursor: _LaneCursor,
-        snap: _Snapshot,
-        free: dict[str, int],
-        nodes_for: dict[str, list[tuple[float, int, str, int]]],
-        version: dict[str, int],
-        total_free: int,
+        self, r: Reads, cursor: _LaneCursor, snap: _Snapshot, nodes: _NodeOrder, total_free: int,
     ) -> tuple[QueuedJob, str] | None:
         """The lane's next job that a free node can take, and that node: the one expected to
-        finish it first (the top of `nodes_for`, once the entries of nodes that got a job since
-        are dropped)."""
+        finish it first."""
         while cursor.looked_at < LANE_SCAN:
             if not cursor.jobs:
                 if cursor.exhausted:
@@ -343,18 +359,15 @@ class Scheduler:
                 continue
             if job.pinned is not None:
                 state = snap.states.get(job.pinned)
-                if free.get(job.pinned, 0) > 0 and state and job.task in state.upstream.tasks:
+                if nodes.free.get(job.pinned, 0) > 0 and state and job.task in state.upstream.tasks:
                     cursor.looked_at = 0
                     return job, job.pinned
                 continue  # its node is busy: the rest of the lane may still go elsewhere
-            heap = nodes_for.get(job.task)
-            while heap:
-                _, _, name, seen = heap[0]
-                if seen == version[name] and free[name] > 0:
-                    cursor.looked_at = 0
-                    return job, name
-                heappop(heap)
-            return None  # no free node runs this task type
+            name = nodes.best(job.task)
+            if name is None:
+                return None  # no free node runs this task type
+            cursor.looked_at = 0
+            return job, name
         return None
 
     def _duration(self, node: str, task: str) -> float:
