@@ -108,8 +108,7 @@ def _alone(path: Path, nodes: int, runs: int = 9) -> dict:
 
     def started_dispatcher():
         store, dispatcher = _dispatcher(path, nodes)
-        for node, task, seconds in reversed(store.read_blocking(lambda r: r.recent_run_times())):
-            dispatcher.timings.record(node, task, seconds)
+        dispatcher.timings.load(reversed(store.read_blocking(lambda r: r.recent_run_times())))
         for state in dispatcher._scheduler.ctx.states.values():
             state.up, state.ready = True, True
         return store, dispatcher

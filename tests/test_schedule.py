@@ -18,6 +18,7 @@ import pytest
 from memory_upstream import MemoryUpstream
 from x2v_gateway.blobs import BlobStore
 from x2v_gateway.dispatch import Dispatcher, Notifier
+from x2v_gateway.dispatch.timings import Timings
 from x2v_gateway.metrics import Metrics
 from x2v_gateway.store import JobStore
 from x2v_gateway.upstream.base import Capabilities
@@ -176,3 +177,14 @@ async def test_a_key_at_its_cap_on_jobs_at_once_waits_while_others_go(store, tmp
     dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=4))
     chosen = [job_id for job_id, _ in await planned(dispatcher)]
     assert sorted(chosen) == sorted([capped[0], *free])
+
+
+def test_run_times_give_each_node_its_median_and_a_node_without_any_the_median_of_all():
+    timings = Timings()
+    timings.load([("a", "t2v", 10.0), ("a", "t2v", 30.0), ("a", "t2v", 20.0), ("b", "t2v", 100.0)])
+    assert timings.typical("a", "t2v") == 20.0 and timings.typical("b", "t2v") == 100.0
+    assert timings.typical("c", "t2v") == timings.typical("", "t2v") == 25.0  # of 10, 20, 30, 100
+    assert timings.typical("a", "s2v") is None
+    timings.record("b", "t2v", 50.0)  # a new run moves its node's median and everyone's
+    assert timings.typical("b", "t2v") == 75.0 and timings.typical("", "t2v") == 30.0
+    assert timings.typicals({"a": ["t2v", "s2v"], "c": ["t2v"]}) == {"a": {"t2v": 20.0, "s2v": None}, "c": {"t2v": 30.0}}

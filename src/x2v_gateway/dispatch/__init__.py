@@ -84,8 +84,7 @@ class Dispatcher:
     async def start(self) -> None:
         ctx = self._ctx
         ctx.running = True
-        for node, task, seconds in reversed(await self.store.recent_run_times()):
-            self.timings.record(node, task, seconds)
+        self.timings.load(reversed(await self.store.recent_run_times()))
         await self.replicas.start()
         await self._release_orphans()
         for state in list(self.states.values()):

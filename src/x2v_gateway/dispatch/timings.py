@@ -30,6 +30,15 @@ class Timings:
             self._typical.pop((node, task), None)
             self._typical.pop(("", task), None)
 
+    def load(self, runs: Iterable[tuple[str, str, float]]) -> None:
+        """Record the run times of recent history (node, task type, seconds; oldest first), and
+        each node's median of them: the first dispatch round after a start weighs every node."""
+        for node, task, seconds in runs:
+            self.record(node, task, seconds)
+        with self._lock:
+            for key, kept in self._runs.items():
+                self._typical[key] = _median(sorted(kept))
+
     def typical(self, node: str, task: str) -> float | None:
         """The median run time of this task type on this node; else on any node; else None."""
         with self._lock:
@@ -45,12 +54,13 @@ class Timings:
         # Medians are kept until a run of their task type is recorded (`record`); a dispatch
         # round after a start computes one per node, later rounds read them.
         typical = self._typical
-        found = typical.get((node, task), _UNKNOWN)
-        if found is _UNKNOWN:
-            runs = self._runs.get((node, task))
-            found = typical[(node, task)] = _median(sorted(runs)) if runs else None
-        if found is not None:
-            return found
+        if node:  # "": any node's
+            found = typical.get((node, task), _UNKNOWN)
+            if found is _UNKNOWN:
+                runs = self._runs.get((node, task))
+                found = typical[(node, task)] = _median(sorted(runs)) if runs else None
+            if found is not None:
+                return found
         found = typical.get(("", task), _UNKNOWN)
         if found is _UNKNOWN:
             runs = sorted(s for (_, t), d in self._runs.items() if t == task for s in d)
