@@ -108,7 +108,12 @@ def _alone(path: Path, nodes: int, runs: int = 9) -> dict:
 
     def started_dispatcher():
         store, dispatcher = _dispatcher(path, nodes)
-        dispatcher.timings.load(reversed(store.read_blocking(lambda r: r.recent_run_times())))
+        runs = reversed(store.read_blocking(lambda r: r.recent_run_times()))
+        if hasattr(dispatcher.timings, "load"):
+            dispatcher.timings.load(runs)
+        else:  # a checkout from before Timings.load, as its Dispatcher.start does
+            for node, task, seconds in runs:
+                dispatcher.timings.record(node, task, seconds)
         for state in dispatcher._scheduler.ctx.states.values():
             state.up, state.ready = True, True
         return store, dispatcher
@@ -254,8 +259,9 @@ def main() -> None:
                 [sys.executable, __file__, "--store", str(root / label / "gateway.db"), "--nodes", str(args.nodes),
                  "--queued", str(args.queued), "--history", str(args.history), "--steady", str(args.steady)],
                 env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
-                check=True,
             )
+            if out.returncode:
+                sys.exit(f"{label} ({src}) failed:\n{out.stderr[-3000:]}")
             results[label] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{args.nodes} nodes, {args.queued} queued, {args.history} finished (medians):")
         for key, name in (("alone_start_ms", "alone: a start"), ("alone_steady_ms", "alone: a steady round"),
