@@ -187,4 +187,6 @@ def test_run_times_give_each_node_its_median_and_a_node_without_any_the_median_o
     assert timings.typical("a", "s2v") is None
     timings.record("b", "t2v", 50.0)  # a new run moves its node's median and everyone's
     assert timings.typical("b", "t2v") == 75.0 and timings.typical("", "t2v") == 30.0
-    assert timings.typicals({"a": ["t2v", "s2v"], "c": ["t2v"]}) == {"a": {"t2v": 20.0, "s2v": None}, "c": {"t2v": 30.0}}
+    assert timings.typicals({"a": ["t2v", "s2v"], "c": ["t2v"]}) == {
+        "a": {"t2v": 20.0, "s2v": None}, "c": {"t2v": 30.0},
+    }

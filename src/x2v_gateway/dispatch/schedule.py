@@ -236,8 +236,8 @@ class Scheduler:
         The whole round runs on a reader thread in one hop (`_plan_round`): its reads (the jobs
         in flight counted per node and per batch, and read only on the nodes with a free slot;
         the queue's lanes, one index seek per lane; the first jobs of the lanes it takes from, no
-        more than the free slots) and the placing. The event loop
-        only takes a snapshot of what this process holds in memory and records the outcome.
+        more than the free slots) and the placing. The event loop only takes a snapshot of what
+        this process holds in memory and records the outcome.
         """
         ctx = self.ctx
         now = time.monotonic()

@@ -51,8 +51,8 @@ class Timings:
             return {node: {task: self._typical_of(node, task) for task in tasks} for node, tasks in tasks_of.items()}
 
     def _typical_of(self, node: str, task: str) -> float | None:
-        # Medians are kept until a run of their task type is recorded (`record`); a dispatch
-        # round after a start computes one per node, later rounds read them.
+        # A median is kept until a run of its task type is recorded (`record`), then computed
+        # again when next asked: a dispatch round asks for every free node's.
         typical = self._typical
         if node:  # "": any node's
             found = typical.get((node, task), _UNKNOWN)
@@ -88,7 +88,7 @@ class Timings:
 
 
 def _median(ordered: list[float]) -> float:
-    """`statistics.median` of a sorted list, without its checks and its sort: the first dispatch
-    round after a start computes one per node."""
+    """`statistics.median` of a sorted list, without its checks and its copy: `load` computes
+    one per node at a start."""
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

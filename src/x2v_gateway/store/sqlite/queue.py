@@ -132,9 +132,11 @@ class QueueReads(Rows):
         return [Inflight(*row) for row in rows]
 
     def inflight_among(self, job_ids: Iterable[str]) -> set[str]:
-        # By id (a few jobs), not by state (every job in flight): `+state` keeps the planner off its index.
+        # By id (a few jobs), not by state (every job in flight): `+state` keeps the planner
+        # off the state's index.
         rows = each_chunk(
-            self.conn, "SELECT id FROM jobs WHERE id IN ({marks}) AND +state IN ('submitted', 'running')", list(job_ids)
+            self.conn, "SELECT id FROM jobs WHERE id IN ({marks}) AND +state IN ('submitted', 'running')",
+            list(job_ids),
         )
         return {job_id for (job_id,) in rows}
 
