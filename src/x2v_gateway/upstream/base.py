@@ -21,6 +21,12 @@ from typing import Any, NamedTuple, Protocol
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 from tenacity.retry import retry_base
 
+# Seconds an idle pooled connection to an upstream is kept. Both LightX2V servers run on uvicorn
+# (the cloud answers `server: uvicorn`), which closes a connection idle for 5 s: a request sent
+# on one as it closes fails with a ReadError, and a submit that fails so cannot be sent again
+# blindly (it costs a reconcile: a minute before it is sent again). Ours are let go well before.
+UPSTREAM_KEEPALIVE = 2.0
+
 
 class RemoteState(enum.StrEnum):
     """Where an upstream says a task is."""

@@ -32,6 +32,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception
 
 from .base import (
+    UPSTREAM_KEEPALIVE,
     AmbiguousSubmit,
     Backpressure,
     Capabilities,
@@ -46,7 +47,6 @@ from .base import (
     backoff,
     base64_json_body,
 )
-
 from .cloud_answers import error_text, is_app_error, sanitise, to_status, too_frequent
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class CloudUpstream(Upstream):
         # No default headers: the token is added per request, only to requests for base_url.
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=UPSTREAM_KEEPALIVE),
         )
         self._models: list[CloudModel] | None = None
         self._models_at = 0.0

@@ -33,6 +33,7 @@ from tenacity import retry_if_exception_type
 
 from ..tasks import IMAGE_TASKS, NODE_TASKS
 from .base import (
+    UPSTREAM_KEEPALIVE,
     AmbiguousSubmit,
     Backpressure,
     Capabilities,
@@ -124,7 +125,7 @@ class SelfHostedNode(Upstream):
         self._client = client or httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=UPSTREAM_KEEPALIVE),
         )
 
     async def aclose(self) -> None:
