@@ -216,7 +216,7 @@ class Scheduler:
         # Counted before the read: a job claimed meanwhile is then counted twice (a slot left
         # free for a round), never missed (a node given more than its slots).
         unclaimed = self.ctx.unclaimed.copy()
-        return Counter(row.upstream for row in await self.ctx.store.inflight()) + unclaimed
+        return Counter(await self.ctx.store.inflight_counts()) + unclaimed  # counted by the store
 
     async def _queued_tasks(self) -> set[str]:
         """The task types of the jobs waiting in the queue."""
