@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -1229,6 +1230,16 @@ class CloudDouble(FaultsClient):
     def configure(self, **changes: Any) -> dict:
         """Change settings of the running double (workers, job_seconds, max_active, submit_delay...)."""
         return loopback.post(f"{self.url}/_double/config", json=changes).json()
+
+    @contextlib.contextmanager
+    def configured(self, **changes: Any) -> Iterator[None]:
+        """`configure` for the block only: the settings it changes are put back as they were."""
+        before = self.configure()
+        self.configure(**changes)
+        try:
+            yield
+        finally:
+            self.configure(**{key: before[key] for key in changes})
 
     def inject(self, path: str, *, status: int | None = None, drop: bool = False, count: int = 1) -> None:
         """Make the next `count` requests to `path` fail: with a proxy-style `status` page

@@ -158,8 +158,6 @@ def test_one_adapter_spaces_its_submits_so_the_rate_limit_never_trips(fast):
 
 def test_submits_too_close_together_are_backpressure(fast):
     # Two gateways (or a gateway and a script) on one token: only the cloud sees both.
-    fast.configure(visit_gap=1.0)
-
     async def scenario():
         first, second = adapter_for(fast, "github_12348"), adapter_for(fast, "github_12348")
         try:
@@ -170,10 +168,8 @@ def test_submits_too_close_together_are_backpressure(fast):
             await first.aclose()
             await second.aclose()
 
-    try:
+    with fast.configured(visit_gap=1.0):
         results = asyncio.run(scenario())
-    finally:
-        fast.configure(visit_gap=0.05)
     refused = [r for r in results if isinstance(r, Exception)]
     assert len(refused) == 1 and isinstance(refused[0], Backpressure)
     assert "rate limit" in str(refused[0]) and refused[0].retry_after <= 1.0

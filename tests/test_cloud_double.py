@@ -252,12 +252,9 @@ def test_cancelled_running_task_stays_cancel(cloud):
     api = Api(cloud, "github_12349")
     # Long enough to be seen running on a busy machine (0.4 s was missed once under a full
     # suite); the tasks after it run at the module's pace again.
-    cloud.configure(job_seconds=3.0)
-    try:
+    with cloud.configured(job_seconds=3.0):
         task_id = api.submit(t2v("cancel me while running")).json()["task_id"]
         api.wait(task_id, "RUNNING")
-    finally:
-        cloud.configure(job_seconds=0.4)
     assert api.get("/api/v1/task/cancel", task_id=task_id).json() == {"msg": "Task cancelled successfully"}
     task = api.query(task_id)
     assert task["status"] == "CANCEL" and "active_elapse" in task["extra_info"]
@@ -285,16 +282,13 @@ def test_resume_requeues_failed_task_under_the_same_id(cloud):
     failed_id = api.submit(t2v("please FAIL this one")).json()["task_id"]
     failed = api.wait(failed_id, "FAILED")
     assert failed["subtasks"][0]["fail_msg"] == "worker failed"
-    cloud.configure(job_seconds=2.0)  # still active at the next two requests, on a busy machine too
-    try:
+    with cloud.configured(job_seconds=2.0):  # still active at the next two requests, on a busy machine too
         assert api.get("/api/v1/task/resume", task_id=failed_id).json() == {"msg": "ok"}
         resumed = api.query(failed_id)
         assert resumed["status"] in ("PENDING", "RUNNING") and resumed["subtasks"][0]["fail_msg"] is None
         active = api.get("/api/v1/task/resume", task_id=failed_id)
         assert (active.status_code, message(active)) == (
             400, f"error: Task {failed_id} resume failed: Active task cannot be resumed!")
-    finally:
-        cloud.configure(job_seconds=0.4)
     api.wait(failed_id, "FAILED")
 
     ok_id = api.submit(t2v("fine")).json()["task_id"]

@@ -315,12 +315,9 @@ def test_cancel_and_retry_resume_the_same_cloud_task(shared):
     assert any("resumed on cloud" in e["detail"] for e in done["events"])
 
     # A task the cloud failed (here: its running timeout), retried once the cause is gone.
-    double.configure(running_timeout=0.3)
-    try:
+    with double.configured(running_timeout=0.3):
         job = submit(client, task="t2v", prompt="times out the first time")
         failed = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=30)
-    finally:
-        double.configure(running_timeout=3600.0)
     assert failed["state"] == "failed" and "RUNNING timeout" in failed["error"], failed["error"]
     assert client.post(f"/api/v1/jobs/{job['id']}/retry").json()["upstream_task_id"] == failed["upstream_task_id"]
     done = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=30)
