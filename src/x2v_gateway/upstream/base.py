@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+import httpx
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 from tenacity.retry import retry_base
 
@@ -26,6 +27,8 @@ from tenacity.retry import retry_base
 # on one as it closes fails with a ReadError, and a submit that fails so cannot be sent again
 # blindly (it costs a reconcile: a minute before it is sent again). Ours are let go well before.
 UPSTREAM_KEEPALIVE = 2.0
+# Each adapter's connection pool.
+UPSTREAM_LIMITS = httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=UPSTREAM_KEEPALIVE)
 
 
 class RemoteState(enum.StrEnum):

@@ -32,7 +32,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception
 
 from .base import (
-    UPSTREAM_KEEPALIVE,
+    UPSTREAM_LIMITS,
     AmbiguousSubmit,
     Backpressure,
     Capabilities,
@@ -165,7 +165,7 @@ class CloudUpstream(Upstream):
         # No default headers: the token is added per request, only to requests for base_url.
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=UPSTREAM_KEEPALIVE),
+            limits=UPSTREAM_LIMITS,
         )
         self._models: list[CloudModel] | None = None
         self._models_at = 0.0

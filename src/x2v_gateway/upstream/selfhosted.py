@@ -33,7 +33,7 @@ from tenacity import retry_if_exception_type
 
 from ..tasks import IMAGE_TASKS, NODE_TASKS
 from .base import (
-    UPSTREAM_KEEPALIVE,
+    UPSTREAM_LIMITS,
     AmbiguousSubmit,
     Backpressure,
     Capabilities,
@@ -125,7 +125,7 @@ class SelfHostedNode(Upstream):
         self._client = client or httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=UPSTREAM_KEEPALIVE),
+            limits=UPSTREAM_LIMITS,
         )
 
     async def aclose(self) -> None:
