@@ -50,13 +50,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def each_chunk(conn: sqlite3.Connection, sql: str, values: list[Any]) -> list[Any]:
+def each_chunk(conn: sqlite3.Connection, sql: str, values: list[Any], args: tuple = ()) -> list[Any]:
     """The rows of `sql` for `values` in its `IN ({marks})`, 500 at a time (SQLite's limit on
-    bound parameters)."""
+    bound parameters); `args` are the parameters before the list."""
     rows: list[Any] = []
     for start in range(0, len(values), 500):
         chunk = values[start:start + 500]
-        rows += conn.execute(sql.format(marks=",".join("?" * len(chunk))), chunk).fetchall()
+        rows += conn.execute(sql.format(marks=",".join("?" * len(chunk))), (*args, *chunk)).fetchall()
     return rows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from .connections import Rows, SqliteThreads, timestamp
+from .connections import Rows, SqliteThreads, each_chunk, timestamp
 
 
 class ForeignReads(Rows):
@@ -18,17 +18,13 @@ class ForeignReads(Rows):
         return row[0] if row else None
 
     def foreign_ids(self, owner: str, surface: str, job_ids: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        # In chunks: SQLite allows so many parameters in one statement.
-        for start in range(0, len(job_ids), 500):
-            chunk = job_ids[start:start + 500]
-            rows = self.conn.execute(
-                "SELECT job_id, foreign_id FROM foreign_ids WHERE owner = ? AND surface = ?"
-                f" AND job_id IN ({', '.join('?' * len(chunk))}) ORDER BY created_at",
-                (owner, surface, *chunk),
-            )
-            found.update({job_id: foreign_id for job_id, foreign_id in rows})
-        return found
+        rows = each_chunk(
+            self.conn,
+            "SELECT job_id, foreign_id FROM foreign_ids WHERE owner = ? AND surface = ?"
+            " AND job_id IN ({marks}) ORDER BY created_at",
+            job_ids, (owner, surface),
+        )
+        return {job_id: foreign_id for job_id, foreign_id in rows}
 
 
 class ForeignWrites(SqliteThreads):
