@@ -179,6 +179,75 @@ async def test_a_key_at_its_cap_on_jobs_at_once_waits_while_others_go(store, tmp
     assert sorted(chosen) == sorted([capped[0], *free])
 
 
+class _CountedReads:
+    """A store's reads, each call counted by name."""
+
+    def __init__(self, reads) -> None:
+        self.reads, self.calls = reads, Counter()
+
+    def __getattr__(self, name: str):
+        self.calls[name] += 1
+        return getattr(self.reads, name)
+
+
+async def test_queued_jobs_wait_estimates_read_the_jobs_in_flight_once_a_second_and_count_down(
+    store, tmp_path, monkeypatch,
+):
+    from x2v_gateway.dispatch import schedule
+
+    on_a, on_b = await queue(store, 2), await queue(store, 2)
+    waiting = await queue(store, 3)
+    for job_id in on_a:
+        assert await store.claim(job_id, "a", job_id)
+    for job_id in on_b:
+        assert await store.claim(job_id, "b", job_id)
+    assert await store.mark_running(on_a[0], started_at=time.time() - 4)
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=2), MemoryUpstream("b", slots=2))
+    dispatcher.timings.record("a", "t2v", 10.0)
+    dispatcher.timings.record("b", "t2v", 20.0)
+    monkeypatch.setattr(schedule, "ESTIMATE_FRESH", 0.3)
+
+    def estimates() -> tuple[list[float], Counter]:
+        def read(r):
+            counted = _CountedReads(r)
+            jobs = r.jobs_by_id(waiting)
+            return [dispatcher.estimate(counted, job, r.queue_position(job)) for job in jobs], counted.calls
+        found, calls = store.read_blocking(read)
+        assert {e["running_seconds"] for e in found} == {15.0}  # the median of every node's runs
+        return [e["pending_seconds"] for e in found], calls
+
+    # Node a starts the next job first: 6 s left of its running one, then 10 s of the one waiting
+    # there. Then the queue moves at 1/10 + 1/20 jobs a second.
+    pending, calls = estimates()
+    assert pending == pytest.approx([16.0, 16.0 + 1 / 0.15, 16.0 + 2 / 0.15], abs=0.15)
+    assert calls["inflight"] == 1  # for three queued jobs
+    assert await store.succeed(on_a[0], "ab" * 32, {"duration": 4.0})
+    pending, calls = estimates()
+    assert calls["inflight"] == 0 and pending[0] == pytest.approx(16.0, abs=0.15)  # within the 0.3 s
+    await asyncio.sleep(0.35)
+    pending, calls = estimates()
+    assert calls["inflight"] == 1 and pending[0] == pytest.approx(10.0, abs=0.15)  # read again
+
+
+async def test_a_node_with_nothing_in_flight_lets_the_first_queued_job_start_now(store, tmp_path):
+    busy = await queue(store, 2)
+    waiting = await queue(store, 1)
+    for job_id in busy:
+        assert await store.claim(job_id, "busy", job_id)
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("busy", slots=2), MemoryUpstream("idle", slots=1))
+    dispatcher.timings.record("busy", "t2v", 10.0)
+    dispatcher.timings.record("idle", "t2v", 10.0)
+
+    def read(r):
+        counted = _CountedReads(r)
+        job = r.get(waiting[0])
+        return dispatcher.estimate(counted, job, r.queue_position(job)), counted.calls
+
+    estimate, calls = store.read_blocking(read)
+    assert estimate == {"pending_seconds": 0.0, "running_seconds": 10.0}
+    assert calls["inflight"] == 0  # the counts per node told it
+
+
 def test_run_times_give_each_node_its_median_and_a_node_without_any_the_median_of_all():
     timings = Timings()
     timings.load([("a", "t2v", 10.0), ("a", "t2v", 30.0), ("a", "t2v", 20.0), ("b", "t2v", 100.0)])

@@ -191,19 +191,18 @@ class EventStream:
         if not wanted:
             return []
 
-        def read(r: Reads) -> list[tuple[Job, int | None, Any]]:
+        def read(r: Reads) -> list[tuple[Job, int | None, dict[str, float] | None]]:
             jobs = [job for job in r.jobs_by_id(wanted) if not job.finished and scope.holds(job)]
             positions = r.queue_positions(jobs)
-            inflight = r.inflight() if scope.job_id and jobs and jobs[0].state == "queued" else None
-            return [(job, positions.get(job.id), inflight) for job in jobs]
+            return [(job, position := positions.get(job.id),
+                     self.dispatcher.estimate(r, job, position) if scope.job_id else None) for job in jobs]
 
         out = []
         found = await self.store.read(read)
         for job_id in ids - {job.id for job, _, _ in found}:
             self._progress.pop(job_id, None)  # finished (or not ours): nothing more to compare
-        for job, position, inflight in found:
+        for job, position, estimate in found:
             if position is not None:
-                estimate = self.dispatcher.estimate(job, position, inflight) if inflight is not None else None
                 queue = QueueInfo(position=position, where="gateway", **(estimate or {}))
             elif job.queue_info:
                 queue = QueueInfo(where="upstream", **job.queue_info)

@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..blobs import BlobStore
 from ..metrics import Metrics
 from ..notify import Notifier
-from ..store import QUEUED, Inflight, Job, JobStore, QueuedJob
+from ..store import QUEUED, Job, JobStore, QueuedJob, Reads
 from ..upstream.base import SubmitRequest, Upstream, UpstreamError
 from .collect import Collector, Retention
 from .follow import Follower
@@ -258,10 +258,10 @@ class Dispatcher:
         """Which queued jobs go to which nodes now (see `schedule.Scheduler.plan`)."""
         return await self._scheduler.plan()
 
-    def estimate(self, job: Job, position: int | None, inflight: Iterable[Inflight]) -> dict[str, float] | None:
-        """For a job still in the gateway's queue: expected seconds until it starts and its run
-        time (see `schedule.Scheduler.estimate`)."""
-        return self._scheduler.estimate(job, position, inflight)
+    def estimate(self, r: Reads, job: Job, position: int | None) -> dict[str, float] | None:
+        """For a job still in the gateway's queue, on a reader thread: expected seconds until it
+        starts and its run time (see `schedule.Scheduler.estimate`)."""
+        return self._scheduler.estimate(r, job, position)
 
     # -- uploads forwarded while they arrive (forward.py) ---------------------------------------
 

@@ -25,7 +25,7 @@ from ..schemas import (
     INPUT_ROLES, MAX_SQLITE_INT, TASK_INPUTS, ApiError, JobList, JobRequest, JobView, errors, job_view, makes, media_type,
 )
 from ..reads import cut_page, find_job, visible
-from ..store import STATES, Inflight, Job, JobStore, Reads
+from ..store import STATES, Job, JobStore, Reads
 from ..upstream.base import UpstreamError
 from .files import blob_file
 from .prefer import prefer_wait, wait_outcome, waited
@@ -36,20 +36,18 @@ async def view(store: JobStore, job: Job) -> JobView:
     return (await store.read(lambda r: _views(r, [job], False)))[0]
 
 
-_FullViewReads = tuple[dict[str, int], "int | None", "list[Inflight] | None", list[dict[str, Any]]]
+_FullViewReads = tuple[dict[str, int], "int | None", "dict[str, float] | None", list[dict[str, Any]]]
 
 
-def _full_view_reads(r: Reads, job: Job) -> _FullViewReads:
-    """What a job's own page shows besides the job: its files' sizes, its place in the queue,
-    its timeline, and (queued) the jobs in flight that its wait estimate starts from."""
-    inflight = r.inflight() if job.state == "queued" else None
-    return r.blob_sizes(job.inputs.values()), r.queue_position(job), inflight, r.events(job.id)
+def _full_view_reads(r: Reads, dispatcher: Dispatcher, job: Job) -> _FullViewReads:
+    """What a job's own page shows besides the job: its files' sizes, its place in the queue
+    and (queued) the wait estimate that starts from that place, and its timeline."""
+    position = r.queue_position(job)  # counted once: the estimate starts from it
+    return r.blob_sizes(job.inputs.values()), position, dispatcher.estimate(r, job, position), r.events(job.id)
 
 
-def _full_view(dispatcher: Dispatcher, job: Job, reads: _FullViewReads) -> JobView:
-    sizes, position, inflight, timeline = reads
-    # The queue position is read once, and the estimate starts from it.
-    estimate = dispatcher.estimate(job, position, inflight) if inflight is not None else None
+def _full_view(job: Job, reads: _FullViewReads) -> JobView:
+    sizes, position, estimate, timeline = reads
     return job_view(job, blob_sizes=sizes, queue_position=position, queue_estimate=estimate, events=timeline)
 
 
@@ -258,13 +256,13 @@ class JobsController(Controller):
     ) -> Response[JobView]:
         def read(r: Reads) -> tuple[Job, _FullViewReads, int]:  # one hop, not two
             job = visible(r.get(job_id), job_id, who)
-            return job, _full_view_reads(r, job), r.pending_deliveries(job.id)
+            return job, _full_view_reads(r, dispatcher, job), r.pending_deliveries(job.id)
 
         seconds, headers = waited(wait, prefer_wait(prefer), jobs.settings.max_wait)
         if seconds:
             await jobs.wait(await find_job(store, job_id, who), seconds)
         job, reads, pending = await store.read(read)
-        view = _full_view(dispatcher, job, reads)
+        view = _full_view(job, reads)
         view.webhooks_pending = pending
         return Response(view, headers=headers | wait_outcome(seconds, job))
 
