@@ -259,3 +259,17 @@ def test_run_times_give_each_node_its_median_and_a_node_without_any_the_median_o
     assert timings.typicals({"a": ["t2v", "s2v"], "c": ["t2v"]}) == {
         "a": {"t2v": 20.0, "s2v": None}, "c": {"t2v": 30.0},
     }
+
+
+async def test_a_nodes_series_are_made_with_it_and_go_with_it(store, tmp_path):
+    """Made when the node is added (so that they are alive when `serve` settles the heap, and
+    show 0 until used), removed with it."""
+    dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a"), MemoryUpstream("b"))
+    shown = dispatcher.metrics.render({}).decode()
+    for operation in ("health", "poll", "submit", "result"):
+        assert f'x2v_upstream_request_seconds_count{{operation="{operation}",upstream="a"}} 0.0' in shown
+    assert 'x2v_dispatch_lag_seconds_count{upstream="a"} 0.0' in shown
+    assert 'x2v_submissions_total{upstream="a"} 0.0' in shown
+    dispatcher.remove_upstream("a")
+    shown = dispatcher.metrics.render({}).decode()
+    assert 'upstream="a"' not in shown and 'upstream="b"' in shown

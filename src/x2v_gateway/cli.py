@@ -36,7 +36,7 @@ def serve(env_file: str) -> None:
     """
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, settle_heap
     from .http_protocol import BodyPiecesProtocol
 
     try:
@@ -49,6 +49,7 @@ def serve(env_file: str) -> None:
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)  # returns once it listens (or exits)
+            settle_heap()
             click.echo(_where(settings, app.state.gateway), nl=False)
 
     server = Server(uvicorn.Config(

@@ -86,11 +86,25 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
         )
 
-    def forget_upstream(self, name: str) -> None:
-        """A removed node's series go away with it."""
+    def add_upstream(self, name: str, operations: tuple[str, ...]) -> None:
+        """A node's series, made when the node is added: shown as 0 until used, and made while
+        the gateway starts, so that `app.settle_heap` takes them out of the cycle collector's
+        view (with 1,000 nodes, 70,000 objects of the histograms alone). `operations`: the
+        upstream calls every node gets."""
+        for operation in operations:
+            self.upstream_latency.labels(name, operation)
+        self.dispatch_lag.labels(name)
+        self.submissions.labels(name)
         for gauge in (self.upstream_up, self.node_busy, self.node_queue_depth, self.node_slots):
+            gauge.labels(name)
+
+    def forget_upstream(self, name: str, operations: tuple[str, ...]) -> None:
+        """A removed node's series go away with it (those `add_upstream` made)."""
+        series = [(metric, (name,)) for metric in (self.upstream_up, self.node_busy, self.node_queue_depth,
+                                                   self.node_slots, self.submissions, self.dispatch_lag)]
+        for metric, labels in series + [(self.upstream_latency, (name, op)) for op in operations]:
             try:
-                gauge.remove(name)
+                metric.remove(*labels)
             except KeyError:
                 pass
 

@@ -42,6 +42,10 @@ __all__ = [
 log = logging.getLogger("x2v_gateway.dispatch")
 
 
+# The upstream calls every node gets (the operations `Context.call` times): their series are
+# made with the node.
+NODE_OPERATIONS = ("health", "poll", "submit", "result")
+
 class Dispatcher:
     def __init__(
         self,
@@ -138,6 +142,7 @@ class Dispatcher:
             ready=not learn_tasks, plan=FollowPlan(rate=1.0 / self.poll_interval),
         )
         self.states[upstream.name] = state
+        self.metrics.add_upstream(upstream.name, NODE_OPERATIONS)
         self.metrics.node_slots.labels(upstream.name).set(0 if drained else upstream.slots)
         if self._ctx.running:
             # It may owe cancels from an earlier life: its follow loop looks before anything else.
@@ -157,7 +162,7 @@ class Dispatcher:
         state = self.states.pop(name)
         state.removed = True
         self.timings.forget(name)
-        self.metrics.forget_upstream(name)
+        self.metrics.forget_upstream(name, NODE_OPERATIONS)
 
     # -- user actions ---------------------------------------------------------------------------
 
