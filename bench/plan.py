@@ -250,6 +250,28 @@ def measure(template: Path, nodes: int, steady: float) -> dict:
             "steady_rounds": len(result["steady"]), "steady_stall_ms": result["steady_stall"] * 1000}
 
 
+def side_by_side(script: str, base: str | None, args: list[str]) -> dict[str, dict]:
+    """`script --store PATH *args` run on the `base` checkout's sources (if given), then on this
+    one's, each in a process of its own with a store of its own: the JSON each printed last, by
+    "base" and "this"."""
+    root = Path(tempfile.mkdtemp(prefix=f"{Path(script).stem}-bench-"))
+    try:
+        results = {}
+        sources = ([("base", base)] if base else []) + [("this", str(HERE.parent / "src"))]
+        for label, src in sources:
+            (root / label).mkdir()
+            out = subprocess.run(
+                [sys.executable, script, "--store", str(root / label / "gateway.db"), *args],
+                env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=False,
+            )
+            if out.returncode:
+                sys.exit(f"{label} ({src}) failed:\n{out.stderr[-3000:]}")
+            results[label] = json.loads(out.stdout.strip().splitlines()[-1])
+        return results
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
@@ -265,36 +287,22 @@ def main() -> None:
         fill_store(Path(args.store), args.queued, args.history)
         print(json.dumps(measure(Path(args.store), args.nodes, args.steady)))
         return
-    root = Path(tempfile.mkdtemp(prefix="plan-bench-"))
-    try:
-        results = {}
-        sources = ([("base", args.base)] if args.base else []) + [("this", str(HERE.parent / "src"))]
-        for label, src in sources:
-            (root / label).mkdir()
-            out = subprocess.run(
-                [sys.executable, __file__, "--store", str(root / label / "gateway.db"), "--nodes", str(args.nodes),
-                 "--queued", str(args.queued), "--history", str(args.history), "--steady", str(args.steady)],
-                env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
-            )
-            if out.returncode:
-                sys.exit(f"{label} ({src}) failed:\n{out.stderr[-3000:]}")
-            results[label] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{args.nodes} nodes, {args.queued} queued, {args.history} finished (medians):")
-        for key, name in (("alone_start_ms", "alone: a start"), ("alone_steady_ms", "alone: a steady round"),
-                          ("first_ms", "a start: first round"), ("first_thread_ms", "  on its thread"),
-                          ("first_cpu_ms", "  its thread's CPU"), ("start_stall_ms", "  loop's longest stall"),
-                          ("settle_ms", "  settle_heap, once"),
-                          ("steady_ms", "steady rounds"), ("steady_p95_ms", "  p95"),
-                          ("steady_thread_ms", "  on its thread"), ("steady_cpu_ms", "  its thread's CPU"),
-                          ("steady_cpu_p95_ms", "  its thread's CPU p95"),
-                          ("steady_stall_ms", "  loop's longest stall")):
-            row = "  ".join(f"{label}: {results[label][key]:8.1f} ms" for label in results
-                            if results[label][key] is not None)
-            print(f"  {name:<24} {row}")
-        print("  placed at a start: " + ", ".join(f"{k} {v['placed']}" for k, v in results.items())
-              + "; steady rounds: " + ", ".join(f"{k} {v['steady_rounds']}" for k, v in results.items()))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    results = side_by_side(__file__, args.base, ["--nodes", str(args.nodes), "--queued", str(args.queued),
+                                                 "--history", str(args.history), "--steady", str(args.steady)])
+    print(f"{args.nodes} nodes, {args.queued} queued, {args.history} finished (medians):")
+    for key, name in (("alone_start_ms", "alone: a start"), ("alone_steady_ms", "alone: a steady round"),
+                      ("first_ms", "a start: first round"), ("first_thread_ms", "  on its thread"),
+                      ("first_cpu_ms", "  its thread's CPU"), ("start_stall_ms", "  loop's longest stall"),
+                      ("settle_ms", "  settle_heap, once"),
+                      ("steady_ms", "steady rounds"), ("steady_p95_ms", "  p95"),
+                      ("steady_thread_ms", "  on its thread"), ("steady_cpu_ms", "  its thread's CPU"),
+                      ("steady_cpu_p95_ms", "  its thread's CPU p95"),
+                      ("steady_stall_ms", "  loop's longest stall")):
+        row = "  ".join(f"{label}: {results[label][key]:8.1f} ms" for label in results
+                        if results[label][key] is not None)
+        print(f"  {name:<24} {row}")
+    print("  placed at a start: " + ", ".join(f"{k} {v['placed']}" for k, v in results.items())
+          + "; steady rounds: " + ", ".join(f"{k} {v['steady_rounds']}" for k, v in results.items()))
 
 
 if __name__ == "__main__":

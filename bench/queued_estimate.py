@@ -20,15 +20,11 @@ import argparse
 import asyncio
 import inspect
 import json
-import shutil
 import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from plan import HERE, _dispatcher, fill_store
+from plan import _dispatcher, fill_store, side_by_side
 
 
 def _busy(path: Path, nodes: int) -> None:
@@ -45,12 +41,12 @@ def _busy(path: Path, nodes: int) -> None:
     conn.close()
 
 
-async def _gets(path: Path, nodes: int, gets: int) -> dict:
+async def _gets(path: Path, nodes: int, queued: int, gets: int) -> dict:
     store, dispatcher = _dispatcher(path, nodes)
     dispatcher.timings.load(reversed(await store.read(lambda r: r.recent_run_times())))
     for state in dispatcher._scheduler.ctx.states.values():
         state.up, state.ready = True, True
-    job = await store.read(lambda r: r.get("j0049999"))
+    job = await store.read(lambda r: r.get(f"j{queued - 1:07d}"))  # the last in the queue
     # This code: the estimate reads what it needs on the reader thread. Before: the route read
     # every job in flight there and the estimate ran on the loop.
     on_thread = "r" in inspect.signature(dispatcher.estimate).parameters
@@ -88,29 +84,15 @@ def main() -> None:
     if args.store:
         fill_store(Path(args.store), args.queued, args.history)
         _busy(Path(args.store), args.nodes)
-        print(json.dumps(asyncio.run(_gets(Path(args.store), args.nodes, args.gets))))
+        print(json.dumps(asyncio.run(_gets(Path(args.store), args.nodes, args.queued, args.gets))))
         return
-    root = Path(tempfile.mkdtemp(prefix="estimate-bench-"))
-    try:
-        results = {}
-        sources = ([("base", args.base)] if args.base else []) + [("this", str(HERE.parent / "src"))]
-        for label, src in sources:
-            (root / label).mkdir()
-            out = subprocess.run(
-                [sys.executable, __file__, "--store", str(root / label / "gateway.db"), "--nodes", str(args.nodes),
-                 "--queued", str(args.queued), "--history", str(args.history), "--gets", str(args.gets)],
-                env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=False,
-            )
-            if out.returncode:
-                sys.exit(f"{label} ({src}) failed:\n{out.stderr[-3000:]}")
-            results[label] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"GET of a queued job: {args.nodes} nodes, {2 * args.nodes} jobs running, {args.queued} queued,"
-              f" {args.history} finished; {args.gets} GETs one after another")
-        for label, r in results.items():
-            print(f"  {label:<5} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  {r['per_s']:8.0f} /s"
-                  f"  event loop CPU {r['loop_cpu_ms']:5.2f} ms per GET  last estimate {r['estimate']}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    results = side_by_side(__file__, args.base, ["--nodes", str(args.nodes), "--queued", str(args.queued),
+                                                 "--history", str(args.history), "--gets", str(args.gets)])
+    print(f"GET of a queued job: {args.nodes} nodes, {2 * args.nodes} jobs running, {args.queued} queued,"
+          f" {args.history} finished; {args.gets} GETs one after another")
+    for label, r in results.items():
+        print(f"  {label:<5} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  {r['per_s']:8.0f} /s"
+              f"  event loop CPU {r['loop_cpu_ms']:5.2f} ms per GET  last estimate {r['estimate']}")
 
 
 if __name__ == "__main__":
