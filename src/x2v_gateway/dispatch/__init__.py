@@ -46,6 +46,7 @@ log = logging.getLogger("x2v_gateway.dispatch")
 # made with the node.
 NODE_OPERATIONS = ("health", "poll", "submit", "result")
 
+
 class Dispatcher:
     def __init__(
         self,
