@@ -53,7 +53,7 @@ FILE_SECONDS = {
     "test_batches_api.py": 5, "test_store_plans_postgres.py": 5, "test_replica_store.py": 5,
     "test_queue_position.py": 5, "test_compat_openai.py": 4, "test_pipeline_webhooks.py": 4,
     "test_schema_page.py": 4, "test_compat_seeds.py": 3, "test_blobs.py": 3, "test_posters.py": 3,
-    "test_store.py": 3, "test_checker.py": 2, "test_schedule.py": 2, "test_streamed_post.py": 2,
+    "test_store.py": 3, "test_checker.py": 2, "test_schedule.py": 2, "test_plain_http.py": 2,
     "test_batch_limits.py": 1, "test_cancel_in_flight.py": 1, "test_migrate_store.py": 1,
     "test_store_postgres.py": 1, "test_deploy_files.py": 1, "test_deploy_replicas.py": 1,
     "test_bad_input.py": 1, "test_http_protocol.py": 1, "test_image_limits.py": 1,

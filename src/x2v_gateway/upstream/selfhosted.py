@@ -32,6 +32,7 @@ import httpx
 
 from ..tasks import IMAGE_TASKS, NODE_TASKS
 from .base import (
+    UPSTREAM_KEEPALIVE,
     UPSTREAM_LIMITS,
     AmbiguousSubmit,
     Backpressure,
@@ -51,12 +52,10 @@ from .base import (
     retried,
     stream_parts,
 )
-from .streamed_post import StreamedPost
+from .plain_http import KeptGets, StreamedPost
 
 # What `health()` says when nothing listens on the node's port.
 CONNECTION_REFUSED = "connection refused"
-# The routes a node is asked about again and again: the task list, the service status.
-_ROUTINE_READS = ("/v1/tasks/", "/v1/service/status", "/v1/service/metadata")
 
 _STATES = {
     "pending": RemoteState.QUEUED,
@@ -127,11 +126,12 @@ class SelfHostedNode(Upstream):
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             limits=UPSTREAM_LIMITS,
         )
-        # A gateway following 500 nodes makes 500 of these a second: each is built once (URL,
-        # headers and timeouts: ~0.1 ms of CPU a call otherwise).
-        self._reads = {path: self._client.build_request("GET", path) for path in _ROUTINE_READS}
+        # Its reads (status, task list) go on connections of their own, not through httpx:
+        # plain_http.py says why.
+        self._reads = KeptGets(self.base_url, timeout=self._client.timeout, keepalive=UPSTREAM_KEEPALIVE)
 
     async def aclose(self) -> None:
+        self._reads.close()
         await self._client.aclose()
 
     async def _get(self, path: str) -> httpx.Response:
@@ -139,16 +139,12 @@ class SelfHostedNode(Upstream):
 
     async def _get_once(self, path: str) -> httpx.Response:
         try:
-            response = await self._read(path)
+            response = await self._reads.get(path)
         except httpx.TransportError as exc:
             raise Unavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
         if response.status_code >= 500:
             raise Unavailable(f"{self.name} answered {response.status_code}: {_detail(response)}")
         return response
-
-    async def _read(self, path: str) -> httpx.Response:
-        request = self._reads.get(path) or self._client.build_request("GET", path)
-        return await self._client.send(request)
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -332,7 +328,7 @@ class SelfHostedNode(Upstream):
 
     async def health(self) -> NodeHealth:
         try:
-            response = await self._read("/v1/service/status")
+            response = await self._reads.get("/v1/service/status")
         except httpx.TransportError as exc:
             # Refused means no process listens on the port: the server died or is restarting,
             # and either way every task it held in memory is gone. A timeout says much less.
@@ -521,7 +517,7 @@ class FormUpload:
         self._queued = 0  # bytes of the body handed to the connection
         self._ending = False
         self.files: dict[str, str] = {}  # gateway role -> the file name the node was sent
-        # Not through httpx: its per-piece cost was half the kernel's (streamed_post.py says why).
+        # Not through httpx: its per-piece cost was half the kernel's (plain_http.py says why).
         self._post = StreamedPost(
             node.base_url + _route(task) + "form",
             {"content-type": f"multipart/form-data; boundary={self._boundary}"},
