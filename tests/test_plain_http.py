@@ -155,6 +155,20 @@ def test_reads_share_one_connection_under_the_nodes_path():
     assert node.connections == 2
 
 
+def test_chunked_answers_follow_one_another_on_one_connection():
+    # As a proxy in front of a node may send them: each answer's end is its last chunk.
+    chunked = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"%x\r\n%s\r\n0\r\n\r\n" % (len(LIST), LIST))
+    node = Node(lambda n: chunked)
+
+    async def scenario(reads: KeptGets) -> None:
+        for _ in range(3):
+            assert (await reads.get("/v1/tasks/")).json()["t1"]["status"] == "pending"
+
+    reads(node, scenario)
+    assert node.connections == 1
+
+
 def test_a_connection_the_node_closes_or_garbles_is_not_used_again():
     closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(LIST), LIST)
     plain = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(LIST), LIST)
