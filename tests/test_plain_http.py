@@ -235,3 +235,49 @@ def test_a_node_nobody_listens_for_is_a_connect_error_that_says_refused():
         assert isinstance(caught.value.__context__, ConnectionRefusedError)
 
     asyncio.run(scenario())
+
+
+def test_a_new_connection_the_node_closes_at_once_fails_the_read_at_once():
+    async def scenario() -> None:
+        async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server, url = await _server(close_at_once)
+        reads = KeptGets(url, timeout=httpx.Timeout(5.0), keepalive=2.0)
+        try:
+            started = time.monotonic()
+            with pytest.raises(httpx.TransportError):
+                await reads.get("/v1/tasks/")
+            assert time.monotonic() - started < 1  # not the read timeout
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_task_id_with_a_space_goes_out_percent_encoded():
+    node = Node()
+
+    async def scenario(reads: KeptGets) -> None:
+        await reads.get("/v1/tasks/a b/status")
+
+    reads(node, scenario)
+    assert node.targets == ["/v1/tasks/a%20b/status"]
+
+
+def test_an_answer_expected_on_a_connection_that_ended_unseen_has_failed():
+    # The race the test above can only hope to meet: the loop reads the node's close, or bytes
+    # nobody asked for, before the task that opened the connection runs again.
+    async def scenario() -> None:
+        closed = plain_http._Answer()
+        closed.eof_received()
+        closed.connection_lost(None)
+        with pytest.raises(httpx.RemoteProtocolError, match="closed the connection"):
+            await closed.expect()
+
+        garbled = plain_http._Answer()
+        garbled.data_received(b"SSH-2.0-OpenSSH_9.6\r\n")
+        with pytest.raises(httpx.RemoteProtocolError, match="malformed"):
+            await garbled.expect()
+
+    asyncio.run(scenario())

@@ -23,7 +23,7 @@ import ssl
 import time
 from collections.abc import Awaitable
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import httptools
 import httpx
@@ -37,6 +37,8 @@ _MAX_ANSWER = 1024 * 1024
 _MAX_READ = 32 * 1024 * 1024
 # Idle connections kept per node: its reads seldom overlap (the follow loop's, a cancel's).
 _KEPT = 4
+# What a request target keeps as it is (RFC 3986's path characters; `%`: already encoded).
+_SAFE = "/%!$&'()*+,;=:@~"
 
 
 class _Answer(asyncio.Protocol):
@@ -52,9 +54,17 @@ class _Answer(asyncio.Protocol):
         self._body = bytearray()
 
     def expect(self) -> asyncio.Future[httpx.Response]:
-        """The next answer on a kept-alive connection (the parser reads one after another)."""
+        """The next answer on a kept-alive connection (the parser reads one after another).
+
+        A new connection may have ended already: the loop can read the node's close (or bytes
+        nobody asked for) before the task that opened it runs again. The answer has then failed,
+        with that error, rather than waiting for the read timeout."""
+        previous = self.answer
+        ended = previous.exception() if previous.done() and not previous.cancelled() else None
         self.answer = asyncio.get_running_loop().create_future()
         self._headers, self._body = [], bytearray()
+        if not self.usable:
+            self.answer.set_exception(ended or httpx.ReadError("the connection ended before the request"))
         return self.answer
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
@@ -213,7 +223,8 @@ class KeptGets:
     async def get(self, path: str) -> httpx.Response:
         transport, protocol = self._kept() or await self._connect()
         answer = protocol.expect()
-        transport.write(_request_head("GET", urlsplit(self._base + path), {"accept": "application/json"}))
+        if not answer.done():
+            transport.write(_request_head("GET", urlsplit(self._base + path), {"accept": "application/json"}))
         try:
             async with asyncio.timeout(self._timeout.read):
                 response = await answer
@@ -261,9 +272,10 @@ class KeptGets:
 
 
 def _request_head(method: str, url: SplitResult, headers: dict[str, str]) -> bytes:
-    target = url.path or "/"
+    # Percent-encoded as httpx would: a task id a node chose may hold a space.
+    target = quote(url.path or "/", safe=_SAFE)
     if url.query:
-        target += "?" + url.query
+        target += "?" + quote(url.query, safe=_SAFE + "?")
     host = url.netloc.rsplit("@", 1)[-1]
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}",
              *(f"{name}: {value}" for name, value in headers.items())]
