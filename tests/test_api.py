@@ -409,6 +409,32 @@ def test_requests_never_run_a_store_query_on_the_event_loop(tmp_path):
     assert any(name.startswith("x2v-store-reader") for name in owners), owners
 
 
+def test_metrics_are_written_off_the_event_loop(tmp_path, monkeypatch):
+    """With 1,000 nodes `/metrics` is 89,000 lines, 0.7 s of CPU: written on the event loop, each
+    scrape held every request and every node's follow loop that long."""
+    from litestar.testing import TestClient
+
+    from x2v_gateway.metrics import Metrics
+
+    app, headers = _in_process_app(tmp_path)
+    metrics = app.state.gateway.dispatcher.metrics
+    for i in range(1000):
+        metrics.add_upstream(f"n{i:04d}", ("health", "poll", "submit", "result"))
+    writers: list[str] = []
+    render = Metrics.render
+
+    def traced(self, counts):
+        writers.append(threading.current_thread().name)
+        return render(self, counts)
+
+    monkeypatch.setattr(Metrics, "render", traced)
+    with TestClient(app) as client:
+        loop_thread = client.blocking_portal.call(threading.current_thread).name
+        text = client.get("/metrics", headers=headers).text
+    assert 'x2v_upstream_request_seconds_count{operation="poll",upstream="n0999"} 0.0' in text
+    assert writers and loop_thread not in writers, (loop_thread, writers)
+
+
 def test_a_queued_job_counts_its_queue_position_once(tmp_path):
     """GET of a queued job shows its place and a wait estimate from it: one count of the queue
     ahead, not one for the place and another inside the estimate."""

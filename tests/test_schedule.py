@@ -270,6 +270,13 @@ async def test_a_nodes_series_are_made_with_it_and_go_with_it(store, tmp_path):
         assert f'x2v_upstream_request_seconds_count{{operation="{operation}",upstream="a"}} 0.0' in shown
     assert 'x2v_dispatch_lag_seconds_count{upstream="a"} 0.0' in shown
     assert 'x2v_submissions_total{upstream="a"} 0.0' in shown
-    dispatcher.remove_upstream("a")
+    # Series only use makes: a rarer call's latency, an error by kind, a job moved off it.
+    metrics = dispatcher.metrics
+    metrics.upstream_latency.labels("a", "cancel").observe(0.01)
+    metrics.upstream_errors.labels("a", "poll", "Unavailable").inc()
+    metrics.jobs_moved.labels("a", "node_down").inc()
+    metrics.jobs_moved.labels("b", "node_down").inc()
+    assert 'x2v_jobs_moved_total{reason="node_down",upstream="a"} 1.0' in metrics.render({}).decode()
+    await dispatcher.remove_upstream("a")
     shown = dispatcher.metrics.render({}).decode()
     assert 'upstream="a"' not in shown and 'upstream="b"' in shown

@@ -98,15 +98,25 @@ class Metrics:
         for gauge in (self.upstream_up, self.node_busy, self.node_queue_depth, self.node_slots):
             gauge.labels(name)
 
-    def forget_upstream(self, name: str, operations: tuple[str, ...]) -> None:
-        """A removed node's series go away with it (those `add_upstream` made)."""
-        series = [(metric, (name,)) for metric in (self.upstream_up, self.node_busy, self.node_queue_depth,
-                                                   self.node_slots, self.submissions, self.dispatch_lag)]
-        for metric, labels in series + [(self.upstream_latency, (name, op)) for op in operations]:
-            try:
+    def forget_upstream(self, name: str) -> None:
+        """A removed node's series go away with it: all of them, also those of rarer calls (a
+        cancel, a resume), of its errors by kind and of the jobs moved off it by reason."""
+        by_upstream = [
+            (self.upstream_latency, ("upstream", "operation")),
+            (self.upstream_errors, ("upstream", "operation", "kind")),
+            (self.jobs_moved, ("upstream", "reason")),
+            *((metric, ("upstream",)) for metric in (
+                self.upstream_up, self.node_busy, self.node_queue_depth, self.node_slots,
+                self.submissions, self.dispatch_lag,
+            )),
+        ]
+        for metric, names in by_upstream:
+            # The series are found by what the metric reports: prometheus_client lists them no other way.
+            found = {tuple(sample.labels[label] for label in names)
+                     for family in metric.collect() for sample in family.samples
+                     if sample.labels.get("upstream") == name}
+            for labels in found:
                 metric.remove(*labels)
-            except KeyError:
-                pass
 
     def render(self, job_counts: dict[str, int]) -> bytes:
         """The registry as Prometheus text, with `job_counts` (`store.counts_by_state()`)."""

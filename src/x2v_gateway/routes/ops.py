@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from litestar import Response, get
 from litestar.di import NamedDependency
@@ -53,7 +55,11 @@ async def readyz(store: NamedDependency[JobStore], dispatcher: NamedDependency[D
     media_type="text/plain; version=0.0.4", responses=errors(403),
 )
 async def metrics(store: NamedDependency[JobStore], metrics: NamedDependency[Metrics]) -> Response[bytes]:
-    return Response(metrics.render(await store.counts_by_state()), media_type="text/plain; version=0.0.4")
+    counts = await store.counts_by_state()
+    # Written on a thread: with 1,000 nodes the text is 89,000 lines, 0.7 s of CPU, which on
+    # the event loop would hold every request and every node's follow loop at each scrape.
+    text = await asyncio.to_thread(metrics.render, counts)
+    return Response(text, media_type="text/plain; version=0.0.4")
 
 
 ROUTES = [healthz, readyz, metrics]  # the nodes' routes: routes/nodes.py
