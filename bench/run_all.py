@@ -11,7 +11,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Slowest last; each prints a markdown table for docs/benchmarks.md.
-ORDER = ["status_latency", "queued_estimate", "queue_positions_pg", "burst", "plan", "poll_rate", "idle_cpu", "dashboard_render", "webhooks", "pool", "upload", "replicas"]
+ORDER = ["status_latency", "queued_estimate", "queue_positions_pg", "burst", "metrics_scrape", "plan", "many_nodes",
+         "poll_rate", "idle_cpu", "dashboard_render", "webhooks", "pool", "upload", "replicas"]
 
 
 def main() -> None:
