@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -27,6 +26,8 @@ from urllib.parse import SplitResult, quote, urlsplit
 
 import httptools
 import httpx
+
+from .base import tls_context
 
 # Bytes the transport may hold unsent before `send` waits for the node to take them: as much
 # as the two 1 MiB batches the httpx body queue held, so peak memory stays where it was.
@@ -153,7 +154,7 @@ class StreamedPost:
             async with asyncio.timeout(self._timeout.connect):
                 transport, protocol = await loop.create_connection(
                     _Answer, url.hostname, url.port or (443 if secure else 80),
-                    ssl=ssl.create_default_context() if secure else None,
+                    ssl=tls_context() if secure else None,
                 )
         except (OSError, TimeoutError) as exc:
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from None
@@ -217,7 +218,6 @@ class KeptGets:
         self._url = urlsplit(self._base)
         self._timeout = timeout
         self._keepalive = keepalive
-        self._tls: ssl.SSLContext | None = None
         self._idle: list[tuple[float, asyncio.Transport, _Answer]] = []  # most recent last
 
     async def get(self, path: str) -> httpx.Response:
@@ -252,13 +252,11 @@ class KeptGets:
     async def _connect(self) -> tuple[asyncio.Transport, _Answer]:
         url, loop = self._url, asyncio.get_running_loop()
         secure = url.scheme == "https"
-        if secure and self._tls is None:
-            self._tls = ssl.create_default_context()  # once: each costs tens of ms of CPU
         try:
             async with asyncio.timeout(self._timeout.connect):
                 return await loop.create_connection(
                     lambda: _Answer(_MAX_READ), url.hostname, url.port or (443 if secure else 80),
-                    ssl=self._tls if secure else None,
+                    ssl=tls_context() if secure else None,
                 )
         except TimeoutError:
             raise httpx.ConnectTimeout(f"no connection in {self._timeout.connect} s") from None

@@ -51,6 +51,7 @@ from .base import (
     input_size,
     retried,
     stream_parts,
+    tls_context,
 )
 from .plain_http import KeptGets, StreamedPost
 
@@ -125,6 +126,7 @@ class SelfHostedNode(Upstream):
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             limits=UPSTREAM_LIMITS,
+            verify=tls_context(),
         )
         # Its reads (status, task list) go on connections of their own, not through httpx:
         # plain_http.py says why.
