@@ -195,13 +195,26 @@ async def test_queued_jobs_wait_estimates_read_the_jobs_in_flight_once_a_second_
 ):
     from x2v_gateway.dispatch import schedule
 
+    # The scheduler's clocks, moved by the test: three estimates read one after another on a
+    # busy machine (PostgreSQL under a parallel suite) would otherwise each count down a little.
+    class Clock:
+        mono, wall = 1000.0, time.time()
+
+        def monotonic(self) -> float:
+            return self.mono
+
+        def time(self) -> float:
+            return self.wall
+
+    clock = Clock()
+    monkeypatch.setattr(schedule, "time", clock)
     on_a, on_b = await queue(store, 2), await queue(store, 2)
     waiting = await queue(store, 3)
     for job_id in on_a:
         assert await store.claim(job_id, "a", job_id)
     for job_id in on_b:
         assert await store.claim(job_id, "b", job_id)
-    assert await store.mark_running(on_a[0], started_at=time.time() - 4)
+    assert await store.mark_running(on_a[0], started_at=clock.wall - 4)
     dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a", slots=2), MemoryUpstream("b", slots=2))
     dispatcher.timings.record("a", "t2v", 10.0)
     dispatcher.timings.record("b", "t2v", 20.0)
@@ -219,14 +232,16 @@ async def test_queued_jobs_wait_estimates_read_the_jobs_in_flight_once_a_second_
     # Node a starts the next job first: 6 s left of its running one, then 10 s of the one waiting
     # there. Then the queue moves at 1/10 + 1/20 jobs a second.
     pending, calls = estimates()
-    assert pending == pytest.approx([16.0, 16.0 + 1 / 0.15, 16.0 + 2 / 0.15], abs=0.15)
+    assert pending == pytest.approx([16.0, 16.0 + 1 / 0.15, 16.0 + 2 / 0.15], abs=0.051)  # rounded to 0.1 s
     assert calls["inflight"] == 1  # for three queued jobs
     assert await store.succeed(on_a[0], "ab" * 32, {"duration": 4.0})
+    clock.mono += 0.1
     pending, calls = estimates()
-    assert calls["inflight"] == 0 and pending[0] == pytest.approx(16.0, abs=0.15)  # within the 0.3 s
-    await asyncio.sleep(0.35)
+    assert calls["inflight"] == 0 and pending[0] == pytest.approx(15.9)  # within the 0.3 s: counted down
+    clock.mono += 0.3
+    clock.wall += 0.4
     pending, calls = estimates()
-    assert calls["inflight"] == 1 and pending[0] == pytest.approx(10.0, abs=0.15)  # read again
+    assert calls["inflight"] == 1 and pending[0] == pytest.approx(10.0)  # read again
 
 
 async def test_a_node_with_nothing_in_flight_lets_the_first_queued_job_start_now(store, tmp_path):
