@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -32,7 +34,10 @@ def stats(control: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{control}/stats", timeout=30).json()
 
 
-def measure(src: Path, nodes: int, seconds: float, root: Path) -> dict:
+@contextmanager
+def behind_a_gateway(src: Path, nodes: int, root: Path) -> Iterator[tuple[GatewayProcess, int, float]]:
+    """`nodes` fake nodes (one process) with a gateway on `src`'s code in front of them: the
+    gateway, the fake nodes' control port, and the seconds it took to answer once started."""
     fake = subprocess.Popen([sys.executable, str(HERE / "fake_nodes.py"), "--count", str(nodes)],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -41,31 +46,44 @@ def measure(src: Path, nodes: int, seconds: float, root: Path) -> dict:
         spec = ",".join(f"n{i}=http://127.0.0.1:{port}" for i, port in enumerate(info["ports"]))
         data = root / src.parent.name
         data.mkdir(parents=True)
+        began = time.perf_counter()
         gateway = GatewayProcess(data, nodes=spec, PYTHONPATH=str(src),
                                  X2V_POLL_INTERVAL="1.0").start(timeout=120)
         try:
-            headers = {"Authorization": f"Bearer {gateway.admin_key}"}
-            with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as client:
-                def post(i: int) -> None:
-                    client.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"p{i}", "seed": i}).raise_for_status()
-
-                with ThreadPoolExecutor(8) as pool:
-                    list(pool.map(post, range(2 * nodes)))
-            deadline = time.monotonic() + 300
-            while stats(info["control"]).get("submit", 0) < 2 * nodes:
-                assert time.monotonic() < deadline, "the jobs did not all reach the nodes"
-                time.sleep(1)
-            time.sleep(5)  # the submissions' follow-up settles
-            assert gateway.proc is not None
-            before, calls, started = cpu_seconds(gateway.proc.pid), stats(info["control"]), time.monotonic()
-            time.sleep(seconds)
-            used = cpu_seconds(gateway.proc.pid) - before
-            after, elapsed = stats(info["control"]), time.monotonic() - started
+            yield gateway, info["control"], time.perf_counter() - began
         finally:
             gateway.stop()
     finally:
         fake.kill()
         fake.wait()
+
+
+def each_code(base: Path | None, prefix: str, measure: Callable[[Path, Path], dict]) -> dict[str, dict]:
+    """`measure(src, root)` on `base`'s sources (if given), then on this checkout's, by "base" and "this"."""
+    codes = ([("base", base)] if base else []) + [("this", HERE.parent / "src")]
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    return {label: measure(src.resolve(), root / label) for label, src in codes}
+
+
+def measure(src: Path, nodes: int, seconds: float, root: Path) -> dict:
+    with behind_a_gateway(src, nodes, root) as (gateway, control, _):
+        headers = {"Authorization": f"Bearer {gateway.admin_key}"}
+        with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as client:
+            def post(i: int) -> None:
+                client.post("/api/v1/jobs", json={"task": "t2v", "prompt": f"p{i}", "seed": i}).raise_for_status()
+
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(post, range(2 * nodes)))
+        deadline = time.monotonic() + 300
+        while stats(control).get("submit", 0) < 2 * nodes:
+            assert time.monotonic() < deadline, "the jobs did not all reach the nodes"
+            time.sleep(1)
+        time.sleep(5)  # the submissions' follow-up settles
+        assert gateway.proc is not None
+        before, calls, started = cpu_seconds(gateway.proc.pid), stats(control), time.monotonic()
+        time.sleep(seconds)
+        used = cpu_seconds(gateway.proc.pid) - before
+        after, elapsed = stats(control), time.monotonic() - started
     per_node_second = {kind: (after.get(kind, 0) - calls.get(kind, 0)) / nodes / elapsed
                        for kind in ("status", "list", "task_status", "metadata")}
     return {"cpu": used / elapsed, "calls": per_node_second}
@@ -77,9 +95,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--base", type=Path, help="src/ of a checkout to compare with")
     args = parser.parse_args()
-    codes = ([("base", args.base)] if args.base else []) + [("this", HERE.parent / "src")]
-    root = Path(tempfile.mkdtemp(prefix="many-nodes-"))
-    results = {label: measure(src.resolve(), args.nodes, args.seconds, root / label) for label, src in codes}
+    results = each_code(args.base, "many-nodes-", lambda src, root: measure(src, args.nodes, args.seconds, root))
     print(f"{args.nodes} busy nodes (2 jobs each), X2V_POLL_INTERVAL=1.0, {args.seconds:.0f} s measured")
     print("| code | gateway CPU, % of one core | status calls per node-second (list + task + service) |")
     print("|---|---:|---:|")

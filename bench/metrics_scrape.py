@@ -16,76 +16,55 @@ side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from common import GatewayProcess
-
-HERE = Path(__file__).resolve().parent
+from many_nodes import behind_a_gateway, each_code
 
 
 def measure(src: Path, nodes: int, scrapes: int, root: Path) -> dict:
-    fake = subprocess.Popen([sys.executable, str(HERE / "fake_nodes.py"), "--count", str(nodes)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert fake.stdout is not None
-        info = json.loads(fake.stdout.readline())
-        spec = ",".join(f"n{i}=http://127.0.0.1:{port}" for i, port in enumerate(info["ports"]))
-        data = root / src.parent.name
-        data.mkdir(parents=True)
-        began = time.perf_counter()
-        gateway = GatewayProcess(data, nodes=spec, PYTHONPATH=str(src), X2V_POLL_INTERVAL="1.0").start(timeout=120)
-        ready = time.perf_counter() - began
+    with behind_a_gateway(src, nodes, root) as (gateway, _, ready):
+        with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.admin_key}"},
+                          timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while any(node["state"] == "unknown" for node in client.get("/api/v1/nodes").json()):
+                assert time.monotonic() < deadline, "the gateway did not look at every node"
+                time.sleep(1)
+        time.sleep(5)
+        latencies: list[float] = []
+        done = threading.Event()
+
+        def ask_health() -> None:
+            with httpx.Client(base_url=gateway.url, timeout=60) as health:
+                while not done.is_set():
+                    started = time.perf_counter()
+                    health.get("/healthz").raise_for_status()
+                    latencies.append(time.perf_counter() - started)
+                    time.sleep(0.005)
+
+        asker = threading.Thread(target=ask_health)
+        asker.start()
+        took, size = [], 0
         try:
-            headers = {"Authorization": f"Bearer {gateway.admin_key}"}
-            with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as client:
-                deadline = time.monotonic() + 120
-                while any(node["state"] == "unknown" for node in client.get("/api/v1/nodes").json()):
-                    assert time.monotonic() < deadline, "the gateway did not look at every node"
-                    time.sleep(1)
-                time.sleep(5)
-                latencies: list[float] = []
-                done = threading.Event()
-
-                def ask_health() -> None:
-                    with httpx.Client(base_url=gateway.url, timeout=60) as health:
-                        while not done.is_set():
-                            started = time.perf_counter()
-                            health.get("/healthz").raise_for_status()
-                            latencies.append(time.perf_counter() - started)
-                            time.sleep(0.005)
-
-                asker = threading.Thread(target=ask_health)
-                asker.start()
-                took, size = [], 0
-                try:
-                    for _ in range(scrapes):
-                        time.sleep(2)
-                        # By curl, in a process of its own: reading 8 MB here would hold this
-                        # process's interpreter, and the thread timing /healthz with it.
-                        out = subprocess.run(
-                            ["curl", "-sf", "-o", "/dev/null", "-w", "%{time_total} %{size_download}",
-                             "-H", f"Authorization: Bearer {gateway.admin_key}", f"{gateway.url}/metrics"],
-                            capture_output=True, text=True, check=True,
-                        ).stdout.split()
-                        took.append(float(out[0]))
-                        size = int(out[1])
-                finally:
-                    done.set()
-                    asker.join()
+            for _ in range(scrapes):
+                time.sleep(2)
+                # By curl, in a process of its own: reading 8 MB here would hold this process's
+                # interpreter, and the thread timing /healthz with it.
+                out = subprocess.run(
+                    ["curl", "-sf", "-o", "/dev/null", "-w", "%{time_total} %{size_download}",
+                     "-H", f"Authorization: Bearer {gateway.admin_key}", f"{gateway.url}/metrics"],
+                    capture_output=True, text=True, check=True,
+                ).stdout.split()
+                took.append(float(out[0]))
+                size = int(out[1])
         finally:
-            gateway.stop()
-    finally:
-        fake.kill()
-        fake.wait()
+            done.set()
+            asker.join()
     latencies.sort()
     return {"ready": ready, "scrape": statistics.median(took), "bytes": size, "health_p50": latencies[len(latencies) // 2],
             "health_p99": latencies[int(0.99 * (len(latencies) - 1))], "health_max": latencies[-1],
@@ -98,9 +77,7 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=5)
     parser.add_argument("--base", type=Path, help="src/ of a checkout to compare with")
     args = parser.parse_args()
-    codes = ([("base", args.base)] if args.base else []) + [("this", HERE.parent / "src")]
-    root = Path(tempfile.mkdtemp(prefix="metrics-scrape-"))
-    results = {label: measure(src.resolve(), args.nodes, args.scrapes, root / label) for label, src in codes}
+    results = each_code(args.base, "metrics-scrape-", lambda src, root: measure(src, args.nodes, args.scrapes, root))
     print(f"{args.nodes} idle nodes, /metrics fetched {args.scrapes} times 2 s apart, /healthz asked every 5 ms meanwhile")
     print("| code | started, answering /healthz after | scrape, median | its size | /healthz p50 | p99 | max"
           " | /healthz answered |")
