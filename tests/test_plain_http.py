@@ -1,17 +1,19 @@
 """A node's connections of upstream/plain_http.py against nodes that misbehave at the socket
 level: a forwarded upload's (a node that stops reading, one that answers in pieces), and the
-kept-alive ones of its reads (answers that close, garble, never come or never end)."""
+kept-alive ones of its reads (answers that fail, close, garble, never come or never end; a read
+that fails is tried again, three tries in all)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
 import pytest
 
 from x2v_gateway.upstream import plain_http
-from x2v_gateway.upstream.base import SubmitRequest
+from x2v_gateway.upstream.base import SubmitRequest, Unavailable, retried
 from x2v_gateway.upstream.plain_http import KeptGets
 from x2v_gateway.upstream.selfhosted import SelfHostedNode
 
@@ -167,6 +169,83 @@ def test_chunked_answers_follow_one_another_on_one_connection():
 
     reads(node, scenario)
     assert node.connections == 1
+
+
+# -- an adapter's reads tried again: three tries in all, the first outside tenacity (`retried`) --
+
+TASK = {"task_id": "t1", "status": "processing", "start_time": None, "end_time": None,
+        "error": None, "error_type": "", "save_result_path": "t1"}
+
+
+def polled(failures: int, polls: int = 1) -> tuple[list, Node]:
+    """`polls` polls at once of a node whose list answers 500 (as the real server does for a
+    request it cannot serve) to its first `failures` requests."""
+    listed = json.dumps({"t1": TASK}).encode()
+    node = Node(lambda n: b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 21\r\n\r\nInternal Server Error"
+                if n <= failures else b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(listed), listed))
+
+    async def run() -> list:
+        server, url = await _server(node.handle)
+        adapter = SelfHostedNode("n1", url, timeout=5.0)
+        try:
+            return await asyncio.gather(*(adapter.poll(["t1"]) for _ in range(polls)), return_exceptions=True)
+        finally:
+            await adapter.aclose()
+            server.close()
+
+    return asyncio.run(run()), node
+
+
+def test_a_list_that_fails_twice_is_read_on_the_third_try():
+    [statuses], node = polled(failures=2)
+    assert statuses["t1"].state == "running"
+    assert node.targets == ["/v1/tasks/"] * 3
+
+
+def test_a_list_that_fails_three_times_makes_the_node_unavailable():
+    [failure], node = polled(failures=3)
+    assert isinstance(failure, Unavailable)
+    assert "answered 500" in str(failure)
+    assert node.targets == ["/v1/tasks/"] * 3
+
+
+def test_concurrent_polls_each_get_the_list():
+    results, node = polled(failures=0, polls=20)
+    assert [r["t1"].state for r in results] == ["running"] * 20
+    assert node.targets == ["/v1/tasks/"] * 20
+
+
+def test_retried_tries_again_only_on_the_failure_named():
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise Unavailable("not yet")
+        return "done"
+
+    async def broken() -> str:
+        nonlocal calls
+        calls += 1
+        raise ValueError("not worth another try")
+
+    async def scenario() -> None:
+        nonlocal calls
+        assert await retried(flaky, Unavailable, attempts=3) == "done"
+        assert calls == 3
+
+        calls = 0
+        with pytest.raises(Unavailable):
+            await retried(flaky, Unavailable, attempts=2)
+        assert calls == 2
+
+        calls = 0
+        with pytest.raises(ValueError):
+            await retried(broken, Unavailable, attempts=3)
+        assert calls == 1
+
+    asyncio.run(scenario())
 
 
 def test_a_connection_the_node_closes_or_garbles_is_not_used_again():
