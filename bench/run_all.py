@@ -11,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Slowest last; each prints a markdown table for docs/benchmarks.md.
-ORDER = ["status_latency", "queued_estimate", "queue_positions_pg", "burst", "metrics_scrape", "plan", "many_nodes",
+ORDER = ["status_latency", "queued_estimate", "queue_positions_pg", "burst", "metrics_scrape", "plan", "many_nodes", "node_read",
          "poll_rate", "idle_cpu", "dashboard_render", "webhooks", "pool", "upload", "replicas"]
 
 
