@@ -145,6 +145,58 @@ async def test_a_slot_kept_for_an_arriving_upload_is_not_planned_and_never_jumps
     assert await dispatcher.reserve_for_upload("t2v", None, None) is None
 
 
+async def test_a_round_placed_in_pieces_places_what_it_would_at_once(store, tmp_path, monkeypatch):
+    for owner, batch, n, task in (("alice", "b1", 12, "t2v"), ("alice", "b2", 5, "s2v"), ("bob", None, 6, "t2v"),
+                                  ("carol", "c", 4, "s2v")):
+        await queue(store, n, owner=owner, batch=batch, task=task)
+    await queue(store, 2, owner="bob", priority=5)
+    await queue(store, 1, owner="carol", pinned="n2")
+
+    def nodes() -> list[MemoryUpstream]:
+        return [MemoryUpstream("n0", slots=3), MemoryUpstream("n1", tasks=frozenset({"t2v"}), slots=4),
+                MemoryUpstream("n2", slots=2)]
+
+    def timed(dispatcher: Dispatcher) -> Dispatcher:
+        for node, seconds in (("n0", 4.0), ("n1", 2.0), ("n2", 7.0)):
+            for task in ("t2v", "s2v"):
+                dispatcher.timings.record(node, task, seconds)
+        return dispatcher
+
+    at_once = await planned(timed(make_dispatcher(store, tmp_path, *nodes())))
+    assert len(at_once) == 9  # every slot
+    monkeypatch.setattr("x2v_gateway.dispatch.schedule.PIECE", 2)
+    dispatcher = timed(make_dispatcher(store, tmp_path, *nodes()))
+    pieces = [await planned(dispatcher) for _ in range(5)]
+    assert [len(piece) for piece in pieces] == [2, 2, 2, 2, 1]
+    assert [placed for piece in pieces for placed in piece] == at_once
+    assert dispatcher._ctx.woken.is_set()  # each piece but the last woke the dispatcher for the next
+    # The round is done: the next one starts afresh, and, nothing having been sent, places the same.
+    assert await planned(dispatcher) == at_once[:2]
+
+
+async def test_a_start_in_pieces_fills_every_slot_at_once_fairly_and_sends_no_job_twice(store, tmp_path, monkeypatch):
+    monkeypatch.setattr("x2v_gateway.dispatch.schedule.PIECE", 3)
+    nodes = [MemoryUpstream(f"n{i}", slots=2, seconds=30) for i in range(5)]
+    alice = await queue(store, 25, owner="alice", batch="b1")
+    bob = await queue(store, 5, owner="bob")
+    dispatcher = make_dispatcher(store, tmp_path, *nodes, poll=10.0)
+    await dispatcher.start()
+    try:
+        # Four pieces, one after the other: not one round per 10 s poll.
+        deadline = time.monotonic() + 5
+        while sum(len(n.log) for n in nodes) < 10:
+            assert time.monotonic() < deadline, "the start's pieces did not fill every slot"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+    finally:
+        await dispatcher.stop()
+    sent = [job_id for n in nodes for job_id in n.jobs]
+    assert all(n.most_held == n.slots for n in nodes)
+    assert len(sent) == len(set(sent)) == 10
+    # Fair across the pieces as in one round: bob's 5 went out beside alice's batch.
+    assert set(bob) <= set(sent) and len(set(sent) & set(alice)) == 5
+
+
 async def test_live_run_never_exceeds_slots_and_serves_owners_in_turn(store, tmp_path):
     nodes = [MemoryUpstream(f"n{i}", slots=2, seconds=0.02) for i in range(3)]
     alice = await queue(store, 30, owner="alice", batch="b1")
