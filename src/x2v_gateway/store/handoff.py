@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# What a call gave: (True, its result) or (False, the exception it raised).
+Outcome = tuple[bool, Any]
 
 
 def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
@@ -32,19 +34,27 @@ class Handoff:
 
     The threads are daemons: `close()` (the store's, when the gateway stops) runs what was
     given and ends them; a process that exits without it loses only calls nobody can await.
+
+    With `together`, a thread takes the calls waiting when it comes for one, up to `most`, and
+    hands them to `together` at once, which runs them (the SQLite writer: one transaction for
+    all of them) and gives back each one's outcome, in order.
     """
 
-    def __init__(self, threads: int, name: str) -> None:
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop] | None]
+    def __init__(self, threads: int, name: str, *,
+                 together: Callable[[list[Callable[..., Any]]], list[Outcome]] | None = None,
+                 most: int = 1) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], asyncio.Future, asyncio.AbstractEventLoop] | None]
         self._calls = queue.SimpleQueue()
+        self._together, self._most = together, most if together is not None else 1
         self._size = threads
         self._name = name
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """`fn()` on one of the threads; await the future for its result."""
+    def run(self, fn: Callable[..., T]) -> asyncio.Future[T]:
+        """`fn()` on one of the threads (with `together`, what it makes of `fn`); await the
+        future for its result."""
         if not self._threads:
             self._start()
         loop = asyncio.get_running_loop()
@@ -67,18 +77,33 @@ class Handoff:
 
     def _work(self) -> None:
         while (call := self._calls.get()) is not None:
-            fn, future, loop = call
-            if future.cancelled():
+            calls = [call]
+            while len(calls) < self._most:
+                try:
+                    call = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if call is None:  # closing: after these
+                    self._calls.put(None)
+                    break
+                calls.append(call)
+            calls = [call for call in calls if not call[1].cancelled()]
+            if not calls:
                 continue
-            try:
-                settled = (True, fn())
-            except BaseException as exc:  # handed to the awaiting task, as an executor does
-                settled = (False, exc)
-            try:
-                loop.call_soon_threadsafe(_settle, future, *settled)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-            del call, fn, future, settled  # no reference kept while the thread waits
+            if self._together is not None:
+                outcomes = self._together([fn for fn, _, _ in calls])
+            else:
+                fn = calls[0][0]
+                try:
+                    outcomes = [(True, fn())]
+                except BaseException as exc:  # handed to the awaiting task, as an executor does
+                    outcomes = [(False, exc)]
+            for (_, future, loop), settled in zip(calls, outcomes, strict=True):
+                try:
+                    loop.call_soon_threadsafe(_settle, future, *settled)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+            del call, calls, outcomes  # no reference kept while the thread waits
 
     def close(self) -> None:
         """Run the calls already given, then end the threads."""
