@@ -332,7 +332,7 @@ async def test_a_nodes_series_are_made_with_it_and_go_with_it(store, tmp_path):
     """Made when the node is added (so that they are alive when `serve` settles the heap, and
     show 0 until used), removed with it."""
     dispatcher = make_dispatcher(store, tmp_path, MemoryUpstream("a"), MemoryUpstream("b"))
-    shown = dispatcher.metrics.render({}).decode()
+    shown = (await dispatcher.metrics.render({})).decode()
     for operation in ("health", "poll", "submit", "result"):
         assert f'x2v_upstream_request_seconds_count{{operation="{operation}",upstream="a"}} 0.0' in shown
     assert 'x2v_dispatch_lag_seconds_count{upstream="a"} 0.0' in shown
@@ -343,7 +343,7 @@ async def test_a_nodes_series_are_made_with_it_and_go_with_it(store, tmp_path):
     metrics.upstream_errors.labels("a", "poll", "Unavailable").inc()
     metrics.jobs_moved.labels("a", "node_down").inc()
     metrics.jobs_moved.labels("b", "node_down").inc()
-    assert 'x2v_jobs_moved_total{reason="node_down",upstream="a"} 1.0' in metrics.render({}).decode()
+    assert 'x2v_jobs_moved_total{reason="node_down",upstream="a"} 1.0' in (await metrics.render({})).decode()
     await dispatcher.remove_upstream("a")
-    shown = dispatcher.metrics.render({}).decode()
+    shown = (await dispatcher.metrics.render({})).decode()
     assert 'upstream="a"' not in shown and 'upstream="b"' in shown

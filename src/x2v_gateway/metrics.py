@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+import asyncio
+import time
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+# Seconds of writing `/metrics` between two turns of the event loop.
+SLICE = 0.002
+# The types the Prometheus text format knows, for the OpenMetrics types it does not.
+_TEXT_TYPES = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram", "unknown": "untyped"}
+# Samples the text format shows as gauges of their own, after their family (`_created`: when a
+# counter or histogram was made).
+_OWN_GAUGES = ("_created", "_gsum", "_gcount")
 
 
 class _JobStates(Collector):
@@ -25,6 +39,35 @@ class _JobStates(Collector):
         yield GaugeMetricFamily(
             "x2v_queue_depth", "Jobs waiting in the gateway's queue", value=counts.get("queued", 0)
         )
+
+
+def _families(collector: Collector) -> Iterator[tuple[Metric, Iterable[tuple[str, dict[str, str], float]]]]:
+    """Each family of `collector`, with its samples (name, labels, value) as they are read. A
+    metric with labels is read a series at a time (`collect()` would read every series first:
+    with 1,000 nodes, 5,000 latency histograms at once)."""
+    if isinstance(collector, MetricWrapperBase):
+        (family,) = collector.describe()
+        name = family.name
+        yield family, ((name + sample.name, sample.labels, sample.value) for sample in collector._samples())
+        return
+    for family in collector.collect():
+        yield family, ((sample.name, sample.labels, sample.value) for sample in family.samples)
+
+
+def _header(name: str, documentation: str, kind: str) -> str:
+    documentation = documentation.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {name} {documentation}\n# TYPE {name} {kind}\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def _line(name: str, labels: dict[str, str], value: float) -> str:
+    if not labels:
+        return f"{name} {floatToGoString(value)}\n"
+    pairs = ",".join(f'{key}="{_escape(text)}"' for key, text in sorted(labels.items()))
+    return f"{name}{{{pairs}}} {floatToGoString(value)}\n"
 
 
 class Metrics:
@@ -118,7 +161,33 @@ class Metrics:
             for labels in found:
                 metric.remove(*labels)
 
-    def render(self, job_counts: dict[str, int]) -> bytes:
-        """The registry as Prometheus text, with `job_counts` (`store.counts_by_state()`)."""
+    async def render(self, job_counts: dict[str, int]) -> bytes:
+        """The registry as Prometheus text, with `job_counts` (`store.counts_by_state()`): what
+        `prometheus_client.generate_latest` writes, byte for byte, written on the event loop
+        `SLICE` seconds at a time.
+
+        With 1,000 nodes the text is 89,000 lines and 0.7-0.9 s of CPU. Written in one go on the
+        loop, it held every request and every node's follow loop that long. Written on a thread,
+        it held them 0.4-0.5 s all the same: the loop takes the interpreter back for each of its
+        many callbacks (a node's answer, a timer), and each time waits up to the interpreter's
+        switch interval (5 ms) while the writing thread holds it.
+        """
         self._job_states.counts = job_counts
-        return generate_latest(self.registry)
+        out: list[str] = []
+        until = time.perf_counter() + SLICE
+        for collector in list(self.registry._collector_to_names):
+            for family, samples in _families(collector):
+                name, kind = family.name, _TEXT_TYPES.get(family.type, family.type)
+                out.append(_header(name + "_total" if kind == "counter" else name, family.documentation, kind))
+                apart: dict[str, list[str]] = {}
+                for i, (sample_name, labels, value) in enumerate(samples):
+                    suffix = sample_name[len(name):] if sample_name.startswith(name) else ""
+                    line = _line(sample_name, labels, value)
+                    (apart.setdefault(suffix, []) if suffix in _OWN_GAUGES else out).append(line)
+                    if not i & 63 and time.perf_counter() > until:
+                        await asyncio.sleep(0)
+                        until = time.perf_counter() + SLICE
+                for suffix, lines in sorted(apart.items()):
+                    out.append(_header(name + suffix, family.documentation, "gauge"))
+                    out.extend(lines)
+        return "".join(out).encode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import msgspec
 from litestar import Response, get
@@ -56,10 +55,8 @@ async def readyz(store: NamedDependency[JobStore], dispatcher: NamedDependency[D
 )
 async def metrics(store: NamedDependency[JobStore], metrics: NamedDependency[Metrics]) -> Response[bytes]:
     counts = await store.counts_by_state()
-    # Written on a thread: with 1,000 nodes the text is 89,000 lines, 0.7 s of CPU, which on
-    # the event loop would hold every request and every node's follow loop at each scrape.
-    text = await asyncio.to_thread(metrics.render, counts)
-    return Response(text, media_type="text/plain; version=0.0.4")
+    # Written on the event loop a slice at a time (`Metrics.render` says why not on a thread).
+    return Response(await metrics.render(counts), media_type="text/plain; version=0.0.4")
 
 
 ROUTES = [healthz, readyz, metrics]  # the nodes' routes: routes/nodes.py
