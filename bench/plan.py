@@ -9,11 +9,16 @@ priorities. The real Dispatcher starts on it with `--nodes` in-memory nodes (tes
 memory_upstream.py: no HTTP, so the gateway's own cost is what is measured), 2 slots each, its
 follow, dispatch and retention loops all running. Measured:
 
-- a start: the first dispatch round, every slot free (2 x nodes jobs placed), three times;
+- a start: the first dispatch round, every slot free (2 x nodes jobs placed), three times. A
+  round with more free slots than `schedule.PIECE` goes on in pieces, one hop to a reader thread
+  each: the first piece (which reads what the round needs), the longest, and the whole start
+  (from the first piece asked for to the last placed) are timed, and when the jobs reached their
+  nodes (half of them, all), which the submissions decide;
 - steady state: the rounds while runs of 5-15 s end and free slots one by one, for `--steady`
   seconds;
 - alone, first: `Scheduler._plan_round` called directly on one thread, no loop running, for a
-  start and for a steady round (every slot but one taken): the round's own work;
+  start (its first piece, and all its pieces) and for a steady round (every slot but one taken):
+  the round's own work;
 - the event loop's longest stall meanwhile (a 5 ms ticker's worst lateness): planning that runs
   on the loop shows there, and so does the cycle collector's pass over every object it tracks
   (the process is set up as `serve` sets it up: `app.settle_heap` once the dispatcher started;
@@ -100,13 +105,22 @@ def _alone(path: Path, nodes: int, runs: int = 9) -> dict:
     but one taken, as `running` jobs in the store). The round's own work, medians of `runs`."""
     from x2v_gateway.dispatch.schedule import _Snapshot
 
-    def one_round(store, dispatcher) -> tuple[list, float]:
+    def one_round(store, dispatcher) -> tuple[list, float, float]:
+        """The jobs placed, the first hop's seconds and the whole round's."""
         states = dispatcher._scheduler.ctx.states
         snapshot = _Snapshot(states=dict(states), unclaimed=Counter(), submitting=set(), collecting={},
                              wall=time.time())
         started = time.perf_counter()
-        placed, _ = store.read_blocking(partial(dispatcher._scheduler._plan_round, snap=snapshot))
-        return placed, time.perf_counter() - started
+        going = store.read_blocking(partial(dispatcher._scheduler._plan_round, snap=snapshot))
+        first = time.perf_counter() - started
+        if isinstance(going, tuple):  # a checkout that places a round in one piece
+            return going[0], first, first
+        from x2v_gateway.dispatch.schedule import PIECE
+
+        placed = list(going.placed)
+        while not going.done:
+            placed += store.read_blocking(partial(going.place, most=PIECE))
+        return placed, first, time.perf_counter() - started
 
     def started_dispatcher():
         store, dispatcher = _dispatcher(path, nodes)
@@ -120,11 +134,12 @@ def _alone(path: Path, nodes: int, runs: int = 9) -> dict:
             state.up, state.ready = True, True
         return store, dispatcher
 
-    starts = []
+    starts, wholes = [], []
     for _ in range(runs):
         store, dispatcher = started_dispatcher()
-        placed, seconds = one_round(store, dispatcher)
-        starts.append(seconds)
+        placed, first, whole = one_round(store, dispatcher)
+        starts.append(first)
+        wholes.append(whole)
         store.close()
     conn = sqlite3.connect(path)
     now = time.time()
@@ -135,18 +150,19 @@ def _alone(path: Path, nodes: int, runs: int = 9) -> dict:
     store, dispatcher = started_dispatcher()
     steady = [one_round(store, dispatcher)[1] for _ in range(runs)]
     store.close()
-    return {"alone_start_ms": sorted(starts)[runs // 2] * 1000, "alone_steady_ms": sorted(steady)[runs // 2] * 1000}
+    return {"alone_start_ms": sorted(starts)[runs // 2] * 1000, "alone_start_all_ms": sorted(wholes)[runs // 2] * 1000,
+            "alone_steady_ms": sorted(steady)[runs // 2] * 1000}
 
 
 async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -> dict:
     store, dispatcher = _dispatcher(path, nodes)
-    rounds: list[tuple[float, int]] = []
+    rounds: list[tuple[float, float, int]] = []  # began, seconds, jobs placed
     plan = dispatcher.plan
 
     async def timed_plan():
-        started = time.perf_counter()
+        started = time.monotonic()
         result = await plan()
-        rounds.append((time.perf_counter() - started, len(result)))
+        rounds.append((started, time.monotonic() - started, len(result)))
         return result
 
     dispatcher.plan = timed_plan  # type: ignore[method-assign]
@@ -156,12 +172,29 @@ async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -
 
     def timed_round(reads, snapshot):
         wall, cpu = time.perf_counter(), time.thread_time()
-        placed, idle = plan_round(reads, snapshot)
+        going = plan_round(reads, snapshot)
+        placed = going[0] if isinstance(going, tuple) else going.placed  # the first piece
         on_thread.append((time.perf_counter() - wall, time.thread_time() - cpu, len(placed)))
-        return placed, idle
+        return going
 
     if plan_round is not None:
         scheduler._plan_round = timed_round
+    piece_thread: list[float] = []  # a round's later pieces on their thread (a round's first is in its own)
+    try:
+        from x2v_gateway.dispatch.schedule import _Round
+    except ImportError:  # a checkout that places a round in one piece
+        _Round = None
+    if _Round is not None:
+        place = _Round.place
+
+        def timed_place(going, reads, most):
+            wall = time.perf_counter()
+            placed = place(going, reads, most)
+            if going.placed:
+                piece_thread.append(time.perf_counter() - wall)
+            return placed
+
+        _Round.place = timed_place
     stall = 0.0
     settling = (0.0, 0.0)  # when `settle_heap` ran: its one collection is reported on its own
 
@@ -186,10 +219,20 @@ async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -
         settling = (began - 0.006, time.perf_counter())  # a tick that began in it is not counted
         settled = settling[1] - began
     deadline = time.monotonic() + 120
-    while not rounds or rounds[0][1] == 0:
-        assert time.monotonic() < deadline, "no dispatch round placed anything"
+    while sum(n for _, _, n in rounds) < 2 * nodes:
+        assert time.monotonic() < deadline, "the start did not fill every slot"
         await asyncio.sleep(0.01)
-    first, placed = rounds[0]
+    pieces = [(began, seconds, n) for began, seconds, n in rounds if n]
+    first, placed = pieces[0][1], sum(n for _, _, n in pieces)
+    start_all = pieces[-1][0] + pieces[-1][1] - pieces[0][0]
+    # When the jobs reached their nodes, from the first piece asked for: half of them, and all.
+    nodes_held = [state.upstream for state in dispatcher.states.values()]
+    while sum(len(node.log) for node in nodes_held) < 2 * nodes:
+        assert time.monotonic() < deadline, "the start's jobs did not all reach their nodes"
+        await asyncio.sleep(0.01)
+    arrivals = sorted(task.arrived for node in nodes_held for task in node.log)
+    sent_half, sent_all = arrivals[nodes - 1] - pieces[0][0], arrivals[2 * nodes - 1] - pieces[0][0]
+    start_pieces_thread = max(piece_thread, default=None)
     start_stall = stall
     first_thread = next(((wall, cpu) for wall, cpu, n in on_thread if n > 0), (None, None))
     steady_rounds: list[float] = []
@@ -198,12 +241,14 @@ async def _measure(path: Path, nodes: int, steady: float, *, first_only: bool) -
         await asyncio.sleep(2)  # the first round's submissions settle
         stall, mark, thread_mark = 0.0, len(rounds), len(on_thread)
         await asyncio.sleep(steady)
-        steady_rounds = [t for t, n in rounds[mark:] if n > 0]
+        steady_rounds = [t for _, t, n in rounds[mark:] if n > 0]
         steady_thread = [row for row in on_thread[thread_mark:] if row[2] > 0]
     await dispatcher.stop()
     tick.cancel()
     store.close()
-    return {"first": first, "placed": placed, "start_stall": start_stall, "settled": settled, "steady": steady_rounds,
+    return {"first": first, "placed": placed, "pieces": len(pieces), "longest": max(t for _, t, _ in pieces),
+            "start_all": start_all, "sent_half": sent_half, "sent_all": sent_all,
+            "pieces_thread": start_pieces_thread, "start_stall": start_stall, "settled": settled, "steady": steady_rounds,
             "steady_stall": stall, "first_thread": first_thread[0], "first_cpu": first_thread[1],
             "steady_thread": [wall for wall, _, _ in steady_thread],
             "steady_cpu": [cpu for _, cpu, _ in steady_thread]}
@@ -225,12 +270,18 @@ def measure(template: Path, nodes: int, steady: float) -> dict:
     """The rounds alone, then three live starts (a fresh copy of the store each), then a steady
     run on the last."""
     alone = _on_a_copy(template, _alone, nodes)
-    firsts, placed, stalls, first_threads, first_cpus, settles = [], 0, [], [], [], []
+    firsts, longests, alls, placed, stalls, first_threads, first_cpus, settles = [], [], [], 0, [], [], [], []
+    halves, sents, piece_threads = [], [], []
     result: dict = {}
     for attempt in range(3):
         result = _on_a_copy(template, lambda path, first_only: asyncio.run(
             _measure(path, nodes, steady, first_only=first_only)), attempt < 2)
         firsts.append(result["first"])
+        longests.append(result["longest"])
+        alls.append(result["start_all"])
+        halves.append(result["sent_half"])
+        sents.append(result["sent_all"])
+        piece_threads.append(result["pieces_thread"])
         stalls.append(result["start_stall"])
         first_threads.append(result["first_thread"])
         first_cpus.append(result["first_cpu"])
@@ -241,7 +292,9 @@ def measure(template: Path, nodes: int, steady: float) -> dict:
         values = sorted(v for v in values if v is not None)
         return values[int(q * (len(values) - 1))] * 1000 if values else None
 
-    return {**alone, "first_ms": ms(firsts), "placed": placed, "start_stall_ms": ms(stalls),
+    return {**alone, "first_ms": ms(firsts), "longest_ms": ms(longests), "start_all_ms": ms(alls),
+            "sent_half_ms": ms(halves), "sent_all_ms": ms(sents), "pieces_thread_ms": ms(piece_threads),
+            "placed": placed, "pieces": result["pieces"], "start_stall_ms": ms(stalls),
             "settle_ms": ms(settles),
             "first_thread_ms": ms(first_threads), "first_cpu_ms": ms(first_cpus),
             "steady_ms": ms(result["steady"]), "steady_p95_ms": ms(result["steady"], 0.95),
@@ -290,9 +343,13 @@ def main() -> None:
     results = side_by_side(__file__, args.base, ["--nodes", str(args.nodes), "--queued", str(args.queued),
                                                  "--history", str(args.history), "--steady", str(args.steady)])
     print(f"{args.nodes} nodes, {args.queued} queued, {args.history} finished (medians):")
-    for key, name in (("alone_start_ms", "alone: a start"), ("alone_steady_ms", "alone: a steady round"),
-                      ("first_ms", "a start: first round"), ("first_thread_ms", "  on its thread"),
-                      ("first_cpu_ms", "  its thread's CPU"), ("start_stall_ms", "  loop's longest stall"),
+    for key, name in (("alone_start_ms", "alone: a start's 1st hop"), ("alone_start_all_ms", "alone: a whole start"),
+                      ("alone_steady_ms", "alone: a steady round"),
+                      ("first_ms", "a start: first piece"), ("first_thread_ms", "  on its thread"),
+                      ("first_cpu_ms", "  its thread's CPU"), ("longest_ms", "  longest piece"),
+                      ("pieces_thread_ms", "  later pieces, thread max"),
+                      ("start_all_ms", "  all placed"), ("sent_half_ms", "  half on their nodes"),
+                      ("sent_all_ms", "  all on their nodes"), ("start_stall_ms", "  loop's longest stall"),
                       ("settle_ms", "  settle_heap, once"),
                       ("steady_ms", "steady rounds"), ("steady_p95_ms", "  p95"),
                       ("steady_thread_ms", "  on its thread"), ("steady_cpu_ms", "  its thread's CPU"),
@@ -301,7 +358,7 @@ def main() -> None:
         row = "  ".join(f"{label}: {results[label][key]:8.1f} ms" for label in results
                         if results[label][key] is not None)
         print(f"  {name:<24} {row}")
-    print("  placed at a start: " + ", ".join(f"{k} {v['placed']}" for k, v in results.items())
+    print("  placed at a start: " + ", ".join(f"{k} {v['placed']} in {v['pieces']} pieces" for k, v in results.items())
           + "; steady rounds: " + ", ".join(f"{k} {v['steady_rounds']}" for k, v in results.items()))
 
 
