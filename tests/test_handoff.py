@@ -98,6 +98,16 @@ def test_handoff_together_takes_the_calls_waiting_at_once_up_to_most() -> None:
         assert results == [0, 1, 2, 3, 4, 6, 7, 8, 9]
         assert groups == [[True], [0, 1, 2, 3], [4, 6, 7], [8, 9]]  # in order, four at most
 
+        def broken(calls):
+            raise RuntimeError("no connection")
+
+        worker = Handoff(1, "test-handoff", together=broken, most=4)
+        try:
+            failed = await asyncio.gather(*(worker.run(lambda: 1) for _ in range(3)), return_exceptions=True)
+        finally:
+            worker.close()
+        assert [str(exc) for exc in failed] == ["no connection"] * 3  # each caller told, none left waiting
+
     asyncio.run(scenario())
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import msgspec
 from litestar import Response, get
 from litestar.di import NamedDependency

@@ -90,14 +90,13 @@ class Handoff:
             calls = [call for call in calls if not call[1].cancelled()]
             if not calls:
                 continue
-            if self._together is not None:
-                outcomes = self._together([fn for fn, _, _ in calls])
-            else:
-                fn = calls[0][0]
-                try:
-                    outcomes = [(True, fn())]
-                except BaseException as exc:  # handed to the awaiting task, as an executor does
-                    outcomes = [(False, exc)]
+            try:
+                if self._together is not None:
+                    outcomes = self._together([fn for fn, _, _ in calls])
+                else:
+                    outcomes = [(True, calls[0][0]())]
+            except BaseException as exc:  # handed to the awaiting tasks, as an executor does
+                outcomes = [(False, exc)] * len(calls)
             for (_, future, loop), settled in zip(calls, outcomes, strict=True):
                 try:
                     loop.call_soon_threadsafe(_settle, future, *settled)

@@ -114,7 +114,8 @@ class SqliteThreads(JobStore):
         return await self._readers.run(lambda: fn(self._reads(self._conn())))
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` on the writer thread, in a transaction: its result once it is committed."""
+        """Run `fn` on the writer thread, all or nothing (a savepoint in the writer's transaction,
+        `_in_one_transaction`): its result once it is committed."""
         return await self._writer.run(fn)
 
     def _in_one_transaction(self, writes: list[Callable[[sqlite3.Connection], Any]]) -> list[Outcome]:
@@ -149,7 +150,7 @@ class SqliteThreads(JobStore):
             return [(False, exc)] * len(writes)
 
     async def _execute(self, sql: str, args: tuple) -> int:
-        """One statement in a transaction of its own: how many rows it changed."""
+        """One statement in a write of its own: how many rows it changed."""
         return await self._write(lambda conn: conn.execute(sql, args).rowcount)
 
     def close(self) -> None:

@@ -208,7 +208,7 @@ class JobWrites(SqliteThreads):
     """Every change of a job: each a conditional UPDATE, with its timeline event."""
 
     async def _transition(self, event: tuple[str, str, str], sql: str, args: tuple) -> bool:
-        """`transition` in a transaction of its own."""
+        """`transition` in a write of its own (all or nothing)."""
         return await self._write(lambda conn: transition(conn, event, sql, args))
 
     async def record_blob(self, sha256: str, size: int, kind: str) -> None:
