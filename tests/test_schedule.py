@@ -344,6 +344,6 @@ async def test_a_nodes_series_are_made_with_it_and_go_with_it(store, tmp_path):
     metrics.jobs_moved.labels("a", "node_down").inc()
     metrics.jobs_moved.labels("b", "node_down").inc()
     assert 'x2v_jobs_moved_total{reason="node_down",upstream="a"} 1.0' in (await metrics.render({})).decode()
-    await dispatcher.remove_upstream("a")
+    dispatcher.remove_upstream("a")
     shown = (await dispatcher.metrics.render({})).decode()
     assert 'upstream="a"' not in shown and 'upstream="b"' in shown

@@ -144,21 +144,14 @@ class Metrics:
     def forget_upstream(self, name: str) -> None:
         """A removed node's series go away with it: all of them, also those of rarer calls (a
         cancel, a resume), of its errors by kind and of the jobs moved off it by reason."""
-        by_upstream = [
-            (self.upstream_latency, ("upstream", "operation")),
-            (self.upstream_errors, ("upstream", "operation", "kind")),
-            (self.jobs_moved, ("upstream", "reason")),
-            *((metric, ("upstream",)) for metric in (
-                self.upstream_up, self.node_busy, self.node_queue_depth, self.node_slots,
-                self.submissions, self.dispatch_lag,
-            )),
-        ]
-        for metric, names in by_upstream:
-            # The series are found by what the metric reports: prometheus_client lists them no other way.
-            found = {tuple(sample.labels[label] for label in names)
-                     for family in metric.collect() for sample in family.samples
-                     if sample.labels.get("upstream") == name}
-            for labels in found:
+        for metric in (
+            self.upstream_latency, self.upstream_errors, self.jobs_moved, self.upstream_up, self.node_busy,
+            self.node_queue_depth, self.node_slots, self.submissions, self.dispatch_lag,
+        ):
+            # A metric's series by their label values: prometheus_client keeps them in `_metrics`
+            # and lists them nowhere public (`render` reads them through `_samples()` too).
+            at = metric._labelnames.index("upstream")
+            for labels in [labels for labels in list(metric._metrics) if labels[at] == name]:
                 metric.remove(*labels)
 
     async def render(self, job_counts: dict[str, int]) -> bytes:

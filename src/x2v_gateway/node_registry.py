@@ -182,7 +182,7 @@ class NodeRegistry:
             await self.store.delete_node(name)
         assert self.dispatcher is not None
         if name in self.dispatcher.states:  # else `sync` removed it meanwhile, from its row
-            await self.dispatcher.remove_upstream(name)
+            self.dispatcher.remove_upstream(name)
         log.info("node %s removed", name)
 
     # -- replicas sharing the store -------------------------------------------------------------
@@ -227,5 +227,5 @@ class NodeRegistry:
             row = rows.get(name)
             if (row is None or row["removed"]) and name in dispatcher.states:
                 del self.configs[name]
-                await dispatcher.remove_upstream(name)
+                dispatcher.remove_upstream(name)
                 log.info("node %s removed through another replica", name)
