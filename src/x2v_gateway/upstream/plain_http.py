@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import SplitResult, quote, urlsplit
 
@@ -148,14 +148,8 @@ class StreamedPost:
         self.answer: asyncio.Task[httpx.Response] = asyncio.ensure_future(self._exchange())
 
     async def _exchange(self) -> httpx.Response:
-        url, loop = self._url, asyncio.get_running_loop()
-        secure = url.scheme == "https"
         try:
-            async with asyncio.timeout(self._timeout.connect):
-                transport, protocol = await loop.create_connection(
-                    _Answer, url.hostname, url.port or (443 if secure else 80),
-                    ssl=tls_context() if secure else None,
-                )
+            transport, protocol = await _open(self._url, _Answer, self._timeout.connect)
         except (OSError, TimeoutError) as exc:
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from None
         transport.set_write_buffer_limits(high=_HIGH_WATER)
@@ -250,14 +244,8 @@ class KeptGets:
         return None
 
     async def _connect(self) -> tuple[asyncio.Transport, _Answer]:
-        url, loop = self._url, asyncio.get_running_loop()
-        secure = url.scheme == "https"
         try:
-            async with asyncio.timeout(self._timeout.connect):
-                return await loop.create_connection(
-                    lambda: _Answer(_MAX_READ), url.hostname, url.port or (443 if secure else 80),
-                    ssl=tls_context() if secure else None,
-                )
+            return await _open(self._url, lambda: _Answer(_MAX_READ), self._timeout.connect)
         except TimeoutError:
             raise httpx.ConnectTimeout(f"no connection in {self._timeout.connect} s") from None
         except OSError as exc:
@@ -267,6 +255,17 @@ class KeptGets:
         for _, transport, _ in self._idle:
             transport.close()
         self._idle.clear()
+
+
+async def _open(
+    url: SplitResult, protocol: Callable[[], _Answer], timeout: float | None,
+) -> tuple[asyncio.Transport, _Answer]:
+    """A connection to `url`'s host (TLS for https), made within `timeout` seconds."""
+    secure = url.scheme == "https"
+    async with asyncio.timeout(timeout):
+        return await asyncio.get_running_loop().create_connection(
+            protocol, url.hostname, url.port or (443 if secure else 80), ssl=tls_context() if secure else None,
+        )
 
 
 def _request_head(method: str, url: SplitResult, headers: dict[str, str]) -> bytes:
