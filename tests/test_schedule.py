@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,21 @@ async def queue(store: JobStore, n: int = 1, *, task: str = "t2v", owner: str | 
 
 async def planned(dispatcher: Dispatcher) -> list[tuple[str, str]]:
     return [(job.id, state.name) for job, state in await dispatcher.plan()]
+
+
+async def run_until(dispatcher: Dispatcher, done: Callable[[], bool], within: float, failure: str,
+                    then: float = 0.0) -> None:
+    """The dispatcher's loops running until `done()`, which must come within `within` seconds,
+    and `then` seconds more."""
+    await dispatcher.start()
+    try:
+        deadline = time.monotonic() + within
+        while not done():
+            assert time.monotonic() < deadline, failure
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(then)
+    finally:
+        await dispatcher.stop()
 
 
 async def test_a_big_batch_starves_neither_another_batch_nor_a_colleagues_job(store, tmp_path):
@@ -180,16 +196,9 @@ async def test_a_start_in_pieces_fills_every_slot_at_once_fairly_and_sends_no_jo
     alice = await queue(store, 25, owner="alice", batch="b1")
     bob = await queue(store, 5, owner="bob")
     dispatcher = make_dispatcher(store, tmp_path, *nodes, poll=10.0)
-    await dispatcher.start()
-    try:
-        # Four pieces, one after the other: not one round per 10 s poll.
-        deadline = time.monotonic() + 5
-        while sum(len(n.log) for n in nodes) < 10:
-            assert time.monotonic() < deadline, "the start's pieces did not fill every slot"
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
-    finally:
-        await dispatcher.stop()
+    # Four pieces, one after the other: not one round per 10 s poll.
+    await run_until(dispatcher, lambda: sum(len(n.log) for n in nodes) >= 10, 5,
+                    "the start's pieces did not fill every slot", then=0.2)
     sent = [job_id for n in nodes for job_id in n.jobs]
     assert all(n.most_held == n.slots for n in nodes)
     assert len(sent) == len(set(sent)) == 10
@@ -202,14 +211,8 @@ async def test_live_run_never_exceeds_slots_and_serves_owners_in_turn(store, tmp
     alice = await queue(store, 30, owner="alice", batch="b1")
     bob = await queue(store, 6, owner="bob")
     dispatcher = make_dispatcher(store, tmp_path, *nodes, poll=0.02)
-    await dispatcher.start()
-    try:
-        deadline = time.monotonic() + 20
-        while sum(len(n.log) for n in nodes) < 36 or any(n.held() for n in nodes):
-            assert time.monotonic() < deadline, "the jobs did not all run"
-            await asyncio.sleep(0.02)
-    finally:
-        await dispatcher.stop()
+    await run_until(dispatcher, lambda: sum(len(n.log) for n in nodes) >= 36 and not any(n.held() for n in nodes),
+                    20, "the jobs did not all run")
     assert all(n.most_held <= n.slots for n in nodes)
     runs = Counter(job_id for n in nodes for job_id in n.jobs)
     assert set(runs) == set(alice + bob) and set(runs.values()) == {1}
