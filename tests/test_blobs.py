@@ -57,7 +57,7 @@ def test_a_blob_is_kept_once_under_its_sha256_with_exactly_its_bytes(blobs, size
 
     async def scenario():
         writer = await _write(blobs, data)
-        assert writer.tmp_path.read_bytes() == data  # complete for the checks before commit
+        assert (await writer.written()).read_bytes() == data  # complete for the checks before commit
         sha, stored = await writer.commit()
         assert (sha, stored) == (hashlib.sha256(data).hexdigest(), size)
         assert await _read(blobs, sha) == data

@@ -498,7 +498,7 @@ async def check_file(incoming: IncomingFile, owner: str | None = None) -> str:
     if incoming.writer.size == 0:
         raise ApiError(422, f"{incoming.role} is an empty file", incoming.role)
     try:
-        return await CHECKER.inspect(incoming.role, incoming.writer.tmp_path, owner)
+        return await CHECKER.inspect(incoming.role, await incoming.writer.written(), owner)
     except MediaError as exc:
         raise ApiError(422, f"{incoming.role} {exc}", incoming.role) from None
 

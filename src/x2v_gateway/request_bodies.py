@@ -137,7 +137,7 @@ class BodyReader:
         try:
             if incoming.writer.size == 0:
                 raise ApiError(422, f"{name} is an empty file", incoming.role)
-            role, ext = await _identify(incoming.writer.tmp_path, incoming.role, name, owner)
+            role, ext = await _identify(await incoming.writer.written(), incoming.role, name, owner)
         except BaseException:
             discard(files)
             raise
