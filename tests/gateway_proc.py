@@ -115,6 +115,12 @@ class GatewayProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    def helpers(self) -> list[int]:
+        """The gateway's child processes (its media checkers, a pipeline's media worker...)."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -212,6 +218,14 @@ def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {job.get('state')} after {timeout}s: {job}")
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie nobody has reaped yet has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def until(check, timeout: float = 30.0, what: str = "condition"):

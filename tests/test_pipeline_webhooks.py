@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway_proc import GatewayProcess, until
+from gateway_proc import GatewayProcess, running, until
 from test_webhooks import HOOK_SETTINGS, Receiver, make_key, verify
 
 
@@ -68,7 +68,11 @@ def test_pipeline_ends_arrive_signed_and_survive_a_gateway_sigkill(tmp_path, rec
             made = api.post("/api/v1/pipelines", json=two).json()
             api.delete(f"/api/v1/pipelines/{made['id']}")
             before = receiver.wait("/default", 2)
+        helpers = gw.helpers()
+        assert len(helpers) >= 2  # a media checker, and the media worker that joined the clips
         gw.kill()
+        # Killed, the gateway leaves no helper behind: each ends with it.
+        until(lambda: not any(running(pid) for pid in helpers), timeout=10, what="the helpers ended")
         receiver.plans["/default"] = []
         gw.start()
         got = receiver.wait("/default", len(before) + 1)

@@ -12,6 +12,10 @@ import asyncio
 import functools
 import logging
 import multiprocessing
+import os
+import select
+import threading
+import time
 import wave
 from array import array
 from collections.abc import Callable, Iterator
@@ -54,7 +58,10 @@ class MediaPool:
         async with self._lock:  # one at a time; the others wait here, on the loop
             if self._pool is None:
                 # spawn, not fork: a fork of a process that runs threads and a loop is not safe.
-                self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(
+                    self._workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_end_with, initargs=(os.getpid(),),
+                )
             try:
                 return await asyncio.wait_for(
                     asyncio.get_running_loop().run_in_executor(self._pool, fn, *args), timeout,
@@ -74,6 +81,28 @@ class MediaPool:
             for process in list(getattr(pool, "_processes", {}).values()):
                 process.kill()
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _end_with(gateway: int) -> None:  # in the helper, as it starts
+    """End the helper when the gateway process ends, however it ends.
+
+    A pool's worker holds both ends of the pipe its calls come through, so it never reads the
+    end of it: after a SIGKILL or an OOM kill of the gateway, it would wait for a call forever,
+    and every restart would leave one more behind. A thread waits for the gateway's exit (a
+    pidfd; where there is none, it looks once a second) and ends the process.
+    """
+
+    def watch() -> None:
+        try:
+            gone = os.pidfd_open(gateway)
+        except (AttributeError, OSError):  # no pidfds here, or the gateway has ended already
+            while os.getppid() == gateway:
+                time.sleep(1.0)
+        else:
+            select.select([gone], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="end-with-gateway", daemon=True).start()
 
 
 def _plain_errors(fn: Callable[..., T]) -> Callable[..., T]:
