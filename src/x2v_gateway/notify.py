@@ -31,8 +31,12 @@ class Notifier:
         event = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(event)
         try:
+            # Not asyncio.wait_for: on Python 3.11, when the event is set in the same loop turn
+            # as the waiting task is cancelled, wait_for returns and the cancel is lost, so a
+            # loop that waits like this may never stop (seen as a gateway hanging on shutdown).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await event.wait()
         finally:
             waiters = self._waiters.get(job_id)
             if waiters is not None:
@@ -72,7 +76,8 @@ class Changes:
         the monotonic time `not_before`), so a burst of changes is one answer. An empty set when
         `quiet` seconds pass with none: the time for an SSE keep-alive."""
         try:
-            first = await asyncio.wait_for(self._queue.get(), quiet)
+            async with asyncio.timeout(quiet):  # not wait_for: see Notifier.wait
+                first = await self._queue.get()
         except TimeoutError:
             return set()
         await asyncio.sleep(max(gather, not_before - time.monotonic()))

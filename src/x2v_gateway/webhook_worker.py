@@ -131,7 +131,8 @@ class WebhookWorker:
                 continue
             await asyncio.sleep(MIN_ROUND_GAP)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), IDLE_ROUND_GAP)
+                async with asyncio.timeout(IDLE_ROUND_GAP):  # not wait_for: see Notifier.wait
+                    await self._changed.wait()
             self._changed.clear()
 
     async def _send_loop(self) -> None:
@@ -142,7 +143,8 @@ class WebhookWorker:
             except Exception:
                 log.exception("starting webhook deliveries failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._due.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._due.wait()
             self._due.clear()
 
     async def round(self) -> None:

@@ -230,7 +230,8 @@ class Dispatcher:
         ctx = self._ctx
         while ctx.running:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.woken.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):  # not wait_for: see Notifier.wait
+                    await ctx.woken.wait()
             ctx.woken.clear()
             try:
                 await self._dispatch_once()

@@ -63,7 +63,8 @@ class Follower:
         while (wait := self._next_follow(state) - time.monotonic()) > 0:
             plan.poke.clear()
             try:
-                await asyncio.wait_for(plan.poke.wait(), wait)
+                async with asyncio.timeout(wait):  # not wait_for: see Notifier.wait
+                    await plan.poke.wait()
             except TimeoutError:
                 return
 
