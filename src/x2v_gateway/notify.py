@@ -9,6 +9,19 @@ import time
 from collections.abc import Iterator
 
 
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` seconds pass; whether it was set.
+
+    Not asyncio.wait_for: on Python 3.11, when the event is set in the same loop turn as the
+    waiting task is cancelled, wait_for returns and the cancel is lost, so a loop that waits
+    like this may never stop (seen as a gateway hanging on shutdown). asyncio.timeout keeps it.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
+
 class Notifier:
     """Wakes whoever waits on a job (`?wait=`), and streams job changes to subscribers (SSE)."""
 
@@ -31,12 +44,7 @@ class Notifier:
         event = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(event)
         try:
-            # Not asyncio.wait_for: on Python 3.11, when the event is set in the same loop turn
-            # as the waiting task is cancelled, wait_for returns and the cancel is lost, so a
-            # loop that waits like this may never stop (seen as a gateway hanging on shutdown).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await event.wait()
+            await wait_set(event, timeout)
         finally:
             waiters = self._waiters.get(job_id)
             if waiters is not None:
@@ -76,7 +84,7 @@ class Changes:
         the monotonic time `not_before`), so a burst of changes is one answer. An empty set when
         `quiet` seconds pass with none: the time for an SSE keep-alive."""
         try:
-            async with asyncio.timeout(quiet):  # not wait_for: see Notifier.wait
+            async with asyncio.timeout(quiet):  # not wait_for: see wait_set
                 first = await self._queue.get()
         except TimeoutError:
             return set()

@@ -34,6 +34,7 @@ import msgspec
 from .dispatch import Notifier
 from .inputs import NotPublic, PublicOnlyTransport
 from .metrics import Metrics
+from .notify import wait_set
 from .pipelines.views import pipeline_views
 from .schemas import iso, job_view
 from .settings import Settings
@@ -130,9 +131,7 @@ class WebhookWorker:
                 await asyncio.sleep(0)
                 continue
             await asyncio.sleep(MIN_ROUND_GAP)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(IDLE_ROUND_GAP):  # not wait_for: see Notifier.wait
-                    await self._changed.wait()
+            await wait_set(self._changed, IDLE_ROUND_GAP)
             self._changed.clear()
 
     async def _send_loop(self) -> None:
@@ -142,9 +141,7 @@ class WebhookWorker:
                 delay = await self.send()
             except Exception:
                 log.exception("starting webhook deliveries failed")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._due.wait()
+            await wait_set(self._due, delay)
             self._due.clear()
 
     async def round(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..blobs import BlobStore
 from ..metrics import Metrics
-from ..notify import Notifier
+from ..notify import Notifier, wait_set
 from ..store import QUEUED, Job, JobStore, QueuedJob, Reads
 from ..upstream.base import SubmitRequest, Upstream, UpstreamError
 from .collect import Collector, Retention
@@ -229,9 +229,7 @@ class Dispatcher:
     async def _dispatch_loop(self) -> None:
         ctx = self._ctx
         while ctx.running:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_interval):  # not wait_for: see Notifier.wait
-                    await ctx.woken.wait()
+            await wait_set(ctx.woken, self.poll_interval)
             ctx.woken.clear()
             try:
                 await self._dispatch_once()

@@ -10,11 +10,11 @@ there first, and moved only if it had not started, so a job never runs on two no
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
 
+from ..notify import wait_set
 from ..store import SUBMITTED, Job
 from ..upstream.base import RemoteState, RemoteStatus, Unavailable, UpstreamError
 from .collect import Collector
@@ -62,10 +62,7 @@ class Follower:
         plan = state.plan
         while (wait := self._next_follow(state) - time.monotonic()) > 0:
             plan.poke.clear()
-            try:
-                async with asyncio.timeout(wait):  # not wait_for: see Notifier.wait
-                    await plan.poke.wait()
-            except TimeoutError:
+            if not await wait_set(plan.poke, wait):
                 return
 
     def _next_follow(self, state: UpstreamState) -> float:
