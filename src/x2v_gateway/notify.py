@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 
 
-
 async def wait_set(event: asyncio.Event, timeout: float) -> bool:
     """Wait until `event` is set or `timeout` seconds pass; whether it was set.
 
@@ -21,6 +20,7 @@ async def wait_set(event: asyncio.Event, timeout: float) -> bool:
         async with asyncio.timeout(timeout):
             await event.wait()
     return event.is_set()
+
 
 class Notifier:
     """Wakes whoever waits on a job (`?wait=`), and streams job changes to subscribers (SSE)."""
